@@ -1,0 +1,1 @@
+"""The Litestar HTTP API: validation, publishing, search, listing, redirects, deletes."""

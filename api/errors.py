@@ -1,0 +1,118 @@
+"""The one place where domain errors become HTTP responses.
+
+Every error body has the same shape: {"status": int, "code": "machine_code", "message": "what to fix"}
+plus "details" where there is more to say (e.g. which field failed validation).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+from litestar import Request, Response
+from litestar.exceptions import HTTPException, ValidationException
+from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
+
+from infra.broker import BrokerUnavailableError
+from infra.storage import InvalidKeyError, ObjectNotFoundError, StorageError, StorageUnavailableError
+from infra.vectors import VectorIndexUnavailableError
+from processor.imaging import InvalidImageError
+
+log = structlog.get_logger(__name__)
+
+
+class ApiError(Exception):
+    """An error with its HTTP status, machine code and a message that says what to fix."""
+
+    def __init__(self, status: int, code: str, message: str, details: Any = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.details = details
+
+
+def error_response(status: int, code: str, message: str, details: Any = None) -> Response[dict[str, Any]]:
+    body: dict[str, Any] = {"status": status, "code": code, "message": message}
+    if details:
+        body["details"] = details
+    return Response(body, status_code=status, media_type="application/json")
+
+
+_HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    429: "too_many_requests",
+    503: "unavailable",
+}
+
+
+def _api_error(_: Request, exc: ApiError) -> Response[dict[str, Any]]:
+    return error_response(exc.status, exc.code, exc.message, exc.details)
+
+
+def _validation(_: Request, exc: ValidationException) -> Response[dict[str, Any]]:
+    message = exc.detail or "the request is invalid"
+    code = "malformed_json" if "json" in message.lower() and not exc.extra else "invalid_request"
+    return error_response(400, code, message, exc.extra)
+
+
+def _http(request: Request, exc: HTTPException) -> Response[dict[str, Any]]:
+    status = exc.status_code
+    if status == 413:
+        limit = request.app.state.get("upload_limit_bytes")
+        suffix = f"; the limit is {limit} bytes" if limit else ""
+        return error_response(413, "payload_too_large", f"the request body is too large{suffix}")
+    if status >= 500:
+        log.error("http_error", status=status, detail=exc.detail)
+    return error_response(status, _HTTP_CODES.get(status, "error"), exc.detail or "request failed", exc.extra)
+
+
+def _invalid_image(_: Request, exc: InvalidImageError) -> Response[dict[str, Any]]:
+    return error_response(422, exc.code, exc.message)
+
+
+def _invalid_key(_: Request, exc: InvalidKeyError) -> Response[dict[str, Any]]:
+    return error_response(400, "invalid_key", str(exc))
+
+
+def _not_found(_: Request, exc: ObjectNotFoundError) -> Response[dict[str, Any]]:
+    return error_response(404, "object_not_found", str(exc))
+
+
+def _unavailable(code: str, what: str) -> Any:
+    def handler(_: Request, exc: Exception) -> Response[dict[str, Any]]:
+        log.warning("dependency_unavailable", dependency=what, error=str(exc))
+        return error_response(503, code, f"{what} is unavailable right now; retry shortly ({exc})")
+
+    return handler
+
+
+def _storage(_: Request, exc: StorageError) -> Response[dict[str, Any]]:
+    log.error("storage_error", error=str(exc))
+    return error_response(503, "storage_error", f"the object store refused the operation: {exc}")
+
+
+def _unexpected(_: Request, exc: Exception) -> Response[dict[str, Any]]:
+    log.exception("unhandled_error", error=str(exc))
+    return error_response(HTTP_500_INTERNAL_SERVER_ERROR, "internal_error", "internal error; see the server log")
+
+
+EXCEPTION_HANDLERS: dict[type[Exception], Any] = {
+    ApiError: _api_error,
+    ValidationException: _validation,
+    HTTPException: _http,
+    InvalidImageError: _invalid_image,
+    InvalidKeyError: _invalid_key,
+    ObjectNotFoundError: _not_found,
+    StorageUnavailableError: _unavailable("storage_unavailable", "the object store"),
+    VectorIndexUnavailableError: _unavailable("index_unavailable", "the vector index"),
+    BrokerUnavailableError: _unavailable("broker_unavailable", "the message broker"),
+    StorageError: _storage,
+    Exception: _unexpected,
+}

@@ -1,0 +1,178 @@
+"""Image records: upload (index), list, read, download redirect, delete."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import uuid
+from typing import Annotated
+from urllib.parse import urlencode
+
+from litestar import Request, Response, delete, get, post
+from litestar.enums import RequestEncodingType
+from litestar.params import Body, Parameter
+from litestar.response import Redirect
+from litestar.status_codes import HTTP_201_CREATED, HTTP_202_ACCEPTED, HTTP_307_TEMPORARY_REDIRECT
+
+from api.errors import ApiError
+from api.jobs import submit
+from api.schemas import ImageOut, ImageUploadForm, JobAccepted
+from api.services import Services
+from api.urls import base_url, image_file_url, image_url
+from infra.vectors import ImageRecord, VectorIndex
+from processor.contract import IMAGE_INDEX, ImageIndexV1
+from processor.imaging import decode_image
+
+_CURSOR_PREFIX = "v1:"
+
+
+def require_index(services: Services) -> VectorIndex:
+    if services.runtime.index is None:
+        raise ApiError(503, "feature_disabled", "image search is disabled on this server (IMAGE_SEARCH_ENABLED=0)")
+    return services.runtime.index
+
+
+def parse_image_id(image_id: str) -> str:
+    try:
+        return str(uuid.UUID(image_id))
+    except ValueError:
+        raise ApiError(404, "image_not_found", f"no image with id {image_id!r} (ids are UUIDs)") from None
+
+
+def to_image_out(request: Request, services: Services, record: ImageRecord) -> ImageOut:
+    return ImageOut(
+        id=record.id,
+        r2_key=record.r2_key,
+        content_type=record.content_type,
+        size=record.size,
+        width=record.width,
+        height=record.height,
+        created_at=record.created_at,
+        source=record.source,
+        filename=record.filename,
+        file_url=image_file_url(request, services.settings, record.id),
+    )
+
+
+async def read_upload(form: ImageUploadForm, limit: int) -> bytes:
+    data = await form.file.read(limit + 1)
+    await form.file.close()
+    if len(data) > limit:
+        raise ApiError(413, "payload_too_large", f"the file is larger than {limit} bytes (IMAGE_SEARCH_MAX_BYTES)")
+    return data
+
+
+@post("/v1/images", status_code=HTTP_201_CREATED, summary="Upload an image and index it for search")
+async def upload_image(
+    request: Request,
+    services: Services,
+    data: Annotated[ImageUploadForm, Body(media_type=RequestEncodingType.MULTI_PART)],
+    wait: Annotated[
+        bool, Parameter(description="wait for indexing (201 with the record) or return at once (202)")
+    ] = True,
+) -> Response[ImageOut | JobAccepted]:
+    settings = services.settings
+    index = require_index(services)
+    raw = await read_upload(data, settings.image_search_max_bytes)
+    decoded = await asyncio.to_thread(decode_image, raw, settings.image_search_max_pixels)
+    if await index.count() >= settings.image_search_max_elements:
+        raise ApiError(
+            409,
+            "index_full",
+            f"the index holds its maximum of {settings.image_search_max_elements} images "
+            "(IMAGE_SEARCH_MAX_ELEMENTS); delete images or raise the limit",
+        )
+    image_id = str(uuid.uuid4())
+    payload = ImageIndexV1(image_id=image_id, data=raw, filename=data.file.filename or None, source="upload")
+    decoded.image.close()
+    reply = await submit(services, message_type=IMAGE_INDEX, payload=payload, job_id=image_id, wait=wait)
+    if reply is None:
+        location = image_url(request, settings, image_id)
+        accepted = JobAccepted(job_id=image_id, status="queued", status_url=location)
+        return Response(accepted, status_code=HTTP_202_ACCEPTED, headers={"Location": location})
+    if reply.status == "failed" and reply.error is not None:
+        status = 409 if reply.error.code == "index_full" else 422
+        raise ApiError(status, reply.error.code, reply.error.message)
+    record = await index.get(image_id)
+    if record is None:
+        raise ApiError(404, "image_not_found", f"image {image_id} was deleted while it was being indexed")
+    return Response(to_image_out(request, services, record), status_code=HTTP_201_CREATED)
+
+
+def _decode_cursor(cursor: str) -> int:
+    try:
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        if not text.startswith(_CURSOR_PREFIX):
+            raise ValueError(text)
+        return int(text.removeprefix(_CURSOR_PREFIX))
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise ApiError(
+            400, "invalid_cursor", "cursor is not one this server returned; start again without it"
+        ) from None
+
+
+def _encode_cursor(created_us: int) -> str:
+    return base64.urlsafe_b64encode(f"{_CURSOR_PREFIX}{created_us}".encode()).decode().rstrip("=")
+
+
+@get("/v1/images", summary="List images, newest first")
+async def list_images(
+    request: Request,
+    services: Services,
+    limit: Annotated[int, Parameter(ge=1, le=1000, description="page size")] = 100,
+    cursor: Annotated[str | None, Parameter(description="X-Next-Cursor of the previous page")] = None,
+) -> Response[list[ImageOut]]:
+    """A JSON array of image records. When more remain, the `X-Next-Cursor` header (and a `Link: rel="next"`
+    header) give the cursor for the next page."""
+    index = require_index(services)
+    before = _decode_cursor(cursor) if cursor else None
+    records = await index.newest(limit + 1, before_us=before)
+    page, more = records[:limit], len(records) > limit
+    headers: dict[str, str] = {}
+    if more:
+        next_cursor = _encode_cursor(page[-1].created_us)
+        headers["X-Next-Cursor"] = next_cursor
+        next_url = (
+            f"{base_url(request, services.settings)}/v1/images?{urlencode({'limit': limit, 'cursor': next_cursor})}"
+        )
+        headers["Link"] = f'<{next_url}>; rel="next"'
+    return Response([to_image_out(request, services, record) for record in page], headers=headers)
+
+
+@get("/v1/images/{image_id:str}", summary="One image record")
+async def get_image(request: Request, services: Services, image_id: str) -> ImageOut:
+    index = require_index(services)
+    record = await index.get(parse_image_id(image_id))
+    if record is None:
+        raise ApiError(404, "image_not_found", f"no image with id {image_id!r}")
+    return to_image_out(request, services, record)
+
+
+@get(
+    "/v1/images/{image_id:str}/file",
+    status_code=HTTP_307_TEMPORARY_REDIRECT,
+    summary="Redirect to a short-lived download URL of the original",
+)
+async def image_file(services: Services, image_id: str) -> Redirect:
+    index = require_index(services)
+    record = await index.get(parse_image_id(image_id))
+    if record is None:
+        raise ApiError(404, "image_not_found", f"no image with id {image_id!r}")
+    url = await services.runtime.store.presigned_get_url(record.r2_key, services.settings.presign_ttl_seconds)
+    return Redirect(url, status_code=HTTP_307_TEMPORARY_REDIRECT)
+
+
+@delete("/v1/images/{image_id:str}", summary="Delete an image: its original and its vector")
+async def delete_image(services: Services, image_id: str) -> None:
+    """Removes the original first, then the point, so a failed delete can simply be retried."""
+    index = require_index(services)
+    image_id = parse_image_id(image_id)
+    record = await index.get(image_id)
+    if record is None:
+        raise ApiError(404, "image_not_found", f"no image with id {image_id!r}")
+    await services.runtime.store.delete(record.r2_key)
+    await index.delete(image_id)
+
+
+ROUTES = [upload_image, list_images, get_image, image_file, delete_image]

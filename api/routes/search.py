@@ -1,0 +1,73 @@
+"""Semantic search: by text (CLIP text tower, in this process) and by example image (image tower)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated
+
+from litestar import Request, post
+from litestar.enums import RequestEncodingType
+from litestar.params import Body, Parameter
+
+from api.errors import ApiError
+from api.routes.images import read_upload, require_index
+from api.schemas import ImageUploadForm, SearchHit, SearchRequest, SearchResponse
+from api.services import Services
+from api.urls import image_file_url
+from infra.vectors import ImageRecord
+from processor.imaging import decode_image
+from processor.models.clip import ClipEmbedder
+
+
+def _clip(services: Services) -> ClipEmbedder:
+    if services.runtime.clip is None:
+        raise ApiError(503, "feature_disabled", "image search is disabled on this server (IMAGE_SEARCH_ENABLED=0)")
+    return services.runtime.clip
+
+
+def _hits(request: Request, services: Services, found: list[tuple[ImageRecord, float]]) -> SearchResponse:
+    return SearchResponse(
+        results=[
+            SearchHit(
+                id=record.id,
+                score=round(score, 6),
+                r2_key=record.r2_key,
+                file_url=image_file_url(request, services.settings, record.id),
+                content_type=record.content_type,
+                width=record.width,
+                height=record.height,
+                created_at=record.created_at,
+                filename=record.filename,
+            )
+            for record, score in found
+        ]
+    )
+
+
+@post("/v1/images/search", status_code=200, summary="Search images by text, in any language")
+async def search_images(request: Request, services: Services, data: SearchRequest) -> SearchResponse:
+    index = require_index(services)
+    clip = _clip(services)
+    query = data.query.strip()
+    if not query:
+        raise ApiError(400, "invalid_request", "query must contain at least one non-space character")
+    vector = (await asyncio.to_thread(clip.embed_texts, [query]))[0]
+    return _hits(request, services, await index.search(vector.tolist(), data.limit))
+
+
+@post("/v1/images/search/by-image", status_code=200, summary="Search images by an example image")
+async def search_by_image(
+    request: Request,
+    services: Services,
+    data: Annotated[ImageUploadForm, Body(media_type=RequestEncodingType.MULTI_PART)],
+    limit: Annotated[int, Parameter(ge=1, le=100)] = 10,
+) -> SearchResponse:
+    index = require_index(services)
+    clip = _clip(services)
+    raw = await read_upload(data, services.settings.image_search_max_bytes)
+    decoded = await asyncio.to_thread(decode_image, raw, services.settings.image_search_max_pixels)
+    vector = (await asyncio.to_thread(clip.embed_images, [decoded.image]))[0]
+    return _hits(request, services, await index.search(vector.tolist(), limit))
+
+
+ROUTES = [search_images, search_by_image]

@@ -1,0 +1,1 @@
+"""Adapters to the outside world: settings, logging, object storage, RabbitMQ and Qdrant."""

@@ -1,0 +1,56 @@
+"""structlog set-up, done once per process."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import structlog
+
+
+class _DropChattyLibraries(logging.Filter):
+    """open_clip logs every loading step at INFO on the root logger; keep only its warnings."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or "/open_clip/" not in record.pathname
+
+
+_NOISY = ("aio_pika", "aiormq", "botocore", "aiobotocore", "httpx", "urllib3", "PIL", "open_clip")
+
+
+def configure_logging(level: str = "info", fmt: str = "json") -> None:
+    """Route structlog and the standard library through one renderer on stderr."""
+    renderer: structlog.types.Processor
+    if fmt == "console":
+        renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+    else:
+        renderer = structlog.processors.JSONRenderer()
+    shared: list[structlog.types.Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    structlog.configure(
+        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=True,
+    )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=shared,
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(formatter)
+    handler.addFilter(_DropChattyLibraries())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    for name in _NOISY:
+        logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
+    logging.getLogger("uvicorn.access").setLevel(max(logging.WARNING, root.level))

@@ -1,0 +1,204 @@
+"""Settings read once from the environment.
+
+Every variable of the seed server keeps its name and default; the new ones are documented in README.md.
+A bad value raises SettingsError with one line that names the variable and says what is expected.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlparse
+
+ModelProfile = Literal["full", "tiny"]
+LogFormat = Literal["json", "console"]
+
+DEFAULT_CLIP_MODEL = "ViT-B-16-SigLIP2-256"
+DEFAULT_CLIP_PRETRAINED = "webli"
+
+
+class SettingsError(ValueError):
+    """A variable holds a value the server cannot start with."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    # feature toggles
+    image_enabled: bool
+    image_search_enabled: bool
+    voice_enabled: bool
+    r2_enabled: bool
+    # image search
+    image_search_db_path: Path
+    image_search_files_dir: Path
+    image_search_max_elements: int
+    image_search_max_bytes: int
+    image_search_max_pixels: int
+    image_search_batch_size: int
+    image_search_db_r2_key: str
+    image_search_db_backup_enabled: bool
+    image_search_db_backup_interval_seconds: int
+    # R2 / S3
+    r2_account_id: str
+    r2_endpoint_url: str
+    r2_access_key_id: str
+    r2_secret_access_key: str
+    r2_bucket_name: str
+    r2_region: str
+    # embedded object store and presigned URLs
+    local_storage_dir: Path
+    presign_ttl_seconds: int
+    public_base_url: str
+    url_signing_key: str
+    # broker and vectors
+    amqp_url: str
+    max_attempts: int
+    qdrant_url: str
+    qdrant_api_key: str
+    qdrant_collection: str
+    # models
+    model_profile: ModelProfile
+    model_cache_dir: Path
+    clip_model: str
+    clip_pretrained: str
+    torch_device: str
+    # HTTP server and jobs
+    host: str
+    port: int
+    sync_timeout_seconds: float
+    log_level: str
+    log_format: LogFormat
+
+    @property
+    def embedded_qdrant(self) -> bool:
+        """True when vectors live in qdrant-client's embedded mode (one process per path)."""
+        return not self.qdrant_url
+
+    @property
+    def r2_effective_endpoint(self) -> str:
+        if self.r2_endpoint_url:
+            return self.r2_endpoint_url
+        return f"https://{self.r2_account_id}.r2.cloudflarestorage.com"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        return _parse(_Reader(os.environ if environ is None else environ))
+
+
+class _Reader:
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self._env = environ
+
+    def raw(self, name: str, default: str) -> str:
+        value = self._env.get(name)
+        return default if value is None else value.strip()
+
+    def flag(self, name: str, default: bool) -> bool:
+        value = self.raw(name, "1" if default else "0").lower()
+        if value in {"1", "true", "yes", "on"}:
+            return True
+        if value in {"0", "false", "no", "off"}:
+            return False
+        raise SettingsError(f"{name}={value!r}: expected 1 or 0 (true/false, yes/no, on/off also work)")
+
+    def integer(self, name: str, default: int, minimum: int, maximum: int | None = None) -> int:
+        value = self.raw(name, str(default))
+        try:
+            number = int(value)
+        except ValueError:
+            raise SettingsError(f"{name}={value!r}: expected a whole number") from None
+        if number < minimum or (maximum is not None and number > maximum):
+            upper = "" if maximum is None else f" and at most {maximum}"
+            raise SettingsError(f"{name}={number}: must be at least {minimum}{upper}")
+        return number
+
+    def number(self, name: str, default: float, minimum: float) -> float:
+        value = self.raw(name, str(default))
+        try:
+            number = float(value)
+        except ValueError:
+            raise SettingsError(f"{name}={value!r}: expected a number of seconds") from None
+        if not number >= minimum:
+            raise SettingsError(f"{name}={value}: must be at least {minimum}")
+        return number
+
+    def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
+        value = self.raw(name, default).lower()
+        if value not in choices:
+            raise SettingsError(f"{name}={value!r}: expected one of {', '.join(choices)}")
+        return value
+
+    def url(self, name: str, default: str, schemes: tuple[str, ...]) -> str:
+        value = self.raw(name, default)
+        if not value:
+            return value
+        parsed = urlparse(value)
+        if parsed.scheme not in schemes or not parsed.hostname:
+            raise SettingsError(f"{name}={value!r}: expected a URL starting with {' or '.join(schemes)}://")
+        return value.rstrip("/")
+
+
+def _parse(env: _Reader) -> Settings:
+    settings = Settings(
+        image_enabled=env.flag("IMAGE_ENABLED", True),
+        image_search_enabled=env.flag("IMAGE_SEARCH_ENABLED", True),
+        voice_enabled=env.flag("VOICE_ENABLED", False),
+        r2_enabled=env.flag("R2_ENABLED", False),
+        image_search_db_path=Path(env.raw("IMAGE_SEARCH_DB_PATH", "app/image_search.db")),
+        image_search_files_dir=Path(env.raw("IMAGE_SEARCH_FILES_DIR", "app/image_search_files/")),
+        image_search_max_elements=env.integer("IMAGE_SEARCH_MAX_ELEMENTS", 50000, 1),
+        image_search_max_bytes=env.integer("IMAGE_SEARCH_MAX_BYTES", 20971520, 1024, 512 * 1024 * 1024),
+        image_search_max_pixels=env.integer("IMAGE_SEARCH_MAX_PIXELS", 50_000_000, 1024),
+        image_search_batch_size=env.integer("IMAGE_SEARCH_BATCH_SIZE", 8, 1, 256),
+        image_search_db_r2_key=env.raw("IMAGE_SEARCH_DB_R2_KEY", "image_search.db"),
+        image_search_db_backup_enabled=env.flag("IMAGE_SEARCH_DB_BACKUP_ENABLED", True),
+        image_search_db_backup_interval_seconds=env.integer("IMAGE_SEARCH_DB_BACKUP_INTERVAL_SECONDS", 1800, 10),
+        r2_account_id=env.raw("R2_ACCOUNT_ID", ""),
+        r2_endpoint_url=env.url("R2_ENDPOINT_URL", "", ("https", "http")),
+        r2_access_key_id=env.raw("R2_ACCESS_KEY_ID", ""),
+        r2_secret_access_key=env.raw("R2_SECRET_ACCESS_KEY", ""),
+        r2_bucket_name=env.raw("R2_BUCKET_NAME", ""),
+        r2_region=env.raw("R2_REGION", "auto"),
+        local_storage_dir=Path(env.raw("LOCAL_STORAGE_DIR", "app/storage")),
+        presign_ttl_seconds=env.integer("PRESIGN_TTL_SECONDS", 3600, 1, 7 * 24 * 3600),
+        public_base_url=env.url("PUBLIC_BASE_URL", "", ("http", "https")),
+        url_signing_key=env.raw("URL_SIGNING_KEY", ""),
+        amqp_url=env.url("AMQP_URL", "amqp://guest:guest@localhost:5672/", ("amqp", "amqps")),
+        max_attempts=env.integer("MAX_ATTEMPTS", 5, 1, 100),
+        qdrant_url=env.url("QDRANT_URL", "", ("http", "https")),
+        qdrant_api_key=env.raw("QDRANT_API_KEY", ""),
+        qdrant_collection=env.raw("QDRANT_COLLECTION", "images") or "images",
+        model_profile=env.choice("MODEL_PROFILE", "full", ("full", "tiny")),  # type: ignore[arg-type]
+        model_cache_dir=Path(env.raw("MODEL_CACHE_DIR", "app/models")),
+        clip_model=env.raw("CLIP_MODEL", DEFAULT_CLIP_MODEL) or DEFAULT_CLIP_MODEL,
+        clip_pretrained=env.raw("CLIP_PRETRAINED", DEFAULT_CLIP_PRETRAINED),
+        torch_device=env.raw("TORCH_DEVICE", "auto") or "auto",
+        host=env.raw("HOST", "0.0.0.0"),
+        port=env.integer("PORT", 8000, 1, 65535),
+        sync_timeout_seconds=env.number("SYNC_TIMEOUT_SECONDS", 120.0, 0.1),
+        log_level=env.choice("LOG_LEVEL", "info", ("debug", "info", "warning", "error")),
+        log_format=env.choice("LOG_FORMAT", "json", ("json", "console")),  # type: ignore[arg-type]
+    )
+    _check_r2(settings)
+    return settings
+
+
+def _check_r2(settings: Settings) -> None:
+    if not settings.r2_enabled:
+        return
+    missing = [
+        name
+        for name, value in (
+            ("R2_ACCESS_KEY_ID", settings.r2_access_key_id),
+            ("R2_SECRET_ACCESS_KEY", settings.r2_secret_access_key),
+            ("R2_BUCKET_NAME", settings.r2_bucket_name),
+        )
+        if not value
+    ]
+    if not settings.r2_endpoint_url and not settings.r2_account_id:
+        missing.insert(0, "R2_ACCOUNT_ID (or R2_ENDPOINT_URL)")
+    if missing:
+        raise SettingsError(f"R2_ENABLED=1 but {', '.join(missing)} not set")

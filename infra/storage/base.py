@@ -1,0 +1,80 @@
+"""The object store interface and its errors."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+
+class StorageError(Exception):
+    """Base class of storage failures."""
+
+
+class InvalidKeyError(StorageError, ValueError):
+    """The key is unsafe or malformed (a client error, never retried)."""
+
+
+class ObjectNotFoundError(StorageError, KeyError):
+    """No object under that key."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+    def __str__(self) -> str:
+        return f"no object at key {self.key!r}"
+
+
+class StorageUnavailableError(StorageError):
+    """The store did not answer or answered with a server error; retrying may help."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredObject:
+    key: str
+    data: bytes
+    content_type: str
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectInfo:
+    key: str
+    size: int
+
+
+class ObjectStore(abc.ABC):
+    """Async object storage. Every method validates its key first."""
+
+    name: str
+
+    @abc.abstractmethod
+    async def put(self, key: str, data: bytes, content_type: str) -> None:
+        """Write the whole object atomically: readers see the old object or the new one, never a part."""
+
+    @abc.abstractmethod
+    async def get(self, key: str) -> StoredObject:
+        """Read an object; ObjectNotFoundError if absent."""
+
+    @abc.abstractmethod
+    async def delete(self, key: str) -> bool:
+        """Remove an object; returns whether it existed. Deleting an absent key is not an error."""
+
+    @abc.abstractmethod
+    async def exists(self, key: str) -> bool:
+        """Whether an object exists under the key."""
+
+    @abc.abstractmethod
+    def list(self, prefix: str = "") -> AsyncIterator[ObjectInfo]:
+        """Objects whose key starts with prefix, in key order."""
+
+    @abc.abstractmethod
+    async def presigned_get_url(self, key: str, ttl_seconds: int) -> str:
+        """A URL that downloads the object without credentials until it expires."""
+
+    @abc.abstractmethod
+    async def ping(self) -> None:
+        """Raise StorageUnavailableError unless the store answers."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections."""

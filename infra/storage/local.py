@@ -1,0 +1,178 @@
+"""The embedded object store: a local directory, used when R2 is disabled.
+
+Layout under the root directory:
+    objects/<key>        the bytes
+    meta/<key>.json      {"content_type": ...}
+    tmp/                 staging for atomic writes (same filesystem, then os.replace)
+    signing.key          HMAC secret for presigned URLs when URL_SIGNING_KEY is not set
+
+"Presigned" URLs are HMAC-signed, expiring paths that the API serves itself (GET /v1/files/<key>).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from urllib.parse import quote, urlencode
+
+from infra.storage.base import (
+    ObjectInfo,
+    ObjectNotFoundError,
+    ObjectStore,
+    StorageUnavailableError,
+    StoredObject,
+)
+from infra.storage.keys import validate_key, validate_prefix
+
+FILES_ROUTE = "/v1/files/"
+
+
+class LocalStore(ObjectStore):
+    name = "local"
+
+    def __init__(self, root: Path, signing_key: str = "", public_base_url: str = "") -> None:
+        self.root = root
+        self._objects = root / "objects"
+        self._meta = root / "meta"
+        self._tmp = root / "tmp"
+        for path in (self._objects, self._meta, self._tmp):
+            path.mkdir(parents=True, exist_ok=True)
+        self._secret = signing_key.encode() if signing_key else self._load_or_create_secret()
+        self._public_base_url = public_base_url
+
+    def _load_or_create_secret(self) -> bytes:
+        path = self.root / "signing.key"
+        try:
+            return path.read_bytes().strip()
+        except FileNotFoundError:
+            secret = secrets.token_urlsafe(32).encode()
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(secret)
+            return secret
+
+    def _object_path(self, key: str) -> Path:
+        return self._objects / validate_key(key)
+
+    def _meta_path(self, key: str) -> Path:
+        return self._meta / f"{validate_key(key)}.json"
+
+    def _write_atomic(self, target: Path, data: bytes) -> None:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=self._tmp)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp_name, target)
+        except BaseException:
+            Path(tmp_name).unlink(missing_ok=True)
+            raise
+
+    def _put_sync(self, key: str, data: bytes, content_type: str) -> None:
+        path = self._object_path(key)
+        if path.is_dir():
+            raise StorageUnavailableError(f"cannot store {key!r}: a key prefix of that name exists")
+        self._write_atomic(self._meta_path(key), json.dumps({"content_type": content_type}).encode())
+        self._write_atomic(path, data)
+
+    async def put(self, key: str, data: bytes, content_type: str) -> None:
+        validate_key(key)
+        try:
+            await asyncio.to_thread(self._put_sync, key, data, content_type)
+        except NotADirectoryError as exc:
+            raise StorageUnavailableError(f"cannot store {key!r}: a parent of it is an object") from exc
+
+    def _get_sync(self, key: str) -> StoredObject:
+        path = self._object_path(key)
+        try:
+            data = path.read_bytes()
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            raise ObjectNotFoundError(key) from None
+        try:
+            content_type = json.loads(self._meta_path(key).read_bytes())["content_type"]
+        except (FileNotFoundError, ValueError, KeyError):
+            content_type = "application/octet-stream"
+        return StoredObject(key=key, data=data, content_type=content_type)
+
+    async def get(self, key: str) -> StoredObject:
+        validate_key(key)
+        return await asyncio.to_thread(self._get_sync, key)
+
+    def _delete_sync(self, key: str) -> bool:
+        path = self._object_path(key)
+        try:
+            path.unlink()
+            existed = True
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            existed = False
+        self._meta_path(key).unlink(missing_ok=True)
+        self._prune_empty_parents(path.parent, self._objects)
+        return existed
+
+    @staticmethod
+    def _prune_empty_parents(directory: Path, stop: Path) -> None:
+        while directory != stop and stop in directory.parents:
+            try:
+                directory.rmdir()
+            except OSError:
+                return
+            directory = directory.parent
+
+    async def delete(self, key: str) -> bool:
+        validate_key(key)
+        return await asyncio.to_thread(self._delete_sync, key)
+
+    async def exists(self, key: str) -> bool:
+        validate_key(key)
+        return await asyncio.to_thread(self._object_path(key).is_file)
+
+    def _list_sync(self, prefix: str) -> list[ObjectInfo]:
+        found: list[ObjectInfo] = []
+        base = self._objects
+        start = base / prefix.rsplit("/", 1)[0] if "/" in prefix else base
+        if not start.is_dir():
+            return found
+        for dirpath, _dirnames, filenames in os.walk(start):
+            for filename in filenames:
+                full = Path(dirpath) / filename
+                key = full.relative_to(base).as_posix()
+                if key.startswith(prefix):
+                    found.append(ObjectInfo(key=key, size=full.stat().st_size))
+        found.sort(key=lambda info: info.key)
+        return found
+
+    async def list(self, prefix: str = "") -> AsyncIterator[ObjectInfo]:
+        validate_prefix(prefix)
+        for info in await asyncio.to_thread(self._list_sync, prefix):
+            yield info
+
+    def sign(self, key: str, expires: int) -> str:
+        mac = hmac.new(self._secret, f"{key}\n{expires}".encode(), hashlib.sha256).digest()
+        return base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
+
+    def verify(self, key: str, expires: int, signature: str, now: float | None = None) -> bool:
+        """True when the signature matches and has not expired."""
+        if expires < (time.time() if now is None else now):
+            return False
+        return hmac.compare_digest(self.sign(key, expires), signature)
+
+    async def presigned_get_url(self, key: str, ttl_seconds: int) -> str:
+        validate_key(key)
+        expires = int(time.time()) + ttl_seconds
+        query = urlencode({"expires": expires, "signature": self.sign(key, expires)})
+        return f"{self._public_base_url}{FILES_ROUTE}{quote(key)}?{query}"
+
+    async def ping(self) -> None:
+        if not os.access(self._objects, os.W_OK):
+            raise StorageUnavailableError(f"local storage directory {self._objects} is not writable")

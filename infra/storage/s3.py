@@ -1,0 +1,140 @@
+"""Cloudflare R2 (or any S3 API) through aiobotocore."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+from aiobotocore.config import AioConfig
+from aiobotocore.session import get_session
+from botocore.exceptions import BotoCoreError, ClientError
+
+from infra.storage.base import (
+    ObjectInfo,
+    ObjectNotFoundError,
+    ObjectStore,
+    StorageError,
+    StorageUnavailableError,
+    StoredObject,
+)
+from infra.storage.keys import validate_key, validate_prefix
+
+_NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
+
+
+class S3Store(ObjectStore):
+    name = "r2"
+
+    def __init__(self, client: Any, bucket: str, stack: contextlib.AsyncExitStack) -> None:
+        self._client = client
+        self.bucket = bucket
+        self._stack = stack
+
+    @classmethod
+    async def connect(
+        cls,
+        *,
+        endpoint_url: str,
+        bucket: str,
+        access_key_id: str,
+        secret_access_key: str,
+        region: str = "auto",
+    ) -> S3Store:
+        config = AioConfig(
+            connect_timeout=5,
+            read_timeout=60,
+            retries={"max_attempts": 3, "mode": "standard"},
+            signature_version="s3v4",
+            s3={"addressing_style": "path"},
+        )
+        stack = contextlib.AsyncExitStack()
+        client = await stack.enter_async_context(
+            get_session().create_client(
+                "s3",
+                endpoint_url=endpoint_url,
+                region_name=region,
+                aws_access_key_id=access_key_id,
+                aws_secret_access_key=secret_access_key,
+                config=config,
+            )
+        )
+        return cls(client, bucket, stack)
+
+    @staticmethod
+    def _translate(exc: Exception, key: str) -> Exception:
+        if isinstance(exc, ClientError):
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            if code in _NOT_FOUND:
+                return ObjectNotFoundError(key)
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+            if code == "NoSuchBucket":
+                return StorageUnavailableError(f"bucket does not exist: {exc}")
+            if status >= 500 or status in (408, 429):
+                return StorageUnavailableError(f"object store error on {key!r}: {exc}")
+            return StorageError(f"object store refused {key!r}: {exc}")
+        return StorageUnavailableError(f"object store unreachable ({type(exc).__name__}: {exc})")
+
+    async def put(self, key: str, data: bytes, content_type: str) -> None:
+        validate_key(key)
+        try:
+            await self._client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type)
+        except (ClientError, BotoCoreError, OSError) as exc:
+            raise self._translate(exc, key) from exc
+
+    async def get(self, key: str) -> StoredObject:
+        validate_key(key)
+        try:
+            response = await self._client.get_object(Bucket=self.bucket, Key=key)
+            async with response["Body"] as body:
+                data = await body.read()
+        except (ClientError, BotoCoreError, OSError) as exc:
+            raise self._translate(exc, key) from exc
+        return StoredObject(key=key, data=data, content_type=response.get("ContentType") or "application/octet-stream")
+
+    async def exists(self, key: str) -> bool:
+        validate_key(key)
+        try:
+            await self._client.head_object(Bucket=self.bucket, Key=key)
+        except (ClientError, BotoCoreError, OSError) as exc:
+            translated = self._translate(exc, key)
+            if isinstance(translated, ObjectNotFoundError):
+                return False
+            raise translated from exc
+        return True
+
+    async def delete(self, key: str) -> bool:
+        existed = await self.exists(key)
+        try:
+            await self._client.delete_object(Bucket=self.bucket, Key=key)
+        except (ClientError, BotoCoreError, OSError) as exc:
+            raise self._translate(exc, key) from exc
+        return existed
+
+    async def list(self, prefix: str = "") -> AsyncIterator[ObjectInfo]:
+        validate_prefix(prefix)
+        paginator = self._client.get_paginator("list_objects_v2")
+        try:
+            async for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+                for item in page.get("Contents", []):
+                    yield ObjectInfo(key=item["Key"], size=int(item["Size"]))
+        except (ClientError, BotoCoreError, OSError) as exc:
+            raise self._translate(exc, prefix) from exc
+
+    async def presigned_get_url(self, key: str, ttl_seconds: int) -> str:
+        validate_key(key)
+        return await self._client.generate_presigned_url(
+            "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=ttl_seconds
+        )
+
+    async def ping(self) -> None:
+        try:
+            await self._client.head_bucket(Bucket=self.bucket)
+        except (ClientError, BotoCoreError, OSError) as exc:
+            code = str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
+            if code in _NOT_FOUND | {"NoSuchBucket"}:
+                raise StorageUnavailableError(f"bucket {self.bucket!r} does not exist") from exc
+            raise self._translate(exc, self.bucket) from exc
+
+    async def close(self) -> None:
+        await self._stack.aclose()

@@ -1,0 +1,1 @@
+"""The single consumer: message contract, handlers, model runners, retry and dead-letter policy."""

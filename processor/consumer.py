@@ -1,0 +1,276 @@
+"""The single consumer: highest priority first, batches where a handler can batch, ack only after the outcome
+is durable.
+
+Deliveries land in a local priority heap (RabbitMQ's priority queue orders what is not yet delivered; the heap
+orders what is prefetched). A worker takes the most urgent message and, if its handler batches, other
+messages of the same type already delivered, up to the handler's batch size, so a backlog of index messages
+is embedded in one forward pass without waiting for more to arrive.
+
+Every message is settled exactly once, after its outcome is durable:
+    succeeded            -> reply to the requester (if any), ack
+    failed, permanent    -> copy to the dead-letter exchange with the reason (confirmed), reply, ack
+    failed, transient    -> copy to a delayed retry queue with attempts + 1 (confirmed), ack;
+                            after MAX_ATTEMPTS, dead-lettered instead
+A crash at any point leaves the message unacked, so RabbitMQ delivers it again; handlers are idempotent by id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+
+import aio_pika
+import structlog
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
+
+from infra.broker import RETRY_DELAY_HEADER, BrokerUnavailableError, Publisher, declare_topology, retry_delay
+from processor.contract import MSGPACK, ContractError, ErrorInfo, JobReply, decode_job, encode
+from processor.handlers.base import Handler, Job
+from processor.outcomes import Failed, Outcome, Succeeded
+
+log = structlog.get_logger(__name__)
+
+ATTEMPTS_HEADER = "x-ams-attempts"
+REASON_CODE_HEADER = "x-ams-reason-code"
+REASON_HEADER = "x-ams-reason"
+ROUTING_KEY_HEADER = "x-ams-routing-key"
+FIRST_FAILURE_HEADER = "x-ams-first-failed-at"
+LAST_FAILURE_HEADER = "x-ams-last-failed-at"
+
+
+def _now_iso() -> str:
+    return datetime.now(tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class Consumer:
+    def __init__(
+        self,
+        connection: AbstractRobustConnection,
+        publisher: Publisher,
+        handlers: Mapping[str, Handler],
+        disabled: Mapping[str, str],
+        max_attempts: int,
+    ) -> None:
+        self._connection = connection
+        self._publisher = publisher
+        self._handlers = dict(handlers)
+        self._disabled = dict(disabled)
+        self._max_attempts = max_attempts
+        self._heap: list[tuple[int, int, AbstractIncomingMessage]] = []
+        self._sequence = itertools.count()
+        self._wakeup = asyncio.Event()
+        self._channel: AbstractChannel | None = None
+        self._consumer_tag: str | None = None
+        self._worker: asyncio.Task[None] | None = None
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @property
+    def prefetch(self) -> int:
+        return max([handler.batch_size for handler in self._handlers.values()] + [1]) * 2
+
+    async def start(self) -> None:
+        self._channel = await self._connection.channel()
+        await self._channel.set_qos(prefetch_count=self.prefetch)
+        topology = await declare_topology(self._channel)
+        self._queue = topology.jobs_queue
+        self._consumer_tag = await self._queue.consume(self._on_message)
+        self._worker = asyncio.create_task(self._work(), name="processor-worker")
+        log.info("consumer_started", queue=self._queue.name, prefetch=self.prefetch, types=sorted(self._handlers))
+
+    async def stop(self) -> None:
+        """Stop taking messages, let the current batch finish, and return the rest to the queue."""
+        if self._consumer_tag is not None and self._channel is not None and not self._channel.is_closed:
+            await self._queue.cancel(self._consumer_tag)
+            self._consumer_tag = None
+        if self._worker is not None:
+            await self._idle.wait()
+            self._worker.cancel()
+            await asyncio.gather(self._worker, return_exceptions=True)
+        self._heap.clear()
+        if self._channel is not None and not self._channel.is_closed:
+            await self._channel.close()
+        log.info("consumer_stopped")
+
+    @property
+    def is_running(self) -> bool:
+        return (
+            self._worker is not None
+            and not self._worker.done()
+            and self._channel is not None
+            and not self._channel.is_closed
+        )
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        heapq.heappush(self._heap, (-(message.priority or 0), next(self._sequence), message))
+        self._wakeup.set()
+
+    def _take_batch(self) -> list[AbstractIncomingMessage]:
+        _, _, first = heapq.heappop(self._heap)
+        handler = self._handlers.get(first.type or "")
+        limit = handler.batch_size if handler is not None else 1
+        if limit <= 1 or not self._heap:
+            return [first]
+        ordered = sorted(self._heap)
+        taken = [entry for entry in ordered if entry[2].type == first.type][: limit - 1]
+        if taken:
+            chosen = {id(entry[2]) for entry in taken}
+            self._heap = [entry for entry in self._heap if id(entry[2]) not in chosen]
+            heapq.heapify(self._heap)
+        return [first, *(entry[2] for entry in taken)]
+
+    async def _work(self) -> None:
+        while True:
+            while not self._heap:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            batch = self._take_batch()
+            self._idle.clear()
+            try:
+                await self._process(batch)
+            except Exception:
+                log.exception("batch_crashed", message_ids=[m.message_id for m in batch])
+            finally:
+                self._idle.set()
+
+    async def _process(self, messages: Sequence[AbstractIncomingMessage]) -> None:
+        jobs: list[tuple[AbstractIncomingMessage, Job]] = []
+        for message in messages:
+            job = await self._admit(message)
+            if job is not None:
+                jobs.append((message, job))
+        if not jobs:
+            return
+        handler = self._handlers[jobs[0][1].message_type]
+        structlog.contextvars.bind_contextvars(message_ids=[job.message_id for _, job in jobs])
+        started = asyncio.get_running_loop().time()
+        try:
+            outcomes: Sequence[Outcome] = await handler.handle([job for _, job in jobs])
+        except Exception as exc:
+            log.exception("handler_crashed", job_type=handler.message_type)
+            outcomes = [Failed("internal_error", f"{type(exc).__name__}: {exc}")] * len(jobs)
+        finally:
+            structlog.contextvars.unbind_contextvars("message_ids")
+        elapsed = asyncio.get_running_loop().time() - started
+        for (message, job), outcome in zip(jobs, outcomes, strict=True):
+            await self._settle(message, job.message_id, outcome, elapsed)
+
+    async def _admit(self, message: AbstractIncomingMessage) -> Job | None:
+        """Decode one message; dead-letter it at once if it breaks the contract or its feature is off."""
+        if not message.message_id:
+            await self._dead_letter(message, "missing_message_id", "the AMQP `message_id` property is required")
+            return None
+        reason = self._disabled.get(message.type or "")
+        if reason is not None:
+            await self._dead_letter(message, "feature_disabled", reason)
+            return None
+        try:
+            payload = decode_job(message.type, message.content_type, message.body)
+        except ContractError as exc:
+            await self._dead_letter(message, exc.code, exc.message)
+            return None
+        if (message.type or "") not in self._handlers:
+            await self._dead_letter(message, "unknown_type", f"no handler for {message.type!r}")
+            return None
+        return Job(
+            message_id=message.message_id,
+            message_type=message.type or "",
+            payload=payload,
+            priority=message.priority or 0,
+        )
+
+    async def _settle(self, message: AbstractIncomingMessage, job_id: str, outcome: Outcome, elapsed: float) -> None:
+        logger = log.bind(message_id=job_id, job_type=message.type)
+        if isinstance(outcome, Succeeded):
+            await self._reply(message, JobReply(job_id=job_id, status="succeeded", result=outcome.result))
+            await self._ack(message)
+            logger.info("job_succeeded", seconds=round(elapsed, 4))
+            return
+        attempts = int((message.headers or {}).get(ATTEMPTS_HEADER, 0) or 0) + 1
+        if outcome.transient and attempts < self._max_attempts:
+            delay = retry_delay(attempts)
+            try:
+                await self._publisher.republish(
+                    message,
+                    to_dead_letters=False,
+                    headers={
+                        **self._failure_headers(message, outcome, attempts),
+                        RETRY_DELAY_HEADER: str(delay),
+                    },
+                )
+            except BrokerUnavailableError:
+                logger.warning("retry_publish_failed", code=outcome.code)
+                await self._requeue(message)
+                return
+            await self._ack(message)
+            logger.warning(
+                "job_retry_scheduled",
+                code=outcome.code,
+                reason=outcome.message,
+                attempt=attempts,
+                delay_seconds=delay,
+            )
+            return
+        await self._dead_letter(message, outcome.code, outcome.message, attempts)
+
+    @staticmethod
+    def _failure_headers(message: AbstractIncomingMessage, outcome: Failed, attempts: int) -> dict[str, str | int]:
+        headers = message.headers or {}
+        now = _now_iso()
+        return {
+            ATTEMPTS_HEADER: attempts,
+            REASON_CODE_HEADER: outcome.code,
+            REASON_HEADER: outcome.message[:1000],
+            ROUTING_KEY_HEADER: str(headers.get(ROUTING_KEY_HEADER) or message.routing_key or ""),
+            FIRST_FAILURE_HEADER: str(headers.get(FIRST_FAILURE_HEADER) or now),
+            LAST_FAILURE_HEADER: now,
+        }
+
+    async def _dead_letter(self, message: AbstractIncomingMessage, code: str, text: str, attempts: int = 1) -> None:
+        """Move the message to the dead-letter queue (confirmed), tell a waiting requester, then ack it.
+        If the copy cannot be published, the message stays unacked and comes back."""
+        outcome = Failed(code, text)
+        try:
+            await self._publisher.republish(
+                message, to_dead_letters=True, headers=self._failure_headers(message, outcome, attempts)
+            )
+        except BrokerUnavailableError:
+            log.warning("dead_letter_publish_failed", message_id=message.message_id, code=code)
+            await self._requeue(message)
+            return
+        await self._reply(
+            message,
+            JobReply(job_id=message.message_id or "", status="failed", error=ErrorInfo(code=code, message=text)),
+        )
+        await self._ack(message)
+        log.warning(
+            "job_dead_lettered",
+            message_id=message.message_id,
+            job_type=message.type,
+            code=code,
+            reason=text,
+            attempts=attempts,
+        )
+
+    async def _reply(self, message: AbstractIncomingMessage, reply: JobReply) -> None:
+        if message.reply_to and message.correlation_id:
+            await self._publisher.reply(message.reply_to, message.correlation_id, encode(reply), MSGPACK)
+
+    @staticmethod
+    async def _requeue(message: AbstractIncomingMessage) -> None:
+        """Give the message back to the queue after a pause (its outcome could not be recorded)."""
+        await asyncio.sleep(1.0)
+        try:
+            await message.nack(requeue=True)
+        except (aio_pika.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
+            log.warning("nack_lost_redelivery_expected", message_id=message.message_id, error=str(exc))
+
+    @staticmethod
+    async def _ack(message: AbstractIncomingMessage) -> None:
+        try:
+            await message.ack()
+        except (aio_pika.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
+            log.warning("ack_lost_redelivery_expected", message_id=message.message_id, error=str(exc))

@@ -1,0 +1,103 @@
+"""The message contract: what travels on the ams.jobs exchange.
+
+Each job type is a versioned msgspec Struct. The AMQP `type` property names the job type (it is also the
+routing key), `message_id` identifies the job, and `content_type` says how the body is encoded:
+`application/json` (binary fields as base64) or `application/msgpack` (what the API itself publishes).
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+JSON = "application/json"
+MSGPACK = "application/msgpack"
+CONTENT_TYPES = (JSON, MSGPACK)
+
+IMAGE_INDEX = "image.index"
+
+UUID_PATTERN = r"^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}$"
+ImageId = Annotated[str, msgspec.Meta(pattern=UUID_PATTERN, description="a UUID")]
+Source = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]
+
+
+class ImageIndexV1(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Index one image: embed it and make it searchable.
+
+    Give the image either inline (`data`, base64 in JSON) or as `key`, an object already in storage, which
+    is then indexed in place. Without `image_id`, the message id is used (it must then be a UUID).
+    """
+
+    version: Literal[1] = 1
+    image_id: ImageId | None = None
+    data: bytes | None = None
+    key: Annotated[str, msgspec.Meta(min_length=1, max_length=1024)] | None = None
+    filename: Annotated[str, msgspec.Meta(max_length=255)] | None = None
+    source: Source = "upstream"
+
+    def __post_init__(self) -> None:
+        if (self.data is None) == (self.key is None):
+            raise ValueError("give exactly one of `data` (the image bytes) or `key` (an object in storage)")
+
+
+JOB_TYPES: dict[str, type[msgspec.Struct]] = {IMAGE_INDEX: ImageIndexV1}
+
+
+class ContractError(ValueError):
+    """The message breaks the contract; it can never succeed as sent (dead-lettered at once)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class ErrorInfo(msgspec.Struct, kw_only=True):
+    code: str
+    message: str
+
+
+class JobReply(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """What the processor sends back to a requester waiting on reply_to (matched by correlation id)."""
+
+    job_id: str
+    status: Literal["succeeded", "failed"]
+    result: dict[str, Any] | None = None
+    error: ErrorInfo | None = None
+
+
+def normalise_uuid(value: str) -> str:
+    return str(uuid.UUID(value))
+
+
+def encode(payload: msgspec.Struct, content_type: str = MSGPACK) -> bytes:
+    if content_type == MSGPACK:
+        return msgspec.msgpack.encode(payload)
+    return msgspec.json.encode(payload)
+
+
+def decode_job(message_type: str | None, content_type: str | None, body: bytes) -> msgspec.Struct:
+    """Decode and validate a job body, or raise ContractError naming what is wrong."""
+    if not message_type:
+        raise ContractError("missing_type", "the AMQP `type` property is required (the job type)")
+    struct = JOB_TYPES.get(message_type)
+    if struct is None:
+        raise ContractError(
+            "unknown_type", f"unknown job type {message_type!r}; known types: {', '.join(sorted(JOB_TYPES))}"
+        )
+    kind = (content_type or JSON).split(";")[0].strip().lower()
+    try:
+        if kind == MSGPACK:
+            return msgspec.msgpack.decode(body, type=struct)
+        if kind == JSON:
+            return msgspec.json.decode(body, type=struct)
+    except msgspec.ValidationError as exc:
+        raise ContractError("schema_violation", f"{message_type} body is invalid: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise ContractError("malformed_body", f"{message_type} body is not valid {kind}: {exc}") from None
+    raise ContractError(
+        "unsupported_content_type",
+        f"content_type {content_type!r} is not supported; use {' or '.join(CONTENT_TYPES)}",
+    )

@@ -1,0 +1,1 @@
+"""Job handlers, one per message type."""

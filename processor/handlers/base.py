@@ -1,0 +1,28 @@
+"""What the consumer hands to a handler."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from processor.outcomes import Outcome
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """A decoded message: its id, type, validated payload and priority."""
+
+    message_id: str
+    message_type: str
+    payload: Any
+    priority: int
+
+
+class Handler(Protocol):
+    message_type: str
+    batch_size: int
+
+    async def handle(self, jobs: Sequence[Job]) -> list[Outcome]:
+        """Process the jobs (one forward pass where the model allows) and return one outcome per job, in order."""
+        ...

@@ -1,0 +1,102 @@
+"""The CLIP embedder (open_clip): image and text towers, L2-normalised float32 vectors."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import open_clip
+import structlog
+import torch
+from PIL import Image
+
+from infra.settings import Settings
+from processor.models.device import pick_device
+from processor.models.errors import ModelLoadError
+from processor.models.hub import hub_reachable, offline_hint, prefer_local_cache
+from processor.models.tiny_clip import TINY_CLIP_ID, ensure_tiny_clip
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ClipSpec:
+    """Where the weights come from and the name recorded with the vectors they produce."""
+
+    model_name: str
+    pretrained: str | None
+    model_id: str
+
+
+def clip_spec(settings: Settings) -> ClipSpec:
+    if settings.model_profile == "tiny":
+        folder = ensure_tiny_clip(settings.model_cache_dir)
+        return ClipSpec(model_name=f"local-dir:{folder}", pretrained=None, model_id=TINY_CLIP_ID)
+    name = settings.clip_model
+    if name.startswith(("local-dir:", "hf-hub:")) or not settings.clip_pretrained:
+        return ClipSpec(model_name=name, pretrained=None, model_id=name)
+    return ClipSpec(
+        model_name=name,
+        pretrained=settings.clip_pretrained,
+        model_id=f"{name}/{settings.clip_pretrained}",
+    )
+
+
+class ClipEmbedder:
+    """Loaded once; thread-safe; call the embed methods from a worker thread, not the event loop."""
+
+    def __init__(self, model: Any, preprocess: Any, tokenizer: Any, model_id: str, device: torch.device) -> None:
+        self._model = model
+        self._preprocess = preprocess
+        self._tokenizer = tokenizer
+        self._device = device
+        self._lock = threading.Lock()
+        self.model_id = model_id
+        self.dim = int(self.embed_texts(["dimension probe"]).shape[1])
+
+    @classmethod
+    def load(cls, settings: Settings) -> ClipEmbedder:
+        spec = clip_spec(settings)
+        device = pick_device(settings.torch_device)
+        local = spec.model_name.startswith("local-dir:") or bool(
+            spec.pretrained and spec.pretrained.endswith((".safetensors", ".bin", ".pt", ".pth", ".npz"))
+        )
+        if not local:
+            prefer_local_cache()
+        try:
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                spec.model_name, pretrained=spec.pretrained, device=device
+            )
+            tokenizer = open_clip.get_tokenizer(spec.model_name)
+        except Exception as exc:
+            if not local and not hub_reachable():
+                raise ModelLoadError(
+                    f"cannot load CLIP model {spec.model_id!r}: {offline_hint('CLIP_MODEL (local-dir:/path)')}"
+                ) from exc
+            raise ModelLoadError(f"cannot load CLIP model {spec.model_id!r}: {exc}") from exc
+        model.eval()
+        embedder = cls(model, preprocess, tokenizer, spec.model_id, device)
+        log.info("clip_loaded", model=spec.model_id, dim=embedder.dim, device=str(device))
+        return embedder
+
+    def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """One batched forward pass of the image tower; one row per image."""
+        batch = torch.stack([self._preprocess(image) for image in images]).to(self._device)
+        with self._lock, torch.inference_mode():
+            features = self._model.encode_image(batch)
+        return _normalise(features)
+
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        tokens = self._tokenizer(list(texts)).to(self._device)
+        with self._lock, torch.inference_mode():
+            features = self._model.encode_text(tokens)
+        return _normalise(features)
+
+
+def _normalise(features: torch.Tensor) -> np.ndarray:
+    array = features.float().cpu().numpy()
+    norms = np.linalg.norm(array, axis=1, keepdims=True)
+    return array / np.maximum(norms, 1e-12)

@@ -1,0 +1,23 @@
+"""What a handler reports for each job it was given."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class Succeeded:
+    result: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    """`transient` failures are retried later; the others can never succeed and are dead-lettered."""
+
+    code: str
+    message: str
+    transient: bool = False
+
+
+Outcome = Succeeded | Failed

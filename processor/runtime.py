@@ -1,0 +1,102 @@
+"""Everything a process opens once at start-up and shares: storage, broker, vectors, models.
+
+In the default single-process mode the API and the processor share one Runtime (embedded Qdrant allows one
+process per path); in two-process mode each process opens its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import structlog
+from aio_pika.abc import AbstractRobustConnection
+
+from infra import broker
+from infra.settings import Settings
+from infra.storage import ObjectStore, StorageError, open_store
+from infra.vectors import EmbeddingModelMismatchError, VectorIndex, VectorIndexUnavailableError
+from processor.imaging import configure_pixel_limit
+from processor.models.clip import ClipEmbedder
+
+log = structlog.get_logger(__name__)
+
+
+class StartupError(RuntimeError):
+    """A dependency is missing or misconfigured; the message says which and how to fix it."""
+
+
+@dataclass(slots=True)
+class Runtime:
+    settings: Settings
+    store: ObjectStore
+    connection: AbstractRobustConnection
+    publisher: broker.Publisher
+    index: VectorIndex | None
+    clip: ClipEmbedder | None
+
+    @property
+    def bucket(self) -> str:
+        return self.settings.r2_bucket_name if self.settings.r2_enabled else "local"
+
+    @classmethod
+    async def open(cls, settings: Settings) -> Runtime:
+        configure_pixel_limit(settings.image_search_max_pixels)
+        store = await open_store(settings)
+        try:
+            await store.ping()
+        except StorageError as exc:
+            await store.close()
+            raise StartupError(f"object store not usable: {exc}") from exc
+        try:
+            connection = await broker.connect(settings.amqp_url)
+        except broker.BrokerUnavailableError as exc:
+            await store.close()
+            raise StartupError(str(exc)) from exc
+        publisher = await broker.Publisher.open(connection)
+        runtime = cls(settings, store, connection, publisher, None, None)
+        try:
+            if settings.image_search_enabled:
+                runtime.clip = await asyncio.to_thread(ClipEmbedder.load, settings)
+                runtime.index = _open_index(settings)
+                await runtime.index.ensure_collection(runtime.clip.model_id, runtime.clip.dim)
+        except EmbeddingModelMismatchError as exc:
+            await runtime.close()
+            raise StartupError(str(exc)) from exc
+        except VectorIndexUnavailableError as exc:
+            await runtime.close()
+            raise StartupError(f"{exc} (QDRANT_URL={settings.qdrant_url})") from exc
+        except BaseException:
+            await runtime.close()
+            raise
+        log.info(
+            "runtime_ready",
+            storage=store.name,
+            qdrant=settings.qdrant_url or f"embedded:{settings.image_search_db_path}",
+            image_search=settings.image_search_enabled,
+        )
+        return runtime
+
+    async def close(self) -> None:
+        if self.index is not None:
+            await self.index.close()
+        await self.connection.close()
+        await self.store.close()
+
+
+def _open_index(settings: Settings) -> VectorIndex:
+    try:
+        return VectorIndex.open(
+            url=settings.qdrant_url,
+            api_key=settings.qdrant_api_key,
+            path=settings.image_search_db_path,
+            collection=settings.qdrant_collection,
+        )
+    except RuntimeError as exc:
+        if "already accessed" not in str(exc):
+            raise
+        raise StartupError(
+            f"embedded Qdrant at {settings.image_search_db_path} (IMAGE_SEARCH_DB_PATH) is in use by another "
+            "process; run the API and the processor in one process (python -m api), or set QDRANT_URL to a "
+            "Qdrant server to run them separately"
+        ) from exc

@@ -1,0 +1,42 @@
+"""The processor as a service: its handlers wired to the shared runtime, behind one consumer."""
+
+from __future__ import annotations
+
+from processor.clock import UniqueClock
+from processor.consumer import Consumer
+from processor.contract import IMAGE_INDEX
+from processor.handlers.base import Handler
+from processor.handlers.image_index import ImageIndexHandler
+from processor.runtime import Runtime
+
+
+def build_handlers(runtime: Runtime) -> tuple[dict[str, Handler], dict[str, str]]:
+    """Handlers for the enabled features, and for each disabled job type the reason it is refused."""
+    settings = runtime.settings
+    handlers: dict[str, Handler] = {}
+    disabled: dict[str, str] = {}
+    if runtime.index is not None and runtime.clip is not None:
+        handlers[IMAGE_INDEX] = ImageIndexHandler(
+            store=runtime.store,
+            index=runtime.index,
+            embedder=runtime.clip,
+            bucket=runtime.bucket,
+            batch_size=settings.image_search_batch_size,
+            max_pixels=settings.image_search_max_pixels,
+            max_elements=settings.image_search_max_elements,
+            clock=UniqueClock(),
+        )
+    else:
+        disabled[IMAGE_INDEX] = "image search is disabled on this processor (IMAGE_SEARCH_ENABLED=0)"
+    return handlers, disabled
+
+
+def build_consumer(runtime: Runtime) -> Consumer:
+    handlers, disabled = build_handlers(runtime)
+    return Consumer(
+        runtime.connection,
+        runtime.publisher,
+        handlers,
+        disabled,
+        max_attempts=runtime.settings.max_attempts,
+    )

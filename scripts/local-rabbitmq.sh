@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Start or stop a private RabbitMQ node (Debian's rabbitmq-server) whose data lives under .run/rabbitmq.
+#   scripts/local-rabbitmq.sh start   # prints nothing on success; the node listens on RABBITMQ_PORT (5672)
+#   scripts/local-rabbitmq.sh stop
+#   scripts/local-rabbitmq.sh status  # exit 0 when running
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+port="${RABBITMQ_PORT:-5672}"
+base="$PWD/.run/rabbitmq-$port"
+node="ams-$port@localhost"
+bin=/usr/lib/rabbitmq/bin
+
+export RABBITMQ_MNESIA_BASE="$base/mnesia" RABBITMQ_LOG_BASE="$base/log" RABBITMQ_NODE_PORT="$port" \
+       RABBITMQ_NODENAME="$node" RABBITMQ_DIST_PORT="$((port + 20000))" RABBITMQ_PID_FILE="$base/pid" \
+       RABBITMQ_ENABLED_PLUGINS_FILE="$base/enabled_plugins" RABBITMQ_CONFIG_FILE="$base/rabbitmq"
+
+running() { "$bin/rabbitmqctl" -q -n "$node" ping >/dev/null 2>&1; }
+
+case "${1:-start}" in
+  start)
+    if running; then exit 0; fi
+    mkdir -p "$base/mnesia" "$base/log"
+    [ -f "$base/enabled_plugins" ] || echo '[].' > "$base/enabled_plugins"
+    setsid "$bin/rabbitmq-server" > "$base/server.log" 2>&1 < /dev/null &
+    for _ in $(seq 1 90); do
+      if "$bin/rabbitmqctl" -q -n "$node" await_startup --timeout 5 >/dev/null 2>&1; then exit 0; fi
+      sleep 1
+    done
+    echo "RabbitMQ node $node did not start in 90 s; see $base/server.log" >&2
+    tail -n 20 "$base/server.log" >&2 || true
+    exit 1
+    ;;
+  stop)
+    if running; then "$bin/rabbitmqctl" -q -n "$node" stop >/dev/null; fi
+    ;;
+  status)
+    running
+    ;;
+  *)
+    echo "usage: $0 start|stop|status" >&2
+    exit 2
+    ;;
+esac
