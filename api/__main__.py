@@ -1,24 +1,24 @@
-"""`python -m api` / `ams-api`: the HTTP API, plus the processor in the same process when Qdrant is embedded."""
+"""`python -m api` / `ams-api`: the HTTP API, plus the processor in the same process when Qdrant is embedded.
+
+Settings are checked before the model libraries are imported, so a bad value fails in a moment.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import sys
 
-import structlog
-import uvicorn
-
-from api.app import create_app
-from api.services import Services
 from infra.logging import configure_logging
 from infra.settings import Settings, SettingsError
-from processor.models.errors import ModelLoadError
-from processor.runtime import StartupError
-
-log = structlog.get_logger("api")
 
 
 async def serve(settings: Settings) -> None:
+    import structlog
+    import uvicorn
+
+    from api.app import create_app
+    from api.services import Services
+
     services = await Services.start(settings)
     config = uvicorn.Config(
         create_app(services),
@@ -29,7 +29,7 @@ async def serve(settings: Settings) -> None:
         lifespan="off",
     )
     try:
-        log.info("listening", host=settings.host, port=settings.port)
+        structlog.get_logger("api").info("listening", host=settings.host, port=settings.port)
         await uvicorn.Server(config).serve()
     finally:
         await services.stop()
@@ -41,6 +41,9 @@ def main() -> None:
     except SettingsError as exc:
         sys.exit(f"configuration error: {exc}")
     configure_logging(settings.log_level, settings.log_format)
+    from processor.models.errors import ModelLoadError
+    from processor.runtime import StartupError
+
     try:
         asyncio.run(serve(settings))
     except (StartupError, ModelLoadError) as exc:

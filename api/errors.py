@@ -10,7 +10,7 @@ from typing import Any
 
 import structlog
 from litestar import Request, Response
-from litestar.exceptions import HTTPException, ValidationException
+from litestar.exceptions import HTTPException, SerializationException, ValidationException
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
 from infra.broker import BrokerUnavailableError
@@ -57,9 +57,12 @@ def _api_error(_: Request, exc: ApiError) -> Response[dict[str, Any]]:
 
 
 def _validation(_: Request, exc: ValidationException) -> Response[dict[str, Any]]:
-    message = exc.detail or "the request is invalid"
-    code = "malformed_json" if "json" in message.lower() and not exc.extra else "invalid_request"
-    return error_response(400, code, message, exc.extra)
+    details = exc.extra if isinstance(exc.extra, list) else []
+    problems = [
+        f"{item.get('key', '?')}: {item.get('message', 'invalid')}" for item in details if isinstance(item, dict)
+    ]
+    message = "; ".join(problems) if problems else (exc.detail or "the request is invalid")
+    return error_response(400, "invalid_request", message, exc.extra)
 
 
 def _http(request: Request, exc: HTTPException) -> Response[dict[str, Any]]:
@@ -68,6 +71,8 @@ def _http(request: Request, exc: HTTPException) -> Response[dict[str, Any]]:
         limit = request.app.state.get("upload_limit_bytes")
         suffix = f"; the limit is {limit} bytes" if limit else ""
         return error_response(413, "payload_too_large", f"the request body is too large{suffix}")
+    if isinstance(exc.__cause__, SerializationException):
+        return error_response(400, "malformed_json", f"the request body is not valid JSON: {exc.detail}")
     if status >= 500:
         log.error("http_error", status=status, detail=exc.detail)
     return error_response(status, _HTTP_CODES.get(status, "error"), exc.detail or "request failed", exc.extra)

@@ -55,6 +55,7 @@ class Settings:
     url_signing_key: str
     # broker and vectors
     amqp_url: str
+    amqp_connect_timeout_seconds: float
     max_attempts: int
     qdrant_url: str
     qdrant_api_key: str
@@ -167,6 +168,7 @@ def _parse(env: _Reader) -> Settings:
         public_base_url=env.url("PUBLIC_BASE_URL", "", ("http", "https")),
         url_signing_key=env.raw("URL_SIGNING_KEY", ""),
         amqp_url=env.url("AMQP_URL", "amqp://guest:guest@localhost:5672/", ("amqp", "amqps")),
+        amqp_connect_timeout_seconds=env.number("AMQP_CONNECT_TIMEOUT_SECONDS", 30.0, 0.0),
         max_attempts=env.integer("MAX_ATTEMPTS", 5, 1, 100),
         qdrant_url=env.url("QDRANT_URL", "", ("http", "https")),
         qdrant_api_key=env.raw("QDRANT_API_KEY", ""),

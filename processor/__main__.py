@@ -1,4 +1,7 @@
-"""`python -m processor` / `ams-processor`: run the consumer alone (two-process mode)."""
+"""`python -m processor` / `ams-processor`: run the consumer alone (two-process mode).
+
+Settings are checked before the model libraries are imported, so a bad value fails in a moment.
+"""
 
 from __future__ import annotations
 
@@ -6,18 +9,17 @@ import asyncio
 import signal
 import sys
 
-import structlog
-
 from infra.logging import configure_logging
 from infra.settings import Settings, SettingsError
-from processor.models.errors import ModelLoadError
-from processor.runtime import Runtime, StartupError
-from processor.service import build_consumer
-
-log = structlog.get_logger("processor")
 
 
 async def run(settings: Settings) -> None:
+    import structlog
+
+    from processor.runtime import Runtime
+    from processor.service import build_consumer
+
+    log = structlog.get_logger("processor")
     runtime = await Runtime.open(settings)
     consumer = build_consumer(runtime)
     stop = asyncio.Event()
@@ -39,6 +41,9 @@ def main() -> None:
     except SettingsError as exc:
         sys.exit(f"configuration error: {exc}")
     configure_logging(settings.log_level, settings.log_format)
+    from processor.models.errors import ModelLoadError
+    from processor.runtime import StartupError
+
     try:
         asyncio.run(run(settings))
     except (StartupError, ModelLoadError) as exc:

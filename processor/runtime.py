@@ -49,7 +49,7 @@ class Runtime:
             await store.close()
             raise StartupError(f"object store not usable: {exc}") from exc
         try:
-            connection = await broker.connect(settings.amqp_url)
+            connection = await broker.connect(settings.amqp_url, settings.amqp_connect_timeout_seconds)
         except broker.BrokerUnavailableError as exc:
             await store.close()
             raise StartupError(str(exc)) from exc

@@ -1,0 +1,73 @@
+"""A plain aio-pika client, independent of the product's publisher, as an upstream system would use."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from typing import Any
+
+import aio_pika
+
+
+async def publish(
+    amqp_url: str,
+    message_type: str,
+    body: bytes | dict[str, Any],
+    *,
+    message_id: str | None = None,
+    content_type: str = "application/json",
+    priority: int = 0,
+    headers: dict[str, Any] | None = None,
+) -> str:
+    message_id = message_id or str(uuid.uuid4())
+    payload = json.dumps(body).encode() if isinstance(body, dict) else body
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        exchange = await channel.get_exchange("ams.jobs")
+        await exchange.publish(
+            aio_pika.Message(
+                payload,
+                content_type=content_type,
+                message_id=message_id,
+                type=message_type,
+                priority=priority,
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                headers=headers or {},
+            ),
+            routing_key=message_type,
+        )
+    return message_id
+
+
+async def drain(amqp_url: str, queue: str, timeout: float = 5.0) -> list[aio_pika.abc.AbstractIncomingMessage]:
+    """Take every message currently in `queue` (acking them)."""
+    taken = []
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        q = await channel.get_queue(queue)
+        deadline = asyncio.get_running_loop().time() + timeout
+        while asyncio.get_running_loop().time() < deadline:
+            message = await q.get(no_ack=True, fail=False)
+            if message is None:
+                if taken:
+                    break
+                await asyncio.sleep(0.05)
+                continue
+            taken.append(message)
+    return taken
+
+
+async def wait_until(predicate, timeout: float = 30.0, interval: float = 0.05) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        result = predicate()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        await asyncio.sleep(interval)

@@ -1,0 +1,45 @@
+"""The real product (Services + Litestar app under uvicorn) on a free port, inside the test's event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import httpx
+import uvicorn
+
+from api.app import create_app
+from api.services import Services
+from infra.settings import Settings
+
+
+@dataclass
+class RunningServer:
+    base_url: str
+    services: Services
+    client: httpx.AsyncClient
+
+
+@contextlib.asynccontextmanager
+async def running_server(settings: Settings, *, with_processor: bool | None = None) -> AsyncIterator[RunningServer]:
+    services = await Services.start(settings, with_processor=with_processor)
+    config = uvicorn.Config(
+        create_app(services), host="127.0.0.1", port=0, log_config=None, access_log=False, lifespan="off"
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    try:
+        while not server.started:
+            if task.done():
+                task.result()
+            await asyncio.sleep(0.02)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        base_url = f"http://127.0.0.1:{port}"
+        async with httpx.AsyncClient(base_url=base_url, timeout=60) as client:
+            yield RunningServer(base_url, services, client)
+    finally:
+        server.should_exit = True
+        await task
+        await services.stop()

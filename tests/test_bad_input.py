@@ -1,0 +1,216 @@
+"""Bad input gets a clear 4xx JSON error and nothing is written (embedded store, R2 disabled)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+
+import pytest
+
+from tests.support.bombs import png_bomb, truncated_jpeg
+from tests.support.images import encoded
+from tests.support.server import running_server
+
+MAX_BYTES = 256 * 1024
+
+
+@pytest.fixture(scope="module")
+async def server(make_settings):
+    settings = make_settings(IMAGE_SEARCH_MAX_BYTES=str(MAX_BYTES))
+    async with running_server(settings) as running:
+        good = await running.client.post("/v1/images", files={"file": ("ok.png", encoded(1), "image/png")})
+        assert good.status_code == 201
+        running.good_id = good.json()["id"]
+        yield running
+
+
+def stored_files(server) -> list[str]:
+    root = server.services.settings.local_storage_dir / "objects"
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+@pytest.fixture
+async def nothing_written(server):
+    before_files = stored_files(server)
+    before_count = await server.services.runtime.index.count()
+    yield
+    assert stored_files(server) == before_files
+    assert await server.services.runtime.index.count() == before_count
+    assert list((server.services.settings.local_storage_dir / "tmp").iterdir()) == []
+
+
+def assert_error(response, status: int, code: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    assert body["status"] == status
+    assert body["message"]
+    if code is not None:
+        assert body["code"] == code, body
+    return body
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "content_type", "code"),
+    [
+        ("empty.png", b"", "image/png", "empty_file"),
+        ("fake.png", b"this is plain text, not a picture" * 10, "image/png", "not_an_image"),
+        ("cut.jpg", truncated_jpeg(), "image/jpeg", "corrupt_image"),
+        ("bomb.png", png_bomb(), "image/png", "too_many_pixels"),
+    ],
+)
+async def test_bad_images_are_rejected(server, nothing_written, name, data, content_type, code):
+    response = await server.client.post("/v1/images", files={"file": (name, data, content_type)})
+    assert_error(response, 422, code)
+
+
+async def test_bad_image_is_rejected_by_search_by_image_too(server):
+    response = await server.client.post(
+        "/v1/images/search/by-image", files={"file": ("x.png", b"not an image at all", "image/png")}
+    )
+    assert_error(response, 422, "not_an_image")
+
+
+async def test_missing_file_field(server, nothing_written):
+    response = await server.client.post("/v1/images", files={"picture": ("a.png", encoded(2), "image/png")})
+    assert_error(response, 400)
+
+
+async def test_not_multipart(server, nothing_written):
+    response = await server.client.post("/v1/images", json={"file": "abc"})
+    assert_error(response, 400)
+
+
+async def test_upload_just_over_the_limit_is_413(server, nothing_written):
+    data = b"\x89PNG" + b"\x00" * MAX_BYTES
+    response = await server.client.post("/v1/images", files={"file": ("big.png", data, "image/png")})
+    body = assert_error(response, 413, "payload_too_large")
+    assert str(MAX_BYTES) in body["message"]
+
+
+async def _read_head(reader: asyncio.StreamReader) -> bytes:
+    return await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+
+
+def _address(server) -> tuple[str, int]:
+    host, port = server.base_url.removeprefix("http://").split(":")
+    return host, int(port)
+
+
+async def test_oversize_upload_is_refused_before_the_body_is_sent(server, nothing_written):
+    """A declared Content-Length over the limit is refused without reading the body."""
+    host, port = _address(server)
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(
+        (
+            f"POST /v1/images HTTP/1.1\r\nHost: {host}\r\nContent-Type: multipart/form-data; boundary=xyz\r\n"
+            f"Content-Length: {100 * 1024 * 1024}\r\n\r\n--xyz\r\n"
+        ).encode()
+    )
+    await writer.drain()
+    head = await _read_head(reader)
+    writer.close()
+    assert head.startswith(b"HTTP/1.1 413")
+
+
+async def test_oversize_streamed_upload_is_refused_while_streaming(server, nothing_written):
+    """Without a Content-Length, the server refuses soon after the limit, not after the whole body."""
+    host, port = _address(server)
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(
+        (
+            f"POST /v1/images HTTP/1.1\r\nHost: {host}\r\nContent-Type: multipart/form-data; boundary=xyz\r\n"
+            "Transfer-Encoding: chunked\r\n\r\n"
+        ).encode()
+    )
+    preamble = b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="big.png"\r\n\r\n'
+    writer.write(b"%x\r\n%s\r\n" % (len(preamble), preamble))
+    response = asyncio.create_task(_read_head(reader))
+    chunk = b"\x00" * 65536
+    sent = 0
+    while not response.done() and sent < 100 * MAX_BYTES:
+        writer.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        sent += len(chunk)
+        try:
+            await asyncio.wait_for(writer.drain(), 1)
+        except (ConnectionError, TimeoutError):
+            break
+        await asyncio.sleep(0)
+    head = await response
+    writer.close()
+    assert head.startswith(b"HTTP/1.1 413"), head[:200]
+    assert sent < 10 * MAX_BYTES
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"query": "", "limit": 5},
+        {"query": "   ", "limit": 5},
+        {"query": "cat", "limit": 0},
+        {"query": "cat", "limit": 1000},
+        {"query": "cat", "limit": "five"},
+        {"query": 5, "limit": 5},
+        {"limit": 5},
+        {"query": "cat", "limit": 5, "unexpected": True},
+        ["cat"],
+    ],
+)
+async def test_bad_search_requests(server, body):
+    response = await server.client.post("/v1/images/search", json=body)
+    assert_error(response, 400)
+
+
+async def test_malformed_json(server):
+    response = await server.client.post(
+        "/v1/images/search", content=b'{"query": "cat", "limit": ', headers={"content-type": "application/json"}
+    )
+    body = assert_error(response, 400)
+    assert "json" in body["message"].lower()
+
+
+@pytest.mark.parametrize("method", ["get", "delete"])
+@pytest.mark.parametrize("image_id", [str(uuid.uuid4()), "not-a-uuid"])
+async def test_unknown_image_ids(server, method, image_id):
+    response = await getattr(server.client, method)(f"/v1/images/{image_id}")
+    assert_error(response, 404, "image_not_found")
+    response = await server.client.get(f"/v1/images/{image_id}/file")
+    assert_error(response, 404, "image_not_found")
+
+
+async def test_bad_cursor(server):
+    response = await server.client.get("/v1/images", params={"cursor": "garbage!"})
+    assert_error(response, 400, "invalid_cursor")
+
+
+async def test_bad_limit_on_listing(server):
+    assert_error(await server.client.get("/v1/images", params={"limit": 0}), 400)
+    assert_error(await server.client.get("/v1/images", params={"limit": "ten"}), 400)
+
+
+async def test_unknown_route_is_json_404(server):
+    assert_error(await server.client.get("/v1/nothing-here"), 404)
+
+
+async def test_signed_file_urls_of_the_embedded_store(server):
+    redirect = await server.client.get(f"/v1/images/{server.good_id}/file")
+    assert redirect.status_code == 307
+    location = redirect.headers["location"]
+    ok = await server.client.get(location)
+    assert ok.status_code == 200
+    assert ok.content == encoded(1)
+    assert ok.headers["content-type"] == "image/png"
+
+    tampered = location.replace("signature=", "signature=x")
+    assert_error(await server.client.get(tampered), 403, "invalid_signature")
+    expired = location.split("?")[0] + "?expires=1&signature=" + location.split("signature=")[1]
+    assert_error(await server.client.get(expired), 403, "invalid_signature")
+    other_key = location.replace(server.good_id, str(uuid.uuid4()))
+    assert_error(await server.client.get(other_key), 403, "invalid_signature")
+
+
+async def test_error_bodies_are_json_objects(server):
+    response = await server.client.post("/v1/images/search", content=b"nope", headers={"content-type": "text/plain"})
+    assert response.status_code in (400, 415)
+    assert isinstance(json.loads(response.content), dict)

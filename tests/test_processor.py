@@ -1,0 +1,190 @@
+"""The consumer on its own: batching, idempotency, dead letters, crash recovery."""
+
+from __future__ import annotations
+
+import base64
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import boto3
+import pytest
+
+from infra.settings import Settings
+from infra.vectors import VectorIndex
+from processor.contract import IMAGE_INDEX
+from processor.runtime import Runtime
+from processor.service import build_consumer
+from tests.support.amqp import drain, publish, wait_until
+from tests.support.images import encoded
+from tests.support.rabbitmq import free_port
+from tests.support.s3 import ACCESS_KEY, SECRET_KEY
+
+
+def vhost_of(settings: Settings) -> str:
+    return settings.amqp_url.rsplit("/", 1)[1]
+
+
+def index_message(seed: int, image_id: str | None = None) -> dict:
+    body = {"data": base64.b64encode(encoded(seed)).decode(), "source": "test"}
+    if image_id:
+        body["image_id"] = image_id
+    return body
+
+
+async def test_queued_index_messages_are_embedded_in_batches(make_settings, rabbit):
+    settings = make_settings(IMAGE_SEARCH_BATCH_SIZE="4")
+    runtime = await Runtime.open(settings)
+    try:
+        ids = [await publish(settings.amqp_url, IMAGE_INDEX, index_message(seed)) for seed in range(10)]
+        batch_sizes: list[int] = []
+        real_embed = runtime.clip.embed_images
+
+        def spy(images):
+            batch_sizes.append(len(images))
+            return real_embed(images)
+
+        runtime.clip.embed_images = spy
+        consumer = build_consumer(runtime)
+        await consumer.start()
+        try:
+            await wait_until(lambda: _count_is(runtime, 10))
+        finally:
+            await consumer.stop()
+        assert sum(batch_sizes) == 10
+        assert max(batch_sizes) == 4
+        assert len(batch_sizes) <= 4
+        assert set((await runtime.index.get_many(ids)).keys()) == set(ids)
+    finally:
+        await runtime.close()
+
+
+async def _count_is(runtime: Runtime, expected: int) -> bool:
+    return await runtime.index.count() == expected
+
+
+async def test_redelivered_message_creates_one_object_and_one_point(make_settings, rabbit):
+    settings = make_settings()
+    runtime = await Runtime.open(settings)
+    consumer = build_consumer(runtime)
+    await consumer.start()
+    try:
+        message_id = str(uuid.uuid4())
+        for _ in range(3):
+            await publish(settings.amqp_url, IMAGE_INDEX, index_message(7), message_id=message_id)
+        await wait_until(lambda: rabbit.queue_counts(vhost_of(settings))["ams.jobs"] == (0, 0))
+        keys = [info.key async for info in runtime.store.list("images/originals/")]
+        assert keys == [f"images/originals/{message_id}.png"]
+        assert await runtime.index.count() == 1
+    finally:
+        await consumer.stop()
+        await runtime.close()
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "message_type", "code"),
+    [
+        (b"{not json", "application/json", IMAGE_INDEX, "malformed_body"),
+        (b'{"data": "aGVsbG8="}', "application/json", "image.unknown", "unknown_type"),
+        (b'{"source": "x"}', "application/json", IMAGE_INDEX, "schema_violation"),
+        (b'{"data": "JVBERi0xLjQKJcOkw7zDtsOf"}', "application/json", IMAGE_INDEX, "not_an_image"),
+        (b"data", "text/plain", IMAGE_INDEX, "unsupported_content_type"),
+    ],
+)
+async def test_poison_messages_are_dead_lettered_at_once(make_settings, rabbit, body, content_type, message_type, code):
+    settings = make_settings()
+    runtime = await Runtime.open(settings)
+    consumer = build_consumer(runtime)
+    await consumer.start()
+    try:
+        message_id = await publish(settings.amqp_url, message_type, body, content_type=content_type)
+        await wait_until(lambda: rabbit.queue_counts(vhost_of(settings)).get("ams.dead", (0, 0))[0] == 1)
+        [dead] = await drain(settings.amqp_url, "ams.dead")
+        assert dead.message_id == message_id
+        assert dead.body == body
+        assert dead.headers["x-ams-reason-code"] == code
+        assert dead.headers["x-ams-reason"]
+        assert dead.headers["x-ams-attempts"] == 1
+        assert dead.headers["x-ams-routing-key"] == message_type
+        assert await runtime.index.count() == 0
+        assert rabbit.queue_counts(vhost_of(settings))["ams.jobs"] == (0, 0)
+    finally:
+        await consumer.stop()
+        await runtime.close()
+
+
+def _start_processor(env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "processor"],
+        env={**os.environ, **env},
+        stdout=log_path.open("ab"),
+        stderr=subprocess.STDOUT,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+
+
+async def test_killed_processor_loses_nothing_and_duplicates_nothing(make_env, rabbit, tmp_path):
+    """Freeze the S3 server so the processor holds the message unacked, kill -9 the processor, thaw S3,
+    start a new processor: the message is processed exactly once (one object, one point)."""
+    port = free_port()
+    moto = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id=ACCESS_KEY,
+        aws_secret_access_key=SECRET_KEY,
+    )
+    try:
+        await wait_until(lambda: _bucket_created(s3), timeout=30)
+        env = make_env(r2_bucket="crash", endpoint=endpoint, LOG_FORMAT="json", LOG_LEVEL="info")
+        vhost = env["VHOST"]
+        log_path = tmp_path / "processor.log"
+        first = _start_processor(env, log_path)
+        await wait_until(lambda: "consumer_started" in log_path.read_text(), timeout=90)
+
+        os.kill(moto.pid, signal.SIGSTOP)
+        image_id = str(uuid.uuid4())
+        await publish(env["AMQP_URL"], IMAGE_INDEX, index_message(99, image_id))
+        await wait_until(lambda: rabbit.queue_counts(vhost)["ams.jobs"] == (0, 1), timeout=30)
+        first.kill()
+        first.wait()
+        await wait_until(lambda: rabbit.queue_counts(vhost)["ams.jobs"] == (1, 0), timeout=30)
+        os.kill(moto.pid, signal.SIGCONT)
+
+        second = _start_processor(env, log_path)
+        try:
+            await wait_until(lambda: rabbit.queue_counts(vhost)["ams.jobs"] == (0, 0), timeout=90)
+            await wait_until(lambda: "job_succeeded" in log_path.read_text(), timeout=30)
+        finally:
+            second.send_signal(signal.SIGTERM)
+            assert second.wait(timeout=30) == 0
+        objects = [o["Key"] for o in s3.list_objects_v2(Bucket="crash").get("Contents", [])]
+        assert objects == [f"images/originals/{image_id}.png"]
+        index = VectorIndex.open(url="", api_key="", path=Path(env["IMAGE_SEARCH_DB_PATH"]), collection="images")
+        try:
+            assert await index.count() == 1
+            assert (await index.get(image_id)).r2_key == objects[0]
+        finally:
+            await index.close()
+        assert rabbit.queue_counts(vhost).get("ams.dead", (0, 0)) == (0, 0)
+    finally:
+        os.kill(moto.pid, signal.SIGCONT)
+        moto.terminate()
+        moto.wait()
+
+
+def _bucket_created(s3) -> bool:
+    try:
+        s3.create_bucket(Bucket="crash")
+    except Exception:
+        return False
+    return True

@@ -1,0 +1,112 @@
+"""Settings: the seed's variables and defaults, and one clear line for a bad value."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from infra.settings import Settings, SettingsError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_seed_defaults():
+    settings = Settings.from_env({})
+    assert settings.image_enabled is True
+    assert settings.image_search_enabled is True
+    assert settings.voice_enabled is False
+    assert settings.r2_enabled is False
+    assert settings.image_search_db_path == Path("app/image_search.db")
+    assert settings.image_search_files_dir == Path("app/image_search_files/")
+    assert settings.image_search_max_elements == 50000
+    assert settings.image_search_max_bytes == 20971520
+    assert settings.image_search_db_r2_key == "image_search.db"
+    assert settings.image_search_db_backup_enabled is True
+    assert settings.image_search_db_backup_interval_seconds == 1800
+    assert settings.amqp_url == "amqp://guest:guest@localhost:5672"
+    assert settings.embedded_qdrant
+    assert settings.model_profile == "full"
+    assert settings.port == 8000
+
+
+def test_r2_endpoint_is_derived_from_the_account_id():
+    env = {
+        "R2_ENABLED": "1",
+        "R2_ACCOUNT_ID": "abc123",
+        "R2_ACCESS_KEY_ID": "k",
+        "R2_SECRET_ACCESS_KEY": "s",
+        "R2_BUCKET_NAME": "b",
+    }
+    assert Settings.from_env(env).r2_effective_endpoint == "https://abc123.r2.cloudflarestorage.com"
+    explicit = Settings.from_env({**env, "R2_ENDPOINT_URL": "https://r2.example.com/"})
+    assert explicit.r2_effective_endpoint == "https://r2.example.com"
+
+
+@pytest.mark.parametrize(
+    ("env", "variable"),
+    [
+        ({"IMAGE_SEARCH_ENABLED": "maybe"}, "IMAGE_SEARCH_ENABLED"),
+        ({"IMAGE_SEARCH_MAX_BYTES": "lots"}, "IMAGE_SEARCH_MAX_BYTES"),
+        ({"IMAGE_SEARCH_MAX_BYTES": "0"}, "IMAGE_SEARCH_MAX_BYTES"),
+        ({"IMAGE_SEARCH_BATCH_SIZE": "0"}, "IMAGE_SEARCH_BATCH_SIZE"),
+        ({"PORT": "70000"}, "PORT"),
+        ({"MODEL_PROFILE": "small"}, "MODEL_PROFILE"),
+        ({"AMQP_URL": "http://localhost"}, "AMQP_URL"),
+        ({"QDRANT_URL": "localhost:6333"}, "QDRANT_URL"),
+        ({"SYNC_TIMEOUT_SECONDS": "-1"}, "SYNC_TIMEOUT_SECONDS"),
+        ({"R2_ENABLED": "1"}, "R2_BUCKET_NAME"),
+    ],
+)
+def test_bad_values_name_the_variable(env, variable):
+    with pytest.raises(SettingsError, match=variable):
+        Settings.from_env(env)
+
+
+def run_module(module: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", module],
+        env={**os.environ, **env},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.mark.parametrize("module", ["api", "processor"])
+def test_bad_value_fails_startup_with_one_line(module):
+    result = run_module(module, {"IMAGE_SEARCH_MAX_BYTES": "twenty"})
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert "IMAGE_SEARCH_MAX_BYTES" in lines[0]
+
+
+def test_full_profile_without_the_hub_fails_with_one_clear_line(make_env, tmp_path):
+    env = make_env(MODEL_PROFILE="full", HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), LOG_LEVEL="error")
+    result = run_module("api", env)
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("start-up failed: cannot load CLIP model")
+    assert "MODEL_PROFILE=tiny" in last
+    assert "CLIP_MODEL" in last
+
+
+def test_unreachable_broker_fails_with_one_clear_line(tmp_path):
+    env = {
+        "MODEL_PROFILE": "tiny",
+        "AMQP_URL": "amqp://guest:secret@127.0.0.1:1/",
+        "LOCAL_STORAGE_DIR": str(tmp_path / "s"),
+        "AMQP_CONNECT_TIMEOUT_SECONDS": "1",
+        "LOG_LEVEL": "error",
+    }
+    result = run_module("api", env)
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert "cannot reach RabbitMQ" in last
+    assert "AMQP_URL" in last
+    assert "secret" not in result.stderr

@@ -1,0 +1,137 @@
+"""One contract, two stores: the embedded local directory and R2/S3 (moto over HTTP)."""
+
+from __future__ import annotations
+
+from urllib.parse import parse_qs, urlparse
+
+import httpx
+import pytest
+
+from infra.storage import InvalidKeyError, ObjectNotFoundError, validate_key
+from infra.storage.local import LocalStore
+from infra.storage.s3 import S3Store
+from tests.support.s3 import ACCESS_KEY, SECRET_KEY
+
+
+@pytest.fixture(params=["local", "s3"])
+async def store(request, tmp_path, s3):
+    if request.param == "local":
+        yield LocalStore(tmp_path / "store")
+        return
+    bucket = s3.new_bucket()
+    s3_store = await S3Store.connect(
+        endpoint_url=s3.endpoint,
+        bucket=bucket,
+        access_key_id=ACCESS_KEY,
+        secret_access_key=SECRET_KEY,
+        region="us-east-1",
+    )
+    yield s3_store
+    await s3_store.close()
+
+
+async def test_put_get_round_trip(store):
+    await store.put("images/originals/a.png", b"\x89PNG bytes", "image/png")
+    stored = await store.get("images/originals/a.png")
+    assert stored.data == b"\x89PNG bytes"
+    assert stored.content_type == "image/png"
+    assert await store.exists("images/originals/a.png")
+
+
+async def test_put_overwrites(store):
+    await store.put("k/one.txt", b"first", "text/plain")
+    await store.put("k/one.txt", b"second, longer", "text/markdown")
+    stored = await store.get("k/one.txt")
+    assert (stored.data, stored.content_type) == (b"second, longer", "text/markdown")
+    assert [info.key async for info in store.list("k/")] == ["k/one.txt"]
+
+
+async def test_missing_objects(store):
+    assert not await store.exists("nope/missing.bin")
+    with pytest.raises(ObjectNotFoundError):
+        await store.get("nope/missing.bin")
+    assert await store.delete("nope/missing.bin") is False
+
+
+async def test_delete(store):
+    await store.put("d/x.bin", b"x", "application/octet-stream")
+    assert await store.delete("d/x.bin") is True
+    assert not await store.exists("d/x.bin")
+    assert [info async for info in store.list("d/")] == []
+
+
+async def test_list_by_prefix_in_key_order(store):
+    for key in ["p/b.bin", "p/a.bin", "p/sub/c.bin", "q/d.bin", "pp/e.bin"]:
+        await store.put(key, key.encode(), "application/octet-stream")
+    listed = [(info.key, info.size) async for info in store.list("p/")]
+    assert listed == [("p/a.bin", 7), ("p/b.bin", 7), ("p/sub/c.bin", 11)]
+    assert [info.key async for info in store.list("p")] == ["p/a.bin", "p/b.bin", "p/sub/c.bin", "pp/e.bin"]
+    assert len([info async for info in store.list()]) == 5
+
+
+async def test_unicode_keys(store):
+    key = "images/incoming/고양이 사진.png"
+    await store.put(key, b"meow", "image/png")
+    assert (await store.get(key)).data == b"meow"
+    assert [info.key async for info in store.list("images/incoming/")] == [key]
+
+
+async def test_presigned_url_downloads_the_object(store):
+    await store.put("share/file.txt", b"shared bytes", "text/plain")
+    url = await store.presigned_get_url("share/file.txt", 60)
+    if isinstance(store, LocalStore):
+        parsed = urlparse(url)
+        assert parsed.path == "/v1/files/share/file.txt"
+        query = parse_qs(parsed.query)
+        assert store.verify("share/file.txt", int(query["expires"][0]), query["signature"][0])
+        assert not store.verify("share/other.txt", int(query["expires"][0]), query["signature"][0])
+        assert not store.verify("share/file.txt", 1, query["signature"][0])
+    else:
+        async with httpx.AsyncClient() as client:
+            response = await client.get(url)
+        assert response.status_code == 200
+        assert response.content == b"shared bytes"
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "",
+        "/abs/path.png",
+        "../secret",
+        "a/../../etc/passwd",
+        "a/./b",
+        "a//b",
+        "trailing/",
+        "bad\x00byte",
+        "tab\tkey",
+        "back\\slash",
+        "x" * 1025,
+    ],
+)
+async def test_unsafe_keys_are_refused_by_every_method(store, key):
+    with pytest.raises(InvalidKeyError):
+        validate_key(key)
+    with pytest.raises(InvalidKeyError):
+        await store.put(key, b"x", "text/plain")
+    with pytest.raises(InvalidKeyError):
+        await store.get(key)
+    with pytest.raises(InvalidKeyError):
+        await store.delete(key)
+    with pytest.raises(InvalidKeyError):
+        await store.exists(key)
+    with pytest.raises(InvalidKeyError):
+        await store.presigned_get_url(key, 60)
+
+
+async def test_ping(store):
+    await store.ping()
+
+
+async def test_local_store_leaves_no_partial_files(tmp_path):
+    store = LocalStore(tmp_path / "store")
+    await store.put("a/b.bin", b"1" * 100_000, "application/octet-stream")
+    assert list((tmp_path / "store" / "tmp").iterdir()) == []
+    assert (tmp_path / "store" / "signing.key").stat().st_mode & 0o777 == 0o600
+    again = LocalStore(tmp_path / "store")
+    assert again.sign("a/b.bin", 10) == store.sign("a/b.bin", 10)
