@@ -9,6 +9,7 @@ from typing import Any, ParamSpec, TypeVar
 
 import httpx
 import msgspec
+import numpy as np
 from qdrant_client import AsyncQdrantClient, models
 from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
@@ -56,6 +57,12 @@ class ImageRecord(msgspec.Struct, frozen=True, kw_only=True):
     filename: str | None = None
 
 
+class SnapshotPoint(msgspec.Struct, frozen=True):
+    id: str
+    vector: bytes
+    payload: dict[str, Any]
+
+
 def _record(payload: dict[str, Any] | None) -> ImageRecord:
     return msgspec.convert(payload or {}, ImageRecord)
 
@@ -65,6 +72,7 @@ class VectorIndex:
         self._client = client
         self.collection = collection
         self._embedded = embedded
+        self.revision = 0
 
     @classmethod
     def open(cls, *, url: str, api_key: str, path: Path, collection: str) -> VectorIndex:
@@ -106,6 +114,7 @@ class VectorIndex:
             for record, vector in items
         ]
         await self._client.upsert(self.collection, points=points, wait=True)
+        self.revision += 1
 
     @_translated
     async def search(self, vector: Sequence[float], limit: int) -> list[tuple[ImageRecord, float]]:
@@ -126,6 +135,44 @@ class VectorIndex:
     @_translated
     async def delete(self, image_id: str) -> None:
         await self._client.delete(self.collection, points_selector=models.PointIdsList(points=[image_id]), wait=True)
+        self.revision += 1
+
+    @_translated
+    async def export_points(self, page_size: int = 1000) -> list[SnapshotPoint]:
+        """Every point with its vector and payload (for snapshots)."""
+        exported: list[SnapshotPoint] = []
+        offset: Any = None
+        while True:
+            points, offset = await self._client.scroll(
+                self.collection, limit=page_size, offset=offset, with_payload=True, with_vectors=True
+            )
+            exported += [
+                SnapshotPoint(
+                    id=str(point.id),
+                    vector=np.asarray(point.vector, dtype=np.float32).tobytes(),
+                    payload=dict(point.payload or {}),
+                )
+                for point in points
+            ]
+            if offset is None:
+                return exported
+
+    @_translated
+    async def import_points(self, points: Sequence[SnapshotPoint], page_size: int = 1000) -> None:
+        for start in range(0, len(points), page_size):
+            page = points[start : start + page_size]
+            await self._client.upsert(
+                self.collection,
+                points=[
+                    models.PointStruct(
+                        id=point.id,
+                        vector=np.frombuffer(point.vector, dtype=np.float32).tolist(),
+                        payload=point.payload,
+                    )
+                    for point in page
+                ],
+                wait=True,
+            )
 
     @_translated
     async def newest(self, limit: int, before_us: int | None = None) -> list[ImageRecord]:

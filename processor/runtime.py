@@ -17,6 +17,7 @@ from infra.settings import Settings
 from infra.storage import ObjectStore, StorageError, open_store
 from infra.vectors import EmbeddingModelMismatchError, VectorIndex, VectorIndexUnavailableError
 from processor.imaging import configure_pixel_limit
+from processor.index_backup import IndexBackup
 from processor.models.clip import ClipEmbedder
 
 log = structlog.get_logger(__name__)
@@ -34,6 +35,7 @@ class Runtime:
     publisher: broker.Publisher
     index: VectorIndex | None
     clip: ClipEmbedder | None
+    backup: IndexBackup | None = None
 
     @property
     def bucket(self) -> str:
@@ -60,6 +62,10 @@ class Runtime:
                 runtime.clip = await asyncio.to_thread(ClipEmbedder.load, settings)
                 runtime.index = _open_index(settings)
                 await runtime.index.ensure_collection(runtime.clip.model_id, runtime.clip.dim)
+                runtime.backup = _index_backup(settings, runtime.index, store, runtime.clip.model_id)
+                if runtime.backup is not None:
+                    await runtime.backup.restore_if_empty()
+                    runtime.backup.start()
         except EmbeddingModelMismatchError as exc:
             await runtime.close()
             raise StartupError(str(exc)) from exc
@@ -78,6 +84,8 @@ class Runtime:
         return runtime
 
     async def close(self) -> None:
+        if self.backup is not None:
+            await self.backup.stop()
         if self.index is not None:
             await self.index.close()
         await self.connection.close()
@@ -100,3 +108,16 @@ def _open_index(settings: Settings) -> VectorIndex:
             "process; run the API and the processor in one process (python -m api), or set QDRANT_URL to a "
             "Qdrant server to run them separately"
         ) from exc
+
+
+def _index_backup(settings: Settings, index: VectorIndex, store: ObjectStore, model_id: str) -> IndexBackup | None:
+    """Snapshots to R2 only make sense for the embedded index (a Qdrant server keeps its own data)."""
+    if not (settings.image_search_db_backup_enabled and settings.r2_enabled and settings.embedded_qdrant):
+        return None
+    return IndexBackup(
+        index=index,
+        store=store,
+        key=settings.image_search_db_r2_key,
+        interval_seconds=settings.image_search_db_backup_interval_seconds,
+        model_id=model_id,
+    )
