@@ -10,7 +10,6 @@ import sys
 import uuid
 from pathlib import Path
 
-import boto3
 import pytest
 
 from infra.settings import Settings
@@ -21,7 +20,7 @@ from processor.service import build_consumer
 from tests.support.amqp import drain, publish, wait_until
 from tests.support.images import encoded
 from tests.support.rabbitmq import free_port
-from tests.support.s3 import ACCESS_KEY, SECRET_KEY
+from tests.support.s3 import S3Process
 
 
 def vhost_of(settings: Settings) -> str:
@@ -129,36 +128,23 @@ def _start_processor(env: dict[str, str], log_path: Path) -> subprocess.Popen[by
 async def test_killed_processor_loses_nothing_and_duplicates_nothing(make_env, rabbit, tmp_path):
     """Freeze the S3 server so the processor holds the message unacked, kill -9 the processor, thaw S3,
     start a new processor: the message is processed exactly once (one object, one point)."""
-    port = free_port()
-    moto = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    s3 = boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        region_name="us-east-1",
-        aws_access_key_id=ACCESS_KEY,
-        aws_secret_access_key=SECRET_KEY,
-    )
+    s3 = S3Process(free_port())
     try:
-        await wait_until(lambda: _bucket_created(s3), timeout=30)
-        env = make_env(r2_bucket="crash", endpoint=endpoint, LOG_FORMAT="json", LOG_LEVEL="info")
+        s3.create_bucket("crash")
+        env = make_env(r2_bucket="crash", endpoint=s3.endpoint, LOG_FORMAT="json", LOG_LEVEL="info")
         vhost = env["VHOST"]
         log_path = tmp_path / "processor.log"
         first = _start_processor(env, log_path)
         await wait_until(lambda: "consumer_started" in log_path.read_text(), timeout=90)
 
-        os.kill(moto.pid, signal.SIGSTOP)
+        s3.freeze()
         image_id = str(uuid.uuid4())
         await publish(env["AMQP_URL"], IMAGE_INDEX, index_message(99, image_id))
         await wait_until(lambda: rabbit.queue_counts(vhost)["ams.jobs"] == (0, 1), timeout=30)
         first.kill()
         first.wait()
         await wait_until(lambda: rabbit.queue_counts(vhost)["ams.jobs"] == (1, 0), timeout=30)
-        os.kill(moto.pid, signal.SIGCONT)
+        s3.thaw()
 
         second = _start_processor(env, log_path)
         try:
@@ -167,7 +153,7 @@ async def test_killed_processor_loses_nothing_and_duplicates_nothing(make_env, r
         finally:
             second.send_signal(signal.SIGTERM)
             assert second.wait(timeout=30) == 0
-        objects = [o["Key"] for o in s3.list_objects_v2(Bucket="crash").get("Contents", [])]
+        objects = [key for key in s3.keys("crash") if key.startswith("images/")]
         assert objects == [f"images/originals/{image_id}.png"]
         index = VectorIndex.open(url="", api_key="", path=Path(env["IMAGE_SEARCH_DB_PATH"]), collection="images")
         try:
@@ -177,14 +163,4 @@ async def test_killed_processor_loses_nothing_and_duplicates_nothing(make_env, r
             await index.close()
         assert rabbit.queue_counts(vhost).get("ams.dead", (0, 0)) == (0, 0)
     finally:
-        os.kill(moto.pid, signal.SIGCONT)
-        moto.terminate()
-        moto.wait()
-
-
-def _bucket_created(s3) -> bool:
-    try:
-        s3.create_bucket(Bucket="crash")
-    except Exception:
-        return False
-    return True
+        s3.stop()

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
-import open_clip
 import torch
+from open_clip.model import CLIP
 from safetensors.torch import save_file
 
 TINY_CLIP_ID = "tiny-open-clip-v1"
 
-_CONFIG = {
+_CONFIG: dict[str, dict[str, Any]] = {
     "model_cfg": {
         "embed_dim": 32,
         "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8},
@@ -38,7 +39,7 @@ def ensure_tiny_clip(cache_dir: Path) -> Path:
     (folder / "open_clip_config.json").write_text(json.dumps(_CONFIG, indent=2))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = open_clip.create_model(f"local-dir:{folder}")
+        model = CLIP(**_CONFIG["model_cfg"])
     state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
     partial = weights.with_suffix(".partial")
     save_file(state, str(partial))
