@@ -1,48 +1,143 @@
-"""Publishing a job and, for a waiting client, waiting for its reply."""
+"""Starting jobs: record, publish, and (for a waiting client) wait for the reply.
+
+A job is recorded as queued in the object store before it is published, so its status can be read at once and
+survives restarts. With an Idempotency-Key the job id is derived from the key, so a retried request finds the
+job it started the first time instead of starting another.
+"""
 
 from __future__ import annotations
 
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
 import msgspec
+from litestar import Request, Response
+from litestar.status_codes import HTTP_202_ACCEPTED
 
+from api.errors import ApiError
+from api.schemas import JobAccepted
 from api.services import Services
-from infra.broker import Priority
+from api.urls import job_url
+from infra.broker import BrokerUnavailableError, Priority
 from processor.contract import MSGPACK, JobReply, encode
+from processor.jobs import RECORD_HEADER, JobRecord, JobStore, job_id_for_idempotency_key
+from processor.tracking import record_params
+
+MAX_IDEMPOTENCY_KEY_LENGTH = 255
+
+# reply error codes that are the client's to fix, and what they answer
+_CLIENT_ERRORS = {"index_full": 409, "feature_disabled": 503}
 
 
-async def submit(
+@dataclass(frozen=True, slots=True)
+class JobStart:
+    """What became of a request to start a job: its record, and the reply if the client waited for one."""
+
+    record: JobRecord
+    reply: JobReply | None
+    existing: bool = False
+
+
+def job_store(services: Services) -> JobStore:
+    return JobStore(services.runtime.store)
+
+
+def check_idempotency_key(key: str | None) -> str | None:
+    if key is None:
+        return None
+    if not key.strip() or len(key) > MAX_IDEMPOTENCY_KEY_LENGTH:
+        raise ApiError(
+            400, "invalid_idempotency_key", f"Idempotency-Key must be 1..{MAX_IDEMPOTENCY_KEY_LENGTH} characters"
+        )
+    return key
+
+
+async def start_job(
     services: Services,
     *,
-    message_type: str,
+    job_type: str,
     payload: msgspec.Struct,
-    job_id: str,
     wait: bool,
+    idempotency_key: str | None = None,
+    params: dict[str, Any] | None = None,
+    job_id: str | None = None,
+) -> JobStart:
+    """Record and publish a job (or find the one this Idempotency-Key already started)."""
+    jobs = job_store(services)
+    recorded = record_params(payload) if params is None else params
+    key = check_idempotency_key(idempotency_key)
+    if key is not None:
+        job_id = job_id_for_idempotency_key(job_type, key)
+        existing = await jobs.get(job_id)
+        if existing is not None:
+            if existing.params != msgspec.json.decode(msgspec.json.encode(recorded)):
+                raise ApiError(
+                    409,
+                    "idempotency_key_reused",
+                    "this Idempotency-Key was already used for a different request; use a new key",
+                )
+            return JobStart(existing, None, existing=True)
+    job_id = job_id or str(uuid.uuid4())
+    record = JobStore.new(job_id, job_type, recorded, idempotency_key=key)
+    await jobs.put(record)
+    try:
+        reply = await _publish(services, job_type, payload, job_id, wait)
+    except BrokerUnavailableError:
+        await jobs.delete(job_id)
+        raise
+    return JobStart(record, reply)
+
+
+async def _publish(
+    services: Services, job_type: str, payload: msgspec.Struct, job_id: str, wait: bool
 ) -> JobReply | None:
-    """Publish the job. With wait, it goes ahead of bulk work and the reply is awaited for up to
-    SYNC_TIMEOUT_SECONDS; None means it is still queued or running."""
     body = encode(payload, MSGPACK)
     publisher = services.runtime.publisher
+    headers = {RECORD_HEADER: True}
     if not wait:
         await publisher.publish(
-            message_type=message_type,
+            message_type=job_type,
             body=body,
             message_id=job_id,
             content_type=MSGPACK,
             priority=Priority.ASYNC,
+            headers=headers,
         )
         return None
     replies = services.replies
     future = replies.expect(job_id)
     try:
         await publisher.publish(
-            message_type=message_type,
+            message_type=job_type,
             body=body,
             message_id=job_id,
             content_type=MSGPACK,
             priority=Priority.INTERACTIVE,
             reply_to=replies.queue_name,
             correlation_id=job_id,
+            headers=headers,
         )
     except BaseException:
         replies.forget(job_id)
         raise
     return await replies.wait(job_id, future, services.settings.sync_timeout_seconds)
+
+
+def raise_for_failure(code: str, message: str) -> None:
+    """Turn a failed job's error into the HTTP error it deserves."""
+    if code.endswith("_unavailable"):
+        raise ApiError(503, code, message)
+    if code == "internal_error":
+        raise ApiError(500, code, message)
+    raise ApiError(_CLIENT_ERRORS.get(code, 422), code, message)
+
+
+def accepted(request: Request, services: Services, record: JobRecord) -> Response[JobAccepted]:
+    """202 with the job's id and the URL to poll (also in the Location header)."""
+    url = job_url(request, services.settings, record.job_id)
+    return Response(
+        JobAccepted(job_id=record.job_id, status=record.status, status_url=url),
+        status_code=HTTP_202_ACCEPTED,
+        headers={"Location": url},
+    )

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any, Literal
 
 import msgspec
 from litestar.datastructures import UploadFile
+
+from processor.contract import MAX_SEED, Prompt, Side, check_generation_fields
 
 
 class ImageOut(msgspec.Struct, kw_only=True):
@@ -29,6 +31,55 @@ class JobAccepted(msgspec.Struct, kw_only=True):
 
     job_id: str
     status: str
+    status_url: str
+
+
+class GenerateImageRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Text-to-image parameters; unset ones take the server's defaults (IMAGE_DEFAULT_*)."""
+
+    prompt: Prompt
+    seed: Annotated[int, msgspec.Meta(description=f"0..{MAX_SEED}; absent: drawn at random, reported back")] | None = (
+        None
+    )
+    negative_prompt: Annotated[str, msgspec.Meta(max_length=2000)] | None = None
+    width: Side | None = None
+    height: Side | None = None
+    steps: Annotated[int, msgspec.Meta(ge=1, le=100)] | None = None
+    guidance_scale: Annotated[float, msgspec.Meta(ge=0.0, le=30.0)] | None = None
+
+    def __post_init__(self) -> None:
+        check_generation_fields(self.prompt, self.seed)
+
+
+class GeneratedImageKey(msgspec.Struct, kw_only=True):
+    key: str
+    job_id: str
+    seed: int
+
+
+class JobRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    type: Annotated[str, msgspec.Meta(description="the job type, e.g. image.generate")]
+    params: dict[str, Any]
+
+
+class JobError(msgspec.Struct, kw_only=True):
+    code: str
+    message: str
+
+
+class JobOut(msgspec.Struct, kw_only=True):
+    job_id: str
+    type: str
+    status: Literal["queued", "running", "succeeded", "failed"]
+    created_at: str
+    updated_at: str
+    started_at: str | None
+    finished_at: str | None
+    attempts: int
+    params: dict[str, Any]
+    result: dict[str, Any] | None
+    error: JobError | None
+    last_error: JobError | None
     status_url: str
 
 

@@ -27,12 +27,13 @@ class Services:
     async def start(cls, settings: Settings, *, with_processor: bool | None = None) -> Services:
         """Open everything. The processor runs in this process when asked, or by default when Qdrant is
         embedded (one process per path)."""
-        runtime = await Runtime.open(settings)
+        in_process = with_processor if with_processor is not None else settings.embedded_qdrant
+        runtime = await Runtime.open(settings, processor=in_process)
         replies = ReplyListener(runtime.connection)
         consumer: Consumer | None = None
         try:
             await replies.start()
-            if with_processor if with_processor is not None else settings.embedded_qdrant:
+            if in_process:
                 consumer = build_consumer(runtime)
                 await consumer.start()
         except BaseException:

@@ -18,5 +18,10 @@ def image_file_url(request: Request, settings: Settings, image_id: str) -> str:
     return f"{base_url(request, settings)}/v1/images/{image_id}/file"
 
 
-def image_url(request: Request, settings: Settings, image_id: str) -> str:
-    return f"{base_url(request, settings)}/v1/images/{image_id}"
+def job_url(request: Request, settings: Settings, job_id: str) -> str:
+    return f"{base_url(request, settings)}/v1/jobs/{job_id}"
+
+
+def absolute(request: Request, settings: Settings, url: str) -> str:
+    """Links of the embedded store are paths on this server; R2's are already absolute."""
+    return f"{base_url(request, settings)}{url}" if url.startswith("/") else url

@@ -18,6 +18,11 @@ LogFormat = Literal["json", "console"]
 
 DEFAULT_CLIP_MODEL = "ViT-B-16-SigLIP2-256"
 DEFAULT_CLIP_PRETRAINED = "webli"
+DEFAULT_IMAGE_MODEL = "Tongyi-MAI/Z-Image-Turbo"
+TORCH_DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+# generation defaults per model profile: (width, height, steps, guidance scale)
+_GENERATION_DEFAULTS = {"full": (1024, 1024, 9, 0.0), "tiny": (64, 64, 2, 5.0)}
 
 
 class SettingsError(ValueError):
@@ -66,6 +71,12 @@ class Settings:
     clip_model: str
     clip_pretrained: str
     torch_device: str
+    image_model: str
+    image_dtype: str
+    image_default_width: int
+    image_default_height: int
+    image_default_steps: int
+    image_default_guidance: float
     # HTTP server and jobs
     host: str
     port: int
@@ -116,14 +127,15 @@ class _Reader:
             raise SettingsError(f"{name}={number}: must be at least {minimum}{upper}")
         return number
 
-    def number(self, name: str, default: float, minimum: float) -> float:
+    def number(self, name: str, default: float, minimum: float, maximum: float | None = None) -> float:
         value = self.raw(name, str(default))
         try:
             number = float(value)
         except ValueError:
-            raise SettingsError(f"{name}={value!r}: expected a number of seconds") from None
-        if not number >= minimum:
-            raise SettingsError(f"{name}={value}: must be at least {minimum}")
+            raise SettingsError(f"{name}={value!r}: expected a number") from None
+        if not number >= minimum or (maximum is not None and number > maximum):
+            upper = "" if maximum is None else f" and at most {maximum}"
+            raise SettingsError(f"{name}={value}: must be at least {minimum}{upper}")
         return number
 
     def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
@@ -142,7 +154,16 @@ class _Reader:
         return value.rstrip("/")
 
 
+def _side(env: _Reader, name: str, default: int) -> int:
+    value = env.integer(name, default, 64, 2048)
+    if value % 16:
+        raise SettingsError(f"{name}={value}: must be a multiple of 16")
+    return value
+
+
 def _parse(env: _Reader) -> Settings:
+    profile = env.choice("MODEL_PROFILE", "full", ("full", "tiny"))
+    defaults = _GENERATION_DEFAULTS[profile]
     settings = Settings(
         image_enabled=env.flag("IMAGE_ENABLED", True),
         image_search_enabled=env.flag("IMAGE_SEARCH_ENABLED", True),
@@ -173,11 +194,17 @@ def _parse(env: _Reader) -> Settings:
         qdrant_url=env.url("QDRANT_URL", "", ("http", "https")),
         qdrant_api_key=env.raw("QDRANT_API_KEY", ""),
         qdrant_collection=env.raw("QDRANT_COLLECTION", "images") or "images",
-        model_profile=env.choice("MODEL_PROFILE", "full", ("full", "tiny")),  # type: ignore[arg-type]
+        model_profile=profile,  # type: ignore[arg-type]
         model_cache_dir=Path(env.raw("MODEL_CACHE_DIR", "app/models")),
         clip_model=env.raw("CLIP_MODEL", DEFAULT_CLIP_MODEL) or DEFAULT_CLIP_MODEL,
         clip_pretrained=env.raw("CLIP_PRETRAINED", DEFAULT_CLIP_PRETRAINED),
         torch_device=env.raw("TORCH_DEVICE", "auto") or "auto",
+        image_model=env.raw("IMAGE_MODEL", DEFAULT_IMAGE_MODEL) or DEFAULT_IMAGE_MODEL,
+        image_dtype=env.choice("IMAGE_DTYPE", "auto", TORCH_DTYPES),
+        image_default_width=_side(env, "IMAGE_DEFAULT_WIDTH", defaults[0]),
+        image_default_height=_side(env, "IMAGE_DEFAULT_HEIGHT", defaults[1]),
+        image_default_steps=env.integer("IMAGE_DEFAULT_STEPS", defaults[2], 1, 100),
+        image_default_guidance=env.number("IMAGE_DEFAULT_GUIDANCE", defaults[3], 0.0, 30.0),
         host=env.raw("HOST", "0.0.0.0"),
         port=env.integer("PORT", 8000, 1, 65535),
         sync_timeout_seconds=env.number("SYNC_TIMEOUT_SECONDS", 120.0, 0.1),

@@ -29,7 +29,10 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobus
 from infra.broker import RETRY_DELAY_HEADER, BrokerUnavailableError, Publisher, declare_topology, retry_delay
 from processor.contract import MSGPACK, ContractError, ErrorInfo, JobReply, decode_job, encode
 from processor.handlers.base import Handler, Job
+from processor.jobs import RECORD_HEADER, JobRecord, JobStore
 from processor.outcomes import Failed, Outcome, Succeeded
+from processor.retrying import TRANSIENT_ERRORS
+from processor.tracking import JobTracker
 
 log = structlog.get_logger(__name__)
 
@@ -39,6 +42,11 @@ REASON_HEADER = "x-ams-reason"
 ROUTING_KEY_HEADER = "x-ams-routing-key"
 FIRST_FAILURE_HEADER = "x-ams-first-failed-at"
 LAST_FAILURE_HEADER = "x-ams-last-failed-at"
+
+
+def _attempt(message: AbstractIncomingMessage) -> int:
+    """This delivery's attempt number (1 for the first)."""
+    return int((message.headers or {}).get(ATTEMPTS_HEADER, 0) or 0) + 1
 
 
 def _now_iso() -> str:
@@ -53,12 +61,15 @@ class Consumer:
         handlers: Mapping[str, Handler],
         disabled: Mapping[str, str],
         max_attempts: int,
+        jobs: JobStore,
     ) -> None:
         self._connection = connection
         self._publisher = publisher
         self._handlers = dict(handlers)
         self._disabled = dict(disabled)
         self._max_attempts = max_attempts
+        self._tracker = JobTracker(jobs)
+        self._records: dict[str, JobRecord] = {}
         self._heap: list[tuple[int, int, AbstractIncomingMessage]] = []
         self._sequence = itertools.count()
         self._wakeup = asyncio.Event()
@@ -148,15 +159,47 @@ class Consumer:
         structlog.contextvars.bind_contextvars(message_ids=[job.message_id for _, job in jobs])
         started = asyncio.get_running_loop().time()
         try:
-            outcomes: Sequence[Outcome] = await handler.handle([job for _, job in jobs])
-        except Exception as exc:
-            log.exception("handler_crashed", job_type=handler.message_type)
-            outcomes = [Failed("internal_error", f"{type(exc).__name__}: {exc}")] * len(jobs)
+            outcomes = await self._run(handler, jobs)
         finally:
             structlog.contextvars.unbind_contextvars("message_ids")
         elapsed = asyncio.get_running_loop().time() - started
         for (message, job), outcome in zip(jobs, outcomes, strict=True):
-            await self._settle(message, job.message_id, outcome, elapsed)
+            await self._settle(message, job, outcome, elapsed)
+
+    async def _run(self, handler: Handler, jobs: Sequence[tuple[AbstractIncomingMessage, Job]]) -> list[Outcome]:
+        """Outcomes in order. A tracked job whose record already says succeeded (a redelivery after the
+        outcome was recorded) is not run again."""
+        outcomes: dict[str, Outcome] = {}
+        to_run: list[Job] = []
+        for message, job in jobs:
+            if self._tracked(handler, message):
+                try:
+                    record = await self._tracker.load(job)
+                except TRANSIENT_ERRORS as exc:
+                    outcomes[job.message_id] = Failed("storage_unavailable", str(exc), transient=True)
+                    continue
+                self._records[job.message_id] = record
+                if record.status == "succeeded" and record.result is not None:
+                    outcomes[job.message_id] = Succeeded(record.result)
+                    continue
+                if handler.reports_running:
+                    try:
+                        await self._tracker.running(record, _attempt(message))
+                    except TRANSIENT_ERRORS as exc:
+                        outcomes[job.message_id] = Failed("storage_unavailable", str(exc), transient=True)
+                        continue
+            to_run.append(job)
+        if to_run:
+            try:
+                results: Sequence[Outcome] = await handler.handle(to_run)
+            except Exception as exc:
+                log.exception("handler_crashed", job_type=handler.message_type)
+                results = [Failed("internal_error", f"{type(exc).__name__}: {exc}")] * len(to_run)
+            outcomes.update({job.message_id: outcome for job, outcome in zip(to_run, results, strict=True)})
+        return [outcomes[job.message_id] for _, job in jobs]
+
+    def _tracked(self, handler: Handler, message: AbstractIncomingMessage) -> bool:
+        return handler.always_record or bool((message.headers or {}).get(RECORD_HEADER))
 
     async def _admit(self, message: AbstractIncomingMessage) -> Job | None:
         """Decode one message; dead-letter it at once if it breaks the contract or its feature is off."""
@@ -182,22 +225,38 @@ class Consumer:
             priority=message.priority or 0,
         )
 
-    async def _settle(self, message: AbstractIncomingMessage, job_id: str, outcome: Outcome, elapsed: float) -> None:
-        logger = log.bind(message_id=job_id, job_type=message.type)
+    async def _settle(self, message: AbstractIncomingMessage, job: Job, outcome: Outcome, elapsed: float) -> None:
+        """Record the outcome (tracked jobs), then reply, then ack; or schedule a retry; or dead-letter."""
+        logger = log.bind(message_id=job.message_id, job_type=message.type)
+        record = self._records.pop(job.message_id, None)
+        attempt = _attempt(message)
+        if isinstance(outcome, Succeeded) and record is not None:
+            try:
+                await self._tracker.succeeded(record, outcome, attempt)
+            except TRANSIENT_ERRORS as exc:
+                outcome = Failed("storage_unavailable", f"could not record the result: {exc}", transient=True)
         if isinstance(outcome, Succeeded):
-            await self._reply(message, JobReply(job_id=job_id, status="succeeded", result=outcome.result))
+            reply = JobReply(
+                job_id=job.message_id, status="succeeded", result=outcome.result, attachment=outcome.attachment
+            )
+            await self._reply(message, reply)
             await self._ack(message)
             logger.info("job_succeeded", seconds=round(elapsed, 4))
             return
-        attempts = int((message.headers or {}).get(ATTEMPTS_HEADER, 0) or 0) + 1
-        if outcome.transient and attempts < self._max_attempts:
-            delay = retry_delay(attempts)
+        retry = outcome.transient and attempt < self._max_attempts
+        if record is not None:
+            try:
+                await self._tracker.failed(record, outcome, attempt, final=not retry)
+            except TRANSIENT_ERRORS:
+                logger.warning("job_record_not_updated", code=outcome.code)
+        if retry:
+            delay = retry_delay(attempt)
             try:
                 await self._publisher.republish(
                     message,
                     to_dead_letters=False,
                     headers={
-                        **self._failure_headers(message, outcome, attempts),
+                        **self._failure_headers(message, outcome, attempt),
                         RETRY_DELAY_HEADER: str(delay),
                     },
                 )
@@ -210,11 +269,11 @@ class Consumer:
                 "job_retry_scheduled",
                 code=outcome.code,
                 reason=outcome.message,
-                attempt=attempts,
+                attempt=attempt,
                 delay_seconds=delay,
             )
             return
-        await self._dead_letter(message, outcome.code, outcome.message, attempts)
+        await self._dead_letter(message, outcome.code, outcome.message, attempt)
 
     @staticmethod
     def _failure_headers(message: AbstractIncomingMessage, outcome: Failed, attempts: int) -> dict[str, str | int]:

@@ -17,6 +17,9 @@ MSGPACK = "application/msgpack"
 CONTENT_TYPES = (JSON, MSGPACK)
 
 IMAGE_INDEX = "image.index"
+IMAGE_GENERATE = "image.generate"
+
+MAX_SEED = 2**64 - 1
 
 UUID_PATTERN = r"^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}$"
 ImageId = Annotated[str, msgspec.Meta(pattern=UUID_PATTERN, description="a UUID")]
@@ -42,7 +45,41 @@ class ImageIndexV1(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             raise ValueError("give exactly one of `data` (the image bytes) or `key` (an object in storage)")
 
 
-JOB_TYPES: dict[str, type[msgspec.Struct]] = {IMAGE_INDEX: ImageIndexV1}
+Prompt = Annotated[str, msgspec.Meta(min_length=1, max_length=2000)]
+Side = Annotated[int, msgspec.Meta(ge=64, le=2048, multiple_of=16, description="pixels, a multiple of 16")]
+
+
+def check_generation_fields(prompt: str, seed: int | None) -> None:
+    """The checks msgspec constraints cannot express (seeds span the unsigned 64-bit range)."""
+    if not prompt.strip():
+        raise ValueError("prompt must contain at least one non-space character")
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed must be between 0 and {MAX_SEED}")
+
+
+class ImageGenerateV1(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Generate one image from a prompt; the PNG is stored as images/generated/<job id>.png.
+
+    Unset fields take the server's defaults (IMAGE_DEFAULT_*); an unset seed is derived from the job id, so a
+    job is fully determined by its message.
+    """
+
+    version: Literal[1] = 1
+    prompt: Prompt
+    seed: Annotated[int, msgspec.Meta(description=f"0..{MAX_SEED}; absent: drawn at random, reported back")] | None = (
+        None
+    )
+    negative_prompt: Annotated[str, msgspec.Meta(max_length=2000)] | None = None
+    width: Side | None = None
+    height: Side | None = None
+    steps: Annotated[int, msgspec.Meta(ge=1, le=100)] | None = None
+    guidance_scale: Annotated[float, msgspec.Meta(ge=0.0, le=30.0)] | None = None
+
+    def __post_init__(self) -> None:
+        check_generation_fields(self.prompt, self.seed)
+
+
+JOB_TYPES: dict[str, type[msgspec.Struct]] = {IMAGE_INDEX: ImageIndexV1, IMAGE_GENERATE: ImageGenerateV1}
 
 
 class ContractError(ValueError):
@@ -66,6 +103,7 @@ class JobReply(msgspec.Struct, kw_only=True, omit_defaults=True):
     status: Literal["succeeded", "failed"]
     result: dict[str, Any] | None = None
     error: ErrorInfo | None = None
+    attachment: bytes | None = None
 
 
 def normalise_uuid(value: str) -> str:

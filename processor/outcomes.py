@@ -8,7 +8,10 @@ from typing import Any
 
 @dataclass(frozen=True, slots=True)
 class Succeeded:
+    """`result` goes into the job record and the reply; `attachment` (e.g. the PNG) only into the reply."""
+
     result: dict[str, Any] = field(default_factory=dict)
+    attachment: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,6 +19,7 @@ from infra.vectors import EmbeddingModelMismatchError, VectorIndex, VectorIndexU
 from processor.imaging import configure_pixel_limit
 from processor.index_backup import IndexBackup
 from processor.models.clip import ClipEmbedder
+from processor.models.diffusion import ImageGenerator
 
 log = structlog.get_logger(__name__)
 
@@ -35,6 +36,7 @@ class Runtime:
     publisher: broker.Publisher
     index: VectorIndex | None
     clip: ClipEmbedder | None
+    generator: ImageGenerator | None = None
     backup: IndexBackup | None = None
 
     @property
@@ -42,7 +44,9 @@ class Runtime:
         return self.settings.r2_bucket_name if self.settings.r2_enabled else "local"
 
     @classmethod
-    async def open(cls, settings: Settings) -> Runtime:
+    async def open(cls, settings: Settings, *, processor: bool = True) -> Runtime:
+        """Open what this process needs; `processor` says whether it runs the consumer (and so the generation
+        models), or only the API (which needs CLIP for queries, but no generator)."""
         configure_pixel_limit(settings.image_search_max_pixels)
         store = await open_store(settings)
         try:
@@ -66,6 +70,8 @@ class Runtime:
                 if runtime.backup is not None:
                     await runtime.backup.restore_if_empty()
                     runtime.backup.start()
+            if settings.image_enabled and processor:
+                runtime.generator = await asyncio.to_thread(ImageGenerator.load, settings)
         except EmbeddingModelMismatchError as exc:
             await runtime.close()
             raise StartupError(str(exc)) from exc
@@ -80,6 +86,7 @@ class Runtime:
             storage=store.name,
             qdrant=settings.qdrant_url or f"embedded:{settings.image_search_db_path}",
             image_search=settings.image_search_enabled,
+            image_generation=runtime.generator is not None,
         )
         return runtime
 

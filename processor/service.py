@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from processor.clock import UniqueClock
 from processor.consumer import Consumer
-from processor.contract import IMAGE_INDEX
+from processor.contract import IMAGE_GENERATE, IMAGE_INDEX
 from processor.handlers.base import Handler
+from processor.handlers.image_generate import ImageGenerateHandler
 from processor.handlers.image_index import ImageIndexHandler
+from processor.jobs import JobStore
 from processor.runtime import Runtime
 
 
@@ -28,6 +30,12 @@ def build_handlers(runtime: Runtime) -> tuple[dict[str, Handler], dict[str, str]
         )
     else:
         disabled[IMAGE_INDEX] = "image search is disabled on this processor (IMAGE_SEARCH_ENABLED=0)"
+    if runtime.generator is not None:
+        handlers[IMAGE_GENERATE] = ImageGenerateHandler(
+            store=runtime.store, generator=runtime.generator, settings=settings
+        )
+    else:
+        disabled[IMAGE_GENERATE] = "image generation is disabled on this processor (IMAGE_ENABLED=0)"
     return handlers, disabled
 
 
@@ -39,4 +47,5 @@ def build_consumer(runtime: Runtime) -> Consumer:
         handlers,
         disabled,
         max_attempts=runtime.settings.max_attempts,
+        jobs=JobStore(runtime.store),
     )

@@ -109,14 +109,20 @@ async def test_async_upload_is_accepted_then_indexed(server):
     body = response.json()
     assert body["status"] == "queued"
     assert response.headers["location"] == body["status_url"]
+    assert body["status_url"].endswith(f"/v1/jobs/{body['job_id']}")
+    statuses = []
     for _ in range(200):
-        record = await server.client.get(body["status_url"])
-        if record.status_code == 200:
+        job = (await server.client.get(body["status_url"])).json()
+        statuses.append(job["status"])
+        if job["status"] == "succeeded":
             break
-        assert record.status_code == 404
         await asyncio.sleep(0.05)
+    assert statuses[-1] == "succeeded"
+    assert set(statuses) <= {"queued", "succeeded"}
+    assert job["result"]["id"] == body["job_id"]
+    assert job["params"]["filename"] == "later.png"
+    record = await server.client.get(f"/v1/images/{body['job_id']}")
     assert record.status_code == 200
-    assert record.json()["id"] == body["job_id"]
 
 
 async def test_delete_removes_object_and_point(server, s3):

@@ -1,5 +1,5 @@
 """Route handlers, one module per resource."""
 
-from api.routes import files, health, images, search
+from api.routes import files, generate, health, images, jobs, search
 
-ROUTES = [*health.ROUTES, *images.ROUTES, *search.ROUTES, *files.ROUTES]
+ROUTES = [*health.ROUTES, *images.ROUTES, *search.ROUTES, *generate.ROUTES, *jobs.ROUTES, *files.ROUTES]

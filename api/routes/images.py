@@ -9,17 +9,18 @@ import uuid
 from typing import Annotated
 from urllib.parse import urlencode
 
+import msgspec
 from litestar import Request, Response, delete, get, post
 from litestar.enums import RequestEncodingType
 from litestar.params import Body, Parameter
 from litestar.response import Redirect
-from litestar.status_codes import HTTP_201_CREATED, HTTP_202_ACCEPTED, HTTP_307_TEMPORARY_REDIRECT
+from litestar.status_codes import HTTP_201_CREATED, HTTP_307_TEMPORARY_REDIRECT
 
 from api.errors import ApiError
-from api.jobs import submit
+from api.jobs import accepted, raise_for_failure, start_job
 from api.schemas import ImageOut, ImageUploadForm, JobAccepted
 from api.services import Services
-from api.urls import base_url, image_file_url, image_url
+from api.urls import base_url, image_file_url
 from infra.vectors import ImageRecord, VectorIndex
 from processor.contract import IMAGE_INDEX, ImageIndexV1
 from processor.imaging import decode_image
@@ -84,19 +85,18 @@ async def upload_image(
             "(IMAGE_SEARCH_MAX_ELEMENTS); delete images or raise the limit",
         )
     image_id = str(uuid.uuid4())
-    payload = ImageIndexV1(image_id=image_id, data=raw, filename=data.file.filename or None, source="upload")
+    filename = data.file.filename or None
+    payload = ImageIndexV1(image_id=image_id, data=raw, filename=filename, source="upload")
+    params = {"filename": filename, "size": len(raw), "content_type": decoded.content_type}
     decoded.image.close()
-    reply = await submit(services, message_type=IMAGE_INDEX, payload=payload, job_id=image_id, wait=wait)
-    if reply is None:
-        location = image_url(request, settings, image_id)
-        accepted = JobAccepted(job_id=image_id, status="queued", status_url=location)
-        return Response(accepted, status_code=HTTP_202_ACCEPTED, headers={"Location": location})
-    if reply.status == "failed" and reply.error is not None:
-        status = 409 if reply.error.code == "index_full" else 422
-        raise ApiError(status, reply.error.code, reply.error.message)
-    record = await index.get(image_id)
-    if record is None:
-        raise ApiError(404, "image_not_found", f"image {image_id} was deleted while it was being indexed")
+    started = await start_job(
+        services, job_type=IMAGE_INDEX, payload=payload, wait=wait, params=params, job_id=image_id
+    )
+    if started.reply is None:
+        return accepted(request, services, started.record)
+    if started.reply.status == "failed" and started.reply.error is not None:
+        raise_for_failure(started.reply.error.code, started.reply.error.message)
+    record = msgspec.convert(started.reply.result, ImageRecord)
     return Response(to_image_out(request, services, record), status_code=HTTP_201_CREATED)
 
 

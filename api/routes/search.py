@@ -13,6 +13,7 @@ from api.errors import ApiError
 from api.routes.images import read_upload, require_index
 from api.schemas import ImageUploadForm, SearchHit, SearchRequest, SearchResponse
 from api.services import Services
+from api.strict import strict_json
 from api.urls import image_file_url
 from infra.vectors import ImageRecord
 from processor.imaging import decode_image
@@ -48,6 +49,7 @@ def _hits(request: Request, services: Services, found: list[tuple[ImageRecord, f
 async def search_images(request: Request, services: Services, data: SearchRequest) -> SearchResponse:
     index = require_index(services)
     clip = _clip(services)
+    data = await strict_json(request, SearchRequest)
     query = data.query.strip()
     if not query:
         raise ApiError(400, "invalid_request", "query must contain at least one non-space character")

@@ -48,6 +48,8 @@ class _Prepared:
 
 class ImageIndexHandler:
     message_type = IMAGE_INDEX
+    always_record = False
+    reports_running = False
 
     def __init__(
         self,

@@ -1,0 +1,108 @@
+"""Image generation, the seed's two endpoints: PNG bytes, or the key of the PNG stored in R2."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+from litestar import Request, Response, post
+from litestar.params import Parameter
+from litestar.status_codes import HTTP_200_OK
+
+from api.errors import ApiError
+from api.jobs import JobStart, accepted, raise_for_failure, start_job
+from api.schemas import GeneratedImageKey, GenerateImageRequest, JobAccepted
+from api.services import Services
+from api.strict import strict_json
+from processor.contract import IMAGE_GENERATE, ImageGenerateV1
+
+IDEMPOTENCY_KEY = Parameter(
+    header="Idempotency-Key",
+    required=False,
+    description="a retried request with the same key returns the same job instead of starting another",
+)
+
+
+def require_generation(services: Services) -> None:
+    if not services.settings.image_enabled:
+        raise ApiError(503, "feature_disabled", "image generation is disabled on this server (IMAGE_ENABLED=0)")
+
+
+def generation_payload(request: GenerateImageRequest) -> ImageGenerateV1:
+    return ImageGenerateV1(**msgspec.structs.asdict(request))
+
+
+async def _finished_result(started: JobStart) -> dict | None:
+    """The job's result if it is finished; raises the job's error if it failed; None while it runs."""
+    if started.reply is not None:
+        if started.reply.status == "failed" and started.reply.error is not None:
+            raise_for_failure(started.reply.error.code, started.reply.error.message)
+        return started.reply.result
+    record = started.record
+    if record.status == "failed" and record.error is not None:
+        raise_for_failure(record.error.code, record.error.message)
+    return record.result if record.status == "succeeded" else None
+
+
+@post(
+    "/v1/images/generate",
+    status_code=HTTP_200_OK,
+    summary="Generate an image; answers with the PNG bytes (or 202 and a job id past SYNC_TIMEOUT_SECONDS)",
+)
+async def generate_image(
+    request: Request,
+    services: Services,
+    data: GenerateImageRequest,
+    idempotency_key: Annotated[str | None, IDEMPOTENCY_KEY] = None,
+) -> Response[bytes | JobAccepted]:
+    require_generation(services)
+    data = await strict_json(request, GenerateImageRequest)
+    started = await start_job(
+        services,
+        job_type=IMAGE_GENERATE,
+        payload=generation_payload(data),
+        wait=True,
+        idempotency_key=idempotency_key,
+    )
+    result = await _finished_result(started)
+    if result is None:
+        return accepted(request, services, started.record)
+    png = started.reply.attachment if started.reply is not None else None
+    if png is None:
+        png = (await services.runtime.store.get(result["key"])).data
+    return Response(
+        png,
+        media_type="image/png",
+        headers={"X-Job-Id": started.record.job_id, "X-Seed": str(result["seed"])},
+    )
+
+
+@post(
+    "/v1/r2/images/generate",
+    status_code=HTTP_200_OK,
+    summary="Generate an image into R2; answers with its key (or 202 and a job id past SYNC_TIMEOUT_SECONDS)",
+)
+async def generate_image_to_r2(
+    request: Request,
+    services: Services,
+    data: GenerateImageRequest,
+    idempotency_key: Annotated[str | None, IDEMPOTENCY_KEY] = None,
+) -> Response[GeneratedImageKey | JobAccepted]:
+    require_generation(services)
+    data = await strict_json(request, GenerateImageRequest)
+    if not services.settings.r2_enabled:
+        raise ApiError(503, "r2_disabled", "R2 is disabled on this server (R2_ENABLED=0); use POST /v1/images/generate")
+    started = await start_job(
+        services,
+        job_type=IMAGE_GENERATE,
+        payload=generation_payload(data),
+        wait=True,
+        idempotency_key=idempotency_key,
+    )
+    result = await _finished_result(started)
+    if result is None:
+        return accepted(request, services, started.record)
+    return Response(GeneratedImageKey(key=result["key"], job_id=started.record.job_id, seed=result["seed"]))
+
+
+ROUTES = [generate_image, generate_image_to_r2]

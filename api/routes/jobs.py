@@ -1,0 +1,89 @@
+"""The async job API: start any job type, read any job's status."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated, Any
+
+import msgspec
+from litestar import Request, Response, get, post
+from litestar.status_codes import HTTP_202_ACCEPTED
+
+from api.errors import ApiError
+from api.jobs import accepted, job_store, start_job
+from api.routes.generate import IDEMPOTENCY_KEY, generation_payload, require_generation
+from api.schemas import GenerateImageRequest, JobAccepted, JobError, JobOut, JobRequest
+from api.services import Services
+from api.strict import strict_json
+from api.urls import absolute, job_url
+from processor.contract import IMAGE_GENERATE
+from processor.jobs import JobRecord
+
+# job types this endpoint starts: type -> (request schema, check that the feature is enabled, message payload)
+_JOB_TYPES: dict[str, Any] = {
+    IMAGE_GENERATE: (GenerateImageRequest, require_generation, generation_payload),
+}
+
+
+@post("/v1/jobs", status_code=HTTP_202_ACCEPTED, summary="Start a job; poll its status_url")
+async def create_job(
+    request: Request,
+    services: Services,
+    data: JobRequest,
+    idempotency_key: Annotated[str | None, IDEMPOTENCY_KEY] = None,
+) -> Response[JobAccepted]:
+    data = await strict_json(request, JobRequest)
+    spec = _JOB_TYPES.get(data.type)
+    if spec is None:
+        raise ApiError(
+            400, "unknown_job_type", f"unknown job type {data.type!r}; known types: {', '.join(sorted(_JOB_TYPES))}"
+        )
+    schema, require_enabled, to_payload = spec
+    require_enabled(services)
+    try:
+        params = msgspec.convert(data.params, schema, strict=True)
+    except msgspec.ValidationError as exc:
+        raise ApiError(400, "invalid_request", f"params: {exc}") from None
+    started = await start_job(
+        services, job_type=data.type, payload=to_payload(params), wait=False, idempotency_key=idempotency_key
+    )
+    return accepted(request, services, started.record)
+
+
+def to_job_out(request: Request, services: Services, record: JobRecord, result: dict[str, Any] | None) -> JobOut:
+    return JobOut(
+        job_id=record.job_id,
+        type=record.type,
+        status=record.status,
+        created_at=record.created_at,
+        updated_at=record.updated_at,
+        started_at=record.started_at,
+        finished_at=record.finished_at,
+        attempts=record.attempts,
+        params=record.params,
+        result=result,
+        error=JobError(code=record.error.code, message=record.error.message) if record.error else None,
+        last_error=(
+            JobError(code=record.last_error.code, message=record.last_error.message) if record.last_error else None
+        ),
+        status_url=job_url(request, services.settings, record.job_id),
+    )
+
+
+@get("/v1/jobs/{job_id:str}", summary="A job's status, timestamps and result or error")
+async def get_job(request: Request, services: Services, job_id: str) -> JobOut:
+    try:
+        job_id = str(uuid.UUID(job_id))
+    except ValueError:
+        raise ApiError(404, "job_not_found", f"no job with id {job_id!r} (ids are UUIDs)") from None
+    record = await job_store(services).get(job_id)
+    if record is None:
+        raise ApiError(404, "job_not_found", f"no job with id {job_id!r}")
+    result = dict(record.result) if record.result is not None else None
+    if result is not None and isinstance(result.get("key"), str):
+        url = await services.runtime.store.presigned_get_url(result["key"], services.settings.presign_ttl_seconds)
+        result["url"] = absolute(request, services.settings, url)
+    return to_job_out(request, services, record, result)
+
+
+ROUTES = [create_job, get_job]

@@ -1,0 +1,82 @@
+"""Job records: the durable state of a job, kept in the object store as jobs/<id>.json.
+
+Whoever changes a job's state writes its record: the API creates it (queued) before publishing, the processor
+marks it running, succeeded or failed before it acknowledges the message. Records survive restarts.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import msgspec
+
+from infra.storage import ObjectNotFoundError, ObjectStore
+from processor.contract import ErrorInfo
+
+JOBS_PREFIX = "jobs/"
+RECORD_HEADER = "x-ams-job-record"
+_IDEMPOTENCY_NAMESPACE = uuid.UUID("0f3f3c35-7d59-4bb4-9f43-3f2f35f1f6a1")
+
+JobStatus = Literal["queued", "running", "succeeded", "failed"]
+
+
+def now_iso() -> str:
+    return datetime.now(tz=UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def job_id_for_idempotency_key(job_type: str, key: str) -> str:
+    """The same Idempotency-Key for the same job type always names the same job."""
+    return str(uuid.uuid5(_IDEMPOTENCY_NAMESPACE, f"{job_type}\n{key}"))
+
+
+class JobRecord(msgspec.Struct, kw_only=True):
+    job_id: str
+    type: str
+    status: JobStatus
+    created_at: str
+    updated_at: str
+    started_at: str | None = None
+    finished_at: str | None = None
+    attempts: int = 0
+    params: dict[str, Any] = msgspec.field(default_factory=dict)
+    result: dict[str, Any] | None = None
+    error: ErrorInfo | None = None
+    last_error: ErrorInfo | None = None
+    idempotency_key: str | None = None
+
+
+def record_key(job_id: str) -> str:
+    return f"{JOBS_PREFIX}{job_id}.json"
+
+
+class JobStore:
+    def __init__(self, store: ObjectStore) -> None:
+        self._store = store
+
+    async def get(self, job_id: str) -> JobRecord | None:
+        try:
+            stored = await self._store.get(record_key(job_id))
+        except ObjectNotFoundError:
+            return None
+        return msgspec.json.decode(stored.data, type=JobRecord)
+
+    async def put(self, record: JobRecord) -> None:
+        await self._store.put(record_key(record.job_id), msgspec.json.encode(record), "application/json")
+
+    async def delete(self, job_id: str) -> None:
+        await self._store.delete(record_key(job_id))
+
+    @staticmethod
+    def new(job_id: str, job_type: str, params: dict[str, Any], idempotency_key: str | None = None) -> JobRecord:
+        stamp = now_iso()
+        return JobRecord(
+            job_id=job_id,
+            type=job_type,
+            status="queued",
+            created_at=stamp,
+            updated_at=stamp,
+            params=params,
+            idempotency_key=idempotency_key,
+        )

@@ -1,0 +1,274 @@
+"""Image generation through the queue: seed endpoints, the async job API, idempotency, timeouts, priority."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import uuid
+
+import httpx
+import pytest
+from PIL import Image
+
+from processor.contract import IMAGE_INDEX
+from tests.support.amqp import publish, wait_until
+from tests.support.images import encoded
+from tests.support.server import running_server
+
+
+@pytest.fixture(scope="module")
+async def server(make_settings, s3):
+    bucket = s3.new_bucket()
+    settings = make_settings(r2_bucket=bucket, endpoint=s3.endpoint, IMAGE_ENABLED="1")
+    async with running_server(settings) as running:
+        running.bucket = bucket
+        yield running
+
+
+async def generate(server, **body):
+    return await server.client.post("/v1/images/generate", json=body)
+
+
+def png_size(data: bytes) -> tuple[int, int]:
+    with Image.open(io.BytesIO(data)) as image:
+        assert image.format == "PNG"
+        image.load()
+        return image.size
+
+
+async def test_png_of_the_requested_size(server):
+    response = await generate(server, prompt="A serene landscape with mountains", seed=42, width=96, height=64)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "image/png"
+    assert response.headers["x-seed"] == "42"
+    uuid.UUID(response.headers["x-job-id"])
+    assert png_size(response.content) == (96, 64)
+
+
+async def test_defaults_apply_when_only_prompt_and_seed_are_given(server):
+    response = await generate(server, prompt="defaults", seed=1)
+    assert response.status_code == 200
+    settings = server.services.settings
+    assert png_size(response.content) == (settings.image_default_width, settings.image_default_height)
+
+
+async def test_same_seed_same_bytes_different_seed_different_image(server):
+    first = await generate(server, prompt="a lighthouse", seed=7, width=64, height=64)
+    second = await generate(server, prompt="a lighthouse", seed=7, width=64, height=64)
+    other = await generate(server, prompt="a lighthouse", seed=8, width=64, height=64)
+    assert first.content == second.content
+    assert first.content != other.content
+
+
+async def test_an_absent_seed_is_drawn_and_reported(server):
+    first = await generate(server, prompt="random seed please", width=64, height=64)
+    seed = int(first.headers["x-seed"])
+    again = await generate(server, prompt="random seed please", seed=seed, width=64, height=64)
+    assert again.content == first.content
+    another = await generate(server, prompt="random seed please", width=64, height=64)
+    assert another.headers["x-seed"] != first.headers["x-seed"]
+
+
+async def test_r2_variant_writes_exactly_one_object(server, s3):
+    before = set(s3.keys(server.bucket, "images/generated/"))
+    response = await server.client.post("/v1/r2/images/generate", json={"prompt": "to the bucket", "seed": 3})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    key = body["key"]
+    assert key == f"images/generated/{body['job_id']}.png"
+    assert body["seed"] == 3
+    after = set(s3.keys(server.bucket, "images/generated/"))
+    assert after - before == {key}
+    stored = s3.client.get_object(Bucket=server.bucket, Key=key)
+    assert stored["ContentType"] == "image/png"
+    png_size(stored["Body"].read())
+
+
+async def poll_statuses(server, status_url: str) -> tuple[list[str], dict]:
+    statuses: list[str] = []
+    for _ in range(1000):
+        job = (await server.client.get(status_url)).json()
+        if not statuses or statuses[-1] != job["status"]:
+            statuses.append(job["status"])
+        if job["status"] in ("succeeded", "failed"):
+            return statuses, job
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"job did not finish: {statuses}")
+
+
+async def test_async_job_status_transitions_in_order(server, s3):
+    response = await server.client.post(
+        "/v1/jobs",
+        json={
+            "type": "image.generate",
+            "params": {"prompt": "slow enough to watch", "width": 192, "height": 192, "steps": 4},
+        },
+    )
+    assert response.status_code == 202, response.text
+    accepted = response.json()
+    assert accepted["status"] == "queued"
+    assert response.headers["location"] == accepted["status_url"]
+    statuses, job = await poll_statuses(server, accepted["status_url"])
+    assert statuses == ["queued", "running", "succeeded"]
+    assert job["job_id"] == accepted["job_id"]
+    assert job["created_at"] <= job["started_at"] <= job["finished_at"]
+    assert job["attempts"] == 1
+    assert job["params"]["prompt"] == "slow enough to watch"
+    result = job["result"]
+    assert result["key"] == f"images/generated/{job['job_id']}.png"
+    assert (result["width"], result["height"], result["steps"]) == (192, 192, 4)
+    assert isinstance(result["seed"], int)
+    assert job["error"] is None
+    async with httpx.AsyncClient() as plain:
+        download = await plain.get(result["url"])
+    assert download.status_code == 200
+    assert png_size(download.content) == (192, 192)
+
+
+async def test_idempotency_key_retry_yields_one_job_and_one_object(server, s3):
+    key = f"client-retry-{uuid.uuid4()}"
+    body = {"type": "image.generate", "params": {"prompt": "only once", "seed": 11}}
+    before = set(s3.keys(server.bucket, "images/generated/"))
+    first = await server.client.post("/v1/jobs", json=body, headers={"Idempotency-Key": key})
+    second = await server.client.post("/v1/jobs", json=body, headers={"Idempotency-Key": key})
+    assert first.status_code == second.status_code == 202
+    assert first.json()["job_id"] == second.json()["job_id"]
+    _, job = await poll_statuses(server, first.json()["status_url"])
+    assert job["status"] == "succeeded"
+    third = await server.client.post("/v1/jobs", json=body, headers={"Idempotency-Key": key})
+    assert third.json() == {**first.json(), "status": "succeeded"}
+    after = set(s3.keys(server.bucket, "images/generated/"))
+    assert after - before == {job["result"]["key"]}
+
+    reused = await server.client.post(
+        "/v1/jobs",
+        json={"type": "image.generate", "params": {"prompt": "something else"}},
+        headers={"Idempotency-Key": key},
+    )
+    assert reused.status_code == 409
+    assert reused.json()["code"] == "idempotency_key_reused"
+
+
+async def test_idempotency_key_on_the_sync_endpoints(server, s3):
+    key = f"sync-{uuid.uuid4()}"
+    first = await server.client.post("/v1/r2/images/generate", json={"prompt": "p"}, headers={"Idempotency-Key": key})
+    second = await server.client.post("/v1/r2/images/generate", json={"prompt": "p"}, headers={"Idempotency-Key": key})
+    assert first.status_code == second.status_code == 200
+    assert first.json() == second.json()
+    png_key = f"sync-png-{uuid.uuid4()}"
+    png_first = await server.client.post(
+        "/v1/images/generate", json={"prompt": "q"}, headers={"Idempotency-Key": png_key}
+    )
+    png_again = await server.client.post(
+        "/v1/images/generate", json={"prompt": "q"}, headers={"Idempotency-Key": png_key}
+    )
+    assert png_first.status_code == png_again.status_code == 200
+    assert png_first.content == png_again.content
+    assert png_first.headers["x-job-id"] == png_again.headers["x-job-id"]
+
+
+async def test_sync_wait_past_the_timeout_answers_202_with_the_job(make_settings):
+    settings = make_settings(IMAGE_ENABLED="1", SYNC_TIMEOUT_SECONDS="0.1")
+    async with running_server(settings) as server:
+        response = await server.client.post(
+            "/v1/images/generate", json={"prompt": "too slow to wait for", "width": 192, "height": 192, "steps": 4}
+        )
+        assert response.status_code == 202, response.text
+        body = response.json()
+        assert body["status_url"].endswith(f"/v1/jobs/{body['job_id']}")
+        _, job = await poll_statuses(server, body["status_url"])
+        assert job["status"] == "succeeded"
+        download = await server.client.get(job["result"]["url"])
+        assert png_size(download.content) == (192, 192)
+
+
+async def test_interactive_request_overtakes_a_queued_backlog(server):
+    """With 200 index messages queued, a waiting generate request starts after at most the batch in flight
+    (and the one the worker may already have taken), not after the backlog."""
+    index = server.services.runtime.index
+    batch = server.services.settings.image_search_batch_size
+    large = base64.b64encode(encoded(31337, "PNG", size=(1400, 1400))).decode()
+    start_count = await index.count()
+    for _ in range(200):
+        await publish(
+            server.services.settings.amqp_url,
+            IMAGE_INDEX,
+            {"data": large, "source": "backlog"},
+            message_id=str(uuid.uuid4()),
+        )
+    await asyncio.sleep(0.3)
+    before = await index.count() - start_count
+    response = await generate(server, prompt="me first", seed=5, width=64, height=64)
+    after = await index.count() - start_count
+    assert response.status_code == 200
+    assert before < 200 - 3 * batch, "the backlog drained before the request; make index jobs slower"
+    assert after - before <= 2 * batch, (before, after)
+
+    async def drained() -> bool:
+        return await index.count() - start_count == 200
+
+    await wait_until(drained, timeout=120)
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        ({}, "prompt"),
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": "   "}, "prompt"),
+        ({"prompt": "x" * 100_000}, "prompt"),
+        ({"prompt": "x", "seed": "42"}, "seed"),
+        ({"prompt": "x", "seed": 4.2}, "seed"),
+        ({"prompt": "x", "seed": -1}, "seed"),
+        ({"prompt": "x", "seed": 2**64}, "seed"),
+        ({"prompt": "x", "width": 7}, "width"),
+        ({"prompt": "x", "width": 100000}, "width"),
+        ({"prompt": "x", "height": 100}, "height"),
+        ({"prompt": "x", "steps": 0}, "steps"),
+        ({"prompt": "x", "steps": 1000}, "steps"),
+        ({"prompt": "x", "guidance_scale": -1}, "guidance_scale"),
+        ({"prompt": "x", "sampler": "euler"}, "sampler"),
+    ],
+)
+@pytest.mark.parametrize("path", ["/v1/images/generate", "/v1/r2/images/generate", "/v1/jobs"])
+async def test_bad_generation_requests(server, path, body, fragment):
+    payload = {"type": "image.generate", "params": body} if path == "/v1/jobs" else body
+    response = await server.client.post(path, json=payload)
+    assert response.status_code == 400, response.text
+    assert fragment in response.json()["message"]
+
+
+async def test_unknown_job_type_and_id(server):
+    response = await server.client.post("/v1/jobs", json={"type": "image.teleport", "params": {}})
+    assert response.status_code == 400
+    assert response.json()["code"] == "unknown_job_type"
+    assert "image.generate" in response.json()["message"]
+    for job_id in (str(uuid.uuid4()), "nope"):
+        missing = await server.client.get(f"/v1/jobs/{job_id}")
+        assert missing.status_code == 404
+        assert missing.json()["code"] == "job_not_found"
+
+
+async def test_generation_disabled(make_settings):
+    async with running_server(make_settings(IMAGE_ENABLED="0")) as server:
+        assert server.services.runtime.generator is None
+        for path, body in [
+            ("/v1/images/generate", {"prompt": "x"}),
+            ("/v1/r2/images/generate", {"prompt": "x"}),
+            ("/v1/jobs", {"type": "image.generate", "params": {"prompt": "x"}}),
+        ]:
+            response = await server.client.post(path, json=body)
+            assert response.status_code == 503
+            assert response.json()["code"] == "feature_disabled"
+            assert "IMAGE_ENABLED" in response.json()["message"]
+
+
+async def test_r2_endpoint_without_r2(make_settings):
+    async with running_server(make_settings(IMAGE_ENABLED="1")) as server:
+        refused = await server.client.post("/v1/r2/images/generate", json={"prompt": "x"})
+        assert refused.status_code == 503
+        assert refused.json()["code"] == "r2_disabled"
+        works = await server.client.post("/v1/images/generate", json={"prompt": "x", "seed": 1})
+        assert works.status_code == 200
+        assert png_size(works.content) == (64, 64)
