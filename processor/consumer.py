@@ -204,19 +204,19 @@ class Consumer:
     async def _admit(self, message: AbstractIncomingMessage) -> Job | None:
         """Decode one message; dead-letter it at once if it breaks the contract or its feature is off."""
         if not message.message_id:
-            await self._dead_letter(message, "missing_message_id", "the AMQP `message_id` property is required")
+            await self._refuse(message, "missing_message_id", "the AMQP `message_id` property is required")
             return None
         reason = self._disabled.get(message.type or "")
         if reason is not None:
-            await self._dead_letter(message, "feature_disabled", reason)
+            await self._refuse(message, "feature_disabled", reason)
             return None
         try:
             payload = decode_job(message.type, message.content_type, message.body)
         except ContractError as exc:
-            await self._dead_letter(message, exc.code, exc.message)
+            await self._refuse(message, exc.code, exc.message)
             return None
         if (message.type or "") not in self._handlers:
-            await self._dead_letter(message, "unknown_type", f"no handler for {message.type!r}")
+            await self._refuse(message, "unknown_type", f"no handler for {message.type!r}")
             return None
         return Job(
             message_id=message.message_id,
@@ -224,6 +224,15 @@ class Consumer:
             payload=payload,
             priority=message.priority or 0,
         )
+
+    async def _refuse(self, message: AbstractIncomingMessage, code: str, text: str) -> None:
+        """Dead-letter a message that cannot even be started, marking its job record failed if it has one."""
+        if message.message_id and (message.headers or {}).get(RECORD_HEADER):
+            try:
+                await self._tracker.refused(message.message_id, Failed(code, text), _attempt(message))
+            except TRANSIENT_ERRORS:
+                log.warning("job_record_not_updated", message_id=message.message_id, code=code)
+        await self._dead_letter(message, code, text, _attempt(message))
 
     async def _settle(self, message: AbstractIncomingMessage, job: Job, outcome: Outcome, elapsed: float) -> None:
         """Record the outcome (tracked jobs), then reply, then ack; or schedule a retry; or dead-letter."""

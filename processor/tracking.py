@@ -53,5 +53,11 @@ class JobTracker:
             record.status = "queued"
         await self._write(record)
 
+    async def refused(self, job_id: str, outcome: Failed, attempt: int) -> None:
+        """Mark the existing record of a job that was refused before it started (if there is one) as failed."""
+        record = await retry_transient(lambda: self._jobs.get(job_id))
+        if record is not None:
+            await self.failed(record, outcome, attempt, final=True)
+
     async def _write(self, record: JobRecord) -> None:
         await retry_transient(lambda: self._jobs.put(record))

@@ -11,7 +11,10 @@ import httpx
 import pytest
 from PIL import Image
 
+from infra.settings import Settings
 from processor.contract import IMAGE_INDEX
+from processor.runtime import Runtime
+from processor.service import build_consumer
 from tests.support.amqp import publish, wait_until
 from tests.support.images import encoded
 from tests.support.server import running_server
@@ -272,3 +275,28 @@ async def test_r2_endpoint_without_r2(make_settings):
         works = await server.client.post("/v1/images/generate", json={"prompt": "x", "seed": 1})
         assert works.status_code == 200
         assert png_size(works.content) == (64, 64)
+
+
+async def test_processor_without_the_model_refuses_and_records_why(make_env):
+    """Two processes: the API accepts generation, the processor has IMAGE_ENABLED=0. The job fails with
+    feature_disabled (dead-lettered), its record says so, and a waiting client gets a 503."""
+    env = make_env(IMAGE_ENABLED="1")
+    api_settings = Settings.from_env(env)
+    processor_env = {**env, "IMAGE_ENABLED": "0", "IMAGE_SEARCH_DB_PATH": env["IMAGE_SEARCH_DB_PATH"] + "-processor"}
+    runtime = await Runtime.open(Settings.from_env(processor_env))
+    consumer = build_consumer(runtime)
+    await consumer.start()
+    try:
+        async with running_server(api_settings, with_processor=False) as server:
+            assert server.services.runtime.generator is None
+            waited = await server.client.post("/v1/images/generate", json={"prompt": "no model here"})
+            assert waited.status_code == 503
+            assert waited.json()["code"] == "feature_disabled"
+            queued = await server.client.post("/v1/jobs", json={"type": "image.generate", "params": {"prompt": "x"}})
+            statuses, job = await poll_statuses(server, queued.json()["status_url"])
+            assert statuses[-1] == "failed"
+            assert job["error"]["code"] == "feature_disabled"
+            assert "IMAGE_ENABLED=0" in job["error"]["message"]
+    finally:
+        await consumer.stop()
+        await runtime.close()
