@@ -40,6 +40,12 @@ def png_size(data: bytes) -> tuple[int, int]:
         return image.size
 
 
+async def test_readiness_includes_the_image_model(server):
+    ready = await server.client.get("/readyz")
+    assert ready.status_code == 200
+    assert ready.json()["checks"]["image_model"] == "ok"
+
+
 async def test_png_of_the_requested_size(server):
     response = await generate(server, prompt="A serene landscape with mountains", seed=42, width=96, height=64)
     assert response.status_code == 200, response.text
@@ -256,6 +262,7 @@ async def test_unknown_job_type_and_id(server):
 async def test_generation_disabled(make_settings):
     async with running_server(make_settings(IMAGE_ENABLED="0")) as server:
         assert server.services.runtime.generator is None
+        assert "image_model" not in (await server.client.get("/readyz")).json()["checks"]
         for path, body in [
             ("/v1/images/generate", {"prompt": "x"}),
             ("/v1/r2/images/generate", {"prompt": "x"}),

@@ -36,6 +36,8 @@ async def readyz(services: Services) -> Response[dict[str, Any]]:
     checks["broker"] = "ok" if runtime.publisher.is_connected and services.replies.is_connected else "disconnected"
     if services.consumer is not None:
         checks["processor"] = "ok" if services.consumer.is_running else "stopped"
+        if services.settings.image_enabled:
+            checks["image_model"] = "ok" if runtime.generator is not None else "not loaded"
     checks["storage"] = await _probe(runtime.store.ping())
     if services.settings.image_search_enabled:
         checks["clip_model"] = "ok" if runtime.clip is not None else "not loaded"
