@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from litestar import Litestar
+from litestar import Litestar, Router
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
 
 from api.errors import EXCEPTION_HANDLERS
-from api.routes import ROUTES
+from api.routes import ROUTES, VOICE_UPLOAD_ROUTES
 from api.services import Services
 
 MULTIPART_OVERHEAD_BYTES = 1024 * 1024
@@ -17,14 +17,18 @@ MULTIPART_OVERHEAD_BYTES = 1024 * 1024
 def create_app(services: Services) -> Litestar:
     """The HTTP app over already-started services (the caller owns their lifetime)."""
     settings = services.settings
-    upload_limit = settings.image_search_max_bytes
+    # bodies are refused while streaming once past the file limit plus room for the multipart envelope
+    voice_uploads = Router(
+        "/",
+        route_handlers=VOICE_UPLOAD_ROUTES,
+        request_max_body_size=settings.voice_max_ref_bytes + MULTIPART_OVERHEAD_BYTES,
+    )
     return Litestar(
-        route_handlers=ROUTES,
+        route_handlers=[*ROUTES, voice_uploads],
         dependencies={"services": Provide(lambda: services, use_cache=True, sync_to_thread=False)},
         exception_handlers=EXCEPTION_HANDLERS,
-        request_max_body_size=upload_limit + MULTIPART_OVERHEAD_BYTES,
+        request_max_body_size=settings.image_search_max_bytes + MULTIPART_OVERHEAD_BYTES,
         multipart_form_part_limit=32,
-        state={"upload_limit_bytes": upload_limit},  # type: ignore[arg-type]
         openapi_config=OpenAPIConfig(
             title="AI model server",
             version="0.1.0",

@@ -16,6 +16,7 @@ from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 from infra.broker import BrokerUnavailableError
 from infra.storage import InvalidKeyError, ObjectNotFoundError, StorageError, StorageUnavailableError
 from infra.vectors import VectorIndexUnavailableError
+from processor.audio import InvalidAudioError
 from processor.imaging import InvalidImageError
 
 log = structlog.get_logger(__name__)
@@ -68,9 +69,16 @@ def _validation(_: Request, exc: ValidationException) -> Response[dict[str, Any]
 def _http(request: Request, exc: HTTPException) -> Response[dict[str, Any]]:
     status = exc.status_code
     if status == 413:
-        limit = request.app.state.get("upload_limit_bytes")
-        suffix = f"; the limit is {limit} bytes" if limit else ""
-        return error_response(413, "payload_too_large", f"the request body is too large{suffix}")
+        limit = request.route_handler.resolve_request_max_body_size()
+        message = f"the request body is larger than {limit} bytes" if limit else "the request body is too large"
+        return error_response(413, "payload_too_large", message)
+    if status == 400 and exc.detail == "Invalid multipart/form-data":
+        content_type = request.headers.get("content-type", "none")
+        return error_response(
+            400,
+            "invalid_request",
+            f"the body must be multipart/form-data with the fields this endpoint documents (got {content_type})",
+        )
     if isinstance(exc.__cause__, SerializationException):
         return error_response(400, "malformed_json", f"the request body is not valid JSON: {exc.detail}")
     if status >= 500:
@@ -78,7 +86,7 @@ def _http(request: Request, exc: HTTPException) -> Response[dict[str, Any]]:
     return error_response(status, _HTTP_CODES.get(status, "error"), exc.detail or "request failed", exc.extra)
 
 
-def _invalid_image(_: Request, exc: InvalidImageError) -> Response[dict[str, Any]]:
+def _invalid_content(_: Request, exc: InvalidImageError | InvalidAudioError) -> Response[dict[str, Any]]:
     return error_response(422, exc.code, exc.message)
 
 
@@ -112,7 +120,8 @@ EXCEPTION_HANDLERS: dict[type[Exception], Any] = {
     ApiError: _api_error,
     ValidationException: _validation,
     HTTPException: _http,
-    InvalidImageError: _invalid_image,
+    InvalidImageError: _invalid_content,
+    InvalidAudioError: _invalid_content,
     InvalidKeyError: _invalid_key,
     ObjectNotFoundError: _not_found,
     StorageUnavailableError: _unavailable("storage_unavailable", "the object store"),

@@ -27,7 +27,14 @@ from processor.tracking import record_params
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
 
 # reply error codes that are the client's to fix, and what they answer
-_CLIENT_ERRORS = {"index_full": 409, "feature_disabled": 503}
+_CLIENT_ERRORS = {
+    "index_full": 409,
+    "feature_disabled": 503,
+    "reference_not_found": 404,
+    "invalid_key": 400,
+    "text_too_long": 400,
+    "audio_too_large": 413,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +129,18 @@ async def _publish(
         replies.forget(job_id)
         raise
     return await replies.wait(job_id, future, services.settings.sync_timeout_seconds)
+
+
+async def finished_result(started: JobStart) -> dict[str, Any] | None:
+    """The job's result if it is finished; raises the job's error if it failed; None while it runs."""
+    if started.reply is not None:
+        if started.reply.status == "failed" and started.reply.error is not None:
+            raise_for_failure(started.reply.error.code, started.reply.error.message)
+        return started.reply.result
+    record = started.record
+    if record.status == "failed" and record.error is not None:
+        raise_for_failure(record.error.code, record.error.message)
+    return record.result if record.status == "succeeded" else None
 
 
 def raise_for_failure(code: str, message: str) -> None:

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from litestar.datastructures import UploadFile
 
-from processor.contract import MAX_SEED, Prompt, Side, check_generation_fields
+from processor.contract import MAX_SEED, VOICE_LANGUAGES, Prompt, Side, check_generation_fields
 
 
 class ImageOut(msgspec.Struct, kw_only=True):
@@ -107,3 +107,28 @@ class SearchResponse(msgspec.Struct, kw_only=True):
 @dataclass
 class ImageUploadForm:
     file: UploadFile
+
+
+@dataclass
+class VoiceCloneForm:
+    """Multipart fields of POST /v1/voice/generate."""
+
+    ref_audio: UploadFile
+    ref_text: str
+    text: str
+    language: str
+
+
+class VoiceFromKeyRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Voice cloning with a reference clip already in storage (under VOICE_REF_PREFIX)."""
+
+    ref_audio_key: Annotated[str, msgspec.Meta(min_length=1, max_length=1024, examples=["voice/refs/ref.mp3"])]
+    ref_text: Annotated[str, msgspec.Meta(min_length=1, max_length=2000, description="transcript of the clip")]
+    text: Annotated[str, msgspec.Meta(min_length=1, max_length=100_000, description="what to say")]
+    language: Annotated[str, msgspec.Meta(description=f"one of {', '.join(VOICE_LANGUAGES)} (any case)")]
+
+
+class GeneratedVoiceKey(msgspec.Struct, kw_only=True):
+    key: str
+    job_id: str
+    duration_seconds: float

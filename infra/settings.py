@@ -19,6 +19,7 @@ LogFormat = Literal["json", "console"]
 DEFAULT_CLIP_MODEL = "ViT-B-16-SigLIP2-256"
 DEFAULT_CLIP_PRETRAINED = "webli"
 DEFAULT_IMAGE_MODEL = "Tongyi-MAI/Z-Image-Turbo"
+DEFAULT_VOICE_MODEL = "Qwen/Qwen3-TTS-12Hz-0.6B-Base"
 TORCH_DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 # generation defaults per model profile: (width, height, steps, guidance scale)
@@ -77,6 +78,14 @@ class Settings:
     image_default_height: int
     image_default_steps: int
     image_default_guidance: float
+    voice_model: str
+    voice_max_ref_bytes: int
+    voice_max_ref_seconds: float
+    voice_min_ref_seconds: float
+    voice_max_text_chars: int
+    voice_chunk_chars: int
+    voice_ref_prefix: str
+    voice_mp3_bitrate_kbps: int
     # HTTP server and jobs
     host: str
     port: int
@@ -154,6 +163,13 @@ class _Reader:
         return value.rstrip("/")
 
 
+def _prefix(env: _Reader, name: str, default: str) -> str:
+    value = env.raw(name, default)
+    if not value or value.startswith("/") or ".." in value.split("/") or not value.endswith("/"):
+        raise SettingsError(f"{name}={value!r}: expected a key prefix like 'voice/refs/' (no leading '/', no '..')")
+    return value
+
+
 def _side(env: _Reader, name: str, default: int) -> int:
     value = env.integer(name, default, 64, 2048)
     if value % 16:
@@ -205,6 +221,14 @@ def _parse(env: _Reader) -> Settings:
         image_default_height=_side(env, "IMAGE_DEFAULT_HEIGHT", defaults[1]),
         image_default_steps=env.integer("IMAGE_DEFAULT_STEPS", defaults[2], 1, 100),
         image_default_guidance=env.number("IMAGE_DEFAULT_GUIDANCE", defaults[3], 0.0, 30.0),
+        voice_model=env.raw("VOICE_MODEL", DEFAULT_VOICE_MODEL) or DEFAULT_VOICE_MODEL,
+        voice_max_ref_bytes=env.integer("VOICE_MAX_REF_BYTES", 10 * 1024 * 1024, 1024, 512 * 1024 * 1024),
+        voice_max_ref_seconds=env.number("VOICE_MAX_REF_SECONDS", 30.0, 1.0, 600.0),
+        voice_min_ref_seconds=env.number("VOICE_MIN_REF_SECONDS", 1.0, 0.1, 60.0),
+        voice_max_text_chars=env.integer("VOICE_MAX_TEXT_CHARS", 5000, 1, 100_000),
+        voice_chunk_chars=env.integer("VOICE_CHUNK_CHARS", 250, 20, 2000),
+        voice_ref_prefix=_prefix(env, "VOICE_REF_PREFIX", "voice/refs/"),
+        voice_mp3_bitrate_kbps=int(env.choice("VOICE_MP3_BITRATE_KBPS", "128", ("64", "96", "128", "160"))),
         host=env.raw("HOST", "0.0.0.0"),
         port=env.integer("PORT", 8000, 1, 65535),
         sync_timeout_seconds=env.number("SYNC_TIMEOUT_SECONDS", 120.0, 0.1),
@@ -212,6 +236,11 @@ def _parse(env: _Reader) -> Settings:
         log_format=env.choice("LOG_FORMAT", "json", ("json", "console")),  # type: ignore[arg-type]
     )
     _check_r2(settings)
+    if settings.voice_min_ref_seconds >= settings.voice_max_ref_seconds:
+        raise SettingsError(
+            f"VOICE_MIN_REF_SECONDS={settings.voice_min_ref_seconds:g} must be below "
+            f"VOICE_MAX_REF_SECONDS={settings.voice_max_ref_seconds:g}"
+        )
     return settings
 
 

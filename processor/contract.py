@@ -18,6 +18,22 @@ CONTENT_TYPES = (JSON, MSGPACK)
 
 IMAGE_INDEX = "image.index"
 IMAGE_GENERATE = "image.generate"
+VOICE_GENERATE = "voice.generate"
+
+# the languages Qwen3-TTS speaks, by the names its API takes; "auto" lets the model decide
+VOICE_LANGUAGES = (
+    "Korean",
+    "English",
+    "Chinese",
+    "Japanese",
+    "German",
+    "French",
+    "Russian",
+    "Portuguese",
+    "Spanish",
+    "Italian",
+    "auto",
+)
 
 MAX_SEED = 2**64 - 1
 
@@ -79,7 +95,46 @@ class ImageGenerateV1(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         check_generation_fields(self.prompt, self.seed)
 
 
-JOB_TYPES: dict[str, type[msgspec.Struct]] = {IMAGE_INDEX: ImageIndexV1, IMAGE_GENERATE: ImageGenerateV1}
+def canonical_language(value: str) -> str | None:
+    """The model's name for a language given in any case, or None if it is not one of VOICE_LANGUAGES."""
+    wanted = value.strip().lower()
+    return next((name for name in VOICE_LANGUAGES if name.lower() == wanted), None)
+
+
+def check_voice_fields(text: str, ref_text: str, language: str) -> None:
+    if not text.strip():
+        raise ValueError("text must contain at least one non-space character")
+    if not ref_text.strip():
+        raise ValueError("ref_text (the transcript of the reference clip) must not be empty")
+    if canonical_language(language) is None:
+        raise ValueError(f"language {language!r} is not supported; use one of {', '.join(VOICE_LANGUAGES)}")
+
+
+class VoiceGenerateV1(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Speak `text` in the voice of a reference clip; the MP3 is stored as voice/generated/<job id>.mp3.
+
+    Give the reference either inline (`ref_audio`, base64 in JSON) or as `ref_audio_key`, an object under the
+    server's allowed prefix (VOICE_REF_PREFIX). `ref_text` is the transcript of the reference clip.
+    """
+
+    version: Literal[1] = 1
+    ref_audio: bytes | None = None
+    ref_audio_key: Annotated[str, msgspec.Meta(min_length=1, max_length=1024)] | None = None
+    ref_text: Annotated[str, msgspec.Meta(min_length=1, max_length=2000)]
+    text: Annotated[str, msgspec.Meta(min_length=1, max_length=100_000)]
+    language: Annotated[str, msgspec.Meta(min_length=1, max_length=32)]
+
+    def __post_init__(self) -> None:
+        if (self.ref_audio is None) == (self.ref_audio_key is None):
+            raise ValueError("give exactly one of `ref_audio` (the clip) or `ref_audio_key` (an object in storage)")
+        check_voice_fields(self.text, self.ref_text, self.language)
+
+
+JOB_TYPES: dict[str, type[msgspec.Struct]] = {
+    IMAGE_INDEX: ImageIndexV1,
+    IMAGE_GENERATE: ImageGenerateV1,
+    VOICE_GENERATE: VoiceGenerateV1,
+}
 
 
 class ContractError(ValueError):

@@ -20,6 +20,7 @@ from processor.imaging import configure_pixel_limit
 from processor.index_backup import IndexBackup
 from processor.models.clip import ClipEmbedder
 from processor.models.diffusion import ImageGenerator
+from processor.models.voice import VoiceCloner
 
 log = structlog.get_logger(__name__)
 
@@ -37,6 +38,7 @@ class Runtime:
     index: VectorIndex | None
     clip: ClipEmbedder | None
     generator: ImageGenerator | None = None
+    voice: VoiceCloner | None = None
     backup: IndexBackup | None = None
 
     @property
@@ -72,6 +74,8 @@ class Runtime:
                     runtime.backup.start()
             if settings.image_enabled and processor:
                 runtime.generator = await asyncio.to_thread(ImageGenerator.load, settings)
+            if settings.voice_enabled and processor:
+                runtime.voice = await asyncio.to_thread(VoiceCloner.load, settings)
         except EmbeddingModelMismatchError as exc:
             await runtime.close()
             raise StartupError(str(exc)) from exc
@@ -87,6 +91,7 @@ class Runtime:
             qdrant=settings.qdrant_url or f"embedded:{settings.image_search_db_path}",
             image_search=settings.image_search_enabled,
             image_generation=runtime.generator is not None,
+            voice=runtime.voice is not None,
         )
         return runtime
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from processor.clock import UniqueClock
 from processor.consumer import Consumer
-from processor.contract import IMAGE_GENERATE, IMAGE_INDEX
+from processor.contract import IMAGE_GENERATE, IMAGE_INDEX, VOICE_GENERATE
 from processor.handlers.base import Handler
 from processor.handlers.image_generate import ImageGenerateHandler
 from processor.handlers.image_index import ImageIndexHandler
+from processor.handlers.voice_generate import VoiceGenerateHandler
 from processor.jobs import JobStore
 from processor.runtime import Runtime
 
@@ -36,6 +37,10 @@ def build_handlers(runtime: Runtime) -> tuple[dict[str, Handler], dict[str, str]
         )
     else:
         disabled[IMAGE_GENERATE] = "image generation is disabled on this processor (IMAGE_ENABLED=0)"
+    if runtime.voice is not None:
+        handlers[VOICE_GENERATE] = VoiceGenerateHandler(store=runtime.store, cloner=runtime.voice, settings=settings)
+    else:
+        disabled[VOICE_GENERATE] = "voice generation is disabled on this processor (VOICE_ENABLED=0)"
     return handlers, disabled
 
 

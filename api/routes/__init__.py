@@ -1,5 +1,15 @@
 """Route handlers, one module per resource."""
 
-from api.routes import files, generate, health, images, jobs, search
+from api.routes import files, generate, health, images, jobs, search, voice
 
-ROUTES = [*health.ROUTES, *images.ROUTES, *search.ROUTES, *generate.ROUTES, *jobs.ROUTES, *files.ROUTES]
+ROUTES = [
+    *health.ROUTES,
+    *images.ROUTES,
+    *search.ROUTES,
+    *generate.ROUTES,
+    voice.generate_voice_to_r2,
+    *jobs.ROUTES,
+    *files.ROUTES,
+]
+# multipart voice uploads, mounted with their own body-size limit (VOICE_MAX_REF_BYTES)
+VOICE_UPLOAD_ROUTES = [voice.generate_voice]

@@ -10,7 +10,7 @@ from litestar.params import Parameter
 from litestar.status_codes import HTTP_200_OK
 
 from api.errors import ApiError
-from api.jobs import JobStart, accepted, raise_for_failure, start_job
+from api.jobs import accepted, finished_result, start_job
 from api.schemas import GeneratedImageKey, GenerateImageRequest, JobAccepted
 from api.services import Services
 from api.strict import strict_json
@@ -30,18 +30,6 @@ def require_generation(services: Services) -> None:
 
 def generation_payload(request: GenerateImageRequest) -> ImageGenerateV1:
     return ImageGenerateV1(**msgspec.structs.asdict(request))
-
-
-async def _finished_result(started: JobStart) -> dict | None:
-    """The job's result if it is finished; raises the job's error if it failed; None while it runs."""
-    if started.reply is not None:
-        if started.reply.status == "failed" and started.reply.error is not None:
-            raise_for_failure(started.reply.error.code, started.reply.error.message)
-        return started.reply.result
-    record = started.record
-    if record.status == "failed" and record.error is not None:
-        raise_for_failure(record.error.code, record.error.message)
-    return record.result if record.status == "succeeded" else None
 
 
 @post(
@@ -64,7 +52,7 @@ async def generate_image(
         wait=True,
         idempotency_key=idempotency_key,
     )
-    result = await _finished_result(started)
+    result = await finished_result(started)
     if result is None:
         return accepted(request, services, started.record)
     png = started.reply.attachment if started.reply is not None else None
@@ -99,7 +87,7 @@ async def generate_image_to_r2(
         wait=True,
         idempotency_key=idempotency_key,
     )
-    result = await _finished_result(started)
+    result = await finished_result(started)
     if result is None:
         return accepted(request, services, started.record)
     return Response(GeneratedImageKey(key=result["key"], job_id=started.record.job_id, seed=result["seed"]))

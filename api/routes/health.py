@@ -38,6 +38,8 @@ async def readyz(services: Services) -> Response[dict[str, Any]]:
         checks["processor"] = "ok" if services.consumer.is_running else "stopped"
         if services.settings.image_enabled:
             checks["image_model"] = "ok" if runtime.generator is not None else "not loaded"
+        if services.settings.voice_enabled:
+            checks["voice_model"] = "ok" if runtime.voice is not None else "not loaded"
     checks["storage"] = await _probe(runtime.store.ping())
     if services.settings.image_search_enabled:
         checks["clip_model"] = "ok" if runtime.clip is not None else "not loaded"

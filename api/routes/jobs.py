@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 import msgspec
@@ -12,16 +13,29 @@ from litestar.status_codes import HTTP_202_ACCEPTED
 from api.errors import ApiError
 from api.jobs import accepted, job_store, start_job
 from api.routes.generate import IDEMPOTENCY_KEY, generation_payload, require_generation
-from api.schemas import GenerateImageRequest, JobAccepted, JobError, JobOut, JobRequest
+from api.routes.voice import reference_payload, require_voice
+from api.schemas import GenerateImageRequest, JobAccepted, JobError, JobOut, JobRequest, VoiceFromKeyRequest
 from api.services import Services
 from api.strict import strict_json
 from api.urls import absolute, job_url
-from processor.contract import IMAGE_GENERATE
+from processor.contract import IMAGE_GENERATE, VOICE_GENERATE, ImageGenerateV1, VoiceGenerateV1
 from processor.jobs import JobRecord
 
-# job types this endpoint starts: type -> (request schema, check that the feature is enabled, message payload)
-_JOB_TYPES: dict[str, Any] = {
-    IMAGE_GENERATE: (GenerateImageRequest, require_generation, generation_payload),
+
+async def _image_job(services: Services, params: GenerateImageRequest) -> ImageGenerateV1:
+    require_generation(services)
+    return generation_payload(params)
+
+
+async def _voice_job(services: Services, params: VoiceFromKeyRequest) -> VoiceGenerateV1:
+    require_voice(services)
+    return await reference_payload(services, params)
+
+
+# job types this endpoint starts: type -> (params schema, check the request and build the message payload)
+_JOB_TYPES: dict[str, tuple[type[msgspec.Struct], Callable[[Services, Any], Awaitable[msgspec.Struct]]]] = {
+    IMAGE_GENERATE: (GenerateImageRequest, _image_job),
+    VOICE_GENERATE: (VoiceFromKeyRequest, _voice_job),
 }
 
 
@@ -38,14 +52,14 @@ async def create_job(
         raise ApiError(
             400, "unknown_job_type", f"unknown job type {data.type!r}; known types: {', '.join(sorted(_JOB_TYPES))}"
         )
-    schema, require_enabled, to_payload = spec
-    require_enabled(services)
+    schema, prepare = spec
     try:
         params = msgspec.convert(data.params, schema, strict=True)
     except msgspec.ValidationError as exc:
         raise ApiError(400, "invalid_request", f"params: {exc}") from None
+    payload = await prepare(services, params)
     started = await start_job(
-        services, job_type=data.type, payload=to_payload(params), wait=False, idempotency_key=idempotency_key
+        services, job_type=data.type, payload=payload, wait=False, idempotency_key=idempotency_key
     )
     return accepted(request, services, started.record)
 

@@ -16,7 +16,7 @@ from diffusers import DiffusionPipeline
 from infra.settings import Settings
 from processor.models.device import pick_device
 from processor.models.errors import ModelLoadError
-from processor.models.hub import hub_reachable, offline_hint, prefer_local_cache
+from processor.models.hub import hub_reachable, offline_hint, prefer_local_cache, quiet_progress_bars
 from processor.models.tiny_diffusion import TINY_DIFFUSION_ID, ensure_tiny_diffusion
 
 log = structlog.get_logger(__name__)
@@ -69,6 +69,7 @@ class ImageGenerator:
         local = _is_local(source)
         if not local:
             prefer_local_cache()
+        quiet_progress_bars()
         try:
             pipeline = DiffusionPipeline.from_pretrained(source, dtype=dtype)
         except Exception as exc:

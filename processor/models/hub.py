@@ -47,3 +47,12 @@ def offline_hint(variable: str) -> str:
         f"point {variable} at a local copy of the weights, or set MODEL_PROFILE=tiny for small random-weight "
         "test models"
     )
+
+
+def quiet_progress_bars() -> None:
+    """Model loading draws progress bars on stderr; the server logs instead."""
+    import diffusers.utils.logging as diffusers_logging
+    import transformers.utils.logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    diffusers_logging.disable_progress_bar()

@@ -1,0 +1,147 @@
+"""Voice cloning, the seed's two endpoints: MP3 bytes from an uploaded clip, or an MP3 in R2 from a clip in R2."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated
+
+from litestar import Request, Response, post
+from litestar.enums import RequestEncodingType
+from litestar.params import Body
+from litestar.status_codes import HTTP_200_OK
+
+from api.errors import ApiError
+from api.jobs import JobStart, accepted, finished_result, start_job
+from api.routes.generate import IDEMPOTENCY_KEY
+from api.schemas import GeneratedVoiceKey, JobAccepted, VoiceCloneForm, VoiceFromKeyRequest
+from api.services import Services
+from api.strict import strict_json
+from infra.storage import InvalidKeyError
+from processor.audio import decode_audio
+from processor.contract import VOICE_GENERATE, VOICE_LANGUAGES, VoiceGenerateV1, canonical_language
+from processor.handlers.voice_generate import check_reference_key
+from processor.models.voice import SAMPLE_RATE
+
+
+def require_voice(services: Services) -> None:
+    if not services.settings.voice_enabled:
+        raise ApiError(503, "feature_disabled", "voice generation is disabled on this server (VOICE_ENABLED=0)")
+
+
+def check_text_fields(services: Services, *, text: str, ref_text: str, language: str) -> str:
+    """Validate what a voice request says; returns the model's name for the language."""
+    canonical = canonical_language(language)
+    if canonical is None:
+        raise ApiError(
+            422,
+            "unsupported_language",
+            f"language {language!r} is not supported; use one of {', '.join(VOICE_LANGUAGES)}",
+            {"accepted": list(VOICE_LANGUAGES)},
+        )
+    if not text.strip():
+        raise ApiError(400, "invalid_request", "text must contain at least one non-space character")
+    limit = services.settings.voice_max_text_chars
+    if len(text) > limit:
+        raise ApiError(
+            400, "text_too_long", f"text is {len(text)} characters; the limit is {limit} (VOICE_MAX_TEXT_CHARS)"
+        )
+    if not ref_text.strip():
+        raise ApiError(400, "invalid_request", "ref_text (the transcript of the reference clip) must not be empty")
+    if len(ref_text) > 2000:
+        raise ApiError(400, "invalid_request", "ref_text is longer than 2000 characters")
+    return canonical
+
+
+async def reference_payload(services: Services, request: VoiceFromKeyRequest) -> VoiceGenerateV1:
+    """Check a by-key request (key safe, under the allowed prefix, present) and build the job."""
+    language = check_text_fields(services, text=request.text, ref_text=request.ref_text, language=request.language)
+    try:
+        key = check_reference_key(request.ref_audio_key, services.settings.voice_ref_prefix)
+    except InvalidKeyError as exc:
+        raise ApiError(400, "invalid_key", str(exc)) from None
+    if not await services.runtime.store.exists(key):
+        raise ApiError(404, "reference_not_found", f"no reference clip at {key!r}")
+    return VoiceGenerateV1(ref_audio_key=key, ref_text=request.ref_text, text=request.text, language=language)
+
+
+async def _respond_mp3(request: Request, services: Services, started: JobStart) -> Response[bytes | JobAccepted]:
+    result = await finished_result(started)
+    if result is None:
+        return accepted(request, services, started.record)
+    mp3 = started.reply.attachment if started.reply is not None else None
+    if mp3 is None:
+        mp3 = (await services.runtime.store.get(result["key"])).data
+    return Response(
+        mp3,
+        media_type="audio/mpeg",
+        headers={"X-Job-Id": started.record.job_id, "X-Audio-Duration": str(result["duration_seconds"])},
+    )
+
+
+@post(
+    "/v1/voice/generate",
+    status_code=HTTP_200_OK,
+    summary="Speak text in the voice of an uploaded clip; answers with MP3 bytes (202 and a job past the timeout)",
+)
+async def generate_voice(
+    request: Request,
+    services: Services,
+    data: Annotated[VoiceCloneForm, Body(media_type=RequestEncodingType.MULTI_PART)],
+    idempotency_key: Annotated[str | None, IDEMPOTENCY_KEY] = None,
+) -> Response[bytes | JobAccepted]:
+    require_voice(services)
+    settings = services.settings
+    language = check_text_fields(services, text=data.text, ref_text=data.ref_text, language=data.language)
+    clip = await data.ref_audio.read(settings.voice_max_ref_bytes + 1)
+    await data.ref_audio.close()
+    if len(clip) > settings.voice_max_ref_bytes:
+        raise ApiError(
+            413,
+            "payload_too_large",
+            f"ref_audio is larger than {settings.voice_max_ref_bytes} bytes (VOICE_MAX_REF_BYTES)",
+        )
+    await asyncio.to_thread(
+        decode_audio,
+        clip,
+        sample_rate=SAMPLE_RATE,
+        min_seconds=settings.voice_min_ref_seconds,
+        max_seconds=settings.voice_max_ref_seconds,
+    )
+    payload = VoiceGenerateV1(ref_audio=clip, ref_text=data.ref_text, text=data.text, language=language)
+    params = {
+        "ref_audio": {"filename": data.ref_audio.filename, "size": len(clip)},
+        "ref_text": data.ref_text,
+        "text": data.text,
+        "language": language,
+    }
+    started = await start_job(
+        services, job_type=VOICE_GENERATE, payload=payload, wait=True, params=params, idempotency_key=idempotency_key
+    )
+    return await _respond_mp3(request, services, started)
+
+
+@post(
+    "/v1/r2/voice/generate",
+    status_code=HTTP_200_OK,
+    summary="Speak text in the voice of a clip stored in R2; the MP3 goes to R2 and its key comes back",
+)
+async def generate_voice_to_r2(
+    request: Request,
+    services: Services,
+    data: VoiceFromKeyRequest,
+    idempotency_key: Annotated[str | None, IDEMPOTENCY_KEY] = None,
+) -> Response[GeneratedVoiceKey | JobAccepted]:
+    require_voice(services)
+    data = await strict_json(request, VoiceFromKeyRequest)
+    if not services.settings.r2_enabled:
+        raise ApiError(503, "r2_disabled", "R2 is disabled on this server (R2_ENABLED=0); use POST /v1/voice/generate")
+    payload = await reference_payload(services, data)
+    started = await start_job(
+        services, job_type=VOICE_GENERATE, payload=payload, wait=True, idempotency_key=idempotency_key
+    )
+    result = await finished_result(started)
+    if result is None:
+        return accepted(request, services, started.record)
+    return Response(
+        GeneratedVoiceKey(key=result["key"], job_id=started.record.job_id, duration_seconds=result["duration_seconds"])
+    )

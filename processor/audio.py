@@ -1,0 +1,121 @@
+"""Audio in and out without a system FFmpeg: PyAV (its wheels bundle FFmpeg) to decode and encode, torchaudio
+to resample.
+
+Reference clips may be MP3, WAV, FLAC, OGG (Vorbis or Opus) or M4A/AAC; they are decoded to float32, mixed down to
+mono and resampled. Output is MP3 (libmp3lame) at a fixed bitrate.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import av
+import numpy as np
+import torch
+import torchaudio.functional as audio_functional
+
+# container format names as FFmpeg reports them -> the name we use
+CONTAINERS = {
+    "mp3": "mp3",
+    "wav": "wav",
+    "flac": "flac",
+    "ogg": "ogg",
+    "mov,mp4,m4a,3gp,3g2,mj2": "m4a",
+    "aac": "aac",
+}
+ACCEPTED = "MP3, WAV, FLAC, OGG/Opus, M4A/AAC"
+MP3_BITRATE = 128_000
+
+
+class InvalidAudioError(ValueError):
+    """The clip is not audio we accept; `code` is machine-readable."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class DecodedAudio:
+    waveform: np.ndarray  # float32, mono, at `sample_rate`
+    sample_rate: int
+    source_format: str
+
+    @property
+    def seconds(self) -> float:
+        return len(self.waveform) / self.sample_rate
+
+
+def decode_audio(data: bytes, *, sample_rate: int, min_seconds: float, max_seconds: float) -> DecodedAudio:
+    """Decode a clip to mono float32 at `sample_rate`, or raise InvalidAudioError saying what is wrong.
+
+    Decoding stops as soon as the clip is known to be longer than `max_seconds`."""
+    if not data:
+        raise InvalidAudioError("empty_file", "the audio file is empty")
+    try:
+        container = av.open(io.BytesIO(data), mode="r")
+    except (av.error.FFmpegError, ValueError, UnicodeDecodeError):
+        raise InvalidAudioError("not_audio", f"the file is not audio in a known format ({ACCEPTED})") from None
+    with container:
+        fmt = CONTAINERS.get(container.format.name)
+        if fmt is None or not container.streams.audio:
+            raise InvalidAudioError(
+                "unsupported_audio_format",
+                f"audio format {container.format.long_name or container.format.name!r} is not accepted; use {ACCEPTED}",
+            )
+        stream = container.streams.audio[0]
+        native_rate = stream.codec_context.sample_rate or stream.rate
+        if not native_rate:
+            raise InvalidAudioError("corrupt_audio", "the audio stream has no sample rate")
+        resampler = av.AudioResampler(format="fltp", layout="mono", rate=native_rate)
+        chunks: list[np.ndarray] = []
+        samples, limit = 0, int(max_seconds * native_rate)
+        try:
+            for frame in container.decode(stream):
+                for mono in resampler.resample(frame):
+                    chunk = mono.to_ndarray()[0]
+                    chunks.append(chunk)
+                    samples += len(chunk)
+                if samples > limit:
+                    raise InvalidAudioError(
+                        "audio_too_long", f"the clip is longer than {max_seconds:g} s (VOICE_MAX_REF_SECONDS)"
+                    )
+            for mono in resampler.resample(None):
+                chunks.append(mono.to_ndarray()[0])
+        except av.error.FFmpegError as exc:
+            raise InvalidAudioError("corrupt_audio", f"the audio could not be decoded: {exc}") from None
+    waveform = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, dtype=np.float32)
+    seconds = len(waveform) / native_rate
+    if seconds < min_seconds:
+        raise InvalidAudioError(
+            "audio_too_short", f"the clip is {seconds:.2f} s long; at least {min_seconds:g} s of speech is needed"
+        )
+    if native_rate != sample_rate:
+        waveform = audio_functional.resample(torch.from_numpy(waveform), native_rate, sample_rate).numpy()
+    return DecodedAudio(
+        waveform=np.ascontiguousarray(waveform, dtype=np.float32), sample_rate=sample_rate, source_format=fmt
+    )
+
+
+def encode_mp3(waveform: np.ndarray, sample_rate: int, bitrate: int = MP3_BITRATE) -> bytes:
+    """Mono float32 samples -> MP3 bytes (libmp3lame, constant bitrate)."""
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="mp3") as output:
+        stream = output.add_stream("libmp3lame", rate=sample_rate)
+        stream.layout = "mono"
+        stream.bit_rate = bitrate
+        samples = np.clip(np.asarray(waveform, dtype=np.float32), -1.0, 1.0)
+        frame = av.AudioFrame.from_ndarray(samples[None, :], format="flt", layout="mono")
+        frame.rate = sample_rate
+        converter = av.AudioResampler(format=stream.codec_context.format.name, layout="mono", rate=sample_rate)
+        for converted in converter.resample(frame):
+            for packet in stream.encode(converted):
+                output.mux(packet)
+        for converted in converter.resample(None):
+            for packet in stream.encode(converted):
+                output.mux(packet)
+        for packet in stream.encode(None):
+            output.mux(packet)
+    return buffer.getvalue()

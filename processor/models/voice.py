@@ -1,0 +1,94 @@
+"""The voice-clone runner: Qwen3-TTS Base through qwen_tts (the transformers-5 build, qwen-tts-compat)."""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import structlog
+import torch
+
+from infra.settings import Settings
+from processor.audio import DecodedAudio
+from processor.models.device import pick_device
+from processor.models.diffusion import pick_dtype
+from processor.models.errors import ModelLoadError
+from processor.models.hub import hub_reachable, offline_hint, prefer_local_cache, quiet_progress_bars
+from processor.models.qwen_tts_import import fill_config_defaults, qwen_tts
+from processor.models.tiny_voice import TINY_VOICE_ID, ensure_tiny_voice
+
+log = structlog.get_logger(__name__)
+
+SAMPLE_RATE = 24000  # what the speech tokenizer and the speaker encoder take
+_GAP_SECONDS = 0.2  # silence between synthesized pieces of a long text
+_BATCH = 4  # pieces of a long text synthesized in one call
+
+
+class VoiceCloner:
+    """Loaded once; `clone` runs in a worker thread and holds a lock, so inference is one at a time."""
+
+    def __init__(self, model: Any, model_id: str) -> None:
+        self._model = model
+        self._lock = threading.Lock()
+        self.model_id = model_id
+
+    @classmethod
+    def load(cls, settings: Settings) -> VoiceCloner:
+        device = pick_device(settings.torch_device)
+        dtype = pick_dtype("auto", device)
+        if settings.model_profile == "tiny":
+            source, model_id = str(ensure_tiny_voice(settings.model_cache_dir)), TINY_VOICE_ID
+        else:
+            source = model_id = settings.voice_model
+        local = Path(source).is_dir()
+        if not local:
+            prefer_local_cache()
+        quiet_progress_bars()
+        models = qwen_tts()
+        try:
+            config = fill_config_defaults(models.Qwen3TTSConfig.from_pretrained(source))
+            model = models.Qwen3TTSModel.from_pretrained(source, config=config, dtype=dtype, device_map=str(device))
+        except Exception as exc:
+            if not local and not hub_reachable():
+                raise ModelLoadError(
+                    f"cannot load voice model {model_id!r}: {offline_hint('VOICE_MODEL (a local folder)')}"
+                ) from exc
+            raise ModelLoadError(f"cannot load voice model {model_id!r}: {exc}") from exc
+        if model.model.tts_model_type != "base":
+            raise ModelLoadError(
+                f"voice model {model_id!r} is a {model.model.tts_model_type!r} model; voice cloning needs a Base "
+                "model (VOICE_MODEL=Qwen/Qwen3-TTS-12Hz-0.6B-Base or -1.7B-Base)"
+            )
+        log.info("voice_model_loaded", model=model_id, device=str(device), dtype=str(dtype).removeprefix("torch."))
+        return cls(model, model_id)
+
+    def clone(self, *, reference: DecodedAudio, ref_text: str, pieces: Sequence[str], language: str) -> np.ndarray:
+        """Speak each piece of text in the reference voice and join them; mono float32 at SAMPLE_RATE."""
+        if reference.sample_rate != SAMPLE_RATE:
+            raise ValueError(f"the reference must be resampled to {SAMPLE_RATE} Hz first")
+        gap = np.zeros(int(_GAP_SECONDS * SAMPLE_RATE), dtype=np.float32)
+        spoken: list[np.ndarray] = []
+        with self._lock, torch.inference_mode(), warnings.catch_warnings():
+            # qwen_tts generates from embeddings; transformers notes that the penalty then covers new tokens only
+            warnings.filterwarnings("ignore", message="Passing `repetition_penalty`", category=UserWarning)
+            prompt = self._model.create_voice_clone_prompt(
+                ref_audio=(reference.waveform, SAMPLE_RATE), ref_text=ref_text
+            )
+            for start in range(0, len(pieces), _BATCH):
+                batch = list(pieces[start : start + _BATCH])
+                waves, rate = self._model.generate_voice_clone(
+                    text=batch, language=[language] * len(batch), voice_clone_prompt=prompt * len(batch)
+                )
+                if rate != SAMPLE_RATE:
+                    raise RuntimeError(f"the voice model produced {rate} Hz audio, expected {SAMPLE_RATE}")
+                spoken += [np.asarray(wave, dtype=np.float32) for wave in waves]
+        joined: list[np.ndarray] = []
+        for index, wave in enumerate(spoken):
+            if index:
+                joined.append(gap)
+            joined.append(wave)
+        return np.concatenate(joined) if joined else np.zeros(0, dtype=np.float32)

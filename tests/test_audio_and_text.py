@@ -1,0 +1,121 @@
+"""Decoding reference clips, encoding MP3, and splitting long text for speech: the pieces under the voice job."""
+
+from __future__ import annotations
+
+import io
+
+import av
+import numpy as np
+import pytest
+
+from processor.audio import InvalidAudioError, decode_audio, encode_mp3
+from processor.text_chunks import split_text
+from tests.support.audio import CLIP_FORMATS, mp3_info, speech_clip, speech_wav, tone_wav
+
+RATE = 24000
+
+
+def wav_seconds(data: bytes) -> float:
+    with av.open(io.BytesIO(data)) as container:
+        stream = container.streams.audio[0]
+        return sum(frame.samples for frame in container.decode(stream)) / stream.codec_context.sample_rate
+
+
+@pytest.mark.parametrize("fmt", CLIP_FORMATS)
+def test_each_format_decodes_to_mono_at_the_requested_rate(fmt):
+    decoded = decode_audio(speech_clip(fmt), sample_rate=RATE, min_seconds=1.0, max_seconds=30.0)
+    assert decoded.sample_rate == RATE
+    assert decoded.waveform.ndim == 1
+    assert decoded.waveform.dtype == np.float32
+    # lossy codecs pad a little at either end; the speech itself is all there
+    assert decoded.seconds == pytest.approx(wav_seconds(speech_wav()), abs=0.1)
+    assert float(np.abs(decoded.waveform).max()) > 0.05
+    expected = {"ogg-opus": "ogg", "ogg-vorbis": "ogg"}.get(fmt, fmt)
+    assert decoded.source_format == expected
+
+
+def test_stereo_is_mixed_down():
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="wav") as output:
+        stream = output.add_stream("pcm_s16le", rate=16000)
+        stream.layout = "stereo"
+        left = (np.sin(np.linspace(0, 2000, 32000)) * 12000).astype(np.int16)
+        frame = av.AudioFrame.from_ndarray(np.stack([left, left]).T.reshape(1, -1), format="s16", layout="stereo")
+        frame.rate = 16000
+        for packet in [*stream.encode(frame), *stream.encode(None)]:
+            output.mux(packet)
+    decoded = decode_audio(buffer.getvalue(), sample_rate=RATE, min_seconds=1.0, max_seconds=30.0)
+    assert decoded.waveform.ndim == 1
+    assert decoded.seconds == pytest.approx(2.0, abs=0.01)
+
+
+@pytest.mark.parametrize(
+    ("data", "code"),
+    [
+        (b"", "empty_file"),
+        (b"%PDF-1.7 not audio at all" * 20, "not_audio"),
+        (None, "audio_too_short"),
+    ],
+)
+def test_bad_clips_name_the_problem(data, code):
+    clip = tone_wav(0.3) if data is None else data
+    with pytest.raises(InvalidAudioError) as caught:
+        decode_audio(clip, sample_rate=RATE, min_seconds=1.0, max_seconds=30.0)
+    assert caught.value.code == code
+
+
+def test_a_long_clip_is_refused_with_the_limit_named():
+    with pytest.raises(InvalidAudioError) as caught:
+        decode_audio(tone_wav(5), sample_rate=RATE, min_seconds=1.0, max_seconds=4.0)
+    assert caught.value.code == "audio_too_long"
+    assert "VOICE_MAX_REF_SECONDS" in caught.value.message
+
+
+def test_an_image_is_not_an_accepted_audio_format():
+    from tests.support.images import encoded
+
+    with pytest.raises(InvalidAudioError) as caught:
+        decode_audio(encoded(1, "PNG"), sample_rate=RATE, min_seconds=1.0, max_seconds=30.0)
+    assert caught.value.code in ("unsupported_audio_format", "not_audio")
+
+
+@pytest.mark.parametrize("seconds", [0.05, 1.0, 3.7])
+def test_mp3_duration_matches_the_waveform(seconds):
+    wave = (0.3 * np.sin(np.arange(int(seconds * RATE)) * 2 * np.pi * 220 / RATE)).astype(np.float32)
+    decoded_seconds, rate = mp3_info(encode_mp3(wave, RATE, 128_000))
+    assert rate == RATE
+    assert decoded_seconds == pytest.approx(seconds, abs=0.03)
+
+
+@pytest.mark.parametrize("kbps", [64, 96, 128, 160])
+def test_mp3_bitrate_is_the_one_asked_for(kbps):
+    seconds = 4
+    mp3 = encode_mp3(np.zeros(RATE * seconds, dtype=np.float32), RATE, kbps * 1000)
+    assert len(mp3) * 8 / seconds == pytest.approx(kbps * 1000, rel=0.05)
+
+
+def test_short_text_is_one_piece():
+    assert split_text("  Hello there.  ", 250) == ["Hello there."]
+
+
+def test_pieces_end_at_sentences_and_keep_every_word_in_order():
+    text = " ".join(f"Sentence number {n} says something of moderate length." for n in range(20))
+    pieces = split_text(text, 120)
+    assert all(len(piece) <= 120 for piece in pieces)
+    assert all(piece.endswith(".") for piece in pieces)
+    assert " ".join(pieces).split() == text.split()
+
+
+def test_cjk_punctuation_and_newlines_are_sentence_ends():
+    text = "오전 10시 30분에 미팅이 있어요. 확인해 주시겠어요?\n今天天气很好。我们去公园吧！"
+    pieces = split_text(text, 20)
+    # sentences are packed into pieces up to the limit; a piece never ends inside a sentence
+    assert pieces == ["오전 10시 30분에 미팅이 있어요.", "확인해 주시겠어요? 今天天气很好。", "我们去公园吧！"]
+
+
+def test_a_sentence_longer_than_the_limit_is_cut_at_clauses_then_words_then_anywhere():
+    clauses = "first part here, second part here, third part here, fourth part here."
+    assert split_text(clauses, 40) == ["first part here, second part here,", "third part here, fourth part here."]
+    words = "word " * 30
+    assert all(len(piece) <= 22 for piece in split_text(words, 22))
+    assert split_text("x" * 50, 20) == ["x" * 20, "x" * 20, "x" * 10]
