@@ -39,6 +39,13 @@ DEAD_EXCHANGE = "ams.dead"
 DEAD_QUEUE = "ams.dead"
 RETRY_EXCHANGE = "ams.retry"
 RETRY_DELAY_HEADER = "x-ams-retry-delay"
+# what the processor records on a message it retries or dead-letters (read back by the operator CLI)
+ATTEMPTS_HEADER = "x-ams-attempts"
+REASON_CODE_HEADER = "x-ams-reason-code"
+REASON_HEADER = "x-ams-reason"
+ROUTING_KEY_HEADER = "x-ams-routing-key"
+FIRST_FAILURE_HEADER = "x-ams-first-failed-at"
+LAST_FAILURE_HEADER = "x-ams-last-failed-at"
 RETRY_DELAYS_SECONDS = (1, 5, 30, 120)
 MAX_PRIORITY = 9
 
@@ -97,6 +104,24 @@ async def declare_topology(channel: AbstractChannel) -> Topology:
         )
         await retry_queue.bind(retry_exchange, arguments={"x-match": "all", RETRY_DELAY_HEADER: str(delay)})
     return Topology(jobs_exchange, jobs_queue, dead_exchange, dead_queue, retry_exchange)
+
+
+def all_queue_names() -> list[str]:
+    return [JOBS_QUEUE, DEAD_QUEUE, *(retry_queue_name(delay) for delay in RETRY_DELAYS_SECONDS)]
+
+
+async def queue_depths(connection: AbstractRobustConnection) -> dict[str, tuple[int, int]]:
+    """For each queue of the topology: (messages ready, consumers), read with passive declares."""
+    try:
+        async with connection.channel() as channel:
+            depths = {}
+            for name in all_queue_names():
+                queue = await channel.declare_queue(name, passive=True)
+                result = queue.declaration_result
+                depths[name] = (result.message_count or 0, result.consumer_count or 0)
+            return depths
+    except (aio_pika.exceptions.AMQPError, ConnectionError, OSError) as exc:
+        raise BrokerUnavailableError(f"could not read queue depths: {exc}") from exc
 
 
 def retry_queue_name(delay_seconds: int) -> str:
@@ -178,19 +203,22 @@ class Publisher:
         *,
         to_dead_letters: bool,
         headers: Mapping[str, Any],
+        message_id: str | None = None,
+        message_type: str | None = None,
     ) -> None:
         """Publish a copy of a received message, with extra headers, to the dead-letter or the retry exchange.
 
         The copy keeps the body and every property (message id, type, priority, reply_to, correlation id) and
-        the original routing key, so a retried or replayed message is the same job.
+        the original routing key, so a retried or replayed message is the same job. `message_id` and
+        `message_type` fill in what a notification arrived without (the id and type it was processed under).
         """
         copy = aio_pika.Message(
             body=message.body,
             content_type=message.content_type,
             content_encoding=message.content_encoding,
             delivery_mode=DeliveryMode.PERSISTENT,
-            message_id=message.message_id,
-            type=message.type,
+            message_id=message.message_id or message_id,
+            type=message.type or message_type,
             priority=message.priority,
             reply_to=message.reply_to,
             correlation_id=message.correlation_id,

@@ -86,6 +86,9 @@ class Settings:
     voice_chunk_chars: int
     voice_ref_prefix: str
     voice_mp3_bitrate_kbps: int
+    # upstream messages and bucket events
+    watch_prefixes: tuple[str, ...]
+    processor_metrics_port: int
     # HTTP server and jobs
     host: str
     port: int
@@ -170,6 +173,17 @@ def _prefix(env: _Reader, name: str, default: str) -> str:
     return value
 
 
+def _prefixes(env: _Reader, name: str, default: str) -> tuple[str, ...]:
+    value = env.raw(name, default)
+    items = tuple(item.strip() for item in value.split(",") if item.strip())
+    bad = [item for item in items if item.startswith("/") or ".." in item.split("/")]
+    if not items or bad:
+        raise SettingsError(
+            f"{name}={value!r}: expected comma-separated key prefixes like 'images/incoming/' (no leading '/', no '..')"
+        )
+    return items
+
+
 def _side(env: _Reader, name: str, default: int) -> int:
     value = env.integer(name, default, 64, 2048)
     if value % 16:
@@ -229,6 +243,8 @@ def _parse(env: _Reader) -> Settings:
         voice_chunk_chars=env.integer("VOICE_CHUNK_CHARS", 250, 20, 2000),
         voice_ref_prefix=_prefix(env, "VOICE_REF_PREFIX", "voice/refs/"),
         voice_mp3_bitrate_kbps=int(env.choice("VOICE_MP3_BITRATE_KBPS", "128", ("64", "96", "128", "160"))),
+        watch_prefixes=_prefixes(env, "WATCH_PREFIXES", "images/incoming/"),
+        processor_metrics_port=env.integer("PROCESSOR_METRICS_PORT", 9101, 0, 65535),
         host=env.raw("HOST", "0.0.0.0"),
         port=env.integer("PORT", 8000, 1, 65535),
         sync_timeout_seconds=env.number("SYNC_TIMEOUT_SECONDS", 120.0, 0.1),

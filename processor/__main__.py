@@ -20,6 +20,20 @@ async def run(settings: Settings) -> None:
     from processor.service import build_consumer
 
     log = structlog.get_logger("processor")
+    if settings.processor_metrics_port:
+        from prometheus_client import start_http_server
+
+        from processor.metrics import REGISTRY
+        from processor.runtime import StartupError
+
+        try:
+            start_http_server(settings.processor_metrics_port, addr=settings.host, registry=REGISTRY)
+        except OSError as exc:
+            raise StartupError(
+                f"cannot serve metrics on {settings.host}:{settings.processor_metrics_port} "
+                f"(PROCESSOR_METRICS_PORT; 0 turns it off): {exc}"
+            ) from exc
+        log.info("metrics_served", port=settings.processor_metrics_port, path="/metrics")
     runtime = await Runtime.open(settings)
     consumer = build_consumer(runtime)
     stop = asyncio.Event()

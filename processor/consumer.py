@@ -26,8 +26,22 @@ import aio_pika
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
 
-from infra.broker import RETRY_DELAY_HEADER, BrokerUnavailableError, Publisher, declare_topology, retry_delay
-from processor.contract import MSGPACK, ContractError, ErrorInfo, JobReply, decode_job, encode
+from infra.broker import (
+    ATTEMPTS_HEADER,
+    FIRST_FAILURE_HEADER,
+    LAST_FAILURE_HEADER,
+    REASON_CODE_HEADER,
+    REASON_HEADER,
+    RETRY_DELAY_HEADER,
+    ROUTING_KEY_HEADER,
+    BrokerUnavailableError,
+    Publisher,
+    declare_topology,
+    retry_delay,
+)
+from processor import metrics
+from processor.bucket_events import BUCKET_EVENT, event_message_id, parse_bucket_event
+from processor.contract import JSON, MSGPACK, ContractError, ErrorInfo, JobReply, decode_job, encode
 from processor.handlers.base import Handler, Job
 from processor.jobs import RECORD_HEADER, JobRecord, JobStore
 from processor.outcomes import Failed, Outcome, Succeeded
@@ -36,17 +50,25 @@ from processor.tracking import JobTracker
 
 log = structlog.get_logger(__name__)
 
-ATTEMPTS_HEADER = "x-ams-attempts"
-REASON_CODE_HEADER = "x-ams-reason-code"
-REASON_HEADER = "x-ams-reason"
-ROUTING_KEY_HEADER = "x-ams-routing-key"
-FIRST_FAILURE_HEADER = "x-ams-first-failed-at"
-LAST_FAILURE_HEADER = "x-ams-last-failed-at"
-
 
 def _attempt(message: AbstractIncomingMessage) -> int:
     """This delivery's attempt number (1 for the first)."""
     return int((message.headers or {}).get(ATTEMPTS_HEADER, 0) or 0) + 1
+
+
+def job_type(message: AbstractIncomingMessage) -> str:
+    """The job type: the AMQP `type`, or `bucket.event` for notifications routed with that key (MinIO and
+    other notifiers cannot set `type`)."""
+    if message.type:
+        return message.type
+    return BUCKET_EVENT if message.routing_key == BUCKET_EVENT else ""
+
+
+def job_id(message: AbstractIncomingMessage) -> str | None:
+    """The AMQP `message_id`; a bucket event without one gets a stable id derived from its body."""
+    if message.message_id:
+        return message.message_id
+    return event_message_id(message.body) if job_type(message) == BUCKET_EVENT else None
 
 
 def _now_iso() -> str:
@@ -121,12 +143,12 @@ class Consumer:
 
     def _take_batch(self) -> list[AbstractIncomingMessage]:
         _, _, first = heapq.heappop(self._heap)
-        handler = self._handlers.get(first.type or "")
+        handler = self._handlers.get(job_type(first))
         limit = handler.batch_size if handler is not None else 1
         if limit <= 1 or not self._heap:
             return [first]
         ordered = sorted(self._heap)
-        taken = [entry for entry in ordered if entry[2].type == first.type][: limit - 1]
+        taken = [entry for entry in ordered if job_type(entry[2]) == job_type(first)][: limit - 1]
         if taken:
             chosen = {id(entry[2]) for entry in taken}
             self._heap = [entry for entry in self._heap if id(entry[2]) not in chosen]
@@ -203,24 +225,28 @@ class Consumer:
 
     async def _admit(self, message: AbstractIncomingMessage) -> Job | None:
         """Decode one message; dead-letter it at once if it breaks the contract or its feature is off."""
-        if not message.message_id:
+        message_id, message_type = job_id(message), job_type(message)
+        if not message_id:
             await self._refuse(message, "missing_message_id", "the AMQP `message_id` property is required")
             return None
-        reason = self._disabled.get(message.type or "")
+        reason = self._disabled.get(message_type)
         if reason is not None:
             await self._refuse(message, "feature_disabled", reason)
             return None
         try:
-            payload = decode_job(message.type, message.content_type, message.body)
+            if message_type == BUCKET_EVENT:
+                payload: object = parse_bucket_event(message.body)
+            else:
+                payload = decode_job(message.type, message.content_type, message.body)
         except ContractError as exc:
             await self._refuse(message, exc.code, exc.message)
             return None
-        if (message.type or "") not in self._handlers:
-            await self._refuse(message, "unknown_type", f"no handler for {message.type!r}")
+        if message_type not in self._handlers:
+            await self._refuse(message, "unknown_type", f"no handler for {message_type!r}")
             return None
         return Job(
-            message_id=message.message_id,
-            message_type=message.type or "",
+            message_id=message_id,
+            message_type=message_type,
             payload=payload,
             priority=message.priority or 0,
         )
@@ -232,11 +258,12 @@ class Consumer:
                 await self._tracker.refused(message.message_id, Failed(code, text), _attempt(message))
             except TRANSIENT_ERRORS:
                 log.warning("job_record_not_updated", message_id=message.message_id, code=code)
-        await self._dead_letter(message, code, text, _attempt(message))
+        if await self._dead_letter(message, code, text, _attempt(message)):
+            metrics.job_settled(job_type(message), "dead_lettered")
 
     async def _settle(self, message: AbstractIncomingMessage, job: Job, outcome: Outcome, elapsed: float) -> None:
         """Record the outcome (tracked jobs), then reply, then ack; or schedule a retry; or dead-letter."""
-        logger = log.bind(message_id=job.message_id, job_type=message.type)
+        logger = log.bind(message_id=job.message_id, job_type=job.message_type)
         record = self._records.pop(job.message_id, None)
         attempt = _attempt(message)
         if isinstance(outcome, Succeeded) and record is not None:
@@ -250,6 +277,7 @@ class Consumer:
             )
             await self._reply(message, reply)
             await self._ack(message)
+            metrics.job_settled(job.message_type, "succeeded", elapsed)
             logger.info("job_succeeded", seconds=round(elapsed, 4))
             return
         retry = outcome.transient and attempt < self._max_attempts
@@ -264,6 +292,8 @@ class Consumer:
                 await self._publisher.republish(
                     message,
                     to_dead_letters=False,
+                    message_id=job.message_id,
+                    message_type=job.message_type,
                     headers={
                         **self._failure_headers(message, outcome, attempt),
                         RETRY_DELAY_HEADER: str(delay),
@@ -274,6 +304,7 @@ class Consumer:
                 await self._requeue(message)
                 return
             await self._ack(message)
+            metrics.job_settled(job.message_type, "retried", elapsed)
             logger.warning(
                 "job_retry_scheduled",
                 code=outcome.code,
@@ -282,7 +313,8 @@ class Consumer:
                 delay_seconds=delay,
             )
             return
-        await self._dead_letter(message, outcome.code, outcome.message, attempt)
+        if await self._dead_letter(message, outcome.code, outcome.message, attempt):
+            metrics.job_settled(job.message_type, "dead_lettered", elapsed)
 
     @staticmethod
     def _failure_headers(message: AbstractIncomingMessage, outcome: Failed, attempts: int) -> dict[str, str | int]:
@@ -292,40 +324,48 @@ class Consumer:
             ATTEMPTS_HEADER: attempts,
             REASON_CODE_HEADER: outcome.code,
             REASON_HEADER: outcome.message[:1000],
-            ROUTING_KEY_HEADER: str(headers.get(ROUTING_KEY_HEADER) or message.routing_key or ""),
+            ROUTING_KEY_HEADER: str(headers.get(ROUTING_KEY_HEADER) or message.routing_key or job_type(message)),
             FIRST_FAILURE_HEADER: str(headers.get(FIRST_FAILURE_HEADER) or now),
             LAST_FAILURE_HEADER: now,
         }
 
-    async def _dead_letter(self, message: AbstractIncomingMessage, code: str, text: str, attempts: int = 1) -> None:
+    async def _dead_letter(self, message: AbstractIncomingMessage, code: str, text: str, attempts: int = 1) -> bool:
         """Move the message to the dead-letter queue (confirmed), tell a waiting requester, then ack it.
-        If the copy cannot be published, the message stays unacked and comes back."""
+        If the copy cannot be published, the message stays unacked and comes back (False)."""
         outcome = Failed(code, text)
+        message_id, message_type = job_id(message), job_type(message)
         try:
             await self._publisher.republish(
-                message, to_dead_letters=True, headers=self._failure_headers(message, outcome, attempts)
+                message,
+                to_dead_letters=True,
+                message_id=message_id,
+                message_type=message_type or None,
+                headers=self._failure_headers(message, outcome, attempts),
             )
         except BrokerUnavailableError:
-            log.warning("dead_letter_publish_failed", message_id=message.message_id, code=code)
+            log.warning("dead_letter_publish_failed", message_id=message_id, code=code)
             await self._requeue(message)
-            return
+            return False
         await self._reply(
             message,
-            JobReply(job_id=message.message_id or "", status="failed", error=ErrorInfo(code=code, message=text)),
+            JobReply(job_id=message_id or "", status="failed", error=ErrorInfo(code=code, message=text)),
         )
         await self._ack(message)
         log.warning(
             "job_dead_lettered",
-            message_id=message.message_id,
-            job_type=message.type,
+            message_id=message_id,
+            job_type=message_type,
             code=code,
             reason=text,
             attempts=attempts,
         )
+        return True
 
     async def _reply(self, message: AbstractIncomingMessage, reply: JobReply) -> None:
+        """Answer on reply_to in the request's own encoding (JSON for JSON requests, else msgpack)."""
         if message.reply_to and message.correlation_id:
-            await self._publisher.reply(message.reply_to, message.correlation_id, encode(reply), MSGPACK)
+            kind = JSON if (message.content_type or JSON).split(";")[0].strip().lower() == JSON else MSGPACK
+            await self._publisher.reply(message.reply_to, message.correlation_id, encode(reply, kind), kind)
 
     @staticmethod
     async def _requeue(message: AbstractIncomingMessage) -> None:

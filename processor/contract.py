@@ -19,6 +19,7 @@ CONTENT_TYPES = (JSON, MSGPACK)
 IMAGE_INDEX = "image.index"
 IMAGE_GENERATE = "image.generate"
 VOICE_GENERATE = "voice.generate"
+IMAGE_DELETE = "image.delete"
 
 # the languages Qwen3-TTS speaks, by the names its API takes; "auto" lets the model decide
 VOICE_LANGUAGES = (
@@ -59,6 +60,23 @@ class ImageIndexV1(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     def __post_init__(self) -> None:
         if (self.data is None) == (self.key is None):
             raise ValueError("give exactly one of `data` (the image bytes) or `key` (an object in storage)")
+
+
+class ImageDeleteV1(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Remove one image from the index.
+
+    By `image_id`: the point and the stored original go, as with DELETE /v1/images/{id}. By `key`: the point of
+    the object indexed in place at that key goes (its id derives from bucket and key); the object itself is left
+    alone. Deleting an image that is not indexed succeeds (nothing to do).
+    """
+
+    version: Literal[1] = 1
+    image_id: ImageId | None = None
+    key: Annotated[str, msgspec.Meta(min_length=1, max_length=1024)] | None = None
+
+    def __post_init__(self) -> None:
+        if (self.image_id is None) == (self.key is None):
+            raise ValueError("give exactly one of `image_id` or `key`")
 
 
 Prompt = Annotated[str, msgspec.Meta(min_length=1, max_length=2000)]
@@ -134,6 +152,7 @@ JOB_TYPES: dict[str, type[msgspec.Struct]] = {
     IMAGE_INDEX: ImageIndexV1,
     IMAGE_GENERATE: ImageGenerateV1,
     VOICE_GENERATE: VoiceGenerateV1,
+    IMAGE_DELETE: ImageDeleteV1,
 }
 
 

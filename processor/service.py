@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from processor.bucket_events import BUCKET_EVENT
 from processor.clock import UniqueClock
 from processor.consumer import Consumer
-from processor.contract import IMAGE_GENERATE, IMAGE_INDEX, VOICE_GENERATE
+from processor.contract import IMAGE_DELETE, IMAGE_GENERATE, IMAGE_INDEX, VOICE_GENERATE
 from processor.handlers.base import Handler
+from processor.handlers.bucket_event import BucketEventHandler
+from processor.handlers.image_delete import ImageDeleteHandler, ImageDeleter
 from processor.handlers.image_generate import ImageGenerateHandler
 from processor.handlers.image_index import ImageIndexHandler
 from processor.handlers.voice_generate import VoiceGenerateHandler
@@ -19,7 +22,7 @@ def build_handlers(runtime: Runtime) -> tuple[dict[str, Handler], dict[str, str]
     handlers: dict[str, Handler] = {}
     disabled: dict[str, str] = {}
     if runtime.index is not None and runtime.clip is not None:
-        handlers[IMAGE_INDEX] = ImageIndexHandler(
+        indexer = ImageIndexHandler(
             store=runtime.store,
             index=runtime.index,
             embedder=runtime.clip,
@@ -29,8 +32,19 @@ def build_handlers(runtime: Runtime) -> tuple[dict[str, Handler], dict[str, str]
             max_elements=settings.image_search_max_elements,
             clock=UniqueClock(),
         )
+        deleter = ImageDeleter(store=runtime.store, index=runtime.index, bucket=runtime.bucket)
+        handlers[IMAGE_INDEX] = indexer
+        handlers[IMAGE_DELETE] = ImageDeleteHandler(deleter)
+        handlers[BUCKET_EVENT] = BucketEventHandler(
+            indexer=indexer,
+            deleter=deleter,
+            bucket=runtime.bucket,
+            prefixes=settings.watch_prefixes,
+            max_bytes=settings.image_search_max_bytes,
+        )
     else:
-        disabled[IMAGE_INDEX] = "image search is disabled on this processor (IMAGE_SEARCH_ENABLED=0)"
+        for message_type in (IMAGE_INDEX, IMAGE_DELETE, BUCKET_EVENT):
+            disabled[message_type] = "image search is disabled on this processor (IMAGE_SEARCH_ENABLED=0)"
     if runtime.generator is not None:
         handlers[IMAGE_GENERATE] = ImageGenerateHandler(
             store=runtime.store, generator=runtime.generator, settings=settings

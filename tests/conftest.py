@@ -63,6 +63,7 @@ def make_env(
             "LOG_FORMAT": "console",
             "LOG_LEVEL": "warning",
             "SYNC_TIMEOUT_SECONDS": "30",
+            "PROCESSOR_METRICS_PORT": "0",
         }
         if r2_bucket is not None:
             env.update(

@@ -10,6 +10,7 @@ import sys
 import uuid
 from pathlib import Path
 
+import httpx
 import pytest
 
 from infra.settings import Settings
@@ -131,7 +132,14 @@ async def test_killed_processor_loses_nothing_and_duplicates_nothing(make_env, r
     s3 = S3Process(free_port())
     try:
         s3.create_bucket("crash")
-        env = make_env(r2_bucket="crash", endpoint=s3.endpoint, LOG_FORMAT="json", LOG_LEVEL="info")
+        metrics_port = free_port()
+        env = make_env(
+            r2_bucket="crash",
+            endpoint=s3.endpoint,
+            LOG_FORMAT="json",
+            LOG_LEVEL="info",
+            PROCESSOR_METRICS_PORT=str(metrics_port),
+        )
         vhost = env["VHOST"]
         log_path = tmp_path / "processor.log"
         first = _start_processor(env, log_path)
@@ -150,6 +158,9 @@ async def test_killed_processor_loses_nothing_and_duplicates_nothing(make_env, r
         try:
             await wait_until(lambda: rabbit.queue_counts(vhost)["ams.jobs"] == (0, 0), timeout=90)
             await wait_until(lambda: "job_succeeded" in log_path.read_text(), timeout=30)
+            async with httpx.AsyncClient() as client:
+                metrics = (await client.get(f"http://127.0.0.1:{metrics_port}/metrics")).text
+            assert 'ams_jobs_total{outcome="succeeded",type="image.index"} 1.0' in metrics
         finally:
             second.send_signal(signal.SIGTERM)
             assert second.wait(timeout=30) == 0

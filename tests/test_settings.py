@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -59,11 +60,25 @@ def test_r2_endpoint_is_derived_from_the_account_id():
         ({"QDRANT_URL": "localhost:6333"}, "QDRANT_URL"),
         ({"SYNC_TIMEOUT_SECONDS": "-1"}, "SYNC_TIMEOUT_SECONDS"),
         ({"R2_ENABLED": "1"}, "R2_BUCKET_NAME"),
+        ({"WATCH_PREFIXES": "/abs/"}, "WATCH_PREFIXES"),
+        ({"WATCH_PREFIXES": " , "}, "WATCH_PREFIXES"),
+        ({"WATCH_PREFIXES": "images/../secret/"}, "WATCH_PREFIXES"),
+        ({"PROCESSOR_METRICS_PORT": "99999"}, "PROCESSOR_METRICS_PORT"),
+        ({"VOICE_MP3_BITRATE_KBPS": "192"}, "VOICE_MP3_BITRATE_KBPS"),
+        ({"VOICE_REF_PREFIX": "../refs/"}, "VOICE_REF_PREFIX"),
+        ({"VOICE_MAX_REF_SECONDS": "0.5"}, "VOICE_MAX_REF_SECONDS"),
+        ({"VOICE_MIN_REF_SECONDS": "20", "VOICE_MAX_REF_SECONDS": "10"}, "VOICE_MIN_REF_SECONDS"),
     ],
 )
 def test_bad_values_name_the_variable(env, variable):
     with pytest.raises(SettingsError, match=variable):
         Settings.from_env(env)
+
+
+def test_watch_prefixes_are_a_comma_separated_list():
+    assert Settings.from_env({}).watch_prefixes == ("images/incoming/",)
+    settings = Settings.from_env({"WATCH_PREFIXES": "images/incoming/, uploads/photos/"})
+    assert settings.watch_prefixes == ("images/incoming/", "uploads/photos/")
 
 
 def run_module(module: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -110,3 +125,14 @@ def test_unreachable_broker_fails_with_one_clear_line(tmp_path):
     assert "cannot reach RabbitMQ" in last
     assert "AMQP_URL" in last
     assert "secret" not in result.stderr
+
+
+def test_processor_metrics_port_in_use_fails_start_up_with_one_line():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_module("processor", {"PROCESSOR_METRICS_PORT": str(port), "HOST": "127.0.0.1"})
+    assert result.returncode == 1
+    [line] = result.stderr.strip().splitlines()[-1:]
+    assert "PROCESSOR_METRICS_PORT" in line

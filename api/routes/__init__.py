@@ -1,6 +1,6 @@
 """Route handlers, one module per resource."""
 
-from api.routes import files, generate, health, images, jobs, search, voice
+from api.routes import files, generate, health, images, jobs, metrics, search, voice
 
 ROUTES = [
     *health.ROUTES,
@@ -10,6 +10,7 @@ ROUTES = [
     voice.generate_voice_to_r2,
     *jobs.ROUTES,
     *files.ROUTES,
+    *metrics.ROUTES,
 ]
 # multipart voice uploads, mounted with their own body-size limit (VOICE_MAX_REF_BYTES)
 VOICE_UPLOAD_ROUTES = [voice.generate_voice]

@@ -16,24 +16,13 @@ from infra.vectors import ImageRecord, VectorIndex
 from processor.clock import UniqueClock, iso_from_us
 from processor.contract import IMAGE_INDEX, ImageIndexV1
 from processor.handlers.base import Job
+from processor.image_ids import image_id_for_key, original_key
 from processor.imaging import DecodedImage, InvalidImageError, decode_image
 from processor.models.clip import ClipEmbedder
 from processor.outcomes import Failed, Outcome, Succeeded
 from processor.retrying import TRANSIENT_ERRORS, retry_transient
 
 log = structlog.get_logger(__name__)
-
-ORIGINALS_PREFIX = "images/originals/"
-_KEY_NAMESPACE = uuid.UUID("6f1c2f5e-8d0a-4c43-9a38-6a5b3f9e0c11")
-
-
-def image_id_for_key(bucket: str, key: str) -> str:
-    """The id of an image indexed in place: the same bucket and key always give the same id."""
-    return str(uuid.uuid5(_KEY_NAMESPACE, f"{bucket}/{key}"))
-
-
-def original_key(image_id: str, extension: str) -> str:
-    return f"{ORIGINALS_PREFIX}{image_id}.{extension}"
 
 
 @dataclass(slots=True)

@@ -86,6 +86,8 @@ class S3Process:
         os.kill(self._process.pid, signal.SIGCONT)
 
     def stop(self) -> None:
+        if self._process.poll() is not None:
+            return
         self.thaw()
         self._process.terminate()
         self._process.wait()

@@ -1,0 +1,22 @@
+"""Prometheus metrics: queue depths (read from RabbitMQ at each scrape) and, where the processor runs in this
+process, job outcomes and durations per type."""
+
+from __future__ import annotations
+
+from litestar import Response, get
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from api.services import Services
+from infra.broker import queue_depths
+from processor.metrics import QUEUE_CONSUMERS, QUEUE_MESSAGES, REGISTRY
+
+
+@get("/metrics", summary="Prometheus metrics: queue depths, dead letters, job outcomes and durations")
+async def metrics(services: Services) -> Response[bytes]:
+    for queue, (messages, consumers) in (await queue_depths(services.runtime.connection)).items():
+        QUEUE_MESSAGES.labels(queue).set(messages)
+        QUEUE_CONSUMERS.labels(queue).set(consumers)
+    return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+
+ROUTES = [metrics]

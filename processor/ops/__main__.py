@@ -1,0 +1,366 @@
+"""ams-ops: the operator's command line.
+
+    ams-ops dlq list [FILTERS] [--json]          the dead letters in ams.dead (the queue is left as it was)
+    ams-ops dlq show ID                          one dead letter: properties, headers, body decoded
+    ams-ops dlq replay (FILTERS | --all) [--dry-run]          publish matching dead letters to ams.jobs again
+    ams-ops dlq purge (FILTERS | --all) [--dry-run] [--yes]   delete matching dead letters
+    ams-ops backfill --prefix P [--dry-run] [--api-url URL] [--json]   index images already in the bucket
+
+FILTERS: --id ID, --type TYPE, --reason CODE (each repeatable) and --since WHEN (ISO-8601 or 30m, 2h, 1d),
+compared with the last failure. Settings come from the server's environment (AMQP_URL, R2_*, ...).
+
+Exit codes:
+    0  success, also when nothing matched
+    1  an operation failed: RabbitMQ, storage or the API unreachable, no dead letter with that id
+    2  usage or configuration error: bad option, replay/purge without a filter, a bad environment variable
+Errors are one line on stderr, starting with "ams-ops:".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import sys
+from collections.abc import Callable, Coroutine, Iterator
+from typing import IO, Any, TypeVar
+
+import click
+
+from infra.broker import DEAD_QUEUE, JOBS_EXCHANGE
+from infra.logging import configure_logging
+from infra.settings import Settings, SettingsError
+from infra.storage.base import InvalidKeyError
+from infra.storage.keys import validate_prefix
+from processor.ops.backfill import plan_backfill, run_backfill
+from processor.ops.dlq import open_dead_letters
+from processor.ops.errors import OperationFailedError
+from processor.ops.filters import Selection, parse_when
+from processor.ops.render import letter_details, letters_json, letters_table
+
+T = TypeVar("T")
+
+EXIT_CODES = """\b
+Exit codes:
+  0  success, also when nothing matched
+  1  an operation failed: RabbitMQ, storage or the API unreachable,
+     no dead letter with that id
+  2  usage or configuration error: bad option, replay/purge without a
+     filter, a bad environment variable
+"""
+
+
+class CommandFailed(click.ClickException):
+    """Exit 1 with one line on stderr."""
+
+    exit_code = 1
+
+    def show(self, file: IO[Any] | None = None) -> None:
+        click.echo(f"ams-ops: {self.message}", err=True)
+
+
+class BadConfiguration(CommandFailed):
+    """Exit 2: the environment holds a value the server could not start with either."""
+
+    exit_code = 2
+
+
+class When(click.ParamType):
+    name = "WHEN"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> dt.datetime:
+        if isinstance(value, dt.datetime):
+            return value
+        try:
+            return parse_when(str(value))
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+def _settings() -> Settings:
+    try:
+        return Settings.from_env()
+    except SettingsError as exc:
+        raise BadConfiguration(f"configuration error: {exc}") from None
+
+
+def _run(work: Coroutine[Any, Any, T]) -> T:
+    try:
+        return asyncio.run(work)
+    except OperationFailedError as exc:
+        raise CommandFailed(str(exc)) from None
+
+
+@contextlib.contextmanager
+def _progress(length: int, label: str, visible: bool) -> Iterator[Callable[[int], object]]:
+    """A progress bar on stderr when that is a terminal (not in logs or pipes); `advance(n)` moves it."""
+    if not visible or length == 0 or not sys.stderr.isatty():
+        yield lambda _steps: None
+        return
+    with click.progressbar(length=length, label=label, file=sys.stderr) as bar:
+        yield bar.update
+
+
+def _filter_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    options = (
+        click.option("--id", "ids", multiple=True, metavar="ID", help="Message id (repeatable)."),
+        click.option("--type", "types", multiple=True, metavar="TYPE", help="Job type, e.g. image.index (repeatable)."),
+        click.option(
+            "--reason",
+            "reasons",
+            multiple=True,
+            metavar="CODE",
+            help="Reason code, e.g. storage_unavailable (repeatable).",
+        ),
+        click.option(
+            "--since",
+            type=When(),
+            help="Last failure at or after WHEN: ISO-8601 (2026-11-25T10:00Z; UTC if no zone) or an age (30m, 2h, 1d).",
+        ),
+    )
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _all_option(command: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--all", "everything", is_flag=True, help="Every dead letter (instead of filters).")(command)
+
+
+def _selection(
+    ids: tuple[str, ...],
+    types: tuple[str, ...],
+    reasons: tuple[str, ...],
+    since: dt.datetime | None,
+    everything: bool | None = None,
+) -> Selection:
+    """The filters; with `everything` given (replay, purge), exactly one of filters or --all is required."""
+    selection = Selection(frozenset(ids), frozenset(types), frozenset(reasons), since)
+    if everything is None:
+        return selection
+    if everything and not selection.is_empty:
+        raise click.UsageError("--all selects every dead letter: give it without --id/--type/--reason/--since")
+    if not everything and selection.is_empty:
+        raise click.UsageError("say which dead letters: --id, --type, --reason, --since, or --all for every one")
+    return selection
+
+
+@click.group(epilog=EXIT_CODES, context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """Operate an AI model server deployment: inspect, replay and purge dead letters; backfill the image index.
+
+    Settings come from the same environment as the server (AMQP_URL, AMQP_CONNECT_TIMEOUT_SECONDS,
+    R2_*, LOCAL_STORAGE_DIR, ...).
+    """
+
+
+@cli.group(epilog=EXIT_CODES)
+def dlq() -> None:
+    """Dead letters: the jobs in queue ams.dead that failed for good or could not be started.
+
+    Every command takes all messages of ams.dead without acknowledging them, works on that snapshot and
+    puts back, in their order, those it did not replay or delete.
+    """
+
+
+@dlq.command("list", epilog=EXIT_CODES)
+@_filter_options
+@click.option("--json", "as_json", is_flag=True, help="A JSON array instead of the table.")
+def list_letters(
+    ids: tuple[str, ...], types: tuple[str, ...], reasons: tuple[str, ...], since: dt.datetime | None, as_json: bool
+) -> None:
+    """List dead letters (all, or those matching the filters); the queue is left unchanged."""
+    selection = _selection(ids, types, reasons, since)
+    settings = _settings()
+
+    async def work() -> None:
+        async with open_dead_letters(settings.amqp_url, settings.amqp_connect_timeout_seconds) as queue:
+            matching = selection.apply(queue.letters)
+            if as_json:
+                click.echo(letters_json(matching))
+            elif not queue.letters:
+                click.echo(f"{DEAD_QUEUE} is empty")
+            elif not matching:
+                click.echo(f"no dead letters match ({len(queue.letters)} in {DEAD_QUEUE})")
+            else:
+                click.echo(letters_table(matching))
+                click.echo(f"\n{len(matching)} of {len(queue.letters)} dead letters in {DEAD_QUEUE}")
+
+    _run(work())
+
+
+@dlq.command(epilog=EXIT_CODES)
+@click.argument("message_id", metavar="ID")
+def show(message_id: str) -> None:
+    """Show one dead letter: failure, AMQP properties, headers and body.
+
+    A JSON body is pretty-printed; a msgpack body is decoded and shown as JSON, binary fields as "<N bytes>";
+    any other body as its size and a text or hex preview. Long strings are shortened.
+    """
+    settings = _settings()
+
+    async def work() -> None:
+        async with open_dead_letters(settings.amqp_url, settings.amqp_connect_timeout_seconds) as queue:
+            found = queue.with_id(message_id)
+            if not found:
+                raise OperationFailedError(
+                    f"no dead letter with message id {message_id!r} ({len(queue.letters)} in {DEAD_QUEUE})"
+                )
+            click.echo("\n\n".join(letter_details(letter) for letter in found))
+
+    _run(work())
+
+
+@dlq.command(epilog=EXIT_CODES)
+@_filter_options
+@_all_option
+@click.option("--dry-run", is_flag=True, help="Print what would be replayed and change nothing.")
+def replay(
+    ids: tuple[str, ...],
+    types: tuple[str, ...],
+    reasons: tuple[str, ...],
+    since: dt.datetime | None,
+    everything: bool,
+    dry_run: bool,
+) -> None:
+    """Publish matching dead letters to ams.jobs again, with their full number of attempts.
+
+    The copy keeps message id, type, content type, priority, body and headers, goes to the job's original
+    routing key, and drops x-ams-attempts, x-ams-retry-delay, reply_to and correlation_id; it gets
+    x-ams-replayed-at. A dead letter is removed only after RabbitMQ confirmed its copy.
+    """
+    selection = _selection(ids, types, reasons, since, everything)
+    settings = _settings()
+
+    async def work() -> None:
+        async with open_dead_letters(settings.amqp_url, settings.amqp_connect_timeout_seconds) as queue:
+            matching = selection.apply(queue.letters)
+            if dry_run:
+                if matching:
+                    click.echo(letters_table(matching))
+                click.echo(f"would replay {len(matching)}, leave {queue.remaining - len(matching)} in {DEAD_QUEUE}")
+                return
+            replayed = 0
+            try:
+                with _progress(len(matching), f"replaying to {JOBS_EXCHANGE}", visible=True) as advance:
+                    for letter in matching:
+                        await queue.replay(letter)
+                        replayed += 1
+                        advance(1)
+            except OperationFailedError as exc:
+                raise OperationFailedError(f"{exc} (replayed {replayed} of {len(matching)} before that)") from None
+            click.echo(f"replayed {replayed}, left {queue.remaining} in {DEAD_QUEUE}")
+
+    _run(work())
+
+
+@dlq.command(epilog=EXIT_CODES)
+@_filter_options
+@_all_option
+@click.option("--dry-run", is_flag=True, help="Print what would be deleted and change nothing.")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+def purge(
+    ids: tuple[str, ...],
+    types: tuple[str, ...],
+    reasons: tuple[str, ...],
+    since: dt.datetime | None,
+    everything: bool,
+    dry_run: bool,
+    yes: bool,
+) -> None:
+    """Delete matching dead letters for good (asks first unless --yes)."""
+    selection = _selection(ids, types, reasons, since, everything)
+    settings = _settings()
+
+    async def work() -> None:
+        async with open_dead_letters(settings.amqp_url, settings.amqp_connect_timeout_seconds) as queue:
+            matching = selection.apply(queue.letters)
+            if dry_run:
+                if matching:
+                    click.echo(letters_table(matching))
+                click.echo(f"would delete {len(matching)}, leave {queue.remaining - len(matching)} in {DEAD_QUEUE}")
+                return
+            # asked off the event loop, so the connection keeps its heartbeats while the operator thinks
+            if matching and not yes and not await asyncio.to_thread(_confirm, f"Delete {len(matching)} dead letters?"):
+                click.echo(f"deleted 0, left {queue.remaining} in {DEAD_QUEUE}")
+                return
+            with _progress(len(matching), f"deleting from {DEAD_QUEUE}", visible=True) as advance:
+                for letter in matching:
+                    await queue.delete(letter)
+                    advance(1)
+            click.echo(f"deleted {len(matching)}, left {queue.remaining} in {DEAD_QUEUE}")
+
+    _run(work())
+
+
+def _confirm(question: str) -> bool:
+    try:
+        return click.confirm(question, default=False, err=True)
+    except click.Abort:  # end of input
+        return False
+
+
+def _prefix(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
+    try:
+        return validate_prefix(value)
+    except InvalidKeyError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+@cli.command(epilog=EXIT_CODES)
+@click.option(
+    "--prefix", required=True, metavar="PREFIX", callback=_prefix, help="Key prefix to index, e.g. images/incoming/."
+)
+@click.option("--dry-run", is_flag=True, help="Count what would be published and publish nothing.")
+@click.option(
+    "--api-url",
+    metavar="URL",
+    envvar="AMS_API_URL",
+    default="http://localhost:8000",
+    show_default=True,
+    help="The running API, asked which images are already indexed [env AMS_API_URL].",
+)
+@click.option(
+    "--concurrency",
+    type=click.IntRange(1, 256),
+    default=16,
+    show_default=True,
+    metavar="N",
+    help="Parallel existence checks.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as a JSON object.")
+def backfill(prefix: str, dry_run: bool, api_url: str, concurrency: int, as_json: bool) -> None:
+    """Index the images already in the bucket under PREFIX.
+
+    Publishes one image.index job (message id = the image id derived from bucket and key) for each key with
+    an image extension (.jpg .jpeg .png .webp .gif .bmp .tif .tiff) that the API does not know yet, so it
+    can be re-run after an interruption.
+    """
+    settings = _settings()
+
+    async def work() -> None:
+        plan = await plan_backfill(settings, prefix)
+        with _progress(len(plan.images), "indexing", visible=not (dry_run or as_json)) as advance:
+            report = await run_backfill(
+                plan, settings=settings, api_url=api_url, dry_run=dry_run, concurrency=concurrency, advance=advance
+            )
+        if as_json:
+            click.echo(json.dumps(report.summary()))
+            return
+        verb = "would publish" if dry_run else "published"
+        click.echo(
+            f"{verb} {report.published}, already indexed {report.already_indexed}, "
+            f"skipped (not images) {report.skipped_not_image}"
+        )
+
+    _run(work())
+
+
+def main() -> None:
+    configure_logging("critical", "console")  # failures are reported as one line each, not logged
+    cli(prog_name="ams-ops")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,174 @@
+"""Index images already in the bucket: one image.index job per image under a prefix, skipping those indexed.
+
+The image id derives from bucket and key (processor.image_ids), so a job is idempotent and a backfill can be
+re-run after any interruption: images the API already knows (GET /v1/images/{id} answers 200) are not published
+again, and a duplicate job for an image still in the queue indexes it once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+
+import aio_pika
+import httpx
+
+from infra.broker import BrokerUnavailableError, Priority, Publisher, connect, redact
+from infra.settings import Settings
+from infra.storage.base import StorageError
+from infra.storage.factory import open_store
+from processor.contract import IMAGE_INDEX, JSON
+from processor.image_ids import image_id_for_key
+from processor.ops.errors import OperationFailedError
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
+SOURCE = "backfill"
+_API_TIMEOUT_SECONDS = 30
+
+
+def is_image_key(key: str) -> bool:
+    return PurePosixPath(key).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def bucket_name(settings: Settings) -> str:
+    """The bucket part of image ids: the R2 bucket, or "local" for the embedded store (as the processor does)."""
+    return settings.r2_bucket_name if settings.r2_enabled else "local"
+
+
+@dataclass(frozen=True, slots=True)
+class BackfillPlan:
+    bucket: str
+    prefix: str
+    images: list[str]  # keys, in key order
+    skipped_not_image: int
+
+
+@dataclass(frozen=True, slots=True)
+class BackfillReport:
+    published: int
+    already_indexed: int
+    skipped_not_image: int
+    dry_run: bool
+
+    def summary(self) -> dict[str, int | bool]:
+        return {
+            "published": self.published,
+            "already_indexed": self.already_indexed,
+            "skipped_not_image": self.skipped_not_image,
+            "dry_run": self.dry_run,
+        }
+
+
+async def plan_backfill(settings: Settings, prefix: str) -> BackfillPlan:
+    """List the bucket under prefix and keep the keys that name images."""
+    bucket = bucket_name(settings)
+    where = f"{bucket}/{prefix}" if settings.r2_enabled else f"{settings.local_storage_dir}/{prefix}"
+    try:
+        store = await open_store(settings)
+        try:
+            keys = [info.key async for info in store.list(prefix)]
+        finally:
+            await store.close()
+    except StorageError as exc:
+        raise OperationFailedError(f"cannot list {where}: {exc}") from None
+    images = [key for key in keys if is_image_key(key)]
+    return BackfillPlan(bucket=bucket, prefix=prefix, images=images, skipped_not_image=len(keys) - len(images))
+
+
+async def run_backfill(
+    plan: BackfillPlan,
+    *,
+    settings: Settings,
+    api_url: str,
+    dry_run: bool,
+    concurrency: int,
+    advance: Callable[[int], object],
+) -> BackfillReport:
+    """Check each image against the API and publish a job for those not indexed (none with dry_run).
+    `advance(1)` is called once per image handled."""
+    published = already_indexed = 0
+    pending = iter(plan.images)
+
+    async with AsyncExitStack() as stack:
+        client = await stack.enter_async_context(httpx.AsyncClient(timeout=_API_TIMEOUT_SECONDS))
+        publisher = None
+        if not dry_run and plan.images:
+            publisher = await stack.enter_async_context(_publisher(settings))
+
+        async def work() -> None:
+            nonlocal published, already_indexed
+            for key in pending:
+                image_id = image_id_for_key(plan.bucket, key)
+                if await _is_indexed(client, api_url, image_id):
+                    already_indexed += 1
+                else:
+                    if publisher is not None:
+                        await _publish(publisher, key, image_id)
+                    published += 1
+                advance(1)
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                for _ in range(min(concurrency, len(plan.images))):
+                    group.create_task(work())
+        except* OperationFailedError as failures:
+            raise failures.exceptions[0] from None
+    return BackfillReport(published, already_indexed, plan.skipped_not_image, dry_run)
+
+
+async def _is_indexed(client: httpx.AsyncClient, api_url: str, image_id: str) -> bool:
+    url = f"{api_url.rstrip('/')}/v1/images/{image_id}"
+    try:
+        response = await client.get(url)
+    except httpx.HTTPError as exc:
+        raise OperationFailedError(
+            f"cannot reach the API at {api_url} (--api-url / AMS_API_URL): {str(exc) or type(exc).__name__}"
+        ) from None
+    if response.status_code == 200:
+        return True
+    if response.status_code == 404 and _error_code(response) == "image_not_found":
+        return False
+    raise OperationFailedError(f"GET {url} answered {response.status_code}: {response.text[:300].strip()}")
+
+
+def _error_code(response: httpx.Response) -> str | None:
+    try:
+        body = response.json()
+    except json.JSONDecodeError:
+        return None
+    return body.get("code") if isinstance(body, dict) else None
+
+
+@asynccontextmanager
+async def _publisher(settings: Settings) -> AsyncIterator[Publisher]:
+    try:
+        connection = await connect(settings.amqp_url, settings.amqp_connect_timeout_seconds)
+    except BrokerUnavailableError as exc:
+        raise OperationFailedError(str(exc)) from None
+    try:
+        try:
+            publisher = await Publisher.open(connection)
+        except (aio_pika.exceptions.AMQPError, ConnectionError, OSError) as exc:
+            raise OperationFailedError(
+                f"RabbitMQ at {redact(settings.amqp_url)} (AMQP_URL) refused the topology: {exc}"
+            ) from None
+        yield publisher
+    finally:
+        await connection.close()
+
+
+async def _publish(publisher: Publisher, key: str, image_id: str) -> None:
+    try:
+        await publisher.publish(
+            message_type=IMAGE_INDEX,
+            body=json.dumps({"key": key, "source": SOURCE}).encode(),
+            message_id=image_id,
+            content_type=JSON,
+            priority=Priority.BULK,
+        )
+    except BrokerUnavailableError as exc:
+        raise OperationFailedError(str(exc)) from None

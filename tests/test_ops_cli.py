@@ -1,0 +1,430 @@
+"""The operator CLI against a real RabbitMQ (dead letters) and a real API + processor over moto S3 (backfill)."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import msgspec
+import pytest
+from click.testing import CliRunner, Result
+
+from infra.settings import Settings
+from processor.image_ids import image_id_for_key
+from processor.ops.__main__ import cli
+from processor.ops.filters import Selection
+from processor.ops.letters import DeadLetter
+from processor.ops.render import letters_json, letters_table
+from tests.support.amqp import wait_until
+from tests.support.dlq import Letter, depth, peek, reset_and_seed
+from tests.support.images import encoded
+from tests.support.rabbitmq import free_port
+from tests.support.server import running_server
+
+ROOT = Path(__file__).resolve().parent.parent
+MINUTE, HOUR, DAY = dt.timedelta(minutes=1), dt.timedelta(hours=1), dt.timedelta(days=1)
+PNG_BYTES = b"\x89PNG\r\n\x1a\n" + bytes(92)
+POISON_BODY = b"\xff\xfe\x00not a job"
+
+LETTERS = [
+    Letter(
+        "idx-old",
+        "image.index",
+        "storage_unavailable",
+        5,
+        3 * DAY,
+        {"key": "images/incoming/a.png", "source": "upstream"},
+        priority=4,
+        reply_to="amq.gen-requester",
+        correlation_id="corr-1",
+        extra_headers={"x-custom": "kept"},
+    ),
+    Letter(
+        "idx-new",
+        "image.index",
+        "storage_unavailable",
+        5,
+        10 * MINUTE,
+        {"data": PNG_BYTES, "source": "upload"},
+        content_type="application/msgpack",
+    ),
+    Letter("gen-1", "image.generate", "model_error", 1, 2 * HOUR, {"prompt": "a red cat"}),
+    Letter(
+        "voice-1",
+        "voice.generate",
+        "feature_disabled",
+        1,
+        1 * HOUR,
+        {"text": "hello", "reference": b"RIFF" + bytes(40)},
+        content_type="application/msgpack",
+    ),
+    # a message that arrived without a type (aio-pika gives every message it publishes a message id, so the
+    # processor's dead letters always have one; a letter without one is covered by test_missing_fields_show_a_dash)
+    Letter(
+        "poison-1",
+        None,
+        "unknown_type",
+        1,
+        5 * DAY,
+        POISON_BODY,
+        content_type="application/octet-stream",
+        routing_key="mystery.job",
+    ),
+]
+ALL_IDS = ["idx-old", "idx-new", "gen-1", "voice-1", "poison-1"]
+
+
+@pytest.fixture(scope="module")
+def env(make_env) -> dict[str, str]:
+    return make_env(AMQP_CONNECT_TIMEOUT_SECONDS="5")
+
+
+@pytest.fixture
+def amqp_url(env) -> str:
+    """ams.jobs empty and ams.dead holding LETTERS, in that order."""
+    asyncio.run(reset_and_seed(env["AMQP_URL"], LETTERS, dt.datetime.now(tz=dt.UTC)))
+    return env["AMQP_URL"]
+
+
+def ams_ops(env: dict[str, str], *args: str, input: str | None = None) -> Result:
+    return CliRunner().invoke(cli, list(args), env=env, input=input, catch_exceptions=False)
+
+
+def queued(amqp_url: str, queue: str) -> list:
+    return asyncio.run(peek(amqp_url, queue))
+
+
+def queued_ids(amqp_url: str, queue: str) -> list[str | None]:
+    return [message.message_id for message in queued(amqp_url, queue)]
+
+
+def test_every_command_has_help_and_the_exit_codes():
+    for command in ([], ["dlq"], ["dlq", "list"], ["dlq", "show"], ["dlq", "replay"], ["dlq", "purge"], ["backfill"]):
+        result = CliRunner().invoke(cli, [*command, "--help"])
+        assert result.exit_code == 0, result.output
+        assert "Usage:" in result.stdout
+        assert "Exit codes:" in result.stdout
+        assert "2  usage or configuration error" in result.stdout
+
+
+def test_list_shows_every_dead_letter_and_leaves_the_queue_as_it_was(env, amqp_url):
+    result = ams_ops(env, "dlq", "list")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["MESSAGE", "ID", "TYPE", "REASON", "ATTEMPTS", "FIRST", "FAILURE", "LAST", "FAILURE"]
+    rows = [line.split() for line in lines[1:6]]
+    assert [row[0] for row in rows] == ALL_IDS
+    assert rows[0][1:4] == ["image.index", "storage_unavailable", "5"]
+    assert rows[4][1:4] == ["-", "unknown_type", "1"]
+    assert rows[0][4].endswith("Z") and rows[0][5].endswith("Z")
+    assert lines[-1] == "5 of 5 dead letters in ams.dead"
+    assert queued_ids(amqp_url, "ams.dead") == ALL_IDS
+    assert asyncio.run(depth(amqp_url, "ams.dead")) == 5
+
+
+def test_list_json_and_filters(env, amqp_url):
+    result = ams_ops(env, "dlq", "list", "--json")
+    assert result.exit_code == 0, result.output
+    letters = json.loads(result.stdout)
+    assert [letter["message_id"] for letter in letters] == ALL_IDS
+    first = letters[0]
+    assert first["type"] == first["routing_key"] == "image.index"
+    assert (first["reason_code"], first["reason"], first["attempts"]) == (
+        "storage_unavailable",
+        "storage_unavailable happened",
+        5,
+    )
+    assert first["first_failed_at"] < first["last_failed_at"]
+    assert first["content_type"] == "application/json"
+    assert first["size"] == len(LETTERS[0].encoded_body())
+    assert letters[4]["routing_key"] == "mystery.job"
+
+    by_type = json.loads(ams_ops(env, "dlq", "list", "--json", "--type", "image.index").stdout)
+    assert [letter["message_id"] for letter in by_type] == ["idx-old", "idx-new"]
+    recent = json.loads(ams_ops(env, "dlq", "list", "--json", "--since", "90m").stdout)
+    assert [letter["message_id"] for letter in recent] == ["idx-new", "voice-1"]
+    none = ams_ops(env, "dlq", "list", "--reason", "no_such_reason")
+    assert none.exit_code == 0
+    assert none.stdout.strip() == "no dead letters match (5 in ams.dead)"
+    assert queued_ids(amqp_url, "ams.dead") == ALL_IDS
+
+
+def test_show_pretty_prints_json_and_msgpack_bodies(env, amqp_url):
+    shown = ams_ops(env, "dlq", "show", "idx-old")
+    assert shown.exit_code == 0, shown.output
+    text = shown.stdout
+    assert "reason         storage_unavailable: storage_unavailable happened" in text
+    assert "  reply_to: amq.gen-requester" in text
+    assert "  priority: 4" in text
+    assert "  x-ams-attempts: 5" in text
+    assert "  x-custom: kept" in text
+    assert f"body (application/json, {len(LETTERS[0].encoded_body())} bytes)" in text
+    assert '{\n  "key": "images/incoming/a.png",\n  "source": "upstream"\n}' in text
+
+    packed = ams_ops(env, "dlq", "show", "idx-new").stdout
+    assert f'  "data": "<{len(PNG_BYTES)} bytes>",\n  "source": "upload"' in packed
+    assert "body (application/msgpack" in packed
+    assert queued_ids(amqp_url, "ams.dead") == ALL_IDS
+
+
+def test_show_previews_a_body_that_is_not_a_job(env, amqp_url):
+    shown = ams_ops(env, "dlq", "show", "poison-1").stdout
+    assert "type           -" in shown
+    assert "routing key    mystery.job" in shown
+    assert f"body (application/octet-stream, {len(POISON_BODY)} bytes)\n(binary, first bytes in hex)" in shown
+    assert "00000000  ff fe 00 6e 6f 74" in shown
+
+
+def test_missing_fields_show_a_dash():
+    letter = DeadLetter(
+        position=2,
+        message_id=None,
+        type=None,
+        routing_key="",
+        reason_code="missing_message_id",
+        reason=None,
+        attempts=None,
+        first_failed_at=None,
+        last_failed_at=None,
+        content_type=None,
+        properties={},
+        headers={},
+        body=b"{}",
+    )
+    assert letters_table([letter]).splitlines()[1].split() == ["-", "-", "missing_message_id", "-", "-", "-"]
+    assert letter.label == "#3 (no message id)"
+    assert letters_json([letter]).count("null") == 7
+    assert not Selection(ids=frozenset({"x"})).matches(letter)
+    assert not Selection(since=dt.datetime.now(tz=dt.UTC)).matches(letter)
+    assert Selection().matches(letter)
+
+
+def test_show_unknown_id_fails_with_one_line(env, amqp_url):
+    result = ams_ops(env, "dlq", "show", "no-such-id")
+    assert result.exit_code == 1
+    assert result.stdout == ""
+    assert result.stderr == "ams-ops: no dead letter with message id 'no-such-id' (5 in ams.dead)\n"
+
+
+def test_replay_by_type_republishes_the_job_with_fresh_attempts(env, amqp_url):
+    result = ams_ops(env, "dlq", "replay", "--type", "image.index")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == "replayed 2, left 3 in ams.dead"
+    assert queued_ids(amqp_url, "ams.dead") == ["gen-1", "voice-1", "poison-1"]
+
+    jobs = {message.message_id: message for message in queued(amqp_url, "ams.jobs")}
+    assert set(jobs) == {"idx-old", "idx-new"}
+    old = jobs["idx-old"]
+    assert old.type == old.routing_key == "image.index"
+    assert old.exchange == "ams.jobs"
+    assert (old.content_type, old.priority, old.delivery_mode) == ("application/json", 4, 2)
+    assert old.body == LETTERS[0].encoded_body()
+    assert old.reply_to is None and old.correlation_id is None
+    headers = old.headers
+    assert "x-ams-attempts" not in headers and "x-ams-retry-delay" not in headers
+    assert headers["x-custom"] == "kept"
+    assert headers["x-ams-reason-code"] == "storage_unavailable"
+    replayed_at = dt.datetime.fromisoformat(headers["x-ams-replayed-at"])
+    assert abs(dt.datetime.now(tz=dt.UTC) - replayed_at) < MINUTE
+    new = jobs["idx-new"]
+    assert new.content_type == "application/msgpack"
+    assert msgspec.msgpack.decode(new.body) == {"data": PNG_BYTES, "source": "upload"}
+
+
+def test_replay_by_reason_id_and_since(env, amqp_url):
+    assert ams_ops(env, "dlq", "replay", "--reason", "feature_disabled").stdout.strip() == (
+        "replayed 1, left 4 in ams.dead"
+    )
+    assert queued_ids(amqp_url, "ams.jobs") == ["voice-1"]
+    assert ams_ops(env, "dlq", "replay", "--id", "gen-1", "--id", "idx-old").stdout.strip() == (
+        "replayed 2, left 2 in ams.dead"
+    )
+    assert set(queued_ids(amqp_url, "ams.jobs")) == {"voice-1", "gen-1", "idx-old"}
+    since = (dt.datetime.now(tz=dt.UTC) - 2 * DAY).isoformat()
+    assert ams_ops(env, "dlq", "replay", "--since", since).stdout.strip() == "replayed 1, left 1 in ams.dead"
+    assert queued_ids(amqp_url, "ams.dead") == ["poison-1"]
+    assert len(queued(amqp_url, "ams.jobs")) == 4
+
+
+def test_replay_dry_run_changes_nothing(env, amqp_url):
+    result = ams_ops(env, "dlq", "replay", "--since", "3h", "--dry-run")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert [line.split()[0] for line in lines[1:-1]] == ["idx-new", "gen-1", "voice-1"]
+    assert lines[-1] == "would replay 3, leave 2 in ams.dead"
+    assert result.stderr == ""
+    assert queued_ids(amqp_url, "ams.dead") == ALL_IDS
+    assert asyncio.run(depth(amqp_url, "ams.jobs")) == 0
+
+
+def test_replay_all_moves_everything_poison_included(env, amqp_url):
+    result = ams_ops(env, "dlq", "replay", "--all")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == "replayed 5, left 0 in ams.dead"
+    assert result.stderr == ""
+    assert asyncio.run(depth(amqp_url, "ams.dead")) == 0
+    jobs = queued(amqp_url, "ams.jobs")
+    assert sorted(message.message_id for message in jobs) == sorted(ALL_IDS)
+    poison = next(message for message in jobs if message.message_id == "poison-1")
+    assert (poison.type, poison.routing_key, poison.body) == (None, "mystery.job", POISON_BODY)
+
+
+@pytest.mark.parametrize("command", ["replay", "purge"])
+def test_replay_and_purge_need_a_filter_or_all(env, amqp_url, command):
+    result = ams_ops(env, "dlq", command)
+    assert result.exit_code == 2
+    assert "say which dead letters" in result.stderr
+    both = ams_ops(env, "dlq", command, "--all", "--type", "image.index")
+    assert both.exit_code == 2
+    assert asyncio.run(depth(amqp_url, "ams.dead")) == 5
+
+
+def test_purge_asks_first_and_deletes_only_the_matching(env, amqp_url):
+    declined = ams_ops(env, "dlq", "purge", "--reason", "storage_unavailable", input="n\n")
+    assert declined.exit_code == 0, declined.output
+    assert "Delete 2 dead letters? [y/N]" in declined.stderr
+    assert declined.stdout.strip() == "deleted 0, left 5 in ams.dead"
+    assert queued_ids(amqp_url, "ams.dead") == ALL_IDS
+
+    dry = ams_ops(env, "dlq", "purge", "--type", "image.generate", "--dry-run")
+    assert dry.stdout.splitlines()[-1] == "would delete 1, leave 4 in ams.dead"
+    assert queued_ids(amqp_url, "ams.dead") == ALL_IDS
+
+    confirmed = ams_ops(env, "dlq", "purge", "--reason", "storage_unavailable", input="y\n")
+    assert confirmed.stdout.strip() == "deleted 2, left 3 in ams.dead"
+    assert ams_ops(env, "dlq", "purge", "--id", "voice-1", "--yes").stdout.strip() == "deleted 1, left 2 in ams.dead"
+    assert queued_ids(amqp_url, "ams.dead") == ["gen-1", "poison-1"]
+    assert asyncio.run(depth(amqp_url, "ams.jobs")) == 0
+
+
+def test_bad_since_is_a_usage_error(env):
+    result = ams_ops(env, "dlq", "list", "--since", "yesterday")
+    assert result.exit_code == 2
+    assert "neither an ISO-8601 time" in result.stderr
+
+
+def _run_module(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "processor.ops", *args],
+        env={**os.environ, **env},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_unreachable_broker_is_one_clear_line_and_exit_1():
+    port = free_port()
+    env = {"AMQP_URL": f"amqp://guest:s3cret@127.0.0.1:{port}/", "AMQP_CONNECT_TIMEOUT_SECONDS": "0"}
+    result = _run_module(env, "dlq", "list")
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert result.stderr.startswith(f"ams-ops: cannot reach RabbitMQ at amqp://guest:***@127.0.0.1:{port} (AMQP_URL)")
+    assert "s3cret" not in result.stderr
+
+
+def test_bad_configuration_exits_2():
+    result = _run_module({"AMQP_URL": "http://rabbit:5672/"}, "dlq", "list")
+    assert result.returncode == 2
+    assert result.stderr.startswith("ams-ops: configuration error: AMQP_URL=")
+    assert len(result.stderr.splitlines()) == 1
+
+
+def test_the_cli_imports_no_model_code():
+    probe = (
+        "import json, sys, processor.ops.__main__; print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
+    loaded = set(json.loads(result.stdout))
+    assert not loaded & {"torch", "diffusers", "open_clip", "qwen_tts", "transformers", "api", "PIL"}
+
+
+async def ams_ops_process(env: dict[str, str], *args: str) -> tuple[int, str, str]:
+    """The CLI as its own process, so the API running in this event loop can answer it."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "processor.ops",
+        *args,
+        env={**os.environ, **env},
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=60)
+    return process.returncode or 0, stdout.decode(), stderr.decode()
+
+
+async def test_backfill_publishes_each_unindexed_image_once(make_env, s3):
+    bucket = s3.new_bucket()
+    env = make_env(r2_bucket=bucket, endpoint=s3.endpoint)
+    settings = Settings.from_env(env)
+    images = {f"images/incoming/photo-{n}.png": encoded(n, "PNG") for n in range(3)}
+    images["images/incoming/scans/old.JPG"] = encoded(7, "JPEG")
+    for key, data in images.items():
+        s3.client.put_object(Bucket=bucket, Key=key, Body=data)
+    s3.client.put_object(Bucket=bucket, Key="images/incoming/readme.txt", Body=b"not an image")
+    s3.client.put_object(Bucket=bucket, Key="images/elsewhere/other.png", Body=encoded(8, "PNG"))
+    ids = {key: image_id_for_key(bucket, key) for key in images}
+    backfill = ("backfill", "--prefix", "images/incoming/")
+
+    # the API alone: what the backfill publishes stays in ams.jobs, where it can be read
+    async with running_server(settings, with_processor=False) as api:
+        api_env = {**env, "AMS_API_URL": api.base_url}
+        code, out, err = await ams_ops_process(api_env, *backfill, "--dry-run")
+        assert code == 0, err
+        assert out.strip() == "would publish 4, already indexed 0, skipped (not images) 1"
+        assert await depth(env["AMQP_URL"], "ams.jobs") == 0
+
+        code, out, err = await ams_ops_process(api_env, *backfill)
+        assert code == 0, err
+        assert out.strip() == "published 4, already indexed 0, skipped (not images) 1"
+        jobs = await peek(env["AMQP_URL"], "ams.jobs")
+        assert sorted(message.message_id for message in jobs) == sorted(ids.values())
+        for message in jobs:
+            key = next(key for key, image_id in ids.items() if image_id == message.message_id)
+            assert json.loads(message.body) == {"key": key, "source": "backfill"}
+            assert (message.type, message.routing_key, message.exchange) == ("image.index", "image.index", "ams.jobs")
+            assert (message.content_type, message.priority, message.delivery_mode) == ("application/json", 0, 2)
+
+    # with the processor: the queued jobs get indexed, and a re-run publishes only what is new
+    async with running_server(settings) as server:
+
+        async def indexed(image_ids) -> bool:
+            responses = [await server.client.get(f"/v1/images/{image_id}") for image_id in image_ids]
+            return all(response.status_code == 200 for response in responses)
+
+        await wait_until(lambda: indexed(ids.values()), timeout=60)
+        record = (await server.client.get(f"/v1/images/{ids['images/incoming/photo-0.png']}")).json()
+        assert record["r2_key"] == "images/incoming/photo-0.png"
+        assert record["source"] == "backfill"
+
+        server_env = {**env, "AMS_API_URL": server.base_url}
+        code, out, err = await ams_ops_process(server_env, *backfill)
+        assert code == 0, err
+        assert out.strip() == "published 0, already indexed 4, skipped (not images) 1"
+
+        late = "images/incoming/late.png"
+        s3.client.put_object(Bucket=bucket, Key=late, Body=encoded(11, "PNG"))
+        code, out, err = await ams_ops_process(server_env, *backfill, "--json")
+        assert code == 0, err
+        assert json.loads(out) == {"published": 1, "already_indexed": 4, "skipped_not_image": 1, "dry_run": False}
+        await wait_until(lambda: indexed([image_id_for_key(bucket, late)]), timeout=60)
+
+
+async def test_backfill_with_the_api_down_fails_with_one_line(make_env, s3):
+    bucket = s3.new_bucket()
+    s3.client.put_object(Bucket=bucket, Key="images/incoming/a.png", Body=encoded(1, "PNG"))
+    env = {**make_env(r2_bucket=bucket, endpoint=s3.endpoint), "AMS_API_URL": f"http://127.0.0.1:{free_port()}"}
+    code, out, err = await ams_ops_process(env, "backfill", "--prefix", "images/incoming/")
+    assert code == 1
+    assert out == ""
+    assert err.startswith("ams-ops: cannot reach the API at http://127.0.0.1:")
+    assert len(err.splitlines()) == 1, err

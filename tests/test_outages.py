@@ -1,0 +1,113 @@
+"""Transient failures: a storage outage makes jobs retry through the delay queues and succeed once it is over,
+or, past MAX_ATTEMPTS, dead-letter; an operator replays them after the fault is fixed, and each is processed
+exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import uuid
+from collections.abc import AsyncIterator
+
+from click.testing import CliRunner
+
+from processor.contract import IMAGE_INDEX
+from processor.metrics import REGISTRY
+from processor.ops.__main__ import cli
+from processor.runtime import Runtime
+from processor.service import build_consumer
+from tests.support.amqp import publish, wait_until
+from tests.support.images import encoded
+from tests.support.rabbitmq import free_port
+from tests.support.s3 import S3Process
+
+BUCKET = "outage"
+
+
+def retried() -> float:
+    return REGISTRY.get_sample_value("ams_jobs_total", {"type": IMAGE_INDEX, "outcome": "retried"}) or 0.0
+
+
+@contextlib.asynccontextmanager
+async def processor_with_s3(make_env, **overrides: str) -> AsyncIterator[tuple[dict, Runtime, list[S3Process]]]:
+    """A processor whose S3 server (a subprocess) the test can take down and bring back on the same port."""
+    port = free_port()
+    servers = [S3Process(port)]
+    servers[0].create_bucket(BUCKET)
+    env = make_env(r2_bucket=BUCKET, endpoint=servers[0].endpoint, **overrides)
+    from infra.settings import Settings
+
+    runtime = await Runtime.open(Settings.from_env(env))
+    consumer = build_consumer(runtime)
+    await consumer.start()
+    try:
+        yield env, runtime, servers
+    finally:
+        await consumer.stop()
+        await runtime.close()
+        for server in servers:
+            server.stop()
+
+
+def bring_back(servers: list[S3Process]) -> S3Process:
+    port = int(servers[0].endpoint.rsplit(":", 1)[1])
+    server = S3Process(port)
+    server.create_bucket(BUCKET)
+    servers.append(server)
+    return server
+
+
+def index_body(seed: int, image_id: str) -> dict:
+    return {"image_id": image_id, "data": base64.b64encode(encoded(seed)).decode(), "source": "outage-test"}
+
+
+async def test_jobs_retry_through_an_outage_and_then_succeed(make_env, rabbit):
+    async with processor_with_s3(make_env, MAX_ATTEMPTS="5") as (env, runtime, servers):
+        servers[0].stop()
+        image_id = str(uuid.uuid4())
+        before = retried()
+        await publish(env["AMQP_URL"], IMAGE_INDEX, index_body(1, image_id), message_id=image_id)
+        await wait_until(lambda: retried() > before, timeout=60)
+        s3 = bring_back(servers)
+
+        async def indexed() -> bool:
+            return await runtime.index.get(image_id) is not None
+
+        await wait_until(indexed, timeout=60)
+        assert s3.keys(BUCKET) == [f"images/originals/{image_id}.png"]
+        assert rabbit.queue_counts(env["VHOST"])["ams.dead"] == (0, 0)
+
+
+async def test_past_max_attempts_jobs_dead_letter_and_replay_processes_each_once(make_env, rabbit):
+    async with processor_with_s3(make_env, MAX_ATTEMPTS="2") as (env, runtime, servers):
+        servers[0].stop()
+        image_id = str(uuid.uuid4())
+        await publish(env["AMQP_URL"], IMAGE_INDEX, index_body(10, image_id), message_id=image_id)
+        poison = await publish(env["AMQP_URL"], IMAGE_INDEX, {"source": "no image at all"})
+        await wait_until(lambda: rabbit.queue_counts(env["VHOST"])["ams.dead"] == (2, 0), timeout=90)
+
+        listed = await asyncio.to_thread(CliRunner().invoke, cli, ["dlq", "list", "--json"], env=env)
+        assert listed.exit_code == 0, listed.output
+        reasons = {letter["message_id"]: letter for letter in json.loads(listed.output)}
+        assert reasons[image_id]["reason_code"] == "storage_unavailable"
+        assert reasons[image_id]["attempts"] == 2
+        assert reasons[poison]["reason_code"] == "schema_violation"
+        assert reasons[poison]["attempts"] == 1
+
+        s3 = bring_back(servers)
+        replay = await asyncio.to_thread(
+            CliRunner().invoke, cli, ["dlq", "replay", "--reason", "storage_unavailable"], env=env
+        )
+        assert replay.exit_code == 0, replay.output
+        assert "replayed 1" in replay.output
+
+        async def indexed() -> bool:
+            return await runtime.index.get(image_id) is not None
+
+        await wait_until(indexed, timeout=60)
+        await wait_until(lambda: rabbit.queue_counts(env["VHOST"])["ams.jobs"] == (0, 0), timeout=30)
+        assert s3.keys(BUCKET) == [f"images/originals/{image_id}.png"]
+        assert await runtime.index.count() == 1
+        assert rabbit.queue_counts(env["VHOST"])["ams.dead"] == (1, 0)  # the poison message stays
