@@ -143,6 +143,20 @@ async def finished_result(started: JobStart) -> dict[str, Any] | None:
     return record.result if record.status == "succeeded" else None
 
 
+async def output_bytes(services: Services, started: JobStart, result: dict[str, Any]) -> bytes:
+    """A finished job's output: carried by the reply when this request waited for it, else read from storage."""
+    attachment = started.reply.attachment if started.reply is not None else None
+    if attachment is not None:
+        return attachment
+    return (await services.runtime.store.get(result["key"])).data
+
+
+def require_r2(services: Services, instead: str) -> None:
+    """The /v1/r2/... endpoints answer only with R2 enabled; `instead` names the endpoint to use without it."""
+    if not services.settings.r2_enabled:
+        raise ApiError(503, "r2_disabled", f"R2 is disabled on this server (R2_ENABLED=0); use {instead}")
+
+
 def raise_for_failure(code: str, message: str) -> None:
     """Turn a failed job's error into the HTTP error it deserves."""
     if code.endswith("_unavailable"):

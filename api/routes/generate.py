@@ -10,7 +10,7 @@ from litestar.params import Parameter
 from litestar.status_codes import HTTP_200_OK
 
 from api.errors import ApiError
-from api.jobs import accepted, finished_result, start_job
+from api.jobs import accepted, finished_result, output_bytes, require_r2, start_job
 from api.schemas import GeneratedImageKey, GenerateImageRequest, JobAccepted
 from api.services import Services
 from api.strict import strict_json
@@ -55,11 +55,8 @@ async def generate_image(
     result = await finished_result(started)
     if result is None:
         return accepted(request, services, started.record)
-    png = started.reply.attachment if started.reply is not None else None
-    if png is None:
-        png = (await services.runtime.store.get(result["key"])).data
     return Response(
-        png,
+        await output_bytes(services, started, result),
         media_type="image/png",
         headers={"X-Job-Id": started.record.job_id, "X-Seed": str(result["seed"])},
     )
@@ -78,8 +75,7 @@ async def generate_image_to_r2(
 ) -> Response[GeneratedImageKey | JobAccepted]:
     require_generation(services)
     data = await strict_json(request, GenerateImageRequest)
-    if not services.settings.r2_enabled:
-        raise ApiError(503, "r2_disabled", "R2 is disabled on this server (R2_ENABLED=0); use POST /v1/images/generate")
+    require_r2(services, "POST /v1/images/generate")
     started = await start_job(
         services,
         job_type=IMAGE_GENERATE,

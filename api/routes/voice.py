@@ -11,7 +11,7 @@ from litestar.params import Body
 from litestar.status_codes import HTTP_200_OK
 
 from api.errors import ApiError
-from api.jobs import JobStart, accepted, finished_result, start_job
+from api.jobs import JobStart, accepted, finished_result, output_bytes, require_r2, start_job
 from api.routes.generate import IDEMPOTENCY_KEY
 from api.schemas import GeneratedVoiceKey, JobAccepted, VoiceCloneForm, VoiceFromKeyRequest
 from api.services import Services
@@ -68,11 +68,8 @@ async def _respond_mp3(request: Request, services: Services, started: JobStart) 
     result = await finished_result(started)
     if result is None:
         return accepted(request, services, started.record)
-    mp3 = started.reply.attachment if started.reply is not None else None
-    if mp3 is None:
-        mp3 = (await services.runtime.store.get(result["key"])).data
     return Response(
-        mp3,
+        await output_bytes(services, started, result),
         media_type="audio/mpeg",
         headers={"X-Job-Id": started.record.job_id, "X-Audio-Duration": str(result["duration_seconds"])},
     )
@@ -133,8 +130,7 @@ async def generate_voice_to_r2(
 ) -> Response[GeneratedVoiceKey | JobAccepted]:
     require_voice(services)
     data = await strict_json(request, VoiceFromKeyRequest)
-    if not services.settings.r2_enabled:
-        raise ApiError(503, "r2_disabled", "R2 is disabled on this server (R2_ENABLED=0); use POST /v1/voice/generate")
+    require_r2(services, "POST /v1/voice/generate")
     payload = await reference_payload(services, data)
     started = await start_job(
         services, job_type=VOICE_GENERATE, payload=payload, wait=True, idempotency_key=idempotency_key
