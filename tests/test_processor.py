@@ -92,6 +92,7 @@ async def test_redelivered_message_creates_one_object_and_one_point(make_setting
         (b'{"source": "x"}', "application/json", IMAGE_INDEX, "schema_violation"),
         (b'{"data": "JVBERi0xLjQKJcOkw7zDtsOf"}', "application/json", IMAGE_INDEX, "not_an_image"),
         (b"data", "text/plain", IMAGE_INDEX, "unsupported_content_type"),
+        (b'{"key": "../outside/the/bucket.png"}', "application/json", IMAGE_INDEX, "invalid_key"),
     ],
 )
 async def test_poison_messages_are_dead_lettered_at_once(make_settings, rabbit, body, content_type, message_type, code):

@@ -11,7 +11,7 @@ from typing import cast
 import msgspec
 import structlog
 
-from infra.storage import ObjectNotFoundError, ObjectStore
+from infra.storage import InvalidKeyError, ObjectNotFoundError, ObjectStore
 from infra.vectors import ImageRecord, VectorIndex
 from processor.clock import UniqueClock, iso_from_us
 from processor.contract import IMAGE_INDEX, ImageIndexV1
@@ -71,6 +71,8 @@ class ImageIndexHandler:
                 outcomes[position] = Failed(exc.code, exc.message)
             except ObjectNotFoundError as exc:
                 outcomes[position] = Failed("object_not_found", str(exc))
+            except InvalidKeyError as exc:
+                outcomes[position] = Failed("invalid_key", str(exc))
             except _MissingId as exc:
                 outcomes[position] = Failed("missing_image_id", str(exc))
             except TRANSIENT_ERRORS as exc:
