@@ -62,6 +62,7 @@ class ImageGenerator:
     def load(cls, settings: Settings) -> ImageGenerator:
         device = pick_device(settings.torch_device)
         dtype = pick_dtype(settings.image_dtype, device)
+        quiet_progress_bars()  # before the tiny build too: saving a model draws one
         if settings.model_profile == "tiny":
             source, model_id = str(ensure_tiny_diffusion(settings.model_cache_dir)), TINY_DIFFUSION_ID
         else:
@@ -69,7 +70,6 @@ class ImageGenerator:
         local = _is_local(source)
         if not local:
             prefer_local_cache()
-        quiet_progress_bars()
         try:
             pipeline = DiffusionPipeline.from_pretrained(source, dtype=dtype)
         except Exception as exc:

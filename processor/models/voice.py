@@ -40,6 +40,7 @@ class VoiceCloner:
     def load(cls, settings: Settings) -> VoiceCloner:
         device = pick_device(settings.torch_device)
         dtype = pick_dtype("auto", device)
+        quiet_progress_bars()  # before the tiny build too: saving a model draws one
         if settings.model_profile == "tiny":
             source, model_id = str(ensure_tiny_voice(settings.model_cache_dir)), TINY_VOICE_ID
         else:
@@ -47,7 +48,6 @@ class VoiceCloner:
         local = Path(source).is_dir()
         if not local:
             prefer_local_cache()
-        quiet_progress_bars()
         models = qwen_tts()
         try:
             config = fill_config_defaults(models.Qwen3TTSConfig.from_pretrained(source))
