@@ -7,9 +7,10 @@ import uuid
 
 import httpx
 import pytest
+import torch
 
 from processor.contract import VOICE_LANGUAGES
-from processor.models.voice import SAMPLE_RATE
+from processor.models.voice import SAMPLE_RATE, VoiceCloner
 from processor.text_chunks import split_text
 from tests.support.audio import CLIP_FORMATS, mp3_info, speech_clip, tone_wav
 from tests.support.server import running_server
@@ -284,3 +285,20 @@ async def test_idempotency_key_on_the_voice_endpoints(server, s3):
     assert stored[0].status_code == stored[1].status_code == 200
     assert stored[0].json() == stored[1].json()
     assert set(s3.keys(server.bucket, "voice/generated/")) - before == {stored[0].json()["key"]}
+
+
+def test_rotary_frequencies_are_computed_not_left_uninitialised(server):
+    """transformers 5 leaves non-persistent buffers uninitialised when it loads qwen_tts's classes; the loader
+    recomputes every rotary `inv_freq` (garbage there gave inf/nan logits or position-blind speech)."""
+    cloner = VoiceCloner.load(server.services.settings)
+    model = cloner._model.model
+    rotary = [
+        module
+        for root in (model, model.speech_tokenizer.model)
+        for module in root.modules()
+        if getattr(module, "rope_init_fn", None) is not None
+    ]
+    assert len(rotary) == 3  # talker, code predictor, speech-tokenizer decoder
+    for module in rotary:
+        expected, _ = module.rope_init_fn(module.config, module.inv_freq.device)
+        assert torch.equal(module.inv_freq, expected)

@@ -1,5 +1,7 @@
-"""Importing qwen_tts quietly: the package prints a flash-attn notice to stdout when imported, which would break
-one-JSON-object-per-line logs. The notice goes to the debug log instead."""
+"""Importing qwen_tts quietly, and two repairs its classes need on transformers 5.
+
+The package prints a flash-attn notice to stdout when imported, which would break one-JSON-object-per-line logs;
+the notice goes to the debug log instead."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import io
 from types import SimpleNamespace
 
 import structlog
+import torch
 
 log = structlog.get_logger(__name__)
 
@@ -42,3 +45,25 @@ def fill_config_defaults(config: object) -> object:
     if "pad_token_id" not in predictor.__dict__:
         predictor.pad_token_id = None
     return config
+
+
+def restore_rotary_frequencies(*roots: torch.nn.Module) -> int:
+    """Recompute the rotary embeddings' `inv_freq` in every qwen_tts module under `roots`; returns how many.
+
+    `inv_freq` is a non-persistent buffer (not in the checkpoint). transformers 5 builds the model on the meta
+    device and materialises such buffers uninitialised, and qwen_tts's rotary classes are not among those it
+    re-initialises, so they hold whatever memory they got (qwen-tts-compat repairs only all-zero buffers). With
+    garbage frequencies the talker loses all positional information, or produces inf/nan logits outright."""
+    restored = 0
+    for root in roots:
+        for module in root.modules():
+            rope_init = getattr(module, "rope_init_fn", None)
+            current = getattr(module, "inv_freq", None)
+            if rope_init is None or not isinstance(current, torch.Tensor):
+                continue
+            inv_freq, scaling = rope_init(module.config, current.device)
+            module.inv_freq = inv_freq.to(device=current.device)
+            module.original_inv_freq = module.inv_freq
+            module.attention_scaling = scaling
+            restored += 1
+    return restored

@@ -18,7 +18,7 @@ from processor.models.device import pick_device
 from processor.models.diffusion import pick_dtype
 from processor.models.errors import ModelLoadError
 from processor.models.hub import hub_reachable, offline_hint, prefer_local_cache, quiet_progress_bars
-from processor.models.qwen_tts_import import fill_config_defaults, qwen_tts
+from processor.models.qwen_tts_import import fill_config_defaults, qwen_tts, restore_rotary_frequencies
 from processor.models.tiny_voice import TINY_VOICE_ID, ensure_tiny_voice
 
 log = structlog.get_logger(__name__)
@@ -58,6 +58,7 @@ class VoiceCloner:
                     f"cannot load voice model {model_id!r}: {offline_hint('VOICE_MODEL (a local folder)')}"
                 ) from exc
             raise ModelLoadError(f"cannot load voice model {model_id!r}: {exc}") from exc
+        restore_rotary_frequencies(model.model, model.model.speech_tokenizer.model)
         if model.model.tts_model_type != "base":
             raise ModelLoadError(
                 f"voice model {model_id!r} is a {model.model.tts_model_type!r} model; voice cloning needs a Base "
