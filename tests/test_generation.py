@@ -119,7 +119,10 @@ async def test_async_job_status_transitions_in_order(server, s3):
     assert accepted["status"] == "queued"
     assert response.headers["location"] == accepted["status_url"]
     statuses, job = await poll_statuses(server, accepted["status_url"])
-    assert statuses == ["queued", "running", "succeeded"]
+    # the 202 itself is the first observation; the processor may take the job before the first poll
+    observed = [accepted["status"], *(status for status in statuses if status != "queued")]
+    assert observed == ["queued", "running", "succeeded"]
+    assert statuses[-2:] == ["running", "succeeded"]
     assert job["job_id"] == accepted["job_id"]
     assert job["created_at"] <= job["started_at"] <= job["finished_at"]
     assert job["attempts"] == 1
