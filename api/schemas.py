@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from litestar.datastructures import UploadFile
 
-from processor.contract import MAX_SEED, VOICE_LANGUAGES, Prompt, Side, check_generation_fields
+from processor.contract import VOICE_LANGUAGES, ImageGenerateFields
 
 
 class ImageOut(msgspec.Struct, kw_only=True):
@@ -34,21 +34,8 @@ class JobAccepted(msgspec.Struct, kw_only=True):
     status_url: str
 
 
-class GenerateImageRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+class GenerateImageRequest(ImageGenerateFields, kw_only=True, forbid_unknown_fields=True):
     """Text-to-image parameters; unset ones take the server's defaults (IMAGE_DEFAULT_*)."""
-
-    prompt: Prompt
-    seed: Annotated[int, msgspec.Meta(description=f"0..{MAX_SEED}; absent: drawn at random, reported back")] | None = (
-        None
-    )
-    negative_prompt: Annotated[str, msgspec.Meta(max_length=2000)] | None = None
-    width: Side | None = None
-    height: Side | None = None
-    steps: Annotated[int, msgspec.Meta(ge=1, le=100)] | None = None
-    guidance_scale: Annotated[float, msgspec.Meta(ge=0.0, le=30.0)] | None = None
-
-    def __post_init__(self) -> None:
-        check_generation_fields(self.prompt, self.seed)
 
 
 class GeneratedImageKey(msgspec.Struct, kw_only=True):

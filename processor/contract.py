@@ -91,14 +91,10 @@ def check_generation_fields(prompt: str, seed: int | None) -> None:
         raise ValueError(f"seed must be between 0 and {MAX_SEED}")
 
 
-class ImageGenerateV1(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """Generate one image from a prompt; the PNG is stored as images/generated/<job id>.png.
+class ImageGenerateFields(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Text-to-image parameters; unset ones take the server's defaults (IMAGE_DEFAULT_*). Shared by the
+    image.generate message and the HTTP request bodies that start one."""
 
-    Unset fields take the server's defaults (IMAGE_DEFAULT_*); an unset seed is derived from the job id, so a
-    job is fully determined by its message.
-    """
-
-    version: Literal[1] = 1
     prompt: Prompt
     seed: Annotated[int, msgspec.Meta(description=f"0..{MAX_SEED}; absent: drawn at random, reported back")] | None = (
         None
@@ -111,6 +107,16 @@ class ImageGenerateV1(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
     def __post_init__(self) -> None:
         check_generation_fields(self.prompt, self.seed)
+
+
+class ImageGenerateV1(ImageGenerateFields, kw_only=True, forbid_unknown_fields=True):
+    """Generate one image from a prompt; the PNG is stored as images/generated/<job id>.png.
+
+    Unset fields take the server's defaults (IMAGE_DEFAULT_*); an unset seed is derived from the job id, so a
+    job is fully determined by its message.
+    """
+
+    version: Literal[1] = 1
 
 
 def canonical_language(value: str) -> str | None:

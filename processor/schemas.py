@@ -24,7 +24,7 @@ def schema_files() -> dict[str, str]:
     """File name -> schema text, one per job type."""
     files = {}
     for message_type, struct in sorted(JOB_TYPES.items()):
-        version = struct.__struct_defaults__[struct.__struct_fields__.index("version")]
+        version = next(field.default for field in msgspec.structs.fields(struct) if field.name == "version")
         schema = msgspec.json.schema(struct)
         for definition in schema.get("$defs", {}).values():
             if "description" in definition:

@@ -339,7 +339,8 @@ def test_bad_configuration_exits_2():
 
 def test_the_cli_imports_no_model_code():
     probe = (
-        "import json, sys, processor.ops.__main__; print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))"
+        "import json, sys, processor.ops.__main__\n"
+        "sys.stdout.write(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))"
     )
     result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
     loaded = set(json.loads(result.stdout))
