@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from litestar.datastructures import UploadFile
 
+from api.filters import SearchFilter
 from processor.contract import VOICE_LANGUAGES, ImageGenerateFields
 
 
@@ -73,6 +74,7 @@ class JobOut(msgspec.Struct, kw_only=True):
 class SearchRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     query: Annotated[str, msgspec.Meta(min_length=1, max_length=1000, description="text in any language")]
     limit: Annotated[int, msgspec.Meta(ge=1, le=100)] = 10
+    filter: SearchFilter | None = None
 
 
 class SearchHit(msgspec.Struct, kw_only=True):

@@ -47,6 +47,8 @@ class Settings:
     image_search_db_r2_key: str
     image_search_db_backup_enabled: bool
     image_search_db_backup_interval_seconds: int
+    image_search_db_backup_generations: int
+    image_search_index_build_points: int
     # R2 / S3
     r2_account_id: str
     r2_endpoint_url: str
@@ -98,7 +100,7 @@ class Settings:
 
     @property
     def embedded_qdrant(self) -> bool:
-        """True when vectors live in qdrant-client's embedded mode (one process per path)."""
+        """True when vectors live in the embedded engine (one owning process per directory)."""
         return not self.qdrant_url
 
     @property
@@ -208,6 +210,8 @@ def _parse(env: _Reader) -> Settings:
         image_search_db_r2_key=env.raw("IMAGE_SEARCH_DB_R2_KEY", "image_search.db"),
         image_search_db_backup_enabled=env.flag("IMAGE_SEARCH_DB_BACKUP_ENABLED", True),
         image_search_db_backup_interval_seconds=env.integer("IMAGE_SEARCH_DB_BACKUP_INTERVAL_SECONDS", 1800, 10),
+        image_search_db_backup_generations=env.integer("IMAGE_SEARCH_DB_BACKUP_GENERATIONS", 3, 1, 1000),
+        image_search_index_build_points=env.integer("IMAGE_SEARCH_INDEX_BUILD_POINTS", 10000, 0, 10_000_000),
         r2_account_id=env.raw("R2_ACCOUNT_ID", ""),
         r2_endpoint_url=env.url("R2_ENDPOINT_URL", "", ("https", "http")),
         r2_access_key_id=env.raw("R2_ACCESS_KEY_ID", ""),

@@ -1,7 +1,7 @@
 """Everything a process opens once at start-up and shares: storage, broker, vectors, models.
 
-In the default single-process mode the API and the processor share one Runtime (embedded Qdrant allows one
-process per path); in two-process mode each process opens its own.
+In the default single-process mode the API and the processor share one Runtime (the embedded index has one
+owning process); in two-process mode each process opens its own.
 """
 
 from __future__ import annotations
@@ -15,9 +15,15 @@ from aio_pika.abc import AbstractRobustConnection
 from infra import broker
 from infra.settings import Settings
 from infra.storage import ObjectStore, StorageError, open_store
-from infra.vectors import EmbeddingModelMismatchError, VectorIndex, VectorIndexUnavailableError
+from infra.vectors import (
+    EmbeddingModelMismatchError,
+    IndexInUseError,
+    VectorIndex,
+    VectorIndexUnavailableError,
+    open_index,
+)
+from infra.vectors.backup import BackupSchedule, IndexBackupError, automatic_backups
 from processor.imaging import configure_pixel_limit
-from processor.index_backup import IndexBackup
 from processor.models.clip import ClipEmbedder
 from processor.models.diffusion import ImageGenerator
 from processor.models.voice import VoiceCloner
@@ -39,7 +45,7 @@ class Runtime:
     clip: ClipEmbedder | None
     generator: ImageGenerator | None = None
     voice: VoiceCloner | None = None
-    backup: IndexBackup | None = None
+    backups: BackupSchedule | None = None
 
     @property
     def bucket(self) -> str:
@@ -66,22 +72,30 @@ class Runtime:
         try:
             if settings.image_search_enabled:
                 runtime.clip = await asyncio.to_thread(ClipEmbedder.load, settings)
-                runtime.index = _open_index(settings)
+                runtime.index = await open_index(settings)
+                backups = automatic_backups(settings, runtime.index, store, runtime.clip.model_id)
+                if backups is not None and runtime.index.fresh:
+                    await backups.restore()
                 await runtime.index.ensure_collection(runtime.clip.model_id, runtime.clip.dim)
-                runtime.backup = _index_backup(settings, runtime.index, store, runtime.clip.model_id)
-                if runtime.backup is not None:
-                    await runtime.backup.restore_if_empty()
-                    runtime.backup.start()
+                if backups is not None:
+                    runtime.backups = BackupSchedule(backups, settings.image_search_db_backup_interval_seconds)
+                    runtime.backups.start()
             if settings.image_enabled and processor:
                 runtime.generator = await asyncio.to_thread(ImageGenerator.load, settings)
             if settings.voice_enabled and processor:
                 runtime.voice = await asyncio.to_thread(VoiceCloner.load, settings)
-        except EmbeddingModelMismatchError as exc:
+        except (EmbeddingModelMismatchError, IndexInUseError) as exc:
             await runtime.close()
             raise StartupError(str(exc)) from exc
+        except IndexBackupError as exc:
+            await runtime.close()
+            raise StartupError(
+                f"{exc} (or set IMAGE_SEARCH_DB_BACKUP_ENABLED=0 to start without restoring a backup)"
+            ) from exc
         except VectorIndexUnavailableError as exc:
             await runtime.close()
-            raise StartupError(f"{exc} (QDRANT_URL={settings.qdrant_url})") from exc
+            where = f"QDRANT_URL={settings.qdrant_url}" if settings.qdrant_url else "embedded index"
+            raise StartupError(f"{exc} ({where})") from exc
         except BaseException:
             await runtime.close()
             raise
@@ -96,40 +110,9 @@ class Runtime:
         return runtime
 
     async def close(self) -> None:
-        if self.backup is not None:
-            await self.backup.stop()
+        if self.backups is not None:
+            await self.backups.stop()
         if self.index is not None:
             await self.index.close()
         await self.connection.close()
         await self.store.close()
-
-
-def _open_index(settings: Settings) -> VectorIndex:
-    try:
-        return VectorIndex.open(
-            url=settings.qdrant_url,
-            api_key=settings.qdrant_api_key,
-            path=settings.image_search_db_path,
-            collection=settings.qdrant_collection,
-        )
-    except RuntimeError as exc:
-        if "already accessed" not in str(exc):
-            raise
-        raise StartupError(
-            f"embedded Qdrant at {settings.image_search_db_path} (IMAGE_SEARCH_DB_PATH) is in use by another "
-            "process; run the API and the processor in one process (python -m api), or set QDRANT_URL to a "
-            "Qdrant server to run them separately"
-        ) from exc
-
-
-def _index_backup(settings: Settings, index: VectorIndex, store: ObjectStore, model_id: str) -> IndexBackup | None:
-    """Snapshots to R2 only make sense for the embedded index (a Qdrant server keeps its own data)."""
-    if not (settings.image_search_db_backup_enabled and settings.r2_enabled and settings.embedded_qdrant):
-        return None
-    return IndexBackup(
-        index=index,
-        store=store,
-        key=settings.image_search_db_r2_key,
-        interval_seconds=settings.image_search_db_backup_interval_seconds,
-        model_id=model_id,
-    )

@@ -1,60 +1,271 @@
-"""Embedded index snapshots to R2 (IMAGE_SEARCH_DB_BACKUP_*): written at shutdown, restored into an empty index."""
+"""Backups of the embedded index to R2 (IMAGE_SEARCH_DB_BACKUP_*) over the S3 API: consistent snapshots, restore
+into a new index before anything is consumed, rotation, damaged backups refused, old single-object backups, and
+`ams-ops index` on demand (also while the server runs)."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
+import json
+import re
+import shutil
+import sys
+import tarfile
+from pathlib import Path
 
+import msgspec
+import numpy as np
+import pytest
 from PIL import Image
 
+from infra.settings import Settings
+from infra.vectors.backup import IndexBackups
+from infra.vectors.edge.layout import EngineLayout
 from processor.contract import IMAGE_INDEX
-from processor.runtime import Runtime
+from processor.models.tiny_clip import TINY_CLIP_ID
+from processor.runtime import Runtime, StartupError
 from processor.service import build_consumer
 from tests.support.amqp import publish, wait_until
 from tests.support.images import encoded
 
+ROOT = Path(__file__).resolve().parent.parent
+BACKUP = re.compile(r"^image_search\.db\.\d{8}T\d{12}Z\.tar\.gz$")
 
-async def _index_three(runtime: Runtime) -> list[str]:
+
+async def _index(runtime: Runtime, seeds: range) -> list[str]:
     consumer = build_consumer(runtime)
     await consumer.start()
+    before = await runtime.index.count()
     ids = []
-    for seed in range(3):
+    for seed in seeds:
         body = {"data": base64.b64encode(encoded(500 + seed)).decode()}
         ids.append(await publish(runtime.settings.amqp_url, IMAGE_INDEX, body))
 
     async def indexed() -> bool:
-        return await runtime.index.count() == 3
+        return await runtime.index.count() == before + len(seeds)
 
     await wait_until(indexed)
     await consumer.stop()
     return ids
 
 
-async def test_snapshot_at_shutdown_restores_into_an_empty_index(make_settings, s3):
-    bucket = s3.new_bucket()
-    first = await Runtime.open(make_settings(r2_bucket=bucket, endpoint=s3.endpoint))
-    ids = await _index_three(first)
-    with Image.open(io.BytesIO(encoded(500))) as picture:
-        vector = first.clip.embed_images([picture.convert("RGB")])[0]
-    await first.close()
-    assert "image_search.db" in s3.keys(bucket)
+def _vector(runtime: Runtime, seed: int) -> list[float]:
+    with Image.open(io.BytesIO(encoded(500 + seed))) as picture:
+        return runtime.clip.embed_images([picture.convert("RGB")])[0].tolist()
 
-    second = await Runtime.open(make_settings(r2_bucket=bucket, endpoint=s3.endpoint))
+
+def _backups(s3, bucket: str) -> list[str]:
+    return sorted(key for key in s3.keys(bucket, "image_search.db") if BACKUP.match(key))
+
+
+@pytest.fixture
+def env(make_env, s3):
+    return make_env(r2_bucket=s3.new_bucket(), endpoint=s3.endpoint)
+
+
+async def test_a_backup_taken_at_shutdown_is_restored_into_a_new_index(env, s3):
+    first = await Runtime.open(Settings.from_env(env))
+    ids = await _index(first, range(3))
+    vectors = [_vector(first, seed) for seed in range(3)]
+    await first.close()
+    [backup] = _backups(s3, env["R2_BUCKET_NAME"])
+
+    shutil.rmtree(env["IMAGE_SEARCH_DB_PATH"])
+    second = await Runtime.open(Settings.from_env(env))
     try:
         assert await second.index.count() == 3
-        assert set((await second.index.get_many(ids)).keys()) == set(ids)
-        [(best, score), *_] = await second.index.search(vector.tolist(), 3)
-        assert best.id == ids[0]
-        assert score > 0.99
+        for image_id, vector in zip(ids, vectors, strict=True):
+            [(best, score)] = await second.index.search(vector, 1)
+            assert best.id == image_id
+            assert score > 0.99
     finally:
         await second.close()
+    assert _backups(s3, env["R2_BUCKET_NAME"]) == [backup]  # nothing changed, so no new backup
 
 
-async def test_no_snapshot_when_backup_is_disabled(make_settings, s3):
-    bucket = s3.new_bucket()
-    runtime = await Runtime.open(
-        make_settings(r2_bucket=bucket, endpoint=s3.endpoint, IMAGE_SEARCH_DB_BACKUP_ENABLED="0")
-    )
-    await _index_three(runtime)
+async def test_an_existing_index_is_not_replaced_by_a_backup(env, s3):
+    first = await Runtime.open(Settings.from_env(env))
+    await _index(first, range(2))
+    await first.close()
+    again = await Runtime.open(Settings.from_env(env))
+    try:
+        await _index(again, range(2, 3))
+    finally:
+        await again.close()
+    third = await Runtime.open(Settings.from_env(env))
+    try:
+        assert await third.index.count() == 3
+    finally:
+        await third.close()
+    assert len(_backups(s3, env["R2_BUCKET_NAME"])) == 2
+
+
+async def test_generations_rotate(make_env, s3):
+    env = make_env(r2_bucket=s3.new_bucket(), endpoint=s3.endpoint, IMAGE_SEARCH_DB_BACKUP_GENERATIONS="2")
+    runtime = await Runtime.open(Settings.from_env(env))
+    try:
+        backups = IndexBackups(runtime.index, runtime.store, "image_search.db", generations=2)
+        saved = []
+        for seed in range(3):
+            await _index(runtime, range(seed, seed + 1))
+            saved.append((await backups.save()).key)
+        assert _backups(s3, env["R2_BUCKET_NAME"]) == saved[1:]
+        assert [backup.key for backup in await backups.list()] == saved[:0:-1]
+        assert not backups.changed
+    finally:
+        await runtime.close()
+
+
+def _rewrite(archive: bytes, change) -> bytes:
+    """The same backup with `change(name, data) -> data` applied to each file (the manifest left as it was)."""
+    out = io.BytesIO()
+    with (
+        tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as source,
+        tarfile.open(fileobj=out, mode="w:gz") as target,
+    ):
+        for member in source:
+            data = source.extractfile(member).read() if member.isfile() else None
+            if data is not None and member.name != "manifest.json":
+                data = change(member.name, data)
+                member.size = len(data)
+            target.addfile(member, io.BytesIO(data) if data is not None else None)
+    return out.getvalue()
+
+
+def _flip_a_byte(name: str, data: bytes) -> bytes:
+    if "vector_storage" in name and any(data):
+        position = next(i for i, byte in enumerate(data) if byte)
+        return data[:position] + bytes([data[position] ^ 0xFF]) + data[position + 1 :]
+    return data
+
+
+@pytest.mark.parametrize("damage", ["flipped byte", "truncated"])
+async def test_a_damaged_backup_stops_start_up_instead_of_an_empty_index(env, s3, damage):
+    first = await Runtime.open(Settings.from_env(env))
+    await _index(first, range(2))
+    await first.close()
+    [key] = _backups(s3, env["R2_BUCKET_NAME"])
+    archive = s3.client.get_object(Bucket=env["R2_BUCKET_NAME"], Key=key)["Body"].read()
+    damaged = _rewrite(archive, _flip_a_byte) if damage == "flipped byte" else archive[: len(archive) // 2]
+    s3.client.put_object(Bucket=env["R2_BUCKET_NAME"], Key=key, Body=damaged)
+
+    shutil.rmtree(env["IMAGE_SEARCH_DB_PATH"])
+    expected = "damaged" if damage == "flipped byte" else "corrupt or truncated"
+    with pytest.raises(StartupError, match=f"{re.escape(key)}.*{expected}.*IMAGE_SEARCH_DB_BACKUP_ENABLED=0"):
+        await Runtime.open(Settings.from_env(env))
+    assert EngineLayout.under(Path(env["IMAGE_SEARCH_DB_PATH"]), "images").read_meta() is None
+    assert _backups(s3, env["R2_BUCKET_NAME"]) == [key]
+
+
+class _OldPoint(msgspec.Struct):
+    id: str
+    vector: bytes
+    payload: dict
+
+
+class _OldSnapshot(msgspec.Struct, kw_only=True):
+    format: str
+    model_id: str
+    created_at: str
+    points: list[_OldPoint]
+
+
+async def test_an_old_single_object_backup_is_restored_then_superseded(env, s3):
+    rng = np.random.default_rng(4)
+    points = []
+    for step in range(5):
+        image_id = f"00000000-0000-4000-8000-00000000000{step}"
+        vector = rng.standard_normal(32).astype(np.float32)
+        vector /= np.linalg.norm(vector)
+        payload = {
+            "id": image_id,
+            "r2_key": f"images/originals/{image_id}.png",
+            "content_type": "image/png",
+            "size": 10,
+            "width": 4,
+            "height": 4,
+            "created_at": "2026-11-20T10:00:00Z",
+            "created_us": 1_700_000_000_000_000 + step,
+            "source": "upload",
+        }
+        points.append(_OldPoint(image_id, vector.tobytes(), payload))
+    blob = _OldSnapshot(format="ams-index-snapshot/1", model_id=TINY_CLIP_ID, created_at="x", points=points)
+    s3.client.put_object(Bucket=env["R2_BUCKET_NAME"], Key="image_search.db", Body=msgspec.msgpack.encode(blob))
+
+    runtime = await Runtime.open(Settings.from_env(env))
+    try:
+        assert await runtime.index.count() == 5
+        [(best, _score)] = await runtime.index.search(np.frombuffer(points[3].vector, np.float32).tolist(), 1)
+        assert best.id == points[3].id
+        await IndexBackups(runtime.index, runtime.store, "image_search.db", generations=3).save()
+    finally:
+        await runtime.close()
+    assert "image_search.db" not in s3.keys(env["R2_BUCKET_NAME"])
+    assert len(_backups(s3, env["R2_BUCKET_NAME"])) == 1
+
+
+async def test_no_backup_when_backups_are_disabled(make_env, s3):
+    env = make_env(r2_bucket=s3.new_bucket(), endpoint=s3.endpoint, IMAGE_SEARCH_DB_BACKUP_ENABLED="0")
+    runtime = await Runtime.open(Settings.from_env(env))
+    await _index(runtime, range(2))
     await runtime.close()
-    assert "image_search.db" not in s3.keys(bucket)
+    assert s3.keys(env["R2_BUCKET_NAME"], "image_search.db") == []
+
+
+async def _ams_ops(env: dict[str, str], *args: str) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "processor.ops",
+        *args,
+        cwd=ROOT,
+        env={**env, "PATH": "/usr/bin:/bin"},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await process.communicate()
+    return process.returncode, out.decode(), err.decode()
+
+
+async def test_ams_ops_index_stats_backup_and_restore(env, s3):
+    runtime = await Runtime.open(Settings.from_env(env))
+    try:
+        await _index(runtime, range(3))
+        code, out, err = await _ams_ops(env, "index", "backup")
+        assert code == 0, err
+        assert re.match(r"^backed up to image_search\.db\.\d{8}T\d{12}Z\.tar\.gz \(", out)
+        code, out, err = await _ams_ops(env, "index", "stats", "--json")
+        assert code == 0, err
+        report = json.loads(out)
+        assert report["served_by_running_server"] is True
+        assert report["index"]["points"] == 3
+        assert report["index"]["model_id"] == TINY_CLIP_ID
+        assert len(report["backups"]) == 1
+        code, out, err = await _ams_ops(env, "index", "restore")
+        assert code == 1
+        assert "stop it first" in err
+        await _index(runtime, range(3, 5))
+    finally:
+        await runtime.close()
+    assert len(_backups(s3, env["R2_BUCKET_NAME"])) == 2  # and one more at shutdown
+
+    code, out, err = await _ams_ops(env, "index", "stats")
+    assert code == 0, err
+    assert "points           5" in out
+    assert "opened by this command" in out
+    code, out, err = await _ams_ops(env, "index", "restore")
+    assert code == 1
+    assert "add --force" in err
+    older = _backups(s3, env["R2_BUCKET_NAME"])[0]
+    code, out, err = await _ams_ops(env, "index", "restore", "--key", older, "--force")
+    assert code == 0, err
+    assert out.startswith(f"restored 3 points from {older}")
+    runtime = await Runtime.open(Settings.from_env(env))
+    try:
+        assert await runtime.index.count() == 3
+    finally:
+        await runtime.close()
+    code, out, err = await _ams_ops(env, "index", "restore", "--key", "image_search.db.nothing")
+    assert code == 1
+    assert "no index backup at" in err

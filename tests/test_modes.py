@@ -5,9 +5,6 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
-from infra.vectors import EmbeddingModelMismatchError, VectorIndex
 from tests.support.images import encoded
 from tests.support.rabbitmq import free_port
 from tests.support.s3 import S3Process
@@ -49,19 +46,6 @@ async def test_readyz_names_the_failing_part(make_settings):
             assert (await server.client.get("/readyz")).status_code == 200
     finally:
         s3.stop()
-
-
-async def test_collection_built_with_another_model_is_refused(tmp_path):
-    index = VectorIndex.open(url="", api_key="", path=tmp_path / "q", collection="images")
-    try:
-        await index.ensure_collection("model-a", 32)
-        await index.ensure_collection("model-a", 32)
-        with pytest.raises(EmbeddingModelMismatchError, match="model-a"):
-            await index.ensure_collection("model-b", 32)
-        with pytest.raises(EmbeddingModelMismatchError):
-            await index.ensure_collection("model-a", 64)
-    finally:
-        await index.close()
 
 
 def _imports(package: str) -> set[str]:

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from infra.settings import Settings
-from infra.vectors import VectorIndex
+from infra.vectors.edge.client import EdgeIndex
 from processor.contract import IMAGE_INDEX
 from processor.runtime import Runtime
 from processor.service import build_consumer
@@ -167,7 +167,7 @@ async def test_killed_processor_loses_nothing_and_duplicates_nothing(make_env, r
             assert second.wait(timeout=30) == 0
         objects = [key for key in s3.keys("crash") if key.startswith("images/")]
         assert objects == [f"images/originals/{image_id}.png"]
-        index = VectorIndex.open(url="", api_key="", path=Path(env["IMAGE_SEARCH_DB_PATH"]), collection="images")
+        index = await EdgeIndex.open(Path(env["IMAGE_SEARCH_DB_PATH"]), "images")
         try:
             assert await index.count() == 1
             assert (await index.get(image_id)).r2_key == objects[0]

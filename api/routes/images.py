@@ -17,6 +17,14 @@ from litestar.response import Redirect
 from litestar.status_codes import HTTP_201_CREATED, HTTP_307_TEMPORARY_REDIRECT
 
 from api.errors import ApiError
+from api.filters import (
+    ContentTypeParam,
+    CreatedAfterParam,
+    CreatedBeforeParam,
+    SourceParam,
+    image_filter,
+    query_string,
+)
 from api.jobs import accepted, raise_for_failure, start_job
 from api.schemas import ImageOut, ImageUploadForm, JobAccepted
 from api.services import Services
@@ -122,20 +130,25 @@ async def list_images(
     services: Services,
     limit: Annotated[int, Parameter(ge=1, le=1000, description="page size")] = 100,
     cursor: Annotated[str | None, Parameter(description="X-Next-Cursor of the previous page")] = None,
+    source: SourceParam = None,
+    content_type: ContentTypeParam = None,
+    created_after: CreatedAfterParam = None,
+    created_before: CreatedBeforeParam = None,
 ) -> Response[list[ImageOut]]:
     """A JSON array of image records. When more remain, the `X-Next-Cursor` header (and a `Link: rel="next"`
-    header) give the cursor for the next page."""
+    header) give the cursor for the next page; pass the same filters with it."""
     index = require_index(services)
+    conditions = image_filter(source, content_type, created_after, created_before)
     before = _decode_cursor(cursor) if cursor else None
-    records = await index.newest(limit + 1, before_us=before)
+    records = await index.newest(limit + 1, before_us=before, image_filter=conditions)
     page, more = records[:limit], len(records) > limit
     headers: dict[str, str] = {}
     if more:
         next_cursor = _encode_cursor(page[-1].created_us)
         headers["X-Next-Cursor"] = next_cursor
-        next_url = (
-            f"{base_url(request, services.settings)}/v1/images?{urlencode({'limit': limit, 'cursor': next_cursor})}"
-        )
+        query = [("limit", str(limit)), ("cursor", next_cursor)]
+        query += query_string(source, content_type, created_after, created_before)
+        next_url = f"{base_url(request, services.settings)}/v1/images?{urlencode(query)}"
         headers["Link"] = f'<{next_url}>; rel="next"'
     return Response([to_image_out(request, services, record) for record in page], headers=headers)
 

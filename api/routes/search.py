@@ -10,6 +10,7 @@ from litestar.enums import RequestEncodingType
 from litestar.params import Body, Parameter
 
 from api.errors import ApiError
+from api.filters import ContentTypeParam, CreatedAfterParam, CreatedBeforeParam, SourceParam, from_body, image_filter
 from api.routes.images import read_upload, require_index
 from api.schemas import ImageUploadForm, SearchHit, SearchRequest, SearchResponse
 from api.services import Services
@@ -53,8 +54,9 @@ async def search_images(request: Request, services: Services, data: SearchReques
     query = data.query.strip()
     if not query:
         raise ApiError(400, "invalid_request", "query must contain at least one non-space character")
+    conditions = from_body(data.filter)
     vector = (await asyncio.to_thread(clip.embed_texts, [query]))[0]
-    return _hits(request, services, await index.search(vector.tolist(), data.limit))
+    return _hits(request, services, await index.search(vector.tolist(), data.limit, conditions))
 
 
 @post("/v1/images/search/by-image", status_code=200, summary="Search images by an example image")
@@ -63,13 +65,18 @@ async def search_by_image(
     services: Services,
     data: Annotated[ImageUploadForm, Body(media_type=RequestEncodingType.MULTI_PART)],
     limit: Annotated[int, Parameter(ge=1, le=100)] = 10,
+    source: SourceParam = None,
+    content_type: ContentTypeParam = None,
+    created_after: CreatedAfterParam = None,
+    created_before: CreatedBeforeParam = None,
 ) -> SearchResponse:
     index = require_index(services)
     clip = _clip(services)
+    conditions = image_filter(source, content_type, created_after, created_before)
     raw = await read_upload(data, services.settings.image_search_max_bytes)
     decoded = await asyncio.to_thread(decode_image, raw, services.settings.image_search_max_pixels)
     vector = (await asyncio.to_thread(clip.embed_images, [decoded.image]))[0]
-    return _hits(request, services, await index.search(vector.tolist(), limit))
+    return _hits(request, services, await index.search(vector.tolist(), limit, conditions))
 
 
 ROUTES = [search_images, search_by_image]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import abc
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 
 class StorageError(Exception):
@@ -51,6 +52,14 @@ class ObjectStore(abc.ABC):
     @abc.abstractmethod
     async def put(self, key: str, data: bytes, content_type: str) -> None:
         """Write the whole object atomically: readers see the old object or the new one, never a part."""
+
+    @abc.abstractmethod
+    async def put_file(self, key: str, path: Path, content_type: str) -> None:
+        """Write the object from a local file, streamed (large objects in parts); as atomic as put()."""
+
+    @abc.abstractmethod
+    async def get_file(self, key: str, path: Path) -> int:
+        """Stream an object into a local file; returns its size. ObjectNotFoundError if absent."""
 
     @abc.abstractmethod
     async def get(self, key: str) -> StoredObject:

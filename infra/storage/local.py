@@ -18,6 +18,7 @@ import hmac
 import json
 import os
 import secrets
+import shutil
 import tempfile
 import time
 from collections.abc import AsyncIterator
@@ -92,6 +93,41 @@ class LocalStore(ObjectStore):
             await asyncio.to_thread(self._put_sync, key, data, content_type)
         except NotADirectoryError as exc:
             raise StorageUnavailableError(f"cannot store {key!r}: a parent of it is an object") from exc
+
+    def _put_file_sync(self, key: str, source: Path, content_type: str) -> None:
+        path = self._object_path(key)
+        if path.is_dir():
+            raise StorageUnavailableError(f"cannot store {key!r}: a key prefix of that name exists")
+        self._write_atomic(self._meta_path(key), json.dumps({"content_type": content_type}).encode())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=self._tmp)
+        os.close(fd)
+        try:
+            shutil.copyfile(source, tmp_name)
+            with open(tmp_name, "rb+") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp_name, path)
+        except BaseException:
+            Path(tmp_name).unlink(missing_ok=True)
+            raise
+
+    async def put_file(self, key: str, path: Path, content_type: str) -> None:
+        validate_key(key)
+        try:
+            await asyncio.to_thread(self._put_file_sync, key, path, content_type)
+        except NotADirectoryError as exc:
+            raise StorageUnavailableError(f"cannot store {key!r}: a parent of it is an object") from exc
+
+    def _get_file_sync(self, key: str, target: Path) -> int:
+        try:
+            shutil.copyfile(self._object_path(key), target)
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            raise ObjectNotFoundError(key) from None
+        return target.stat().st_size
+
+    async def get_file(self, key: str, path: Path) -> int:
+        validate_key(key)
+        return await asyncio.to_thread(self._get_file_sync, key, path)
 
     def _get_sync(self, key: str) -> StoredObject:
         path = self._object_path(key)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from aiobotocore.config import AioConfig
@@ -21,6 +23,7 @@ from infra.storage.base import (
 from infra.storage.keys import validate_key, validate_prefix
 
 _NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
+PART_BYTES = 64 * 1024 * 1024
 
 
 class S3Store(ObjectStore):
@@ -81,6 +84,52 @@ class S3Store(ObjectStore):
             await self._client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type)
         except (ClientError, BotoCoreError, OSError) as exc:
             raise self._translate(exc, key) from exc
+
+    async def put_file(self, key: str, path: Path, content_type: str) -> None:
+        validate_key(key)
+        try:
+            if (await asyncio.to_thread(path.stat)).st_size <= PART_BYTES:
+                data = await asyncio.to_thread(path.read_bytes)
+                await self._client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type)
+                return
+            await self._put_parts(key, path, content_type)
+        except (ClientError, BotoCoreError) as exc:
+            raise self._translate(exc, key) from exc
+
+    async def _put_parts(self, key: str, path: Path, content_type: str) -> None:
+        """A multipart upload: the object appears only when complete_multipart_upload succeeds."""
+        upload = await self._client.create_multipart_upload(Bucket=self.bucket, Key=key, ContentType=content_type)
+        upload_id = upload["UploadId"]
+        try:
+            parts = []
+            with path.open("rb") as fh:
+                while chunk := await asyncio.to_thread(fh.read, PART_BYTES):
+                    number = len(parts) + 1
+                    sent = await self._client.upload_part(
+                        Bucket=self.bucket, Key=key, PartNumber=number, UploadId=upload_id, Body=chunk
+                    )
+                    parts.append({"ETag": sent["ETag"], "PartNumber": number})
+            await self._client.complete_multipart_upload(
+                Bucket=self.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
+            )
+        except BaseException:
+            with contextlib.suppress(ClientError, BotoCoreError, OSError):
+                await self._client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+            raise
+
+    async def get_file(self, key: str, path: Path) -> int:
+        validate_key(key)
+        size = 0
+        try:
+            response = await self._client.get_object(Bucket=self.bucket, Key=key)
+            async with response["Body"] as body:
+                with path.open("wb") as fh:
+                    async for chunk in body.iter_chunks(1 << 20):
+                        await asyncio.to_thread(fh.write, chunk)
+                        size += len(chunk)
+        except (ClientError, BotoCoreError) as exc:
+            raise self._translate(exc, key) from exc
+        return size
 
     async def get(self, key: str) -> StoredObject:
         validate_key(key)

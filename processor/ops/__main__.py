@@ -5,6 +5,10 @@
     ams-ops dlq replay (FILTERS | --all) [--dry-run]          publish matching dead letters to ams.jobs again
     ams-ops dlq purge (FILTERS | --all) [--dry-run] [--yes]   delete matching dead letters
     ams-ops backfill --prefix P [--dry-run] [--api-url URL] [--json]   index images already in the bucket
+    ams-ops index stats [--json]                 the image index: points, graph, disk, backups
+    ams-ops index backup                         back the embedded index up to the object store now
+    ams-ops index restore [--key KEY] [--force]  restore the newest (or a given) backup; the server stopped
+    ams-ops index build [--wait]                 build the search graph of the points not yet in it
 
 FILTERS: --id ID, --type TYPE, --reason CODE (each repeatable) and --since WHEN (ISO-8601 or 30m, 2h, 1d),
 compared with the last failure. Settings come from the server's environment (AMQP_URL, R2_*, ...).
@@ -27,16 +31,19 @@ from collections.abc import Callable, Coroutine, Iterator
 from typing import IO, Any, TypeVar
 
 import click
+import msgspec
 
 from infra.broker import DEAD_QUEUE, JOBS_EXCHANGE
 from infra.logging import configure_logging
 from infra.settings import Settings, SettingsError
 from infra.storage.base import InvalidKeyError
 from infra.storage.keys import validate_prefix
+from infra.vectors import SnapshotsUnsupportedError
 from processor.ops.backfill import plan_backfill, run_backfill
 from processor.ops.dlq import open_dead_letters
 from processor.ops.errors import OperationFailedError
 from processor.ops.filters import Selection, parse_when
+from processor.ops.index import backup_now, build_graph, index_report, restore_backup
 from processor.ops.render import letter_details, letters_json, letters_table
 
 T = TypeVar("T")
@@ -90,6 +97,8 @@ def _run(work: Coroutine[Any, Any, T]) -> T:
         return asyncio.run(work)
     except OperationFailedError as exc:
         raise CommandFailed(str(exc)) from None
+    except SnapshotsUnsupportedError as exc:
+        raise BadConfiguration(str(exc)) from None
 
 
 @contextlib.contextmanager
@@ -148,7 +157,8 @@ def _selection(
 
 @click.group(epilog=EXIT_CODES, context_settings={"help_option_names": ["-h", "--help"]})
 def cli() -> None:
-    """Operate an AI model server deployment: inspect, replay and purge dead letters; backfill the image index.
+    """Operate an AI model server deployment: inspect, replay and purge dead letters; backfill, back up and
+    restore the image index.
 
     Settings come from the same environment as the server (AMQP_URL, AMQP_CONNECT_TIMEOUT_SECONDS,
     R2_*, LOCAL_STORAGE_DIR, ...).
@@ -355,6 +365,100 @@ def backfill(prefix: str, dry_run: bool, api_url: str, concurrency: int, as_json
         )
 
     _run(work())
+
+
+@cli.group(epilog=EXIT_CODES)
+def index() -> None:
+    """The image index: what it holds, backups to the object store, restores, graph builds.
+
+    With QDRANT_URL unset, these reach the embedded index of the running server (or, when none runs, open it
+    for the duration of the command). Backups go to the configured object store under IMAGE_SEARCH_DB_R2_KEY.
+    """
+
+
+def _size(count: int | None) -> str:
+    if count is None:
+        return "-"
+    size = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GiB"
+
+
+@index.command(epilog=EXIT_CODES)
+@click.option("--json", "as_json", is_flag=True, help="A JSON object instead of the text.")
+def stats(as_json: bool) -> None:
+    """What the index holds: points, how many are in the search graph, disk use, last build, and backups."""
+    settings = _settings()
+    report = _run(index_report(settings))
+    figures = report.stats
+    if as_json:
+        click.echo(
+            json.dumps(
+                {
+                    "index": msgspec.to_builtins(figures),
+                    "served_by_running_server": report.served_by_running_server,
+                    "backups": None
+                    if report.backups is None
+                    else [{"key": b.key, "size": b.size, "taken_at": b.taken_at} for b in report.backups],
+                    "backups_error": report.backups_error,
+                }
+            )
+        )
+        return
+    served = "the running server's" if report.served_by_running_server else "opened by this command"
+    lines = [
+        f"engine           {figures.engine} ({served})",
+        f"location         {figures.location}",
+        f"model            {figures.model_id or '-'} ({figures.dim or '-'} dimensions)",
+        f"points           {figures.points}",
+        f"in search graph  {figures.indexed_points} ({figures.points - figures.indexed_points} searched exactly)",
+        f"segments         {figures.segments}",
+        f"disk             {_size(figures.disk_bytes)}",
+        f"graph build      {'running' if figures.building else 'idle'}",
+    ]
+    if figures.last_build:
+        lines.append(f"last build       {json.dumps(figures.last_build)}")
+    if report.backups_error:
+        lines.append(f"backups          unavailable: {report.backups_error}")
+    elif report.backups is not None:
+        lines.append(f"backups          {len(report.backups)} under {settings.image_search_db_r2_key}")
+        lines += [f"  {b.key}  {_size(b.size)}  {b.taken_at or 'old format'}" for b in report.backups]
+    click.echo("\n".join(lines))
+
+
+@index.command(epilog=EXIT_CODES)
+def backup() -> None:
+    """Back the embedded index up to the object store now (also while the server runs), keeping the newest
+    IMAGE_SEARCH_DB_BACKUP_GENERATIONS."""
+    settings = _settings()
+    info = _run(backup_now(settings))
+    click.echo(f"backed up to {info.key} ({_size(info.size)})")
+
+
+@index.command(epilog=EXIT_CODES)
+@click.option("--key", metavar="KEY", help="The backup to restore (default: the newest; see `index stats`).")
+@click.option("--force", is_flag=True, help="Replace the index that exists.")
+def restore(key: str | None, force: bool) -> None:
+    """Restore a backup into the embedded index. The server must be stopped; every file is checked against
+    the backup's manifest before anything is replaced."""
+    settings = _settings()
+    report = _run(restore_backup(settings, key, replace=force))
+    click.echo(f"restored {report.points} points from {report.key} (model {report.model_id})")
+
+
+@index.command(epilog=EXIT_CODES)
+@click.option("--wait", is_flag=True, help="Return when the build is done, with what it did.")
+def build(wait: bool) -> None:
+    """Build the search graph of the points not yet in it now (the server also does this by itself)."""
+    settings = _settings()
+    result = _run(build_graph(settings, wait=wait))
+    if wait and result:
+        click.echo(json.dumps(result))
+    else:
+        click.echo("graph build started" if settings.qdrant_url == "" else "a Qdrant server builds its own graph")
 
 
 def main() -> None:

@@ -1,0 +1,125 @@
+"""The image index on demand: stats, backup, restore, graph build.
+
+Reaches the index the way the server does: a Qdrant server when QDRANT_URL is set; otherwise the embedded
+engine of the running server (over its Unix socket, so this works while the server runs), or, when no server
+runs, an engine started here for the duration of the command. A restore needs the server stopped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from infra.settings import Settings
+from infra.storage import ObjectStore, StorageError, open_store
+from infra.vectors import (
+    IndexExistsError,
+    IndexInUseError,
+    IndexStats,
+    VectorIndex,
+    VectorIndexUnavailableError,
+    attach_index,
+    open_index,
+)
+from infra.vectors.backup import BackupInfo, IndexBackupError, IndexBackups, RestoreReport
+from processor.ops.errors import OperationFailedError
+
+
+@dataclass(frozen=True, slots=True)
+class IndexReport:
+    stats: IndexStats
+    served_by_running_server: bool
+    backups: list[BackupInfo] | None
+    backups_error: str | None
+
+
+@asynccontextmanager
+async def reach_index(settings: Settings, *, exclusive: bool = False) -> AsyncIterator[tuple[VectorIndex, bool]]:
+    """(index, whether a running server serves it). With `exclusive`, refuse when a server runs it."""
+    try:
+        index = await attach_index(settings)
+        attached = index is not None
+        if index is not None and exclusive:
+            await index.close()
+            raise OperationFailedError(
+                f"the server is running on the index at {settings.image_search_db_path}: stop it first"
+            )
+        if index is None:
+            index = await open_index(settings)
+    except (VectorIndexUnavailableError, IndexInUseError) as exc:
+        raise OperationFailedError(f"cannot reach the image index: {exc}") from None
+    try:
+        yield index, attached
+    except VectorIndexUnavailableError as exc:
+        raise OperationFailedError(f"the image index failed: {exc}") from None
+    finally:
+        await index.close()
+
+
+@asynccontextmanager
+async def _store(settings: Settings) -> AsyncIterator[ObjectStore]:
+    try:
+        store = await open_store(settings)
+        await store.ping()
+    except StorageError as exc:
+        raise OperationFailedError(f"object store not usable: {exc}") from None
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+def _backups(settings: Settings, index: VectorIndex, store: ObjectStore) -> IndexBackups:
+    return IndexBackups(
+        index,
+        store,
+        settings.image_search_db_r2_key,
+        generations=settings.image_search_db_backup_generations,
+    )
+
+
+async def index_report(settings: Settings) -> IndexReport:
+    async with reach_index(settings) as (index, attached):
+        stats = await index.stats()
+        if not index.supports_snapshots:
+            return IndexReport(stats, attached, None, None)
+        try:
+            async with _store(settings) as store:
+                backups = await _backups(settings, index, store).list()
+        except (OperationFailedError, StorageError) as exc:
+            return IndexReport(stats, attached, None, str(exc))
+        return IndexReport(stats, attached, backups, None)
+
+
+async def backup_now(settings: Settings) -> BackupInfo:
+    async with reach_index(settings) as (index, _attached), _store(settings) as store:
+        if (await index.stats()).model_id is None:
+            raise OperationFailedError("there is no index to back up yet")
+        try:
+            return await _backups(settings, index, store).save()
+        except StorageError as exc:
+            raise OperationFailedError(f"the backup could not be stored: {exc}") from None
+
+
+async def restore_backup(settings: Settings, key: str | None, *, replace: bool) -> RestoreReport:
+    async with reach_index(settings, exclusive=True) as (index, _attached), _store(settings) as store:
+        try:
+            report = await _backups(settings, index, store).restore(key, replace=replace)
+        except IndexExistsError:
+            raise OperationFailedError(
+                f"an index already exists at {settings.image_search_db_path}; add --force to replace it"
+            ) from None
+        except (IndexBackupError, StorageError) as exc:
+            raise OperationFailedError(str(exc)) from None
+        if report is None:
+            raise OperationFailedError(f"no index backup under {settings.image_search_db_r2_key!r}")
+        return report
+
+
+async def build_graph(settings: Settings, *, wait: bool) -> dict[str, Any] | None:
+    async with reach_index(settings) as (index, _attached):
+        if (await index.stats()).model_id is None:
+            raise OperationFailedError("there is no index yet")
+        return await index.build_graph(wait=wait)

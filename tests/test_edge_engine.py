@@ -1,0 +1,276 @@
+"""The embedded engine beyond the shared contract: its own process, persistence, ownership, crash recovery,
+graph builds that keep results consistent, and the one-time import of a qdrant-client local-mode directory."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from infra.vectors import EmbeddingModelMismatchError, ImageRecord, IndexInUseError
+from infra.vectors.edge.client import EdgeIndex
+from infra.vectors.edge.layout import EngineLayout
+from infra.vectors.server import QdrantServerIndex
+from tests.support.amqp import wait_until
+
+DIM = 16
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _record(image_id: str, created_us: int) -> ImageRecord:
+    return ImageRecord(
+        id=image_id,
+        r2_key=f"images/originals/{image_id}.png",
+        content_type="image/png",
+        size=1,
+        width=1,
+        height=1,
+        created_at=f"t{created_us}",
+        created_us=created_us,
+        source="upload",
+    )
+
+
+def _points(count: int, seed: int = 0) -> tuple[list[ImageRecord], np.ndarray]:
+    rng = np.random.default_rng(seed)
+    vectors = rng.standard_normal((count, DIM)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    return [_record(str(uuid.uuid4()), 1_000 + step) for step in range(count)], vectors
+
+
+async def _fill(index: EdgeIndex, records: list[ImageRecord], vectors: np.ndarray) -> None:
+    for start in range(0, len(records), 64):
+        await index.upsert(list(zip(records[start : start + 64], vectors[start : start + 64], strict=True)))
+
+
+async def _open(path: Path, **kwargs) -> EdgeIndex:
+    index = await EdgeIndex.open(path, "images", log_format="console", log_level="warning", **kwargs)
+    await index.ensure_collection("model-a", DIM)
+    return index
+
+
+async def test_data_survives_a_restart(tmp_path):
+    records, vectors = _points(50)
+    index = await _open(tmp_path, build_points=0)
+    assert (tmp_path / "edge" / "images" / "index.json").is_file()
+    await _fill(index, records, vectors)
+    await index.close()
+
+    reopened = await _open(tmp_path, build_points=0)
+    try:
+        assert not reopened.fresh
+        assert await reopened.count() == 50
+        [(best, score)] = await reopened.search(vectors[7].tolist(), 1)
+        assert best == records[7]
+        assert score == pytest.approx(1.0, abs=1e-5)
+    finally:
+        await reopened.close()
+
+
+async def test_one_owner_per_directory_and_others_attach(tmp_path):
+    index = await _open(tmp_path, build_points=0)
+    try:
+        assert index.fresh is False
+        with pytest.raises(IndexInUseError, match="in use by another process"):
+            await EdgeIndex.open(tmp_path, "images")
+        records, vectors = _points(3)
+        await _fill(index, records, vectors)
+        attached = await EdgeIndex.attach(tmp_path, "images")
+        assert attached is not None
+        try:
+            assert await attached.count() == 3
+            assert (await attached.get(records[1].id)) == records[1]
+        finally:
+            await attached.close()
+        assert await index.count() == 3
+    finally:
+        await index.close()
+    assert await EdgeIndex.attach(tmp_path, "images") is None
+
+
+async def test_the_engine_is_restarted_after_a_crash_and_keeps_every_write(tmp_path):
+    records, vectors = _points(20)
+    index = await _open(tmp_path, build_points=0)
+    try:
+        await _fill(index, records, vectors)
+        crashed = index.engine_pid
+        os.kill(crashed, signal.SIGKILL)
+        await asyncio.sleep(0.3)
+        assert await index.count() == 20
+        assert index.engine_pid != crashed
+        assert (await index.get(records[3].id)) == records[3]
+    finally:
+        await index.close()
+
+
+async def test_the_engine_stops_when_its_owner_dies(tmp_path):
+    script = textwrap.dedent(
+        f"""
+        import asyncio, sys, time
+        from pathlib import Path
+        from infra.vectors.edge.client import EdgeIndex
+        async def main():
+            index = await EdgeIndex.open(Path({str(tmp_path)!r}), "images", log_level="warning")
+            await index.ensure_collection("model-a", {DIM})
+            print("ready", flush=True)
+            await asyncio.sleep(600)
+        asyncio.run(main())
+        """
+    )
+    owner = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert owner.stdout.readline().strip() == "ready"
+        assert await EdgeIndex.attach(tmp_path, "images") is not None
+    finally:
+        owner.kill()
+        owner.wait()
+
+    async def engine_gone() -> bool:
+        return await EdgeIndex.attach(tmp_path, "images") is None
+
+    await wait_until(engine_gone, timeout=20)
+    index = await _open(tmp_path, build_points=0)
+    await index.close()
+
+
+async def test_graph_builds_keep_results_exact_and_writes_made_meanwhile(tmp_path):
+    records, vectors = _points(600, seed=1)
+    index = await _open(tmp_path, build_points=0)
+    try:
+        await _fill(index, records, vectors)
+        stats = await index.stats()
+        assert (stats.points, stats.indexed_points) == (600, 0)
+
+        assert await index.build_graph() is None  # started, not waited for
+        gone = records[:20]
+        for record in gone:
+            await index.delete(record.id)
+        moved = records[20:40]
+        rng = np.random.default_rng(7)
+        new_vectors = rng.standard_normal((len(moved), DIM)).astype(np.float32)
+        await index.upsert(list(zip(moved, new_vectors, strict=True)))
+        added, added_vectors = _points(30, seed=2)
+        await _fill(index, added, added_vectors)
+        assert (await index.stats()).building
+
+        async def built() -> bool:
+            return not (await index.stats()).building
+
+        await wait_until(built, timeout=60)
+        stats = await index.stats()
+        assert stats.last_build["replayed_writes"] >= 20 + 1 + 1
+        assert stats.points == 600 - 20 + 30
+        assert stats.indexed_points >= 600 - 20
+
+        for record in gone:
+            assert await index.get(record.id) is None
+        for record, vector in zip(moved, new_vectors, strict=True):
+            [(best, score)] = await index.search(vector.tolist(), 1)
+            assert best.id == record.id
+            assert score == pytest.approx(1.0, abs=1e-4)
+        everything = {record.id: vector for record, vector in zip(records[40:], vectors[40:], strict=True)}
+        for record, vector in zip(added, added_vectors, strict=True):
+            everything[record.id] = vector
+        ids = list(everything)
+        matrix = np.stack([everything[image_id] for image_id in ids])
+        found = 0
+        for probe in np.random.default_rng(9).standard_normal((20, DIM)).astype(np.float32):
+            exact = {ids[i] for i in np.argsort(-(matrix @ probe))[:10]}
+            found += len(exact & {hit.id for hit, _ in await index.search(probe.tolist(), 10)})
+        assert found / 200 >= 0.9  # the graph is approximate; recall@10 against exact search
+    finally:
+        await index.close()
+    layout = EngineLayout.under(tmp_path, "images")
+    assert layout.shard_names() == [layout.read_meta().shard]
+
+
+async def test_builds_start_by_themselves_once_enough_points_wait(tmp_path):
+    records, vectors = _points(400, seed=3)
+    index = await _open(tmp_path, build_points=200)
+    try:
+        await _fill(index, records, vectors)
+
+        async def in_graph() -> bool:
+            stats = await index.stats()
+            return stats.indexed_points >= 200 and not stats.building
+
+        await wait_until(in_graph, timeout=60)
+        assert (await index.stats()).last_build["reason"] == "points waiting"
+        assert await index.count() == 400
+    finally:
+        await index.close()
+
+
+async def test_leftovers_of_an_interrupted_build_are_removed_at_start(tmp_path):
+    index = await _open(tmp_path, build_points=0)
+    await index.close()
+    layout = EngineLayout.under(tmp_path, "images")
+    live = layout.read_meta().shard
+    (layout.root / "shard-000099" / "segments").mkdir(parents=True)
+    (layout.scratch / "snapshot-old").mkdir(parents=True)
+    index = await _open(tmp_path, build_points=0)
+    try:
+        assert layout.shard_names() == [live]
+        assert list(layout.scratch.iterdir()) == []
+    finally:
+        await index.close()
+
+
+async def _legacy_directory(path: Path, model_id: str, count: int) -> tuple[list[ImageRecord], np.ndarray]:
+    """What the server wrote before Qdrant Edge: qdrant-client's local mode on IMAGE_SEARCH_DB_PATH."""
+    records, vectors = _points(count, seed=5)
+    legacy = QdrantServerIndex.local(str(path), "images")
+    try:
+        await legacy.ensure_collection(model_id, DIM)
+        for start in range(0, count, 100):
+            await legacy.upsert(list(zip(records[start : start + 100], vectors[start : start + 100], strict=True)))
+    finally:
+        await legacy.close()
+    return records, vectors
+
+
+async def test_a_local_mode_directory_is_imported_once(tmp_path):
+    records, vectors = await _legacy_directory(tmp_path, "model-a", 1200)
+    index = await EdgeIndex.open(tmp_path, "images", build_points=0, log_level="warning")
+    try:
+        assert not index.fresh
+        await index.ensure_collection("model-a", DIM)
+        assert await index.count() == 1200
+        for step in (0, 599, 1199):
+            [(best, score)] = await index.search(vectors[step].tolist(), 1)
+            assert best == records[step]
+            assert score == pytest.approx(1.0, abs=1e-5)
+        assert [r.id for r in await index.newest(2)] == [records[-1].id, records[-2].id]
+    finally:
+        await index.close()
+    assert not (tmp_path / "meta.json").exists()
+    assert (tmp_path / "migrated-local-mode" / "meta.json").is_file()
+    assert (tmp_path / "migrated-local-mode" / "collection" / "images").is_dir()
+    index = await _open(tmp_path, build_points=0)  # nothing left to import: starts as usual
+    try:
+        assert await index.count() == 1200
+    finally:
+        await index.close()
+
+
+async def test_a_local_mode_directory_of_another_model_is_refused(tmp_path):
+    await _legacy_directory(tmp_path, "model-old", 5)
+    index = await EdgeIndex.open(tmp_path, "images", build_points=0, log_level="warning")
+    try:
+        with pytest.raises(EmbeddingModelMismatchError, match="model-old"):
+            await index.ensure_collection("model-a", DIM)
+    finally:
+        await index.close()
+    assert (tmp_path / "meta.json").is_file()
+
+
+def test_a_long_directory_path_gets_its_socket_in_the_temp_dir():
+    assert os.path.basename(EngineLayout(Path("/x" * 80)).socket_path).startswith("ams-index-")

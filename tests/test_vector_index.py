@@ -1,0 +1,150 @@
+"""One contract for both VectorIndex implementations: the embedded Qdrant Edge engine, and qdrant-client against
+the server API (its local mode stands in for a Qdrant server, which cannot be run here)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+
+import numpy as np
+import pytest
+
+from infra.vectors import EmbeddingModelMismatchError, ImageFilter, ImageRecord, VectorIndex
+from infra.vectors.edge.client import EdgeIndex
+from infra.vectors.server import QdrantServerIndex
+
+DIM = 8
+
+
+@pytest.fixture(params=["edge", "server-api"])
+async def index(request, tmp_path) -> AsyncIterator[VectorIndex]:
+    if request.param == "edge":
+        opened: VectorIndex = await EdgeIndex.open(tmp_path / "db", "images", build_points=0, log_format="console")
+    else:
+        opened = QdrantServerIndex.local(str(tmp_path / "local"), "images")
+    await opened.ensure_collection("model-a", DIM)
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+def unit(*values: float) -> list[float]:
+    vector = np.zeros(DIM, dtype=np.float32)
+    vector[: len(values)] = values
+    return (vector / np.linalg.norm(vector)).tolist()
+
+
+def record(created_us: int, *, source: str = "upload", content_type: str = "image/png", **extra) -> ImageRecord:
+    image_id = extra.pop("id", str(uuid.uuid4()))
+    return ImageRecord(
+        id=image_id,
+        r2_key=f"images/originals/{image_id}.png",
+        content_type=content_type,
+        size=100,
+        width=10,
+        height=10,
+        created_at=f"t{created_us}",
+        created_us=created_us,
+        source=source,
+        **extra,
+    )
+
+
+async def test_upsert_get_and_get_many(index):
+    first, second = record(1, filename="a.png"), record(2)
+    await index.upsert([(first, unit(1)), (second, unit(0, 1))])
+    assert await index.get(first.id) == first
+    assert await index.get(str(uuid.uuid4())) is None
+    found = await index.get_many([first.id, second.id, str(uuid.uuid4())])
+    assert found == {first.id: first, second.id: second}
+    assert await index.count() == 2
+
+
+async def test_re_upsert_replaces_the_point(index):
+    original = record(1)
+    await index.upsert([(original, unit(1))])
+    changed = ImageRecord(**{**{f: getattr(original, f) for f in original.__struct_fields__}, "width": 99})
+    await index.upsert([(changed, unit(0, 1))])
+    await index.upsert([(changed, unit(0, 1))])
+    assert await index.count() == 1
+    assert (await index.get(original.id)).width == 99
+    [(best, score)] = await index.search(unit(0, 1), 1)
+    assert best.id == original.id
+    assert score == pytest.approx(1.0, abs=1e-5)
+
+
+async def test_delete(index):
+    kept, gone = record(1), record(2)
+    await index.upsert([(kept, unit(1)), (gone, unit(1, 1))])
+    await index.delete(gone.id)
+    await index.delete(gone.id)
+    await index.delete(str(uuid.uuid4()))
+    assert await index.count() == 1
+    assert await index.get(gone.id) is None
+    assert [hit.id for hit, _ in await index.search(unit(1, 1), 5)] == [kept.id]
+
+
+async def test_search_orders_by_cosine_similarity(index):
+    near, middle, far = record(1), record(2), record(3)
+    await index.upsert([(far, unit(-1, 0.1)), (near, unit(1, 0.1)), (middle, unit(1, 1))])
+    hits = await index.search(unit(1), 3)
+    assert [hit.id for hit, _ in hits] == [near.id, middle.id, far.id]
+    scores = [score for _, score in hits]
+    assert scores[0] == pytest.approx(1 / np.sqrt(1.01), abs=1e-4)
+    assert scores[1] == pytest.approx(1 / np.sqrt(2), abs=1e-4)
+    assert scores[2] == pytest.approx(-1 / np.sqrt(1.01), abs=1e-4)
+    assert [hit.id for hit, _ in await index.search(unit(1), 2)] == [near.id, middle.id]
+
+
+async def test_filters_on_search_listing_and_count(index):
+    upload_png = record(100, source="upload", content_type="image/png")
+    upload_jpeg = record(200, source="upload", content_type="image/jpeg")
+    bucket_png = record(300, source="bucket", content_type="image/png")
+    await index.upsert([(upload_png, unit(1)), (upload_jpeg, unit(1, 0.5)), (bucket_png, unit(1, 1))])
+
+    uploads = ImageFilter(sources=("upload",))
+    assert {hit.id for hit, _ in await index.search(unit(1, 1), 10, uploads)} == {upload_png.id, upload_jpeg.id}
+    assert await index.count(uploads) == 2
+    pngs = ImageFilter(content_types=("image/png",))
+    assert [r.id for r in await index.newest(10, image_filter=pngs)] == [bucket_png.id, upload_png.id]
+    either = ImageFilter(sources=("upload", "bucket"), content_types=("image/jpeg", "image/png"))
+    assert await index.count(either) == 3
+    window = ImageFilter(created_after_us=100, created_before_us=300)
+    assert [hit.id for hit, _ in await index.search(unit(1), 10, window)] == [upload_jpeg.id]
+    assert await index.count(ImageFilter(created_after_us=150)) == 2
+    assert await index.count(ImageFilter(created_before_us=150)) == 1
+    assert await index.count(ImageFilter(sources=("nowhere",))) == 0
+    assert await index.search(unit(1), 10, ImageFilter(sources=("nowhere",))) == []
+
+
+async def test_listing_newest_first_with_a_cursor(index):
+    records = [record(1000 + step) for step in range(7)]
+    await index.upsert([(item, unit(1, step)) for step, item in enumerate(records)])
+    newest_first = [item.id for item in reversed(records)]
+    page = await index.newest(3)
+    assert [item.id for item in page] == newest_first[:3]
+    page = await index.newest(3, before_us=page[-1].created_us)
+    assert [item.id for item in page] == newest_first[3:6]
+    page = await index.newest(3, before_us=page[-1].created_us)
+    assert [item.id for item in page] == newest_first[6:]
+    assert await index.newest(3, before_us=page[-1].created_us) == []
+    narrowed = ImageFilter(created_before_us=1005)
+    assert [item.id for item in await index.newest(2, before_us=1006, image_filter=narrowed)] == newest_first[2:4]
+
+
+async def test_a_collection_built_with_another_model_is_refused(index):
+    await index.ensure_collection("model-a", DIM)
+    with pytest.raises(EmbeddingModelMismatchError, match="model-a"):
+        await index.ensure_collection("model-b", DIM)
+    with pytest.raises(EmbeddingModelMismatchError):
+        await index.ensure_collection("model-a", DIM * 2)
+
+
+async def test_stats(index):
+    await index.upsert([(record(step), unit(1, step)) for step in range(5)])
+    stats = await index.stats()
+    assert stats.points == 5
+    assert stats.model_id == "model-a"
+    assert stats.dim == DIM
+    assert stats.engine in {"qdrant-edge", "qdrant-client-local"}
