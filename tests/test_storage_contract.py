@@ -5,6 +5,7 @@ from __future__ import annotations
 from urllib.parse import parse_qs, urlparse
 
 import httpx
+import numpy as np
 import pytest
 
 from infra.storage import InvalidKeyError, ObjectNotFoundError, validate_key
@@ -135,3 +136,23 @@ async def test_local_store_leaves_no_partial_files(tmp_path):
     assert (tmp_path / "store" / "signing.key").stat().st_mode & 0o777 == 0o600
     again = LocalStore(tmp_path / "store")
     assert again.sign("a/b.bin", 10) == store.sign("a/b.bin", 10)
+
+
+@pytest.mark.parametrize("size", [0, 1000, 11 * 1024 * 1024 + 7])
+async def test_files_go_up_and_come_back_streamed(store, tmp_path, s3, size):
+    if isinstance(store, S3Store):
+        store.part_bytes = 5 * 1024 * 1024  # the 11 MiB file then goes up as a multipart upload of 3 parts
+    data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()
+    source = tmp_path / "upload.bin"
+    source.write_bytes(data)
+    await store.put_file("backups/index.tar.gz", source, "application/gzip")
+    target = tmp_path / "download.bin"
+    assert await store.get_file("backups/index.tar.gz", target) == size
+    assert target.read_bytes() == data
+    assert (await store.get("backups/index.tar.gz")).content_type == "application/gzip"
+    assert [info.size async for info in store.list("backups/")] == [size]
+    if isinstance(store, S3Store) and size > store.part_bytes:
+        etag = s3.client.head_object(Bucket=store.bucket, Key="backups/index.tar.gz")["ETag"]
+        assert etag.endswith('-3"')  # a multipart upload of 3 parts
+    with pytest.raises(ObjectNotFoundError):
+        await store.get_file("backups/missing", tmp_path / "missing.bin")

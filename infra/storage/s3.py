@@ -28,6 +28,7 @@ PART_BYTES = 64 * 1024 * 1024
 
 class S3Store(ObjectStore):
     name = "r2"
+    part_bytes = PART_BYTES  # files larger than this go up in parts of this size (S3's minimum part: 5 MiB)
 
     def __init__(self, client: Any, bucket: str, stack: contextlib.AsyncExitStack) -> None:
         self._client = client
@@ -88,7 +89,7 @@ class S3Store(ObjectStore):
     async def put_file(self, key: str, path: Path, content_type: str) -> None:
         validate_key(key)
         try:
-            if (await asyncio.to_thread(path.stat)).st_size <= PART_BYTES:
+            if (await asyncio.to_thread(path.stat)).st_size <= self.part_bytes:
                 data = await asyncio.to_thread(path.read_bytes)
                 await self._client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type)
                 return
@@ -103,7 +104,7 @@ class S3Store(ObjectStore):
         try:
             parts = []
             with path.open("rb") as fh:
-                while chunk := await asyncio.to_thread(fh.read, PART_BYTES):
+                while chunk := await asyncio.to_thread(fh.read, self.part_bytes):
                     number = len(parts) + 1
                     sent = await self._client.upload_part(
                         Bucket=self.bucket, Key=key, PartNumber=number, UploadId=upload_id, Body=chunk
