@@ -9,6 +9,7 @@ import asyncio
 import signal
 import sys
 
+from infra.cpu import share_cpu_politely
 from infra.logging import configure_logging
 from infra.settings import Settings, SettingsError
 
@@ -50,6 +51,7 @@ async def run(settings: Settings) -> None:
 
 
 def main() -> None:
+    share_cpu_politely()
     try:
         settings = Settings.from_env()
     except SettingsError as exc:

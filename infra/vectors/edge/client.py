@@ -52,6 +52,11 @@ def _vector_bytes(vector: Sequence[float]) -> bytes:
     return np.asarray(vector, dtype=np.float32).tobytes()
 
 
+def upsert_operation(ids: list[str], vectors: Sequence[Sequence[float]], payloads: list[dict[str, Any]]) -> p.Upsert:
+    block = np.asarray(vectors, dtype=np.float32).reshape(len(ids), -1) if ids else np.empty((0, 0), np.float32)
+    return p.Upsert(ids, block.tobytes(), payloads)
+
+
 class EdgeIndex(VectorIndex):
     engine = "qdrant-edge"
     supports_snapshots = True
@@ -271,9 +276,9 @@ class EdgeIndex(VectorIndex):
             async def create() -> None:
                 await self._call(p.Create(model_id, dim), WRITE_TIMEOUT_SECONDS)
 
-            async def sink(points: Sequence[p.PointIn]) -> None:
-                if points:
-                    await self._call(p.Upsert(list(points)), WRITE_TIMEOUT_SECONDS)
+            async def sink(batch: p.Upsert) -> None:
+                if batch.ids:
+                    await self._call(batch, WRITE_TIMEOUT_SECONDS)
 
             await import_legacy(legacy, model_id, dim, create=create, sink=sink)
             await self._call(p.MarkMigrated(str(legacy.db_path)), WRITE_TIMEOUT_SECONDS)
@@ -282,8 +287,12 @@ class EdgeIndex(VectorIndex):
         log.info("index_migration_finished", old_files=str(moved_to))
 
     async def upsert(self, items: Sequence[tuple[ImageRecord, Sequence[float]]]) -> None:
-        points = [p.PointIn(record.id, _vector_bytes(vector), msgspec.to_builtins(record)) for record, vector in items]
-        await self._call(p.Upsert(points), WRITE_TIMEOUT_SECONDS)
+        operation = upsert_operation(
+            [record.id for record, _ in items],
+            [vector for _, vector in items],
+            [msgspec.to_builtins(record) for record, _ in items],
+        )
+        await self._call(operation, WRITE_TIMEOUT_SECONDS)
         self._revision += 1
 
     async def search(

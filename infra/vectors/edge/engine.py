@@ -69,6 +69,7 @@ class _Build:
     reason: str
     started: float
     points_at_start: int
+    copy_seconds: float = 0.0
     cancelled: bool = False
     oplog: list[UpdateOperation] = field(default_factory=list)
     process: asyncio.subprocess.Process | None = None
@@ -145,13 +146,16 @@ class Engine:
             case p.Newest():
                 return self._newest(op)
             case p.Count():
+                if op.filter is None:  # the shard keeps this number; an exact count scans (4 ms at 50k points)
+                    return self._live().info().points_count
                 return self._live().count(CountRequest(exact=True, filter=edge_filter(op.filter)))
             case p.Describe():
                 return self._describe()
             case p.Upsert():
+                rows = np.frombuffer(op.vectors, dtype=np.float32).reshape(len(op.ids), -1).tolist()
                 points = [
-                    Point(id=point.id, vector=np.frombuffer(point.vector, dtype=np.float32), payload=point.payload)
-                    for point in op.points
+                    Point(id=point_id, vector=row, payload=payload)
+                    for point_id, row, payload in zip(op.ids, rows, op.payloads, strict=True)
                 ]
                 await self._write(UpdateOperation.upsert_points(points), len(points))
                 return None
@@ -184,7 +188,7 @@ class Engine:
         found = self._live().query(
             QueryRequest(
                 limit=op.limit,
-                query=Query.Nearest(np.frombuffer(op.vector, dtype=np.float32)),
+                query=Query.Nearest(np.frombuffer(op.vector, dtype=np.float32).tolist()),
                 filter=edge_filter(op.filter),
                 with_payload=True,
             )
@@ -233,7 +237,6 @@ class Engine:
             self.points_written += points
             self.last_write = time.monotonic()
             self.unflushed = True
-        self._consider_build(idle=False)
 
     async def _create(self, op: p.Create) -> dict[str, Any]:
         async with self.write_lock:
@@ -358,6 +361,7 @@ class Engine:
         try:
             async with self.write_lock:
                 await self._copy_live(target)
+                build.copy_seconds = time.monotonic() - build.started
                 build.points_at_start = self._live().count(CountRequest(exact=True))
                 self.points_written_at_last_build = self.points_written
             log.info("index_build_started", reason=reason, points=build.points_at_start)
@@ -413,6 +417,7 @@ class Engine:
         self.last_build = {
             "finished_at": _now(),
             "reason": build.reason,
+            "copy_seconds": round(build.copy_seconds, 3),
             "build_seconds": report["seconds"],
             "total_seconds": round(time.monotonic() - build.started, 3),
             "swap_seconds": round(swap_seconds, 3),
@@ -441,8 +446,7 @@ class Engine:
                 async with self.write_lock:
                     self.shard.flush()
                     self.last_flush, self.unflushed = time.monotonic(), False
-            if now - self.last_write >= IDLE_BUILD_SECONDS:
-                self._consider_build(idle=True)
+            self._consider_build(idle=now - self.last_write >= IDLE_BUILD_SECONDS)
 
 
 class Server:

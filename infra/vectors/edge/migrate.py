@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ import numpy as np
 import structlog
 
 from infra.vectors.base import EmbeddingModelMismatchError, IndexInUseError, VectorIndexUnavailableError
-from infra.vectors.edge.protocol import PointIn
+from infra.vectors.edge.protocol import Upsert
 
 log = structlog.get_logger(__name__)
 
@@ -65,7 +65,7 @@ class LegacyLocalMode:
         return target
 
 
-PointSink = Callable[[Sequence[PointIn]], Awaitable[None]]
+PointSink = Callable[[Upsert], Awaitable[None]]
 
 
 async def import_legacy(
@@ -95,13 +95,13 @@ async def import_legacy(
             points, offset = await asyncio.to_thread(
                 client.scroll, legacy.collection, limit=_PAGE, offset=offset, with_payload=True, with_vectors=True
             )
+            vectors = np.asarray([point.vector for point in points], dtype=np.float32)
             await sink(
-                [
-                    PointIn(
-                        str(point.id), np.asarray(point.vector, dtype=np.float32).tobytes(), dict(point.payload or {})
-                    )
-                    for point in points
-                ]
+                Upsert(
+                    [str(point.id) for point in points],
+                    vectors.tobytes(),
+                    [dict(point.payload or {}) for point in points],
+                )
             )
             imported += len(points)
             if time.monotonic() - last_report >= 5:

@@ -14,19 +14,17 @@ _LENGTH = struct.Struct(">I")
 MAX_FRAME = 1 << 30
 
 
-class PointIn(msgspec.Struct, array_like=True):
-    id: str
-    vector: bytes  # float32, native byte order
-    payload: dict[str, Any]
-
-
 class Create(msgspec.Struct, tag="create"):
     model_id: str
     dim: int
 
 
 class Upsert(msgspec.Struct, tag="upsert"):
-    points: list[PointIn]
+    """Points in one block: `vectors` holds len(ids) float32 rows (native byte order), one per id."""
+
+    ids: list[str]
+    vectors: bytes
+    payloads: list[dict[str, Any]]
 
 
 class Delete(msgspec.Struct, tag="delete"):

@@ -1,0 +1,130 @@
+"""The vector engine never stalls the API's event loop: /healthz stays fast while 20 clients search 50k points.
+
+The server runs as its own process (`python -m api`, the product's entry point); the searches come from another
+process, so neither the load nor the measurement shares a GIL with the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from infra.vectors import ImageRecord
+from infra.vectors.edge.client import EdgeIndex
+from processor.models.tiny_clip import TINY_CLIP_ID
+from tests.support.amqp import wait_until
+from tests.support.rabbitmq import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+POINTS = 50_000
+DIM = 32  # the tiny CLIP's width
+
+LOAD = textwrap.dedent(
+    """
+    import asyncio, sys, time
+    import httpx
+
+    async def searcher(client, deadline, counts):
+        while time.monotonic() < deadline:
+            response = await client.post("/v1/images/search", json={"query": "a red square", "limit": 10})
+            assert response.status_code == 200, response.text
+            counts.append(1)
+
+    async def main(base_url, seconds):
+        counts = []
+        limits = httpx.Limits(max_connections=20)
+        async with httpx.AsyncClient(base_url=base_url, timeout=30, limits=limits) as client:
+            print("started", flush=True)
+            deadline = time.monotonic() + seconds
+            await asyncio.gather(*(searcher(client, deadline, counts) for _ in range(20)))
+        print(len(counts), flush=True)
+
+    asyncio.run(main(sys.argv[1], float(sys.argv[2])))
+    """
+)
+
+
+async def _fill(path: Path) -> None:
+    index = await EdgeIndex.open(path, "images", build_points=0, log_level="warning")
+    try:
+        await index.ensure_collection(TINY_CLIP_ID, DIM)
+        rng = np.random.default_rng(0)
+        for start in range(0, POINTS, 1000):
+            vectors = rng.standard_normal((1000, DIM)).astype(np.float32)
+            vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+            records = []
+            for offset in range(1000):
+                image_id = str(uuid.uuid4())
+                records.append(
+                    ImageRecord(
+                        id=image_id,
+                        r2_key=f"images/originals/{image_id}.png",
+                        content_type="image/png",
+                        size=1,
+                        width=1,
+                        height=1,
+                        created_at="2026-11-26T00:00:00Z",
+                        created_us=1_790_000_000_000_000 + start + offset,
+                        source="upload",
+                    )
+                )
+            await index.upsert(list(zip(records, vectors, strict=True)))
+        assert await index.count() == POINTS
+    finally:
+        await index.close()
+
+
+async def test_healthz_stays_fast_while_20_clients_search_50k_points(make_env, tmp_path):
+    env = make_env(IMAGE_SEARCH_INDEX_BUILD_POINTS="0", LOG_LEVEL="warning")
+    await _fill(Path(env["IMAGE_SEARCH_DB_PATH"]))
+    port = free_port()
+    base_url = f"http://127.0.0.1:{port}"
+    log = (tmp_path / "server.log").open("wb")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "api"],
+        env={**os.environ, **env, "HOST": "127.0.0.1", "PORT": str(port)},
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        async with httpx.AsyncClient(base_url=base_url, timeout=10) as client:
+
+            async def ready() -> bool:
+                try:
+                    return (await client.get("/readyz")).status_code == 200
+                except httpx.TransportError:
+                    return False
+
+            await wait_until(ready, timeout=90, interval=0.2)
+            load = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", LOAD, base_url, "6", stdout=asyncio.subprocess.PIPE, cwd=ROOT
+            )
+            assert (await load.stdout.readline()).strip() == b"started"
+            await asyncio.sleep(1)  # the searches are in full swing
+            latencies = []
+            for _ in range(150):
+                started = time.perf_counter()
+                response = await client.get("/healthz")
+                latencies.append(time.perf_counter() - started)
+                assert response.status_code == 200
+                await asyncio.sleep(0.02)
+            searches = int((await load.stdout.read()).strip())
+            assert await load.wait() == 0
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+        log.close()
+    latencies.sort()
+    p99 = latencies[int(len(latencies) * 0.99) - 1]
+    assert searches > 100, "the searches did not run"
+    assert p99 < 0.020, f"/healthz p99 {p99 * 1000:.1f} ms with 20 concurrent searches ({searches} done)"
