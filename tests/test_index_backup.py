@@ -8,16 +8,12 @@ import asyncio
 import base64
 import io
 import json
-import os
 import re
 import shutil
-import signal
-import subprocess
 import sys
 import tarfile
 from pathlib import Path
 
-import httpx
 import msgspec
 import numpy as np
 import pytest
@@ -25,7 +21,6 @@ from PIL import Image
 
 from infra.settings import Settings
 from infra.vectors.backup import IndexBackups
-from infra.vectors.edge.client import EdgeIndex
 from infra.vectors.edge.layout import EngineLayout
 from processor.contract import IMAGE_INDEX
 from processor.models.tiny_clip import TINY_CLIP_ID
@@ -33,7 +28,6 @@ from processor.runtime import Runtime, StartupError
 from processor.service import build_consumer
 from tests.support.amqp import publish, wait_until
 from tests.support.images import encoded
-from tests.support.rabbitmq import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 BACKUP = re.compile(r"^image_search\.db\.\d{8}T\d{12}Z\.tar\.gz$")
@@ -275,38 +269,3 @@ async def test_ams_ops_index_stats_backup_and_restore(env, s3):
     code, out, err = await _ams_ops(env, "index", "restore", "--key", "image_search.db.nothing")
     assert code == 1
     assert "no index backup at" in err
-
-
-async def test_sigterm_stops_the_server_gracefully_with_a_last_backup(env, s3, tmp_path):
-    """uvicorn re-raises the signal it caught once it stops serving; the server must still close its services
-    (consumer, engine, and the backup taken at shutdown) and exit with status 0."""
-    port = free_port()
-    log = (tmp_path / "server.log").open("wb")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "api"],
-        env={**os.environ, **env, "HOST": "127.0.0.1", "PORT": str(port)},
-        cwd=ROOT,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
-
-            async def ready() -> bool:
-                try:
-                    return (await client.get("/readyz")).status_code == 200
-                except httpx.TransportError:
-                    return False
-
-            await wait_until(ready, timeout=90, interval=0.2)
-            response = await client.post("/v1/images", files={"file": ("a.png", encoded(600), "image/png")})
-            assert response.status_code == 201, response.text
-        assert _backups(s3, env["R2_BUCKET_NAME"]) == []
-        server.send_signal(signal.SIGTERM)
-        assert await asyncio.to_thread(server.wait, 60) == 0
-    finally:
-        if server.poll() is None:
-            server.kill()
-        log.close()
-    assert len(_backups(s3, env["R2_BUCKET_NAME"])) == 1
-    assert await EdgeIndex.attach(Path(env["IMAGE_SEARCH_DB_PATH"]), "images") is None

@@ -1,32 +1,40 @@
-"""The vector engine never stalls the API's event loop: /healthz stays fast while 20 clients search 50k points.
+"""The product's own server process (`python -m api`) over 50,000 indexed points: the vector engine never stalls
+its event loop, a full index refuses uploads, and SIGTERM stops the server gracefully.
 
-The server runs as its own process (`python -m api`, the product's entry point); the searches come from another
-process, so neither the load nor the measurement shares a GIL with the server.
+The searches come from another process, so neither the load nor the measurement shares a GIL with the server.
+The tests share one server and run in file order: the last one stops it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import re
+import signal
 import subprocess
 import sys
 import textwrap
 import time
 import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import numpy as np
+import pytest
 
 from infra.vectors import ImageRecord
 from infra.vectors.edge.client import EdgeIndex
 from processor.models.tiny_clip import TINY_CLIP_ID
 from tests.support.amqp import wait_until
+from tests.support.images import encoded
 from tests.support.rabbitmq import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 POINTS = 50_000
 DIM = 32  # the tiny CLIP's width
+BACKUP = re.compile(r"^image_search\.db\.\d{8}T\d{12}Z\.tar\.gz$")
 
 LOAD = textwrap.dedent(
     """
@@ -51,6 +59,14 @@ LOAD = textwrap.dedent(
     asyncio.run(main(sys.argv[1], float(sys.argv[2])))
     """
 )
+
+
+@dataclass
+class ServerProcess:
+    process: subprocess.Popen[bytes]
+    client: httpx.AsyncClient
+    base_url: str
+    env: dict[str, str]
 
 
 async def _fill(path: Path) -> None:
@@ -83,13 +99,19 @@ async def _fill(path: Path) -> None:
         await index.close()
 
 
-async def test_healthz_stays_fast_while_20_clients_search_50k_points(make_env, tmp_path):
-    env = make_env(IMAGE_SEARCH_INDEX_BUILD_POINTS="0", LOG_LEVEL="warning")
+@pytest.fixture(scope="module")
+async def server(make_env, s3, tmp_path_factory) -> AsyncIterator[ServerProcess]:
+    env = make_env(
+        r2_bucket=s3.new_bucket(),
+        endpoint=s3.endpoint,
+        IMAGE_SEARCH_INDEX_BUILD_POINTS="0",
+        IMAGE_SEARCH_MAX_ELEMENTS=str(POINTS),
+        LOG_LEVEL="warning",
+    )
     await _fill(Path(env["IMAGE_SEARCH_DB_PATH"]))
     port = free_port()
-    base_url = f"http://127.0.0.1:{port}"
-    log = (tmp_path / "server.log").open("wb")
-    server = subprocess.Popen(
+    log = (tmp_path_factory.mktemp("server") / "server.log").open("wb")
+    process = subprocess.Popen(
         [sys.executable, "-m", "api"],
         env={**os.environ, **env, "HOST": "127.0.0.1", "PORT": str(port)},
         cwd=ROOT,
@@ -97,7 +119,8 @@ async def test_healthz_stays_fast_while_20_clients_search_50k_points(make_env, t
         stderr=subprocess.STDOUT,
     )
     try:
-        async with httpx.AsyncClient(base_url=base_url, timeout=10) as client:
+        base_url = f"http://127.0.0.1:{port}"
+        async with httpx.AsyncClient(base_url=base_url, timeout=30) as client:
 
             async def ready() -> bool:
                 try:
@@ -106,25 +129,46 @@ async def test_healthz_stays_fast_while_20_clients_search_50k_points(make_env, t
                     return False
 
             await wait_until(ready, timeout=90, interval=0.2)
-            load = await asyncio.create_subprocess_exec(
-                sys.executable, "-c", LOAD, base_url, "6", stdout=asyncio.subprocess.PIPE, cwd=ROOT
-            )
-            assert (await load.stdout.readline()).strip() == b"started"
-            await asyncio.sleep(1)  # the searches are in full swing
-            latencies = []
-            for _ in range(150):
-                started = time.perf_counter()
-                response = await client.get("/healthz")
-                latencies.append(time.perf_counter() - started)
-                assert response.status_code == 200
-                await asyncio.sleep(0.02)
-            searches = int((await load.stdout.read()).strip())
-            assert await load.wait() == 0
+            yield ServerProcess(process, client, base_url, env)
     finally:
-        server.terminate()
-        server.wait(timeout=60)
+        if process.poll() is None:
+            process.kill()
+            process.wait()
         log.close()
+
+
+async def test_healthz_stays_fast_while_20_clients_search_50k_points(server):
+    load = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", LOAD, server.base_url, "6", stdout=asyncio.subprocess.PIPE, cwd=ROOT
+    )
+    assert (await load.stdout.readline()).strip() == b"started"
+    await asyncio.sleep(1)  # the searches are in full swing
+    latencies = []
+    for _ in range(150):
+        started = time.perf_counter()
+        response = await server.client.get("/healthz")
+        latencies.append(time.perf_counter() - started)
+        assert response.status_code == 200
+        await asyncio.sleep(0.02)
+    searches = int((await load.stdout.read()).strip())
+    assert await load.wait() == 0
     latencies.sort()
     p99 = latencies[int(len(latencies) * 0.99) - 1]
     assert searches > 100, "the searches did not run"
     assert p99 < 0.020, f"/healthz p99 {p99 * 1000:.1f} ms with 20 concurrent searches ({searches} done)"
+
+
+async def test_sigterm_stops_the_server_gracefully_with_a_last_backup(server, s3):
+    """uvicorn re-raises the signal it caught once it stops serving; the server must still close its services
+    (consumer, engine, and the backup taken at shutdown) and exit with status 0."""
+    response = await server.client.post("/v1/images", files={"file": ("a.png", encoded(600), "image/png")})
+    assert response.status_code == 409, response.text  # IMAGE_SEARCH_MAX_ELEMENTS=50000 holds
+    assert response.json()["code"] == "index_full"
+    newest = (await server.client.get("/v1/images", params={"limit": 1})).json()[0]
+    assert (await server.client.delete(f"/v1/images/{newest['id']}")).status_code == 204
+    bucket = server.env["R2_BUCKET_NAME"]
+    assert not [key for key in s3.keys(bucket) if BACKUP.match(key)]
+    server.process.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(server.process.wait, 60) == 0
+    assert len([key for key in s3.keys(bucket) if BACKUP.match(key)]) == 1
+    assert await EdgeIndex.attach(Path(server.env["IMAGE_SEARCH_DB_PATH"]), "images") is None
