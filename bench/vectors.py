@@ -38,6 +38,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from infra.cpu import share_cpu_politely  # noqa: E402
 from infra.logging import configure_logging  # noqa: E402
 from infra.vectors import ImageRecord, VectorIndex  # noqa: E402
 from infra.vectors.edge.client import EdgeIndex  # noqa: E402
@@ -319,6 +320,7 @@ async def main() -> None:
     parser.add_argument("--http-only", action="store_true", help="only the HTTP figure (needs AMQP_URL)")
     parser.add_argument("--workdir", type=Path, help="where the indexes go (default: a temporary directory)")
     args = parser.parse_args()
+    share_cpu_politely()  # as the server's processes do, before torch loads (the HTTP part embeds queries here)
     configure_logging("warning", "console")
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-vectors-"))
     print(f"# bench/vectors.py: {args.points} points x {args.dim} dimensions", flush=True)
