@@ -21,8 +21,9 @@ import secrets
 import shutil
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import BinaryIO
 from urllib.parse import quote, urlencode
 
 from infra.storage.base import (
@@ -67,12 +68,13 @@ class LocalStore(ObjectStore):
     def _meta_path(self, key: str) -> Path:
         return self._meta / f"{validate_key(key)}.json"
 
-    def _write_atomic(self, target: Path, data: bytes) -> None:
+    def _write_atomic(self, target: Path, fill: Callable[[BinaryIO], object]) -> None:
+        """Write through `fill(file)` into a staging file, fsync it, then move it into place."""
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(dir=self._tmp)
         try:
             with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
+                fill(fh)
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp_name, target)
@@ -80,43 +82,30 @@ class LocalStore(ObjectStore):
             Path(tmp_name).unlink(missing_ok=True)
             raise
 
-    def _put_sync(self, key: str, data: bytes, content_type: str) -> None:
+    def _put_sync(self, key: str, fill: Callable[[BinaryIO], object], content_type: str) -> None:
         path = self._object_path(key)
         if path.is_dir():
             raise StorageUnavailableError(f"cannot store {key!r}: a key prefix of that name exists")
-        self._write_atomic(self._meta_path(key), json.dumps({"content_type": content_type}).encode())
-        self._write_atomic(path, data)
+        meta = json.dumps({"content_type": content_type}).encode()
+        self._write_atomic(self._meta_path(key), lambda fh: fh.write(meta))
+        self._write_atomic(path, fill)
+
+    async def _put(self, key: str, fill: Callable[[BinaryIO], object], content_type: str) -> None:
+        validate_key(key)
+        try:
+            await asyncio.to_thread(self._put_sync, key, fill, content_type)
+        except NotADirectoryError as exc:
+            raise StorageUnavailableError(f"cannot store {key!r}: a parent of it is an object") from exc
 
     async def put(self, key: str, data: bytes, content_type: str) -> None:
-        validate_key(key)
-        try:
-            await asyncio.to_thread(self._put_sync, key, data, content_type)
-        except NotADirectoryError as exc:
-            raise StorageUnavailableError(f"cannot store {key!r}: a parent of it is an object") from exc
-
-    def _put_file_sync(self, key: str, source: Path, content_type: str) -> None:
-        path = self._object_path(key)
-        if path.is_dir():
-            raise StorageUnavailableError(f"cannot store {key!r}: a key prefix of that name exists")
-        self._write_atomic(self._meta_path(key), json.dumps({"content_type": content_type}).encode())
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=self._tmp)
-        os.close(fd)
-        try:
-            shutil.copyfile(source, tmp_name)
-            with open(tmp_name, "rb+") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp_name, path)
-        except BaseException:
-            Path(tmp_name).unlink(missing_ok=True)
-            raise
+        await self._put(key, lambda fh: fh.write(data), content_type)
 
     async def put_file(self, key: str, path: Path, content_type: str) -> None:
-        validate_key(key)
-        try:
-            await asyncio.to_thread(self._put_file_sync, key, path, content_type)
-        except NotADirectoryError as exc:
-            raise StorageUnavailableError(f"cannot store {key!r}: a parent of it is an object") from exc
+        def copy(fh: BinaryIO) -> None:
+            with path.open("rb") as source:
+                shutil.copyfileobj(source, fh, 1 << 20)
+
+        await self._put(key, copy, content_type)
 
     def _get_file_sync(self, key: str, target: Path) -> int:
         try:
