@@ -15,10 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from infra.settings import Settings
 from infra.vectors import EmbeddingModelMismatchError, ImageRecord, IndexInUseError
 from infra.vectors.edge.client import EdgeIndex
 from infra.vectors.edge.layout import EngineLayout
 from infra.vectors.server import QdrantServerIndex
+from processor.runtime import Runtime, StartupError
 from tests.support.amqp import wait_until
 
 DIM = 16
@@ -274,3 +276,14 @@ async def test_a_local_mode_directory_of_another_model_is_refused(tmp_path):
 
 def test_a_long_directory_path_gets_its_socket_in_the_temp_dir():
     assert os.path.basename(EngineLayout(Path("/x" * 80)).socket_path).startswith("ams-index-")
+
+
+async def test_a_second_server_on_the_same_directory_fails_start_up_with_one_line(make_env):
+    env = make_env()
+    first = await Runtime.open(Settings.from_env(env))
+    try:
+        with pytest.raises(StartupError, match=r"in use by another process \(pid \d+\).*QDRANT_URL"):
+            await Runtime.open(Settings.from_env(env))
+        assert await first.index.count() == 0
+    finally:
+        await first.close()
