@@ -62,7 +62,7 @@ def main() -> None:
     except SettingsError as exc:
         sys.exit(f"configuration error: {exc}")
     configure_logging(settings.log_level, settings.log_format)
-    from processor.models.errors import ModelLoadError
+    from models.errors import ModelLoadError
     from processor.runtime import StartupError
 
     try:

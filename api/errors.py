@@ -13,11 +13,11 @@ from litestar import Request, Response
 from litestar.exceptions import HTTPException, SerializationException, ValidationException
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
+from contract.audio import InvalidAudioError
+from contract.imaging import InvalidImageError
 from infra.broker import BrokerUnavailableError
 from infra.storage import InvalidKeyError, ObjectNotFoundError, StorageError, StorageUnavailableError
 from infra.vectors import VectorIndexUnavailableError
-from processor.audio import InvalidAudioError
-from processor.imaging import InvalidImageError
 
 log = structlog.get_logger(__name__)
 

@@ -19,10 +19,9 @@ from api.errors import ApiError
 from api.schemas import JobAccepted
 from api.services import Services
 from api.urls import job_url
+from contract.jobs import RECORD_HEADER, JobRecord, JobStore, job_id_for_idempotency_key, record_params
+from contract.messages import MSGPACK, JobReply, encode
 from infra.broker import BrokerUnavailableError, Priority
-from processor.contract import MSGPACK, JobReply, encode
-from processor.jobs import RECORD_HEADER, JobRecord, JobStore, job_id_for_idempotency_key
-from processor.tracking import record_params
 
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
 

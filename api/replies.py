@@ -9,7 +9,7 @@ import msgspec
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
 
-from processor.contract import JobReply
+from contract.messages import JobReply
 
 log = structlog.get_logger(__name__)
 

@@ -9,7 +9,7 @@ import msgspec
 from litestar.datastructures import UploadFile
 
 from api.filters import SearchFilter
-from processor.contract import VOICE_LANGUAGES, ImageGenerateFields
+from contract.messages import VOICE_LANGUAGES, ImageGenerateFields
 
 
 class ImageOut(msgspec.Struct, kw_only=True):

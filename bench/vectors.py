@@ -233,8 +233,8 @@ async def measure_http(points: int, workdir: Path, requests: int) -> dict[str, o
     import httpx
 
     from infra.settings import Settings
-    from processor.models.clip import ClipEmbedder
-    from processor.models.tiny_clip import TINY_CLIP_ID
+    from models.clip import ClipEmbedder
+    from models.tiny_clip import TINY_CLIP_ID
 
     amqp = os.environ.get("AMQP_URL")
     if not amqp:

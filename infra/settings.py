@@ -203,7 +203,7 @@ def _parse(env: _Reader) -> Settings:
         r2_enabled=env.flag("R2_ENABLED", False),
         image_search_db_path=Path(env.raw("IMAGE_SEARCH_DB_PATH", "app/image_search.db")),
         image_search_files_dir=Path(env.raw("IMAGE_SEARCH_FILES_DIR", "app/image_search_files/")),
-        image_search_max_elements=env.integer("IMAGE_SEARCH_MAX_ELEMENTS", 50000, 1),
+        image_search_max_elements=env.integer("IMAGE_SEARCH_MAX_ELEMENTS", 1_000_000, 1),
         image_search_max_bytes=env.integer("IMAGE_SEARCH_MAX_BYTES", 20971520, 1024, 512 * 1024 * 1024),
         image_search_max_pixels=env.integer("IMAGE_SEARCH_MAX_PIXELS", 50_000_000, 1024),
         image_search_batch_size=env.integer("IMAGE_SEARCH_BATCH_SIZE", 8, 1, 256),

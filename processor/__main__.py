@@ -24,7 +24,7 @@ async def run(settings: Settings) -> None:
     if settings.processor_metrics_port:
         from prometheus_client import start_http_server
 
-        from processor.metrics import REGISTRY
+        from contract.metrics import REGISTRY
         from processor.runtime import StartupError
 
         try:
@@ -57,7 +57,7 @@ def main() -> None:
     except SettingsError as exc:
         sys.exit(f"configuration error: {exc}")
     configure_logging(settings.log_level, settings.log_format)
-    from processor.models.errors import ModelLoadError
+    from models.errors import ModelLoadError
     from processor.runtime import StartupError
 
     try:

@@ -26,6 +26,10 @@ import aio_pika
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
 
+from contract import metrics
+from contract.bucket_events import BUCKET_EVENT, event_message_id, parse_bucket_event
+from contract.jobs import RECORD_HEADER, JobRecord, JobStore
+from contract.messages import JSON, MSGPACK, ContractError, ErrorInfo, JobReply, decode_job, encode
 from infra.broker import (
     ATTEMPTS_HEADER,
     FIRST_FAILURE_HEADER,
@@ -39,11 +43,7 @@ from infra.broker import (
     declare_topology,
     retry_delay,
 )
-from processor import metrics
-from processor.bucket_events import BUCKET_EVENT, event_message_id, parse_bucket_event
-from processor.contract import JSON, MSGPACK, ContractError, ErrorInfo, JobReply, decode_job, encode
 from processor.handlers.base import Handler, Job
-from processor.jobs import RECORD_HEADER, JobRecord, JobStore
 from processor.outcomes import Failed, Outcome, Succeeded
 from processor.retrying import TRANSIENT_ERRORS
 from processor.tracking import JobTracker

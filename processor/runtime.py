@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import structlog
 from aio_pika.abc import AbstractRobustConnection
 
+from contract.imaging import configure_pixel_limit
 from infra import broker
 from infra.settings import Settings
 from infra.storage import ObjectStore, StorageError, open_store
@@ -23,10 +24,9 @@ from infra.vectors import (
     open_index,
 )
 from infra.vectors.backup import BackupSchedule, IndexBackupError, automatic_backups
-from processor.imaging import configure_pixel_limit
-from processor.models.clip import ClipEmbedder
-from processor.models.diffusion import ImageGenerator
-from processor.models.voice import VoiceCloner
+from models.clip import ClipEmbedder
+from models.diffusion import ImageGenerator
+from models.voice import VoiceCloner
 
 log = structlog.get_logger(__name__)
 

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from processor.bucket_events import BUCKET_EVENT
-from processor.clock import UniqueClock
+from contract.bucket_events import BUCKET_EVENT
+from contract.clock import UniqueClock
+from contract.jobs import JobStore
+from contract.messages import IMAGE_DELETE, IMAGE_GENERATE, IMAGE_INDEX, VOICE_GENERATE
 from processor.consumer import Consumer
-from processor.contract import IMAGE_DELETE, IMAGE_GENERATE, IMAGE_INDEX, VOICE_GENERATE
 from processor.handlers.base import Handler
 from processor.handlers.bucket_event import BucketEventHandler
 from processor.handlers.image_delete import ImageDeleteHandler, ImageDeleter
 from processor.handlers.image_generate import ImageGenerateHandler
 from processor.handlers.image_index import ImageIndexHandler
 from processor.handlers.voice_generate import VoiceGenerateHandler
-from processor.jobs import JobStore
 from processor.runtime import Runtime
 
 

@@ -1,23 +1,16 @@
-"""Keeping job records in step with what the consumer does (see processor/jobs.py)."""
+"""Keeping job records in step with what the consumer does (see contract/jobs.py)."""
 
 from __future__ import annotations
 
-import msgspec
 import structlog
 
-from processor.contract import ErrorInfo
+from contract.jobs import JobRecord, JobStore, now_iso, record_params
+from contract.messages import ErrorInfo
 from processor.handlers.base import Job
-from processor.jobs import JobRecord, JobStore, now_iso
 from processor.outcomes import Failed, Succeeded
 from processor.retrying import retry_transient
 
 log = structlog.get_logger(__name__)
-
-
-def record_params(payload: msgspec.Struct) -> dict[str, object]:
-    """The job's parameters as recorded: binary fields (inline images, audio) are left out."""
-    fields = msgspec.structs.asdict(payload)
-    return {name: value for name, value in fields.items() if not isinstance(value, bytes) and value is not None}
 
 
 class JobTracker:

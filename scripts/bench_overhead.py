@@ -35,7 +35,7 @@ from api.app import create_app
 from api.services import Services
 from infra.logging import configure_logging
 from infra.settings import Settings
-from processor.models.diffusion import GenerationParams
+from models.diffusion import GenerationParams
 
 PROMPT = "A lighthouse on a cliff at dawn, oil painting"
 

@@ -8,7 +8,7 @@ import av
 import numpy as np
 import pytest
 
-from processor.audio import InvalidAudioError, decode_audio, encode_mp3
+from contract.audio import InvalidAudioError, decode_audio, encode_mp3
 from processor.text_chunks import split_text
 from tests.support.audio import CLIP_FORMATS, mp3_info, speech_clip, speech_wav, tone_wav
 

@@ -11,8 +11,8 @@ import httpx
 import pytest
 from PIL import Image
 
+from contract.messages import IMAGE_INDEX
 from infra.settings import Settings
-from processor.contract import IMAGE_INDEX
 from processor.runtime import Runtime
 from processor.service import build_consumer
 from tests.support.amqp import publish, wait_until

@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from contract.messages import IMAGE_INDEX
 from infra.settings import Settings
 from infra.vectors.backup import IndexBackups
 from infra.vectors.edge.layout import EngineLayout
-from processor.contract import IMAGE_INDEX
-from processor.models.tiny_clip import TINY_CLIP_ID
+from models.tiny_clip import TINY_CLIP_ID
 from processor.runtime import Runtime, StartupError
 from processor.service import build_consumer
 from tests.support.amqp import publish, wait_until

@@ -11,9 +11,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from processor.contract import IMAGE_DELETE, IMAGE_GENERATE, IMAGE_INDEX, VOICE_GENERATE
-from processor.image_ids import image_id_for_key
-from processor.schemas import schema_files, stale_files
+from contract.image_ids import image_id_for_key
+from contract.messages import IMAGE_DELETE, IMAGE_GENERATE, IMAGE_INDEX, VOICE_GENERATE
+from contract.schemas import schema_files, stale_files
 from tests.support.amqp import drain, publish, wait_until
 from tests.support.audio import speech_clip
 from tests.support.images import encoded
@@ -28,7 +28,7 @@ def documented_examples() -> list[tuple[str, dict]]:
 
 
 def test_committed_schemas_match_the_structs():
-    assert stale_files() == [], "run: python -m processor.schemas"
+    assert stale_files() == [], "run: python -m contract.schemas"
     assert set(schema_files()) == {
         f"{kind}.v1.json" for kind in (IMAGE_INDEX, IMAGE_GENERATE, VOICE_GENERATE, IMAGE_DELETE)
     }

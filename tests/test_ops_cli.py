@@ -14,8 +14,8 @@ import msgspec
 import pytest
 from click.testing import CliRunner, Result
 
+from contract.image_ids import image_id_for_key
 from infra.settings import Settings
-from processor.image_ids import image_id_for_key
 from processor.ops.__main__ import cli
 from processor.ops.filters import Selection
 from processor.ops.letters import DeadLetter

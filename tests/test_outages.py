@@ -13,8 +13,8 @@ from collections.abc import AsyncIterator
 
 from click.testing import CliRunner
 
-from processor.contract import IMAGE_INDEX
-from processor.metrics import REGISTRY
+from contract.messages import IMAGE_INDEX
+from contract.metrics import REGISTRY
 from processor.ops.__main__ import cli
 from processor.runtime import Runtime
 from processor.service import build_consumer

@@ -13,9 +13,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from contract.messages import IMAGE_INDEX
 from infra.settings import Settings
 from infra.vectors.edge.client import EdgeIndex
-from processor.contract import IMAGE_INDEX
 from processor.runtime import Runtime
 from processor.service import build_consumer
 from tests.support.amqp import drain, publish, wait_until

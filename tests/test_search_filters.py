@@ -7,7 +7,7 @@ from urllib.parse import parse_qs, urlparse
 
 import pytest
 
-from processor.contract import IMAGE_INDEX
+from contract.messages import IMAGE_INDEX
 from tests.support.amqp import publish, wait_until
 from tests.support.images import encoded
 from tests.support.server import running_server

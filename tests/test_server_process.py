@@ -26,7 +26,7 @@ import pytest
 
 from infra.vectors import ImageRecord
 from infra.vectors.edge.client import EdgeIndex
-from processor.models.tiny_clip import TINY_CLIP_ID
+from models.tiny_clip import TINY_CLIP_ID
 from tests.support.amqp import wait_until
 from tests.support.images import encoded
 from tests.support.rabbitmq import free_port

@@ -23,7 +23,7 @@ def test_seed_defaults():
     assert settings.r2_enabled is False
     assert settings.image_search_db_path == Path("app/image_search.db")
     assert settings.image_search_files_dir == Path("app/image_search_files/")
-    assert settings.image_search_max_elements == 50000
+    assert settings.image_search_max_elements == 1_000_000
     assert settings.image_search_max_bytes == 20971520
     assert settings.image_search_db_r2_key == "image_search.db"
     assert settings.image_search_db_backup_enabled is True

@@ -9,8 +9,9 @@ import httpx
 import pytest
 import torch
 
-from processor.contract import VOICE_LANGUAGES
-from processor.models.voice import SAMPLE_RATE, VoiceCloner
+from contract.audio import SAMPLE_RATE
+from contract.messages import VOICE_LANGUAGES
+from models.voice import VoiceCloner
 from processor.text_chunks import split_text
 from tests.support.audio import CLIP_FORMATS, mp3_info, speech_clip, tone_wav
 from tests.support.server import running_server

@@ -14,7 +14,7 @@ from api.jobs import accepted, finished_result, output_bytes, require_r2, start_
 from api.schemas import GeneratedImageKey, GenerateImageRequest, JobAccepted
 from api.services import Services
 from api.strict import strict_json
-from processor.contract import IMAGE_GENERATE, ImageGenerateV1
+from contract.messages import IMAGE_GENERATE, ImageGenerateV1
 
 IDEMPOTENCY_KEY = Parameter(
     header="Idempotency-Key",

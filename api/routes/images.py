@@ -29,9 +29,9 @@ from api.jobs import accepted, raise_for_failure, start_job
 from api.schemas import ImageOut, ImageUploadForm, JobAccepted
 from api.services import Services
 from api.urls import base_url, image_file_url
+from contract.imaging import decode_image
+from contract.messages import IMAGE_INDEX, ImageIndexV1
 from infra.vectors import ImageRecord, VectorIndex
-from processor.contract import IMAGE_INDEX, ImageIndexV1
-from processor.imaging import decode_image
 
 _CURSOR_PREFIX = "v1:"
 

@@ -18,8 +18,8 @@ from api.schemas import GenerateImageRequest, JobAccepted, JobError, JobOut, Job
 from api.services import Services
 from api.strict import strict_json
 from api.urls import absolute, job_url
-from processor.contract import IMAGE_GENERATE, VOICE_GENERATE, ImageGenerateV1, VoiceGenerateV1
-from processor.jobs import JobRecord
+from contract.jobs import JobRecord
+from contract.messages import IMAGE_GENERATE, VOICE_GENERATE, ImageGenerateV1, VoiceGenerateV1
 
 
 async def _image_job(services: Services, params: GenerateImageRequest) -> ImageGenerateV1:

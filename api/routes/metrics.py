@@ -7,8 +7,8 @@ from litestar import Response, get
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from api.services import Services
+from contract.metrics import QUEUE_CONSUMERS, QUEUE_MESSAGES, REGISTRY
 from infra.broker import queue_depths
-from processor.metrics import QUEUE_CONSUMERS, QUEUE_MESSAGES, REGISTRY
 
 
 @get("/metrics", summary="Prometheus metrics: queue depths, dead letters, job outcomes and durations")

@@ -16,9 +16,9 @@ from api.schemas import ImageUploadForm, SearchHit, SearchRequest, SearchRespons
 from api.services import Services
 from api.strict import strict_json
 from api.urls import image_file_url
+from contract.imaging import decode_image
 from infra.vectors import ImageRecord
-from processor.imaging import decode_image
-from processor.models.clip import ClipEmbedder
+from models.clip import ClipEmbedder
 
 
 def _clip(services: Services) -> ClipEmbedder:

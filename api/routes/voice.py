@@ -16,11 +16,15 @@ from api.routes.generate import IDEMPOTENCY_KEY
 from api.schemas import GeneratedVoiceKey, JobAccepted, VoiceCloneForm, VoiceFromKeyRequest
 from api.services import Services
 from api.strict import strict_json
+from contract.audio import SAMPLE_RATE, decode_audio
+from contract.messages import (
+    VOICE_GENERATE,
+    VOICE_LANGUAGES,
+    VoiceGenerateV1,
+    canonical_language,
+    check_reference_key,
+)
 from infra.storage import InvalidKeyError
-from processor.audio import decode_audio
-from processor.contract import VOICE_GENERATE, VOICE_LANGUAGES, VoiceGenerateV1, canonical_language
-from processor.handlers.voice_generate import check_reference_key
-from processor.models.voice import SAMPLE_RATE
 
 
 def require_voice(services: Services) -> None:

@@ -8,12 +8,12 @@ from typing import Any
 
 import structlog
 
-from processor.bucket_events import BUCKET_EVENT, ObjectEvent
-from processor.contract import IMAGE_INDEX, ImageIndexV1
+from contract.bucket_events import BUCKET_EVENT, ObjectEvent
+from contract.image_ids import ORIGINALS_PREFIX
+from contract.messages import IMAGE_INDEX, ImageIndexV1
 from processor.handlers.base import Job
 from processor.handlers.image_delete import ImageDeleter
 from processor.handlers.image_index import ImageIndexHandler
-from processor.image_ids import ORIGINALS_PREFIX
 from processor.outcomes import Failed, Outcome, Succeeded
 from processor.retrying import TRANSIENT_ERRORS
 

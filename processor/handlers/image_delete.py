@@ -7,11 +7,11 @@ from collections.abc import Sequence
 
 import structlog
 
+from contract.image_ids import image_id_for_key
+from contract.messages import IMAGE_DELETE, ImageDeleteV1
 from infra.storage import ObjectStore
 from infra.vectors import VectorIndex, VectorIndexUnavailableError
-from processor.contract import IMAGE_DELETE, ImageDeleteV1
 from processor.handlers.base import Job
-from processor.image_ids import image_id_for_key
 from processor.outcomes import Failed, Outcome, Succeeded
 from processor.retrying import TRANSIENT_ERRORS, retry_transient
 

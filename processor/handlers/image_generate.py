@@ -8,11 +8,11 @@ from collections.abc import Sequence
 
 import structlog
 
+from contract.messages import IMAGE_GENERATE, MAX_SEED, ImageGenerateV1
 from infra.settings import Settings
 from infra.storage import ObjectStore
-from processor.contract import IMAGE_GENERATE, MAX_SEED, ImageGenerateV1
+from models.diffusion import GenerationParams, ImageGenerator, UnsupportedParameterError
 from processor.handlers.base import Job
-from processor.models.diffusion import GenerationParams, ImageGenerator, UnsupportedParameterError
 from processor.outcomes import Failed, Outcome, Succeeded
 from processor.retrying import TRANSIENT_ERRORS, retry_transient
 

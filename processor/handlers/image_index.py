@@ -11,14 +11,14 @@ from typing import cast
 import msgspec
 import structlog
 
+from contract.clock import UniqueClock, iso_from_us
+from contract.image_ids import image_id_for_key, original_key
+from contract.imaging import DecodedImage, InvalidImageError, decode_image
+from contract.messages import IMAGE_INDEX, ImageIndexV1
 from infra.storage import InvalidKeyError, ObjectNotFoundError, ObjectStore
 from infra.vectors import ImageRecord, VectorIndex
-from processor.clock import UniqueClock, iso_from_us
-from processor.contract import IMAGE_INDEX, ImageIndexV1
+from models.clip import ClipEmbedder
 from processor.handlers.base import Job
-from processor.image_ids import image_id_for_key, original_key
-from processor.imaging import DecodedImage, InvalidImageError, decode_image
-from processor.models.clip import ClipEmbedder
 from processor.outcomes import Failed, Outcome, Succeeded
 from processor.retrying import TRANSIENT_ERRORS, retry_transient
 

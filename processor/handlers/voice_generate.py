@@ -8,12 +8,12 @@ from collections.abc import Sequence
 
 import structlog
 
+from contract.audio import SAMPLE_RATE, InvalidAudioError, decode_audio, encode_mp3
+from contract.messages import VOICE_GENERATE, VoiceGenerateV1, canonical_language, check_reference_key
 from infra.settings import Settings
-from infra.storage import InvalidKeyError, ObjectNotFoundError, ObjectStore, validate_key
-from processor.audio import InvalidAudioError, decode_audio, encode_mp3
-from processor.contract import VOICE_GENERATE, VoiceGenerateV1, canonical_language
+from infra.storage import InvalidKeyError, ObjectNotFoundError, ObjectStore
+from models.voice import VoiceCloner
 from processor.handlers.base import Job
-from processor.models.voice import SAMPLE_RATE, VoiceCloner
 from processor.outcomes import Failed, Outcome, Succeeded
 from processor.retrying import TRANSIENT_ERRORS, retry_transient
 from processor.text_chunks import split_text
@@ -25,14 +25,6 @@ GENERATED_PREFIX = "voice/generated/"
 
 def generated_key(job_id: str) -> str:
     return f"{GENERATED_PREFIX}{job_id}.mp3"
-
-
-def check_reference_key(key: str, prefix: str) -> str:
-    """The key if it is safe and under the allowed prefix; InvalidKeyError otherwise."""
-    validate_key(key)
-    if not key.startswith(prefix):
-        raise InvalidKeyError(f"ref_audio_key must be under {prefix!r} (VOICE_REF_PREFIX); got {key!r}")
-    return key
 
 
 class VoiceGenerateHandler:

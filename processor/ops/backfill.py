@@ -1,6 +1,6 @@
 """Index images already in the bucket: one image.index job per image under a prefix, skipping those indexed.
 
-The image id derives from bucket and key (processor.image_ids), so a job is idempotent and a backfill can be
+The image id derives from bucket and key (contract.image_ids), so a job is idempotent and a backfill can be
 re-run after any interruption: images the API already knows (GET /v1/images/{id} answers 200) are not published
 again, and a duplicate job for an image still in the queue indexes it once.
 """
@@ -17,12 +17,12 @@ from pathlib import PurePosixPath
 import aio_pika
 import httpx
 
+from contract.image_ids import image_id_for_key
+from contract.messages import IMAGE_INDEX, JSON
 from infra.broker import BrokerUnavailableError, Priority, Publisher, connect, redact
 from infra.settings import Settings
 from infra.storage.base import StorageError
 from infra.storage.factory import open_store
-from processor.contract import IMAGE_INDEX, JSON
-from processor.image_ids import image_id_for_key
 from processor.ops.errors import OperationFailedError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})

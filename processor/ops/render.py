@@ -7,7 +7,7 @@ from typing import Any
 
 import msgspec
 
-from processor.contract import JSON, MSGPACK
+from contract.messages import JSON, MSGPACK
 from processor.ops.letters import DeadLetter
 
 COLUMNS = ("MESSAGE ID", "TYPE", "REASON", "ATTEMPTS", "FIRST FAILURE", "LAST FAILURE")

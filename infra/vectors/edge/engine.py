@@ -401,9 +401,13 @@ class Engine:
         async with self.write_lock:
             paused = time.monotonic()
             built = load_shard(target)
-            for operation in build.oplog:
-                built.update(operation)
-            built.flush()
+            try:
+                for operation in build.oplog:
+                    built.update(operation)
+                built.flush()
+            except BaseException:
+                built.close()
+                raise
             assert self.meta is not None
             old_name, old_shard = self.meta.shard, self.shard
             self.meta = msgspec.structs.replace(self.meta, shard=build.name)
@@ -441,12 +445,18 @@ class Engine:
     async def tick(self) -> None:
         while True:
             await asyncio.sleep(_TICK_SECONDS)
-            now = time.monotonic()
-            if self.shard is not None and self.unflushed and now - self.last_flush >= FLUSH_EVERY_SECONDS:
-                async with self.write_lock:
-                    self.shard.flush()
-                    self.last_flush, self.unflushed = time.monotonic(), False
-            self._consider_build(idle=now - self.last_write >= IDLE_BUILD_SECONDS)
+            try:
+                await self._housekeeping()
+            except Exception:
+                log.exception("index_housekeeping_failed")
+
+    async def _housekeeping(self) -> None:
+        now = time.monotonic()
+        if self.shard is not None and self.unflushed and now - self.last_flush >= FLUSH_EVERY_SECONDS:
+            async with self.write_lock:
+                self.shard.flush()
+                self.last_flush, self.unflushed = time.monotonic(), False
+        self._consider_build(idle=now - self.last_write >= IDLE_BUILD_SECONDS)
 
 
 class Server:

@@ -3,6 +3,6 @@
 The rest of the application never touches torch directly.
 """
 
-from processor.models.errors import ModelLoadError
+from models.errors import ModelLoadError
 
 __all__ = ["ModelLoadError"]

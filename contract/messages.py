@@ -12,6 +12,8 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from infra.storage import InvalidKeyError, validate_key
+
 JSON = "application/json"
 MSGPACK = "application/msgpack"
 CONTENT_TYPES = (JSON, MSGPACK)
@@ -219,3 +221,11 @@ def decode_job(message_type: str | None, content_type: str | None, body: bytes) 
         "unsupported_content_type",
         f"content_type {content_type!r} is not supported; use {' or '.join(CONTENT_TYPES)}",
     )
+
+
+def check_reference_key(key: str, prefix: str) -> str:
+    """The key if it is safe and under the allowed prefix; InvalidKeyError otherwise."""
+    validate_key(key)
+    if not key.startswith(prefix):
+        raise InvalidKeyError(f"ref_audio_key must be under {prefix!r} (VOICE_REF_PREFIX); got {key!r}")
+    return key

@@ -1,7 +1,7 @@
 """JSON Schemas of the message contract, generated from the msgspec Structs.
 
-python -m processor.schemas            # (re)write docs/schemas/<type>.v<version>.json
-python -m processor.schemas --check    # exit 1 if the committed schemas differ from the Structs
+python -m contract.schemas            # (re)write docs/schemas/<type>.v<version>.json
+python -m contract.schemas --check    # exit 1 if the committed schemas differ from the Structs
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import msgspec
 
-from processor.contract import JOB_TYPES
+from contract.messages import JOB_TYPES
 
 SCHEMA_DIR = Path(__file__).resolve().parent.parent / "docs" / "schemas"
 _DRAFT = "https://json-schema.org/draft/2020-12/schema"
@@ -62,14 +62,14 @@ def write(directory: Path = SCHEMA_DIR) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m processor.schemas", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m contract.schemas", description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="exit 1 if docs/schemas is out of date")
     parser.add_argument("--dir", type=Path, default=SCHEMA_DIR, help="where the schemas live (default: %(default)s)")
     args = parser.parse_args()
     if args.check:
         stale = stale_files(args.dir)
         if stale:
-            sys.exit(f"stale schemas in {args.dir}: {', '.join(stale)}; run python -m processor.schemas")
+            sys.exit(f"stale schemas in {args.dir}: {', '.join(stale)}; run python -m contract.schemas")
         return
     write(args.dir)
     sys.stderr.write(f"wrote {len(schema_files())} schemas to {args.dir}\n")

@@ -14,10 +14,10 @@ import torch
 from diffusers import DiffusionPipeline
 
 from infra.settings import Settings
-from processor.models.device import pick_device
-from processor.models.errors import ModelLoadError
-from processor.models.hub import hub_reachable, offline_hint, prefer_local_cache, quiet_progress_bars
-from processor.models.tiny_diffusion import TINY_DIFFUSION_ID, ensure_tiny_diffusion
+from models.device import pick_device
+from models.errors import ModelLoadError
+from models.hub import hub_reachable, offline_hint, prefer_local_cache, quiet_progress_bars
+from models.tiny_diffusion import TINY_DIFFUSION_ID, ensure_tiny_diffusion
 
 log = structlog.get_logger(__name__)
 

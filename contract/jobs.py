@@ -12,8 +12,8 @@ from typing import Any, Literal
 
 import msgspec
 
+from contract.messages import ErrorInfo
 from infra.storage import ObjectNotFoundError, ObjectStore
-from processor.contract import ErrorInfo
 
 JOBS_PREFIX = "jobs/"
 RECORD_HEADER = "x-ams-job-record"
@@ -80,3 +80,9 @@ class JobStore:
             params=params,
             idempotency_key=idempotency_key,
         )
+
+
+def record_params(payload: msgspec.Struct) -> dict[str, object]:
+    """The job's parameters as recorded: binary fields (inline images, audio) are left out."""
+    fields = msgspec.structs.asdict(payload)
+    return {name: value for name, value in fields.items() if not isinstance(value, bytes) and value is not None}

@@ -17,7 +17,7 @@ from urllib.parse import unquote_plus
 
 import msgspec
 
-from processor.contract import ContractError
+from contract.messages import ContractError
 
 BUCKET_EVENT = "bucket.event"
 

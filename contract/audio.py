@@ -25,6 +25,7 @@ CONTAINERS = {
     "aac": "aac",
 }
 ACCEPTED = "MP3, WAV, FLAC, OGG/Opus, M4A/AAC"
+SAMPLE_RATE = 24000  # voice references are resampled to this rate, and speech comes out at it (Qwen3-TTS's rate)
 MP3_BITRATE = 128_000
 
 

@@ -14,10 +14,10 @@ import torch
 from PIL import Image
 
 from infra.settings import Settings
-from processor.models.device import pick_device
-from processor.models.errors import ModelLoadError
-from processor.models.hub import hub_reachable, offline_hint, prefer_local_cache
-from processor.models.tiny_clip import TINY_CLIP_ID, ensure_tiny_clip
+from models.device import pick_device
+from models.errors import ModelLoadError
+from models.hub import hub_reachable, offline_hint, prefer_local_cache
+from models.tiny_clip import TINY_CLIP_ID, ensure_tiny_clip
 
 log = structlog.get_logger(__name__)
 

@@ -23,7 +23,7 @@ from open_clip.tokenizer import bytes_to_unicode
 from safetensors.torch import save_file
 from transformers import EncodecFeatureExtractor, MimiConfig, Qwen2Tokenizer
 
-from processor.models.qwen_tts_import import fill_config_defaults, qwen_tts
+from models.qwen_tts_import import fill_config_defaults, qwen_tts
 
 TINY_VOICE_ID = "tiny-qwen3-tts-base-v1"
 

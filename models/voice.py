@@ -12,18 +12,17 @@ import numpy as np
 import structlog
 import torch
 
+from contract.audio import SAMPLE_RATE, DecodedAudio
 from infra.settings import Settings
-from processor.audio import DecodedAudio
-from processor.models.device import pick_device
-from processor.models.diffusion import pick_dtype
-from processor.models.errors import ModelLoadError
-from processor.models.hub import hub_reachable, offline_hint, prefer_local_cache, quiet_progress_bars
-from processor.models.qwen_tts_import import fill_config_defaults, qwen_tts, restore_rotary_frequencies
-from processor.models.tiny_voice import TINY_VOICE_ID, ensure_tiny_voice
+from models.device import pick_device
+from models.diffusion import pick_dtype
+from models.errors import ModelLoadError
+from models.hub import hub_reachable, offline_hint, prefer_local_cache, quiet_progress_bars
+from models.qwen_tts_import import fill_config_defaults, qwen_tts, restore_rotary_frequencies
+from models.tiny_voice import TINY_VOICE_ID, ensure_tiny_voice
 
 log = structlog.get_logger(__name__)
 
-SAMPLE_RATE = 24000  # what the speech tokenizer and the speaker encoder take
 _GAP_SECONDS = 0.2  # silence between synthesized pieces of a long text
 _BATCH = 4  # pieces of a long text synthesized in one call
 
