@@ -1,4 +1,5 @@
-"""`python -m api` / `ams-api`: the HTTP API, plus the processor in the same process when Qdrant is embedded.
+"""`python -m api` / `ams-api`: the HTTP API alone. Processors run elsewhere (`python -m processor`); for the
+one-process mode use `python -m launcher`.
 
 Settings are checked before the model libraries are imported, so a bad value fails in a moment.
 """
@@ -6,10 +7,7 @@ Settings are checked before the model libraries are imported, so a bad value fai
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import signal
 import sys
-from collections.abc import Iterator
 
 from infra.cpu import share_cpu_politely
 from infra.logging import configure_logging
@@ -18,39 +16,15 @@ from infra.settings import Settings, SettingsError
 
 async def serve(settings: Settings) -> None:
     import structlog
-    import uvicorn
 
     from api.app import create_app
     from api.services import Services
-
-    class Server(uvicorn.Server):
-        """uvicorn re-raises a SIGTERM/SIGINT it caught once it has stopped serving, which ends the process before
-        the services close (no graceful consumer stop, no last index backup). Here the signal only stops serving,
-        then everything closes and the process exits with status 0."""
-
-        @contextlib.contextmanager
-        def capture_signals(self) -> Iterator[None]:
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, self.handle_exit, sig, None)
-            try:
-                yield
-            finally:
-                for sig in (signal.SIGINT, signal.SIGTERM):
-                    loop.remove_signal_handler(sig)
+    from infra.http_server import serve_until_signal
 
     services = await Services.start(settings)
-    config = uvicorn.Config(
-        create_app(services),
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        access_log=False,
-        lifespan="off",
-    )
     try:
-        structlog.get_logger("api").info("listening", host=settings.host, port=settings.port)
-        await Server(config).serve()
+        structlog.get_logger("api").info("listening", host=settings.host, port=settings.port, processor="elsewhere")
+        await serve_until_signal(create_app(services), settings.host, settings.port)
     finally:
         await services.stop()
 
@@ -62,8 +36,8 @@ def main() -> None:
     except SettingsError as exc:
         sys.exit(f"configuration error: {exc}")
     configure_logging(settings.log_level, settings.log_format)
+    from infra.startup import StartupError
     from models.errors import ModelLoadError
-    from processor.runtime import StartupError
 
     try:
         asyncio.run(serve(settings))

@@ -46,7 +46,7 @@ class JobStart:
 
 
 def job_store(services: Services) -> JobStore:
-    return JobStore(services.runtime.store)
+    return JobStore(services.store)
 
 
 def check_idempotency_key(key: str | None) -> str | None:
@@ -99,7 +99,7 @@ async def _publish(
     services: Services, job_type: str, payload: msgspec.Struct, job_id: str, wait: bool
 ) -> JobReply | None:
     body = encode(payload, MSGPACK)
-    publisher = services.runtime.publisher
+    publisher = services.publisher
     headers = {RECORD_HEADER: True}
     if not wait:
         await publisher.publish(
@@ -147,7 +147,7 @@ async def output_bytes(services: Services, started: JobStart, result: dict[str, 
     attachment = started.reply.attachment if started.reply is not None else None
     if attachment is not None:
         return attachment
-    return (await services.runtime.store.get(result["key"])).data
+    return (await services.store.get(result["key"])).data
 
 
 def require_r2(services: Services, instead: str) -> None:

@@ -22,6 +22,7 @@ IMAGE_INDEX = "image.index"
 IMAGE_GENERATE = "image.generate"
 VOICE_GENERATE = "voice.generate"
 IMAGE_DELETE = "image.delete"
+IMAGE_EMBED = "image.embed"
 
 # the languages Qwen3-TTS speaks, by the names its API takes; "auto" lets the model decide
 VOICE_LANGUAGES = (
@@ -79,6 +80,18 @@ class ImageDeleteV1(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     def __post_init__(self) -> None:
         if (self.image_id is None) == (self.key is None):
             raise ValueError("give exactly one of `image_id` or `key`")
+
+
+class ImageEmbedV1(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Embed one image with the index's CLIP model and reply with its vector; nothing is stored.
+
+    A request/reply message: send it with `reply_to` and `correlation_id`; the reply's `attachment` is the
+    L2-normalised vector as little-endian float32 and its `result` names the model and the dimension. The
+    API uses it for search by image when it holds only the CLIP text tower (an API-only process).
+    """
+
+    version: Literal[1] = 1
+    data: bytes
 
 
 Prompt = Annotated[str, msgspec.Meta(min_length=1, max_length=2000)]
@@ -161,6 +174,7 @@ JOB_TYPES: dict[str, type[msgspec.Struct]] = {
     IMAGE_GENERATE: ImageGenerateV1,
     VOICE_GENERATE: VoiceGenerateV1,
     IMAGE_DELETE: ImageDeleteV1,
+    IMAGE_EMBED: ImageEmbedV1,
 }
 
 

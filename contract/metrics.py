@@ -1,12 +1,16 @@
-"""Job metrics for operators (Prometheus): outcomes and durations per job type, recorded by the consumer.
+"""Metrics for operators (Prometheus): job outcomes and durations per job type, recorded by the consumer, and the
+depth and consumers of every queue, read from RabbitMQ at each scrape.
 
-One registry per process: the API's GET /metrics serves it (with the queue depths), and `python -m processor`
-serves it on PROCESSOR_METRICS_PORT.
+One registry per process: the API's GET /metrics serves it, and `python -m processor` serves it on
+PROCESSOR_METRICS_PORT.
 """
 
 from __future__ import annotations
 
+from aio_pika.abc import AbstractRobustConnection
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from infra.broker import queue_depths
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -25,7 +29,8 @@ JOB_DURATION = Histogram(
 )
 QUEUE_MESSAGES = Gauge(
     "ams_queue_messages",
-    "Messages ready in each queue (ams.jobs: the backlog, ams.dead: dead letters, ams.retry.*: waiting to retry).",
+    "Messages ready in each queue (ams.index, ams.image, ams.voice: each capability's backlog; ams.dead: dead "
+    "letters; ams.retry.*: waiting to retry).",
     ["queue"],
     registry=REGISTRY,
 )
@@ -36,3 +41,10 @@ def job_settled(job_type: str, outcome: str, seconds: float | None = None) -> No
     JOB_OUTCOMES.labels(job_type or "unknown", outcome).inc()
     if seconds is not None:
         JOB_DURATION.labels(job_type or "unknown", outcome).observe(seconds)
+
+
+async def record_queue_depths(connection: AbstractRobustConnection) -> None:
+    """Read every queue's depth and consumers into the gauges (BrokerUnavailableError when the broker is down)."""
+    for queue, (messages, consumers) in (await queue_depths(connection)).items():
+        QUEUE_MESSAGES.labels(queue).set(messages)
+        QUEUE_CONSUMERS.labels(queue).set(consumers)

@@ -15,6 +15,7 @@ from pathlib import Path
 import msgspec
 
 from contract.messages import JOB_TYPES
+from infra.broker import JOBS_EXCHANGE, capability_of, queue_of
 
 SCHEMA_DIR = Path(__file__).resolve().parent.parent / "docs" / "schemas"
 _DRAFT = "https://json-schema.org/draft/2020-12/schema"
@@ -32,7 +33,12 @@ def schema_files() -> dict[str, str]:
         document = {
             "$schema": _DRAFT,
             "title": f"{message_type} v{version}",
-            "x-amqp": {"exchange": "ams.jobs", "routing_key": message_type, "type": message_type},
+            "x-amqp": {
+                "exchange": JOBS_EXCHANGE,
+                "routing_key": message_type,
+                "type": message_type,
+                "queue": queue_of(capability_of(message_type) or ""),
+            },
             **schema,
         }
         files[f"{message_type}.v{version}.json"] = json.dumps(document, indent=2, ensure_ascii=False) + "\n"

@@ -1,15 +1,33 @@
 """RabbitMQ: the whole topology in one place, declared idempotently, and a confirming publisher.
 
 Topology
-    exchange  ams.jobs   (topic, durable)     every job message, routing key = message type
-    queue     ams.jobs   (durable, priority 0..9, dead-letters to ams.dead)   bound with '#'
+    exchange  ams.jobs   (topic, durable, no arguments)   every job message, routing key = job type
+    queue     ams.<capability>  (durable, priority 0..9, dead-letters to ams.dead), one per capability, bound
+              with the routing keys of the job types it serves (CAPABILITY_QUEUES):
+                  ams.index   image.index, image.delete, bucket.event, image.embed
+                  ams.image   image.generate
+                  ams.voice   voice.generate
+    exchange  ams.unrouted  (fanout, durable)  the alternate exchange of ams.jobs, set by the broker policy
+              UNROUTED_POLICY (a policy, not an exchange argument: publishers such as MinIO declare ams.jobs
+              themselves with no arguments, which an exchange declared with one would refuse)
+    queue     ams.unrouted  (durable)  consumed by every processor, which dead-letters each message with the reason
+              (unknown_type, naming the known types)
     exchange  ams.dead   (fanout, durable)    dead letters
     queue     ams.dead   (durable)            what an operator inspects and replays
     exchange  ams.retry  (headers, durable)   delayed retries of transient failures
     queue     ams.retry.<delay>  (durable, message TTL = delay, dead-letters back to ams.jobs with the
-              message's own routing key), bound by header x-ams-retry-delay
+              message's own routing key, so a retry lands in its capability's queue), bound by header
+              x-ams-retry-delay
 Replies to waiting API requests go through the default exchange to each API process's own
 exclusive reply queue, matched by correlation id.
+
+Policies cannot be set over AMQP: scripts/local-rabbitmq.sh, the compose definitions (infra/rabbitmq/) and the test
+harness set it; on another broker, set it once (README, Queues and scale-out). Without it a message with an
+unknown routing key is dropped by the broker.
+
+Earlier versions had one queue, ams.jobs, bound with '#'. The first process to declare this topology unbinds that
+queue, moves whatever waits in it to the capability queues (each copy confirmed before the original is acked) and
+deletes it once empty.
 """
 
 from __future__ import annotations
@@ -23,6 +41,7 @@ import aio_pika
 import structlog
 from aio_pika.abc import (
     AbstractChannel,
+    AbstractConnection,
     AbstractExchange,
     AbstractIncomingMessage,
     AbstractQueue,
@@ -34,10 +53,22 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, w
 log = structlog.get_logger(__name__)
 
 JOBS_EXCHANGE = "ams.jobs"
-JOBS_QUEUE = "ams.jobs"
+LEGACY_JOBS_QUEUE = "ams.jobs"
 DEAD_EXCHANGE = "ams.dead"
 DEAD_QUEUE = "ams.dead"
+UNROUTED_EXCHANGE = "ams.unrouted"
+UNROUTED_QUEUE = "ams.unrouted"
 RETRY_EXCHANGE = "ams.retry"
+# the broker policy that makes ams.unrouted the alternate exchange of ams.jobs (rabbitmqctl set_policy arguments)
+UNROUTED_POLICY = ("ams-unrouted", "^ams\\.jobs$", '{"alternate-exchange": "ams.unrouted"}')
+# capability -> (queue, the routing keys = job types it receives); a test checks every job type of the contract
+# is routed to exactly one capability
+CAPABILITY_QUEUES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "index": ("ams.index", ("image.index", "image.delete", "bucket.event", "image.embed")),
+    "image": ("ams.image", ("image.generate",)),
+    "voice": ("ams.voice", ("voice.generate",)),
+}
+CAPABILITIES = tuple(CAPABILITY_QUEUES)
 RETRY_DELAY_HEADER = "x-ams-retry-delay"
 # what the processor records on a message it retries or dead-letters (read back by the operator CLI)
 ATTEMPTS_HEADER = "x-ams-attempts"
@@ -71,43 +102,111 @@ def redact(url: str) -> str:
     return urlunparse(parsed._replace(netloc=netloc))
 
 
+def capability_of(routing_key: str) -> str | None:
+    """The capability whose queue receives messages with this routing key (None: no queue is bound to it)."""
+    return next((name for name, (_, keys) in CAPABILITY_QUEUES.items() if routing_key in keys), None)
+
+
+def queue_of(capability: str) -> str:
+    return CAPABILITY_QUEUES[capability][0]
+
+
 @dataclass(frozen=True, slots=True)
 class Topology:
     jobs_exchange: AbstractExchange
-    jobs_queue: AbstractQueue
+    queues: dict[str, AbstractQueue]  # capability -> its queue
+    unrouted_queue: AbstractQueue
     dead_exchange: AbstractExchange
     dead_queue: AbstractQueue
     retry_exchange: AbstractExchange
 
 
-async def declare_topology(channel: AbstractChannel) -> Topology:
-    """Declare every exchange and queue; safe to call any number of times from any process."""
-    jobs_exchange = await channel.declare_exchange(JOBS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
-    dead_exchange = await channel.declare_exchange(DEAD_EXCHANGE, aio_pika.ExchangeType.FANOUT, durable=True)
-    jobs_queue = await channel.declare_queue(
-        JOBS_QUEUE,
-        durable=True,
-        arguments={"x-max-priority": MAX_PRIORITY, "x-dead-letter-exchange": DEAD_EXCHANGE},
+async def declare_topology(connection: AbstractConnection) -> None:
+    """Declare every exchange and queue, and move messages out of the single queue of earlier versions; safe to
+    call any number of times from any process."""
+    try:
+        async with connection.channel() as channel:
+            dead_exchange = await channel.declare_exchange(DEAD_EXCHANGE, aio_pika.ExchangeType.FANOUT, durable=True)
+            dead_queue = await channel.declare_queue(DEAD_QUEUE, durable=True)
+            await dead_queue.bind(dead_exchange, routing_key="")
+            unrouted_exchange = await channel.declare_exchange(
+                UNROUTED_EXCHANGE, aio_pika.ExchangeType.FANOUT, durable=True
+            )
+            unrouted_queue = await channel.declare_queue(
+                UNROUTED_QUEUE, durable=True, arguments={"x-dead-letter-exchange": DEAD_EXCHANGE}
+            )
+            await unrouted_queue.bind(unrouted_exchange, routing_key="")
+        async with connection.channel() as channel:
+            await channel.declare_exchange(JOBS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
+            for name, routing_keys in CAPABILITY_QUEUES.values():
+                queue = await channel.declare_queue(
+                    name,
+                    durable=True,
+                    arguments={"x-max-priority": MAX_PRIORITY, "x-dead-letter-exchange": DEAD_EXCHANGE},
+                )
+                for routing_key in routing_keys:
+                    await queue.bind(JOBS_EXCHANGE, routing_key=routing_key)
+            retry_exchange = await channel.declare_exchange(RETRY_EXCHANGE, aio_pika.ExchangeType.HEADERS, durable=True)
+            for delay in RETRY_DELAYS_SECONDS:
+                retry_queue = await channel.declare_queue(
+                    retry_queue_name(delay),
+                    durable=True,
+                    arguments={"x-message-ttl": delay * 1000, "x-dead-letter-exchange": JOBS_EXCHANGE},
+                )
+                await retry_queue.bind(retry_exchange, arguments={"x-match": "all", RETRY_DELAY_HEADER: str(delay)})
+        await _move_legacy_queue(connection)
+    except (aio_pika.exceptions.AMQPError, ConnectionError, OSError) as exc:
+        raise BrokerUnavailableError(f"could not declare the topology: {exc}") from exc
+
+
+async def topology_on(channel: AbstractChannel) -> Topology:
+    """The declared topology's exchanges and queues as objects of this channel (nothing is declared)."""
+    return Topology(
+        jobs_exchange=await channel.get_exchange(JOBS_EXCHANGE, ensure=False),
+        queues={
+            capability: await channel.get_queue(name, ensure=False)
+            for capability, (name, _) in CAPABILITY_QUEUES.items()
+        },
+        unrouted_queue=await channel.get_queue(UNROUTED_QUEUE, ensure=False),
+        dead_exchange=await channel.get_exchange(DEAD_EXCHANGE, ensure=False),
+        dead_queue=await channel.get_queue(DEAD_QUEUE, ensure=False),
+        retry_exchange=await channel.get_exchange(RETRY_EXCHANGE, ensure=False),
     )
-    await jobs_queue.bind(jobs_exchange, routing_key="#")
-    dead_queue = await channel.declare_queue(DEAD_QUEUE, durable=True)
-    await dead_queue.bind(dead_exchange, routing_key="")
-    retry_exchange = await channel.declare_exchange(RETRY_EXCHANGE, aio_pika.ExchangeType.HEADERS, durable=True)
-    for delay in RETRY_DELAYS_SECONDS:
-        retry_queue = await channel.declare_queue(
-            retry_queue_name(delay),
-            durable=True,
-            arguments={
-                "x-message-ttl": delay * 1000,
-                "x-dead-letter-exchange": JOBS_EXCHANGE,
-            },
-        )
-        await retry_queue.bind(retry_exchange, arguments={"x-match": "all", RETRY_DELAY_HEADER: str(delay)})
-    return Topology(jobs_exchange, jobs_queue, dead_exchange, dead_queue, retry_exchange)
+
+
+async def _move_legacy_queue(connection: AbstractConnection) -> None:
+    """Unbind the single queue of earlier versions, move what waits in it to the capability queues (each copy
+    confirmed before its original is acked), and delete it once it is empty and nobody consumes it."""
+    channel = await connection.channel(publisher_confirms=True)
+    try:
+        try:
+            legacy = await channel.declare_queue(LEGACY_JOBS_QUEUE, passive=True)
+        except aio_pika.exceptions.ChannelNotFoundEntity:
+            return
+        await legacy.unbind(JOBS_EXCHANGE, routing_key="#")
+        exchange = await channel.get_exchange(JOBS_EXCHANGE, ensure=False)
+        moved = 0
+        while (message := await legacy.get(no_ack=False, fail=False)) is not None:
+            await exchange.publish(_copy(message, {}), routing_key=message.routing_key or message.type or "")
+            await message.ack()
+            moved += 1
+        log.warning("legacy_queue_moved", queue=LEGACY_JOBS_QUEUE, messages=moved)
+        try:
+            await legacy.delete(if_unused=True, if_empty=True)
+        except aio_pika.exceptions.ChannelPreconditionFailed:
+            log.warning("legacy_queue_kept", queue=LEGACY_JOBS_QUEUE, reason="still consumed or not empty")
+    finally:
+        if not channel.is_closed:
+            await channel.close()
 
 
 def all_queue_names() -> list[str]:
-    return [JOBS_QUEUE, DEAD_QUEUE, *(retry_queue_name(delay) for delay in RETRY_DELAYS_SECONDS)]
+    return [
+        *(name for name, _ in CAPABILITY_QUEUES.values()),
+        UNROUTED_QUEUE,
+        DEAD_QUEUE,
+        *(retry_queue_name(delay) for delay in RETRY_DELAYS_SECONDS),
+    ]
 
 
 async def queue_depths(connection: AbstractRobustConnection) -> dict[str, tuple[int, int]]:
@@ -161,9 +260,9 @@ class Publisher:
 
     @classmethod
     async def open(cls, connection: AbstractRobustConnection) -> Publisher:
+        await declare_topology(connection)
         channel = await connection.channel(publisher_confirms=True)
-        topology = await declare_topology(channel)
-        return cls(connection, channel, topology)
+        return cls(connection, channel, await topology_on(channel))
 
     @property
     def is_connected(self) -> bool:
@@ -212,20 +311,7 @@ class Publisher:
         the original routing key, so a retried or replayed message is the same job. `message_id` and
         `message_type` fill in what a notification arrived without (the id and type it was processed under).
         """
-        copy = aio_pika.Message(
-            body=message.body,
-            content_type=message.content_type,
-            content_encoding=message.content_encoding,
-            delivery_mode=DeliveryMode.PERSISTENT,
-            message_id=message.message_id or message_id,
-            type=message.type or message_type,
-            priority=message.priority,
-            reply_to=message.reply_to,
-            correlation_id=message.correlation_id,
-            timestamp=message.timestamp,
-            app_id=message.app_id,
-            headers={**(message.headers or {}), **headers},
-        )
+        copy = _copy(message, headers, message_id=message_id, message_type=message_type)
         exchange = self.topology.dead_exchange if to_dead_letters else self.topology.retry_exchange
         routing_key = message.routing_key or message.type or ""
         try:
@@ -245,3 +331,27 @@ class Publisher:
             await self.channel.default_exchange.publish(message, routing_key=reply_to)
         except (aio_pika.exceptions.AMQPError, ConnectionError, OSError) as exc:
             log.warning("reply_failed", reply_to=reply_to, correlation_id=correlation_id, error=str(exc))
+
+
+def _copy(
+    message: AbstractIncomingMessage,
+    headers: Mapping[str, Any],
+    *,
+    message_id: str | None = None,
+    message_type: str | None = None,
+) -> aio_pika.Message:
+    """A persistent copy of a received message with every property kept and `headers` added."""
+    return aio_pika.Message(
+        body=message.body,
+        content_type=message.content_type,
+        content_encoding=message.content_encoding,
+        delivery_mode=DeliveryMode.PERSISTENT,
+        message_id=message.message_id or message_id,
+        type=message.type or message_type,
+        priority=message.priority,
+        reply_to=message.reply_to,
+        correlation_id=message.correlation_id,
+        timestamp=message.timestamp,
+        app_id=message.app_id,
+        headers={**(message.headers or {}), **headers},
+    )

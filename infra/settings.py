@@ -6,6 +6,7 @@ A bad value raises SettingsError with one line that names the variable and says 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -91,12 +92,19 @@ class Settings:
     # upstream messages and bucket events
     watch_prefixes: tuple[str, ...]
     processor_metrics_port: int
+    processor_capabilities: tuple[str, ...]
     # HTTP server and jobs
     host: str
     port: int
     sync_timeout_seconds: float
     log_level: str
     log_format: LogFormat
+
+    def capability_enabled(self, capability: str) -> bool:
+        """Whether the feature behind a processor capability (CAPABILITY_FLAGS) is switched on."""
+        return {"index": self.image_search_enabled, "image": self.image_enabled, "voice": self.voice_enabled}[
+            capability
+        ]
 
     @property
     def embedded_qdrant(self) -> bool:
@@ -186,6 +194,29 @@ def _prefixes(env: _Reader, name: str, default: str) -> tuple[str, ...]:
     return items
 
 
+# capability (a queue of its own, see infra/broker.py) -> the feature flag that enables it
+CAPABILITY_FLAGS = {"index": "IMAGE_SEARCH_ENABLED", "image": "IMAGE_ENABLED", "voice": "VOICE_ENABLED"}
+
+
+def _capabilities(env: _Reader, settings: Settings) -> tuple[str, ...]:
+    """PROCESSOR_CAPABILITIES: the queues a processor consumes; default, every capability whose feature is on."""
+    value = env.raw("PROCESSOR_CAPABILITIES", "")
+    if not value.strip():
+        return tuple(name for name in CAPABILITY_FLAGS if settings.capability_enabled(name))
+    items = tuple(dict.fromkeys(item.strip().lower() for item in value.split(",") if item.strip()))
+    unknown = [item for item in items if item not in CAPABILITY_FLAGS]
+    if unknown:
+        raise SettingsError(
+            f"PROCESSOR_CAPABILITIES={value!r}: unknown {', '.join(unknown)}; use a comma-separated subset of "
+            f"{', '.join(CAPABILITY_FLAGS)}"
+        )
+    off = [item for item in items if not settings.capability_enabled(item)]
+    if off:
+        flags = ", ".join(f"{CAPABILITY_FLAGS[item]}=0" for item in off)
+        raise SettingsError(f"PROCESSOR_CAPABILITIES={value!r} lists {', '.join(off)}, but {flags}")
+    return items
+
+
 def _side(env: _Reader, name: str, default: int) -> int:
     value = env.integer(name, default, 64, 2048)
     if value % 16:
@@ -249,6 +280,7 @@ def _parse(env: _Reader) -> Settings:
         voice_mp3_bitrate_kbps=int(env.choice("VOICE_MP3_BITRATE_KBPS", "128", ("64", "96", "128", "160"))),
         watch_prefixes=_prefixes(env, "WATCH_PREFIXES", "images/incoming/"),
         processor_metrics_port=env.integer("PROCESSOR_METRICS_PORT", 9101, 0, 65535),
+        processor_capabilities=(),
         host=env.raw("HOST", "0.0.0.0"),
         port=env.integer("PORT", 8000, 1, 65535),
         sync_timeout_seconds=env.number("SYNC_TIMEOUT_SECONDS", 120.0, 0.1),
@@ -256,6 +288,7 @@ def _parse(env: _Reader) -> Settings:
         log_format=env.choice("LOG_FORMAT", "json", ("json", "console")),  # type: ignore[arg-type]
     )
     _check_r2(settings)
+    settings = dataclasses.replace(settings, processor_capabilities=_capabilities(env, settings))
     if settings.voice_min_ref_seconds >= settings.voice_max_ref_seconds:
         raise SettingsError(
             f"VOICE_MIN_REF_SECONDS={settings.voice_min_ref_seconds:g} must be below "

@@ -1,4 +1,8 @@
-"""The CLIP embedder (open_clip): image and text towers, L2-normalised float32 vectors."""
+"""The CLIP embedder (open_clip): image and text towers, L2-normalised float32 vectors.
+
+A process that only embeds queries (the API) loads the text tower alone: the image tower is dropped right after
+loading, so it holds a fraction of the memory.
+"""
 
 from __future__ import annotations
 
@@ -48,17 +52,21 @@ def clip_spec(settings: Settings) -> ClipSpec:
 class ClipEmbedder:
     """Loaded once; thread-safe; call the embed methods from a worker thread, not the event loop."""
 
-    def __init__(self, model: Any, preprocess: Any, tokenizer: Any, model_id: str, device: torch.device) -> None:
+    def __init__(
+        self, model: Any, preprocess: Any, tokenizer: Any, model_id: str, device: torch.device, *, image_tower: bool
+    ) -> None:
         self._model = model
         self._preprocess = preprocess
         self._tokenizer = tokenizer
         self._device = device
         self._lock = threading.Lock()
+        self.image_tower = image_tower
         self.model_id = model_id
         self.dim = int(self.embed_texts(["dimension probe"]).shape[1])
 
     @classmethod
-    def load(cls, settings: Settings) -> ClipEmbedder:
+    def load(cls, settings: Settings, *, image_tower: bool = True) -> ClipEmbedder:
+        """Load the model; with image_tower=False only the text tower stays in memory (embed_images refuses)."""
         spec = clip_spec(settings)
         device = pick_device(settings.torch_device)
         local = spec.model_name.startswith("local-dir:") or bool(
@@ -78,12 +86,16 @@ class ClipEmbedder:
                 ) from exc
             raise ModelLoadError(f"cannot load CLIP model {spec.model_id!r}: {exc}") from exc
         model.eval()
-        embedder = cls(model, preprocess, tokenizer, spec.model_id, device)
-        log.info("clip_loaded", model=spec.model_id, dim=embedder.dim, device=str(device))
+        if not image_tower:
+            model.visual = None
+        embedder = cls(model, preprocess, tokenizer, spec.model_id, device, image_tower=image_tower)
+        log.info("clip_loaded", model=spec.model_id, dim=embedder.dim, device=str(device), image_tower=image_tower)
         return embedder
 
     def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
         """One batched forward pass of the image tower; one row per image."""
+        if not self.image_tower:
+            raise RuntimeError("this CLIP embedder holds the text tower only (loaded with image_tower=False)")
         batch = torch.stack([self._preprocess(image) for image in images]).to(self._device)
         with self._lock, torch.inference_mode():
             features = self._model.encode_image(batch)

@@ -1,4 +1,5 @@
-"""`python -m processor` / `ams-processor`: run the consumer alone (two-process mode).
+"""`python -m processor` / `ams-processor`: a processor alone, consuming the queues of its capabilities
+(PROCESSOR_CAPABILITIES). With PROCESSOR_METRICS_PORT set it serves /healthz, /readyz and /metrics there.
 
 Settings are checked before the model libraries are imported, so a bad value fails in a moment.
 """
@@ -17,37 +18,31 @@ from infra.settings import Settings, SettingsError
 async def run(settings: Settings) -> None:
     import structlog
 
-    from processor.runtime import Runtime
-    from processor.service import build_consumer
+    from infra.http_server import serve_until_signal
+    from infra.startup import StartupError
+    from processor.health import create_health_app
+    from processor.service import ProcessorService
 
     log = structlog.get_logger("processor")
-    if settings.processor_metrics_port:
-        from prometheus_client import start_http_server
-
-        from contract.metrics import REGISTRY
-        from processor.runtime import StartupError
-
-        try:
-            start_http_server(settings.processor_metrics_port, addr=settings.host, registry=REGISTRY)
-        except OSError as exc:
-            raise StartupError(
-                f"cannot serve metrics on {settings.host}:{settings.processor_metrics_port} "
-                f"(PROCESSOR_METRICS_PORT; 0 turns it off): {exc}"
-            ) from exc
-        log.info("metrics_served", port=settings.processor_metrics_port, path="/metrics")
-    runtime = await Runtime.open(settings)
-    consumer = build_consumer(runtime)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    if not settings.processor_capabilities:
+        raise StartupError(
+            "this processor has nothing to do: every feature is off (IMAGE_SEARCH_ENABLED, IMAGE_ENABLED, "
+            "VOICE_ENABLED) or PROCESSOR_CAPABILITIES lists none"
+        )
+    service = await ProcessorService.start(settings)
     try:
-        await consumer.start()
-        await stop.wait()
+        if settings.processor_metrics_port:
+            log.info("health_served", port=settings.processor_metrics_port, paths=["/healthz", "/readyz", "/metrics"])
+            await serve_until_signal(create_health_app(service), settings.host, settings.processor_metrics_port)
+        else:
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
+            await stop.wait()
         log.info("shutdown_requested")
-        await consumer.stop()
     finally:
-        await runtime.close()
+        await service.stop()
 
 
 def main() -> None:
@@ -57,8 +52,8 @@ def main() -> None:
     except SettingsError as exc:
         sys.exit(f"configuration error: {exc}")
     configure_logging(settings.log_level, settings.log_format)
+    from infra.startup import StartupError
     from models.errors import ModelLoadError
-    from processor.runtime import StartupError
 
     try:
         asyncio.run(run(settings))

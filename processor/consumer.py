@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 
 import aio_pika
 import structlog
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
 
 from contract import metrics
 from contract.bucket_events import BUCKET_EVENT, event_message_id, parse_bucket_event
@@ -42,6 +42,7 @@ from infra.broker import (
     Publisher,
     declare_topology,
     retry_delay,
+    topology_on,
 )
 from processor.handlers.base import Handler, Job
 from processor.outcomes import Failed, Outcome, Succeeded
@@ -84,8 +85,10 @@ class Consumer:
         disabled: Mapping[str, str],
         max_attempts: int,
         jobs: JobStore,
+        capabilities: Sequence[str],
     ) -> None:
         self._connection = connection
+        self.capabilities = tuple(capabilities)
         self._publisher = publisher
         self._handlers = dict(handlers)
         self._disabled = dict(disabled)
@@ -96,7 +99,7 @@ class Consumer:
         self._sequence = itertools.count()
         self._wakeup = asyncio.Event()
         self._channel: AbstractChannel | None = None
-        self._consumer_tag: str | None = None
+        self._consumers: list[tuple[AbstractQueue, str]] = []
         self._worker: asyncio.Task[None] | None = None
         self._idle = asyncio.Event()
         self._idle.set()
@@ -106,19 +109,26 @@ class Consumer:
         return max([handler.batch_size for handler in self._handlers.values()] + [1]) * 2
 
     async def start(self) -> None:
+        await declare_topology(self._connection)
         self._channel = await self._connection.channel()
         await self._channel.set_qos(prefetch_count=self.prefetch)
-        topology = await declare_topology(self._channel)
-        self._queue = topology.jobs_queue
-        self._consumer_tag = await self._queue.consume(self._on_message)
+        topology = await topology_on(self._channel)
+        for queue in [*(topology.queues[capability] for capability in self.capabilities), topology.unrouted_queue]:
+            self._consumers.append((queue, await queue.consume(self._on_message)))
         self._worker = asyncio.create_task(self._work(), name="processor-worker")
-        log.info("consumer_started", queue=self._queue.name, prefetch=self.prefetch, types=sorted(self._handlers))
+        log.info(
+            "consumer_started",
+            queues=[queue.name for queue, _ in self._consumers],
+            prefetch=self.prefetch,
+            types=sorted(self._handlers),
+        )
 
     async def stop(self) -> None:
         """Stop taking messages, let the current batch finish, and return the rest to the queue."""
-        if self._consumer_tag is not None and self._channel is not None and not self._channel.is_closed:
-            await self._queue.cancel(self._consumer_tag)
-            self._consumer_tag = None
+        if self._channel is not None and not self._channel.is_closed:
+            for queue, tag in self._consumers:
+                await queue.cancel(tag)
+        self._consumers.clear()
         if self._worker is not None:
             await self._idle.wait()
             self._worker.cancel()

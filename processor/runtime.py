@@ -1,29 +1,24 @@
-"""Everything a process opens once at start-up and shares: storage, broker, vectors, models.
+"""What a processor opens once at start-up: the plumbing (object store, broker), and for each capability it
+serves, its models and stores: `index` the CLIP model (both towers) and the image index, `image` the image
+generator, `voice` the voice cloner.
 
-In the default single-process mode the API and the processor share one Runtime (the embedded index has one
-owning process); in two-process mode each process opens its own.
+Run alone (`python -m processor`) it opens its own plumbing; the one-process launcher hands it the plumbing it
+shares with the API.
 """
 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import structlog
-from aio_pika.abc import AbstractRobustConnection
 
 from contract.imaging import configure_pixel_limit
-from infra import broker
+from infra.readiness import Checks, loaded, probe
 from infra.settings import Settings
-from infra.storage import ObjectStore, StorageError, open_store
-from infra.vectors import (
-    EmbeddingModelMismatchError,
-    IndexInUseError,
-    VectorIndex,
-    VectorIndexUnavailableError,
-    open_index,
-)
-from infra.vectors.backup import BackupSchedule, IndexBackupError, automatic_backups
+from infra.startup import OpenedIndex, Plumbing, open_image_index
+from infra.storage import ObjectStore
+from infra.vectors import VectorIndex
 from models.clip import ClipEmbedder
 from models.diffusion import ImageGenerator
 from models.voice import VoiceCloner
@@ -31,88 +26,75 @@ from models.voice import VoiceCloner
 log = structlog.get_logger(__name__)
 
 
-class StartupError(RuntimeError):
-    """A dependency is missing or misconfigured; the message says which and how to fix it."""
-
-
 @dataclass(slots=True)
 class Runtime:
     settings: Settings
-    store: ObjectStore
-    connection: AbstractRobustConnection
-    publisher: broker.Publisher
-    index: VectorIndex | None
-    clip: ClipEmbedder | None
+    plumbing: Plumbing
+    capabilities: tuple[str, ...]
+    opened_index: OpenedIndex | None = None
+    clip: ClipEmbedder | None = None
     generator: ImageGenerator | None = None
     voice: VoiceCloner | None = None
-    backups: BackupSchedule | None = None
+    owns_plumbing: bool = field(default=True)
+
+    @property
+    def store(self) -> ObjectStore:
+        return self.plumbing.store
+
+    @property
+    def index(self) -> VectorIndex | None:
+        """The image index, when this processor indexes."""
+        return self.opened_index.index if self.opened_index is not None else None
 
     @property
     def bucket(self) -> str:
-        return self.settings.r2_bucket_name if self.settings.r2_enabled else "local"
+        return self.plumbing.bucket
 
     @classmethod
-    async def open(cls, settings: Settings, *, processor: bool = True) -> Runtime:
-        """Open what this process needs; `processor` says whether it runs the consumer (and so the generation
-        models), or only the API (which needs CLIP for queries, but no generator)."""
+    async def open(
+        cls, settings: Settings, *, plumbing: Plumbing | None = None, capabilities: tuple[str, ...] | None = None
+    ) -> Runtime:
+        """Open the plumbing (unless given) and load what each capability needs (default: the settings'
+        PROCESSOR_CAPABILITIES)."""
         configure_pixel_limit(settings.image_search_max_pixels)
-        store = await open_store(settings)
+        chosen = settings.processor_capabilities if capabilities is None else capabilities
+        own = plumbing is None
+        runtime = cls(settings, plumbing or await Plumbing.open(settings), chosen, owns_plumbing=own)
         try:
-            await store.ping()
-        except StorageError as exc:
-            await store.close()
-            raise StartupError(f"object store not usable: {exc}") from exc
-        try:
-            connection = await broker.connect(settings.amqp_url, settings.amqp_connect_timeout_seconds)
-        except broker.BrokerUnavailableError as exc:
-            await store.close()
-            raise StartupError(str(exc)) from exc
-        publisher = await broker.Publisher.open(connection)
-        runtime = cls(settings, store, connection, publisher, None, None)
-        try:
-            if settings.image_search_enabled:
+            if "index" in chosen:
                 runtime.clip = await asyncio.to_thread(ClipEmbedder.load, settings)
-                runtime.index = await open_index(settings)
-                backups = automatic_backups(settings, runtime.index, store, runtime.clip.model_id)
-                if backups is not None and runtime.index.fresh:
-                    await backups.restore()
-                await runtime.index.ensure_collection(runtime.clip.model_id, runtime.clip.dim)
-                if backups is not None:
-                    runtime.backups = BackupSchedule(backups, settings.image_search_db_backup_interval_seconds)
-                    runtime.backups.start()
-            if settings.image_enabled and processor:
+                runtime.opened_index = await open_image_index(
+                    settings, runtime.store, runtime.clip.model_id, runtime.clip.dim
+                )
+            if "image" in chosen:
                 runtime.generator = await asyncio.to_thread(ImageGenerator.load, settings)
-            if settings.voice_enabled and processor:
+            if "voice" in chosen:
                 runtime.voice = await asyncio.to_thread(VoiceCloner.load, settings)
-        except (EmbeddingModelMismatchError, IndexInUseError) as exc:
-            await runtime.close()
-            raise StartupError(str(exc)) from exc
-        except IndexBackupError as exc:
-            await runtime.close()
-            raise StartupError(
-                f"{exc} (or set IMAGE_SEARCH_DB_BACKUP_ENABLED=0 to start without restoring a backup)"
-            ) from exc
-        except VectorIndexUnavailableError as exc:
-            await runtime.close()
-            where = f"QDRANT_URL={settings.qdrant_url}" if settings.qdrant_url else "embedded index"
-            raise StartupError(f"{exc} ({where})") from exc
         except BaseException:
             await runtime.close()
             raise
         log.info(
-            "runtime_ready",
-            storage=store.name,
-            qdrant=settings.qdrant_url or f"embedded:{settings.image_search_db_path}",
-            image_search=settings.image_search_enabled,
-            image_generation=runtime.generator is not None,
-            voice=runtime.voice is not None,
+            "processor_runtime_ready",
+            capabilities=list(chosen),
+            storage=runtime.store.name,
+            qdrant=(settings.qdrant_url or f"embedded:{settings.image_search_db_path}") if "index" in chosen else None,
         )
         return runtime
 
+    async def readiness(self) -> Checks:
+        """What this processor owns: its models, and (when it indexes) the image index."""
+        checks: Checks = {}
+        if "index" in self.capabilities:
+            checks["clip_model"] = loaded(self.clip)
+            checks["qdrant"] = await probe(self.index.ping()) if self.index is not None else "not opened"
+        if "image" in self.capabilities:
+            checks["image_model"] = loaded(self.generator)
+        if "voice" in self.capabilities:
+            checks["voice_model"] = loaded(self.voice)
+        return checks
+
     async def close(self) -> None:
-        if self.backups is not None:
-            await self.backups.stop()
-        if self.index is not None:
-            await self.index.close()
-        await self.connection.close()
-        await self.store.close()
+        if self.opened_index is not None:
+            await self.opened_index.close()
+        if self.owns_plumbing:
+            await self.plumbing.close()

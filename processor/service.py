@@ -1,23 +1,40 @@
-"""The processor as a service: its handlers wired to the shared runtime, behind one consumer."""
+"""The processor as a service: the handlers of the capabilities it serves, wired to its runtime, behind one consumer."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from contract.bucket_events import BUCKET_EVENT
 from contract.clock import UniqueClock
 from contract.jobs import JobStore
-from contract.messages import IMAGE_DELETE, IMAGE_GENERATE, IMAGE_INDEX, VOICE_GENERATE
+from contract.messages import IMAGE_DELETE, IMAGE_EMBED, IMAGE_GENERATE, IMAGE_INDEX, VOICE_GENERATE
+from infra.readiness import Checks
+from infra.settings import CAPABILITY_FLAGS, Settings
+from infra.startup import Plumbing
 from processor.consumer import Consumer
 from processor.handlers.base import Handler
 from processor.handlers.bucket_event import BucketEventHandler
 from processor.handlers.image_delete import ImageDeleteHandler, ImageDeleter
+from processor.handlers.image_embed import ImageEmbedHandler
 from processor.handlers.image_generate import ImageGenerateHandler
 from processor.handlers.image_index import ImageIndexHandler
 from processor.handlers.voice_generate import VoiceGenerateHandler
 from processor.runtime import Runtime
 
+_FEATURES = {"index": "image search", "image": "image generation", "voice": "voice generation"}
+
+
+def _refusal(runtime: Runtime, capability: str) -> str:
+    """Why a job of this capability is refused here."""
+    if not runtime.settings.capability_enabled(capability):
+        return f"{_FEATURES[capability]} is disabled on this processor ({CAPABILITY_FLAGS[capability]}=0)"
+    served = ",".join(runtime.capabilities) or "none"
+    return f"this processor does not serve the {capability} capability (PROCESSOR_CAPABILITIES={served})"
+
 
 def build_handlers(runtime: Runtime) -> tuple[dict[str, Handler], dict[str, str]]:
-    """Handlers for the enabled features, and for each disabled job type the reason it is refused."""
+    """Handlers for the capabilities this processor serves, and for each other job type the reason it is refused
+    (such messages reach it only by mistake: each capability has a queue of its own)."""
     settings = runtime.settings
     handlers: dict[str, Handler] = {}
     disabled: dict[str, str] = {}
@@ -35,6 +52,11 @@ def build_handlers(runtime: Runtime) -> tuple[dict[str, Handler], dict[str, str]
         deleter = ImageDeleter(store=runtime.store, index=runtime.index, bucket=runtime.bucket)
         handlers[IMAGE_INDEX] = indexer
         handlers[IMAGE_DELETE] = ImageDeleteHandler(deleter)
+        handlers[IMAGE_EMBED] = ImageEmbedHandler(
+            embedder=runtime.clip,
+            batch_size=settings.image_search_batch_size,
+            max_pixels=settings.image_search_max_pixels,
+        )
         handlers[BUCKET_EVENT] = BucketEventHandler(
             indexer=indexer,
             deleter=deleter,
@@ -43,28 +65,59 @@ def build_handlers(runtime: Runtime) -> tuple[dict[str, Handler], dict[str, str]
             max_bytes=settings.image_search_max_bytes,
         )
     else:
-        for message_type in (IMAGE_INDEX, IMAGE_DELETE, BUCKET_EVENT):
-            disabled[message_type] = "image search is disabled on this processor (IMAGE_SEARCH_ENABLED=0)"
+        for message_type in (IMAGE_INDEX, IMAGE_DELETE, BUCKET_EVENT, IMAGE_EMBED):
+            disabled[message_type] = _refusal(runtime, "index")
     if runtime.generator is not None:
         handlers[IMAGE_GENERATE] = ImageGenerateHandler(
             store=runtime.store, generator=runtime.generator, settings=settings
         )
     else:
-        disabled[IMAGE_GENERATE] = "image generation is disabled on this processor (IMAGE_ENABLED=0)"
+        disabled[IMAGE_GENERATE] = _refusal(runtime, "image")
     if runtime.voice is not None:
         handlers[VOICE_GENERATE] = VoiceGenerateHandler(store=runtime.store, cloner=runtime.voice, settings=settings)
     else:
-        disabled[VOICE_GENERATE] = "voice generation is disabled on this processor (VOICE_ENABLED=0)"
+        disabled[VOICE_GENERATE] = _refusal(runtime, "voice")
     return handlers, disabled
 
 
 def build_consumer(runtime: Runtime) -> Consumer:
     handlers, disabled = build_handlers(runtime)
     return Consumer(
-        runtime.connection,
-        runtime.publisher,
+        runtime.plumbing.connection,
+        runtime.plumbing.publisher,
         handlers,
         disabled,
         max_attempts=runtime.settings.max_attempts,
         jobs=JobStore(runtime.store),
+        capabilities=runtime.capabilities,
     )
+
+
+@dataclass(slots=True)
+class ProcessorService:
+    """A running processor: its runtime and its consumer."""
+
+    runtime: Runtime
+    consumer: Consumer
+
+    @classmethod
+    async def start(cls, settings: Settings, *, plumbing: Plumbing | None = None) -> ProcessorService:
+        runtime = await Runtime.open(settings, plumbing=plumbing)
+        consumer = build_consumer(runtime)
+        try:
+            await consumer.start()
+        except BaseException:
+            await runtime.close()
+            raise
+        return cls(runtime, consumer)
+
+    async def readiness(self) -> Checks:
+        """What the processor owns: its consumer, its models and (when it indexes) the image index."""
+        return {"processor": "ok" if self.consumer.is_running else "stopped", **await self.runtime.readiness()}
+
+    async def stop(self) -> None:
+        """Finish the batch in hand, hand the rest back to the broker, close."""
+        try:
+            await self.consumer.stop()
+        finally:
+            await self.runtime.close()

@@ -24,7 +24,12 @@ case "${1:-start}" in
     [ -f "$base/enabled_plugins" ] || echo '[].' > "$base/enabled_plugins"
     setsid "$bin/rabbitmq-server" > "$base/server.log" 2>&1 < /dev/null &
     for _ in $(seq 1 90); do
-      if "$bin/rabbitmqctl" -q -n "$node" await_startup --timeout 5 >/dev/null 2>&1; then exit 0; fi
+      if "$bin/rabbitmqctl" -q -n "$node" await_startup --timeout 5 >/dev/null 2>&1; then
+        # a routing key no queue takes goes to ams.unrouted, where a processor dead-letters it (README)
+        "$bin/rabbitmqctl" -q -n "$node" set_policy --apply-to exchanges ams-unrouted '^ams\.jobs$' \
+          '{"alternate-exchange": "ams.unrouted"}' >/dev/null
+        exit 0
+      fi
       sleep 1
     done
     echo "RabbitMQ node $node did not start in 90 s; see $base/server.log" >&2

@@ -25,4 +25,4 @@ if [ "$stop_broker" = 1 ]; then
   trap 'scripts/local-rabbitmq.sh stop' EXIT
 fi
 
-.venv/bin/python -m api
+.venv/bin/python -m launcher

@@ -33,10 +33,10 @@ def stored_files(server) -> list[str]:
 @pytest.fixture
 async def nothing_written(server):
     before_files = stored_files(server)
-    before_count = await server.services.runtime.index.count()
+    before_count = await server.services.index.count()
     yield
     assert stored_files(server) == before_files
-    assert await server.services.runtime.index.count() == before_count
+    assert await server.services.index.count() == before_count
     assert list((server.services.settings.local_storage_dir / "tmp").iterdir()) == []
 
 

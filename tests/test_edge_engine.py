@@ -16,11 +16,12 @@ import numpy as np
 import pytest
 
 from infra.settings import Settings
+from infra.startup import StartupError
 from infra.vectors import EmbeddingModelMismatchError, ImageRecord, IndexInUseError
 from infra.vectors.edge.client import EdgeIndex
 from infra.vectors.edge.layout import EngineLayout
 from infra.vectors.server import QdrantServerIndex
-from processor.runtime import Runtime, StartupError
+from processor.runtime import Runtime
 from tests.support.amqp import wait_until
 
 DIM = 16

@@ -12,9 +12,6 @@ import pytest
 from PIL import Image
 
 from contract.messages import IMAGE_INDEX
-from infra.settings import Settings
-from processor.runtime import Runtime
-from processor.service import build_consumer
 from tests.support.amqp import publish, wait_until
 from tests.support.images import encoded
 from tests.support.server import running_server
@@ -198,7 +195,7 @@ async def test_sync_wait_past_the_timeout_answers_202_with_the_job(make_settings
 async def test_interactive_request_overtakes_a_queued_backlog(server):
     """With 200 index messages queued, a waiting generate request starts after at most the batch in flight
     (and the one the worker may already have taken), not after the backlog."""
-    index = server.services.runtime.index
+    index = server.services.index
     batch = server.services.settings.image_search_batch_size
     large = base64.b64encode(encoded(31337, "PNG", size=(1400, 1400))).decode()
     start_count = await index.count()
@@ -264,7 +261,7 @@ async def test_unknown_job_type_and_id(server):
 
 async def test_generation_disabled(make_settings):
     async with running_server(make_settings(IMAGE_ENABLED="0")) as server:
-        assert server.services.runtime.generator is None
+        assert server.processor is not None and server.processor.runtime.generator is None
         assert "image_model" not in (await server.client.get("/readyz")).json()["checks"]
         for path, body in [
             ("/v1/images/generate", {"prompt": "x"}),
@@ -285,28 +282,3 @@ async def test_r2_endpoint_without_r2(make_settings):
         works = await server.client.post("/v1/images/generate", json={"prompt": "x", "seed": 1})
         assert works.status_code == 200
         assert png_size(works.content) == (64, 64)
-
-
-async def test_processor_without_the_model_refuses_and_records_why(make_env):
-    """Two processes: the API accepts generation, the processor has IMAGE_ENABLED=0. The job fails with
-    feature_disabled (dead-lettered), its record says so, and a waiting client gets a 503."""
-    env = make_env(IMAGE_ENABLED="1")
-    api_settings = Settings.from_env(env)
-    processor_env = {**env, "IMAGE_ENABLED": "0", "IMAGE_SEARCH_DB_PATH": env["IMAGE_SEARCH_DB_PATH"] + "-processor"}
-    runtime = await Runtime.open(Settings.from_env(processor_env))
-    consumer = build_consumer(runtime)
-    await consumer.start()
-    try:
-        async with running_server(api_settings, with_processor=False) as server:
-            assert server.services.runtime.generator is None
-            waited = await server.client.post("/v1/images/generate", json={"prompt": "no model here"})
-            assert waited.status_code == 503
-            assert waited.json()["code"] == "feature_disabled"
-            queued = await server.client.post("/v1/jobs", json={"type": "image.generate", "params": {"prompt": "x"}})
-            statuses, job = await poll_statuses(server, queued.json()["status_url"])
-            assert statuses[-1] == "failed"
-            assert job["error"]["code"] == "feature_disabled"
-            assert "IMAGE_ENABLED=0" in job["error"]["message"]
-    finally:
-        await consumer.stop()
-        await runtime.close()

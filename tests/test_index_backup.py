@@ -21,10 +21,11 @@ from PIL import Image
 
 from contract.messages import IMAGE_INDEX
 from infra.settings import Settings
+from infra.startup import StartupError
 from infra.vectors.backup import IndexBackups
 from infra.vectors.edge.layout import EngineLayout
 from models.tiny_clip import TINY_CLIP_ID
-from processor.runtime import Runtime, StartupError
+from processor.runtime import Runtime
 from processor.service import build_consumer
 from tests.support.amqp import publish, wait_until
 from tests.support.images import encoded

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from contract.image_ids import image_id_for_key
-from contract.messages import IMAGE_DELETE, IMAGE_GENERATE, IMAGE_INDEX, VOICE_GENERATE
+from contract.messages import IMAGE_DELETE, IMAGE_EMBED, IMAGE_GENERATE, IMAGE_INDEX, VOICE_GENERATE
 from contract.schemas import schema_files, stale_files
 from tests.support.amqp import drain, publish, wait_until
 from tests.support.audio import speech_clip
@@ -30,7 +30,7 @@ def documented_examples() -> list[tuple[str, dict]]:
 def test_committed_schemas_match_the_structs():
     assert stale_files() == [], "run: python -m contract.schemas"
     assert set(schema_files()) == {
-        f"{kind}.v1.json" for kind in (IMAGE_INDEX, IMAGE_GENERATE, VOICE_GENERATE, IMAGE_DELETE)
+        f"{kind}.v1.json" for kind in (IMAGE_INDEX, IMAGE_GENERATE, VOICE_GENERATE, IMAGE_DELETE, IMAGE_EMBED)
     }
 
 
@@ -54,7 +54,7 @@ def put(s3, bucket: str, key: str, data: bytes, content_type: str = "image/png")
 
 def point_exists(server, image_id: str):
     async def check() -> bool:
-        return await server.services.runtime.index.get(image_id) is not None
+        return await server.services.index.get(image_id) is not None
 
     return check
 
@@ -76,7 +76,7 @@ async def job_finished(server, job_id: str) -> dict:
 
 async def test_each_documented_example_is_processed(server, s3):
     """Publish every example of docs/messages.md as it stands, with a plain aio-pika client."""
-    url, bucket, index = server.services.settings.amqp_url, server.bucket, server.services.runtime.index
+    url, bucket, index = server.services.settings.amqp_url, server.bucket, server.services.index
     jobs = [(kind, body) for kind, body in documented_examples() if kind != "bucket.event"]
     for kind, body in jobs:
         message_id = str(uuid.uuid4())
@@ -116,7 +116,7 @@ async def test_each_documented_example_is_processed(server, s3):
 
 
 async def _gone(server, image_id: str) -> bool:
-    return await server.services.runtime.index.get(image_id) is None
+    return await server.services.index.get(image_id) is None
 
 
 async def _dead_letters(server) -> list:
@@ -172,8 +172,8 @@ async def wait_for_idle(server) -> None:
         connection = await aio_pika.connect(rabbit_url)
         async with connection:
             channel = await connection.channel()
-            queue = await channel.declare_queue("ams.jobs", passive=True)
-            return queue.declaration_result.message_count == 0 and server.services.consumer._idle.is_set()
+            queue = await channel.declare_queue("ams.index", passive=True)
+            return queue.declaration_result.message_count == 0 and server.processor.consumer._idle.is_set()
 
     await wait_until(idle, timeout=30, interval=0.1)
 
@@ -186,7 +186,7 @@ async def test_bucket_events_index_in_place_and_remove(server, s3, event_format)
     created = r2_event("PutObject", key) if event_format == "r2" else s3_event("ObjectCreated:Put", key)
     removed = r2_event("DeleteObject", key, None) if event_format == "r2" else s3_event("s3:ObjectRemoved:Delete", key)
     image_id = image_id_for_key(server.bucket, key)
-    index = server.services.runtime.index
+    index = server.services.index
     before = await index.count()
     originals = set(s3.keys(server.bucket, "images/originals/"))
 
@@ -228,20 +228,20 @@ async def test_events_that_are_not_for_us_are_skipped(server, s3, event, put_fir
     if put_first:
         body = b"%PDF-1.7 a manual" if key.endswith(".pdf") else encoded(7, "PNG")
         put(s3, server.bucket, key, body)
-    before = await server.services.runtime.index.count()
+    before = await server.services.index.count()
     await publish_event(server, event)
     await wait_for_idle(server)
-    assert await server.services.runtime.index.count() == before
+    assert await server.services.index.count() == before
     assert await _dead_letters(server) == []
 
 
 async def test_events_for_another_bucket_are_skipped(server, s3):
     key = f"images/incoming/{uuid.uuid4().hex}.png"
     put(s3, server.bucket, key, encoded(8, "PNG"))
-    before = await server.services.runtime.index.count()
+    before = await server.services.index.count()
     await publish_event(server, r2_event("PutObject", key), bucket="someone-elses-bucket")
     await wait_for_idle(server)
-    assert await server.services.runtime.index.count() == before
+    assert await server.services.index.count() == before
 
 
 async def test_a_malformed_event_is_dead_lettered_with_its_reason(server):
@@ -304,7 +304,9 @@ async def test_metrics(server):
     async with httpx.AsyncClient(base_url=server.base_url) as client:
         text = (await client.get("/metrics")).text
     assert 'ams_queue_messages{queue="ams.dead"} 1.0' in text
-    assert 'ams_queue_messages{queue="ams.jobs"}' in text
+    assert 'ams_queue_messages{queue="ams.index"}' in text
+    for queue in ("ams.index", "ams.image"):
+        assert f'ams_queue_consumers{{queue="{queue}"}} 1.0' in text
     assert re.search(r'ams_jobs_total\{outcome="dead_lettered",type="image.index"\} [1-9]', text)
     assert re.search(r'ams_jobs_total\{outcome="succeeded",type="image.generate"\} [1-9]', text)
     assert re.search(r'ams_job_duration_seconds_count\{outcome="succeeded",type="image.generate"\} [1-9]', text)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import ast
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 from tests.support.images import encoded
@@ -15,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 async def test_search_disabled_answers_503_and_loads_no_model(make_settings):
     async with running_server(make_settings(IMAGE_SEARCH_ENABLED="0")) as server:
-        assert server.services.runtime.clip is None
+        assert server.services.queries is None
         for response in (
             await server.client.post("/v1/images/search", json={"query": "cat"}),
             await server.client.post("/v1/images", files={"file": ("a.png", encoded(1), "image/png")}),
@@ -60,5 +63,22 @@ def _imports(package: str) -> set[str]:
 
 
 def test_dependency_direction():
-    assert not _imports("infra") & {"api", "processor"}
-    assert "api" not in _imports("processor")
+    """infra at the bottom; contract and models above it; api and processor siblings over them; the launcher on
+    top (DESIGN.md)."""
+    ours = {"api", "processor", "infra", "contract", "models", "launcher"}
+    assert _imports("infra") & ours == {"infra"}
+    assert _imports("contract") & ours <= {"contract", "infra"}
+    assert _imports("models") & ours <= {"models", "contract", "infra"}
+    assert _imports("api") & ours <= {"api", "contract", "models", "infra"}
+    assert _imports("processor") & ours <= {"processor", "contract", "models", "infra"}
+    assert "launcher" not in _imports("api") | _imports("processor")
+
+
+def test_an_api_only_process_imports_no_generation_or_voice_code():
+    probe = (
+        "import json, sys, api.__main__, api.app, api.services\n"
+        "sys.stdout.write(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
+    loaded = set(json.loads(result.stdout))
+    assert not loaded & {"diffusers", "qwen_tts", "processor", "launcher"}

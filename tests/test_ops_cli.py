@@ -20,6 +20,7 @@ from processor.ops.__main__ import cli
 from processor.ops.filters import Selection
 from processor.ops.letters import DeadLetter
 from processor.ops.render import letters_json, letters_table
+from processor.runtime import Runtime
 from tests.support.amqp import wait_until
 from tests.support.dlq import Letter, depth, peek, reset_and_seed
 from tests.support.images import encoded
@@ -86,7 +87,7 @@ def env(make_env) -> dict[str, str]:
 
 @pytest.fixture
 def amqp_url(env) -> str:
-    """ams.jobs empty and ams.dead holding LETTERS, in that order."""
+    """the job queues empty and ams.dead holding LETTERS, in that order."""
     asyncio.run(reset_and_seed(env["AMQP_URL"], LETTERS, dt.datetime.now(tz=dt.UTC)))
     return env["AMQP_URL"]
 
@@ -217,7 +218,7 @@ def test_replay_by_type_republishes_the_job_with_fresh_attempts(env, amqp_url):
     assert result.stdout.strip() == "replayed 2, left 3 in ams.dead"
     assert queued_ids(amqp_url, "ams.dead") == ["gen-1", "voice-1", "poison-1"]
 
-    jobs = {message.message_id: message for message in queued(amqp_url, "ams.jobs")}
+    jobs = {message.message_id: message for message in queued(amqp_url, "ams.index")}
     assert set(jobs) == {"idx-old", "idx-new"}
     old = jobs["idx-old"]
     assert old.type == old.routing_key == "image.index"
@@ -240,15 +241,16 @@ def test_replay_by_reason_id_and_since(env, amqp_url):
     assert ams_ops(env, "dlq", "replay", "--reason", "feature_disabled").stdout.strip() == (
         "replayed 1, left 4 in ams.dead"
     )
-    assert queued_ids(amqp_url, "ams.jobs") == ["voice-1"]
+    assert queued_ids(amqp_url, "ams.voice") == ["voice-1"]
     assert ams_ops(env, "dlq", "replay", "--id", "gen-1", "--id", "idx-old").stdout.strip() == (
         "replayed 2, left 2 in ams.dead"
     )
-    assert set(queued_ids(amqp_url, "ams.jobs")) == {"voice-1", "gen-1", "idx-old"}
+    assert queued_ids(amqp_url, "ams.image") == ["gen-1"]
+    assert queued_ids(amqp_url, "ams.index") == ["idx-old"]
     since = (dt.datetime.now(tz=dt.UTC) - 2 * DAY).isoformat()
     assert ams_ops(env, "dlq", "replay", "--since", since).stdout.strip() == "replayed 1, left 1 in ams.dead"
     assert queued_ids(amqp_url, "ams.dead") == ["poison-1"]
-    assert len(queued(amqp_url, "ams.jobs")) == 4
+    assert len(queued(amqp_url, "ams.index")) == 2
 
 
 def test_replay_dry_run_changes_nothing(env, amqp_url):
@@ -259,19 +261,24 @@ def test_replay_dry_run_changes_nothing(env, amqp_url):
     assert lines[-1] == "would replay 3, leave 2 in ams.dead"
     assert result.stderr == ""
     assert queued_ids(amqp_url, "ams.dead") == ALL_IDS
-    assert asyncio.run(depth(amqp_url, "ams.jobs")) == 0
+    assert asyncio.run(depth(amqp_url, "ams.index")) == 0
 
 
-def test_replay_all_moves_everything_poison_included(env, amqp_url):
+def test_replay_all_moves_every_letter_to_its_queue_poison_included(env, amqp_url):
     result = ams_ops(env, "dlq", "replay", "--all")
     assert result.exit_code == 0, result.output
     assert result.stdout.strip() == "replayed 5, left 0 in ams.dead"
     assert result.stderr == ""
-    assert asyncio.run(depth(amqp_url, "ams.dead")) == 0
-    jobs = queued(amqp_url, "ams.jobs")
-    assert sorted(message.message_id for message in jobs) == sorted(ALL_IDS)
-    poison = next(message for message in jobs if message.message_id == "poison-1")
-    assert (poison.type, poison.routing_key, poison.body) == (None, "mystery.job", POISON_BODY)
+    [poison] = queued(amqp_url, "ams.unrouted")
+    assert (poison.message_id, poison.type, poison.routing_key, poison.body) == (
+        "poison-1",
+        None,
+        "mystery.job",
+        POISON_BODY,
+    )
+    assert sorted(queued_ids(amqp_url, "ams.index")) == ["idx-new", "idx-old"]
+    assert queued_ids(amqp_url, "ams.image") == ["gen-1"]
+    assert queued_ids(amqp_url, "ams.voice") == ["voice-1"]
 
 
 @pytest.mark.parametrize("command", ["replay", "purge"])
@@ -299,7 +306,7 @@ def test_purge_asks_first_and_deletes_only_the_matching(env, amqp_url):
     assert confirmed.stdout.strip() == "deleted 2, left 3 in ams.dead"
     assert ams_ops(env, "dlq", "purge", "--id", "voice-1", "--yes").stdout.strip() == "deleted 1, left 2 in ams.dead"
     assert queued_ids(amqp_url, "ams.dead") == ["gen-1", "poison-1"]
-    assert asyncio.run(depth(amqp_url, "ams.jobs")) == 0
+    assert asyncio.run(depth(amqp_url, "ams.index")) == 0
 
 
 def test_bad_since_is_a_usage_error(env):
@@ -376,24 +383,32 @@ async def test_backfill_publishes_each_unindexed_image_once(make_env, s3):
     ids = {key: image_id_for_key(bucket, key) for key in images}
     backfill = ("backfill", "--prefix", "images/incoming/")
 
-    # the API alone: what the backfill publishes stays in ams.jobs, where it can be read
-    async with running_server(settings, with_processor=False) as api:
-        api_env = {**env, "AMS_API_URL": api.base_url}
-        code, out, err = await ams_ops_process(api_env, *backfill, "--dry-run")
-        assert code == 0, err
-        assert out.strip() == "would publish 4, already indexed 0, skipped (not images) 1"
-        assert await depth(env["AMQP_URL"], "ams.jobs") == 0
+    # the API alone, beside the index's owner that consumes nothing: what the backfill publishes stays in ams.index
+    owner = await Runtime.open(settings, capabilities=("index",))
+    try:
+        async with running_server(settings, with_processor=False) as api:
+            api_env = {**env, "AMS_API_URL": api.base_url}
+            code, out, err = await ams_ops_process(api_env, *backfill, "--dry-run")
+            assert code == 0, err
+            assert out.strip() == "would publish 4, already indexed 0, skipped (not images) 1"
+            assert await depth(env["AMQP_URL"], "ams.index") == 0
 
-        code, out, err = await ams_ops_process(api_env, *backfill)
-        assert code == 0, err
-        assert out.strip() == "published 4, already indexed 0, skipped (not images) 1"
-        jobs = await peek(env["AMQP_URL"], "ams.jobs")
-        assert sorted(message.message_id for message in jobs) == sorted(ids.values())
-        for message in jobs:
-            key = next(key for key, image_id in ids.items() if image_id == message.message_id)
-            assert json.loads(message.body) == {"key": key, "source": "backfill"}
-            assert (message.type, message.routing_key, message.exchange) == ("image.index", "image.index", "ams.jobs")
-            assert (message.content_type, message.priority, message.delivery_mode) == ("application/json", 0, 2)
+            code, out, err = await ams_ops_process(api_env, *backfill)
+            assert code == 0, err
+            assert out.strip() == "published 4, already indexed 0, skipped (not images) 1"
+            jobs = await peek(env["AMQP_URL"], "ams.index")
+            assert sorted(message.message_id for message in jobs) == sorted(ids.values())
+            for message in jobs:
+                key = next(key for key, image_id in ids.items() if image_id == message.message_id)
+                assert json.loads(message.body) == {"key": key, "source": "backfill"}
+                assert (message.type, message.routing_key, message.exchange) == (
+                    "image.index",
+                    "image.index",
+                    "ams.jobs",
+                )
+                assert (message.content_type, message.priority, message.delivery_mode) == ("application/json", 0, 2)
+    finally:
+        await owner.close()
 
     # with the processor: the queued jobs get indexed, and a re-run publishes only what is new
     async with running_server(settings) as server:

@@ -107,7 +107,7 @@ async def test_past_max_attempts_jobs_dead_letter_and_replay_processes_each_once
             return await runtime.index.get(image_id) is not None
 
         await wait_until(indexed, timeout=60)
-        await wait_until(lambda: rabbit.queue_counts(env["VHOST"])["ams.jobs"] == (0, 0), timeout=30)
+        await wait_until(lambda: rabbit.queue_counts(env["VHOST"])["ams.index"] == (0, 0), timeout=30)
         assert s3.keys(BUCKET) == [f"images/originals/{image_id}.png"]
         assert await runtime.index.count() == 1
         assert rabbit.queue_counts(env["VHOST"])["ams.dead"] == (1, 0)  # the poison message stays

@@ -75,7 +75,7 @@ async def test_redelivered_message_creates_one_object_and_one_point(make_setting
         message_id = str(uuid.uuid4())
         for _ in range(3):
             await publish(settings.amqp_url, IMAGE_INDEX, index_message(7), message_id=message_id)
-        await wait_until(lambda: rabbit.queue_counts(vhost_of(settings))["ams.jobs"] == (0, 0))
+        await wait_until(lambda: rabbit.queue_counts(vhost_of(settings))["ams.index"] == (0, 0))
         keys = [info.key async for info in runtime.store.list("images/originals/")]
         assert keys == [f"images/originals/{message_id}.png"]
         assert await runtime.index.count() == 1
@@ -111,7 +111,7 @@ async def test_poison_messages_are_dead_lettered_at_once(make_settings, rabbit, 
         assert dead.headers["x-ams-attempts"] == 1
         assert dead.headers["x-ams-routing-key"] == message_type
         assert await runtime.index.count() == 0
-        assert rabbit.queue_counts(vhost_of(settings))["ams.jobs"] == (0, 0)
+        assert rabbit.queue_counts(vhost_of(settings))["ams.index"] == (0, 0)
     finally:
         await consumer.stop()
         await runtime.close()
@@ -149,15 +149,15 @@ async def test_killed_processor_loses_nothing_and_duplicates_nothing(make_env, r
         s3.freeze()
         image_id = str(uuid.uuid4())
         await publish(env["AMQP_URL"], IMAGE_INDEX, index_message(99, image_id))
-        await wait_until(lambda: rabbit.queue_counts(vhost)["ams.jobs"] == (0, 1), timeout=30)
+        await wait_until(lambda: rabbit.queue_counts(vhost)["ams.index"] == (0, 1), timeout=30)
         first.kill()
         first.wait()
-        await wait_until(lambda: rabbit.queue_counts(vhost)["ams.jobs"] == (1, 0), timeout=30)
+        await wait_until(lambda: rabbit.queue_counts(vhost)["ams.index"] == (1, 0), timeout=30)
         s3.thaw()
 
         second = _start_processor(env, log_path)
         try:
-            await wait_until(lambda: rabbit.queue_counts(vhost)["ams.jobs"] == (0, 0), timeout=90)
+            await wait_until(lambda: rabbit.queue_counts(vhost)["ams.index"] == (0, 0), timeout=90)
             await wait_until(lambda: "job_succeeded" in log_path.read_text(), timeout=30)
             async with httpx.AsyncClient() as client:
                 metrics = (await client.get(f"http://127.0.0.1:{metrics_port}/metrics")).text

@@ -27,7 +27,7 @@ async def images(server):
         response = await server.client.post("/v1/images", files={"file": (f"f{seed}", encoded(2000 + seed, fmt), mime)})
         assert response.status_code == 201, response.text
         records.append(response.json())
-    index = server.services.runtime.index
+    index = server.services.index
     for seed in (10, 11):
         body = {"data": base64.b64encode(encoded(2000 + seed)).decode(), "source": "catalog-sync"}
         await publish(server.services.settings.amqp_url, IMAGE_INDEX, body)

@@ -1,4 +1,4 @@
-"""The product's own server process (`python -m api`) over 50,000 indexed points: the vector engine never stalls
+"""The product's own server process (`python -m launcher`) over 50,000 indexed points: the vector engine never stalls
 its event loop, a full index refuses uploads, and SIGTERM stops the server gracefully.
 
 The searches come from another process, so neither the load nor the measurement shares a GIL with the server.
@@ -112,7 +112,7 @@ async def server(make_env, s3, tmp_path_factory) -> AsyncIterator[ServerProcess]
     port = free_port()
     log = (tmp_path_factory.mktemp("server") / "server.log").open("wb")
     process = subprocess.Popen(
-        [sys.executable, "-m", "api"],
+        [sys.executable, "-m", "launcher"],
         env={**os.environ, **env, "HOST": "127.0.0.1", "PORT": str(port)},
         cwd=ROOT,
         stdout=log,

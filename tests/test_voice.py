@@ -154,7 +154,7 @@ async def test_without_r2_the_bytes_endpoint_works_and_the_r2_one_says_why_not(m
 
 async def test_voice_disabled(make_settings):
     async with running_server(make_settings(VOICE_ENABLED="0")) as server:
-        assert server.services.runtime.voice is None
+        assert server.processor is not None and server.processor.runtime.voice is None
         assert "voice_model" not in (await server.client.get("/readyz")).json()["checks"]
         by_key = {"ref_audio_key": "voice/refs/a.mp3", "ref_text": "x", "text": "y", "language": "English"}
         for response in (

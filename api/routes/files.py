@@ -19,7 +19,7 @@ async def signed_file(
     expires: Annotated[int, Parameter(description="expiry, seconds since the epoch")],
     signature: str,
 ) -> Response[bytes]:
-    store = services.runtime.store
+    store = services.store
     if not isinstance(store, LocalStore):
         raise ApiError(404, "not_found", "signed file URLs are only served when R2 is disabled")
     object_key = key.lstrip("/")

@@ -37,9 +37,9 @@ _CURSOR_PREFIX = "v1:"
 
 
 def require_index(services: Services) -> VectorIndex:
-    if services.runtime.index is None:
+    if services.index is None:
         raise ApiError(503, "feature_disabled", "image search is disabled on this server (IMAGE_SEARCH_ENABLED=0)")
-    return services.runtime.index
+    return services.index
 
 
 def parse_image_id(image_id: str) -> str:
@@ -172,7 +172,7 @@ async def image_file(services: Services, image_id: str) -> Redirect:
     record = await index.get(parse_image_id(image_id))
     if record is None:
         raise ApiError(404, "image_not_found", f"no image with id {image_id!r}")
-    url = await services.runtime.store.presigned_get_url(record.r2_key, services.settings.presign_ttl_seconds)
+    url = await services.store.presigned_get_url(record.r2_key, services.settings.presign_ttl_seconds)
     return Redirect(url, status_code=HTTP_307_TEMPORARY_REDIRECT)
 
 
@@ -184,7 +184,7 @@ async def delete_image(services: Services, image_id: str) -> None:
     record = await index.get(image_id)
     if record is None:
         raise ApiError(404, "image_not_found", f"no image with id {image_id!r}")
-    await services.runtime.store.delete(record.r2_key)
+    await services.store.delete(record.r2_key)
     await index.delete(image_id)
 
 

@@ -95,7 +95,7 @@ async def get_job(request: Request, services: Services, job_id: str) -> JobOut:
         raise ApiError(404, "job_not_found", f"no job with id {job_id!r}")
     result = dict(record.result) if record.result is not None else None
     if result is not None and isinstance(result.get("key"), str):
-        url = await services.runtime.store.presigned_get_url(result["key"], services.settings.presign_ttl_seconds)
+        url = await services.store.presigned_get_url(result["key"], services.settings.presign_ttl_seconds)
         result["url"] = absolute(request, services.settings, url)
     return to_job_out(request, services, record, result)
 

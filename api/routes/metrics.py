@@ -1,5 +1,5 @@
-"""Prometheus metrics: queue depths (read from RabbitMQ at each scrape) and, where the processor runs in this
-process, job outcomes and durations per type."""
+"""Prometheus metrics: queue depths and consumers per queue (read from RabbitMQ at each scrape) and, where the
+processor runs in this process, job outcomes and durations per type."""
 
 from __future__ import annotations
 
@@ -7,15 +7,12 @@ from litestar import Response, get
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from api.services import Services
-from contract.metrics import QUEUE_CONSUMERS, QUEUE_MESSAGES, REGISTRY
-from infra.broker import queue_depths
+from contract.metrics import REGISTRY, record_queue_depths
 
 
 @get("/metrics", summary="Prometheus metrics: queue depths, dead letters, job outcomes and durations")
 async def metrics(services: Services) -> Response[bytes]:
-    for queue, (messages, consumers) in (await queue_depths(services.runtime.connection)).items():
-        QUEUE_MESSAGES.labels(queue).set(messages)
-        QUEUE_CONSUMERS.labels(queue).set(consumers)
+    await record_queue_depths(services.connection)
     return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
 

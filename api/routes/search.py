@@ -1,4 +1,5 @@
-"""Semantic search: by text (CLIP text tower, in this process) and by example image (image tower)."""
+"""Semantic search: by text (CLIP text tower, in this process) and by example image (the image tower here, or an
+indexing processor's: see api/queries.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from litestar.params import Body, Parameter
 
 from api.errors import ApiError
 from api.filters import ContentTypeParam, CreatedAfterParam, CreatedBeforeParam, SourceParam, from_body, image_filter
+from api.queries import QueryEncoder
 from api.routes.images import read_upload, require_index
 from api.schemas import ImageUploadForm, SearchHit, SearchRequest, SearchResponse
 from api.services import Services
@@ -18,13 +20,12 @@ from api.strict import strict_json
 from api.urls import image_file_url
 from contract.imaging import decode_image
 from infra.vectors import ImageRecord
-from models.clip import ClipEmbedder
 
 
-def _clip(services: Services) -> ClipEmbedder:
-    if services.runtime.clip is None:
+def _queries(services: Services) -> QueryEncoder:
+    if services.queries is None:
         raise ApiError(503, "feature_disabled", "image search is disabled on this server (IMAGE_SEARCH_ENABLED=0)")
-    return services.runtime.clip
+    return services.queries
 
 
 def _hits(request: Request, services: Services, found: list[tuple[ImageRecord, float]]) -> SearchResponse:
@@ -49,14 +50,14 @@ def _hits(request: Request, services: Services, found: list[tuple[ImageRecord, f
 @post("/v1/images/search", status_code=200, summary="Search images by text, in any language")
 async def search_images(request: Request, services: Services, data: SearchRequest) -> SearchResponse:
     index = require_index(services)
-    clip = _clip(services)
+    queries = _queries(services)
     data = await strict_json(request, SearchRequest)
     query = data.query.strip()
     if not query:
         raise ApiError(400, "invalid_request", "query must contain at least one non-space character")
     conditions = from_body(data.filter)
-    vector = (await asyncio.to_thread(clip.embed_texts, [query]))[0]
-    return _hits(request, services, await index.search(vector.tolist(), data.limit, conditions))
+    vector = await queries.text(query)
+    return _hits(request, services, await index.search(vector, data.limit, conditions))
 
 
 @post("/v1/images/search/by-image", status_code=200, summary="Search images by an example image")
@@ -71,12 +72,12 @@ async def search_by_image(
     created_before: CreatedBeforeParam = None,
 ) -> SearchResponse:
     index = require_index(services)
-    clip = _clip(services)
+    queries = _queries(services)
     conditions = image_filter(source, content_type, created_after, created_before)
     raw = await read_upload(data, services.settings.image_search_max_bytes)
     decoded = await asyncio.to_thread(decode_image, raw, services.settings.image_search_max_pixels)
-    vector = (await asyncio.to_thread(clip.embed_images, [decoded.image]))[0]
-    return _hits(request, services, await index.search(vector.tolist(), limit, conditions))
+    vector = await queries.image(raw, decoded.image)
+    return _hits(request, services, await index.search(vector, limit, conditions))
 
 
 ROUTES = [search_images, search_by_image]

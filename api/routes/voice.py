@@ -63,7 +63,7 @@ async def reference_payload(services: Services, request: VoiceFromKeyRequest) ->
         key = check_reference_key(request.ref_audio_key, services.settings.voice_ref_prefix)
     except InvalidKeyError as exc:
         raise ApiError(400, "invalid_key", str(exc)) from None
-    if not await services.runtime.store.exists(key):
+    if not await services.store.exists(key):
         raise ApiError(404, "reference_not_found", f"no reference clip at {key!r}")
     return VoiceGenerateV1(ref_audio_key=key, ref_text=request.ref_text, text=request.text, language=language)
 

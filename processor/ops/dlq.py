@@ -2,7 +2,8 @@
 
 `open_dead_letters` takes every message of ams.dead with basic.get and no ack, so a command works on one
 consistent snapshot and never loses a message:
-    replay   publishes a copy to ams.jobs, waits for the broker's confirm, then acks the dead letter
+    replay   publishes a copy to ams.jobs (its routing key takes it to its capability's queue), waits for the
+             broker's confirm, then acks the dead letter
              (a crash in between leaves both: a duplicate at worst, and jobs are idempotent by message id)
     delete   acks the dead letter
     the rest goes back to ams.dead, in its original order, when the channel closes
@@ -17,7 +18,15 @@ from contextlib import asynccontextmanager
 import aio_pika
 from aio_pika.abc import AbstractExchange, AbstractIncomingMessage, DeliveryMode
 
-from infra.broker import DEAD_QUEUE, JOBS_EXCHANGE, BrokerUnavailableError, connect, declare_topology, redact
+from infra.broker import (
+    DEAD_QUEUE,
+    JOBS_EXCHANGE,
+    BrokerUnavailableError,
+    connect,
+    declare_topology,
+    redact,
+    topology_on,
+)
 from processor.ops.errors import OperationFailedError
 from processor.ops.headers import NOT_REPLAYED_HEADERS, REPLAYED_AT_HEADER
 from processor.ops.letters import DeadLetter
@@ -86,8 +95,9 @@ async def open_dead_letters(amqp_url: str, connect_timeout_seconds: float) -> As
     except BrokerUnavailableError as exc:
         raise OperationFailedError(str(exc)) from None
     try:
+        await declare_topology(connection)
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-        topology = await declare_topology(channel)
+        topology = await topology_on(channel)
         held: list[AbstractIncomingMessage] = []
         while (
             message := await topology.dead_queue.get(no_ack=False, fail=False, timeout=_TIMEOUT_SECONDS)

@@ -10,7 +10,7 @@ from typing import Any
 import aio_pika
 import msgspec
 
-from infra.broker import DEAD_EXCHANGE, declare_topology
+from infra.broker import DEAD_EXCHANGE, declare_topology, topology_on
 
 
 @dataclass
@@ -68,12 +68,14 @@ def iso(moment: dt.datetime) -> str:
 
 
 async def reset_and_seed(amqp_url: str, letters: list[Letter], now: dt.datetime) -> None:
-    """Empty ams.jobs and ams.dead, then dead-letter `letters` in this order."""
+    """Empty the capability queues and ams.dead, then dead-letter `letters` in this order."""
     connection = await aio_pika.connect(amqp_url)
     async with connection:
+        await declare_topology(connection)
         channel = await connection.channel(publisher_confirms=True)
-        topology = await declare_topology(channel)
-        await topology.jobs_queue.purge()
+        topology = await topology_on(channel)
+        for queue in topology.queues.values():
+            await queue.purge()
         await topology.dead_queue.purge()
         exchange = await channel.get_exchange(DEAD_EXCHANGE)
         for letter in letters:

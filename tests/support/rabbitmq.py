@@ -10,6 +10,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from infra.broker import UNROUTED_POLICY
+
 BIN = Path("/usr/lib/rabbitmq/bin")
 
 
@@ -65,9 +67,12 @@ class RabbitNode:
         )
 
     def add_vhost(self, name: str) -> str:
-        """Create an isolated virtual host and return its AMQP URL."""
+        """Create an isolated virtual host, with the policy every deployment sets (README, Queues and scale-out), and
+        return its AMQP URL."""
         self.ctl("add_vhost", name)
         self.ctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+        policy, pattern, definition = UNROUTED_POLICY
+        self.ctl("set_policy", "-p", name, "--apply-to", "exchanges", policy, pattern, definition)
         return f"amqp://guest:guest@127.0.0.1:{self.port}/{name}"
 
     def queue_counts(self, vhost: str) -> dict[str, tuple[int, int]]:

@@ -1,4 +1,5 @@
-"""The real product (Services + Litestar app under uvicorn) on a free port, inside the test's event loop."""
+"""The real product (the one-process launcher + Litestar app under uvicorn) on a free port, inside the test's event
+loop."""
 
 from __future__ import annotations
 
@@ -13,20 +14,24 @@ import uvicorn
 from api.app import create_app
 from api.services import Services
 from infra.settings import Settings
+from launcher import OneProcess
+from processor.service import ProcessorService
 
 
 @dataclass
 class RunningServer:
     base_url: str
     services: Services
+    processor: ProcessorService | None
     client: httpx.AsyncClient
 
 
 @contextlib.asynccontextmanager
-async def running_server(settings: Settings, *, with_processor: bool | None = None) -> AsyncIterator[RunningServer]:
-    services = await Services.start(settings, with_processor=with_processor)
+async def running_server(settings: Settings, *, with_processor: bool = True) -> AsyncIterator[RunningServer]:
+    """The one-process mode (python -m launcher); with_processor=False: the API alone (python -m api)."""
+    running = await OneProcess.start(settings, with_processor=with_processor)
     config = uvicorn.Config(
-        create_app(services), host="127.0.0.1", port=0, log_config=None, access_log=False, lifespan="off"
+        create_app(running.services), host="127.0.0.1", port=0, log_config=None, access_log=False, lifespan="off"
     )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
@@ -38,8 +43,8 @@ async def running_server(settings: Settings, *, with_processor: bool | None = No
         port = server.servers[0].sockets[0].getsockname()[1]
         base_url = f"http://127.0.0.1:{port}"
         async with httpx.AsyncClient(base_url=base_url, timeout=60) as client:
-            yield RunningServer(base_url, services, client)
+            yield RunningServer(base_url, running.services, running.processor, client)
     finally:
         server.should_exit = True
         await task
-        await services.stop()
+        await running.stop()

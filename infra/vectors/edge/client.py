@@ -163,7 +163,7 @@ class EdgeIndex(VectorIndex):
             await process.wait()
             if hello.kind == "in_use":
                 raise IndexInUseError(
-                    f"{hello.error}; run the API and the processor in one process (python -m api), or set "
+                    f"{hello.error}; run the API and the processor in one process (python -m launcher), or set "
                     "QDRANT_URL to a Qdrant server to run them separately"
                 )
             raise VectorIndexUnavailableError(hello.error or "the vector engine could not start")

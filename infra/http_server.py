@@ -1,0 +1,34 @@
+"""Serving an ASGI app under uvicorn until SIGTERM/SIGINT, then returning so the caller can close what it opened."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Iterator
+from typing import Any
+
+import uvicorn
+
+
+class _Server(uvicorn.Server):
+    """uvicorn re-raises a SIGTERM/SIGINT it caught once it has stopped serving, which ends the process before
+    the caller's clean-up runs (no graceful consumer stop, no last index backup). Here the signal only stops
+    serving; the caller closes everything and the process exits with status 0."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.handle_exit, sig, None)
+        try:
+            yield
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+
+
+async def serve_until_signal(app: Any, host: str, port: int) -> None:
+    """Serve `app` on host:port until the process is asked to stop."""
+    config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False, lifespan="off")
+    await _Server(config).serve()

@@ -1,0 +1,137 @@
+"""Start-up of what every process shares: the object store, the broker connection with its confirming publisher,
+and the image index. Each dependency's failure becomes one StartupError line that says what to fix.
+
+The API and the processor each open their own Plumbing; the one-process launcher opens it once and hands it to
+both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import structlog
+from aio_pika.abc import AbstractRobustConnection
+
+from infra import broker
+from infra.settings import Settings
+from infra.storage import ObjectStore, StorageError, open_store
+from infra.vectors import (
+    EmbeddingModelMismatchError,
+    IndexInUseError,
+    VectorIndex,
+    VectorIndexUnavailableError,
+    attach_index,
+    open_index,
+)
+from infra.vectors.backup import BackupSchedule, IndexBackupError, automatic_backups
+
+log = structlog.get_logger(__name__)
+
+
+class StartupError(RuntimeError):
+    """A dependency is missing or misconfigured; the message says which and how to fix it."""
+
+
+@dataclass(slots=True)
+class Plumbing:
+    """The object store and the broker, opened and checked."""
+
+    settings: Settings
+    store: ObjectStore
+    connection: AbstractRobustConnection
+    publisher: broker.Publisher
+
+    @property
+    def bucket(self) -> str:
+        return self.settings.r2_bucket_name if self.settings.r2_enabled else "local"
+
+    @classmethod
+    async def open(cls, settings: Settings) -> Plumbing:
+        store = await open_store(settings)
+        try:
+            await store.ping()
+        except StorageError as exc:
+            await store.close()
+            raise StartupError(f"object store not usable: {exc}") from exc
+        try:
+            connection = await broker.connect(settings.amqp_url, settings.amqp_connect_timeout_seconds)
+        except broker.BrokerUnavailableError as exc:
+            await store.close()
+            raise StartupError(str(exc)) from exc
+        try:
+            publisher = await broker.Publisher.open(connection)
+        except BaseException:
+            await connection.close()
+            await store.close()
+            raise
+        return cls(settings, store, connection, publisher)
+
+    async def close(self) -> None:
+        await self.connection.close()
+        await self.store.close()
+
+
+@dataclass(slots=True)
+class OpenedIndex:
+    """The image index, and the automatic backups when this process owns an embedded one."""
+
+    index: VectorIndex
+    backups: BackupSchedule | None
+
+    async def close(self) -> None:
+        if self.backups is not None:
+            await self.backups.stop()
+        await self.index.close()
+
+
+async def open_image_index(
+    settings: Settings, store: ObjectStore, model_id: str, dim: int, *, attach: bool = False
+) -> OpenedIndex:
+    """Open the image index for vectors of `model_id` (`dim` wide).
+
+    The owner of an embedded index (attach=False) runs its engine, restores the newest backup into an empty one,
+    and backs it up on schedule. With attach=True the process uses the engine another process owns (an API-only
+    process beside a processor), or the Qdrant server; it never restores or backs up.
+    """
+    where = (
+        f"QDRANT_URL={settings.qdrant_url}"
+        if settings.qdrant_url
+        else f"embedded index {settings.image_search_db_path}"
+    )
+    try:
+        if attach:
+            index = await attach_index(settings)
+            if index is None:
+                raise StartupError(
+                    f"no process runs the embedded index at {settings.image_search_db_path}: it belongs to the "
+                    "processor that indexes (python -m processor), so start that first; or run both in one process "
+                    "(python -m launcher), or use a Qdrant server (QDRANT_URL)"
+                )
+            await index.ensure_collection(model_id, dim)
+            return OpenedIndex(index, None)
+        index = await open_index(settings)
+    except (EmbeddingModelMismatchError, IndexInUseError) as exc:
+        raise StartupError(str(exc)) from exc
+    except VectorIndexUnavailableError as exc:
+        raise StartupError(f"{exc} ({where})") from exc
+    try:
+        backups = automatic_backups(settings, index, store, model_id)
+        if backups is not None and index.fresh:
+            await backups.restore()
+        await index.ensure_collection(model_id, dim)
+    except BaseException as exc:
+        await index.close()
+        if isinstance(exc, (EmbeddingModelMismatchError, IndexInUseError)):
+            raise StartupError(str(exc)) from exc
+        if isinstance(exc, IndexBackupError):
+            raise StartupError(
+                f"{exc} (or set IMAGE_SEARCH_DB_BACKUP_ENABLED=0 to start without restoring a backup)"
+            ) from exc
+        if isinstance(exc, VectorIndexUnavailableError):
+            raise StartupError(f"{exc} ({where})") from exc
+        raise
+    schedule = None
+    if backups is not None:
+        schedule = BackupSchedule(backups, settings.image_search_db_backup_interval_seconds)
+        schedule.start()
+    return OpenedIndex(index, schedule)

@@ -1,0 +1,48 @@
+"""`python -m launcher` / `ams-server`: the API and a processor in one process (what scripts/run.sh starts).
+
+Settings are checked before the model libraries are imported, so a bad value fails in a moment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+from infra.cpu import share_cpu_politely
+from infra.logging import configure_logging
+from infra.settings import Settings, SettingsError
+
+
+async def serve(settings: Settings) -> None:
+    import structlog
+
+    from api.app import create_app
+    from infra.http_server import serve_until_signal
+    from launcher import OneProcess
+
+    running = await OneProcess.start(settings)
+    try:
+        structlog.get_logger("launcher").info("listening", host=settings.host, port=settings.port, processor="here")
+        await serve_until_signal(create_app(running.services), settings.host, settings.port)
+    finally:
+        await running.stop()
+
+
+def main() -> None:
+    share_cpu_politely()
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        sys.exit(f"configuration error: {exc}")
+    configure_logging(settings.log_level, settings.log_format)
+    from infra.startup import StartupError
+    from models.errors import ModelLoadError
+
+    try:
+        asyncio.run(serve(settings))
+    except (StartupError, ModelLoadError) as exc:
+        sys.exit(f"start-up failed: {exc}")
+
+
+if __name__ == "__main__":
+    main()
