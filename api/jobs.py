@@ -22,6 +22,7 @@ from api.urls import job_url
 from contract.jobs import RECORD_HEADER, JobRecord, JobStore, job_id_for_idempotency_key, record_params
 from contract.messages import MSGPACK, JobReply, encode
 from infra.broker import BrokerUnavailableError, Priority
+from infra.storage import PreconditionFailedError
 
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
 
@@ -46,7 +47,7 @@ class JobStart:
 
 
 def job_store(services: Services) -> JobStore:
-    return JobStore(services.store)
+    return JobStore(services.store, services.settings.job_record_ttl_days)
 
 
 def check_idempotency_key(key: str | None) -> str | None:
@@ -57,6 +58,17 @@ def check_idempotency_key(key: str | None) -> str | None:
             400, "invalid_idempotency_key", f"Idempotency-Key must be 1..{MAX_IDEMPOTENCY_KEY_LENGTH} characters"
         )
     return key
+
+
+def _existing(existing: JobRecord, recorded: dict[str, Any]) -> JobStart:
+    """The job an Idempotency-Key already started, if the request asks for the same thing."""
+    if existing.params != msgspec.json.decode(msgspec.json.encode(recorded)):
+        raise ApiError(
+            409,
+            "idempotency_key_reused",
+            "this Idempotency-Key was already used for a different request; use a new key",
+        )
+    return JobStart(existing, None, existing=True)
 
 
 async def start_job(
@@ -77,16 +89,17 @@ async def start_job(
         job_id = job_id_for_idempotency_key(job_type, key)
         existing = await jobs.get(job_id)
         if existing is not None:
-            if existing.params != msgspec.json.decode(msgspec.json.encode(recorded)):
-                raise ApiError(
-                    409,
-                    "idempotency_key_reused",
-                    "this Idempotency-Key was already used for a different request; use a new key",
-                )
-            return JobStart(existing, None, existing=True)
+            return _existing(existing, recorded)
     job_id = job_id or str(uuid.uuid4())
     record = JobStore.new(job_id, job_type, recorded, idempotency_key=key)
-    await jobs.put(record)
+    try:
+        await jobs.create(record)
+    except PreconditionFailedError:
+        # a concurrent request with the same Idempotency-Key created it first
+        existing = await jobs.get(job_id)
+        if existing is None:
+            raise
+        return _existing(existing, recorded)
     try:
         reply = await _publish(services, job_type, payload, job_id, wait)
     except BrokerUnavailableError:

@@ -12,7 +12,7 @@ What is timed:
     local mode    qdrant-client's local mode through the same interface (the embedded store before Qdrant Edge)
     floors        NumPy brute force over the same matrix, and qdrant_edge called directly in this process (no
                   engine process, no socket) on the same data and, for search, on the same built shard
-    http          POST /v1/images/search against `python -m api` (tiny CLIP, 32 dimensions) over the same number
+    http          POST /v1/images/search against `python -m launcher` (tiny CLIP, 32 dimensions) over the same number
                   of points, with the tiny text tower's own time as its floor
 Searches are top-10, one at a time after 20 warm-up calls; "newest 100" is the listing's query.
 """
@@ -267,7 +267,7 @@ async def measure_http(points: int, workdir: Path, requests: int) -> dict[str, o
     server = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "api",
+        "launcher",
         env={**env, "HOST": "127.0.0.1", "PORT": str(port)},
         cwd=ROOT,
         stdout=asyncio.subprocess.DEVNULL,

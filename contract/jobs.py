@@ -1,13 +1,16 @@
 """Job records: the durable state of a job, kept in the object store as jobs/<id>.json.
 
 Whoever changes a job's state writes its record: the API creates it (queued) before publishing, the processor
-marks it running, succeeded or failed before it acknowledges the message. Records survive restarts.
+marks it running, succeeded or failed before it acknowledges the message. Records survive restarts. Every write
+is conditional (create only if absent, update only the version read: processor/tracking.py), so two deliveries
+of one job on two processors never move a record backwards. A finished record expires JOB_RECORD_TTL_DAYS after
+it finished: it reads as absent, and processors delete expired records (`sweep`).
 """
 
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 import msgspec
@@ -20,6 +23,7 @@ RECORD_HEADER = "x-ams-job-record"
 _IDEMPOTENCY_NAMESPACE = uuid.UUID("0f3f3c35-7d59-4bb4-9f43-3f2f35f1f6a1")
 
 JobStatus = Literal["queued", "running", "succeeded", "failed"]
+FINISHED = ("succeeded", "failed")
 
 
 def now_iso() -> str:
@@ -52,21 +56,59 @@ def record_key(job_id: str) -> str:
 
 
 class JobStore:
-    def __init__(self, store: ObjectStore) -> None:
+    def __init__(self, store: ObjectStore, ttl_days: int) -> None:
         self._store = store
+        self._ttl = timedelta(days=ttl_days)
 
-    async def get(self, job_id: str) -> JobRecord | None:
+    def expired(self, record: JobRecord, now: datetime | None = None) -> bool:
+        """Whether a finished record is past its time to live."""
+        if record.status not in FINISHED or record.finished_at is None:
+            return False
+        finished = datetime.fromisoformat(record.finished_at.replace("Z", "+00:00"))
+        return (now or datetime.now(tz=UTC)) - finished > self._ttl
+
+    async def load(self, job_id: str) -> tuple[JobRecord, str] | None:
+        """The record and its version (ETag), or None when there is none (or it expired)."""
         try:
             stored = await self._store.get(record_key(job_id))
         except ObjectNotFoundError:
             return None
-        return msgspec.json.decode(stored.data, type=JobRecord)
+        record = msgspec.json.decode(stored.data, type=JobRecord)
+        return None if self.expired(record) else (record, stored.etag)
 
-    async def put(self, record: JobRecord) -> None:
-        await self._store.put(record_key(record.job_id), msgspec.json.encode(record), "application/json")
+    async def get(self, job_id: str) -> JobRecord | None:
+        found = await self.load(job_id)
+        return found[0] if found is not None else None
+
+    async def create(self, record: JobRecord) -> str:
+        """Write a new record; PreconditionFailedError if one exists. Returns its version."""
+        return await self._store.put(
+            record_key(record.job_id), msgspec.json.encode(record), "application/json", if_none_match=True
+        )
+
+    async def update(self, record: JobRecord, etag: str) -> str:
+        """Replace the record if it is still at version `etag`; PreconditionFailedError otherwise."""
+        return await self._store.put(
+            record_key(record.job_id), msgspec.json.encode(record), "application/json", if_match=etag
+        )
 
     async def delete(self, job_id: str) -> None:
         await self._store.delete(record_key(job_id))
+
+    async def sweep(self) -> int:
+        """Delete the expired records; returns how many."""
+        now = datetime.now(tz=UTC)
+        removed = 0
+        async for info in self._store.list(JOBS_PREFIX):
+            try:
+                stored = await self._store.get(info.key)
+                record = msgspec.json.decode(stored.data, type=JobRecord)
+            except (ObjectNotFoundError, msgspec.DecodeError, msgspec.ValidationError):
+                continue
+            if self.expired(record, now):
+                await self._store.delete(info.key)
+                removed += 1
+        return removed
 
     @staticmethod
     def new(job_id: str, job_type: str, params: dict[str, Any], idempotency_key: str | None = None) -> JobRecord:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import socket
 from collections.abc import Iterator
 from typing import Any
 
@@ -32,3 +33,11 @@ async def serve_until_signal(app: Any, host: str, port: int) -> None:
     """Serve `app` on host:port until the process is asked to stop."""
     config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False, lifespan="off")
     await _Server(config).serve()
+
+
+def check_port_free(host: str, port: int) -> None:
+    """OSError, saying why, when nothing could listen on host:port (so start-up can refuse before it loads
+    anything)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind((host, port))

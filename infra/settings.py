@@ -93,6 +93,7 @@ class Settings:
     watch_prefixes: tuple[str, ...]
     processor_metrics_port: int
     processor_capabilities: tuple[str, ...]
+    job_record_ttl_days: int
     # HTTP server and jobs
     host: str
     port: int
@@ -125,8 +126,10 @@ class Settings:
 class _Reader:
     def __init__(self, environ: Mapping[str, str]) -> None:
         self._env = environ
+        self.names: set[str] = set()
 
     def raw(self, name: str, default: str) -> str:
+        self.names.add(name)
         value = self._env.get(name)
         return default if value is None else value.strip()
 
@@ -281,6 +284,7 @@ def _parse(env: _Reader) -> Settings:
         watch_prefixes=_prefixes(env, "WATCH_PREFIXES", "images/incoming/"),
         processor_metrics_port=env.integer("PROCESSOR_METRICS_PORT", 9101, 0, 65535),
         processor_capabilities=(),
+        job_record_ttl_days=env.integer("JOB_RECORD_TTL_DAYS", 7, 1, 3650),
         host=env.raw("HOST", "0.0.0.0"),
         port=env.integer("PORT", 8000, 1, 65535),
         sync_timeout_seconds=env.number("SYNC_TIMEOUT_SECONDS", 120.0, 0.1),
@@ -313,3 +317,10 @@ def _check_r2(settings: Settings) -> None:
         missing.insert(0, "R2_ACCOUNT_ID (or R2_ENDPOINT_URL)")
     if missing:
         raise SettingsError(f"R2_ENABLED=1 but {', '.join(missing)} not set")
+
+
+def known_variables() -> frozenset[str]:
+    """Every environment variable the settings read."""
+    reader = _Reader({})
+    _parse(reader)
+    return frozenset(reader.names)

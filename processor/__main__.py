@@ -16,19 +16,30 @@ from infra.settings import Settings, SettingsError
 
 
 async def run(settings: Settings) -> None:
-    import structlog
-
-    from infra.http_server import serve_until_signal
+    from infra.http_server import check_port_free
     from infra.startup import StartupError
-    from processor.health import create_health_app
-    from processor.service import ProcessorService
 
-    log = structlog.get_logger("processor")
     if not settings.processor_capabilities:
         raise StartupError(
             "this processor has nothing to do: every feature is off (IMAGE_SEARCH_ENABLED, IMAGE_ENABLED, "
             "VOICE_ENABLED) or PROCESSOR_CAPABILITIES lists none"
         )
+    if settings.processor_metrics_port:
+        try:
+            check_port_free(settings.host, settings.processor_metrics_port)
+        except OSError as exc:
+            raise StartupError(
+                f"cannot serve health and metrics on {settings.host}:{settings.processor_metrics_port} "
+                f"(PROCESSOR_METRICS_PORT; 0 turns it off): {exc}"
+            ) from exc
+
+    import structlog
+
+    from infra.http_server import serve_until_signal
+    from processor.health import create_health_app
+    from processor.service import ProcessorService
+
+    log = structlog.get_logger("processor")
     service = await ProcessorService.start(settings)
     try:
         if settings.processor_metrics_port:

@@ -45,9 +45,10 @@ from infra.broker import (
     topology_on,
 )
 from processor.handlers.base import Handler, Job
+from processor.ops.headers import REPLAYED_AT_HEADER
 from processor.outcomes import Failed, Outcome, Succeeded
 from processor.retrying import TRANSIENT_ERRORS
-from processor.tracking import JobTracker
+from processor.tracking import JobTracker, Tracked
 
 log = structlog.get_logger(__name__)
 
@@ -72,6 +73,19 @@ def job_id(message: AbstractIncomingMessage) -> str | None:
     return event_message_id(message.body) if job_type(message) == BUCKET_EVENT else None
 
 
+def _replayed(message: AbstractIncomingMessage) -> bool:
+    """Whether an operator replayed this message from the dead letters (`ams-ops dlq replay`)."""
+    return bool((message.headers or {}).get(REPLAYED_AT_HEADER))
+
+
+def _recorded_outcome(record: JobRecord) -> Outcome:
+    """The outcome a settled job record holds."""
+    if record.status == "succeeded":
+        return Succeeded(record.result or {})
+    error = record.error or ErrorInfo(code="failed", message="the job failed")
+    return Failed(error.code, error.message)
+
+
 def _now_iso() -> str:
     return datetime.now(tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
@@ -94,7 +108,7 @@ class Consumer:
         self._disabled = dict(disabled)
         self._max_attempts = max_attempts
         self._tracker = JobTracker(jobs)
-        self._records: dict[str, JobRecord] = {}
+        self._records: dict[str, Tracked] = {}
         self._heap: list[tuple[int, int, AbstractIncomingMessage]] = []
         self._sequence = itertools.count()
         self._wakeup = asyncio.Event()
@@ -199,27 +213,23 @@ class Consumer:
             await self._settle(message, job, outcome, elapsed)
 
     async def _run(self, handler: Handler, jobs: Sequence[tuple[AbstractIncomingMessage, Job]]) -> list[Outcome]:
-        """Outcomes in order. A tracked job whose record already says succeeded (a redelivery after the
-        outcome was recorded) is not run again."""
+        """Outcomes in order. A tracked job whose record is already settled (a redelivery after the outcome was
+        recorded, or a duplicate that another processor finished) is not run again: its recorded outcome stands."""
         outcomes: dict[str, Outcome] = {}
         to_run: list[Job] = []
         for message, job in jobs:
             if self._tracked(handler, message):
                 try:
-                    record = await self._tracker.load(job)
+                    tracked = await self._tracker.load(job, replayed=_replayed(message))
+                    self._records[job.message_id] = tracked
+                    if not tracked.settled and handler.reports_running:
+                        await self._tracker.running(tracked, _attempt(message))
                 except TRANSIENT_ERRORS as exc:
                     outcomes[job.message_id] = Failed("storage_unavailable", str(exc), transient=True)
                     continue
-                self._records[job.message_id] = record
-                if record.status == "succeeded" and record.result is not None:
-                    outcomes[job.message_id] = Succeeded(record.result)
+                if tracked.settled:
+                    outcomes[job.message_id] = _recorded_outcome(tracked.record)
                     continue
-                if handler.reports_running:
-                    try:
-                        await self._tracker.running(record, _attempt(message))
-                    except TRANSIENT_ERRORS as exc:
-                        outcomes[job.message_id] = Failed("storage_unavailable", str(exc), transient=True)
-                        continue
             to_run.append(job)
         if to_run:
             try:
@@ -276,9 +286,10 @@ class Consumer:
         logger = log.bind(message_id=job.message_id, job_type=job.message_type)
         record = self._records.pop(job.message_id, None)
         attempt = _attempt(message)
-        if isinstance(outcome, Succeeded) and record is not None:
+        if isinstance(outcome, Succeeded) and record is not None and not record.settled:
             try:
-                await self._tracker.succeeded(record, outcome, attempt)
+                if not await self._tracker.succeeded(record, outcome, attempt):
+                    outcome = _recorded_outcome(record.record)
             except TRANSIENT_ERRORS as exc:
                 outcome = Failed("storage_unavailable", f"could not record the result: {exc}", transient=True)
         if isinstance(outcome, Succeeded):
@@ -291,7 +302,7 @@ class Consumer:
             logger.info("job_succeeded", seconds=round(elapsed, 4))
             return
         retry = outcome.transient and attempt < self._max_attempts
-        if record is not None:
+        if record is not None and not record.settled:
             try:
                 await self._tracker.failed(record, outcome, attempt, final=not retry)
             except TRANSIENT_ERRORS:

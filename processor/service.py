@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
+
+import structlog
 
 from contract.bucket_events import BUCKET_EVENT
 from contract.clock import UniqueClock
@@ -19,7 +22,10 @@ from processor.handlers.image_embed import ImageEmbedHandler
 from processor.handlers.image_generate import ImageGenerateHandler
 from processor.handlers.image_index import ImageIndexHandler
 from processor.handlers.voice_generate import VoiceGenerateHandler
+from processor.retrying import TRANSIENT_ERRORS
 from processor.runtime import Runtime
+
+log = structlog.get_logger(__name__)
 
 _FEATURES = {"index": "image search", "image": "image generation", "voice": "voice generation"}
 
@@ -88,17 +94,34 @@ def build_consumer(runtime: Runtime) -> Consumer:
         handlers,
         disabled,
         max_attempts=runtime.settings.max_attempts,
-        jobs=JobStore(runtime.store),
+        jobs=JobStore(runtime.store, runtime.settings.job_record_ttl_days),
         capabilities=runtime.capabilities,
     )
 
 
+SWEEP_INTERVAL_SECONDS = 3600
+
+
+async def _expire_job_records(jobs: JobStore) -> None:
+    """Delete expired job records (JOB_RECORD_TTL_DAYS) once an hour; any processor may, deletes are idempotent."""
+    while True:
+        await asyncio.sleep(SWEEP_INTERVAL_SECONDS)
+        try:
+            removed = await jobs.sweep()
+        except TRANSIENT_ERRORS as exc:
+            log.warning("job_record_sweep_failed", error=str(exc))
+            continue
+        if removed:
+            log.info("job_records_expired", removed=removed)
+
+
 @dataclass(slots=True)
 class ProcessorService:
-    """A running processor: its runtime and its consumer."""
+    """A running processor: its runtime, its consumer, and the hourly expiry of job records."""
 
     runtime: Runtime
     consumer: Consumer
+    sweeper: asyncio.Task[None]
 
     @classmethod
     async def start(cls, settings: Settings, *, plumbing: Plumbing | None = None) -> ProcessorService:
@@ -109,7 +132,8 @@ class ProcessorService:
         except BaseException:
             await runtime.close()
             raise
-        return cls(runtime, consumer)
+        jobs = JobStore(runtime.store, settings.job_record_ttl_days)
+        return cls(runtime, consumer, asyncio.create_task(_expire_job_records(jobs), name="job-record-expiry"))
 
     async def readiness(self) -> Checks:
         """What the processor owns: its consumer, its models and (when it indexes) the image index."""
@@ -117,6 +141,8 @@ class ProcessorService:
 
     async def stop(self) -> None:
         """Finish the batch in hand, hand the rest back to the broker, close."""
+        self.sweeper.cancel()
+        await asyncio.gather(self.sweeper, return_exceptions=True)
         try:
             await self.consumer.stop()
         finally:

@@ -1,56 +1,116 @@
-"""Keeping job records in step with what the consumer does (see contract/jobs.py)."""
+"""Keeping job records in step with what the consumer does (see contract/jobs.py).
+
+Every write is conditional: a new record is created only if none exists, an existing one is replaced only if it
+is still the version this processor read (its ETag). When another delivery of the same job (on another
+processor) wrote in between, the record is read again and the change applied to that, unless it is finished:
+a record only moves forward. The one way back is an operator's replay (`ams-ops dlq replay`), which may run a
+failed job again; a succeeded job is never run again.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import msgspec
 import structlog
 
-from contract.jobs import JobRecord, JobStore, now_iso, record_params
+from contract.jobs import FINISHED, JobRecord, JobStore, now_iso, record_params
 from contract.messages import ErrorInfo
+from infra.storage import PreconditionFailedError, StorageUnavailableError
 from processor.handlers.base import Job
 from processor.outcomes import Failed, Succeeded
 from processor.retrying import retry_transient
 
 log = structlog.get_logger(__name__)
 
+_CONFLICT_ROUNDS = 5
+
+
+@dataclass(slots=True)
+class Tracked:
+    """A job record as this processor last read or wrote it; `etag` None: not stored yet."""
+
+    record: JobRecord
+    etag: str | None
+    replayed: bool = False  # the delivery is an operator's replay: a failed record may be reopened
+
+    @property
+    def settled(self) -> bool:
+        """Finished for good: succeeded, or failed and not being replayed."""
+        return self.record.status == "succeeded" or (self.record.status in FINISHED and not self.replayed)
+
 
 class JobTracker:
     def __init__(self, jobs: JobStore) -> None:
         self._jobs = jobs
 
-    async def load(self, job: Job) -> JobRecord:
+    async def load(self, job: Job, *, replayed: bool = False) -> Tracked:
         """The job's record, or a new one for a job that arrived without one (e.g. from an upstream system)."""
-        record = await retry_transient(lambda: self._jobs.get(job.message_id))
-        if record is None:
-            record = JobStore.new(job.message_id, job.message_type, record_params(job.payload))
-        return record
+        found = await retry_transient(lambda: self._jobs.load(job.message_id))
+        if found is None:
+            return Tracked(JobStore.new(job.message_id, job.message_type, record_params(job.payload)), None, replayed)
+        return Tracked(*found, replayed)
 
-    async def running(self, record: JobRecord, attempt: int) -> None:
-        stamp = now_iso()
-        record.status, record.updated_at, record.attempts = "running", stamp, attempt
-        record.started_at = record.started_at or stamp
-        await self._write(record)
+    async def running(self, tracked: Tracked, attempt: int) -> bool:
+        """Mark the job running; False when the stored record is already settled (then `tracked` holds it)."""
 
-    async def succeeded(self, record: JobRecord, outcome: Succeeded, attempt: int) -> None:
-        stamp = now_iso()
-        record.status, record.updated_at, record.finished_at = "succeeded", stamp, stamp
-        record.attempts, record.result, record.error = attempt, outcome.result, None
-        await self._write(record)
+        def change(record: JobRecord) -> None:
+            stamp = now_iso()
+            record.status, record.updated_at, record.attempts = "running", stamp, attempt
+            record.started_at = record.started_at or stamp
+            record.finished_at, record.error = None, None
 
-    async def failed(self, record: JobRecord, outcome: Failed, attempt: int, *, final: bool) -> None:
-        stamp = now_iso()
+        return await self._write(tracked, change)
+
+    async def succeeded(self, tracked: Tracked, outcome: Succeeded, attempt: int) -> bool:
+        def change(record: JobRecord) -> None:
+            stamp = now_iso()
+            record.status, record.updated_at, record.finished_at = "succeeded", stamp, stamp
+            record.attempts, record.result, record.error = attempt, outcome.result, None
+
+        return await self._write(tracked, change)
+
+    async def failed(self, tracked: Tracked, outcome: Failed, attempt: int, *, final: bool) -> bool:
         error = ErrorInfo(code=outcome.code, message=outcome.message)
-        record.updated_at, record.attempts, record.last_error = stamp, attempt, error
-        if final:
-            record.status, record.finished_at, record.error = "failed", stamp, error
-        else:
-            record.status = "queued"
-        await self._write(record)
+
+        def change(record: JobRecord) -> None:
+            stamp = now_iso()
+            record.updated_at, record.attempts, record.last_error = stamp, attempt, error
+            if final:
+                record.status, record.finished_at, record.error = "failed", stamp, error
+            else:
+                record.status = "queued"
+
+        return await self._write(tracked, change)
 
     async def refused(self, job_id: str, outcome: Failed, attempt: int) -> None:
         """Mark the existing record of a job that was refused before it started (if there is one) as failed."""
-        record = await retry_transient(lambda: self._jobs.get(job_id))
-        if record is not None:
-            await self.failed(record, outcome, attempt, final=True)
+        found = await retry_transient(lambda: self._jobs.load(job_id))
+        if found is not None:
+            await self.failed(Tracked(*found), outcome, attempt, final=True)
 
-    async def _write(self, record: JobRecord) -> None:
-        await retry_transient(lambda: self._jobs.put(record))
+    async def _write(self, tracked: Tracked, change: Callable[[JobRecord], None]) -> bool:
+        """Apply `change` to the record and write it conditionally; on a conflict, read the record again and
+        apply the change to that, unless it is settled (then False, nothing written)."""
+        for _ in range(_CONFLICT_ROUNDS):
+            if tracked.settled:
+                return False
+            candidate = msgspec.structs.replace(tracked.record)
+            change(candidate)
+            try:
+                if tracked.etag is None:
+                    etag = await retry_transient(lambda c=candidate: self._jobs.create(c))
+                else:
+                    etag = await retry_transient(lambda c=candidate, e=tracked.etag: self._jobs.update(c, e))
+            except PreconditionFailedError:
+                log.info("job_record_changed_meanwhile", job_id=candidate.job_id)
+                found = await retry_transient(lambda job_id=candidate.job_id: self._jobs.load(job_id))
+                if found is None:
+                    tracked.etag = None
+                else:
+                    tracked.record, tracked.etag = found
+                continue
+            tracked.record, tracked.etag, tracked.replayed = candidate, etag, False
+            return True
+        raise StorageUnavailableError(f"the record of job {tracked.record.job_id} kept changing; will retry")

@@ -32,9 +32,9 @@ import httpx
 import uvicorn
 
 from api.app import create_app
-from api.services import Services
 from infra.logging import configure_logging
 from infra.settings import Settings
+from launcher import OneProcess
 from models.diffusion import GenerationParams
 
 PROMPT = "A lighthouse on a cliff at dawn, oil painting"
@@ -81,13 +81,15 @@ async def bench(runs: int, warmup: int, width: int, height: int, steps: int) -> 
     with tempfile.TemporaryDirectory(prefix="ams-bench-") as scratch:
         settings = _settings(scratch)
         configure_logging(settings.log_level, settings.log_format)
-        services = await Services.start(settings, with_processor=True)
+        running = await OneProcess.start(settings)
         listener = _listening_socket()
         port = listener.getsockname()[1]
-        server = uvicorn.Server(uvicorn.Config(create_app(services), log_config=None, access_log=False, lifespan="off"))
+        server = uvicorn.Server(
+            uvicorn.Config(create_app(running.services), log_config=None, access_log=False, lifespan="off")
+        )
         serving = asyncio.create_task(server.serve(sockets=[listener]))
         try:
-            generator = services.runtime.generator
+            generator = running.processor.runtime.generator if running.processor is not None else None
             if generator is None:
                 raise SystemExit("the image model did not load")
             params = GenerationParams(PROMPT, None, width, height, steps, settings.image_default_guidance, 42)
@@ -104,7 +106,7 @@ async def bench(runs: int, warmup: int, width: int, height: int, steps: int) -> 
         finally:
             server.should_exit = True
             await serving
-            await services.stop()
+            await running.stop()
 
 
 def main() -> None:

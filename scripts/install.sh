@@ -2,8 +2,8 @@
 # Install what the server needs on Debian/Ubuntu, doing only what is missing (safe to re-run):
 #   - Debian packages: rabbitmq-server (unless AMQP_URL points at a broker), and with --test also sox and
 #     espeak-ng (test clips); python3-venv when the venv module is missing
-#   - the Python environment in .venv: torch, torchvision, torchaudio, then this project (with --test: its
-#     test extras)
+#   - the Python environment in .venv: torch, torchvision, torchaudio, then this project with its processor
+#     extras (diffusers, qwen-tts; with --test also the test extras)
 # Runs apt-get as root, or through sudo.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -42,11 +42,13 @@ if [ "${#packages[@]}" -gt 0 ]; then
     >/dev/null
 fi
 
-extras=""
-if [ "$mode" = test ]; then extras="[test]"; fi
+extras="[processor]"
+if [ "$mode" = test ]; then extras="[processor,test]"; fi
 stamp=".venv/.installed"
-want="$(cat pyproject.toml | sha256sum | cut -d' ' -f1) ${extras} ${TORCH_PACKAGES[*]}"
-if [ -f "$stamp" ] && { [ "$(cat "$stamp")" = "$want" ] || { [ -z "$extras" ] && grep -q "\[test\]" "$stamp"; }; }; then
+project="$(sha256sum < pyproject.toml | cut -d' ' -f1)"
+want="$project ${extras} ${TORCH_PACKAGES[*]}"
+with_tests="$project [processor,test] ${TORCH_PACKAGES[*]}"  # a test install serves a run too
+if [ -f "$stamp" ] && { [ "$(cat "$stamp")" = "$want" ] || [ "$(cat "$stamp")" = "$with_tests" ]; }; then
   exit 0
 fi
 [ -x .venv/bin/python ] || "$python" -m venv .venv

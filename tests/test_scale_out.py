@@ -4,17 +4,31 @@ with its own connection, as separate services would be."""
 from __future__ import annotations
 
 import contextlib
+import os
+import subprocess
+import sys
+import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
+import httpx
 import pytest
 
+from contract.jobs import JobStore, now_iso, record_key
+from contract.messages import IMAGE_GENERATE
 from infra.broker import queue_depths
 from infra.settings import Settings
 from infra.startup import StartupError
+from infra.storage import PreconditionFailedError, open_store
+from processor.health import create_health_app
 from processor.service import ProcessorService
-from tests.support.amqp import wait_until
+from tests.support.amqp import publish, wait_until
 from tests.support.images import encoded
+from tests.support.rabbitmq import free_port
 from tests.support.server import running_server
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @contextlib.asynccontextmanager
@@ -100,3 +114,137 @@ async def test_an_api_alone_refuses_to_start_without_the_index_owner(make_env):
         async with running_server(Settings.from_env(make_env()), with_processor=False):
             pass
     assert "python -m processor" in str(refused.value) and "QDRANT_URL" in str(refused.value)
+
+
+async def test_a_job_published_twice_to_competing_processors_leaves_one_output(make_env, rabbit):
+    """Two deliveries of each job (an upstream publishing twice) reach two processors at the same time: the
+    conditional writes leave one output object and one succeeded record per job."""
+    env = make_env(IMAGE_ENABLED="1", IMAGE_SEARCH_ENABLED="0")
+    async with processors(env, "image", "image") as pair:
+        job_ids = [str(uuid.uuid4()) for _ in range(6)]
+        for job_id in job_ids:
+            for _ in range(2):
+                await publish(env["AMQP_URL"], IMAGE_GENERATE, {"prompt": "twice", "seed": 3}, message_id=job_id)
+        jobs = JobStore(pair[0].runtime.store, 7)
+
+        async def all_settled() -> bool:
+            records = [await jobs.get(job_id) for job_id in job_ids]
+            settled = all(record is not None and record.status == "succeeded" for record in records)
+            return settled and rabbit.queue_counts(env["VHOST"])["ams.image"] == (0, 0)
+
+        await wait_until(all_settled, timeout=120)
+        store = pair[0].runtime.store
+        outputs = sorted([info.key async for info in store.list("images/generated/")])
+        assert outputs == sorted(f"images/generated/{job_id}.png" for job_id in job_ids)
+        assert rabbit.queue_counts(env["VHOST"])["ams.dead"] == (0, 0)
+
+
+async def test_a_redelivery_after_a_crash_keeps_the_first_output_and_moves_the_record_forward(make_env, rabbit):
+    """What a processor that died mid-job leaves (its output stored, the record at running) and a late write from
+    it (a zombie with the old version) cannot make a second object or move the record back."""
+    env = make_env(IMAGE_ENABLED="1", IMAGE_SEARCH_ENABLED="0")
+    async with processors(env, "image") as (survivor,):
+        store = survivor.runtime.store
+        jobs = JobStore(store, 7)
+        job_id = str(uuid.uuid4())
+        first_png = encoded(9, "PNG")
+        await store.put(f"images/generated/{job_id}.png", first_png, "image/png", if_none_match=True)
+        record = JobStore.new(job_id, IMAGE_GENERATE, {"prompt": "crash"})
+        record.status, record.attempts = "running", 1
+        stale = await jobs.create(record)
+
+        await publish(env["AMQP_URL"], IMAGE_GENERATE, {"prompt": "crash", "seed": 1}, message_id=job_id)
+
+        async def succeeded() -> bool:
+            found = await jobs.get(job_id)
+            return found is not None and found.status == "succeeded"
+
+        await wait_until(succeeded, timeout=60)
+        assert (await store.get(f"images/generated/{job_id}.png")).data == first_png
+        assert [info.key async for info in store.list("images/generated/")] == [f"images/generated/{job_id}.png"]
+        done = await jobs.get(job_id)
+        assert done.result["key"] == f"images/generated/{job_id}.png" and done.result["size"] == len(first_png)
+
+        zombie = JobStore.new(job_id, IMAGE_GENERATE, {"prompt": "crash"})
+        zombie.status = "failed"
+        with pytest.raises(PreconditionFailedError):
+            await jobs.update(zombie, stale)
+        assert (await jobs.get(job_id)).status == "succeeded"
+
+
+async def test_finished_job_records_expire(make_env):
+    settings = Settings.from_env(make_env(JOB_RECORD_TTL_DAYS="1"))
+    store = await open_store(settings)
+    try:
+        jobs = JobStore(store, settings.job_record_ttl_days)
+        old, recent, waiting = (JobStore.new(str(uuid.uuid4()), IMAGE_GENERATE, {}) for _ in range(3))
+        two_days_ago = (datetime.now(tz=UTC) - timedelta(days=2)).isoformat().replace("+00:00", "Z")
+        old.status, old.finished_at = "succeeded", two_days_ago
+        recent.status, recent.finished_at = "failed", now_iso()
+        waiting.created_at = two_days_ago
+        for record in (old, recent, waiting):
+            await jobs.create(record)
+        assert await jobs.get(old.job_id) is None, "an expired record reads as absent"
+        assert await jobs.get(recent.job_id) is not None and await jobs.get(waiting.job_id) is not None
+        assert await jobs.sweep() == 1
+        assert not await store.exists(record_key(old.job_id))
+        assert await store.exists(record_key(recent.job_id))
+    finally:
+        await store.close()
+
+
+async def test_python_m_api_alone_serves_generate_and_search_through_processors_elsewhere(make_env, tmp_path):
+    """`python -m api` as its own process; the indexing and generating processor runs in this test's process and
+    owns the embedded index, which the API uses over the engine's socket."""
+    env = make_env(IMAGE_ENABLED="1")
+    async with processors(env, "index,image") as (processor,):
+        port = free_port()
+        log = (tmp_path / "api.log").open("wb")
+        api = subprocess.Popen(
+            [sys.executable, "-m", "api"],
+            env={**os.environ, **env, "HOST": "127.0.0.1", "PORT": str(port)},
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+
+                async def ready() -> bool:
+                    try:
+                        return (await client.get("/readyz")).status_code == 200
+                    except httpx.TransportError:
+                        return False
+
+                await wait_until(ready, timeout=90, interval=0.2)
+                checks = (await client.get("/readyz")).json()["checks"]
+                assert set(checks) == {"broker", "storage", "clip_model", "qdrant"}, "what the API alone owns"
+                generated = await client.post("/v1/images/generate", json={"prompt": "elsewhere", "seed": 8})
+                assert generated.status_code == 200, generated.text
+                assert generated.content.startswith(b"\x89PNG")
+                uploaded = await client.post("/v1/images", files={"file": ("u.png", encoded(4), "image/png")})
+                assert uploaded.status_code == 201, uploaded.text
+                found = await client.post(
+                    "/v1/images/search/by-image", files={"file": ("q.png", encoded(4), "image/png")}
+                )
+                assert found.json()["results"][0]["id"] == uploaded.json()["id"]
+        finally:
+            api.terminate()
+            assert api.wait(timeout=30) == 0
+            log.close()
+
+        health = create_health_app(processor)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=health), base_url="http://processor") as client:
+            ready = await client.get("/readyz")
+            assert ready.status_code == 200
+            assert set(ready.json()["checks"]) == {
+                "broker",
+                "storage",
+                "processor",
+                "clip_model",
+                "qdrant",
+                "image_model",
+            }, "what this processor owns"
+            metrics = (await client.get("/metrics")).text
+            assert 'ams_jobs_total{outcome="succeeded",type="image.generate"}' in metrics
+            assert 'ams_queue_consumers{queue="ams.image"} 1.0' in metrics

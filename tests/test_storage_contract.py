@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from urllib.parse import parse_qs, urlparse
 
 import httpx
 import numpy as np
 import pytest
 
-from infra.storage import InvalidKeyError, ObjectNotFoundError, validate_key
+from infra.storage import InvalidKeyError, ObjectNotFoundError, PreconditionFailedError, validate_key
 from infra.storage.local import LocalStore
 from infra.storage.s3 import S3Store
 from tests.support.s3 import ACCESS_KEY, SECRET_KEY
@@ -45,6 +46,38 @@ async def test_put_overwrites(store):
     stored = await store.get("k/one.txt")
     assert (stored.data, stored.content_type) == (b"second, longer", "text/markdown")
     assert [info.key async for info in store.list("k/")] == ["k/one.txt"]
+
+
+async def test_conditional_create_writes_only_when_absent(store):
+    etag = await store.put("jobs/c.json", b"first", "application/json", if_none_match=True)
+    assert etag and (await store.get("jobs/c.json")).etag == etag
+    with pytest.raises(PreconditionFailedError):
+        await store.put("jobs/c.json", b"second", "application/json", if_none_match=True)
+    assert (await store.get("jobs/c.json")).data == b"first"
+
+
+async def test_conditional_update_writes_only_the_version_read(store):
+    first = await store.put("jobs/u.json", b"v1", "application/json")
+    second = await store.put("jobs/u.json", b"v2", "application/json", if_match=first)
+    assert second != first
+    with pytest.raises(PreconditionFailedError):
+        await store.put("jobs/u.json", b"stale", "application/json", if_match=first)
+    assert (await store.get("jobs/u.json")).data == b"v2"
+    await store.delete("jobs/u.json")
+    with pytest.raises(PreconditionFailedError):
+        await store.put("jobs/u.json", b"gone", "application/json", if_match=second)
+    assert not await store.exists("jobs/u.json")
+
+
+async def test_of_racing_conditional_creates_exactly_one_wins(store):
+    outcomes = await asyncio.gather(
+        *(store.put("race/one.bin", bytes([n]) * 64, "application/octet-stream", if_none_match=True) for n in range(8)),
+        return_exceptions=True,
+    )
+    winners = [outcome for outcome in outcomes if isinstance(outcome, str)]
+    assert len(winners) == 1
+    assert all(isinstance(outcome, PreconditionFailedError) for outcome in outcomes if outcome not in winners)
+    assert (await store.get("race/one.bin")).etag == winners[0]
 
 
 async def test_missing_objects(store):

@@ -27,6 +27,18 @@ class ObjectNotFoundError(StorageError, KeyError):
         return f"no object at key {self.key!r}"
 
 
+class PreconditionFailedError(StorageError):
+    """A conditional write found the object not as expected: present (create) or changed or gone (update)."""
+
+    def __init__(self, key: str, condition: str) -> None:
+        super().__init__(key, condition)
+        self.key = key
+        self.condition = condition
+
+    def __str__(self) -> str:
+        return f"conditional write of {self.key!r} refused ({self.condition})"
+
+
 class StorageUnavailableError(StorageError):
     """The store did not answer or answered with a server error; retrying may help."""
 
@@ -36,6 +48,7 @@ class StoredObject:
     key: str
     data: bytes
     content_type: str
+    etag: str = ""  # the version, for a conditional update (put(..., if_match=etag))
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,8 +63,15 @@ class ObjectStore(abc.ABC):
     name: str
 
     @abc.abstractmethod
-    async def put(self, key: str, data: bytes, content_type: str) -> None:
-        """Write the whole object atomically: readers see the old object or the new one, never a part."""
+    async def put(
+        self, key: str, data: bytes, content_type: str, *, if_none_match: bool = False, if_match: str | None = None
+    ) -> str:
+        """Write the whole object atomically: readers see the old object or the new one, never a part. Returns
+        the new version's ETag.
+
+        Conditional writes (S3/R2 `If-None-Match: *` and `If-Match`): with if_none_match, only when no object
+        exists under the key; with if_match, only when the object is still at that ETag. Otherwise
+        PreconditionFailedError, and nothing is written. Of two racing conditional writes, one wins."""
 
     @abc.abstractmethod
     async def put_file(self, key: str, path: Path, content_type: str) -> None:

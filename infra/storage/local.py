@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import fcntl
 import hashlib
 import hmac
 import json
@@ -30,12 +31,18 @@ from infra.storage.base import (
     ObjectInfo,
     ObjectNotFoundError,
     ObjectStore,
+    PreconditionFailedError,
     StorageUnavailableError,
     StoredObject,
 )
 from infra.storage.keys import validate_key, validate_prefix
 
 FILES_ROUTE = "/v1/files/"
+
+
+def _etag(data: bytes) -> str:
+    """The object's version: the MD5 of its bytes, as S3 gives for a single-part upload."""
+    return hashlib.md5(data, usedforsecurity=False).hexdigest()
 
 
 class LocalStore(ObjectStore):
@@ -46,6 +53,7 @@ class LocalStore(ObjectStore):
         self._objects = root / "objects"
         self._meta = root / "meta"
         self._tmp = root / "tmp"
+        self._conditions_lock = root / "conditional-writes.lock"
         for path in (self._objects, self._meta, self._tmp):
             path.mkdir(parents=True, exist_ok=True)
         self._secret = signing_key.encode() if signing_key else self._load_or_create_secret()
@@ -97,8 +105,35 @@ class LocalStore(ObjectStore):
         except NotADirectoryError as exc:
             raise StorageUnavailableError(f"cannot store {key!r}: a parent of it is an object") from exc
 
-    async def put(self, key: str, data: bytes, content_type: str) -> None:
-        await self._put(key, lambda fh: fh.write(data), content_type)
+    async def put(
+        self, key: str, data: bytes, content_type: str, *, if_none_match: bool = False, if_match: str | None = None
+    ) -> str:
+        if not if_none_match and if_match is None:
+            await self._put(key, lambda fh: fh.write(data), content_type)
+            return _etag(data)
+        validate_key(key)
+        await asyncio.to_thread(self._put_conditional_sync, key, data, content_type, if_none_match, if_match)
+        return _etag(data)
+
+    def _put_conditional_sync(
+        self, key: str, data: bytes, content_type: str, if_none_match: bool, if_match: str | None
+    ) -> None:
+        """Check and write under an exclusive lock on the store (flock: across threads and processes)."""
+        with self._conditions_lock.open("a+b") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            path = self._object_path(key)
+            try:
+                current: str | None = _etag(path.read_bytes())
+            except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+                current = None
+            if if_none_match and current is not None:
+                raise PreconditionFailedError(key, "If-None-Match: *")
+            if if_match is not None and current != if_match:
+                raise PreconditionFailedError(key, f"If-Match: {if_match}")
+            try:
+                self._put_sync(key, lambda fh: fh.write(data), content_type)
+            except NotADirectoryError as exc:
+                raise StorageUnavailableError(f"cannot store {key!r}: a parent of it is an object") from exc
 
     async def put_file(self, key: str, path: Path, content_type: str) -> None:
         def copy(fh: BinaryIO) -> None:
@@ -128,7 +163,7 @@ class LocalStore(ObjectStore):
             content_type = json.loads(self._meta_path(key).read_bytes())["content_type"]
         except (FileNotFoundError, ValueError, KeyError):
             content_type = "application/octet-stream"
-        return StoredObject(key=key, data=data, content_type=content_type)
+        return StoredObject(key=key, data=data, content_type=content_type, etag=_etag(data))
 
     async def get(self, key: str) -> StoredObject:
         validate_key(key)

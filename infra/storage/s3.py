@@ -16,6 +16,7 @@ from infra.storage.base import (
     ObjectInfo,
     ObjectNotFoundError,
     ObjectStore,
+    PreconditionFailedError,
     StorageError,
     StorageUnavailableError,
     StoredObject,
@@ -23,6 +24,22 @@ from infra.storage.base import (
 from infra.storage.keys import validate_key, validate_prefix
 
 _NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
+# S3 and R2 answer a failed condition with 412 PreconditionFailed; S3 with 409 ConditionalRequestConflict when
+# two conditional writes race
+_CONDITION_FAILED = {"PreconditionFailed", "ConditionalRequestConflict", "412"}
+
+
+def _refused_condition(exc: Exception, translated: Exception) -> bool:
+    """Whether a conditional put failed its condition (an If-Match on a deleted object counts as failed)."""
+    if isinstance(translated, ObjectNotFoundError):
+        return True
+    if not isinstance(exc, ClientError):
+        return False
+    code = str(exc.response.get("Error", {}).get("Code", ""))
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+    return code in _CONDITION_FAILED or status in (409, 412)
+
+
 PART_BYTES = 64 * 1024 * 1024
 
 
@@ -79,12 +96,27 @@ class S3Store(ObjectStore):
             return StorageError(f"object store refused {key!r}: {exc}")
         return StorageUnavailableError(f"object store unreachable ({type(exc).__name__}: {exc})")
 
-    async def put(self, key: str, data: bytes, content_type: str) -> None:
+    async def put(
+        self, key: str, data: bytes, content_type: str, *, if_none_match: bool = False, if_match: str | None = None
+    ) -> str:
         validate_key(key)
+        conditions: dict[str, str] = {}
+        if if_none_match:
+            conditions["IfNoneMatch"] = "*"
+        if if_match is not None:
+            conditions["IfMatch"] = f'"{if_match}"'
         try:
-            await self._client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type)
+            response = await self._client.put_object(
+                Bucket=self.bucket, Key=key, Body=data, ContentType=content_type, **conditions
+            )
         except (ClientError, BotoCoreError, OSError) as exc:
-            raise self._translate(exc, key) from exc
+            translated = self._translate(exc, key)
+            if conditions and _refused_condition(exc, translated):
+                raise PreconditionFailedError(
+                    key, "If-None-Match: *" if if_none_match else f"If-Match: {if_match}"
+                ) from exc
+            raise translated from exc
+        return str(response.get("ETag", "")).strip('"')
 
     async def put_file(self, key: str, path: Path, content_type: str) -> None:
         validate_key(key)
@@ -140,7 +172,12 @@ class S3Store(ObjectStore):
                 data = await body.read()
         except (ClientError, BotoCoreError, OSError) as exc:
             raise self._translate(exc, key) from exc
-        return StoredObject(key=key, data=data, content_type=response.get("ContentType") or "application/octet-stream")
+        return StoredObject(
+            key=key,
+            data=data,
+            content_type=response.get("ContentType") or "application/octet-stream",
+            etag=str(response.get("ETag", "")).strip('"'),
+        )
 
     async def exists(self, key: str) -> bool:
         validate_key(key)

@@ -14,7 +14,8 @@ from infra.storage import ObjectStore
 from models.diffusion import GenerationParams, ImageGenerator, UnsupportedParameterError
 from processor.handlers.base import Job
 from processor.outcomes import Failed, Outcome, Succeeded
-from processor.retrying import TRANSIENT_ERRORS, retry_transient
+from processor.outputs import store_once
+from processor.retrying import TRANSIENT_ERRORS
 
 log = structlog.get_logger(__name__)
 
@@ -67,7 +68,7 @@ class ImageGenerateHandler:
             return Failed("unsupported_parameter", str(exc))
         key = generated_key(job.message_id)
         try:
-            await retry_transient(lambda: self._store.put(key, png, "image/png"))
+            png = await store_once(self._store, key, png, "image/png")
         except TRANSIENT_ERRORS as exc:
             return Failed("storage_unavailable", str(exc), transient=True)
         log.info(

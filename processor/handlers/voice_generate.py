@@ -15,6 +15,7 @@ from infra.storage import InvalidKeyError, ObjectNotFoundError, ObjectStore
 from models.voice import VoiceCloner
 from processor.handlers.base import Job
 from processor.outcomes import Failed, Outcome, Succeeded
+from processor.outputs import store_once
 from processor.retrying import TRANSIENT_ERRORS, retry_transient
 from processor.text_chunks import split_text
 
@@ -86,7 +87,7 @@ class VoiceGenerateHandler:
         mp3 = await asyncio.to_thread(encode_mp3, wave, SAMPLE_RATE, settings.voice_mp3_bitrate_kbps * 1000)
         key = generated_key(job.message_id)
         try:
-            await retry_transient(lambda: self._store.put(key, mp3, "audio/mpeg"))
+            mp3 = await store_once(self._store, key, mp3, "audio/mpeg")
         except TRANSIENT_ERRORS as exc:
             return Failed("storage_unavailable", str(exc), transient=True)
         seconds = round(len(wave) / SAMPLE_RATE, 3)
