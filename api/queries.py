@@ -12,7 +12,7 @@ import numpy as np
 from api.errors import ApiError
 from api.replies import ReplyListener
 from contract.messages import IMAGE_EMBED, MSGPACK, ImageEmbedV1, encode
-from infra.broker import Priority, Publisher
+from infra.broker import Priority, Publisher, consumers_of
 from models.clip import ClipEmbedder
 
 
@@ -42,6 +42,13 @@ class QueryEncoder:
         return await self._remote(data)
 
     async def _remote(self, data: bytes) -> list[float]:
+        if not await consumers_of(self._publisher.connection, "index"):
+            raise ApiError(
+                503,
+                "index_unavailable",
+                "no indexing processor is running to embed the example image (start one with the index "
+                "capability: PROCESSOR_CAPABILITIES); retry shortly",
+            )
         request_id = str(uuid.uuid4())
         future = self._replies.expect(request_id)
         try:

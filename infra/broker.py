@@ -209,6 +209,16 @@ def all_queue_names() -> list[str]:
     ]
 
 
+async def consumers_of(connection: AbstractRobustConnection, capability: str) -> int:
+    """How many processors consume the queue of this capability right now (a passive declare)."""
+    try:
+        async with connection.channel() as channel:
+            queue = await channel.declare_queue(queue_of(capability), passive=True)
+            return queue.declaration_result.consumer_count or 0
+    except (aio_pika.exceptions.AMQPError, ConnectionError, OSError) as exc:
+        raise BrokerUnavailableError(f"could not read the consumers of {queue_of(capability)}: {exc}") from exc
+
+
 async def queue_depths(connection: AbstractRobustConnection) -> dict[str, tuple[int, int]]:
     """For each queue of the topology: (messages ready, consumers), read with passive declares."""
     try:

@@ -84,6 +84,17 @@ class OpenedIndex:
         await self.index.close()
 
 
+def _startup_error(exc: BaseException, where: str) -> StartupError | None:
+    """The one-line start-up error for an index failure, or None for anything else."""
+    if isinstance(exc, (EmbeddingModelMismatchError, IndexInUseError)):
+        return StartupError(str(exc))
+    if isinstance(exc, IndexBackupError):
+        return StartupError(f"{exc} (or set IMAGE_SEARCH_DB_BACKUP_ENABLED=0 to start without restoring a backup)")
+    if isinstance(exc, VectorIndexUnavailableError):
+        return StartupError(f"{exc} ({where})")
+    return None
+
+
 async def open_image_index(
     settings: Settings, store: ObjectStore, model_id: str, dim: int, *, attach: bool = False
 ) -> OpenedIndex:
@@ -99,37 +110,29 @@ async def open_image_index(
         else f"embedded index {settings.image_search_db_path}"
     )
     try:
-        if attach:
-            index = await attach_index(settings)
-            if index is None:
-                raise StartupError(
-                    f"no process runs the embedded index at {settings.image_search_db_path}: it belongs to the "
-                    "processor that indexes (python -m processor), so start that first; or run both in one process "
-                    "(python -m launcher), or use a Qdrant server (QDRANT_URL)"
-                )
-            await index.ensure_collection(model_id, dim)
-            return OpenedIndex(index, None)
-        index = await open_index(settings)
-    except (EmbeddingModelMismatchError, IndexInUseError) as exc:
-        raise StartupError(str(exc)) from exc
-    except VectorIndexUnavailableError as exc:
-        raise StartupError(f"{exc} ({where})") from exc
+        index = await (attach_index(settings) if attach else open_index(settings))
+    except BaseException as exc:
+        error = _startup_error(exc, where)
+        if error is None:
+            raise
+        raise error from exc
+    if index is None:
+        raise StartupError(
+            f"no process runs the embedded index at {settings.image_search_db_path}: it belongs to the processor "
+            "that indexes (python -m processor), so start that first; or run both in one process "
+            "(python -m launcher), or use a Qdrant server (QDRANT_URL)"
+        )
+    backups = None if attach else automatic_backups(settings, index, store, model_id)
     try:
-        backups = automatic_backups(settings, index, store, model_id)
         if backups is not None and index.fresh:
             await backups.restore()
         await index.ensure_collection(model_id, dim)
     except BaseException as exc:
         await index.close()
-        if isinstance(exc, (EmbeddingModelMismatchError, IndexInUseError)):
-            raise StartupError(str(exc)) from exc
-        if isinstance(exc, IndexBackupError):
-            raise StartupError(
-                f"{exc} (or set IMAGE_SEARCH_DB_BACKUP_ENABLED=0 to start without restoring a backup)"
-            ) from exc
-        if isinstance(exc, VectorIndexUnavailableError):
-            raise StartupError(f"{exc} ({where})") from exc
-        raise
+        error = _startup_error(exc, where)
+        if error is None:
+            raise
+        raise error from exc
     schedule = None
     if backups is not None:
         schedule = BackupSchedule(backups, settings.image_search_db_backup_interval_seconds)

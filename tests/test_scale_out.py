@@ -22,6 +22,7 @@ from infra.settings import Settings
 from infra.startup import StartupError
 from infra.storage import PreconditionFailedError, open_store
 from processor.health import create_health_app
+from processor.runtime import Runtime
 from processor.service import ProcessorService
 from tests.support.amqp import publish, wait_until
 from tests.support.images import encoded
@@ -248,3 +249,21 @@ async def test_python_m_api_alone_serves_generate_and_search_through_processors_
             metrics = (await client.get("/metrics")).text
             assert 'ams_jobs_total{outcome="succeeded",type="image.generate"}' in metrics
             assert 'ams_queue_consumers{queue="ams.image"} 1.0' in metrics
+
+
+async def test_search_by_image_without_an_indexing_processor_says_so(make_env):
+    """The index's owner runs, but no processor consumes ams.index: an API alone answers at once, not after the
+    sync timeout."""
+    settings = Settings.from_env(make_env())
+    owner = await Runtime.open(settings, capabilities=("index",))
+    try:
+        async with running_server(settings, with_processor=False) as api:
+            found = await api.client.post(
+                "/v1/images/search/by-image", files={"file": ("q.png", encoded(4), "image/png")}
+            )
+            assert found.status_code == 503
+            assert found.json()["code"] == "index_unavailable"
+            assert "PROCESSOR_CAPABILITIES" in found.json()["message"]
+            assert (await api.client.post("/v1/images/search", json={"query": "text still works"})).status_code == 200
+    finally:
+        await owner.close()
