@@ -7,6 +7,7 @@ from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
 
+from api.body_check import check_json_body
 from api.errors import EXCEPTION_HANDLERS
 from api.routes import ROUTES, VOICE_UPLOAD_ROUTES
 from api.services import Services
@@ -27,6 +28,7 @@ def create_app(services: Services) -> Litestar:
         route_handlers=[*ROUTES, voice_uploads],
         dependencies={"services": Provide(lambda: services, use_cache=True, sync_to_thread=False)},
         exception_handlers=EXCEPTION_HANDLERS,
+        before_request=check_json_body,
         request_max_body_size=settings.image_search_max_bytes + MULTIPART_OVERHEAD_BYTES,
         multipart_form_part_limit=32,
         openapi_config=OpenAPIConfig(

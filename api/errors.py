@@ -22,22 +22,33 @@ from infra.vectors import VectorIndexUnavailableError
 log = structlog.get_logger(__name__)
 
 
-class ApiError(Exception):
-    """An error with its HTTP status, machine code and a message that says what to fix."""
+# what a 503 for a dependency that is down or busy (broker, storage, index) tells the client to wait, in seconds
+RETRY_AFTER_SECONDS = 5
 
-    def __init__(self, status: int, code: str, message: str, details: Any = None) -> None:
+
+class ApiError(Exception):
+    """An error with its HTTP status, machine code and a message that says what to fix; `retry_after` (seconds)
+    for a condition that passes."""
+
+    def __init__(
+        self, status: int, code: str, message: str, details: Any = None, *, retry_after: int | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.details = details
+        self.retry_after = retry_after
 
 
-def error_response(status: int, code: str, message: str, details: Any = None) -> Response[dict[str, Any]]:
+def error_response(
+    status: int, code: str, message: str, details: Any = None, *, retry_after: int | None = None
+) -> Response[dict[str, Any]]:
     body: dict[str, Any] = {"status": status, "code": code, "message": message}
     if details:
         body["details"] = details
-    return Response(body, status_code=status, media_type="application/json")
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+    return Response(body, status_code=status, media_type="application/json", headers=headers)
 
 
 _HTTP_CODES = {
@@ -54,11 +65,19 @@ _HTTP_CODES = {
 
 
 def _api_error(_: Request, exc: ApiError) -> Response[dict[str, Any]]:
-    return error_response(exc.status, exc.code, exc.message, exc.details)
+    return error_response(exc.status, exc.code, exc.message, exc.details, retry_after=exc.retry_after)
 
 
 def _validation(_: Request, exc: ValidationException) -> Response[dict[str, Any]]:
     details = exc.extra if isinstance(exc.extra, list) else []
+    repeated = [
+        item.get("key")
+        for item in details
+        if isinstance(item, dict) and "Unsupported type: <class 'list'>" in str(item.get("message", ""))
+    ]
+    if repeated:
+        fields = ", ".join(f"`{key}`" for key in repeated)
+        return error_response(400, "invalid_request", f"send one {fields} field, not several")
     problems = [
         f"{item.get('key', '?')}: {item.get('message', 'invalid')}" for item in details if isinstance(item, dict)
     ]
@@ -72,6 +91,12 @@ def _http(request: Request, exc: HTTPException) -> Response[dict[str, Any]]:
         limit = request.route_handler.resolve_request_max_body_size()
         message = f"the request body is larger than {limit} bytes" if limit else "the request body is too large"
         return error_response(413, "payload_too_large", message)
+    if status == 400 and exc.detail == "Request Entity Too Large":
+        # Litestar's multipart parser past multipart_form_part_limit
+        limit = request.app.multipart_form_part_limit
+        return error_response(
+            413, "too_many_parts", f"the multipart body has more than {limit} parts; send the documented fields only"
+        )
     if status == 400 and exc.detail == "Invalid multipart/form-data":
         content_type = request.headers.get("content-type", "none")
         return error_response(
@@ -101,7 +126,9 @@ def _not_found(_: Request, exc: ObjectNotFoundError) -> Response[dict[str, Any]]
 def _unavailable(code: str, what: str) -> Any:
     def handler(_: Request, exc: Exception) -> Response[dict[str, Any]]:
         log.warning("dependency_unavailable", dependency=what, error=str(exc))
-        return error_response(503, code, f"{what} is unavailable right now; retry shortly ({exc})")
+        return error_response(
+            503, code, f"{what} is unavailable right now; retry shortly ({exc})", retry_after=RETRY_AFTER_SECONDS
+        )
 
     return handler
 

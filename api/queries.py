@@ -9,7 +9,7 @@ import uuid
 
 import numpy as np
 
-from api.errors import ApiError
+from api.errors import RETRY_AFTER_SECONDS, ApiError
 from api.replies import ReplyListener
 from contract.messages import IMAGE_EMBED, MSGPACK, ImageEmbedV1, encode
 from infra.broker import Priority, Publisher, consumers_of
@@ -48,6 +48,7 @@ class QueryEncoder:
                 "index_unavailable",
                 "no indexing processor is running to embed the example image (start one with the index "
                 "capability: PROCESSOR_CAPABILITIES); retry shortly",
+                retry_after=RETRY_AFTER_SECONDS,
             )
         request_id = str(uuid.uuid4())
         future = self._replies.expect(request_id)
@@ -71,6 +72,7 @@ class QueryEncoder:
                 "index_unavailable",
                 f"no indexing processor embedded the example image within {self._timeout:g} s "
                 "(is a processor with the index capability running?); retry shortly",
+                retry_after=RETRY_AFTER_SECONDS,
             )
         if reply.status != "succeeded" or reply.attachment is None:
             error = reply.error

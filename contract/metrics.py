@@ -10,7 +10,7 @@ from __future__ import annotations
 from aio_pika.abc import AbstractRobustConnection
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from infra.broker import queue_depths
+from infra.broker import BrokerUnavailableError, queue_depths
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -35,6 +35,11 @@ QUEUE_MESSAGES = Gauge(
     registry=REGISTRY,
 )
 QUEUE_CONSUMERS = Gauge("ams_queue_consumers", "Consumers attached to each queue.", ["queue"], registry=REGISTRY)
+BROKER_REACHABLE = Gauge(
+    "ams_broker_reachable",
+    "1 when this scrape read the queues from RabbitMQ; 0 when it could not (the queue gauges are then absent).",
+    registry=REGISTRY,
+)
 
 
 def job_settled(job_type: str, outcome: str, seconds: float | None = None) -> None:
@@ -44,7 +49,16 @@ def job_settled(job_type: str, outcome: str, seconds: float | None = None) -> No
 
 
 async def record_queue_depths(connection: AbstractRobustConnection) -> None:
-    """Read every queue's depth and consumers into the gauges (BrokerUnavailableError when the broker is down)."""
-    for queue, (messages, consumers) in (await queue_depths(connection)).items():
+    """Read every queue's depth and consumers into the gauges. With the broker down the scrape still answers: the
+    queue gauges are dropped (stale values would mislead) and ams_broker_reachable says 0."""
+    try:
+        depths = await queue_depths(connection)
+    except BrokerUnavailableError:
+        QUEUE_MESSAGES.clear()
+        QUEUE_CONSUMERS.clear()
+        BROKER_REACHABLE.set(0)
+        return
+    for queue, (messages, consumers) in depths.items():
         QUEUE_MESSAGES.labels(queue).set(messages)
         QUEUE_CONSUMERS.labels(queue).set(consumers)
+    BROKER_REACHABLE.set(1)

@@ -79,6 +79,18 @@ FIRST_FAILURE_HEADER = "x-ams-first-failed-at"
 LAST_FAILURE_HEADER = "x-ams-last-failed-at"
 RETRY_DELAYS_SECONDS = (1, 5, 30, 120)
 MAX_PRIORITY = 9
+PUBLISH_TIMEOUT_SECONDS = 10.0
+
+# What aio-pika raises while the broker is away or refuses: AMQP errors, socket errors, a confirm that does not
+# come (TimeoutError), and RuntimeError for a channel or connection that is closed or not reopened yet
+# ("Channel was not opened", "Connection was not opened": aiormq's ChannelInvalidStateError is one).
+BROKER_ERRORS: tuple[type[BaseException], ...] = (
+    aio_pika.exceptions.AMQPError,
+    ConnectionError,
+    OSError,
+    TimeoutError,
+    RuntimeError,
+)
 
 
 class Priority:
@@ -121,6 +133,10 @@ class Topology:
     retry_exchange: AbstractExchange
 
 
+_CAPABILITY_QUEUE_ARGUMENTS = {"x-max-priority": MAX_PRIORITY, "x-dead-letter-exchange": DEAD_EXCHANGE}
+_UNROUTED_QUEUE_ARGUMENTS = {"x-dead-letter-exchange": DEAD_EXCHANGE}
+
+
 async def declare_topology(connection: AbstractConnection) -> None:
     """Declare every exchange and queue, and move messages out of the single queue of earlier versions; safe to
     call any number of times from any process."""
@@ -133,17 +149,13 @@ async def declare_topology(connection: AbstractConnection) -> None:
                 UNROUTED_EXCHANGE, aio_pika.ExchangeType.FANOUT, durable=True
             )
             unrouted_queue = await channel.declare_queue(
-                UNROUTED_QUEUE, durable=True, arguments={"x-dead-letter-exchange": DEAD_EXCHANGE}
+                UNROUTED_QUEUE, durable=True, arguments=_UNROUTED_QUEUE_ARGUMENTS
             )
             await unrouted_queue.bind(unrouted_exchange, routing_key="")
         async with connection.channel() as channel:
             await channel.declare_exchange(JOBS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
             for name, routing_keys in CAPABILITY_QUEUES.values():
-                queue = await channel.declare_queue(
-                    name,
-                    durable=True,
-                    arguments={"x-max-priority": MAX_PRIORITY, "x-dead-letter-exchange": DEAD_EXCHANGE},
-                )
+                queue = await channel.declare_queue(name, durable=True, arguments=_CAPABILITY_QUEUE_ARGUMENTS)
                 for routing_key in routing_keys:
                     await queue.bind(JOBS_EXCHANGE, routing_key=routing_key)
             retry_exchange = await channel.declare_exchange(RETRY_EXCHANGE, aio_pika.ExchangeType.HEADERS, durable=True)
@@ -155,22 +167,24 @@ async def declare_topology(connection: AbstractConnection) -> None:
                 )
                 await retry_queue.bind(retry_exchange, arguments={"x-match": "all", RETRY_DELAY_HEADER: str(delay)})
         await _move_legacy_queue(connection)
-    except (aio_pika.exceptions.AMQPError, ConnectionError, OSError) as exc:
+    except BROKER_ERRORS as exc:
         raise BrokerUnavailableError(f"could not declare the topology: {exc}") from exc
 
 
 async def topology_on(channel: AbstractChannel) -> Topology:
-    """The declared topology's exchanges and queues as objects of this channel (nothing is declared)."""
+    """The topology's exchanges and queues as objects of this channel, declared again on it (idempotent, after
+    declare_topology): a robust channel re-declares what was declared on it after a reconnect, and restores its
+    consumers only on queues it declared."""
     return Topology(
-        jobs_exchange=await channel.get_exchange(JOBS_EXCHANGE, ensure=False),
+        jobs_exchange=await channel.declare_exchange(JOBS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True),
         queues={
-            capability: await channel.get_queue(name, ensure=False)
+            capability: await channel.declare_queue(name, durable=True, arguments=_CAPABILITY_QUEUE_ARGUMENTS)
             for capability, (name, _) in CAPABILITY_QUEUES.items()
         },
-        unrouted_queue=await channel.get_queue(UNROUTED_QUEUE, ensure=False),
-        dead_exchange=await channel.get_exchange(DEAD_EXCHANGE, ensure=False),
-        dead_queue=await channel.get_queue(DEAD_QUEUE, ensure=False),
-        retry_exchange=await channel.get_exchange(RETRY_EXCHANGE, ensure=False),
+        unrouted_queue=await channel.declare_queue(UNROUTED_QUEUE, durable=True, arguments=_UNROUTED_QUEUE_ARGUMENTS),
+        dead_exchange=await channel.declare_exchange(DEAD_EXCHANGE, aio_pika.ExchangeType.FANOUT, durable=True),
+        dead_queue=await channel.declare_queue(DEAD_QUEUE, durable=True),
+        retry_exchange=await channel.declare_exchange(RETRY_EXCHANGE, aio_pika.ExchangeType.HEADERS, durable=True),
     )
 
 
@@ -215,7 +229,7 @@ async def consumers_of(connection: AbstractRobustConnection, capability: str) ->
         async with connection.channel() as channel:
             queue = await channel.declare_queue(queue_of(capability), passive=True)
             return queue.declaration_result.consumer_count or 0
-    except (aio_pika.exceptions.AMQPError, ConnectionError, OSError) as exc:
+    except BROKER_ERRORS as exc:
         raise BrokerUnavailableError(f"could not read the consumers of {queue_of(capability)}: {exc}") from exc
 
 
@@ -229,7 +243,7 @@ async def queue_depths(connection: AbstractRobustConnection) -> dict[str, tuple[
                 result = queue.declaration_result
                 depths[name] = (result.message_count or 0, result.consumer_count or 0)
             return depths
-    except (aio_pika.exceptions.AMQPError, ConnectionError, OSError) as exc:
+    except BROKER_ERRORS as exc:
         raise BrokerUnavailableError(f"could not read queue depths: {exc}") from exc
 
 
@@ -302,8 +316,10 @@ class Publisher:
             headers=dict(headers or {}),
         )
         try:
-            await self.topology.jobs_exchange.publish(message, routing_key=message_type, mandatory=True)
-        except (aio_pika.exceptions.AMQPError, ConnectionError, OSError) as exc:
+            await self.topology.jobs_exchange.publish(
+                message, routing_key=message_type, mandatory=True, timeout=PUBLISH_TIMEOUT_SECONDS
+            )
+        except BROKER_ERRORS as exc:
             raise BrokerUnavailableError(f"could not publish {message_type} message {message_id}: {exc}") from exc
 
     async def republish(
@@ -326,7 +342,7 @@ class Publisher:
         routing_key = message.routing_key or message.type or ""
         try:
             await exchange.publish(copy, routing_key=routing_key, mandatory=True)
-        except (aio_pika.exceptions.AMQPError, ConnectionError, OSError) as exc:
+        except BROKER_ERRORS as exc:
             raise BrokerUnavailableError(f"could not republish message {message.message_id}: {exc}") from exc
 
     async def reply(self, reply_to: str, correlation_id: str, body: bytes, content_type: str) -> None:
@@ -339,7 +355,7 @@ class Publisher:
         )
         try:
             await self.channel.default_exchange.publish(message, routing_key=reply_to)
-        except (aio_pika.exceptions.AMQPError, ConnectionError, OSError) as exc:
+        except BROKER_ERRORS as exc:
             log.warning("reply_failed", reply_to=reply_to, correlation_id=correlation_id, error=str(exc))
 
 

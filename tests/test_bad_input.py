@@ -214,3 +214,43 @@ async def test_error_bodies_are_json_objects(server):
     response = await server.client.post("/v1/images/search", content=b"nope", headers={"content-type": "text/plain"})
     assert response.status_code in (400, 415)
     assert isinstance(json.loads(response.content), dict)
+
+
+DEEP = b'{"query": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+DEEP_PARAMS = b'{"type": "image.generate", "params": {"prompt": "x", "extra": ' + b"[" * 5000 + b"]" * 5000 + b"}}"
+BAD_UTF8 = b'{"query": "caf\xc3\x28 \xff"}'
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/images/search", DEEP),
+        ("/v1/jobs", DEEP_PARAMS),
+        ("/v1/images/generate", b'{"prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}"),
+        ("/v1/images/search", BAD_UTF8),
+        ("/v1/jobs", b'{"type": "image.generate", "params": {"prompt": "\xed\xa0\x80"}}'),
+        ("/v1/images/generate", b'{"prompt": "\xff\xfe"}'),
+    ],
+    ids=["deep-search", "deep-jobs", "deep-generate", "utf8-search", "utf8-jobs", "utf8-generate"],
+)
+async def test_deeply_nested_or_invalid_utf8_json_is_a_400(server, nothing_written, path, body):
+    response = await server.client.post(path, content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 400, response.text
+    assert response.json()["code"] == "malformed_json"
+
+
+async def test_too_many_multipart_parts_is_a_413_that_says_so(server, nothing_written):
+    files = [("file", ("a.png", encoded(1), "image/png"))] + [(f"field{n}", (None, "x")) for n in range(40)]
+    response = await server.client.post("/v1/images", files=files)
+    assert response.status_code == 413, response.text
+    assert response.json()["code"] == "too_many_parts"
+    assert "32" in response.json()["message"]
+
+
+async def test_two_file_fields_is_a_400_that_says_so(server, nothing_written):
+    files = [("file", ("a.png", encoded(1), "image/png")), ("file", ("b.png", encoded(2), "image/png"))]
+    for path in ("/v1/images", "/v1/images/search/by-image"):
+        response = await server.client.post(path, files=files)
+        assert response.status_code == 400, response.text
+        assert response.json()["code"] == "invalid_request"
+        assert "one `file`" in response.json()["message"]

@@ -14,12 +14,11 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
-import aio_pika
 import httpx
 
 from contract.image_ids import image_id_for_key
 from contract.messages import IMAGE_INDEX, JSON
-from infra.broker import BrokerUnavailableError, Priority, Publisher, connect, redact
+from infra.broker import BROKER_ERRORS, BrokerUnavailableError, Priority, Publisher, connect, redact
 from infra.settings import Settings
 from infra.storage.base import StorageError
 from infra.storage.factory import open_store
@@ -152,7 +151,7 @@ async def _publisher(settings: Settings) -> AsyncIterator[Publisher]:
     try:
         try:
             publisher = await Publisher.open(connection)
-        except (aio_pika.exceptions.AMQPError, ConnectionError, OSError) as exc:
+        except BROKER_ERRORS as exc:
             raise OperationFailedError(
                 f"RabbitMQ at {redact(settings.amqp_url)} (AMQP_URL) refused the topology: {exc}"
             ) from None

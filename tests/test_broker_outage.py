@@ -1,0 +1,86 @@
+"""RabbitMQ stopped and started again under the running server (its own broker node, so the session's node is not
+disturbed): writes answer 503 broker_unavailable with Retry-After, nothing half-written is left, an
+Idempotency-Key first tried during the outage works afterwards, /metrics keeps answering, and the server
+recovers on its own."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from contract.jobs import JOBS_PREFIX
+from infra.settings import Settings
+from tests.support.amqp import wait_until
+from tests.support.images import encoded
+from tests.support.rabbitmq import RabbitNode
+from tests.support.server import running_server
+
+
+@pytest.fixture(scope="module")
+def own_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitNode]:
+    node = RabbitNode(tmp_path_factory.mktemp("outage-rabbitmq"))
+    node.start()
+    yield node
+    node.stop()
+
+
+async def _jobs(server) -> list[str]:
+    return [info.key async for info in server.services.store.list(JOBS_PREFIX)]
+
+
+async def test_writes_during_a_broker_outage_get_503_and_leave_nothing(make_env, own_broker):
+    env = {**make_env(IMAGE_ENABLED="1"), "AMQP_URL": own_broker.add_vhost("outage")}
+    async with running_server(Settings.from_env(env)) as server:
+        client = server.client
+        warm = await client.post("/v1/images/generate", json={"prompt": "before", "seed": 1})
+        assert warm.status_code == 200
+        records_before = await _jobs(server)
+
+        own_broker.ctl("stop_app")
+        try:
+
+            async def broker_down() -> bool:
+                return (await client.get("/readyz")).json()["checks"]["broker"] != "ok"
+
+            await wait_until(broker_down, timeout=30)
+            key = {"Idempotency-Key": "tried-during-the-outage"}
+            writes = [
+                await client.post("/v1/jobs", json={"type": "image.generate", "params": {"prompt": "x"}}, headers=key),
+                await client.post("/v1/images/generate", json={"prompt": "during"}),
+                await client.post("/v1/images", files={"file": ("a.png", encoded(1), "image/png")}),
+                await client.post("/v1/images?wait=false", files={"file": ("b.png", encoded(2), "image/png")}),
+            ]
+            for response in writes:
+                assert response.status_code == 503, response.text
+                assert response.json()["code"] == "broker_unavailable"
+                assert int(response.headers["Retry-After"]) > 0
+            assert await _jobs(server) == records_before, "no record left behind"
+            metrics = await client.get("/metrics")
+            assert metrics.status_code == 200
+            assert "ams_broker_reachable 0.0" in metrics.text
+            assert "ams_queue_messages{" not in metrics.text
+        finally:
+            own_broker.ctl("start_app")
+
+        async def recovered() -> bool:
+            try:
+                return (await client.get("/readyz")).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        try:
+            await wait_until(recovered, timeout=60, interval=0.5)
+        except AssertionError:
+            raise AssertionError((await client.get("/readyz")).text) from None
+        retried = await client.post("/v1/jobs", json={"type": "image.generate", "params": {"prompt": "x"}}, headers=key)
+        assert retried.status_code == 202, retried.text
+
+        async def done() -> bool:
+            job = (await client.get(retried.json()["status_url"])).json()
+            return job["status"] == "succeeded"
+
+        await wait_until(done, timeout=60)
+        assert (await client.post("/v1/images/generate", json={"prompt": "after", "seed": 2})).status_code == 200
+        assert "ams_broker_reachable 1.0" in (await client.get("/metrics")).text
