@@ -15,6 +15,18 @@ class _DropChattyLibraries(logging.Filter):
         return record.levelno >= logging.WARNING or "/open_clip/" not in record.pathname
 
 
+MAX_FIELD_CHARS = 1000
+
+
+def _truncate_long_strings(_: object, __: str, event_dict: structlog.types.EventDict) -> structlog.types.EventDict:
+    """User text (prompts, filenames, library messages quoting them) can be long: cut every string field but a
+    traceback."""
+    for key, value in event_dict.items():
+        if key != "exception" and isinstance(value, str) and len(value) > MAX_FIELD_CHARS:
+            event_dict[key] = f"{value[:MAX_FIELD_CHARS]}... ({len(value) - MAX_FIELD_CHARS} more characters)"
+    return event_dict
+
+
 _NOISY = ("aio_pika", "aiormq", "botocore", "aiobotocore", "httpx", "urllib3", "PIL", "open_clip")
 
 
@@ -30,6 +42,7 @@ def configure_logging(level: str = "info", fmt: str = "json") -> None:
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _truncate_long_strings,
     ]
     structlog.configure(
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
@@ -42,6 +55,7 @@ def configure_logging(level: str = "info", fmt: str = "json") -> None:
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
             structlog.processors.format_exc_info,
+            _truncate_long_strings,
             renderer,
         ],
     )
@@ -50,6 +64,7 @@ def configure_logging(level: str = "info", fmt: str = "json") -> None:
     handler.addFilter(_DropChattyLibraries())
     root = logging.getLogger()
     root.handlers[:] = [handler]
+    logging.captureWarnings(True)  # warnings.warn (torch, PIL, ...) as log records, not raw text on stderr
     root.setLevel(level.upper())
     for name in _NOISY:
         logging.getLogger(name).setLevel(max(logging.WARNING, root.level))

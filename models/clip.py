@@ -20,7 +20,7 @@ from PIL import Image
 from infra.settings import Settings
 from models.device import pick_device
 from models.errors import ModelLoadError
-from models.hub import hub_reachable, offline_hint, prefer_local_cache
+from models.hub import hub_reachable, offline_hint, prefer_local_cache, route_library_output
 from models.tiny_clip import TINY_CLIP_ID, ensure_tiny_clip
 
 log = structlog.get_logger(__name__)
@@ -67,6 +67,7 @@ class ClipEmbedder:
     @classmethod
     def load(cls, settings: Settings, *, image_tower: bool = True) -> ClipEmbedder:
         """Load the model; with image_tower=False only the text tower stays in memory (embed_images refuses)."""
+        route_library_output("transformers")  # open_clip's HF tokenizers log through transformers
         spec = clip_spec(settings)
         device = pick_device(settings.torch_device)
         local = spec.model_name.startswith("local-dir:") or bool(

@@ -16,7 +16,7 @@ from diffusers import DiffusionPipeline
 from infra.settings import Settings
 from models.device import pick_device
 from models.errors import ModelLoadError
-from models.hub import hub_reachable, offline_hint, prefer_local_cache, quiet_progress_bars
+from models.hub import hub_reachable, offline_hint, prefer_local_cache, route_library_output
 from models.tiny_diffusion import TINY_DIFFUSION_ID, ensure_tiny_diffusion
 
 log = structlog.get_logger(__name__)
@@ -62,7 +62,7 @@ class ImageGenerator:
     def load(cls, settings: Settings) -> ImageGenerator:
         device = pick_device(settings.torch_device)
         dtype = pick_dtype(settings.image_dtype, device)
-        quiet_progress_bars()  # before the tiny build too: saving a model draws one
+        route_library_output("transformers", "diffusers")  # before the tiny build too: saving a model draws a bar
         if settings.model_profile == "tiny":
             source, model_id = str(ensure_tiny_diffusion(settings.model_cache_dir)), TINY_DIFFUSION_ID
         else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import socket
 from urllib.parse import urlparse
@@ -49,10 +50,12 @@ def offline_hint(variable: str) -> str:
     )
 
 
-def quiet_progress_bars() -> None:
-    """Model loading draws progress bars on stderr; the server logs instead."""
-    import diffusers.utils.logging as diffusers_logging
-    import transformers.utils.logging as transformers_logging
-
-    transformers_logging.disable_progress_bar()
-    diffusers_logging.disable_progress_bar()
+def route_library_output(*libraries: str) -> None:
+    """transformers and diffusers draw progress bars and log through a stderr handler of their own, which would
+    put plain-text lines (with user prompts in them) among the server's JSON logs: bars off, their records go to
+    the root logger's handler (infra/logging.py) instead."""
+    for library in libraries:
+        library_logging = importlib.import_module(f"{library}.utils.logging")
+        library_logging.disable_progress_bar()
+        library_logging.disable_default_handler()
+        library_logging.enable_propagation()

@@ -17,7 +17,7 @@ from infra.settings import Settings
 from models.device import pick_device
 from models.diffusion import pick_dtype
 from models.errors import ModelLoadError
-from models.hub import hub_reachable, offline_hint, prefer_local_cache, quiet_progress_bars
+from models.hub import hub_reachable, offline_hint, prefer_local_cache, route_library_output
 from models.qwen_tts_import import fill_config_defaults, qwen_tts, restore_rotary_frequencies
 from models.tiny_voice import TINY_VOICE_ID, ensure_tiny_voice
 
@@ -39,7 +39,7 @@ class VoiceCloner:
     def load(cls, settings: Settings) -> VoiceCloner:
         device = pick_device(settings.torch_device)
         dtype = pick_dtype("auto", device)
-        quiet_progress_bars()  # before the tiny build too: saving a model draws one
+        route_library_output("transformers")  # before the tiny build too: saving a model draws a bar
         if settings.model_profile == "tiny":
             source, model_id = str(ensure_tiny_voice(settings.model_cache_dir)), TINY_VOICE_ID
         else:
