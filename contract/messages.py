@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from infra.settings import Settings
 from infra.storage import InvalidKeyError, validate_key
 
 JSON = "application/json"
@@ -122,6 +123,21 @@ class ImageGenerateFields(msgspec.Struct, kw_only=True, forbid_unknown_fields=Tr
 
     def __post_init__(self) -> None:
         check_generation_fields(self.prompt, self.seed)
+
+
+def check_generation_budget(fields: ImageGenerateFields, settings: Settings) -> None:
+    """ContractError `too_expensive` when width x height x steps (the server's defaults for what is unset) is over
+    IMAGE_MAX_PIXEL_STEPS: a generation's time grows with it, and one job holds its processor for that long."""
+    width = fields.width or settings.image_default_width
+    height = fields.height or settings.image_default_height
+    steps = fields.steps or settings.image_default_steps
+    cost = width * height * steps
+    if cost > settings.image_max_pixel_steps:
+        raise ContractError(
+            "too_expensive",
+            f"{width}x{height} at {steps} steps is {cost:,} pixel-steps, over this server's budget of "
+            f"{settings.image_max_pixel_steps:,} (IMAGE_MAX_PIXEL_STEPS); ask for fewer pixels or steps",
+        )
 
 
 class ImageGenerateV1(ImageGenerateFields, kw_only=True, forbid_unknown_fields=True):

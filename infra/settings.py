@@ -25,6 +25,8 @@ TORCH_DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 # generation defaults per model profile: (width, height, steps, guidance scale)
 _GENERATION_DEFAULTS = {"full": (1024, 1024, 9, 0.0), "tiny": (64, 64, 2, 5.0)}
+# the most width x height x steps one image may cost (IMAGE_MAX_PIXEL_STEPS): a generation's time grows with it
+_PIXEL_STEP_BUDGETS = {"full": 1024 * 1024 * 30, "tiny": 512 * 512 * 4}
 
 
 class SettingsError(ValueError):
@@ -81,6 +83,7 @@ class Settings:
     image_default_height: int
     image_default_steps: int
     image_default_guidance: float
+    image_max_pixel_steps: int
     voice_model: str
     voice_max_ref_bytes: int
     voice_max_ref_seconds: float
@@ -273,6 +276,7 @@ def _parse(env: _Reader) -> Settings:
         image_default_height=_side(env, "IMAGE_DEFAULT_HEIGHT", defaults[1]),
         image_default_steps=env.integer("IMAGE_DEFAULT_STEPS", defaults[2], 1, 100),
         image_default_guidance=env.number("IMAGE_DEFAULT_GUIDANCE", defaults[3], 0.0, 30.0),
+        image_max_pixel_steps=env.integer("IMAGE_MAX_PIXEL_STEPS", _PIXEL_STEP_BUDGETS[profile], 64 * 64),
         voice_model=env.raw("VOICE_MODEL", DEFAULT_VOICE_MODEL) or DEFAULT_VOICE_MODEL,
         voice_max_ref_bytes=env.integer("VOICE_MAX_REF_BYTES", 10 * 1024 * 1024, 1024, 512 * 1024 * 1024),
         voice_max_ref_seconds=env.number("VOICE_MAX_REF_SECONDS", 30.0, 1.0, 600.0),

@@ -248,6 +248,32 @@ async def test_bad_generation_requests(server, path, body, fragment):
     assert fragment in response.json()["message"]
 
 
+@pytest.mark.parametrize("path", ["/v1/images/generate", "/v1/r2/images/generate", "/v1/jobs"])
+async def test_a_generation_over_the_pixel_step_budget_is_refused_before_it_is_queued(server, path):
+    """The tiny profile's budget is 512 x 512 x 4: 2048 x 2048 at 100 steps is 1,600 times that."""
+    body = {"prompt": "huge", "width": 2048, "height": 2048, "steps": 100}
+    payload = {"type": "image.generate", "params": body} if path == "/v1/jobs" else body
+    response = await server.client.post(path, json=payload)
+    assert response.status_code == 422, response.text
+    assert response.json()["code"] == "too_expensive"
+    assert "IMAGE_MAX_PIXEL_STEPS" in response.json()["message"]
+
+
+async def test_an_upstream_generation_over_the_budget_fails_without_running(server):
+    job_id = str(uuid.uuid4())
+    body = {"prompt": "huge", "width": 2048, "height": 2048, "steps": 100}
+    await publish(server.services.settings.amqp_url, "image.generate", body, message_id=job_id)
+
+    async def failed() -> bool:
+        job = (await server.client.get(f"/v1/jobs/{job_id}")).json()
+        return job.get("status") == "failed"
+
+    await wait_until(failed, timeout=30)
+    job = (await server.client.get(f"/v1/jobs/{job_id}")).json()
+    assert job["error"]["code"] == "too_expensive"
+    assert not await server.services.store.exists(f"images/generated/{job_id}.png")
+
+
 async def test_unknown_job_type_and_id(server):
     response = await server.client.post("/v1/jobs", json={"type": "image.teleport", "params": {}})
     assert response.status_code == 400

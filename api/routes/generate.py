@@ -14,7 +14,7 @@ from api.jobs import accepted, finished_result, output_bytes, require_r2, start_
 from api.schemas import GeneratedImageKey, GenerateImageRequest, JobAccepted
 from api.services import Services
 from api.strict import strict_json
-from contract.messages import IMAGE_GENERATE, ImageGenerateV1
+from contract.messages import IMAGE_GENERATE, ContractError, ImageGenerateV1, check_generation_budget
 
 IDEMPOTENCY_KEY = Parameter(
     header="Idempotency-Key",
@@ -28,8 +28,14 @@ def require_generation(services: Services) -> None:
         raise ApiError(503, "feature_disabled", "image generation is disabled on this server (IMAGE_ENABLED=0)")
 
 
-def generation_payload(request: GenerateImageRequest) -> ImageGenerateV1:
-    return ImageGenerateV1(**msgspec.structs.asdict(request))
+def generation_payload(services: Services, request: GenerateImageRequest) -> ImageGenerateV1:
+    """The image.generate message for a request, if its cost is within the server's budget (else 422)."""
+    payload = ImageGenerateV1(**msgspec.structs.asdict(request))
+    try:
+        check_generation_budget(payload, services.settings)
+    except ContractError as exc:
+        raise ApiError(422, exc.code, exc.message) from None
+    return payload
 
 
 @post(
@@ -48,7 +54,7 @@ async def generate_image(
     started = await start_job(
         services,
         job_type=IMAGE_GENERATE,
-        payload=generation_payload(data),
+        payload=generation_payload(services, data),
         wait=True,
         idempotency_key=idempotency_key,
     )
@@ -79,7 +85,7 @@ async def generate_image_to_r2(
     started = await start_job(
         services,
         job_type=IMAGE_GENERATE,
-        payload=generation_payload(data),
+        payload=generation_payload(services, data),
         wait=True,
         idempotency_key=idempotency_key,
     )

@@ -24,7 +24,7 @@ from contract.messages import IMAGE_GENERATE, VOICE_GENERATE, ImageGenerateV1, V
 
 async def _image_job(services: Services, params: GenerateImageRequest) -> ImageGenerateV1:
     require_generation(services)
-    return generation_payload(params)
+    return generation_payload(services, params)
 
 
 async def _voice_job(services: Services, params: VoiceFromKeyRequest) -> VoiceGenerateV1:

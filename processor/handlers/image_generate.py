@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import structlog
 
-from contract.messages import IMAGE_GENERATE, MAX_SEED, ImageGenerateV1
+from contract.messages import IMAGE_GENERATE, MAX_SEED, ContractError, ImageGenerateV1, check_generation_budget
 from infra.settings import Settings
 from infra.storage import ObjectStore
 from models.diffusion import GenerationParams, ImageGenerator, UnsupportedParameterError
@@ -61,6 +61,10 @@ class ImageGenerateHandler:
         return [await self._one(job) for job in jobs]
 
     async def _one(self, job: Job) -> Outcome:
+        try:
+            check_generation_budget(job.payload, self._settings)
+        except ContractError as exc:
+            return Failed(exc.code, exc.message)
         params = resolve(job.payload, job.message_id, self._settings)
         try:
             png = await asyncio.to_thread(self._generator.generate, params)
