@@ -7,6 +7,7 @@ from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
 
+from api.auth import AccessGuard
 from api.body_check import check_json_body
 from api.errors import EXCEPTION_HANDLERS
 from api.routes import ROUTES, VOICE_UPLOAD_ROUTES
@@ -19,13 +20,16 @@ def create_app(services: Services) -> Litestar:
     """The HTTP app over already-started services (the caller owns their lifetime)."""
     settings = services.settings
     # bodies are refused while streaming once past the file limit plus room for the multipart envelope
+    guard = AccessGuard(settings.api_keys)
     voice_uploads = Router(
         "/",
         route_handlers=VOICE_UPLOAD_ROUTES,
         request_max_body_size=settings.voice_max_ref_bytes + MULTIPART_OVERHEAD_BYTES,
+        guards=[guard],
     )
+    # the OpenAPI document (/schema) stays open: it describes the API, it holds no data
     return Litestar(
-        route_handlers=[*ROUTES, voice_uploads],
+        route_handlers=[Router("/", route_handlers=ROUTES, guards=[guard]), voice_uploads],
         dependencies={"services": Provide(lambda: services, use_cache=True, sync_to_thread=False)},
         exception_handlers=EXCEPTION_HANDLERS,
         before_request=check_json_body,

@@ -31,24 +31,37 @@ class ApiError(Exception):
     for a condition that passes."""
 
     def __init__(
-        self, status: int, code: str, message: str, details: Any = None, *, retry_after: int | None = None
+        self,
+        status: int,
+        code: str,
+        message: str,
+        details: Any = None,
+        *,
+        retry_after: int | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.details = details
-        self.retry_after = retry_after
+        self.headers = {**(headers or {}), **({"Retry-After": str(retry_after)} if retry_after is not None else {})}
 
 
 def error_response(
-    status: int, code: str, message: str, details: Any = None, *, retry_after: int | None = None
+    status: int,
+    code: str,
+    message: str,
+    details: Any = None,
+    *,
+    retry_after: int | None = None,
+    headers: dict[str, str] | None = None,
 ) -> Response[dict[str, Any]]:
     body: dict[str, Any] = {"status": status, "code": code, "message": message}
     if details:
         body["details"] = details
-    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
-    return Response(body, status_code=status, media_type="application/json", headers=headers)
+    extra = {**(headers or {}), **({"Retry-After": str(retry_after)} if retry_after is not None else {})}
+    return Response(body, status_code=status, media_type="application/json", headers=extra or None)
 
 
 _HTTP_CODES = {
@@ -65,7 +78,7 @@ _HTTP_CODES = {
 
 
 def _api_error(_: Request, exc: ApiError) -> Response[dict[str, Any]]:
-    return error_response(exc.status, exc.code, exc.message, exc.details, retry_after=exc.retry_after)
+    return error_response(exc.status, exc.code, exc.message, exc.details, headers=exc.headers)
 
 
 def _validation(_: Request, exc: ValidationException) -> Response[dict[str, Any]]:

@@ -7,6 +7,7 @@ A bad value raises SettingsError with one line that names the variable and says 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -31,6 +32,19 @@ _PIXEL_STEP_BUDGETS = {"full": 1024 * 1024 * 30, "tiny": 512 * 512 * 4}
 
 class SettingsError(ValueError):
     """A variable holds a value the server cannot start with."""
+
+
+ACCESS_LEVELS = ("read", "write", "admin")  # each includes the ones before it
+MIN_API_KEY_CHARS = 16
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    """One API key: its access level, the SHA-256 of the key (never the key itself) and a name for logs."""
+
+    level: str
+    digest: bytes
+    name: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +117,7 @@ class Settings:
     sync_timeout_seconds: float
     log_level: str
     log_format: LogFormat
+    api_keys: tuple[ApiKey, ...] = ()
 
     def capability_enabled(self, capability: str) -> bool:
         """Whether the feature behind a processor capability (CAPABILITY_FLAGS) is switched on."""
@@ -198,6 +213,38 @@ def _prefixes(env: _Reader, name: str, default: str) -> tuple[str, ...]:
             f"{name}={value!r}: expected comma-separated key prefixes like 'images/incoming/' (no leading '/', no '..')"
         )
     return items
+
+
+def _api_keys(env: _Reader) -> tuple[ApiKey, ...]:
+    """API_KEYS (`level:key`, comma-separated) and API_KEYS_FILE (lines `level sha256:<hex> [name]`)."""
+    keys: list[ApiKey] = []
+    for position, entry in enumerate(filter(None, (item.strip() for item in env.raw("API_KEYS", "").split(",")))):
+        level, _, key = entry.partition(":")
+        if level not in ACCESS_LEVELS or len(key) < MIN_API_KEY_CHARS:
+            raise SettingsError(
+                f"API_KEYS entry {position + 1}: expected level:key with a level of {', '.join(ACCESS_LEVELS)} "
+                f"and a key of at least {MIN_API_KEY_CHARS} characters (e.g. write:$(openssl rand -hex 24))"
+            )
+        keys.append(ApiKey(level, hashlib.sha256(key.encode()).digest(), f"API_KEYS[{position + 1}]"))
+    path = env.raw("API_KEYS_FILE", "")
+    if path:
+        try:
+            lines = Path(path).read_text().splitlines()
+        except OSError as exc:
+            raise SettingsError(f"API_KEYS_FILE={path!r}: cannot read it ({exc.strerror})") from None
+        for number, line in enumerate(lines, 1):
+            fields = line.split("#", 1)[0].split()
+            if not fields:
+                continue
+            digest = fields[1].removeprefix("sha256:") if len(fields) >= 2 else ""
+            if fields[0] not in ACCESS_LEVELS or len(digest) != 64 or not all(c in "0123456789abcdef" for c in digest):
+                raise SettingsError(
+                    f"API_KEYS_FILE={path!r} line {number}: expected 'level sha256:<64 hex digits> [name]' with a "
+                    f"level of {', '.join(ACCESS_LEVELS)}; hash a key with: printf %s KEY | sha256sum"
+                )
+            name = " ".join(fields[2:]) or f"{Path(path).name}:{number}"
+            keys.append(ApiKey(fields[0], bytes.fromhex(digest), name))
+    return tuple(keys)
 
 
 # capability (a queue of its own, see infra/broker.py) -> the feature flag that enables it
@@ -296,7 +343,9 @@ def _parse(env: _Reader) -> Settings:
         log_format=env.choice("LOG_FORMAT", "json", ("json", "console")),  # type: ignore[arg-type]
     )
     _check_r2(settings)
-    settings = dataclasses.replace(settings, processor_capabilities=_capabilities(env, settings))
+    settings = dataclasses.replace(
+        settings, processor_capabilities=_capabilities(env, settings), api_keys=_api_keys(env)
+    )
     if settings.voice_min_ref_seconds >= settings.voice_max_ref_seconds:
         raise SettingsError(
             f"VOICE_MIN_REF_SECONDS={settings.voice_min_ref_seconds:g} must be below "

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from infra.settings import Settings, SettingsError
+from infra.settings import Settings, SettingsError, known_variables
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -136,3 +136,9 @@ def test_processor_metrics_port_in_use_fails_start_up_with_one_line():
     assert result.returncode == 1
     [line] = result.stderr.strip().splitlines()[-1:]
     assert "PROCESSOR_METRICS_PORT" in line
+
+
+def test_every_variable_the_settings_read_is_documented_in_the_readme():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    undocumented = sorted(name for name in known_variables() if f"`{name}`" not in readme)
+    assert not undocumented

@@ -7,12 +7,13 @@ from typing import Annotated
 from litestar import Response, get
 from litestar.params import Parameter
 
+from api.auth import OPEN
 from api.errors import ApiError
 from api.services import Services
 from infra.storage.local import LocalStore
 
 
-@get("/v1/files/{key:path}", summary="Download an object of the embedded store with a signed URL")
+@get("/v1/files/{key:path}", summary="Download an object of the embedded store with a signed URL", opt=OPEN)
 async def signed_file(
     services: Services,
     key: str,

@@ -9,6 +9,7 @@ from litestar import Request, Response, post
 from litestar.params import Parameter
 from litestar.status_codes import HTTP_200_OK
 
+from api.auth import WRITE
 from api.errors import ApiError
 from api.jobs import accepted, finished_result, output_bytes, require_r2, start_job
 from api.schemas import GeneratedImageKey, GenerateImageRequest, JobAccepted
@@ -42,6 +43,7 @@ def generation_payload(services: Services, request: GenerateImageRequest) -> Ima
     "/v1/images/generate",
     status_code=HTTP_200_OK,
     summary="Generate an image; answers with the PNG bytes (or 202 and a job id past SYNC_TIMEOUT_SECONDS)",
+    opt=WRITE,
 )
 async def generate_image(
     request: Request,
@@ -72,6 +74,7 @@ async def generate_image(
     "/v1/r2/images/generate",
     status_code=HTTP_200_OK,
     summary="Generate an image into R2; answers with its key (or 202 and a job id past SYNC_TIMEOUT_SECONDS)",
+    opt=WRITE,
 )
 async def generate_image_to_r2(
     request: Request,

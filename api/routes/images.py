@@ -16,6 +16,7 @@ from litestar.params import Body, Parameter
 from litestar.response import Redirect
 from litestar.status_codes import HTTP_201_CREATED, HTTP_307_TEMPORARY_REDIRECT
 
+from api.auth import ADMIN, READ, WRITE
 from api.errors import ApiError
 from api.filters import (
     ContentTypeParam,
@@ -72,7 +73,7 @@ async def read_upload(form: ImageUploadForm, limit: int) -> bytes:
     return data
 
 
-@post("/v1/images", status_code=HTTP_201_CREATED, summary="Upload an image and index it for search")
+@post("/v1/images", status_code=HTTP_201_CREATED, summary="Upload an image and index it for search", opt=WRITE)
 async def upload_image(
     request: Request,
     services: Services,
@@ -124,7 +125,7 @@ def _encode_cursor(created_us: int) -> str:
     return base64.urlsafe_b64encode(f"{_CURSOR_PREFIX}{created_us}".encode()).decode().rstrip("=")
 
 
-@get("/v1/images", summary="List images, newest first")
+@get("/v1/images", summary="List images, newest first", opt=READ)
 async def list_images(
     request: Request,
     services: Services,
@@ -153,7 +154,7 @@ async def list_images(
     return Response([to_image_out(request, services, record) for record in page], headers=headers)
 
 
-@get("/v1/images/{image_id:str}", summary="One image record")
+@get("/v1/images/{image_id:str}", summary="One image record", opt=READ)
 async def get_image(request: Request, services: Services, image_id: str) -> ImageOut:
     index = require_index(services)
     record = await index.get(parse_image_id(image_id))
@@ -166,6 +167,7 @@ async def get_image(request: Request, services: Services, image_id: str) -> Imag
     "/v1/images/{image_id:str}/file",
     status_code=HTTP_307_TEMPORARY_REDIRECT,
     summary="Redirect to a short-lived download URL of the original",
+    opt=READ,
 )
 async def image_file(services: Services, image_id: str) -> Redirect:
     index = require_index(services)
@@ -176,7 +178,7 @@ async def image_file(services: Services, image_id: str) -> Redirect:
     return Redirect(url, status_code=HTTP_307_TEMPORARY_REDIRECT)
 
 
-@delete("/v1/images/{image_id:str}", summary="Delete an image: its original and its vector")
+@delete("/v1/images/{image_id:str}", summary="Delete an image: its original and its vector", opt=ADMIN)
 async def delete_image(services: Services, image_id: str) -> None:
     """Removes the original first, then the point, so a failed delete can simply be retried."""
     index = require_index(services)

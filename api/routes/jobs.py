@@ -10,6 +10,7 @@ import msgspec
 from litestar import Request, Response, get, post
 from litestar.status_codes import HTTP_202_ACCEPTED
 
+from api.auth import READ, WRITE
 from api.errors import ApiError
 from api.jobs import accepted, job_store, start_job
 from api.routes.generate import IDEMPOTENCY_KEY, generation_payload, require_generation
@@ -39,7 +40,7 @@ _JOB_TYPES: dict[str, tuple[type[msgspec.Struct], Callable[[Services, Any], Awai
 }
 
 
-@post("/v1/jobs", status_code=HTTP_202_ACCEPTED, summary="Start a job; poll its status_url")
+@post("/v1/jobs", status_code=HTTP_202_ACCEPTED, summary="Start a job; poll its status_url", opt=WRITE)
 async def create_job(
     request: Request,
     services: Services,
@@ -84,7 +85,7 @@ def to_job_out(request: Request, services: Services, record: JobRecord, result: 
     )
 
 
-@get("/v1/jobs/{job_id:str}", summary="A job's status, timestamps and result or error")
+@get("/v1/jobs/{job_id:str}", summary="A job's status, timestamps and result or error", opt=READ)
 async def get_job(request: Request, services: Services, job_id: str) -> JobOut:
     try:
         job_id = str(uuid.UUID(job_id))

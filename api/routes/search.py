@@ -10,6 +10,7 @@ from litestar import Request, post
 from litestar.enums import RequestEncodingType
 from litestar.params import Body, Parameter
 
+from api.auth import READ
 from api.errors import ApiError
 from api.filters import ContentTypeParam, CreatedAfterParam, CreatedBeforeParam, SourceParam, from_body, image_filter
 from api.queries import QueryEncoder
@@ -47,7 +48,7 @@ def _hits(request: Request, services: Services, found: list[tuple[ImageRecord, f
     )
 
 
-@post("/v1/images/search", status_code=200, summary="Search images by text, in any language")
+@post("/v1/images/search", status_code=200, summary="Search images by text, in any language", opt=READ)
 async def search_images(request: Request, services: Services, data: SearchRequest) -> SearchResponse:
     index = require_index(services)
     queries = _queries(services)
@@ -60,7 +61,7 @@ async def search_images(request: Request, services: Services, data: SearchReques
     return _hits(request, services, await index.search(vector, data.limit, conditions))
 
 
-@post("/v1/images/search/by-image", status_code=200, summary="Search images by an example image")
+@post("/v1/images/search/by-image", status_code=200, summary="Search images by an example image", opt=READ)
 async def search_by_image(
     request: Request,
     services: Services,

@@ -10,6 +10,7 @@ from litestar.enums import RequestEncodingType
 from litestar.params import Body
 from litestar.status_codes import HTTP_200_OK
 
+from api.auth import WRITE
 from api.errors import ApiError
 from api.jobs import JobStart, accepted, finished_result, output_bytes, require_r2, start_job
 from api.routes.generate import IDEMPOTENCY_KEY
@@ -83,6 +84,7 @@ async def _respond_mp3(request: Request, services: Services, started: JobStart) 
     "/v1/voice/generate",
     status_code=HTTP_200_OK,
     summary="Speak text in the voice of an uploaded clip; answers with MP3 bytes (202 and a job past the timeout)",
+    opt=WRITE,
 )
 async def generate_voice(
     request: Request,
@@ -125,6 +127,7 @@ async def generate_voice(
     "/v1/r2/voice/generate",
     status_code=HTTP_200_OK,
     summary="Speak text in the voice of a clip stored in R2; the MP3 goes to R2 and its key comes back",
+    opt=WRITE,
 )
 async def generate_voice_to_r2(
     request: Request,

@@ -333,6 +333,13 @@ def _prefix(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
     help="The running API, asked which images are already indexed [env AMS_API_URL].",
 )
 @click.option(
+    "--api-key",
+    metavar="KEY",
+    envvar="AMS_API_KEY",
+    default="",
+    help="A read key, when the API requires keys (API_KEYS) [env AMS_API_KEY].",
+)
+@click.option(
     "--concurrency",
     type=click.IntRange(1, 256),
     default=16,
@@ -341,7 +348,7 @@ def _prefix(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
     help="Parallel existence checks.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as a JSON object.")
-def backfill(prefix: str, dry_run: bool, api_url: str, concurrency: int, as_json: bool) -> None:
+def backfill(prefix: str, dry_run: bool, api_url: str, api_key: str, concurrency: int, as_json: bool) -> None:
     """Index the images already in the bucket under PREFIX.
 
     Publishes one image.index job (message id = the image id derived from bucket and key) for each key with
@@ -354,7 +361,13 @@ def backfill(prefix: str, dry_run: bool, api_url: str, concurrency: int, as_json
         plan = await plan_backfill(settings, prefix)
         with _progress(len(plan.images), "indexing", visible=not (dry_run or as_json)) as advance:
             report = await run_backfill(
-                plan, settings=settings, api_url=api_url, dry_run=dry_run, concurrency=concurrency, advance=advance
+                plan,
+                settings=settings,
+                api_url=api_url,
+                api_key=api_key,
+                dry_run=dry_run,
+                concurrency=concurrency,
+                advance=advance,
             )
         if as_json:
             click.echo(json.dumps(report.summary()))

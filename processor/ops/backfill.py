@@ -86,6 +86,7 @@ async def run_backfill(
     dry_run: bool,
     concurrency: int,
     advance: Callable[[int], object],
+    api_key: str = "",
 ) -> BackfillReport:
     """Check each image against the API and publish a job for those not indexed (none with dry_run).
     `advance(1)` is called once per image handled."""
@@ -93,7 +94,8 @@ async def run_backfill(
     pending = iter(plan.images)
 
     async with AsyncExitStack() as stack:
-        client = await stack.enter_async_context(httpx.AsyncClient(timeout=_API_TIMEOUT_SECONDS))
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        client = await stack.enter_async_context(httpx.AsyncClient(timeout=_API_TIMEOUT_SECONDS, headers=headers))
         publisher = None
         if not dry_run and plan.images:
             publisher = await stack.enter_async_context(_publisher(settings))
