@@ -24,7 +24,7 @@ async def serve(settings: Settings) -> None:
     services = await Services.start(settings)
     try:
         structlog.get_logger("api").info("listening", host=settings.host, port=settings.port, processor="elsewhere")
-        await serve_until_signal(create_app(services), settings.host, settings.port)
+        await serve_until_signal(create_app(services), settings.host, settings.port, settings.http_keepalive_seconds)
     finally:
         await services.stop()
 

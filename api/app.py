@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from litestar import Litestar, Router
 from litestar.di import Provide
+from litestar.middleware import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
 
 from api.auth import AccessGuard
 from api.body_check import check_json_body
 from api.errors import EXCEPTION_HANDLERS
+from api.limits import RequestLimits
 from api.routes import ROUTES, VOICE_UPLOAD_ROUTES
 from api.services import Services
 
@@ -32,6 +34,14 @@ def create_app(services: Services) -> Litestar:
         route_handlers=[Router("/", route_handlers=ROUTES, guards=[guard]), voice_uploads],
         dependencies={"services": Provide(lambda: services, use_cache=True, sync_to_thread=False)},
         exception_handlers=EXCEPTION_HANDLERS,
+        middleware=[
+            DefineMiddleware(
+                RequestLimits,
+                max_headers=settings.http_max_headers,
+                max_header_bytes=settings.http_max_header_bytes,
+                read_timeout=settings.http_read_timeout_seconds,
+            )
+        ],
         before_request=check_json_body,
         request_max_body_size=settings.image_search_max_bytes + MULTIPART_OVERHEAD_BYTES,
         multipart_form_part_limit=32,

@@ -29,10 +29,22 @@ class _Server(uvicorn.Server):
                 loop.remove_signal_handler(sig)
 
 
-async def serve_until_signal(app: Any, host: str, port: int) -> None:
+def server_config(app: Any, host: str, port: int, keepalive_seconds: int = 5) -> uvicorn.Config:
+    """uvicorn's settings for our apps: our logging, no access log, no lifespan (the caller opens and closes)."""
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_config=None,
+        access_log=False,
+        lifespan="off",
+        timeout_keep_alive=keepalive_seconds,
+    )
+
+
+async def serve_until_signal(app: Any, host: str, port: int, keepalive_seconds: int = 5) -> None:
     """Serve `app` on host:port until the process is asked to stop."""
-    config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False, lifespan="off")
-    await _Server(config).serve()
+    await _Server(server_config(app, host, port, keepalive_seconds)).serve()
 
 
 def check_port_free(host: str, port: int) -> None:

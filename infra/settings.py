@@ -114,6 +114,10 @@ class Settings:
     # HTTP server and jobs
     host: str
     port: int
+    http_max_headers: int
+    http_max_header_bytes: int
+    http_read_timeout_seconds: float
+    http_keepalive_seconds: int
     sync_timeout_seconds: float
     log_level: str
     log_format: LogFormat
@@ -338,6 +342,10 @@ def _parse(env: _Reader) -> Settings:
         job_record_ttl_days=env.integer("JOB_RECORD_TTL_DAYS", 7, 1, 3650),
         host=env.raw("HOST", "0.0.0.0"),
         port=env.integer("PORT", 8000, 1, 65535),
+        http_max_headers=env.integer("HTTP_MAX_HEADERS", 100, 10, 10_000),
+        http_max_header_bytes=env.integer("HTTP_MAX_HEADER_BYTES", 32 * 1024, 1024, 1024 * 1024),
+        http_read_timeout_seconds=env.number("HTTP_READ_TIMEOUT_SECONDS", 30.0, 1.0, 3600.0),
+        http_keepalive_seconds=env.integer("HTTP_KEEPALIVE_SECONDS", 5, 1, 600),
         sync_timeout_seconds=env.number("SYNC_TIMEOUT_SECONDS", 120.0, 0.1),
         log_level=env.choice("LOG_LEVEL", "info", ("debug", "info", "warning", "error")),
         log_format=env.choice("LOG_FORMAT", "json", ("json", "console")),  # type: ignore[arg-type]

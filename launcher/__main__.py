@@ -23,7 +23,9 @@ async def serve(settings: Settings) -> None:
     running = await OneProcess.start(settings)
     try:
         structlog.get_logger("launcher").info("listening", host=settings.host, port=settings.port, processor="here")
-        await serve_until_signal(create_app(running.services), settings.host, settings.port)
+        await serve_until_signal(
+            create_app(running.services), settings.host, settings.port, settings.http_keepalive_seconds
+        )
     finally:
         await running.stop()
 

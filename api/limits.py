@@ -1,0 +1,70 @@
+"""Request limits that sit in front of the app: how many headers and how many header bytes a request may carry
+(431), and how long the server waits for the next piece of a request body (408). The body size itself is
+limited per route by Litestar (request_max_body_size), the idle keep-alive by uvicorn (HTTP_KEEPALIVE_SECONDS)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from litestar.exceptions import HTTPException
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
+
+
+class RequestLimits:
+    """ASGI middleware: refuse oversized header sets before the app sees them, and time out a body that stalls."""
+
+    def __init__(self, app: ASGIApp, *, max_headers: int, max_header_bytes: int, read_timeout: float) -> None:
+        self.app = app
+        self._max_headers = max_headers
+        self._max_header_bytes = max_header_bytes
+        self._read_timeout = read_timeout
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = scope["headers"]
+        size = sum(len(name) + len(value) for name, value in headers)
+        if len(headers) > self._max_headers or size > self._max_header_bytes:
+            await _refuse(
+                send,
+                431,
+                "headers_too_large",
+                f"the request has {len(headers)} headers, {size} bytes; this server takes at most "
+                f"{self._max_headers} headers and {self._max_header_bytes} bytes of them "
+                "(HTTP_MAX_HEADERS, HTTP_MAX_HEADER_BYTES)",
+            )
+            return
+        body_done = False
+        timeout = self._read_timeout
+
+        async def timed_receive() -> Message:
+            nonlocal body_done
+            if body_done:
+                return await receive()
+            try:
+                async with asyncio.timeout(timeout):
+                    message = await receive()
+            except TimeoutError:
+                raise HTTPException(
+                    status_code=408,
+                    detail=f"no part of the request body arrived for {timeout:g} s (HTTP_READ_TIMEOUT_SECONDS)",
+                ) from None
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                body_done = True
+            return message
+
+        await self.app(scope, timed_receive, send)
+
+
+async def _refuse(send: Send, status: int, code: str, message: str) -> None:
+    body = json.dumps({"status": status, "code": code, "message": message}).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,53 @@
+"""Request limits: too many or too large headers get 431, a body that stops arriving gets 408, and neither is a
+500 (the server's own process settings, through the real uvicorn server)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from tests.support.server import running_server
+
+
+@pytest.fixture(scope="module")
+async def server(make_settings):
+    settings = make_settings(HTTP_MAX_HEADERS="30", HTTP_MAX_HEADER_BYTES="4096", HTTP_READ_TIMEOUT_SECONDS="1")
+    async with running_server(settings) as running:
+        yield running
+
+
+async def test_too_many_headers_is_431(server):
+    headers = {f"x-extra-{n}": "1" for n in range(40)}
+    response = await server.client.get("/v1/images", headers=headers)
+    assert response.status_code == 431
+    assert response.json()["code"] == "headers_too_large"
+    assert "HTTP_MAX_HEADERS" in response.json()["message"]
+
+
+async def test_too_many_header_bytes_is_431(server):
+    response = await server.client.get("/v1/images", headers={"x-big": "a" * 8000})
+    assert response.status_code == 431
+    assert response.json()["code"] == "headers_too_large"
+
+
+async def test_a_stalled_body_is_408_not_a_hung_connection(server):
+    host, port = server.base_url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(
+            b"POST /v1/images/search HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100\r\n\r\n" + b'{"query": "'
+        )
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=10)
+        assert head.startswith(b"HTTP/1.1 408"), head
+        length = int(
+            next(line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")).split(b":")[1]
+        )
+        body = json.loads(await reader.readexactly(length))
+        assert body["code"] == "request_timeout"
+        assert "HTTP_READ_TIMEOUT_SECONDS" in body["message"]
+    finally:
+        writer.close()
