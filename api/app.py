@@ -5,17 +5,31 @@ from __future__ import annotations
 from litestar import Litestar, Router
 from litestar.di import Provide
 from litestar.middleware import DefineMiddleware
+from litestar.middleware.rate_limit import RateLimitConfig
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
 
-from api.auth import AccessGuard
+from api.auth import AccessGuard, rate_limit_identity
 from api.body_check import check_json_body
 from api.errors import EXCEPTION_HANDLERS
 from api.limits import RequestLimits
 from api.routes import ROUTES, VOICE_UPLOAD_ROUTES
 from api.services import Services
+from infra.settings import Settings
 
 MULTIPART_OVERHEAD_BYTES = 1024 * 1024
+
+
+def _rate_limit(settings: Settings) -> list[DefineMiddleware]:
+    """RATE_LIMIT_PER_MINUTE per API key (or per client address without one); health checks are not counted."""
+    if not settings.rate_limit_per_minute:
+        return []
+    config = RateLimitConfig(
+        rate_limit=("minute", settings.rate_limit_per_minute),
+        exclude=["^/healthz$", "^/readyz$"],
+        identifier_for_request=rate_limit_identity(settings.api_keys),
+    )
+    return [config.middleware]
 
 
 def create_app(services: Services) -> Litestar:
@@ -40,7 +54,8 @@ def create_app(services: Services) -> Litestar:
                 max_headers=settings.http_max_headers,
                 max_header_bytes=settings.http_max_header_bytes,
                 read_timeout=settings.http_read_timeout_seconds,
-            )
+            ),
+            *_rate_limit(settings),
         ],
         before_request=check_json_body,
         request_max_body_size=settings.image_search_max_bytes + MULTIPART_OVERHEAD_BYTES,

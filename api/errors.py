@@ -122,7 +122,16 @@ def _http(request: Request, exc: HTTPException) -> Response[dict[str, Any]]:
         return error_response(400, "malformed_json", f"the request body is not valid JSON: {exc.detail}")
     if status >= 500:
         log.error("http_error", status=status, detail=exc.detail)
-    return error_response(status, _HTTP_CODES.get(status, "error"), exc.detail or "request failed", exc.extra)
+    headers = dict(exc.headers or {})
+    if status == 429:
+        retry = headers.get("RateLimit-Reset", "60")
+        headers["Retry-After"] = retry
+        return error_response(
+            429, "too_many_requests", f"rate limit reached (RATE_LIMIT_PER_MINUTE); retry in {retry} s", headers=headers
+        )
+    return error_response(
+        status, _HTTP_CODES.get(status, "error"), exc.detail or "request failed", exc.extra, headers=headers or None
+    )
 
 
 def _invalid_content(_: Request, exc: InvalidImageError | InvalidAudioError) -> Response[dict[str, Any]]:

@@ -118,6 +118,7 @@ class Settings:
     http_max_header_bytes: int
     http_read_timeout_seconds: float
     http_keepalive_seconds: int
+    rate_limit_per_minute: int
     sync_timeout_seconds: float
     log_level: str
     log_format: LogFormat
@@ -346,6 +347,7 @@ def _parse(env: _Reader) -> Settings:
         http_max_header_bytes=env.integer("HTTP_MAX_HEADER_BYTES", 32 * 1024, 1024, 1024 * 1024),
         http_read_timeout_seconds=env.number("HTTP_READ_TIMEOUT_SECONDS", 30.0, 1.0, 3600.0),
         http_keepalive_seconds=env.integer("HTTP_KEEPALIVE_SECONDS", 5, 1, 600),
+        rate_limit_per_minute=env.integer("RATE_LIMIT_PER_MINUTE", 0, 0, 1_000_000),
         sync_timeout_seconds=env.number("SYNC_TIMEOUT_SECONDS", 120.0, 0.1),
         log_level=env.choice("LOG_LEVEL", "info", ("debug", "info", "warning", "error")),
         log_format=env.choice("LOG_FORMAT", "json", ("json", "console")),  # type: ignore[arg-type]

@@ -51,3 +51,24 @@ async def test_a_stalled_body_is_408_not_a_hung_connection(server):
         assert "HTTP_READ_TIMEOUT_SECONDS" in body["message"]
     finally:
         writer.close()
+
+
+async def test_rate_limit_per_key_and_per_address_answers_429_with_retry_after(make_settings):
+    first, second = "read:" + "1" * 20, "read:" + "2" * 20
+    settings = make_settings(RATE_LIMIT_PER_MINUTE="3", API_KEYS=f"{first},{second}")
+    async with running_server(settings) as running:
+        client = running.client
+        one = {"Authorization": "Bearer " + "1" * 20}
+        two = {"Authorization": "Bearer " + "2" * 20}
+        assert [(await client.get("/v1/images", headers=one)).status_code for _ in range(3)] == [200] * 3
+        limited = await client.get("/v1/images", headers=one)
+        assert limited.status_code == 429
+        assert limited.json()["code"] == "too_many_requests"
+        assert int(limited.headers["Retry-After"]) > 0
+        assert (await client.get("/v1/images", headers=two)).status_code == 200, "each key has its own allowance"
+        assert (await client.get("/healthz")).status_code == 200, "health checks are not counted"
+        bogus = [
+            (await client.get("/v1/images", headers={"Authorization": f"Bearer x{n:020d}"})).status_code
+            for n in range(4)
+        ]
+        assert bogus == [401, 401, 401, 429], "invalid keys share their address's allowance"
