@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import os
 import signal
@@ -13,8 +14,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from contract.jobs import JobStore
 from contract.messages import IMAGE_INDEX
 from infra.settings import Settings
+from infra.storage import open_store
 from infra.vectors.edge.client import EdgeIndex
 from processor.runtime import Runtime
 from processor.service import build_consumer
@@ -176,3 +179,37 @@ async def test_killed_processor_loses_nothing_and_duplicates_nothing(make_env, r
         assert rabbit.queue_counts(vhost).get("ams.dead", (0, 0)) == (0, 0)
     finally:
         s3.stop()
+
+
+async def test_sigterm_lets_the_job_in_hand_finish_and_exits_0(make_env, rabbit, tmp_path):
+    """SIGTERM while a generation runs: the processor stops taking messages, finishes that job (recorded, acked),
+    leaves the next one queued for whoever comes next, and exits 0."""
+    env = make_env(
+        IMAGE_ENABLED="1", IMAGE_SEARCH_ENABLED="0", PROCESSOR_CAPABILITIES="image", LOG_FORMAT="json", LOG_LEVEL="info"
+    )
+    log_path = tmp_path / "processor.log"
+    process = _start_processor(env, log_path)
+    try:
+        await wait_until(lambda: "consumer_started" in log_path.read_text(), timeout=90)
+        body = {"prompt": "slow enough to stop during", "width": 160, "height": 160, "steps": 4, "seed": 1}
+        in_hand = await publish(env["AMQP_URL"], "image.generate", body)
+        queued = await publish(env["AMQP_URL"], "image.generate", body)
+        await wait_until(lambda: rabbit.queue_counts(env["VHOST"])["ams.image"] == (0, 2), timeout=30)
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(process.wait, 60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    store = await open_store(Settings.from_env(env))
+    try:
+        jobs = JobStore(store, 7)
+        assert (await jobs.get(in_hand)).status == "succeeded"
+        assert await store.exists(f"images/generated/{in_hand}.png")
+        assert not await store.exists(f"images/generated/{queued}.png")
+    finally:
+        await store.close()
+    assert rabbit.queue_counts(env["VHOST"])["ams.image"] == (1, 0), "the next job waits for the next processor"
+    assert rabbit.queue_counts(env["VHOST"])["ams.dead"] == (0, 0)
+    lines = log_path.read_text().splitlines()
+    assert any('"shutdown_requested"' in line for line in lines)
