@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from litestar import Litestar, Router
+from litestar.config.cors import CORSConfig
 from litestar.di import Provide
 from litestar.middleware import DefineMiddleware
 from litestar.middleware.rate_limit import RateLimitConfig
@@ -32,6 +33,18 @@ def _rate_limit(settings: Settings) -> list[DefineMiddleware]:
     return [config.middleware]
 
 
+def _cors(settings: Settings) -> CORSConfig | None:
+    """Browsers on CORS_ORIGINS may call the API (off by default: same-origin only)."""
+    if not settings.cors_origins:
+        return None
+    return CORSConfig(
+        allow_origins=list(settings.cors_origins),
+        allow_methods=["GET", "POST", "DELETE"],
+        allow_headers=["Authorization", "Content-Type", "Idempotency-Key"],
+        expose_headers=["Retry-After", "X-Seed", "X-Job-Id", "X-Next-Cursor", "Location", "Link"],
+    )
+
+
 def create_app(services: Services) -> Litestar:
     """The HTTP app over already-started services (the caller owns their lifetime)."""
     settings = services.settings
@@ -54,6 +67,7 @@ def create_app(services: Services) -> Litestar:
                 max_headers=settings.http_max_headers,
                 max_header_bytes=settings.http_max_header_bytes,
                 read_timeout=settings.http_read_timeout_seconds,
+                allowed_hosts=settings.allowed_hosts,
             ),
             *_rate_limit(settings),
         ],
@@ -67,4 +81,5 @@ def create_app(services: Services) -> Litestar:
             render_plugins=[SwaggerRenderPlugin()],
         ),
         logging_config=None,
+        cors_config=_cors(settings),
     )

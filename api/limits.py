@@ -1,5 +1,6 @@
-"""Request limits that sit in front of the app: how many headers and how many header bytes a request may carry
-(431), and how long the server waits for the next piece of a request body (408). The body size itself is
+"""Request limits that sit in front of the app: which Host a request may name (ALLOWED_HOSTS, 400), how many
+headers and how many header bytes it may carry (431), and how long the server waits for the next piece of a request
+body (408). The body size itself is
 limited per route by Litestar (request_max_body_size), the idle keep-alive by uvicorn (HTTP_KEEPALIVE_SECONDS)."""
 
 from __future__ import annotations
@@ -14,8 +15,17 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 class RequestLimits:
     """ASGI middleware: refuse oversized header sets before the app sees them, and time out a body that stalls."""
 
-    def __init__(self, app: ASGIApp, *, max_headers: int, max_header_bytes: int, read_timeout: float) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        max_headers: int,
+        max_header_bytes: int,
+        read_timeout: float,
+        allowed_hosts: tuple[str, ...] = (),
+    ) -> None:
         self.app = app
+        self._allowed_hosts = {host.lower() for host in allowed_hosts}
         self._max_headers = max_headers
         self._max_header_bytes = max_header_bytes
         self._read_timeout = read_timeout
@@ -25,6 +35,14 @@ class RequestLimits:
             await self.app(scope, receive, send)
             return
         headers = scope["headers"]
+        if self._allowed_hosts:
+            host = next((value for name, value in headers if name == b"host"), b"").decode("latin-1")
+            hostname = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+            if hostname.lower() not in self._allowed_hosts:
+                await _refuse(
+                    send, 400, "invalid_host", f"this server does not answer for host {host[:100]!r} (ALLOWED_HOSTS)"
+                )
+                return
         size = sum(len(name) + len(value) for name, value in headers)
         if len(headers) > self._max_headers or size > self._max_header_bytes:
             await _refuse(

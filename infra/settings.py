@@ -119,6 +119,8 @@ class Settings:
     http_read_timeout_seconds: float
     http_keepalive_seconds: int
     rate_limit_per_minute: int
+    cors_origins: tuple[str, ...]
+    allowed_hosts: tuple[str, ...]
     sync_timeout_seconds: float
     log_level: str
     log_format: LogFormat
@@ -218,6 +220,11 @@ def _prefixes(env: _Reader, name: str, default: str) -> tuple[str, ...]:
             f"{name}={value!r}: expected comma-separated key prefixes like 'images/incoming/' (no leading '/', no '..')"
         )
     return items
+
+
+def _list(env: _Reader, name: str) -> tuple[str, ...]:
+    """A comma-separated list; empty when unset."""
+    return tuple(item.strip() for item in env.raw(name, "").split(",") if item.strip())
 
 
 def _api_keys(env: _Reader) -> tuple[ApiKey, ...]:
@@ -348,6 +355,8 @@ def _parse(env: _Reader) -> Settings:
         http_read_timeout_seconds=env.number("HTTP_READ_TIMEOUT_SECONDS", 30.0, 1.0, 3600.0),
         http_keepalive_seconds=env.integer("HTTP_KEEPALIVE_SECONDS", 5, 1, 600),
         rate_limit_per_minute=env.integer("RATE_LIMIT_PER_MINUTE", 0, 0, 1_000_000),
+        cors_origins=_list(env, "CORS_ORIGINS"),
+        allowed_hosts=_list(env, "ALLOWED_HOSTS"),
         sync_timeout_seconds=env.number("SYNC_TIMEOUT_SECONDS", 120.0, 0.1),
         log_level=env.choice("LOG_LEVEL", "info", ("debug", "info", "warning", "error")),
         log_format=env.choice("LOG_FORMAT", "json", ("json", "console")),  # type: ignore[arg-type]

@@ -72,3 +72,21 @@ async def test_rate_limit_per_key_and_per_address_answers_429_with_retry_after(m
             for n in range(4)
         ]
         assert bogus == [401, 401, 401, 429], "invalid keys share their address's allowance"
+
+
+async def test_cors_and_allowed_hosts(make_settings):
+    settings = make_settings(CORS_ORIGINS="https://app.example", ALLOWED_HOSTS="127.0.0.1,api.example")
+    async with running_server(settings) as running:
+        client = running.client
+        preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST"}
+        allowed = await client.options("/v1/images/search", headers=preflight)
+        assert allowed.status_code in (200, 204)
+        assert allowed.headers["access-control-allow-origin"] == "https://app.example"
+        listed = await client.get("/v1/images", headers={"Origin": "https://app.example"})
+        assert listed.headers["access-control-allow-origin"] == "https://app.example"
+        other = await client.get("/v1/images", headers={"Origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in other.headers
+        assert (await client.get("/v1/images", headers={"Host": "api.example"})).status_code == 200
+        refused = await client.get("/v1/images", headers={"Host": "evil.example"})
+        assert refused.status_code == 400
+        assert refused.json()["code"] == "invalid_host", refused.text
