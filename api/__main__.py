@@ -15,18 +15,27 @@ from infra.settings import Settings, SettingsError
 
 
 async def serve(settings: Settings) -> None:
-    import structlog
+    from infra.startup import Plumbing
 
-    from api.app import create_app
-    from api.services import Services
-    from infra.http_server import serve_until_signal
-
-    services = await Services.start(settings)
+    # the object store and the broker first: an unreachable one fails start-up before the model code is imported
+    plumbing = await Plumbing.open(settings)
     try:
-        structlog.get_logger("api").info("listening", host=settings.host, port=settings.port, processor="elsewhere")
-        await serve_until_signal(create_app(services), settings.host, settings.port, settings.http_keepalive_seconds)
+        import structlog
+
+        from api.app import create_app
+        from api.services import Services
+        from infra.http_server import serve_until_signal
+
+        services = await Services.start(settings, plumbing=plumbing)
+        try:
+            structlog.get_logger("api").info("listening", host=settings.host, port=settings.port, processor="elsewhere")
+            await serve_until_signal(
+                create_app(services), settings.host, settings.port, settings.http_keepalive_seconds
+            )
+        finally:
+            await services.stop()
     finally:
-        await services.stop()
+        await plumbing.close()
 
 
 def main() -> None:
