@@ -15,6 +15,16 @@ RUN useradd --create-home --uid 10001 app \
     && chown app:app /models
 WORKDIR /srv/ams
 
+# the project's files, copied once and taken by each target
+FROM base AS source
+COPY pyproject.toml README.md ./
+COPY api api
+COPY contract contract
+COPY infra infra
+COPY models models
+COPY processor processor
+COPY launcher launcher
+
 FROM base AS torch-cpu
 ARG TORCH_PACKAGES
 RUN pip install --index-url https://download.pytorch.org/whl/cpu ${TORCH_PACKAGES}
@@ -24,13 +34,7 @@ ARG TORCH_PACKAGES
 RUN pip install ${TORCH_PACKAGES}
 
 FROM torch-cpu AS api
-COPY pyproject.toml README.md ./
-COPY api api
-COPY contract contract
-COPY infra infra
-COPY models models
-COPY processor processor
-COPY launcher launcher
+COPY --from=source /srv/ams /srv/ams
 RUN pip install .
 USER app
 EXPOSE 8000
@@ -39,26 +43,14 @@ HEALTHCHECK --interval=15s --timeout=10s --start-period=300s \
 CMD ["python", "-m", "api"]
 
 FROM torch-cpu AS processor-cpu
-COPY pyproject.toml README.md ./
-COPY api api
-COPY contract contract
-COPY infra infra
-COPY models models
-COPY processor processor
-COPY launcher launcher
+COPY --from=source /srv/ams /srv/ams
 RUN pip install ".[processor]"
 USER app
 EXPOSE 9101
 CMD ["python", "-m", "processor"]
 
 FROM torch-cuda AS processor
-COPY pyproject.toml README.md ./
-COPY api api
-COPY contract contract
-COPY infra infra
-COPY models models
-COPY processor processor
-COPY launcher launcher
+COPY --from=source /srv/ams /srv/ams
 RUN pip install ".[processor]"
 USER app
 EXPOSE 9101
