@@ -6,12 +6,8 @@ Settings are checked before the model libraries are imported, so a bad value fai
 
 from __future__ import annotations
 
-import asyncio
-import sys
-
-from infra.cpu import share_cpu_politely
-from infra.logging import configure_logging
-from infra.settings import Settings, SettingsError
+from infra.entrypoint import run_service
+from infra.settings import Settings
 
 
 async def serve(settings: Settings) -> None:
@@ -39,19 +35,7 @@ async def serve(settings: Settings) -> None:
 
 
 def main() -> None:
-    share_cpu_politely()
-    try:
-        settings = Settings.from_env()
-    except SettingsError as exc:
-        sys.exit(f"configuration error: {exc}")
-    configure_logging(settings.log_level, settings.log_format)
-    from infra.startup import StartupError
-    from models.errors import ModelLoadError
-
-    try:
-        asyncio.run(serve(settings))
-    except (StartupError, ModelLoadError) as exc:
-        sys.exit(f"start-up failed: {exc}")
+    run_service(serve)
 
 
 if __name__ == "__main__":
