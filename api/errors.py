@@ -45,23 +45,20 @@ class ApiError(Exception):
         self.code = code
         self.message = message
         self.details = details
-        self.headers = {**(headers or {}), **({"Retry-After": str(retry_after)} if retry_after is not None else {})}
+        self.headers = with_retry_after(headers, retry_after)
+
+
+def with_retry_after(headers: dict[str, str] | None, retry_after: int | None) -> dict[str, str]:
+    return {**(headers or {}), **({"Retry-After": str(retry_after)} if retry_after is not None else {})}
 
 
 def error_response(
-    status: int,
-    code: str,
-    message: str,
-    details: Any = None,
-    *,
-    retry_after: int | None = None,
-    headers: dict[str, str] | None = None,
+    status: int, code: str, message: str, details: Any = None, *, headers: dict[str, str] | None = None
 ) -> Response[dict[str, Any]]:
     body: dict[str, Any] = {"status": status, "code": code, "message": message}
     if details:
         body["details"] = details
-    extra = {**(headers or {}), **({"Retry-After": str(retry_after)} if retry_after is not None else {})}
-    return Response(body, status_code=status, media_type="application/json", headers=extra or None)
+    return Response(body, status_code=status, media_type="application/json", headers=headers or None)
 
 
 _HTTP_CODES = {
@@ -150,7 +147,10 @@ def _unavailable(code: str, what: str) -> Any:
     def handler(_: Request, exc: Exception) -> Response[dict[str, Any]]:
         log.warning("dependency_unavailable", dependency=what, error=str(exc))
         return error_response(
-            503, code, f"{what} is unavailable right now; retry shortly ({exc})", retry_after=RETRY_AFTER_SECONDS
+            503,
+            code,
+            f"{what} is unavailable right now; retry shortly ({exc})",
+            headers=with_retry_after(None, RETRY_AFTER_SECONDS),
         )
 
     return handler

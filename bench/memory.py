@@ -41,8 +41,10 @@ if kind == "api":
     gc.collect()
 kept = rss_mb()
 text = sum(p.numel() for p in model.parameters())
-print(json.dumps({"imported": imported, "loaded": loaded, "kept": kept, "params": params, "kept_params": text,
-                  "modules": sorted({m.split(".")[0] for m in sys.modules} & {"diffusers", "qwen_tts"})}))
+modules = sorted({m.split(".")[0] for m in sys.modules} & {"diffusers", "qwen_tts"})
+report = {"imported": imported, "loaded": loaded, "kept": kept, "params": params, "kept_params": text,
+          "modules": modules}
+sys.stdout.write(json.dumps(report) + "\n")
 """
 
 
@@ -60,19 +62,24 @@ def main() -> None:
         ("API alone (text tower)", api),
         ("indexing processor (both towers)", processor),
     ]
-    print(f"model {args.model}, random weights, float32, CPU\n")
-    print("| process | RSS after imports | RSS with the model | parameters held | diffusers / qwen_tts imported |")
-    print("|---|---|---|---|---|")
+    lines = [
+        f"model {args.model}, random weights, float32, CPU",
+        "",
+        "| process | RSS after imports | RSS with the model | parameters held | diffusers / qwen_tts imported |",
+        "|---|---|---|---|---|",
+    ]
     for label, row in rows:
         modules = ", ".join(row["modules"]) or "no"
         held = f"{row['kept_params'] / 1e6:.0f} M"
-        print(f"| {label} | {row['imported']:.0f} MB | {row['kept']:.0f} MB | {held} | {modules} |")
+        lines.append(f"| {label} | {row['imported']:.0f} MB | {row['kept']:.0f} MB | {held} | {modules} |")
     model_api = api["kept"] - api["imported"]
     model_processor = processor["kept"] - processor["imported"]
-    print(
-        f"\nthe model's share: API {model_api:.0f} MB, processor {model_processor:.0f} MB "
-        f"({model_api / model_processor:.0%} of it)"
-    )
+    lines += [
+        "",
+        f"the model's share: API {model_api:.0f} MB, processor {model_processor:.0f} MB "
+        f"({model_api / model_processor:.0%} of it)",
+    ]
+    sys.stdout.write("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

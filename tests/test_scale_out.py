@@ -4,9 +4,6 @@ with its own connection, as separate services would be."""
 from __future__ import annotations
 
 import contextlib
-import os
-import subprocess
-import sys
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -21,12 +18,13 @@ from infra.broker import queue_depths
 from infra.settings import Settings
 from infra.startup import StartupError
 from infra.storage import PreconditionFailedError, open_store
+from launcher import OneProcess
 from processor.health import create_health_app
 from processor.runtime import Runtime
 from processor.service import ProcessorService
 from tests.support.amqp import publish, wait_until
 from tests.support.images import encoded
-from tests.support.rabbitmq import free_port
+from tests.support.process import served_process
 from tests.support.server import running_server
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -112,8 +110,7 @@ async def test_competing_image_processors_run_each_job_once(make_env, rabbit):
 
 async def test_an_api_alone_refuses_to_start_without_the_index_owner(make_env):
     with pytest.raises(StartupError) as refused:
-        async with running_server(Settings.from_env(make_env()), with_processor=False):
-            pass
+        await OneProcess.start(Settings.from_env(make_env()), with_processor=False)
     assert "python -m processor" in str(refused.value) and "QDRANT_URL" in str(refused.value)
 
 
@@ -199,40 +196,19 @@ async def test_python_m_api_alone_serves_generate_and_search_through_processors_
     owns the embedded index, which the API uses over the engine's socket."""
     env = make_env(IMAGE_ENABLED="1")
     async with processors(env, "index,image") as (processor,):
-        port = free_port()
-        log = (tmp_path / "api.log").open("wb")
-        api = subprocess.Popen(
-            [sys.executable, "-m", "api"],
-            env={**os.environ, **env, "HOST": "127.0.0.1", "PORT": str(port)},
-            cwd=ROOT,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
-
-                async def ready() -> bool:
-                    try:
-                        return (await client.get("/readyz")).status_code == 200
-                    except httpx.TransportError:
-                        return False
-
-                await wait_until(ready, timeout=90, interval=0.2)
-                checks = (await client.get("/readyz")).json()["checks"]
-                assert set(checks) == {"broker", "storage", "clip_model", "qdrant"}, "what the API alone owns"
-                generated = await client.post("/v1/images/generate", json={"prompt": "elsewhere", "seed": 8})
-                assert generated.status_code == 200, generated.text
-                assert generated.content.startswith(b"\x89PNG")
-                uploaded = await client.post("/v1/images", files={"file": ("u.png", encoded(4), "image/png")})
-                assert uploaded.status_code == 201, uploaded.text
-                found = await client.post(
-                    "/v1/images/search/by-image", files={"file": ("q.png", encoded(4), "image/png")}
-                )
-                assert found.json()["results"][0]["id"] == uploaded.json()["id"]
-        finally:
-            api.terminate()
-            assert api.wait(timeout=30) == 0
-            log.close()
+        async with served_process("api", env, tmp_path / "api.log") as api:
+            client = api.client
+            checks = (await client.get("/readyz")).json()["checks"]
+            assert set(checks) == {"broker", "storage", "clip_model", "qdrant"}, "what the API alone owns"
+            generated = await client.post("/v1/images/generate", json={"prompt": "elsewhere", "seed": 8})
+            assert generated.status_code == 200, generated.text
+            assert generated.content.startswith(b"\x89PNG")
+            uploaded = await client.post("/v1/images", files={"file": ("u.png", encoded(4), "image/png")})
+            assert uploaded.status_code == 201, uploaded.text
+            found = await client.post("/v1/images/search/by-image", files={"file": ("q.png", encoded(4), "image/png")})
+            assert found.json()["results"][0]["id"] == uploaded.json()["id"]
+            api.process.terminate()
+            assert api.process.wait(timeout=30) == 0
 
         health = create_health_app(processor)
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=health), base_url="http://processor") as client:

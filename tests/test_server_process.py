@@ -8,28 +8,23 @@ The tests share one server and run in file order: the last one stops it.
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import signal
-import subprocess
 import sys
 import textwrap
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 
 from infra.vectors import ImageRecord
 from infra.vectors.edge.client import EdgeIndex
 from models.tiny_clip import TINY_CLIP_ID
-from tests.support.amqp import wait_until
 from tests.support.images import encoded
-from tests.support.rabbitmq import free_port
+from tests.support.process import ServedProcess, served_process
 
 ROOT = Path(__file__).resolve().parent.parent
 POINTS = 50_000
@@ -59,14 +54,6 @@ LOAD = textwrap.dedent(
     asyncio.run(main(sys.argv[1], float(sys.argv[2])))
     """
 )
-
-
-@dataclass
-class ServerProcess:
-    process: subprocess.Popen[bytes]
-    client: httpx.AsyncClient
-    base_url: str
-    env: dict[str, str]
 
 
 async def _fill(path: Path) -> None:
@@ -100,7 +87,7 @@ async def _fill(path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-async def server(make_env, s3, tmp_path_factory) -> AsyncIterator[ServerProcess]:
+async def server(make_env, s3, tmp_path_factory) -> AsyncIterator[ServedProcess]:
     env = make_env(
         r2_bucket=s3.new_bucket(),
         endpoint=s3.endpoint,
@@ -109,32 +96,8 @@ async def server(make_env, s3, tmp_path_factory) -> AsyncIterator[ServerProcess]
         LOG_LEVEL="warning",
     )
     await _fill(Path(env["IMAGE_SEARCH_DB_PATH"]))
-    port = free_port()
-    log = (tmp_path_factory.mktemp("server") / "server.log").open("wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "launcher"],
-        env={**os.environ, **env, "HOST": "127.0.0.1", "PORT": str(port)},
-        cwd=ROOT,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        base_url = f"http://127.0.0.1:{port}"
-        async with httpx.AsyncClient(base_url=base_url, timeout=30) as client:
-
-            async def ready() -> bool:
-                try:
-                    return (await client.get("/readyz")).status_code == 200
-                except httpx.TransportError:
-                    return False
-
-            await wait_until(ready, timeout=90, interval=0.2)
-            yield ServerProcess(process, client, base_url, env)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        log.close()
+    async with served_process("launcher", env, tmp_path_factory.mktemp("server") / "server.log") as served:
+        yield served
 
 
 async def test_healthz_stays_fast_while_20_clients_search_50k_points(server):
