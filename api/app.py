@@ -7,14 +7,15 @@ from litestar.config.cors import CORSConfig
 from litestar.di import Provide
 from litestar.middleware import DefineMiddleware
 from litestar.middleware.rate_limit import RateLimitConfig
-from litestar.openapi import OpenAPIConfig
-from litestar.openapi.plugins import SwaggerRenderPlugin
 
 from api.auth import AccessGuard, rate_limit_identity
 from api.body_check import check_json_body
 from api.errors import EXCEPTION_HANDLERS
+from api.features import FeatureGuard
 from api.limits import RequestLimits
-from api.routes import ROUTES, VOICE_UPLOAD_ROUTES
+from api.openapi import finish_document, openapi_config, security
+from api.options import options_handlers
+from api.routes import OPEN_ROUTES, ROUTES, VOICE_UPLOAD_ROUTES
 from api.services import Services
 from infra.settings import Settings
 
@@ -49,16 +50,22 @@ def create_app(services: Services) -> Litestar:
     """The HTTP app over already-started services (the caller owns their lifetime)."""
     settings = services.settings
     # bodies are refused while streaming once past the file limit plus room for the multipart envelope
-    guard = AccessGuard(settings.api_keys)
+    guards = [AccessGuard(settings.api_keys), FeatureGuard(settings)]
+    keyed = security(bool(settings.api_keys))
     voice_uploads = Router(
         "/",
-        route_handlers=VOICE_UPLOAD_ROUTES,
+        route_handlers=[*options_handlers(VOICE_UPLOAD_ROUTES), *VOICE_UPLOAD_ROUTES],
         request_max_body_size=settings.voice_max_ref_bytes + MULTIPART_OVERHEAD_BYTES,
-        guards=[guard],
+        guards=guards,
+        security=keyed,
     )
     # the OpenAPI document (/schema) stays open: it describes the API, it holds no data
-    return Litestar(
-        route_handlers=[Router("/", route_handlers=ROUTES, guards=[guard]), voice_uploads],
+    app = Litestar(
+        route_handlers=[
+            Router("/", route_handlers=[*options_handlers(OPEN_ROUTES), *OPEN_ROUTES], guards=guards),
+            Router("/", route_handlers=[*options_handlers(ROUTES), *ROUTES], guards=guards, security=keyed),
+            voice_uploads,
+        ],
         dependencies={"services": Provide(lambda: services, use_cache=True, sync_to_thread=False)},
         exception_handlers=EXCEPTION_HANDLERS,
         middleware=[
@@ -74,12 +81,9 @@ def create_app(services: Services) -> Litestar:
         before_request=check_json_body,
         request_max_body_size=settings.image_search_max_bytes + MULTIPART_OVERHEAD_BYTES,
         multipart_form_part_limit=32,
-        openapi_config=OpenAPIConfig(
-            title="AI model server",
-            version="0.1.0",
-            path="/schema",
-            render_plugins=[SwaggerRenderPlugin()],
-        ),
+        openapi_config=openapi_config(bool(settings.api_keys)),
         logging_config=None,
         cors_config=_cors(settings),
     )
+    finish_document(app, settings)
+    return app

@@ -79,7 +79,7 @@ def _api_error(_: Request, exc: ApiError) -> Response[dict[str, Any]]:
     return error_response(exc.status, exc.code, exc.message, exc.details, headers=exc.headers)
 
 
-def _validation(_: Request, exc: ValidationException) -> Response[dict[str, Any]]:
+def validation_error(_: Request, exc: ValidationException) -> Response[dict[str, Any]]:
     details = exc.extra if isinstance(exc.extra, list) else []
     repeated = [
         item.get("key")
@@ -89,6 +89,9 @@ def _validation(_: Request, exc: ValidationException) -> Response[dict[str, Any]
     if repeated:
         fields = ", ".join(f"`{key}`" for key in repeated)
         return error_response(400, "invalid_request", f"send one {fields} field, not several")
+    if any(item == {"message": "'data'", "key": "data", "source": "body"} for item in details):
+        # Litestar's words for a request without a body
+        return error_response(400, "invalid_request", "the request needs a body; the API document (/schema) shows it")
     problems = [
         f"{item.get('key', '?')}: {item.get('message', 'invalid')}" for item in details if isinstance(item, dict)
     ]
@@ -168,7 +171,7 @@ def _unexpected(_: Request, exc: Exception) -> Response[dict[str, Any]]:
 
 EXCEPTION_HANDLERS: dict[type[Exception], Any] = {
     ApiError: _api_error,
-    ValidationException: _validation,
+    ValidationException: validation_error,
     HTTPException: _http,
     InvalidImageError: _invalid_content,
     InvalidAudioError: _invalid_content,

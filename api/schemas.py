@@ -9,7 +9,7 @@ import msgspec
 from litestar.datastructures import UploadFile
 
 from api.filters import SearchFilter
-from contract.messages import VOICE_LANGUAGES, ImageGenerateFields
+from contract.messages import IMAGE_GENERATE, MAX_REF_TEXT_CHARS, VOICE_GENERATE, VOICE_LANGUAGES, ImageGenerateFields
 
 
 class ImageOut(msgspec.Struct, kw_only=True):
@@ -43,11 +43,6 @@ class GeneratedImageKey(msgspec.Struct, kw_only=True):
     key: str
     job_id: str
     seed: int
-
-
-class JobRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    type: Annotated[str, msgspec.Meta(description="the job type, e.g. image.generate")]
-    params: dict[str, Any]
 
 
 class JobError(msgspec.Struct, kw_only=True):
@@ -112,7 +107,9 @@ class VoiceFromKeyRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=Tr
     """Voice cloning with a reference clip already in storage (under VOICE_REF_PREFIX)."""
 
     ref_audio_key: Annotated[str, msgspec.Meta(min_length=1, max_length=1024, examples=["voice/refs/ref.mp3"])]
-    ref_text: Annotated[str, msgspec.Meta(min_length=1, max_length=2000, description="transcript of the clip")]
+    ref_text: Annotated[
+        str, msgspec.Meta(min_length=1, max_length=MAX_REF_TEXT_CHARS, description="transcript of the clip")
+    ]
     text: Annotated[str, msgspec.Meta(min_length=1, max_length=100_000, description="what to say")]
     language: Annotated[str, msgspec.Meta(description=f"one of {', '.join(VOICE_LANGUAGES)} (any case)")]
 
@@ -121,3 +118,24 @@ class GeneratedVoiceKey(msgspec.Struct, kw_only=True):
     key: str
     job_id: str
     duration_seconds: float
+
+
+class JobKind(msgspec.Struct):
+    """The part of a POST /v1/jobs body read first, to name an unknown job type before the rest is checked."""
+
+    type: str
+
+
+class ImageJobRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, tag_field="type", tag=IMAGE_GENERATE):
+    """An image.generate job: the parameters of POST /v1/images/generate."""
+
+    params: GenerateImageRequest
+
+
+class VoiceJobRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, tag_field="type", tag=VOICE_GENERATE):
+    """A voice.generate job: the parameters of POST /v1/r2/voice/generate (a reference clip already stored)."""
+
+    params: VoiceFromKeyRequest
+
+
+JobRequest = ImageJobRequest | VoiceJobRequest

@@ -95,6 +95,7 @@ class ImageEmbedV1(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     data: bytes
 
 
+MAX_REF_TEXT_CHARS = 2000
 Prompt = Annotated[str, msgspec.Meta(min_length=1, max_length=2000)]
 Side = Annotated[int, msgspec.Meta(ge=64, le=2048, multiple_of=16, description="pixels, a multiple of 16")]
 
@@ -175,7 +176,7 @@ class VoiceGenerateV1(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     version: Literal[1] = 1
     ref_audio: bytes | None = None
     ref_audio_key: Annotated[str, msgspec.Meta(min_length=1, max_length=1024)] | None = None
-    ref_text: Annotated[str, msgspec.Meta(min_length=1, max_length=2000)]
+    ref_text: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_REF_TEXT_CHARS)]
     text: Annotated[str, msgspec.Meta(min_length=1, max_length=100_000)]
     language: Annotated[str, msgspec.Meta(min_length=1, max_length=32)]
 

@@ -17,7 +17,7 @@ MAX_BYTES = 256 * 1024
 
 @pytest.fixture(scope="module")
 async def server(make_settings):
-    settings = make_settings(IMAGE_SEARCH_MAX_BYTES=str(MAX_BYTES))
+    settings = make_settings(IMAGE_SEARCH_MAX_BYTES=str(MAX_BYTES), IMAGE_ENABLED="1")
     async with running_server(settings) as running:
         good = await running.client.post("/v1/images", files={"file": ("ok.png", encoded(1), "image/png")})
         assert good.status_code == 201
@@ -254,3 +254,26 @@ async def test_two_file_fields_is_a_400_that_says_so(server, nothing_written):
         assert response.status_code == 400, response.text
         assert response.json()["code"] == "invalid_request"
         assert "one `file`" in response.json()["message"]
+
+
+async def test_options_and_405_name_every_method_of_the_path(server):
+    image_path = "/v1/images/00000000-0000-0000-0000-000000000000"
+    for path, methods in (("/v1/images", "GET, OPTIONS, POST"), (image_path, "DELETE, GET, OPTIONS")):
+        options = await server.client.options(path)
+        assert options.status_code == 204 and options.headers["allow"] == methods
+        refused = await server.client.patch(path)
+        assert_error(refused, 405)
+        assert set(refused.headers["allow"].replace(" ", "").split(",")) == set(methods.replace(" ", "").split(","))
+
+
+async def test_the_document_describes_the_errors_and_media_types_the_server_sends(server):
+    document = (await server.client.get("/schema/openapi.json")).json()
+    assert set(document["components"]["schemas"]["ErrorBody"]["required"]) == {"status", "code", "message"}
+    generate = document["paths"]["/v1/images/generate"]["post"]["responses"]
+    assert "image/png" in generate["200"]["content"] and "202" in generate
+    for status in ("400", "413", "422", "503"):
+        assert generate[status]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorBody")
+    assert "404" in document["paths"]["/v1/images/{image_id}"]["delete"]["responses"]
+    assert "text/plain" in next(iter(document["paths"]["/metrics"]["get"]["responses"]["200"]["content"]))
+    metrics = await server.client.get("/metrics")
+    assert metrics.headers["content-type"].count("charset") == 1

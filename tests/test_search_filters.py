@@ -64,6 +64,9 @@ async def test_search_filters_by_source_content_type_and_time(server, images):
         r["id"] for r in images[1:3]
     }
     assert await search(server, source="nobody") == set()
+    # an empty or inverted time range matches nothing (the document cannot say "after < before", so it is no error)
+    assert await search(server, created_after=third, created_before=third) == set()
+    assert await search(server, created_after=images[3]["created_at"], created_before=third) == set()
 
 
 async def test_search_by_image_takes_the_filters_as_query_parameters(server, images):
@@ -104,7 +107,6 @@ async def test_listing_filters_and_keeps_them_in_the_next_link(server, images):
     ("filters", "message"),
     [
         ({"created_after": "yesterday"}, "created_after: 'yesterday' is not an ISO-8601 time"),
-        ({"created_after": "2026-11-02T00:00:00Z", "created_before": "2026-11-01T00:00:00Z"}, "earlier than"),
         ({"source": "no spaces please"}, "source: 'no spaces please' is not a valid value"),
         ({"content_type": "png"}, "content_type: 'png' is not a valid value (e.g. image/png)"),
         ({"source": []}, "source: give 1 to 20 values"),

@@ -2,14 +2,14 @@
 
 from api.routes import files, generate, health, images, jobs, metrics, search, voice
 
+# health checks and signed file links: open even when API keys are configured
+OPEN_ROUTES = [*health.ROUTES, *files.ROUTES]
 ROUTES = [
-    *health.ROUTES,
     *images.ROUTES,
     *search.ROUTES,
     *generate.ROUTES,
     voice.generate_voice_to_r2,
     *jobs.ROUTES,
-    *files.ROUTES,
     *metrics.ROUTES,
 ]
 # multipart voice uploads, mounted with their own body-size limit (VOICE_MAX_REF_BYTES)

@@ -6,14 +6,24 @@ from typing import Annotated
 
 from litestar import Response, get
 from litestar.params import Parameter
+from litestar.status_codes import HTTP_200_OK
 
 from api.auth import OPEN
 from api.errors import ApiError
+from api.openapi import binary, errors
 from api.services import Services
 from infra.storage.local import LocalStore
 
 
-@get("/v1/files/{key:path}", summary="Download an object of the embedded store with a signed URL", opt=OPEN)
+@get(
+    "/v1/files/{key:path}",
+    summary="Download an object of the embedded store with a signed URL",
+    opt=OPEN,
+    responses={
+        HTTP_200_OK: binary("application/octet-stream", "The object, with the content type it was stored with"),
+        **errors(403, 404, 503, open_route=True),
+    },
+)
 async def signed_file(
     services: Services,
     key: str,

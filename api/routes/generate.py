@@ -11,7 +11,9 @@ from litestar.status_codes import HTTP_200_OK
 
 from api.auth import WRITE
 from api.errors import ApiError
-from api.jobs import accepted, finished_result, output_bytes, require_r2, start_job
+from api.features import needs
+from api.jobs import MAX_IDEMPOTENCY_KEY_LENGTH, accepted, finished_result, output_bytes, start_job
+from api.openapi import ACCEPTED, binary, errors
 from api.schemas import GeneratedImageKey, GenerateImageRequest, JobAccepted
 from api.services import Services
 from api.strict import strict_json
@@ -21,12 +23,8 @@ IDEMPOTENCY_KEY = Parameter(
     header="Idempotency-Key",
     required=False,
     description="a retried request with the same key returns the same job instead of starting another",
+    schema_extra={"minLength": 1, "maxLength": MAX_IDEMPOTENCY_KEY_LENGTH, "pattern": r"\S"},
 )
-
-
-def require_generation(services: Services) -> None:
-    if not services.settings.image_enabled:
-        raise ApiError(503, "feature_disabled", "image generation is disabled on this server (IMAGE_ENABLED=0)")
 
 
 def generation_payload(services: Services, request: GenerateImageRequest) -> ImageGenerateV1:
@@ -43,7 +41,12 @@ def generation_payload(services: Services, request: GenerateImageRequest) -> Ima
     "/v1/images/generate",
     status_code=HTTP_200_OK,
     summary="Generate an image; answers with the PNG bytes (or 202 and a job id past SYNC_TIMEOUT_SECONDS)",
-    opt=WRITE,
+    opt={**WRITE, **needs("image")},
+    responses={
+        HTTP_200_OK: binary("image/png", "The PNG; X-Seed says the seed used, X-Job-Id the job"),
+        **ACCEPTED,
+        **errors(408, 409, 413, 422, 503),
+    },
 )
 async def generate_image(
     request: Request,
@@ -51,7 +54,6 @@ async def generate_image(
     data: GenerateImageRequest,
     idempotency_key: Annotated[str | None, IDEMPOTENCY_KEY] = None,
 ) -> Response[bytes | JobAccepted]:
-    require_generation(services)
     data = await strict_json(request, GenerateImageRequest)
     started = await start_job(
         services,
@@ -74,7 +76,8 @@ async def generate_image(
     "/v1/r2/images/generate",
     status_code=HTTP_200_OK,
     summary="Generate an image into R2; answers with its key (or 202 and a job id past SYNC_TIMEOUT_SECONDS)",
-    opt=WRITE,
+    opt={**WRITE, **needs("image", "r2", instead="POST /v1/images/generate")},
+    responses={**ACCEPTED, **errors(408, 409, 413, 422, 503)},
 )
 async def generate_image_to_r2(
     request: Request,
@@ -82,9 +85,7 @@ async def generate_image_to_r2(
     data: GenerateImageRequest,
     idempotency_key: Annotated[str | None, IDEMPOTENCY_KEY] = None,
 ) -> Response[GeneratedImageKey | JobAccepted]:
-    require_generation(services)
     data = await strict_json(request, GenerateImageRequest)
-    require_r2(services, "POST /v1/images/generate")
     started = await start_job(
         services,
         job_type=IMAGE_GENERATE,

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
+import re
 import uuid
 from typing import Annotated
 from urllib.parse import urlencode
@@ -12,12 +11,14 @@ from urllib.parse import urlencode
 import msgspec
 from litestar import Request, Response, delete, get, post
 from litestar.enums import RequestEncodingType
+from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import Body, Parameter
 from litestar.response import Redirect
-from litestar.status_codes import HTTP_201_CREATED, HTTP_307_TEMPORARY_REDIRECT
+from litestar.status_codes import HTTP_201_CREATED, HTTP_202_ACCEPTED, HTTP_307_TEMPORARY_REDIRECT
 
 from api.auth import ADMIN, READ, WRITE
 from api.errors import ApiError
+from api.features import feature_disabled, needs
 from api.filters import (
     ContentTypeParam,
     CreatedAfterParam,
@@ -27,6 +28,7 @@ from api.filters import (
     query_string,
 )
 from api.jobs import accepted, raise_for_failure, start_job
+from api.openapi import errors
 from api.schemas import ImageOut, ImageUploadForm, JobAccepted
 from api.services import Services
 from api.urls import base_url, image_file_url
@@ -34,12 +36,14 @@ from contract.imaging import decode_image
 from contract.messages import IMAGE_INDEX, ImageIndexV1
 from infra.vectors import ImageRecord, VectorIndex
 
-_CURSOR_PREFIX = "v1:"
+# a page cursor: the creation time (microseconds since the epoch) that the next page starts before
+_CURSOR = re.compile(r"^[0-9]{1,18}$")
 
 
 def require_index(services: Services) -> VectorIndex:
+    """The index, for routes behind the `index` feature guard."""
     if services.index is None:
-        raise ApiError(503, "feature_disabled", "image search is disabled on this server (IMAGE_SEARCH_ENABLED=0)")
+        raise feature_disabled("index")
     return services.index
 
 
@@ -73,7 +77,22 @@ async def read_upload(form: ImageUploadForm, limit: int) -> bytes:
     return data
 
 
-@post("/v1/images", status_code=HTTP_201_CREATED, summary="Upload an image and index it for search", opt=WRITE)
+def _decode_cursor(cursor: str) -> int:
+    if not _CURSOR.match(cursor):
+        raise ApiError(400, "invalid_cursor", "cursor is not one this server returned; start again without it")
+    return int(cursor)
+
+
+@post(
+    "/v1/images",
+    status_code=HTTP_201_CREATED,
+    summary="Upload an image and index it for search",
+    opt={**WRITE, **needs("index")},
+    responses={
+        HTTP_202_ACCEPTED: ResponseSpec(JobAccepted, description="wait=false: queued for indexing"),
+        **errors(408, 409, 413, 422, 503),
+    },
+)
 async def upload_image(
     request: Request,
     services: Services,
@@ -109,28 +128,15 @@ async def upload_image(
     return Response(to_image_out(request, services, record), status_code=HTTP_201_CREATED)
 
 
-def _decode_cursor(cursor: str) -> int:
-    try:
-        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        if not text.startswith(_CURSOR_PREFIX):
-            raise ValueError(text)
-        return int(text.removeprefix(_CURSOR_PREFIX))
-    except (ValueError, binascii.Error, UnicodeDecodeError):
-        raise ApiError(
-            400, "invalid_cursor", "cursor is not one this server returned; start again without it"
-        ) from None
-
-
-def _encode_cursor(created_us: int) -> str:
-    return base64.urlsafe_b64encode(f"{_CURSOR_PREFIX}{created_us}".encode()).decode().rstrip("=")
-
-
-@get("/v1/images", summary="List images, newest first", opt=READ)
+@get("/v1/images", summary="List images, newest first", opt={**READ, **needs("index")}, responses=errors(503))
 async def list_images(
     request: Request,
     services: Services,
     limit: Annotated[int, Parameter(ge=1, le=1000, description="page size")] = 100,
-    cursor: Annotated[str | None, Parameter(description="X-Next-Cursor of the previous page")] = None,
+    cursor: Annotated[
+        str | None,
+        Parameter(description="X-Next-Cursor of the previous page", schema_extra={"pattern": _CURSOR.pattern}),
+    ] = None,
     source: SourceParam = None,
     content_type: ContentTypeParam = None,
     created_after: CreatedAfterParam = None,
@@ -140,12 +146,12 @@ async def list_images(
     header) give the cursor for the next page; pass the same filters with it."""
     index = require_index(services)
     conditions = image_filter(source, content_type, created_after, created_before)
-    before = _decode_cursor(cursor) if cursor else None
+    before = _decode_cursor(cursor) if cursor is not None else None
     records = await index.newest(limit + 1, before_us=before, image_filter=conditions)
     page, more = records[:limit], len(records) > limit
     headers: dict[str, str] = {}
     if more:
-        next_cursor = _encode_cursor(page[-1].created_us)
+        next_cursor = str(page[-1].created_us)
         headers["X-Next-Cursor"] = next_cursor
         query = [("limit", str(limit)), ("cursor", next_cursor)]
         query += query_string(source, content_type, created_after, created_before)
@@ -154,7 +160,9 @@ async def list_images(
     return Response([to_image_out(request, services, record) for record in page], headers=headers)
 
 
-@get("/v1/images/{image_id:str}", summary="One image record", opt=READ)
+@get(
+    "/v1/images/{image_id:str}", summary="One image record", opt={**READ, **needs("index")}, responses=errors(404, 503)
+)
 async def get_image(request: Request, services: Services, image_id: str) -> ImageOut:
     index = require_index(services)
     record = await index.get(parse_image_id(image_id))
@@ -167,7 +175,8 @@ async def get_image(request: Request, services: Services, image_id: str) -> Imag
     "/v1/images/{image_id:str}/file",
     status_code=HTTP_307_TEMPORARY_REDIRECT,
     summary="Redirect to a short-lived download URL of the original",
-    opt=READ,
+    opt={**READ, **needs("index")},
+    responses=errors(404, 503),
 )
 async def image_file(services: Services, image_id: str) -> Redirect:
     index = require_index(services)
@@ -178,7 +187,12 @@ async def image_file(services: Services, image_id: str) -> Redirect:
     return Redirect(url, status_code=HTTP_307_TEMPORARY_REDIRECT)
 
 
-@delete("/v1/images/{image_id:str}", summary="Delete an image: its original and its vector", opt=ADMIN)
+@delete(
+    "/v1/images/{image_id:str}",
+    summary="Delete an image: its original and its vector",
+    opt={**ADMIN, **needs("index")},
+    responses=errors(404, 503),
+)
 async def delete_image(services: Services, image_id: str) -> None:
     """Removes the original first, then the point, so a failed delete can simply be retried."""
     index = require_index(services)

@@ -8,14 +8,17 @@ from typing import Annotated, Any
 
 import msgspec
 from litestar import Request, Response, get, post
+from litestar.exceptions import ValidationException
 from litestar.status_codes import HTTP_202_ACCEPTED
 
 from api.auth import READ, WRITE
-from api.errors import ApiError
+from api.errors import ApiError, error_response, validation_error
+from api.features import feature_disabled
 from api.jobs import accepted, job_store, start_job
-from api.routes.generate import IDEMPOTENCY_KEY, generation_payload, require_generation
-from api.routes.voice import reference_payload, require_voice
-from api.schemas import GenerateImageRequest, JobAccepted, JobError, JobOut, JobRequest, VoiceFromKeyRequest
+from api.openapi import errors
+from api.routes.generate import IDEMPOTENCY_KEY, generation_payload
+from api.routes.voice import reference_payload
+from api.schemas import ImageJobRequest, JobAccepted, JobError, JobKind, JobOut, JobRequest, VoiceJobRequest
 from api.services import Services
 from api.strict import strict_json
 from api.urls import absolute, job_url
@@ -23,44 +26,59 @@ from contract.jobs import JobRecord
 from contract.messages import IMAGE_GENERATE, VOICE_GENERATE, ImageGenerateV1, VoiceGenerateV1
 
 
-async def _image_job(services: Services, params: GenerateImageRequest) -> ImageGenerateV1:
-    require_generation(services)
-    return generation_payload(services, params)
+async def _image_job(services: Services, request: ImageJobRequest) -> ImageGenerateV1:
+    if not services.settings.image_enabled:
+        raise feature_disabled("image")
+    return generation_payload(services, request.params)
 
 
-async def _voice_job(services: Services, params: VoiceFromKeyRequest) -> VoiceGenerateV1:
-    require_voice(services)
-    return await reference_payload(services, params)
+async def _voice_job(services: Services, request: VoiceJobRequest) -> VoiceGenerateV1:
+    if not services.settings.voice_enabled:
+        raise feature_disabled("voice")
+    return await reference_payload(services, request.params)
 
 
-# job types this endpoint starts: type -> (params schema, check the request and build the message payload)
-_JOB_TYPES: dict[str, tuple[type[msgspec.Struct], Callable[[Services, Any], Awaitable[msgspec.Struct]]]] = {
-    IMAGE_GENERATE: (GenerateImageRequest, _image_job),
-    VOICE_GENERATE: (VoiceFromKeyRequest, _voice_job),
+# job types this endpoint starts: type -> check the request and build the message payload
+_JOB_TYPES: dict[str, Callable[[Services, Any], Awaitable[msgspec.Struct]]] = {
+    IMAGE_GENERATE: _image_job,
+    VOICE_GENERATE: _voice_job,
 }
 
 
-@post("/v1/jobs", status_code=HTTP_202_ACCEPTED, summary="Start a job; poll its status_url", opt=WRITE)
+def _unknown_job_type(request: Request, exc: ValidationException) -> Response[Any]:
+    """Litestar checks the body against the job types first: an unknown `type` is named, with the known ones."""
+    for item in exc.extra if isinstance(exc.extra, list) else []:
+        if isinstance(item, dict) and item.get("key") == "type" and "Invalid value" in str(item.get("message")):
+            known = ", ".join(sorted(_JOB_TYPES))
+            given = item.get("message")
+            return error_response(400, "unknown_job_type", f"unknown job type ({given}); known types: {known}")
+    return validation_error(request, exc)
+
+
+@post(
+    "/v1/jobs",
+    status_code=HTTP_202_ACCEPTED,
+    summary="Start a job; poll its status_url",
+    opt=WRITE,
+    responses=errors(404, 408, 409, 413, 422, 503),
+    exception_handlers={ValidationException: _unknown_job_type},
+)
 async def create_job(
     request: Request,
     services: Services,
     data: JobRequest,
     idempotency_key: Annotated[str | None, IDEMPOTENCY_KEY] = None,
 ) -> Response[JobAccepted]:
-    data = await strict_json(request, JobRequest)
-    spec = _JOB_TYPES.get(data.type)
-    if spec is None:
+    kind = await strict_json(request, JobKind)
+    prepare = _JOB_TYPES.get(kind.type)
+    if prepare is None:
         raise ApiError(
-            400, "unknown_job_type", f"unknown job type {data.type!r}; known types: {', '.join(sorted(_JOB_TYPES))}"
+            400, "unknown_job_type", f"unknown job type {kind.type!r}; known types: {', '.join(sorted(_JOB_TYPES))}"
         )
-    schema, prepare = spec
-    try:
-        params = msgspec.convert(data.params, schema, strict=True)
-    except msgspec.ValidationError as exc:
-        raise ApiError(400, "invalid_request", f"params: {exc}") from None
-    payload = await prepare(services, params)
+    job = await strict_json(request, JobRequest)
+    payload = await prepare(services, job)
     started = await start_job(
-        services, job_type=data.type, payload=payload, wait=False, idempotency_key=idempotency_key
+        services, job_type=kind.type, payload=payload, wait=False, idempotency_key=idempotency_key
     )
     return accepted(request, services, started.record)
 
@@ -85,7 +103,12 @@ def to_job_out(request: Request, services: Services, record: JobRecord, result: 
     )
 
 
-@get("/v1/jobs/{job_id:str}", summary="A job's status, timestamps and result or error", opt=READ)
+@get(
+    "/v1/jobs/{job_id:str}",
+    summary="A job's status, timestamps and result or error",
+    opt=READ,
+    responses=errors(404, 503),
+)
 async def get_job(request: Request, services: Services, job_id: str) -> JobOut:
     try:
         job_id = str(uuid.UUID(job_id))

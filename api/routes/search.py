@@ -12,7 +12,9 @@ from litestar.params import Body, Parameter
 
 from api.auth import READ
 from api.errors import ApiError
+from api.features import feature_disabled, needs
 from api.filters import ContentTypeParam, CreatedAfterParam, CreatedBeforeParam, SourceParam, from_body, image_filter
+from api.openapi import errors
 from api.queries import QueryEncoder
 from api.routes.images import read_upload, require_index
 from api.schemas import ImageUploadForm, SearchHit, SearchRequest, SearchResponse
@@ -25,7 +27,7 @@ from infra.vectors import ImageRecord
 
 def _queries(services: Services) -> QueryEncoder:
     if services.queries is None:
-        raise ApiError(503, "feature_disabled", "image search is disabled on this server (IMAGE_SEARCH_ENABLED=0)")
+        raise feature_disabled("index")
     return services.queries
 
 
@@ -48,7 +50,13 @@ def _hits(request: Request, services: Services, found: list[tuple[ImageRecord, f
     )
 
 
-@post("/v1/images/search", status_code=200, summary="Search images by text, in any language", opt=READ)
+@post(
+    "/v1/images/search",
+    status_code=200,
+    summary="Search images by text, in any language",
+    opt={**READ, **needs("index")},
+    responses=errors(408, 413, 503),
+)
 async def search_images(request: Request, services: Services, data: SearchRequest) -> SearchResponse:
     index = require_index(services)
     queries = _queries(services)
@@ -61,7 +69,13 @@ async def search_images(request: Request, services: Services, data: SearchReques
     return _hits(request, services, await index.search(vector, data.limit, conditions))
 
 
-@post("/v1/images/search/by-image", status_code=200, summary="Search images by an example image", opt=READ)
+@post(
+    "/v1/images/search/by-image",
+    status_code=200,
+    summary="Search images by an example image",
+    opt={**READ, **needs("index")},
+    responses=errors(408, 413, 422, 503),
+)
 async def search_by_image(
     request: Request,
     services: Services,

@@ -12,13 +12,16 @@ from litestar.status_codes import HTTP_200_OK
 
 from api.auth import WRITE
 from api.errors import ApiError
-from api.jobs import JobStart, accepted, finished_result, output_bytes, require_r2, start_job
+from api.features import needs
+from api.jobs import JobStart, accepted, finished_result, output_bytes, start_job
+from api.openapi import ACCEPTED, binary, errors
 from api.routes.generate import IDEMPOTENCY_KEY
 from api.schemas import GeneratedVoiceKey, JobAccepted, VoiceCloneForm, VoiceFromKeyRequest
 from api.services import Services
 from api.strict import strict_json
 from contract.audio import SAMPLE_RATE, decode_audio
 from contract.messages import (
+    MAX_REF_TEXT_CHARS,
     VOICE_GENERATE,
     VOICE_LANGUAGES,
     VoiceGenerateV1,
@@ -26,11 +29,6 @@ from contract.messages import (
     check_reference_key,
 )
 from infra.storage import InvalidKeyError
-
-
-def require_voice(services: Services) -> None:
-    if not services.settings.voice_enabled:
-        raise ApiError(503, "feature_disabled", "voice generation is disabled on this server (VOICE_ENABLED=0)")
 
 
 def check_text_fields(services: Services, *, text: str, ref_text: str, language: str) -> str:
@@ -52,8 +50,8 @@ def check_text_fields(services: Services, *, text: str, ref_text: str, language:
         )
     if not ref_text.strip():
         raise ApiError(400, "invalid_request", "ref_text (the transcript of the reference clip) must not be empty")
-    if len(ref_text) > 2000:
-        raise ApiError(400, "invalid_request", "ref_text is longer than 2000 characters")
+    if len(ref_text) > MAX_REF_TEXT_CHARS:
+        raise ApiError(400, "invalid_request", f"ref_text is longer than {MAX_REF_TEXT_CHARS} characters")
     return canonical
 
 
@@ -84,7 +82,12 @@ async def _respond_mp3(request: Request, services: Services, started: JobStart) 
     "/v1/voice/generate",
     status_code=HTTP_200_OK,
     summary="Speak text in the voice of an uploaded clip; answers with MP3 bytes (202 and a job past the timeout)",
-    opt=WRITE,
+    opt={**WRITE, **needs("voice")},
+    responses={
+        HTTP_200_OK: binary("audio/mpeg", "The MP3; X-Audio-Duration gives its length in seconds"),
+        **ACCEPTED,
+        **errors(408, 409, 413, 422, 503),
+    },
 )
 async def generate_voice(
     request: Request,
@@ -92,7 +95,6 @@ async def generate_voice(
     data: Annotated[VoiceCloneForm, Body(media_type=RequestEncodingType.MULTI_PART)],
     idempotency_key: Annotated[str | None, IDEMPOTENCY_KEY] = None,
 ) -> Response[bytes | JobAccepted]:
-    require_voice(services)
     settings = services.settings
     language = check_text_fields(services, text=data.text, ref_text=data.ref_text, language=data.language)
     clip = await data.ref_audio.read(settings.voice_max_ref_bytes + 1)
@@ -127,7 +129,8 @@ async def generate_voice(
     "/v1/r2/voice/generate",
     status_code=HTTP_200_OK,
     summary="Speak text in the voice of a clip stored in R2; the MP3 goes to R2 and its key comes back",
-    opt=WRITE,
+    opt={**WRITE, **needs("voice", "r2", instead="POST /v1/voice/generate")},
+    responses={**ACCEPTED, **errors(404, 408, 409, 413, 422, 503)},
 )
 async def generate_voice_to_r2(
     request: Request,
@@ -135,9 +138,7 @@ async def generate_voice_to_r2(
     data: VoiceFromKeyRequest,
     idempotency_key: Annotated[str | None, IDEMPOTENCY_KEY] = None,
 ) -> Response[GeneratedVoiceKey | JobAccepted]:
-    require_voice(services)
     data = await strict_json(request, VoiceFromKeyRequest)
-    require_r2(services, "POST /v1/voice/generate")
     payload = await reference_payload(services, data)
     started = await start_job(
         services, job_type=VOICE_GENERATE, payload=payload, wait=True, idempotency_key=idempotency_key

@@ -65,7 +65,9 @@ class S3Store(ObjectStore):
         config = AioConfig(
             connect_timeout=5,
             read_timeout=60,
-            retries={"max_attempts": 3, "mode": "standard"},
+            # one try per call: the processor retries transient failures itself (processor/retrying.py) and
+            # the API answers 503 with Retry-After; retries at both levels multiplied into 13 s per job attempt
+            retries={"max_attempts": 1, "mode": "standard"},
             signature_version="s3v4",
             s3={"addressing_style": "path"},
         )

@@ -1,0 +1,172 @@
+"""What the OpenAPI document says beyond the route signatures, so that it matches what the server sends: the one
+error body, every status each route can answer, the media types of binary answers, and who may call what.
+
+Routes declare their own statuses with `errors(...)` next to the code that raises them; `finish_document` adds
+what only the whole app knows (strict request bodies refuse unknown fields).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import msgspec
+from litestar import Litestar
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.datastructures import ResponseSpec
+from litestar.openapi.plugins import SwaggerRenderPlugin
+from litestar.openapi.spec import Components, Schema, SecurityRequirement, SecurityScheme
+
+from api.filters import CONTENT_TYPE, SOURCE, TIME, SearchFilter, repeatable
+from api.schemas import (
+    GenerateImageRequest,
+    ImageJobRequest,
+    JobAccepted,
+    SearchRequest,
+    VoiceFromKeyRequest,
+    VoiceJobRequest,
+)
+from contract.messages import MAX_REF_TEXT_CHARS, MAX_SEED, VOICE_LANGUAGES
+from infra.settings import Settings
+
+BEARER = "bearer"
+
+_STATUSES = {
+    400: "The request is malformed or invalid (bad JSON, unknown or mistyped field, bad Host): `message` says what "
+    "to fix",
+    401: "This server needs an API key (API_KEYS) and none, or an invalid one, was sent",
+    403: "The API key's level is below what this route needs",
+    404: "No such image, job or object",
+    408: "The request body stopped arriving for HTTP_READ_TIMEOUT_SECONDS",
+    409: "The index holds IMAGE_SEARCH_MAX_ELEMENTS images, or the Idempotency-Key was used for another request",
+    413: "The body, a file in it, or its number of multipart parts is over this route's limit",
+    422: "Well-formed, but the content cannot be used (not an image or audio clip, unsupported language, too costly)",
+    429: "RATE_LIMIT_PER_MINUTE reached; Retry-After says when to come back",
+    431: "Too many headers, or too many header bytes (HTTP_MAX_HEADERS, HTTP_MAX_HEADER_BYTES)",
+    503: "A dependency (broker, storage, index) is unreachable, or the feature is off on this server; Retry-After "
+    "is set when waiting helps",
+}
+# what any route can answer before its own code runs (Host check, header limits); guarded routes add 401/403/429
+_EVERY_ROUTE = (400, 431)
+_GUARDED_ROUTE = (401, 403, 429)
+
+
+STRICT_BODIES = (
+    GenerateImageRequest,
+    ImageJobRequest,
+    VoiceJobRequest,
+    SearchRequest,
+    SearchFilter,
+    VoiceFromKeyRequest,
+)
+# the 202 of routes that wait for their job: queued, or still running past SYNC_TIMEOUT_SECONDS
+ACCEPTED = {
+    202: ResponseSpec(JobAccepted, description="The job is queued or still running: poll `status_url`"),
+}
+
+
+class ErrorBody(msgspec.Struct, kw_only=True):
+    """Every error the API sends."""
+
+    status: int
+    code: str
+    message: str
+    details: Any = None
+
+
+def _accepted() -> dict[int, ResponseSpec]:
+    from api.schemas import JobAccepted
+
+    return {
+        202: ResponseSpec(
+            JobAccepted, description="Queued (or still running past SYNC_TIMEOUT_SECONDS): poll status_url"
+        )
+    }
+
+
+def errors(*statuses: int, open_route: bool = False) -> dict[int, ResponseSpec]:
+    """The error responses of a route: those it raises itself plus those every (guarded) route can answer."""
+    every = {*_EVERY_ROUTE, *(() if open_route else _GUARDED_ROUTE), *statuses}
+    return {
+        status: ResponseSpec(data_container=ErrorBody, description=_STATUSES[status], generate_examples=False)
+        for status in sorted(every)
+    }
+
+
+def binary(media_type: str, description: str) -> ResponseSpec:
+    """A success response whose body is bytes of one media type (image/png, audio/mpeg)."""
+    return ResponseSpec(data_container=bytes, media_type=media_type, description=description, generate_examples=False)
+
+
+def openapi_config(api_keys: bool) -> OpenAPIConfig:
+    """The document at /schema; with API keys configured it declares the bearer scheme the guarded routes use."""
+    schemes = {
+        BEARER: SecurityScheme(type="http", scheme="bearer", description="an API key from API_KEYS or API_KEYS_FILE")
+    }
+    return OpenAPIConfig(
+        title="AI model server",
+        version="0.1.0",
+        path="/schema",
+        render_plugins=[SwaggerRenderPlugin()],
+        components=Components(security_schemes=schemes if api_keys else None),
+    )
+
+
+def security(api_keys: bool) -> list[SecurityRequirement] | None:
+    """The security requirement of guarded routes: a bearer key, when this server has keys."""
+    return [{BEARER: []}] if api_keys else None
+
+
+# the rest of a storage key after its prefix: segments without '/', '\\' or control characters, none empty, none
+# '.' or '..' (stricter than the server: no segment starts with '.')
+_SEGMENT = r"[^./\\\x00-\x1f\x7f][^/\\\x00-\x1f\x7f]*"
+_KEY_REST = f"(?:{_SEGMENT}/)*{_SEGMENT}$"
+
+
+def _constraints(settings: Settings) -> dict[tuple[str, str], dict[str, Any]]:
+    """Limits the server checks in code (or that this server's settings choose), stated in the document:
+    (component, property) -> Schema attributes."""
+    nonblank: dict[str, Any] = {"pattern": r"\S"}
+    text = {**nonblank, "max_length": settings.voice_max_text_chars}
+    ref_text = {**nonblank, "max_length": MAX_REF_TEXT_CHARS}
+    language = {"enum": list(VOICE_LANGUAGES)}
+    return {
+        ("GenerateImageRequest", "prompt"): nonblank,
+        ("GenerateImageRequest", "seed"): {"minimum": 0, "maximum": MAX_SEED},
+        # Litestar drops a zero lower bound (ge=0.0)
+        ("GenerateImageRequest", "guidance_scale"): {"minimum": 0.0},
+        ("SearchRequest", "query"): nonblank,
+        ("SearchFilter", "source"): repeatable(SOURCE),
+        ("SearchFilter", "content_type"): repeatable(CONTENT_TYPE),
+        ("SearchFilter", "created_after"): TIME,
+        ("SearchFilter", "created_before"): TIME,
+        ("VoiceFromKeyRequest", "text"): text,
+        ("VoiceFromKeyRequest", "ref_text"): ref_text,
+        ("VoiceFromKeyRequest", "language"): language,
+        ("VoiceFromKeyRequest", "ref_audio_key"): {"pattern": "^" + re.escape(settings.voice_ref_prefix) + _KEY_REST},
+        ("VoiceCloneForm", "text"): text,
+        ("VoiceCloneForm", "ref_text"): ref_text,
+        ("VoiceCloneForm", "language"): language,
+    }
+
+
+def finish_document(app: Litestar, settings: Settings) -> None:
+    """What only the whole app knows: strict request bodies refuse unknown fields (Litestar leaves that out), and
+    the limits checked in code or set by this server's settings."""
+    schemas = app.openapi_schema.components.schemas or {}
+    for struct in STRICT_BODIES:
+        _schema(schemas, struct.__name__).additional_properties = False
+    for (component, name), attributes in _constraints(settings).items():
+        field = (_schema(schemas, component).properties or {})[name]
+        if not isinstance(field, Schema):
+            raise TypeError(f"the OpenAPI property {component}.{name} is not a schema")
+        aliases = field.field_aliases()
+        for attribute, value in attributes.items():
+            setattr(field, aliases.get(attribute, attribute), value)
+
+
+def _schema(schemas: dict[str, Schema], name: str) -> Schema:
+    schema = schemas[name]
+    if not isinstance(schema, Schema):
+        raise TypeError(f"the OpenAPI component {name} is not a schema")
+    return schema
