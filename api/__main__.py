@@ -20,13 +20,14 @@ async def serve(settings: Settings) -> None:
 
         from api.app import create_app
         from api.services import Services
+        from infra.http_protocol import HttpLimits
         from infra.http_server import serve_until_signal
 
         services = await Services.start(settings, plumbing=plumbing)
         try:
             structlog.get_logger("api").info("listening", host=settings.host, port=settings.port, processor="elsewhere")
             await serve_until_signal(
-                create_app(services), settings.host, settings.port, settings.http_keepalive_seconds
+                create_app(services), settings.host, settings.port, HttpLimits.from_settings(settings)
             )
         finally:
             await services.stop()

@@ -71,8 +71,6 @@ def create_app(services: Services) -> Litestar:
         middleware=[
             DefineMiddleware(
                 RequestLimits,
-                max_headers=settings.http_max_headers,
-                max_header_bytes=settings.http_max_header_bytes,
                 read_timeout=settings.http_read_timeout_seconds,
                 allowed_hosts=settings.allowed_hosts,
             ),

@@ -1,7 +1,7 @@
-"""Request limits that sit in front of the app: which Host a request may name (ALLOWED_HOSTS, 400), how many
-headers and how many header bytes it may carry (431), and how long the server waits for the next piece of a request
-body (408). The body size itself is
-limited per route by Litestar (request_max_body_size), the idle keep-alive by uvicorn (HTTP_KEEPALIVE_SECONDS)."""
+"""Request limits that sit in front of the app: which Host a request may name (ALLOWED_HOSTS, 400) and how long
+the server waits for the next piece of a request body (408). The request line and headers are limited while they
+are parsed (infra/http_protocol.py), the body size per route by Litestar (request_max_body_size), the idle
+keep-alive by uvicorn (HTTP_KEEPALIVE_SECONDS)."""
 
 from __future__ import annotations
 
@@ -13,21 +13,17 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 
 class RequestLimits:
-    """ASGI middleware: refuse oversized header sets before the app sees them, and time out a body that stalls."""
+    """ASGI middleware: refuse a Host this server does not answer for, and time out a body that stalls."""
 
     def __init__(
         self,
         app: ASGIApp,
         *,
-        max_headers: int,
-        max_header_bytes: int,
         read_timeout: float,
         allowed_hosts: tuple[str, ...] = (),
     ) -> None:
         self.app = app
         self._allowed_hosts = {host.lower() for host in allowed_hosts}
-        self._max_headers = max_headers
-        self._max_header_bytes = max_header_bytes
         self._read_timeout = read_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -43,17 +39,6 @@ class RequestLimits:
                     send, 400, "invalid_host", f"this server does not answer for host {host[:100]!r} (ALLOWED_HOSTS)"
                 )
                 return
-        size = sum(len(name) + len(value) for name, value in headers)
-        if len(headers) > self._max_headers or size > self._max_header_bytes:
-            await _refuse(
-                send,
-                431,
-                "headers_too_large",
-                f"the request has {len(headers)} headers, {size} bytes; this server takes at most "
-                f"{self._max_headers} headers and {self._max_header_bytes} bytes of them "
-                "(HTTP_MAX_HEADERS, HTTP_MAX_HEADER_BYTES)",
-            )
-            return
         body_done = False
         timeout = self._read_timeout
 

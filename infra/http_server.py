@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import signal
 import socket
 from collections.abc import Iterator
 from typing import Any
 
 import uvicorn
+
+from infra.http_protocol import HttpLimits, LimitedHttpToolsProtocol
 
 
 class _Server(uvicorn.Server):
@@ -29,8 +32,9 @@ class _Server(uvicorn.Server):
                 loop.remove_signal_handler(sig)
 
 
-def server_config(app: Any, host: str, port: int, keepalive_seconds: int = 5) -> uvicorn.Config:
-    """uvicorn's settings for our apps: our logging, no access log, no lifespan (the caller opens and closes)."""
+def server_config(app: Any, host: str, port: int, limits: HttpLimits) -> uvicorn.Config:
+    """uvicorn's settings for our apps: our logging, no access log, no lifespan (the caller opens and closes), and
+    the request-head limits enforced while parsing (infra/http_protocol.py)."""
     return uvicorn.Config(
         app,
         host=host,
@@ -38,13 +42,14 @@ def server_config(app: Any, host: str, port: int, keepalive_seconds: int = 5) ->
         log_config=None,
         access_log=False,
         lifespan="off",
-        timeout_keep_alive=keepalive_seconds,
+        timeout_keep_alive=limits.keepalive_seconds,
+        http=functools.partial(LimitedHttpToolsProtocol, limits=limits),  # type: ignore[arg-type]
     )
 
 
-async def serve_until_signal(app: Any, host: str, port: int, keepalive_seconds: int = 5) -> None:
+async def serve_until_signal(app: Any, host: str, port: int, limits: HttpLimits) -> None:
     """Serve `app` on host:port until the process is asked to stop."""
-    await _Server(server_config(app, host, port, keepalive_seconds)).serve()
+    await _Server(server_config(app, host, port, limits)).serve()
 
 
 def check_port_free(host: str, port: int) -> None:

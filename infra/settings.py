@@ -114,6 +114,7 @@ class Settings:
     # HTTP server and jobs
     host: str
     port: int
+    http_max_request_line_bytes: int
     http_max_headers: int
     http_max_header_bytes: int
     http_read_timeout_seconds: float
@@ -350,6 +351,7 @@ def _parse(env: _Reader) -> Settings:
         job_record_ttl_days=env.integer("JOB_RECORD_TTL_DAYS", 7, 1, 3650),
         host=env.raw("HOST", "0.0.0.0"),
         port=env.integer("PORT", 8000, 1, 65535),
+        http_max_request_line_bytes=env.integer("HTTP_MAX_REQUEST_LINE_BYTES", 8190, 256, 1024 * 1024),
         http_max_headers=env.integer("HTTP_MAX_HEADERS", 100, 10, 10_000),
         http_max_header_bytes=env.integer("HTTP_MAX_HEADER_BYTES", 32 * 1024, 1024, 1024 * 1024),
         http_read_timeout_seconds=env.number("HTTP_READ_TIMEOUT_SECONDS", 30.0, 1.0, 3600.0),

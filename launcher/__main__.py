@@ -13,6 +13,7 @@ async def serve(settings: Settings) -> None:
     import structlog
 
     from api.app import create_app
+    from infra.http_protocol import HttpLimits
     from infra.http_server import serve_until_signal
     from launcher import OneProcess
 
@@ -20,7 +21,7 @@ async def serve(settings: Settings) -> None:
     try:
         structlog.get_logger("launcher").info("listening", host=settings.host, port=settings.port, processor="here")
         await serve_until_signal(
-            create_app(running.services), settings.host, settings.port, settings.http_keepalive_seconds
+            create_app(running.services), settings.host, settings.port, HttpLimits.from_settings(settings)
         )
     finally:
         await running.stop()

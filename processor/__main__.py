@@ -33,6 +33,7 @@ async def run(settings: Settings) -> None:
 
     import structlog
 
+    from infra.http_protocol import HttpLimits
     from infra.http_server import serve_until_signal
     from processor.health import create_health_app
     from processor.service import ProcessorService
@@ -42,7 +43,12 @@ async def run(settings: Settings) -> None:
     try:
         if settings.processor_metrics_port:
             log.info("health_served", port=settings.processor_metrics_port, paths=["/healthz", "/readyz", "/metrics"])
-            await serve_until_signal(create_health_app(service), settings.host, settings.processor_metrics_port)
+            await serve_until_signal(
+                create_health_app(service),
+                settings.host,
+                settings.processor_metrics_port,
+                HttpLimits.from_settings(settings),
+            )
         else:
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()

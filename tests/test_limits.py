@@ -1,5 +1,6 @@
-"""Request limits: too many or too large headers get 431, a body that stops arriving gets 408, and neither is a
-500 (the server's own process settings, through the real uvicorn server)."""
+"""Request limits: a long request target gets 414, too many or too large headers 431 (refused while the head is
+read, before it is buffered whole), what is not HTTP a JSON 400, a body that stops arriving 408; none is a 500
+(the server's own process settings, through the real uvicorn server)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,12 @@ from tests.support.server import running_server
 
 @pytest.fixture(scope="module")
 async def server(make_settings):
-    settings = make_settings(HTTP_MAX_HEADERS="30", HTTP_MAX_HEADER_BYTES="4096", HTTP_READ_TIMEOUT_SECONDS="1")
+    settings = make_settings(
+        HTTP_MAX_HEADERS="30",
+        HTTP_MAX_HEADER_BYTES="4096",
+        HTTP_MAX_REQUEST_LINE_BYTES="2048",
+        HTTP_READ_TIMEOUT_SECONDS="1",
+    )
     async with running_server(settings) as running:
         yield running
 
@@ -30,6 +36,60 @@ async def test_too_many_header_bytes_is_431(server):
     response = await server.client.get("/v1/images", headers={"x-big": "a" * 8000})
     assert response.status_code == 431
     assert response.json()["code"] == "headers_too_large"
+
+
+async def raw_exchange(server, chunks, timeout: float = 10) -> tuple[bytes, dict]:
+    """Send `chunks` on a fresh connection (stopping early if the server closes it); the status line and JSON body
+    of the answer."""
+    host, port = server.base_url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        for chunk in chunks:
+            if reader.at_eof():
+                break
+            writer.write(chunk)
+            try:
+                await writer.drain()
+            except ConnectionError:
+                break
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=timeout)
+        lines = head.split(b"\r\n")
+        length = int(next(line for line in lines if line.lower().startswith(b"content-length")).split(b":")[1])
+        assert b"connection: close" in head.lower()
+        return lines[0], json.loads(await reader.readexactly(length))
+    finally:
+        writer.close()
+
+
+def huge_header():
+    yield b"GET /v1/images HTTP/1.1\r\nHost: x\r\nX-Huge: "
+    for _ in range(256):  # 16 MB, never finished
+        yield b"a" * 65536
+
+
+def many_headers():
+    yield b"GET /v1/images HTTP/1.1\r\nHost: x\r\n"
+    for block in range(100):
+        yield b"".join(b"X-%d-%d: 1\r\n" % (block, n) for n in range(1000))
+
+
+@pytest.mark.parametrize("chunks", [huge_header, many_headers], ids=["16MB-header", "100k-headers"])
+async def test_an_endless_head_is_refused_while_it_arrives(server, chunks):
+    status, body = await raw_exchange(server, chunks())
+    assert status.startswith(b"HTTP/1.1 431"), status
+    assert body["code"] == "headers_too_large"
+
+
+async def test_a_long_request_target_is_414(server):
+    status, body = await raw_exchange(server, [b"GET /v1/images?q=" + b"a" * 5000 + b" HTTP/1.1\r\nHost: x\r\n\r\n"])
+    assert status.startswith(b"HTTP/1.1 414"), status
+    assert body["code"] == "uri_too_long" and "HTTP_MAX_REQUEST_LINE_BYTES" in body["message"]
+
+
+async def test_what_is_not_http_gets_a_json_400(server):
+    status, body = await raw_exchange(server, [b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03 hello\r\n\r\n"])
+    assert status.startswith(b"HTTP/1.1 400"), status
+    assert body["code"] == "bad_request"
 
 
 async def test_a_stalled_body_is_408_not_a_hung_connection(server):

@@ -13,6 +13,7 @@ import uvicorn
 
 from api.app import create_app
 from api.services import Services
+from infra.http_protocol import HttpLimits
 from infra.http_server import server_config
 from infra.settings import Settings
 from launcher import OneProcess
@@ -31,7 +32,7 @@ class RunningServer:
 async def running_server(settings: Settings, *, with_processor: bool = True) -> AsyncIterator[RunningServer]:
     """The one-process mode (python -m launcher); with_processor=False: the API alone (python -m api)."""
     running = await OneProcess.start(settings, with_processor=with_processor)
-    config = server_config(create_app(running.services), "127.0.0.1", 0)
+    config = server_config(create_app(running.services), "127.0.0.1", 0, HttpLimits.from_settings(settings))
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
     try:

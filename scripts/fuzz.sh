@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The long schemathesis run: every check, N examples per operation (default 200), against the real server that the
+# test suite starts (RabbitMQ node, S3 server, tiny models, API keys on). Usage: scripts/fuzz.sh [N]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/install.sh --test
+CONFORMANCE_EXAMPLES="${1:-200}" .venv/bin/python -m pytest -q -p no:cacheprovider tests/test_openapi_conformance.py
