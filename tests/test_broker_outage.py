@@ -1,7 +1,8 @@
 """RabbitMQ stopped and started again under the running server (its own broker node, so the session's node is not
 disturbed): writes answer 503 broker_unavailable with Retry-After, nothing half-written is left, an
-Idempotency-Key first tried during the outage works afterwards, /metrics keeps answering, and the server
-recovers on its own."""
+Idempotency-Key first tried during the outage works afterwards, /metrics keeps answering, the server recovers on its
+own, and every job accepted just before the outage (some of them in the processor's hands when the broker stops)
+completes, once."""
 
 from __future__ import annotations
 
@@ -36,6 +37,15 @@ async def test_writes_during_a_broker_outage_get_503_and_leave_nothing(make_env,
         client = server.client
         warm = await client.post("/v1/images/generate", json={"prompt": "before", "seed": 1})
         assert warm.status_code == 200
+        # light load just before the outage: generations and uploads that are queued or running when it starts
+        accepted = [
+            await client.post("/v1/jobs", json={"type": "image.generate", "params": {"prompt": f"load {n}", "seed": n}})
+            for n in range(6)
+        ] + [
+            await client.post("/v1/images?wait=false", files={"file": (f"{n}.png", encoded(10 + n), "image/png")})
+            for n in range(3)
+        ]
+        assert [response.status_code for response in accepted] == [202] * len(accepted)
         records_before = await _jobs(server)
 
         own_broker.ctl("stop_app")
@@ -82,5 +92,13 @@ async def test_writes_during_a_broker_outage_get_503_and_leave_nothing(make_env,
             return job["status"] == "succeeded"
 
         await wait_until(done, timeout=60)
+
+        async def all_accepted_done() -> bool:
+            states = [(await client.get(response.json()["status_url"])).json()["status"] for response in accepted]
+            assert "failed" not in states, states
+            return set(states) == {"succeeded"}
+
+        await wait_until(all_accepted_done, timeout=90, interval=0.5)
+        assert await server.services.index.count() == 3, "each upload indexed once"
         assert (await client.post("/v1/images/generate", json={"prompt": "after", "seed": 2})).status_code == 200
         assert "ams_broker_reachable 1.0" in (await client.get("/metrics")).text
