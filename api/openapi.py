@@ -2,7 +2,7 @@
 error body, every status each route can answer, the media types of binary answers, and who may call what.
 
 Routes declare their own statuses with `errors(...)` next to the code that raises them; `finish_document` adds
-what only the whole app knows (strict request bodies refuse unknown fields).
+what only the whole app knows (strict request bodies refuse unknown fields, this server's own limits).
 """
 
 from __future__ import annotations
@@ -41,13 +41,15 @@ _STATUSES = {
     409: "The index holds IMAGE_SEARCH_MAX_ELEMENTS images, or the Idempotency-Key was used for another request",
     413: "The body, a file in it, or its number of multipart parts is over this route's limit",
     422: "Well-formed, but the content cannot be used (not an image or audio clip, unsupported language, too costly)",
+    414: "The request target is longer than HTTP_MAX_REQUEST_LINE_BYTES",
     429: "RATE_LIMIT_PER_MINUTE reached; Retry-After says when to come back",
     431: "Too many headers, or too many header bytes (HTTP_MAX_HEADERS, HTTP_MAX_HEADER_BYTES)",
     503: "A dependency (broker, storage, index) is unreachable, or the feature is off on this server; Retry-After "
     "is set when waiting helps",
 }
-# what any route can answer before its own code runs (Host check, header limits); guarded routes add 401/403/429
-_EVERY_ROUTE = (400, 431)
+# what any route can answer before its own code runs (Host check, request-head limits); guarded routes add
+# 401/403/429
+_EVERY_ROUTE = (400, 414, 431)
 _GUARDED_ROUTE = (401, 403, 429)
 
 
@@ -72,16 +74,6 @@ class ErrorBody(msgspec.Struct, kw_only=True):
     code: str
     message: str
     details: Any = None
-
-
-def _accepted() -> dict[int, ResponseSpec]:
-    from api.schemas import JobAccepted
-
-    return {
-        202: ResponseSpec(
-            JobAccepted, description="Queued (or still running past SYNC_TIMEOUT_SECONDS): poll status_url"
-        )
-    }
 
 
 def errors(*statuses: int, open_route: bool = False) -> dict[int, ResponseSpec]:
