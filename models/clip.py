@@ -1,7 +1,8 @@
 """The CLIP embedder (open_clip): image and text towers, L2-normalised float32 vectors.
 
 A process that only embeds queries (the API) loads the text tower alone: the image tower is dropped right after
-loading, so it holds a fraction of the memory.
+loading, so it holds a fraction of the memory. The weights run in CLIP_DTYPE (`auto`: bfloat16 on CUDA, float16
+where bfloat16 is unsupported, float32 on the CPU); the vectors leave as float32 either way.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 from PIL import Image
 
 from infra.settings import Settings
-from models.device import pick_device
+from models.device import pick_device, pick_dtype
 from models.errors import ModelLoadError
 from models.hub import hub_reachable, offline_hint, prefer_local_cache, route_library_output
 from models.tiny_clip import TINY_CLIP_ID, ensure_tiny_clip
@@ -53,12 +54,21 @@ class ClipEmbedder:
     """Loaded once; thread-safe; call the embed methods from a worker thread, not the event loop."""
 
     def __init__(
-        self, model: Any, preprocess: Any, tokenizer: Any, model_id: str, device: torch.device, *, image_tower: bool
+        self,
+        model: Any,
+        preprocess: Any,
+        tokenizer: Any,
+        model_id: str,
+        device: torch.device,
+        dtype: torch.dtype = torch.float32,
+        *,
+        image_tower: bool,
     ) -> None:
-        self._model = model
+        self._model = model.to(dtype=dtype)
         self._preprocess = preprocess
         self._tokenizer = tokenizer
         self._device = device
+        self.dtype = dtype
         self._lock = threading.Lock()
         self.image_tower = image_tower
         self.model_id = model_id
@@ -70,6 +80,7 @@ class ClipEmbedder:
         route_library_output("transformers")  # open_clip's HF tokenizers log through transformers
         spec = clip_spec(settings)
         device = pick_device(settings.torch_device)
+        dtype = pick_dtype(settings.clip_dtype, device)
         local = spec.model_name.startswith("local-dir:") or bool(
             spec.pretrained and spec.pretrained.endswith((".safetensors", ".bin", ".pt", ".pth", ".npz"))
         )
@@ -89,18 +100,38 @@ class ClipEmbedder:
         model.eval()
         if not image_tower:
             model.visual = None
-        embedder = cls(model, preprocess, tokenizer, spec.model_id, device, image_tower=image_tower)
-        log.info("clip_loaded", model=spec.model_id, dim=embedder.dim, device=str(device), image_tower=image_tower)
+        embedder = cls(model, preprocess, tokenizer, spec.model_id, device, dtype, image_tower=image_tower)
+        log.info(
+            "clip_loaded",
+            model=spec.model_id,
+            dim=embedder.dim,
+            device=str(device),
+            dtype=str(dtype).removeprefix("torch."),
+            image_tower=image_tower,
+        )
         return embedder
 
-    def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
-        """One batched forward pass of the image tower; one row per image."""
+    @property
+    def input_size(self) -> int:
+        """The shorter side, in pixels, of what the image tower takes (an image is decoded no smaller)."""
+        size = self._model.visual.image_size if self.image_tower else 0
+        return int(min(size) if isinstance(size, (tuple, list)) else size)
+
+    def prepare(self, image: Image.Image) -> torch.Tensor:
+        """The image tower's input for one image (resize, crop, normalise); thread-safe, for decode workers."""
+        return self._preprocess(image)
+
+    def embed_prepared(self, inputs: Sequence[torch.Tensor]) -> np.ndarray:
+        """One batched forward pass of the image tower over `prepare`d inputs; one row per image."""
         if not self.image_tower:
             raise RuntimeError("this CLIP embedder holds the text tower only (loaded with image_tower=False)")
-        batch = torch.stack([self._preprocess(image) for image in images]).to(self._device)
+        batch = torch.stack(list(inputs)).to(self._device, dtype=self.dtype)
         with self._lock, torch.inference_mode():
             features = self._model.encode_image(batch)
         return _normalise(features)
+
+    def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
+        return self.embed_prepared([self.prepare(image) for image in images])
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         tokens = self._tokenizer(list(texts)).to(self._device)

@@ -14,14 +14,12 @@ import torch
 from diffusers import DiffusionPipeline
 
 from infra.settings import Settings
-from models.device import pick_device
+from models.device import pick_device, pick_dtype
 from models.errors import ModelLoadError
 from models.hub import hub_reachable, offline_hint, prefer_local_cache, route_library_output
 from models.tiny_diffusion import TINY_DIFFUSION_ID, ensure_tiny_diffusion
 
 log = structlog.get_logger(__name__)
-
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class UnsupportedParameterError(ValueError):
@@ -37,15 +35,6 @@ class GenerationParams:
     steps: int
     guidance_scale: float
     seed: int
-
-
-def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
-    """'auto': bfloat16 on CUDA when supported, else float16 on CUDA, float32 on CPU."""
-    if requested != "auto":
-        return _DTYPES[requested]
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
 
 
 class ImageGenerator:

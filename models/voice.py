@@ -14,8 +14,7 @@ import torch
 
 from contract.audio import SAMPLE_RATE, DecodedAudio
 from infra.settings import Settings
-from models.device import pick_device
-from models.diffusion import pick_dtype
+from models.device import pick_device, pick_dtype
 from models.errors import ModelLoadError
 from models.hub import hub_reachable, offline_hint, prefer_local_cache, route_library_output
 from models.qwen_tts_import import fill_config_defaults, qwen_tts, restore_rotary_frequencies
