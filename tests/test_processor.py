@@ -45,13 +45,13 @@ async def test_queued_index_messages_are_embedded_in_batches(make_settings, rabb
     try:
         ids = [await publish(settings.amqp_url, IMAGE_INDEX, index_message(seed)) for seed in range(10)]
         batch_sizes: list[int] = []
-        real_embed = runtime.clip.embed_images
+        real_embed = runtime.clip.embed_prepared
 
-        def spy(images):
-            batch_sizes.append(len(images))
-            return real_embed(images)
+        def spy(inputs):
+            batch_sizes.append(len(inputs))
+            return real_embed(inputs)
 
-        runtime.clip.embed_images = spy
+        runtime.clip.embed_prepared = spy
         consumer = build_consumer(runtime)
         await consumer.start()
         try:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import msgspec
 import structlog
@@ -24,6 +25,18 @@ from processor.retrying import TRANSIENT_ERRORS, retry_transient
 
 log = structlog.get_logger(__name__)
 
+# originals stored at once, per batch
+_CONCURRENT_PUTS = 8
+
+
+def prepare_image(embedder: ClipEmbedder, data: bytes, max_pixels: int) -> tuple[DecodedImage, Any]:
+    """In a decode thread: the image decoded at the size the model needs, and the model's input made from it."""
+    decoded = decode_image(data, max_pixels, min_side=embedder.input_size)
+    try:
+        return decoded, embedder.prepare(decoded.image)
+    finally:
+        decoded.image.close()
+
 
 @dataclass(slots=True)
 class _Prepared:
@@ -31,11 +44,15 @@ class _Prepared:
     image_id: str
     r2_key: str
     data: bytes | None
-    decoded: DecodedImage
+    decoded: DecodedImage  # what the original is; its pixels are closed once `inputs` are made
+    inputs: Any  # the image tower's input (ClipEmbedder.prepare)
     job: ImageIndexV1
 
 
 class ImageIndexHandler:
+    """Decoding and preprocessing run in a pool of IMAGE_DECODE_THREADS threads (Pillow releases the GIL), all the
+    batch's images at once, JPEGs at the smallest scale the model needs; the originals are stored concurrently."""
+
     message_type = IMAGE_INDEX
     always_record = False
     reports_running = False
@@ -51,6 +68,7 @@ class ImageIndexHandler:
         max_pixels: int,
         max_elements: int,
         clock: UniqueClock,
+        decode_threads: int = 2,
     ) -> None:
         self._store = store
         self._index = index
@@ -60,27 +78,31 @@ class ImageIndexHandler:
         self._max_pixels = max_pixels
         self._max_elements = max_elements
         self._clock = clock
+        self._decoders = ThreadPoolExecutor(max_workers=decode_threads, thread_name_prefix="image-decode")
+        self._puts = asyncio.Semaphore(_CONCURRENT_PUTS)
 
     async def handle(self, jobs: Sequence[Job]) -> list[Outcome]:
-        outcomes: list[Outcome | None] = [None] * len(jobs)
-        prepared: list[_Prepared] = []
-        for position, job in enumerate(jobs):
-            try:
-                prepared.append(await self._prepare(position, job))
-            except InvalidImageError as exc:
-                outcomes[position] = Failed(exc.code, exc.message)
-            except ObjectNotFoundError as exc:
-                outcomes[position] = Failed("object_not_found", str(exc))
-            except InvalidKeyError as exc:
-                outcomes[position] = Failed("invalid_key", str(exc))
-            except _MissingId as exc:
-                outcomes[position] = Failed("missing_image_id", str(exc))
-            except TRANSIENT_ERRORS as exc:
-                outcomes[position] = Failed("storage_unavailable", str(exc), transient=True)
+        results = await asyncio.gather(*(self._prepare_or_fail(position, job) for position, job in enumerate(jobs)))
+        outcomes: list[Outcome | None] = [result if isinstance(result, Failed) else None for result in results]
+        prepared = [result for result in results if isinstance(result, _Prepared)]
         if prepared:
             for item, outcome in zip(prepared, await self._index_batch(prepared), strict=True):
                 outcomes[item.position] = outcome
         return cast(list[Outcome], outcomes)
+
+    async def _prepare_or_fail(self, position: int, job: Job) -> _Prepared | Failed:
+        try:
+            return await self._prepare(position, job)
+        except InvalidImageError as exc:
+            return Failed(exc.code, exc.message)
+        except ObjectNotFoundError as exc:
+            return Failed("object_not_found", str(exc))
+        except InvalidKeyError as exc:
+            return Failed("invalid_key", str(exc))
+        except _MissingId as exc:
+            return Failed("missing_image_id", str(exc))
+        except TRANSIENT_ERRORS as exc:
+            return Failed("storage_unavailable", str(exc), transient=True)
 
     async def _prepare(self, position: int, job: Job) -> _Prepared:
         payload: ImageIndexV1 = job.payload
@@ -95,7 +117,10 @@ class ImageIndexHandler:
                 raise _MissingId(
                     f"message_id {job.message_id!r} is not a UUID; give `image_id` in the body or a UUID message_id"
                 )
-        decoded = await asyncio.to_thread(decode_image, data, self._max_pixels)
+        loop = asyncio.get_running_loop()
+        decoded, inputs = await loop.run_in_executor(
+            self._decoders, prepare_image, self._embedder, data, self._max_pixels
+        )
         image_id = str(uuid.UUID(image_id))
         r2_key = payload.key if payload.key is not None else original_key(image_id, decoded.extension)
         return _Prepared(
@@ -104,8 +129,20 @@ class ImageIndexHandler:
             r2_key=r2_key,
             data=None if payload.key is not None else data,
             decoded=decoded,
+            inputs=inputs,
             job=payload,
         )
+
+    async def _store_original(self, item: _Prepared) -> Failed | None:
+        if item.data is None:
+            return None
+        data, key, content_type = item.data, item.r2_key, item.decoded.content_type
+        async with self._puts:
+            try:
+                await retry_transient(lambda: self._store.put(key, data, content_type))
+            except TRANSIENT_ERRORS as exc:
+                return Failed("storage_unavailable", str(exc), transient=True)
+        return None
 
     async def _index_batch(self, batch: list[_Prepared]) -> list[Outcome]:
         try:
@@ -114,27 +151,29 @@ class ImageIndexHandler:
         except TRANSIENT_ERRORS as exc:
             return [Failed("index_unavailable", str(exc), transient=True) for _ in batch]
 
-        vectors = await asyncio.to_thread(self._embedder.embed_images, [item.decoded.image for item in batch])
+        vectors = await asyncio.to_thread(self._embedder.embed_prepared, [item.inputs for item in batch])
 
-        outcomes: list[Outcome] = []
-        to_upsert: list[tuple[ImageRecord, list[float]]] = []
-        for item, vector in zip(batch, vectors, strict=True):
-            previous = existing.get(item.image_id)
-            if previous is None and room <= 0:
-                outcomes.append(
-                    Failed(
-                        "index_full",
-                        f"the index holds its maximum of {self._max_elements} images (IMAGE_SEARCH_MAX_ELEMENTS)",
-                    )
+        outcomes: list[Outcome | None] = [None] * len(batch)
+        accepted: list[int] = []
+        for position, item in enumerate(batch):
+            if item.image_id not in existing and room <= 0:
+                outcomes[position] = Failed(
+                    "index_full",
+                    f"the index holds its maximum of {self._max_elements} images (IMAGE_SEARCH_MAX_ELEMENTS)",
                 )
                 continue
-            if item.data is not None:
-                try:
-                    data, key, content_type = item.data, item.r2_key, item.decoded.content_type
-                    await retry_transient(lambda d=data, k=key, c=content_type: self._store.put(k, d, c))
-                except TRANSIENT_ERRORS as exc:
-                    outcomes.append(Failed("storage_unavailable", str(exc), transient=True))
-                    continue
+            if item.image_id not in existing:
+                room -= 1
+            accepted.append(position)
+        stored = await asyncio.gather(*(self._store_original(batch[position]) for position in accepted))
+
+        to_upsert: list[tuple[ImageRecord, list[float]]] = []
+        for position, failure in zip(accepted, stored, strict=True):
+            if failure is not None:
+                outcomes[position] = failure
+                continue
+            item = batch[position]
+            previous = existing.get(item.image_id)
             created_us = previous.created_us if previous is not None else self._clock.now_us()
             record = ImageRecord(
                 id=item.image_id,
@@ -148,19 +187,17 @@ class ImageIndexHandler:
                 source=item.job.source,
                 filename=item.job.filename,
             )
-            if previous is None:
-                room -= 1
-            to_upsert.append((record, vector.tolist()))
-            outcomes.append(Succeeded(msgspec.to_builtins(record)))
+            to_upsert.append((record, vectors[position].tolist()))
+            outcomes[position] = Succeeded(msgspec.to_builtins(record))
 
         if to_upsert:
             try:
                 await retry_transient(lambda: self._index.upsert(to_upsert))
             except TRANSIENT_ERRORS as exc:
                 failed = Failed("index_unavailable", str(exc), transient=True)
-                return [failed if isinstance(outcome, Succeeded) else outcome for outcome in outcomes]
+                return [failed if isinstance(outcome, Succeeded) else cast(Outcome, outcome) for outcome in outcomes]
             log.info("images_indexed", count=len(to_upsert), ids=[record.id for record, _ in to_upsert])
-        return outcomes
+        return cast(list[Outcome], outcomes)
 
 
 class _MissingId(ValueError):

@@ -1,0 +1,61 @@
+"""The indexing decode path: JPEGs decoded at the smallest DCT scale the model needs (never upsampled, EXIF
+orientation kept, the original's size recorded), and embeddings from it that agree with the plain full decode:
+each fast vector's nearest plain vector is its own image's, closer than a tenth of the median distance between
+different images."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from contract.imaging import decode_image
+from models.clip import ClipEmbedder
+from processor.handlers.image_index import prepare_image
+from tests.support.images import drawing, encoded
+
+MAX_PIXELS = 50_000_000
+
+
+def jpeg(image: Image.Image, orientation: int | None = None) -> bytes:
+    buffer = io.BytesIO()
+    exif = Image.Exif()
+    if orientation is not None:
+        exif[0x0112] = orientation
+    image.save(buffer, format="JPEG", quality=90, exif=exif.tobytes())
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("size", "min_side", "decoded"),
+    [((1024, 768), 256, (512, 384)), ((1024, 768), 32, (128, 96)), ((200, 150), 256, (200, 150))],
+    ids=["half", "eighth", "small-stays"],
+)
+def test_a_jpeg_is_decoded_at_the_smallest_scale_not_below_the_model_input(size, min_side, decoded):
+    result = decode_image(jpeg(drawing(1, size)), MAX_PIXELS, min_side=min_side)
+    assert result.image.size == decoded
+    assert (result.width, result.height) == size, "the record describes the original"
+
+
+def test_other_formats_and_plain_decodes_are_full_size():
+    assert decode_image(encoded(1, "PNG", (1024, 768)), MAX_PIXELS, min_side=32).image.size == (1024, 768)
+    assert decode_image(jpeg(drawing(1, (1024, 768))), MAX_PIXELS).image.size == (1024, 768)
+
+
+def test_exif_orientation_is_kept_at_the_reduced_scale():
+    result = decode_image(jpeg(drawing(2, (1024, 768)), orientation=6), MAX_PIXELS, min_side=256)
+    assert result.image.size == (384, 512)
+
+
+def test_fast_path_embeddings_agree_with_the_full_decode(make_settings):
+    embedder = ClipEmbedder.load(make_settings())
+    photos = [jpeg(drawing(seed, (1024, 768))) for seed in range(32)]
+    plain = embedder.embed_images([decode_image(data, MAX_PIXELS).image for data in photos])
+    fast = embedder.embed_prepared([prepare_image(embedder, data, MAX_PIXELS)[1] for data in photos])
+    between = np.linalg.norm(plain[:, None, :] - plain[None, :, :], axis=2)
+    median_between = np.median(between[~np.eye(len(photos), dtype=bool)])
+    across = np.linalg.norm(fast[:, None, :] - plain[None, :, :], axis=2)
+    assert (across.argmin(axis=1) == np.arange(len(photos))).all()
+    assert across.diagonal().max() < median_between / 10, (across.diagonal().max(), median_between)
