@@ -311,3 +311,43 @@ async def test_metrics(server):
     assert re.search(r'ams_jobs_total\{outcome="succeeded",type="image.generate"\} [1-9]', text)
     assert re.search(r'ams_job_duration_seconds_count\{outcome="succeeded",type="image.generate"\} [1-9]', text)
     await _dead_letters(server)
+
+
+async def test_bucket_events_are_embedded_in_batches(server, s3):
+    """100 objects, one event each, as a backfill of a bucket would send them: a few forward passes, not 100."""
+    keys = [f"images/incoming/batch-{uuid.uuid4().hex[:8]}-{n}.png" for n in range(100)]
+    for n, key in enumerate(keys):
+        put(s3, server.bucket, key, encoded(2000 + n, "PNG"))
+    embedder = server.processor.runtime.clip
+    real_embed = embedder.embed_prepared
+    forward_passes: list[int] = []
+
+    def spy(inputs):
+        forward_passes.append(len(inputs))
+        return real_embed(inputs)
+
+    embedder.embed_prepared = spy
+    import aio_pika
+
+    try:
+        connection = await aio_pika.connect(server.services.settings.amqp_url)
+        async with connection:
+            channel = await connection.channel(publisher_confirms=True)
+            exchange = await channel.get_exchange("ams.jobs")
+            for key in keys:
+                body = json.dumps(r2_event("PutObject", key)).replace("my-bucket", server.bucket)
+                message = aio_pika.Message(body.encode(), content_type="application/json")
+                await exchange.publish(message, routing_key="bucket.event")
+
+        async def all_indexed() -> bool:
+            found = await server.services.index.get_many([image_id_for_key(server.bucket, key) for key in keys])
+            return len(found) == len(keys)
+
+        await wait_until(all_indexed, timeout=90, interval=0.2)
+    finally:
+        del embedder.embed_prepared
+    batch_size = server.services.settings.image_search_batch_size
+    assert sum(forward_passes) == 100
+    assert max(forward_passes) == batch_size
+    assert len(forward_passes) <= 2 * 100 // batch_size, forward_passes
+    assert await _dead_letters(server) == []

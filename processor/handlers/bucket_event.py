@@ -4,7 +4,7 @@ leave the index; everything else is acknowledged and logged as skipped."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import structlog
 
@@ -24,8 +24,12 @@ _NOT_INDEXABLE = {"empty_file", "not_an_image", "unsupported_format", "corrupt_i
 
 
 class BucketEventHandler:
+    """Bucket events go through the indexer's batch path: the creates of the messages taken together (up to
+    IMAGE_SEARCH_BATCH_SIZE messages) are embedded in batches of that size, in order with the removals between
+    them. A message succeeds when all its events do; otherwise it is retried or dead-lettered whole (each step is
+    idempotent)."""
+
     message_type = BUCKET_EVENT
-    batch_size = 1
     always_record = False
     reports_running = False
 
@@ -43,18 +47,64 @@ class BucketEventHandler:
         self._bucket = bucket
         self._prefixes = tuple(prefixes)
         self._max_bytes = max_bytes
+        self.batch_size = indexer.batch_size
 
     async def handle(self, jobs: Sequence[Job]) -> list[Outcome]:
-        return [await self._one(job) for job in jobs]
+        results: list[list[Outcome | None]] = [[None] * len(job.payload) for job in jobs]
+        pending: list[tuple[int, int, ObjectEvent]] = []  # creates waiting for a batch: (job, event, what)
+        for position, job in enumerate(jobs):
+            for number, event in enumerate(job.payload):
+                reason = self._skip_reason(event)
+                if reason is not None:
+                    self._log(job, event).info("bucket_event_skipped", reason=reason)
+                    results[position][number] = Succeeded({"key": event.key, "event": event.name, "skipped": reason})
+                elif event.action == "removed":
+                    await self._index_pending(jobs, pending, results)  # a removal comes after the creates before it
+                    results[position][number] = await self._remove(job, event)
+                else:
+                    pending.append((position, number, event))
+        await self._index_pending(jobs, pending, results)
+        return [_settle(cast(list[Outcome], outcomes)) for outcomes in results]
 
-    async def _one(self, job: Job) -> Outcome:
-        results: list[dict[str, Any]] = []
-        for event in job.payload:
-            outcome = await self._event(job, event)
-            if isinstance(outcome, Failed):
-                return outcome  # the whole notification is retried or dead-lettered; each step is idempotent
-            results.append(outcome.result)
-        return Succeeded({"events": results})
+    async def _index_pending(
+        self, jobs: Sequence[Job], pending: list[tuple[int, int, ObjectEvent]], results: list[list[Outcome | None]]
+    ) -> None:
+        while pending:
+            chunk, pending[:] = pending[: self.batch_size], pending[self.batch_size :]
+            index_jobs = [
+                Job(
+                    message_id=jobs[position].message_id,
+                    message_type=IMAGE_INDEX,
+                    payload=ImageIndexV1(key=event.key, source="bucket-event"),
+                    priority=jobs[position].priority,
+                )
+                for position, _, event in chunk
+            ]
+            outcomes = await self._indexer.handle(index_jobs)
+            for (position, number, event), outcome in zip(chunk, outcomes, strict=True):
+                results[position][number] = self._indexed(jobs[position], event, outcome)
+
+    def _indexed(self, job: Job, event: ObjectEvent, outcome: Outcome) -> Outcome:
+        logger = self._log(job, event)
+        if isinstance(outcome, Failed) and outcome.code in (*_NOT_INDEXABLE, "object_not_found"):
+            logger.info("bucket_event_skipped", reason=outcome.message, code=outcome.code)
+            return Succeeded({"key": event.key, "event": event.name, "skipped": outcome.message})
+        if isinstance(outcome, Succeeded):
+            logger.info("bucket_event_indexed", image_id=outcome.result.get("id"))
+            return Succeeded({"key": event.key, "event": event.name, "indexed": outcome.result.get("id")})
+        return outcome
+
+    async def _remove(self, job: Job, event: ObjectEvent) -> Outcome:
+        try:
+            result = await self._deleter.forget_key(event.key)
+        except TRANSIENT_ERRORS as exc:
+            return Failed("index_unavailable", str(exc), transient=True)
+        self._log(job, event).info("bucket_event_removed", image_id=result["image_id"], was_indexed=result["deleted"])
+        return Succeeded({"key": event.key, "event": event.name, "removed": result["deleted"]})
+
+    @staticmethod
+    def _log(job: Job, event: ObjectEvent) -> Any:
+        return log.bind(message_id=job.message_id, event=event.name, bucket=event.bucket, key=event.key)
 
     def _skip_reason(self, event: ObjectEvent) -> str | None:
         if event.action == "other":
@@ -69,30 +119,10 @@ class BucketEventHandler:
             return f"object is larger than IMAGE_SEARCH_MAX_BYTES ({event.size} bytes)"
         return None
 
-    async def _event(self, job: Job, event: ObjectEvent) -> Outcome:
-        logger = log.bind(message_id=job.message_id, event=event.name, bucket=event.bucket, key=event.key)
-        reason = self._skip_reason(event)
-        if reason is not None:
-            logger.info("bucket_event_skipped", reason=reason)
-            return Succeeded({"key": event.key, "event": event.name, "skipped": reason})
-        if event.action == "removed":
-            try:
-                result = await self._deleter.forget_key(event.key)
-            except TRANSIENT_ERRORS as exc:
-                return Failed("index_unavailable", str(exc), transient=True)
-            logger.info("bucket_event_removed", image_id=result["image_id"], was_indexed=result["deleted"])
-            return Succeeded({"key": event.key, "event": event.name, "removed": result["deleted"]})
-        index_job = Job(
-            message_id=job.message_id,
-            message_type=IMAGE_INDEX,
-            payload=ImageIndexV1(key=event.key, source="bucket-event"),
-            priority=job.priority,
-        )
-        [outcome] = await self._indexer.handle([index_job])
-        if isinstance(outcome, Failed) and outcome.code in (*_NOT_INDEXABLE, "object_not_found"):
-            logger.info("bucket_event_skipped", reason=outcome.message, code=outcome.code)
-            return Succeeded({"key": event.key, "event": event.name, "skipped": outcome.message})
-        if isinstance(outcome, Succeeded):
-            logger.info("bucket_event_indexed", image_id=outcome.result.get("id"))
-            return Succeeded({"key": event.key, "event": event.name, "indexed": outcome.result.get("id")})
-        return outcome
+
+def _settle(outcomes: list[Outcome]) -> Outcome:
+    """One message's outcome: its first failure, or success with what happened to each event."""
+    failed = next((outcome for outcome in outcomes if isinstance(outcome, Failed)), None)
+    if failed is not None:
+        return failed
+    return Succeeded({"events": [cast(Succeeded, outcome).result for outcome in outcomes]})
