@@ -72,7 +72,7 @@ class ClipEmbedder:
         self._lock = threading.Lock()
         self.image_tower = image_tower
         self.model_id = model_id
-        self.dim = int(self.embed_texts(["dimension probe"]).shape[1])
+        self.dim = self._probe_dim()
 
     @classmethod
     def load(cls, settings: Settings, *, image_tower: bool = True) -> ClipEmbedder:
@@ -110,6 +110,14 @@ class ClipEmbedder:
             image_tower=image_tower,
         )
         return embedder
+
+    def _probe_dim(self) -> int:
+        """The vectors' length, from one forward pass of a tower this embedder holds."""
+        if self.image_tower:
+            size = self._model.visual.image_size
+            height, width = (size, size) if isinstance(size, int) else size
+            return int(self.embed_prepared([torch.zeros(3, height, width)]).shape[1])
+        return int(self.embed_texts(["dimension probe"]).shape[1])
 
     @property
     def input_size(self) -> int:
