@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from infra.settings import Settings
+from models.clip_inputs import DeviceInputs
 from models.device import pick_device, pick_dtype
 from models.errors import ModelLoadError
 from models.hub import hub_reachable, offline_hint, prefer_local_cache, route_library_output
@@ -63,12 +64,18 @@ class ClipEmbedder:
         dtype: torch.dtype = torch.float32,
         *,
         image_tower: bool,
+        inputs_on_device: bool | None = None,
     ) -> None:
+        """`inputs_on_device`: resize, crop and normalise images on the device (models/clip_inputs.py) rather than
+        with open_clip's Pillow transforms; by default on CUDA, where the model's preprocessing allows."""
         self._model = model.to(dtype=dtype)
         self._preprocess = preprocess
         self._tokenizer = tokenizer
         self._device = device
         self.dtype = dtype
+        on_device = device.type == "cuda" if inputs_on_device is None else inputs_on_device
+        config = getattr(model.visual, "preprocess_cfg", None) if image_tower else None
+        self._device_inputs = DeviceInputs.from_config(config) if on_device else None
         self._lock = threading.Lock()
         self.image_tower = image_tower
         self.model_id = model_id
@@ -126,15 +133,21 @@ class ClipEmbedder:
         return int(min(size) if isinstance(size, (tuple, list)) else size)
 
     def prepare(self, image: Image.Image) -> torch.Tensor:
-        """The image tower's input for one image (resize, crop, normalise); thread-safe, for decode workers."""
+        """What the image tower's batch is made from, for one image; thread-safe, for decode workers. On the CPU the
+        finished input (resized, cropped, normalised); with inputs made on the device, the uint8 pixels."""
+        if self._device_inputs is not None:
+            return DeviceInputs.pixels(image)
         return self._preprocess(image)
 
     def embed_prepared(self, inputs: Sequence[torch.Tensor]) -> np.ndarray:
         """One batched forward pass of the image tower over `prepare`d inputs; one row per image."""
         if not self.image_tower:
             raise RuntimeError("this CLIP embedder holds the text tower only (loaded with image_tower=False)")
-        batch = torch.stack(list(inputs)).to(self._device, dtype=self.dtype)
         with self._lock, torch.inference_mode():
+            if self._device_inputs is not None:
+                batch = self._device_inputs.batch(inputs, self._device, self.dtype)
+            else:
+                batch = torch.stack(list(inputs)).to(self._device, dtype=self.dtype)
             features = self._model.encode_image(batch)
         return _normalise(features)
 

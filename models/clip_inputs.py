@@ -1,0 +1,74 @@
+"""Image inputs for the CLIP tower made on the accelerator.
+
+On the CPU, open_clip's own transforms (Pillow resize, crop, to tensor, normalise) make each input. On a GPU they
+cap a batch at a few hundred images per second (measured on an H100 with 16 CPU threads: 511 images/s, against
+5,000 for the bfloat16 tower) and hand over float32 tensors four times the size of the pixels. Here the decode
+workers only turn the decoded image into a uint8 tensor, and the resize (bicubic, antialiased, like Pillow's),
+centre crop and normalisation run on the device for the whole batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+# open_clip's resize modes this module reproduces: the shorter side to the input size then a centre crop, or both
+# sides to the input size
+_MODES = ("shortest", "squash")
+
+
+@dataclass(frozen=True)
+class DeviceInputs:
+    """The tower's preprocessing, from open_clip's `preprocess_cfg`, applied to uint8 pixels on the device."""
+
+    height: int
+    width: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    resize_mode: str
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any] | None) -> DeviceInputs | None:
+        """None when the model's preprocessing is not one this module reproduces (the caller keeps open_clip's)."""
+        if not config or config.get("interpolation") != "bicubic" or config.get("resize_mode") not in _MODES:
+            return None
+        size = config["size"]
+        height, width = (size, size) if isinstance(size, int) else size
+        if config["resize_mode"] == "shortest" and height != width:
+            return None
+        return cls(int(height), int(width), tuple(config["mean"]), tuple(config["std"]), config["resize_mode"])
+
+    @staticmethod
+    def pixels(image: Image.Image) -> torch.Tensor:
+        """In a decode worker: the RGB image as a uint8 tensor, channels first (one copy of the pixels)."""
+        return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
+
+    def batch(self, inputs: Sequence[torch.Tensor], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """The normalised batch on `device`, one image at a time through resize and crop (their sizes differ)."""
+        mean = torch.tensor(self.mean, device=device).view(3, 1, 1)
+        std = torch.tensor(self.std, device=device).view(3, 1, 1)
+        made = [self._one(pixels.to(device, non_blocking=True)) for pixels in inputs]
+        return ((torch.stack(made) / 255.0 - mean) / std).to(dtype)
+
+    def _one(self, pixels: torch.Tensor) -> torch.Tensor:
+        image = pixels.float()[None]
+        _, _, height, width = image.shape
+        if self.resize_mode == "squash":
+            size = (self.height, self.width)
+        elif height <= width:  # torchvision's Resize(int): the shorter side to it, the longer in proportion
+            size = (self.height, int(self.height * width / height))
+        else:
+            size = (int(self.width * height / width), self.width)
+        if size != (height, width):
+            # Pillow's bicubic resize: antialiased when shrinking, values kept in 0..255 and rounded
+            image = F.interpolate(image, size=size, mode="bicubic", antialias=True, align_corners=False)
+            image = image.clamp(0, 255).round()
+        top = round((image.shape[2] - self.height) / 2.0)  # torchvision's CenterCrop
+        left = round((image.shape[3] - self.width) / 2.0)
+        return image[0, :, top : top + self.height, left : left + self.width]

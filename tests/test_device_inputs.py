@@ -1,0 +1,78 @@
+"""Inputs made on the accelerator (models/clip_inputs.py) agree with open_clip's own Pillow transforms. The same
+tensor code runs on the CPU here, so the check does not need a GPU: the inputs are close pixel for pixel, and the
+vectors from draft-decoded pixels resized by torch agree with the plain path's by the nearest-and-within-a-tenth
+rule."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from PIL import Image
+
+from contract.imaging import decode_image
+from models.clip import ClipEmbedder
+from models.clip_inputs import DeviceInputs
+from models.tiny_clip import ensure_tiny_clip
+from processor.handlers.image_index import prepare_image
+from tests.support.images import drawing
+
+MAX_PIXELS = 50_000_000
+
+
+def jpeg(seed: int, size: tuple[int, int]) -> bytes:
+    buffer = io.BytesIO()
+    drawing(seed, size).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def tiny(model_cache):
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        f"local-dir:{ensure_tiny_clip(model_cache)}", pretrained=None
+    )
+    return model.eval(), preprocess
+
+
+def test_the_device_inputs_match_the_pillow_transforms(tiny):
+    model, preprocess = tiny
+    inputs = DeviceInputs.from_config(model.visual.preprocess_cfg)
+    assert inputs is not None
+    for size in ((1024, 768), (300, 500), (32, 32), (20, 90)):
+        image = drawing(5, size)
+        made = inputs.batch([DeviceInputs.pixels(image)], torch.device("cpu"), torch.float32)[0]
+        reference = preprocess(image)
+        assert made.shape == reference.shape
+        assert (made - reference).abs().mean() < 0.02, size
+
+
+def test_vectors_from_device_inputs_agree_with_the_plain_path(tiny):
+    model, preprocess = tiny
+    cpu = torch.device("cpu")
+    plain = ClipEmbedder(model, preprocess, None, "tiny", cpu, image_tower=True)
+    on_device = ClipEmbedder(model, preprocess, None, "tiny", cpu, image_tower=True, inputs_on_device=True)
+    photos = [jpeg(seed, (1024, 768)) for seed in range(32)]
+    reference = plain.embed_images([decode_image(data, MAX_PIXELS).image for data in photos])
+    fast = on_device.embed_prepared([prepare_image(on_device, data, MAX_PIXELS)[1] for data in photos])
+    between = np.linalg.norm(reference[:, None, :] - reference[None, :, :], axis=2)
+    median_between = np.median(between[~np.eye(len(photos), dtype=bool)])
+    across = np.linalg.norm(fast[:, None, :] - reference[None, :, :], axis=2)
+    assert (across.argmin(axis=1) == np.arange(len(photos))).all()
+    assert across.diagonal().max() < median_between / 10, (across.diagonal().max(), median_between)
+
+
+def test_models_whose_preprocessing_is_not_reproduced_keep_open_clips():
+    assert DeviceInputs.from_config({"size": 224, "interpolation": "bilinear", "resize_mode": "shortest"}) is None
+    assert DeviceInputs.from_config({"size": (224, 256), "interpolation": "bicubic", "resize_mode": "shortest"}) is None
+    assert DeviceInputs.from_config(None) is None
+
+
+def test_an_image_smaller_than_the_input_is_scaled_up_as_pillow_does(tiny):
+    model, preprocess = tiny
+    inputs = DeviceInputs.from_config(model.visual.preprocess_cfg)
+    image = Image.new("RGB", (8, 6), (200, 30, 90))
+    made = inputs.batch([DeviceInputs.pixels(image)], torch.device("cpu"), torch.float32)[0]
+    assert torch.allclose(made, preprocess(image), atol=0.02)
