@@ -9,9 +9,10 @@ centre crop and normalisation run on the device for the whole batch.
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -50,14 +51,23 @@ class DeviceInputs:
         return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
 
     def batch(self, inputs: Sequence[torch.Tensor], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """The normalised batch on `device`, one image at a time through resize and crop (their sizes differ)."""
+        """The normalised batch on `device`. Images of one size go through resize and crop together (a bucket's
+        photos mostly share a few sizes)."""
+        made: list[torch.Tensor | None] = [None] * len(inputs)
+        sizes: dict[tuple[int, ...], list[int]] = defaultdict(list)
+        for position, pixels in enumerate(inputs):
+            sizes[tuple(pixels.shape)].append(position)
+        for positions in sizes.values():
+            group = torch.stack([inputs[position] for position in positions])
+            resized = self._resize_and_crop(group.to(device, non_blocking=True).float())
+            for row, position in enumerate(positions):
+                made[position] = resized[row]
         mean = torch.tensor(self.mean, device=device).view(3, 1, 1)
         std = torch.tensor(self.std, device=device).view(3, 1, 1)
-        made = [self._one(pixels.to(device, non_blocking=True)) for pixels in inputs]
-        return ((torch.stack(made) / 255.0 - mean) / std).to(dtype)
+        return ((torch.stack(cast(list[torch.Tensor], made)) / 255.0 - mean) / std).to(dtype)
 
-    def _one(self, pixels: torch.Tensor) -> torch.Tensor:
-        image = pixels.float()[None]
+    def _resize_and_crop(self, image: torch.Tensor) -> torch.Tensor:
+        """Images of one size, N x 3 x H x W, as float pixel values."""
         _, _, height, width = image.shape
         if self.resize_mode == "squash":
             size = (self.height, self.width)
@@ -71,4 +81,4 @@ class DeviceInputs:
             image = image.clamp(0, 255).round()
         top = round((image.shape[2] - self.height) / 2.0)  # torchvision's CenterCrop
         left = round((image.shape[3] - self.width) / 2.0)
-        return image[0, :, top : top + self.height, left : left + self.width]
+        return image[:, :, top : top + self.height, left : left + self.width]

@@ -76,3 +76,13 @@ def test_an_image_smaller_than_the_input_is_scaled_up_as_pillow_does(tiny):
     image = Image.new("RGB", (8, 6), (200, 30, 90))
     made = inputs.batch([DeviceInputs.pixels(image)], torch.device("cpu"), torch.float32)[0]
     assert torch.allclose(made, preprocess(image), atol=0.02)
+
+
+def test_a_batch_of_mixed_sizes_keeps_its_order(tiny):
+    model, _ = tiny
+    inputs = DeviceInputs.from_config(model.visual.preprocess_cfg)
+    images = [drawing(seed, (64, 48) if seed % 2 else (50, 90)) for seed in range(6)]
+    made = inputs.batch([DeviceInputs.pixels(image) for image in images], torch.device("cpu"), torch.float32)
+    for row, image in zip(made, images, strict=True):
+        alone = inputs.batch([DeviceInputs.pixels(image)], torch.device("cpu"), torch.float32)[0]
+        assert torch.equal(row, alone)
