@@ -115,8 +115,10 @@ async def run(args: argparse.Namespace) -> None:
                     clock=UniqueClock(),
                     decode_threads=settings.image_decode_threads,
                 )
-                inline = [_job(ImageIndexV1(data=data, image_id=str(uuid.uuid4()), source="bench")) for data in photos]
-                in_place = [_job(ImageIndexV1(key=key, source="bucket-event")) for key in keys]
+                inline = [
+                    index_job(ImageIndexV1(data=data, image_id=str(uuid.uuid4()), source="bench")) for data in photos
+                ]
+                in_place = [index_job(ImageIndexV1(key=key, source="bucket-event")) for key in keys]
                 bare = floor(embedder, device, batch, args.images)
                 index_rate = await through_handler(handler, inline, batch)
                 event_rate = await through_handler(handler, in_place, batch)
@@ -127,7 +129,7 @@ async def run(args: argparse.Namespace) -> None:
     _report(args, device, dtype, rows)
 
 
-def _job(payload: ImageIndexV1) -> Job:
+def index_job(payload: ImageIndexV1) -> Job:
     return Job(message_id=str(uuid.uuid4()), message_type=IMAGE_INDEX, payload=payload, priority=0)
 
 
