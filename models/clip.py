@@ -16,6 +16,7 @@ import numpy as np
 import open_clip
 import structlog
 import torch
+from open_clip.pretrained import download_pretrained, get_pretrained_cfg
 from PIL import Image
 
 from infra.settings import Settings
@@ -94,6 +95,10 @@ class ClipEmbedder:
         if not local:
             prefer_local_cache()
         try:
+            if spec.pretrained and not local:
+                # fetch (or find) the weights before building the model: offline and uncached, this fails in
+                # milliseconds instead of after seconds of building a tower that cannot be loaded
+                download_pretrained(get_pretrained_cfg(spec.model_name, spec.pretrained))
             model, _, preprocess = open_clip.create_model_and_transforms(
                 spec.model_name, pretrained=spec.pretrained, device=device
             )
