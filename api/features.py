@@ -33,6 +33,12 @@ def needs(*features: str, instead: str | None = None) -> dict[str, Any]:
     return {FEATURES: features, INSTEAD: instead}
 
 
+def require_feature(settings: Settings, feature: str, instead: str | None = None) -> None:
+    """Raise 503 `feature_disabled` (or `r2_disabled`) when `feature` is off on this server."""
+    if not _TOGGLES[feature][2](settings):
+        raise feature_disabled(feature, instead)
+
+
 def feature_disabled(feature: str, instead: str | None = None) -> ApiError:
     what, setting, _ = _TOGGLES[feature]
     if feature == "r2":
@@ -48,5 +54,4 @@ class FeatureGuard:
 
     async def __call__(self, connection: ASGIConnection, handler: BaseRouteHandler) -> None:
         for feature in handler.opt.get(FEATURES, ()):
-            if not _TOGGLES[feature][2](self._settings):
-                raise feature_disabled(feature, handler.opt.get(INSTEAD))
+            require_feature(self._settings, feature, handler.opt.get(INSTEAD))

@@ -36,11 +36,15 @@ from contract.messages import IMAGE_INDEX, ImageIndexV1
 from infra.logging import configure_logging
 from infra.settings import DEFAULT_CLIP_MODEL, Settings
 from infra.startup import open_image_index
+from infra.storage import ObjectStore
 from infra.storage.factory import open_store
+from infra.vectors import VectorIndex
 from models.clip import ClipEmbedder
 from models.device import pick_device, pick_dtype
 from processor.handlers.base import Job
 from processor.handlers.image_index import ImageIndexHandler
+
+MAX_PIXELS = 50_000_000
 
 
 def photo(seed: int, size: tuple[int, int] = (1024, 768)) -> bytes:
@@ -104,17 +108,7 @@ async def run(args: argparse.Namespace) -> None:
             for key, data in zip(keys, photos, strict=True):
                 await store.put(key, data, "image/jpeg")
             for batch in args.batch_sizes:
-                handler = ImageIndexHandler(
-                    store=store,
-                    index=opened.index,
-                    embedder=embedder,
-                    bucket="bench",
-                    batch_size=batch,
-                    max_pixels=settings.image_search_max_pixels,
-                    max_elements=10_000_000,
-                    clock=UniqueClock(),
-                    decode_threads=settings.image_decode_threads,
-                )
+                handler = bench_handler(store, opened.index, embedder, batch, settings.image_decode_threads)
                 inline = [
                     index_job(ImageIndexV1(data=data, image_id=str(uuid.uuid4()), source="bench")) for data in photos
                 ]
@@ -127,6 +121,23 @@ async def run(args: argparse.Namespace) -> None:
         finally:
             await opened.close()
     _report(args, device, dtype, rows)
+
+
+def bench_handler(
+    store: ObjectStore, index: VectorIndex, embedder: ClipEmbedder, batch: int, decode_threads: int
+) -> ImageIndexHandler:
+    """The processor's image.index handler over the benchmark's store and index, with room for any number."""
+    return ImageIndexHandler(
+        store=store,
+        index=index,
+        embedder=embedder,
+        bucket="bench",
+        batch_size=batch,
+        max_pixels=MAX_PIXELS,
+        max_elements=10_000_000,
+        clock=UniqueClock(),
+        decode_threads=decode_threads,
+    )
 
 
 def index_job(payload: ImageIndexV1) -> Job:

@@ -23,8 +23,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from bench.index import index_job, load_tower, photo
-from contract.clock import UniqueClock
+from bench.index import MAX_PIXELS, bench_handler, index_job, load_tower, photo
 from contract.imaging import decode_image
 from contract.messages import ImageIndexV1
 from infra.logging import configure_logging
@@ -33,9 +32,7 @@ from infra.startup import open_image_index
 from infra.storage.factory import open_store
 from models.clip import ClipEmbedder
 from models.device import pick_device, pick_dtype
-from processor.handlers.image_index import ImageIndexHandler, prepare_image
-
-MAX_PIXELS = 50_000_000
+from processor.handlers.image_index import prepare_image
 
 
 def out(line: str) -> None:
@@ -136,17 +133,7 @@ async def handler_stages(embedder: ClipEmbedder, photos: list[bytes], threads: i
             for attribute in ("put", "get"):
                 timers.wrap(store, attribute, f"store.{attribute}")
             timers.wrap(embedder, "embed_prepared", "embed_prepared (its thread)")
-            handler = ImageIndexHandler(
-                store=store,
-                index=opened.index,
-                embedder=embedder,
-                bucket="bench",
-                batch_size=batch,
-                max_pixels=MAX_PIXELS,
-                max_elements=10_000_000,
-                clock=UniqueClock(),
-                decode_threads=threads,
-            )
+            handler = bench_handler(store, opened.index, embedder, batch, threads)
             timers.wrap(handler, "_index_batch", "embed, store, upsert (wall)")
             inline = [index_job(ImageIndexV1(data=data, image_id=str(uuid.uuid4()), source="bench")) for data in photos]
             in_place = [index_job(ImageIndexV1(key=key, source="bucket-event")) for key in keys]

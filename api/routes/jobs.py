@@ -13,7 +13,7 @@ from litestar.status_codes import HTTP_202_ACCEPTED
 
 from api.auth import READ, WRITE
 from api.errors import ApiError, error_response, validation_error
-from api.features import feature_disabled
+from api.features import require_feature
 from api.jobs import accepted, job_store, start_job
 from api.openapi import errors
 from api.routes.generate import IDEMPOTENCY_KEY, generation_payload
@@ -27,14 +27,12 @@ from contract.messages import IMAGE_GENERATE, VOICE_GENERATE, ImageGenerateV1, V
 
 
 async def _image_job(services: Services, request: ImageJobRequest) -> ImageGenerateV1:
-    if not services.settings.image_enabled:
-        raise feature_disabled("image")
+    require_feature(services.settings, "image")
     return generation_payload(services, request.params)
 
 
 async def _voice_job(services: Services, request: VoiceJobRequest) -> VoiceGenerateV1:
-    if not services.settings.voice_enabled:
-        raise feature_disabled("voice")
+    require_feature(services.settings, "voice")
     return await reference_payload(services, request.params)
 
 
