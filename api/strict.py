@@ -20,12 +20,20 @@ _MAX_EXACT_INT = 2**53
 
 
 async def strict_json(request: Request, schema: type[T]) -> T:
+    return strict_convert(await json_document(request), schema)
+
+
+async def json_document(request: Request) -> Any:
+    """The body as plain JSON values (integral floats as integers), for more than one strict_convert."""
     try:
-        document = msgspec.json.decode(await request.body())
+        return _integral_floats_as_ints(msgspec.json.decode(await request.body()))
     except msgspec.DecodeError as exc:
         raise ApiError(400, "malformed_json", f"the request body is not valid JSON: {exc}") from None
+
+
+def strict_convert(document: Any, schema: type[T]) -> T:
     try:
-        return msgspec.convert(_integral_floats_as_ints(document), type=schema, strict=True)
+        return msgspec.convert(document, type=schema, strict=True)
     except msgspec.ValidationError as exc:
         raise ApiError(400, "invalid_request", str(exc)) from None
 

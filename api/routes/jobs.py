@@ -20,7 +20,7 @@ from api.routes.generate import IDEMPOTENCY_KEY, generation_payload
 from api.routes.voice import reference_payload
 from api.schemas import ImageJobRequest, JobAccepted, JobError, JobKind, JobOut, JobRequest, VoiceJobRequest
 from api.services import Services
-from api.strict import strict_json
+from api.strict import json_document, strict_convert
 from api.urls import absolute, job_url
 from contract.jobs import JobRecord
 from contract.messages import IMAGE_GENERATE, VOICE_GENERATE, ImageGenerateV1, VoiceGenerateV1
@@ -67,13 +67,14 @@ async def create_job(
     data: JobRequest,
     idempotency_key: Annotated[str | None, IDEMPOTENCY_KEY] = None,
 ) -> Response[JobAccepted]:
-    kind = await strict_json(request, JobKind)
+    document = await json_document(request)
+    kind = strict_convert(document, JobKind)
     prepare = _JOB_TYPES.get(kind.type)
     if prepare is None:
         raise ApiError(
             400, "unknown_job_type", f"unknown job type {kind.type!r}; known types: {', '.join(sorted(_JOB_TYPES))}"
         )
-    job = await strict_json(request, JobRequest)
+    job = strict_convert(document, JobRequest)
     payload = await prepare(services, job)
     started = await start_job(
         services, job_type=kind.type, payload=payload, wait=False, idempotency_key=idempotency_key
