@@ -31,7 +31,7 @@ from infra.settings import DEFAULT_CLIP_MODEL, Settings
 from infra.startup import open_image_index
 from infra.storage.factory import open_store
 from models.clip import ClipEmbedder
-from models.device import pick_device, pick_dtype
+from models.runner import Placement
 from processor.handlers.image_index import prepare_image
 
 
@@ -164,8 +164,9 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto")
     args = parser.parse_args()
     configure_logging("warning", "console")
-    device = pick_device(args.device)
-    embedder = load_tower(args.model, device, pick_dtype(args.dtype, device))
+    placement = Placement.choose(args.device, args.dtype)
+    device = placement.device
+    embedder = load_tower(args.model, device, placement.dtype)
     photos = [photo(seed) for seed in range(args.images)]
     out(f"model {args.model}, device {device}, dtype {embedder.dtype}, {os.cpu_count()} CPUs, `{' '.join(sys.argv)}`")
     cpu_stages(embedder, photos, args.threads, args.batch)

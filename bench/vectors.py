@@ -234,7 +234,7 @@ async def measure_http(points: int, workdir: Path, requests: int) -> dict[str, o
 
     from infra.settings import Settings
     from models.clip import ClipEmbedder
-    from models.tiny_clip import TINY_CLIP_ID
+    from models.tiny.clip import TINY_CLIP_ID
 
     amqp = os.environ.get("AMQP_URL")
     if not amqp:

@@ -95,6 +95,7 @@ class Settings:
     image_model: str
     image_dtype: str
     clip_dtype: str
+    voice_dtype: str
     image_default_width: int
     image_default_height: int
     image_default_steps: int
@@ -336,6 +337,7 @@ def _parse(env: _Reader) -> Settings:
         image_model=env.raw("IMAGE_MODEL", DEFAULT_IMAGE_MODEL) or DEFAULT_IMAGE_MODEL,
         image_dtype=env.choice("IMAGE_DTYPE", "auto", TORCH_DTYPES),
         clip_dtype=env.choice("CLIP_DTYPE", "auto", TORCH_DTYPES),
+        voice_dtype=env.choice("VOICE_DTYPE", "auto", TORCH_DTYPES),
         image_default_width=_side(env, "IMAGE_DEFAULT_WIDTH", defaults[0]),
         image_default_height=_side(env, "IMAGE_DEFAULT_HEIGHT", defaults[1]),
         image_default_steps=env.integer("IMAGE_DEFAULT_STEPS", defaults[2], 1, 100),

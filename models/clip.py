@@ -21,35 +21,40 @@ from PIL import Image
 
 from infra.settings import Settings
 from models.clip_inputs import DeviceInputs
-from models.device import pick_device, pick_dtype
-from models.errors import ModelLoadError
-from models.hub import hub_reachable, offline_hint, prefer_local_cache, route_library_output
-from models.tiny_clip import TINY_CLIP_ID, ensure_tiny_clip
+from models.hub import route_library_output
+from models.runner import ModelSource, Placement
+from models.tiny.clip import TINY_CLIP_ID, ensure_tiny_clip
 
 log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
 class ClipSpec:
-    """Where the weights come from and the name recorded with the vectors they produce."""
+    """The open_clip model name, its pretrained tag (None: the name says where the weights are), and where from."""
 
     model_name: str
     pretrained: str | None
-    model_id: str
+    source: ModelSource
+
+    @property
+    def model_id(self) -> str:
+        return self.source.model_id
+
+
+_SETTING = "CLIP_MODEL (local-dir:/path)"
 
 
 def clip_spec(settings: Settings) -> ClipSpec:
     if settings.model_profile == "tiny":
         folder = ensure_tiny_clip(settings.model_cache_dir)
-        return ClipSpec(model_name=f"local-dir:{folder}", pretrained=None, model_id=TINY_CLIP_ID)
+        name = f"local-dir:{folder}"
+        return ClipSpec(name, None, ModelSource(name, TINY_CLIP_ID, local=True, setting=_SETTING))
     name = settings.clip_model
     if name.startswith(("local-dir:", "hf-hub:")) or not settings.clip_pretrained:
-        return ClipSpec(model_name=name, pretrained=None, model_id=name)
-    return ClipSpec(
-        model_name=name,
-        pretrained=settings.clip_pretrained,
-        model_id=f"{name}/{settings.clip_pretrained}",
-    )
+        return ClipSpec(name, None, ModelSource(name, name, local=name.startswith("local-dir:"), setting=_SETTING))
+    pretrained = settings.clip_pretrained
+    local = pretrained.endswith((".safetensors", ".bin", ".pt", ".pth", ".npz"))
+    return ClipSpec(name, pretrained, ModelSource(name, f"{name}/{pretrained}", local=local, setting=_SETTING))
 
 
 class ClipEmbedder:
@@ -72,11 +77,11 @@ class ClipEmbedder:
         self._model = model.to(dtype=dtype)
         self._preprocess = preprocess
         self._tokenizer = tokenizer
-        self._device = device
+        self.device = device
         self.dtype = dtype
         on_device = device.type == "cuda" if inputs_on_device is None else inputs_on_device
         config = getattr(model.visual, "preprocess_cfg", None) if image_tower else None
-        self._device_inputs = DeviceInputs.from_config(config) if on_device else None
+        self.device_inputs = DeviceInputs.from_config(config) if on_device else None
         self._lock = threading.Lock()
         self.image_tower = image_tower
         self.model_id = model_id
@@ -87,40 +92,26 @@ class ClipEmbedder:
         """Load the model; with image_tower=False only the text tower stays in memory (embed_images refuses)."""
         route_library_output("transformers")  # open_clip's HF tokenizers log through transformers
         spec = clip_spec(settings)
-        device = pick_device(settings.torch_device)
-        dtype = pick_dtype(settings.clip_dtype, device)
-        local = spec.model_name.startswith("local-dir:") or bool(
-            spec.pretrained and spec.pretrained.endswith((".safetensors", ".bin", ".pt", ".pth", ".npz"))
-        )
-        if not local:
-            prefer_local_cache()
-        try:
-            if spec.pretrained and not local:
+        placement = Placement.choose(settings.torch_device, settings.clip_dtype)
+
+        def build() -> tuple[Any, Any, Any]:
+            if spec.pretrained and not spec.source.local:
                 # fetch (or find) the weights before building the model: offline and uncached, this fails in
                 # milliseconds instead of after seconds of building a tower that cannot be loaded
                 download_pretrained(get_pretrained_cfg(spec.model_name, spec.pretrained))
             model, _, preprocess = open_clip.create_model_and_transforms(
-                spec.model_name, pretrained=spec.pretrained, device=device
+                spec.model_name, pretrained=spec.pretrained, device=placement.device
             )
-            tokenizer = open_clip.get_tokenizer(spec.model_name)
-        except Exception as exc:
-            if not local and not hub_reachable():
-                raise ModelLoadError(
-                    f"cannot load CLIP model {spec.model_id!r}: {offline_hint('CLIP_MODEL (local-dir:/path)')}"
-                ) from exc
-            raise ModelLoadError(f"cannot load CLIP model {spec.model_id!r}: {exc}") from exc
+            return model, preprocess, open_clip.get_tokenizer(spec.model_name)
+
+        model, preprocess, tokenizer = spec.source.load("CLIP model", build)
         model.eval()
         if not image_tower:
             model.visual = None
-        embedder = cls(model, preprocess, tokenizer, spec.model_id, device, dtype, image_tower=image_tower)
-        log.info(
-            "clip_loaded",
-            model=spec.model_id,
-            dim=embedder.dim,
-            device=str(device),
-            dtype=str(dtype).removeprefix("torch."),
-            image_tower=image_tower,
+        embedder = cls(
+            model, preprocess, tokenizer, spec.model_id, placement.device, placement.dtype, image_tower=image_tower
         )
+        log.info("clip_loaded", model=spec.model_id, dim=embedder.dim, image_tower=image_tower, **placement.describe())
         return embedder
 
     def _probe_dim(self) -> int:
@@ -140,7 +131,7 @@ class ClipEmbedder:
     def prepare(self, image: Image.Image) -> torch.Tensor:
         """What the image tower's batch is made from, for one image; thread-safe, for decode workers. On the CPU the
         finished input (resized, cropped, normalised); with inputs made on the device, the uint8 pixels."""
-        if self._device_inputs is not None:
+        if self.device_inputs is not None:
             return DeviceInputs.pixels(image)
         return self._preprocess(image)
 
@@ -149,10 +140,10 @@ class ClipEmbedder:
         if not self.image_tower:
             raise RuntimeError("this CLIP embedder holds the text tower only (loaded with image_tower=False)")
         with self._lock, torch.inference_mode():
-            if self._device_inputs is not None:
-                batch = self._device_inputs.batch(inputs, self._device, self.dtype)
+            if self.device_inputs is not None:
+                batch = self.device_inputs.batch(inputs, self.device, self.dtype)
             else:
-                batch = torch.stack(list(inputs)).to(self._device, dtype=self.dtype)
+                batch = torch.stack(list(inputs)).to(self.device, dtype=self.dtype)
             features = self._model.encode_image(batch)
         return _normalise(features)
 
@@ -160,7 +151,7 @@ class ClipEmbedder:
         return self.embed_prepared([self.prepare(image) for image in images])
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
-        tokens = self._tokenizer(list(texts)).to(self._device)
+        tokens = self._tokenizer(list(texts)).to(self.device)
         with self._lock, torch.inference_mode():
             features = self._model.encode_text(tokens)
         return _normalise(features)

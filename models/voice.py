@@ -5,7 +5,6 @@ from __future__ import annotations
 import threading
 import warnings
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -14,11 +13,11 @@ import torch
 
 from contract.audio import SAMPLE_RATE, DecodedAudio
 from infra.settings import Settings
-from models.device import pick_device, pick_dtype
 from models.errors import ModelLoadError
-from models.hub import hub_reachable, offline_hint, prefer_local_cache, route_library_output
+from models.hub import route_library_output
 from models.qwen_tts_import import fill_config_defaults, qwen_tts, restore_rotary_frequencies
-from models.tiny_voice import TINY_VOICE_ID, ensure_tiny_voice
+from models.runner import ModelSource, Placement
+from models.tiny.voice import TINY_VOICE_ID, ensure_tiny_voice
 
 log = structlog.get_logger(__name__)
 
@@ -29,41 +28,40 @@ _BATCH = 4  # pieces of a long text synthesized in one call
 class VoiceCloner:
     """Loaded once; `clone` runs in a worker thread and holds a lock, so inference is one at a time."""
 
-    def __init__(self, model: Any, model_id: str) -> None:
+    def __init__(self, model: Any, model_id: str, placement: Placement) -> None:
         self._model = model
         self._lock = threading.Lock()
         self.model_id = model_id
+        self.device, self.dtype = placement.device, placement.dtype
 
     @classmethod
     def load(cls, settings: Settings) -> VoiceCloner:
-        device = pick_device(settings.torch_device)
-        dtype = pick_dtype("auto", device)
+        placement = Placement.choose(settings.torch_device, settings.voice_dtype)
         route_library_output("transformers")  # before the tiny build too: saving a model draws a bar
-        if settings.model_profile == "tiny":
-            source, model_id = str(ensure_tiny_voice(settings.model_cache_dir)), TINY_VOICE_ID
-        else:
-            source = model_id = settings.voice_model
-        local = Path(source).is_dir()
-        if not local:
-            prefer_local_cache()
+        source = ModelSource.pick(
+            settings,
+            configured=settings.voice_model,
+            setting="VOICE_MODEL (a local folder)",
+            tiny=ensure_tiny_voice,
+            tiny_id=TINY_VOICE_ID,
+        )
         models = qwen_tts()
-        try:
-            config = fill_config_defaults(models.Qwen3TTSConfig.from_pretrained(source))
-            model = models.Qwen3TTSModel.from_pretrained(source, config=config, dtype=dtype, device_map=str(device))
-        except Exception as exc:
-            if not local and not hub_reachable():
-                raise ModelLoadError(
-                    f"cannot load voice model {model_id!r}: {offline_hint('VOICE_MODEL (a local folder)')}"
-                ) from exc
-            raise ModelLoadError(f"cannot load voice model {model_id!r}: {exc}") from exc
+
+        def build() -> Any:
+            config = fill_config_defaults(models.Qwen3TTSConfig.from_pretrained(source.location))
+            return models.Qwen3TTSModel.from_pretrained(
+                source.location, config=config, dtype=placement.dtype, device_map=str(placement.device)
+            )
+
+        model = source.load("voice model", build)
         restore_rotary_frequencies(model.model, model.model.speech_tokenizer.model)
         if model.model.tts_model_type != "base":
             raise ModelLoadError(
-                f"voice model {model_id!r} is a {model.model.tts_model_type!r} model; voice cloning needs a Base "
-                "model (VOICE_MODEL=Qwen/Qwen3-TTS-12Hz-0.6B-Base or -1.7B-Base)"
+                f"voice model {source.model_id!r} is a {model.model.tts_model_type!r} model; voice cloning needs a "
+                "Base model (VOICE_MODEL=Qwen/Qwen3-TTS-12Hz-0.6B-Base or -1.7B-Base)"
             )
-        log.info("voice_model_loaded", model=model_id, device=str(device), dtype=str(dtype).removeprefix("torch."))
-        return cls(model, model_id)
+        log.info("voice_model_loaded", model=source.model_id, **placement.describe())
+        return cls(model, source.model_id, placement)
 
     def clone(self, *, reference: DecodedAudio, ref_text: str, pieces: Sequence[str], language: str) -> np.ndarray:
         """Speak each piece of text in the reference voice and join them; mono float32 at SAMPLE_RATE."""

@@ -10,7 +10,7 @@ import pytest
 
 from infra.logging import configure_logging
 from infra.settings import Settings
-from models.tiny_clip import ensure_tiny_clip
+from models.tiny.clip import ensure_tiny_clip
 from tests.support.rabbitmq import RabbitNode
 from tests.support.s3 import ACCESS_KEY, SECRET_KEY, S3Server
 

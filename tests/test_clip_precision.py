@@ -22,7 +22,7 @@ from PIL import Image
 
 from infra.settings import DEFAULT_CLIP_MODEL
 from models.clip import ClipEmbedder
-from models.device import pick_dtype
+from models.runner import pick_dtype
 from tests.support.agreement import assert_vectors_agree
 
 IMAGES = 32

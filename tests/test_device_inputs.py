@@ -15,7 +15,7 @@ from PIL import Image
 from contract.imaging import decode_image
 from models.clip import ClipEmbedder
 from models.clip_inputs import DeviceInputs
-from models.tiny_clip import ensure_tiny_clip
+from models.tiny.clip import ensure_tiny_clip
 from processor.handlers.image_index import prepare_image
 from tests.support.agreement import assert_vectors_agree
 from tests.support.images import drawing

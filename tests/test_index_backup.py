@@ -24,7 +24,7 @@ from infra.settings import Settings
 from infra.startup import StartupError
 from infra.vectors.backup import IndexBackups
 from infra.vectors.edge.layout import EngineLayout
-from models.tiny_clip import TINY_CLIP_ID
+from models.tiny.clip import TINY_CLIP_ID
 from processor.runtime import Runtime
 from processor.service import build_consumer
 from tests.support.amqp import publish, wait_until

@@ -124,8 +124,11 @@ async def _dead_letters(server) -> list:
 
 
 async def publish_event(server, event: dict, *, bucket: str | None = None) -> None:
-    """As MinIO does: routing key bucket.event, no `type`, no `message_id`."""
-    body = json.loads(json.dumps(event).replace("my-bucket", bucket or server.bucket))
+    await publish_events(server, [event], bucket=bucket)
+
+
+async def publish_events(server, events: list[dict], *, bucket: str | None = None) -> None:
+    """As MinIO does: routing key bucket.event, no `type`, no `message_id`; one message per event, in order."""
     url = server.services.settings.amqp_url
     import aio_pika
 
@@ -133,10 +136,12 @@ async def publish_event(server, event: dict, *, bucket: str | None = None) -> No
     async with connection:
         channel = await connection.channel(publisher_confirms=True)
         exchange = await channel.get_exchange("ams.jobs")
-        message = aio_pika.Message(
-            json.dumps(body).encode(), content_type="application/json", delivery_mode=aio_pika.DeliveryMode.PERSISTENT
-        )
-        await exchange.publish(message, routing_key="bucket.event")
+        for event in events:
+            body = json.dumps(event).replace("my-bucket", bucket or server.bucket).encode()
+            message = aio_pika.Message(
+                body, content_type="application/json", delivery_mode=aio_pika.DeliveryMode.PERSISTENT
+            )
+            await exchange.publish(message, routing_key="bucket.event")
 
 
 def r2_event(action: str, key: str, size: int | None = 86) -> dict:
@@ -173,7 +178,7 @@ async def wait_for_idle(server) -> None:
         async with connection:
             channel = await connection.channel()
             queue = await channel.declare_queue("ams.index", passive=True)
-            return queue.declaration_result.message_count == 0 and server.processor.consumer._idle.is_set()
+            return queue.declaration_result.message_count == 0 and server.processor.consumer.idle
 
     await wait_until(idle, timeout=30, interval=0.1)
 
@@ -327,17 +332,8 @@ async def test_bucket_events_are_embedded_in_batches(server, s3):
         return real_embed(inputs)
 
     embedder.embed_prepared = spy
-    import aio_pika
-
     try:
-        connection = await aio_pika.connect(server.services.settings.amqp_url)
-        async with connection:
-            channel = await connection.channel(publisher_confirms=True)
-            exchange = await channel.get_exchange("ams.jobs")
-            for key in keys:
-                body = json.dumps(r2_event("PutObject", key)).replace("my-bucket", server.bucket)
-                message = aio_pika.Message(body.encode(), content_type="application/json")
-                await exchange.publish(message, routing_key="bucket.event")
+        await publish_events(server, [r2_event("PutObject", key) for key in keys])
 
         async def all_indexed() -> bool:
             found = await server.services.index.get_many([image_id_for_key(server.bucket, key) for key in keys])
@@ -350,4 +346,26 @@ async def test_bucket_events_are_embedded_in_batches(server, s3):
     assert sum(forward_passes) == 100
     assert max(forward_passes) == batch_size
     assert len(forward_passes) <= 2 * 100 // batch_size, forward_passes
+    assert await _dead_letters(server) == []
+
+
+async def test_bucket_events_keep_their_order_around_removals(server, s3):
+    """Creates, then removals of some of those keys, then creates of some removed ones again, one message each and
+    all at once: batches run side by side, yet the index ends as the events say."""
+    tag = uuid.uuid4().hex[:8]
+    keys = [f"images/incoming/order-{tag}-{n}.png" for n in range(40)]
+    for n, key in enumerate(keys):
+        put(s3, server.bucket, key, encoded(3000 + n, "PNG"))
+    removed, again = keys[:12], keys[:5]
+    again_events = [{**r2_event("PutObject", key), "eventTime": "2026-11-25T11:00:00.000Z"} for key in again]
+    await publish_events(
+        server,
+        [r2_event("PutObject", key) for key in keys]
+        + [r2_event("DeleteObject", key, None) for key in removed]
+        + again_events,
+    )
+    await wait_for_idle(server)
+    found = await server.services.index.get_many([image_id_for_key(server.bucket, key) for key in keys])
+    present = {record.r2_key for record in found.values()}
+    assert present == set(keys) - set(removed) | set(again)
     assert await _dead_letters(server) == []

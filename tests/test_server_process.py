@@ -22,7 +22,7 @@ import pytest
 
 from infra.vectors import ImageRecord
 from infra.vectors.edge.client import EdgeIndex
-from models.tiny_clip import TINY_CLIP_ID
+from models.tiny.clip import TINY_CLIP_ID
 from tests.support.images import encoded
 from tests.support.process import ServedProcess, served_process
 

@@ -24,6 +24,7 @@ class Handler(Protocol):
     batch_size: int
     always_record: bool  # keep a job record even when the message does not ask for one
     reports_running: bool  # record the running state before the work starts (worth it for slow jobs)
+    pipelined: bool  # several batches may be in `handle` at once (the handler keeps its model stage in order)
 
     async def handle(self, jobs: Sequence[Job]) -> list[Outcome]:
         """Process the jobs (one forward pass where the model allows) and return one outcome per job, in order."""

@@ -3,7 +3,9 @@ leave the index; everything else is acknowledged and logged as skipped."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from typing import Any, cast
 
 import structlog
@@ -23,15 +25,38 @@ log = structlog.get_logger(__name__)
 _NOT_INDEXABLE = {"empty_file", "not_an_image", "unsupported_format", "corrupt_image", "too_many_pixels"}
 
 
+class BatchOrder:
+    """Batches side by side, kept in order around removals: a batch that removes starts its work after every
+    earlier batch has finished, and a later batch starts after it has (a create never overtakes an earlier removal
+    of its key, nor a removal an earlier create)."""
+
+    def __init__(self) -> None:
+        self._open: list[tuple[asyncio.Future[None], bool]] = []
+
+    @asynccontextmanager
+    async def turn(self, removes: bool) -> AsyncIterator[None]:
+        entry = (asyncio.get_running_loop().create_future(), removes)
+        earlier = [done for done, removing in self._open if removes or removing]
+        self._open.append(entry)
+        try:
+            if earlier:
+                await asyncio.wait(earlier)
+            yield
+        finally:
+            entry[0].set_result(None)
+            self._open.remove(entry)
+
+
 class BucketEventHandler:
     """Bucket events go through the indexer's batch path: the creates of the messages taken together (up to
     IMAGE_SEARCH_BATCH_SIZE messages) are embedded in batches of that size, in order with the removals between
     them. A message succeeds when all its events do; otherwise it is retried or dead-lettered whole (each step is
-    idempotent)."""
+    idempotent). Pipelined like the indexer, in order around removals (`BatchOrder`)."""
 
     message_type = BUCKET_EVENT
     always_record = False
     reports_running = False
+    pipelined = True
 
     def __init__(
         self,
@@ -48,8 +73,14 @@ class BucketEventHandler:
         self._prefixes = tuple(prefixes)
         self._max_bytes = max_bytes
         self.batch_size = indexer.batch_size
+        self._order = BatchOrder()
 
     async def handle(self, jobs: Sequence[Job]) -> list[Outcome]:
+        removes = any(event.action == "removed" for job in jobs for event in job.payload)
+        async with self._order.turn(removes):
+            return await self._handle(jobs)
+
+    async def _handle(self, jobs: Sequence[Job]) -> list[Outcome]:
         results: list[list[Outcome | None]] = [[None] * len(job.payload) for job in jobs]
         pending: list[tuple[int, int, ObjectEvent]] = []  # creates waiting for a batch: (job, event, what)
         for position, job in enumerate(jobs):

@@ -50,6 +50,7 @@ class ImageDeleteHandler:
     batch_size = 1
     always_record = False
     reports_running = False
+    pipelined = False
 
     def __init__(self, deleter: ImageDeleter) -> None:
         self._deleter = deleter

@@ -51,6 +51,7 @@ class ImageGenerateHandler:
     batch_size = 1
     always_record = True
     reports_running = True
+    pipelined = False
 
     def __init__(self, *, store: ObjectStore, generator: ImageGenerator, settings: Settings) -> None:
         self._store = store

@@ -25,8 +25,9 @@ from processor.retrying import TRANSIENT_ERRORS, retry_transient
 
 log = structlog.get_logger(__name__)
 
-# originals stored at once, per batch
+# storage requests at once: originals stored, objects fetched (each pipelined batch's fetches share the bound)
 _CONCURRENT_PUTS = 8
+_CONCURRENT_GETS = 16
 
 
 def prepare_image(embedder: ClipEmbedder, data: bytes, max_pixels: int) -> tuple[DecodedImage, Any]:
@@ -51,11 +52,16 @@ class _Prepared:
 
 class ImageIndexHandler:
     """Decoding and preprocessing run in a pool of IMAGE_DECODE_THREADS threads (Pillow releases the GIL), all the
-    batch's images at once, JPEGs at the smallest scale the model needs; the originals are stored concurrently."""
+    batch's images at once, JPEGs at the smallest scale the model needs; the originals are stored concurrently.
+
+    Pipelined: the consumer runs several batches in `handle` at once, so one batch is fetched and decoded while the
+    one before is on the model and the one before that is stored. The model takes one batch at a time (first ready,
+    first served); room in the index is reserved per batch, so batches side by side never overfill it."""
 
     message_type = IMAGE_INDEX
     always_record = False
     reports_running = False
+    pipelined = True
 
     def __init__(
         self,
@@ -80,6 +86,9 @@ class ImageIndexHandler:
         self._clock = clock
         self._decoders = ThreadPoolExecutor(max_workers=decode_threads, thread_name_prefix="image-decode")
         self._puts = asyncio.Semaphore(_CONCURRENT_PUTS)
+        self._gets = asyncio.Semaphore(_CONCURRENT_GETS)
+        self._model_turn = asyncio.Lock()  # one batch on the model at a time, first ready first
+        self._reserved = 0  # new images of batches in flight, not yet in the index's count
 
     async def handle(self, jobs: Sequence[Job]) -> list[Outcome]:
         results = await asyncio.gather(*(self._prepare_or_fail(position, job) for position, job in enumerate(jobs)))
@@ -107,7 +116,8 @@ class ImageIndexHandler:
     async def _prepare(self, position: int, job: Job) -> _Prepared:
         payload: ImageIndexV1 = job.payload
         if payload.key is not None:
-            stored = await retry_transient(lambda: self._store.get(payload.key))
+            async with self._gets:
+                stored = await retry_transient(lambda: self._store.get(payload.key))
             data = stored.data
             image_id = payload.image_id or image_id_for_key(self._bucket, payload.key)
         else:
@@ -147,28 +157,46 @@ class ImageIndexHandler:
     async def _index_batch(self, batch: list[_Prepared]) -> list[Outcome]:
         try:
             existing = await retry_transient(lambda: self._index.get_many([item.image_id for item in batch]))
-            room = self._max_elements - await retry_transient(self._index.count)
+            room = self._max_elements - await retry_transient(self._index.count) - self._reserved
         except TRANSIENT_ERRORS as exc:
             return [Failed("index_unavailable", str(exc), transient=True) for _ in batch]
 
-        vectors = await asyncio.to_thread(self._embedder.embed_prepared, [item.inputs for item in batch])
-
         outcomes: list[Outcome | None] = [None] * len(batch)
         accepted: list[int] = []
+        new = 0
         for position, item in enumerate(batch):
-            if item.image_id not in existing and room <= 0:
+            if item.image_id not in existing and new >= room:
                 outcomes[position] = Failed(
                     "index_full",
                     f"the index holds its maximum of {self._max_elements} images (IMAGE_SEARCH_MAX_ELEMENTS)",
                 )
                 continue
-            if item.image_id not in existing:
-                room -= 1
+            new += item.image_id not in existing
             accepted.append(position)
+        self._reserved += new
+        try:
+            if accepted:
+                await self._embed_and_store(batch, accepted, existing, outcomes)
+        finally:
+            self._reserved -= new
+        return cast(list[Outcome], outcomes)
+
+    async def _embed_and_store(
+        self,
+        batch: list[_Prepared],
+        accepted: list[int],
+        existing: dict[str, ImageRecord],
+        outcomes: list[Outcome | None],
+    ) -> None:
+        """Embed the accepted images (waiting for the model's turn), store their originals, upsert their points;
+        fills `outcomes` in place."""
+        async with self._model_turn:
+            vectors = await asyncio.to_thread(self._embedder.embed_prepared, [batch[p].inputs for p in accepted])
         stored = await asyncio.gather(*(self._store_original(batch[position]) for position in accepted))
 
         to_upsert: list[tuple[ImageRecord, list[float]]] = []
-        for position, failure in zip(accepted, stored, strict=True):
+        upserted: list[int] = []
+        for row, (position, failure) in enumerate(zip(accepted, stored, strict=True)):
             if failure is not None:
                 outcomes[position] = failure
                 continue
@@ -187,17 +215,20 @@ class ImageIndexHandler:
                 source=item.job.source,
                 filename=item.job.filename,
             )
-            to_upsert.append((record, vectors[position].tolist()))
-            outcomes[position] = Succeeded(msgspec.to_builtins(record))
+            to_upsert.append((record, vectors[row].tolist()))
+            upserted.append(position)
 
-        if to_upsert:
-            try:
-                await retry_transient(lambda: self._index.upsert(to_upsert))
-            except TRANSIENT_ERRORS as exc:
-                failed = Failed("index_unavailable", str(exc), transient=True)
-                return [failed if isinstance(outcome, Succeeded) else cast(Outcome, outcome) for outcome in outcomes]
-            log.info("images_indexed", count=len(to_upsert), ids=[record.id for record, _ in to_upsert])
-        return cast(list[Outcome], outcomes)
+        if not to_upsert:
+            return
+        try:
+            await retry_transient(lambda: self._index.upsert(to_upsert))
+        except TRANSIENT_ERRORS as exc:
+            for position in upserted:
+                outcomes[position] = Failed("index_unavailable", str(exc), transient=True)
+            return
+        for position, (record, _) in zip(upserted, to_upsert, strict=True):
+            outcomes[position] = Succeeded(msgspec.to_builtins(record))
+        log.info("images_indexed", count=len(to_upsert), ids=[record.id for record, _ in to_upsert])
 
 
 class _MissingId(ValueError):

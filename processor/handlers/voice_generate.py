@@ -33,6 +33,7 @@ class VoiceGenerateHandler:
     batch_size = 1
     always_record = True
     reports_running = True
+    pipelined = False
 
     def __init__(self, *, store: ObjectStore, cloner: VoiceCloner, settings: Settings) -> None:
         self._store = store

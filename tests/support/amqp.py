@@ -10,6 +10,25 @@ from typing import Any
 import aio_pika
 
 
+def _message(
+    message_type: str,
+    body: bytes | dict[str, Any],
+    message_id: str,
+    content_type: str,
+    priority: int,
+    headers: dict[str, Any] | None,
+) -> aio_pika.Message:
+    return aio_pika.Message(
+        json.dumps(body).encode() if isinstance(body, dict) else body,
+        content_type=content_type,
+        message_id=message_id,
+        type=message_type,
+        priority=priority,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        headers=headers or {},
+    )
+
+
 async def publish(
     amqp_url: str,
     message_type: str,
@@ -21,24 +40,29 @@ async def publish(
     headers: dict[str, Any] | None = None,
 ) -> str:
     message_id = message_id or str(uuid.uuid4())
-    payload = json.dumps(body).encode() if isinstance(body, dict) else body
     connection = await aio_pika.connect(amqp_url)
     async with connection:
         channel = await connection.channel(publisher_confirms=True)
         exchange = await channel.get_exchange("ams.jobs")
-        await exchange.publish(
-            aio_pika.Message(
-                payload,
-                content_type=content_type,
-                message_id=message_id,
-                type=message_type,
-                priority=priority,
-                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                headers=headers or {},
-            ),
-            routing_key=message_type,
-        )
+        message = _message(message_type, body, message_id, content_type, priority, headers)
+        await exchange.publish(message, routing_key=message_type)
     return message_id
+
+
+async def publish_many(amqp_url: str, message_type: str, bodies: list[dict[str, Any]]) -> list[str]:
+    """Publish a backlog at once: one connection, the confirms awaited together."""
+    ids = [str(uuid.uuid4()) for _ in bodies]
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        exchange = await channel.get_exchange("ams.jobs")
+        await asyncio.gather(
+            *(
+                exchange.publish(_message(message_type, body, message_id, "application/json", 0, None), message_type)
+                for body, message_id in zip(bodies, ids, strict=True)
+            )
+        )
+    return ids
 
 
 async def drain(amqp_url: str, queue: str, timeout: float = 5.0) -> list[aio_pika.abc.AbstractIncomingMessage]:

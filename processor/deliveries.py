@@ -1,0 +1,34 @@
+"""What a delivery says about its job: type, id, attempt number, whether an operator replayed it."""
+
+from __future__ import annotations
+
+from aio_pika.abc import AbstractIncomingMessage
+
+from contract.bucket_events import BUCKET_EVENT, event_message_id
+from infra.broker import ATTEMPTS_HEADER
+from processor.ops.headers import REPLAYED_AT_HEADER
+
+
+def attempt(message: AbstractIncomingMessage) -> int:
+    """This delivery's attempt number (1 for the first)."""
+    return int((message.headers or {}).get(ATTEMPTS_HEADER, 0) or 0) + 1
+
+
+def job_type(message: AbstractIncomingMessage) -> str:
+    """The job type: the AMQP `type`, or `bucket.event` for notifications routed with that key (MinIO and
+    other notifiers cannot set `type`)."""
+    if message.type:
+        return message.type
+    return BUCKET_EVENT if message.routing_key == BUCKET_EVENT else ""
+
+
+def job_id(message: AbstractIncomingMessage) -> str | None:
+    """The AMQP `message_id`; a bucket event without one gets a stable id derived from its body."""
+    if message.message_id:
+        return message.message_id
+    return event_message_id(message.body) if job_type(message) == BUCKET_EVENT else None
+
+
+def replayed(message: AbstractIncomingMessage) -> bool:
+    """Whether an operator replayed this message from the dead letters (`ams-ops dlq replay`)."""
+    return bool((message.headers or {}).get(REPLAYED_AT_HEADER))

@@ -1,0 +1,220 @@
+"""Settling a delivery, exactly once, after its outcome is durable:
+
+    succeeded            -> record (tracked jobs), reply to the requester (if any), ack
+    failed, permanent    -> record, copy to the dead-letter exchange with the reason (confirmed), reply, ack
+    failed, transient    -> record, copy to a delayed retry queue with attempts + 1 (confirmed), ack;
+                            after MAX_ATTEMPTS, dead-lettered instead
+
+A retry waits in the retry queues, not here. When the broker refuses the copy, the delivery is handed back
+(nack, requeue) after REQUEUE_DELAY_SECONDS on a timer, so the batches behind it are not held up and a broker that
+keeps refusing does not get the same message back in a tight loop; a stop hands such deliveries back at once (the
+channel's close returns them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+
+import aio_pika
+import structlog
+from aio_pika.abc import AbstractIncomingMessage
+
+from contract import metrics
+from contract.jobs import RECORD_HEADER, JobRecord, JobStore
+from contract.messages import JSON, MSGPACK, ErrorInfo, JobReply, encode
+from infra.broker import (
+    ATTEMPTS_HEADER,
+    FIRST_FAILURE_HEADER,
+    LAST_FAILURE_HEADER,
+    REASON_CODE_HEADER,
+    REASON_HEADER,
+    RETRY_DELAY_HEADER,
+    ROUTING_KEY_HEADER,
+    BrokerUnavailableError,
+    Publisher,
+    retry_delay,
+)
+from processor.deliveries import attempt, job_id, job_type
+from processor.handlers.base import Job
+from processor.outcomes import Failed, Outcome, Succeeded
+from processor.retrying import TRANSIENT_ERRORS
+from processor.tracking import JobTracker, Tracked
+
+log = structlog.get_logger(__name__)
+
+REQUEUE_DELAY_SECONDS = 1.0
+
+
+def recorded_outcome(record: JobRecord) -> Outcome:
+    """The outcome a settled job record holds."""
+    if record.status == "succeeded":
+        return Succeeded(record.result or {})
+    error = record.error or ErrorInfo(code="failed", message="the job failed")
+    return Failed(error.code, error.message)
+
+
+def _now_iso() -> str:
+    return datetime.now(tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class Settler:
+    def __init__(self, publisher: Publisher, jobs: JobStore, max_attempts: int) -> None:
+        self._publisher = publisher
+        self.tracker = JobTracker(jobs)
+        self._max_attempts = max_attempts
+        self._requeues: dict[int, asyncio.TimerHandle] = {}
+        self._nacks: set[asyncio.Task[None]] = set()
+
+    async def settle(
+        self, message: AbstractIncomingMessage, job: Job, outcome: Outcome, elapsed: float, record: Tracked | None
+    ) -> None:
+        """Record the outcome (tracked jobs), then reply, then ack; or schedule a retry; or dead-letter."""
+        logger = log.bind(message_id=job.message_id, job_type=job.message_type)
+        number = attempt(message)
+        if isinstance(outcome, Succeeded) and record is not None and not record.settled:
+            try:
+                if not await self.tracker.succeeded(record, outcome, number):
+                    outcome = recorded_outcome(record.record)
+            except TRANSIENT_ERRORS as exc:
+                outcome = Failed("storage_unavailable", f"could not record the result: {exc}", transient=True)
+        if isinstance(outcome, Succeeded):
+            reply = JobReply(
+                job_id=job.message_id, status="succeeded", result=outcome.result, attachment=outcome.attachment
+            )
+            await self._reply(message, reply)
+            await self._ack(message)
+            metrics.job_settled(job.message_type, "succeeded", elapsed)
+            logger.info("job_succeeded", seconds=round(elapsed, 4))
+            return
+        retry = outcome.transient and number < self._max_attempts
+        if record is not None and not record.settled:
+            try:
+                await self.tracker.failed(record, outcome, number, final=not retry)
+            except TRANSIENT_ERRORS:
+                logger.warning("job_record_not_updated", code=outcome.code)
+        if retry:
+            await self._retry(message, job, outcome, number, elapsed)
+            return
+        if await self.dead_letter(message, outcome.code, outcome.message, number):
+            metrics.job_settled(job.message_type, "dead_lettered", elapsed)
+
+    async def refuse(self, message: AbstractIncomingMessage, code: str, text: str) -> None:
+        """Dead-letter a message that cannot even be started, marking its job record failed if it has one."""
+        if message.message_id and (message.headers or {}).get(RECORD_HEADER):
+            try:
+                await self.tracker.refused(message.message_id, Failed(code, text), attempt(message))
+            except TRANSIENT_ERRORS:
+                log.warning("job_record_not_updated", message_id=message.message_id, code=code)
+        if await self.dead_letter(message, code, text, attempt(message)):
+            metrics.job_settled(job_type(message), "dead_lettered")
+
+    async def _retry(
+        self, message: AbstractIncomingMessage, job: Job, outcome: Failed, number: int, elapsed: float
+    ) -> None:
+        delay = retry_delay(number)
+        try:
+            await self._publisher.republish(
+                message,
+                to_dead_letters=False,
+                message_id=job.message_id,
+                message_type=job.message_type,
+                headers={**_failure_headers(message, outcome, number), RETRY_DELAY_HEADER: str(delay)},
+            )
+        except BrokerUnavailableError:
+            log.warning("retry_publish_failed", message_id=job.message_id, code=outcome.code)
+            self._requeue_later(message)
+            return
+        await self._ack(message)
+        metrics.job_settled(job.message_type, "retried", elapsed)
+        log.warning(
+            "job_retry_scheduled",
+            message_id=job.message_id,
+            job_type=job.message_type,
+            code=outcome.code,
+            reason=outcome.message,
+            attempt=number,
+            delay_seconds=delay,
+        )
+
+    async def dead_letter(self, message: AbstractIncomingMessage, code: str, text: str, attempts: int = 1) -> bool:
+        """Move the message to the dead-letter queue (confirmed), tell a waiting requester, then ack it.
+        If the copy cannot be published, the message is handed back and comes again (False)."""
+        message_id, message_type = job_id(message), job_type(message)
+        try:
+            await self._publisher.republish(
+                message,
+                to_dead_letters=True,
+                message_id=message_id,
+                message_type=message_type or None,
+                headers=_failure_headers(message, Failed(code, text), attempts),
+            )
+        except BrokerUnavailableError:
+            log.warning("dead_letter_publish_failed", message_id=message_id, code=code)
+            self._requeue_later(message)
+            return False
+        await self._reply(
+            message,
+            JobReply(job_id=message_id or "", status="failed", error=ErrorInfo(code=code, message=text)),
+        )
+        await self._ack(message)
+        log.warning(
+            "job_dead_lettered",
+            message_id=message_id,
+            job_type=message_type,
+            code=code,
+            reason=text,
+            attempts=attempts,
+        )
+        return True
+
+    def forget_requeues(self) -> None:
+        """On stop: drop the pending hand-backs (closing the channel returns those deliveries)."""
+        for handle in self._requeues.values():
+            handle.cancel()
+        self._requeues.clear()
+
+    async def _reply(self, message: AbstractIncomingMessage, reply: JobReply) -> None:
+        """Answer on reply_to in the request's own encoding (JSON for JSON requests, else msgpack)."""
+        if message.reply_to and message.correlation_id:
+            kind = JSON if (message.content_type or JSON).split(";")[0].strip().lower() == JSON else MSGPACK
+            await self._publisher.reply(message.reply_to, message.correlation_id, encode(reply, kind), kind)
+
+    def _requeue_later(self, message: AbstractIncomingMessage) -> None:
+        key = id(message)
+        self._requeues[key] = asyncio.get_running_loop().call_later(
+            REQUEUE_DELAY_SECONDS, self._start_nack, key, message
+        )
+
+    def _start_nack(self, key: int, message: AbstractIncomingMessage) -> None:
+        self._requeues.pop(key, None)
+        task = asyncio.create_task(_nack(message))
+        self._nacks.add(task)
+        task.add_done_callback(self._nacks.discard)
+
+    @staticmethod
+    async def _ack(message: AbstractIncomingMessage) -> None:
+        try:
+            await message.ack()
+        except (aio_pika.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
+            log.warning("ack_lost_redelivery_expected", message_id=message.message_id, error=str(exc))
+
+
+async def _nack(message: AbstractIncomingMessage) -> None:
+    try:
+        await message.nack(requeue=True)
+    except (aio_pika.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
+        log.warning("nack_lost_redelivery_expected", message_id=message.message_id, error=str(exc))
+
+
+def _failure_headers(message: AbstractIncomingMessage, outcome: Failed, attempts: int) -> dict[str, str | int]:
+    headers = message.headers or {}
+    now = _now_iso()
+    return {
+        ATTEMPTS_HEADER: attempts,
+        REASON_CODE_HEADER: outcome.code,
+        REASON_HEADER: outcome.message[:1000],
+        ROUTING_KEY_HEADER: str(headers.get(ROUTING_KEY_HEADER) or message.routing_key or job_type(message)),
+        FIRST_FAILURE_HEADER: str(headers.get(FIRST_FAILURE_HEADER) or now),
+        LAST_FAILURE_HEADER: now,
+    }
