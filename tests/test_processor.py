@@ -40,10 +40,15 @@ def index_message(seed: int, image_id: str | None = None) -> dict:
 
 
 async def test_queued_index_messages_are_embedded_in_batches(make_settings, rabbit):
+    """Ten images and one file that is not an image, queued: a few forward passes, and the bad one dead-letters
+    alone."""
     settings = make_settings(IMAGE_SEARCH_BATCH_SIZE="4")
     runtime = await Runtime.open(settings)
     try:
-        ids = [await publish(settings.amqp_url, IMAGE_INDEX, index_message(seed)) for seed in range(10)]
+        ids = [await publish(settings.amqp_url, IMAGE_INDEX, index_message(seed)) for seed in range(5)]
+        not_an_image = {"data": base64.b64encode(b"%PDF-1.4 not an image").decode(), "source": "test"}
+        bad = await publish(settings.amqp_url, IMAGE_INDEX, not_an_image)
+        ids += [await publish(settings.amqp_url, IMAGE_INDEX, index_message(seed)) for seed in range(5, 10)]
         batch_sizes: list[int] = []
         real_embed = runtime.clip.embed_prepared
 
@@ -62,6 +67,9 @@ async def test_queued_index_messages_are_embedded_in_batches(make_settings, rabb
         assert max(batch_sizes) == 4
         assert len(batch_sizes) <= 4
         assert set((await runtime.index.get_many(ids)).keys()) == set(ids)
+        await wait_until(lambda: rabbit.queue_counts(vhost_of(settings))["ams.dead"][0] == 1)
+        [dead] = await drain(settings.amqp_url, "ams.dead")
+        assert (dead.message_id, dead.headers["x-ams-reason-code"]) == (bad, "not_an_image")
     finally:
         await runtime.close()
 
