@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 WHEELS=(
   open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4 msgspec==0.22.0 structlog==26.1.0 tenacity==9.2.1
   aio-pika==10.2.1 aiormq==7.2.4 pamqp==4.0.1 aiobotocore==3.10.0 botocore==1.43.117 boto3==1.43.117
-  s3transfer==0.19.3 jmespath==1.1.0 aioitertools==0.13.0 qdrant-edge-py==0.9.0
+  s3transfer==0.19.3 jmespath==1.1.0 aioitertools==0.13.0 qdrant-edge-py==0.9.0 prometheus-client==0.26.0
 )
 
 case "${1:-}" in
