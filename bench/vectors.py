@@ -234,7 +234,7 @@ async def measure_http(points: int, workdir: Path, requests: int) -> dict[str, o
 
     from infra.settings import Settings
     from models.clip import ClipEmbedder
-    from models.tiny.clip import TINY_CLIP_ID
+    from models.tiny import clip as tiny_clip
 
     amqp = os.environ.get("AMQP_URL")
     if not amqp:
@@ -252,7 +252,7 @@ async def measure_http(points: int, workdir: Path, requests: int) -> dict[str, o
     settings = Settings.from_env(env)
     clip = ClipEmbedder.load(settings)
     index = await EdgeIndex.open(settings.image_search_db_path, "images", log_level="warning")
-    await index.ensure_collection(TINY_CLIP_ID, clip.dim)
+    await index.ensure_collection(tiny_clip.MODEL_ID, clip.dim)
     await _upsert_all(index, _records(points), _vectors(points, clip.dim, seed=1))
     await settle(index)
     await index.close()

@@ -13,17 +13,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import open_clip
 import structlog
 import torch
-from open_clip.pretrained import download_pretrained, get_pretrained_cfg
 from PIL import Image
 
 from infra.settings import Settings
 from models.clip_inputs import DeviceInputs
 from models.hub import route_library_output
 from models.runner import ModelSource, Placement
-from models.tiny.clip import TINY_CLIP_ID, ensure_tiny_clip
 
 log = structlog.get_logger(__name__)
 
@@ -46,9 +43,9 @@ _SETTING = "CLIP_MODEL (local-dir:/path)"
 
 def clip_spec(settings: Settings) -> ClipSpec:
     if settings.model_profile == "tiny":
-        folder = ensure_tiny_clip(settings.model_cache_dir)
-        name = f"local-dir:{folder}"
-        return ClipSpec(name, None, ModelSource(name, TINY_CLIP_ID, local=True, setting=_SETTING))
+        tiny = ModelSource.tiny("clip", settings.model_cache_dir, _SETTING)
+        name = f"local-dir:{tiny.location}"
+        return ClipSpec(name, None, ModelSource(name, tiny.model_id, local=True, setting=_SETTING))
     name = settings.clip_model
     if name.startswith(("local-dir:", "hf-hub:")) or not settings.clip_pretrained:
         return ClipSpec(name, None, ModelSource(name, name, local=name.startswith("local-dir:"), setting=_SETTING))
@@ -93,6 +90,9 @@ class ClipEmbedder:
         route_library_output("transformers")  # open_clip's HF tokenizers log through transformers
         spec = clip_spec(settings)
         placement = Placement.choose(settings.torch_device, settings.clip_dtype)
+
+        import open_clip  # here, not at the top: only a process that embeds imports it
+        from open_clip.pretrained import download_pretrained, get_pretrained_cfg
 
         def build() -> tuple[Any, Any, Any]:
             if spec.pretrained and not spec.source.local:

@@ -10,12 +10,10 @@ from typing import Any
 
 import structlog
 import torch
-from diffusers import DiffusionPipeline
 
 from infra.settings import Settings
 from models.hub import route_library_output
 from models.runner import ModelSource, Placement
-from models.tiny.diffusion import TINY_DIFFUSION_ID, ensure_tiny_diffusion
 
 log = structlog.get_logger(__name__)
 
@@ -53,9 +51,10 @@ class ImageGenerator:
             settings,
             configured=settings.image_model,
             setting="IMAGE_MODEL (a local folder)",
-            tiny=ensure_tiny_diffusion,
-            tiny_id=TINY_DIFFUSION_ID,
+            tiny="diffusion",
         )
+        from diffusers import DiffusionPipeline  # here, not at the top: only a process that generates imports it
+
         pipeline = source.load(
             "image model", lambda: DiffusionPipeline.from_pretrained(source.location, dtype=placement.dtype)
         )

@@ -4,11 +4,14 @@ A runner is loaded once per process from the settings (`load`), says which model
 with what it produces), where it runs (`device`, `dtype`), and has predict methods of its own (`embed_*`,
 `generate`, `clone`), called from a worker thread. Where the weights come from (the tiny profile's random-weight
 builders in models/tiny/, a local folder, or the Hugging Face hub, offline when it cannot be reached), the device
-and dtype choice, and the error a failed load gives are decided here, once for all three.
+and dtype choice, and the error a failed load gives are decided here, once for all three. A runner imports its
+model library (open_clip, diffusers, qwen_tts) when it loads, so a process imports only the libraries of the models
+it serves.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,12 +82,16 @@ class ModelSource:
     setting: str  # how to point at local weights, for the error when the hub is out of reach
 
     @classmethod
-    def pick(
-        cls, settings: Settings, *, configured: str, setting: str, tiny: Callable[[Path], Path], tiny_id: str
-    ) -> ModelSource:
-        """The tiny profile's random-weight model (built into MODEL_CACHE_DIR once), or the configured one."""
+    def tiny(cls, name: str, cache_dir: Path, setting: str) -> ModelSource:
+        """The tiny profile's random-weight model `name` (models/tiny/<name>.py), built into `cache_dir` once."""
+        builder = importlib.import_module(f"models.tiny.{name}")
+        return cls(str(builder.ensure(cache_dir)), builder.MODEL_ID, local=True, setting=setting)
+
+    @classmethod
+    def pick(cls, settings: Settings, *, configured: str, setting: str, tiny: str) -> ModelSource:
+        """The tiny model `tiny` under MODEL_PROFILE=tiny, else the configured one (a local folder or a hub id)."""
         if settings.model_profile == "tiny":
-            return cls(str(tiny(settings.model_cache_dir)), tiny_id, local=True, setting=setting)
+            return cls.tiny(tiny, settings.model_cache_dir, setting)
         return cls(configured, configured, local=Path(configured).is_dir(), setting=setting)
 
     def load(self, kind: str, build: Callable[[], Loaded]) -> Loaded:

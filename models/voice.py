@@ -17,7 +17,6 @@ from models.errors import ModelLoadError
 from models.hub import route_library_output
 from models.qwen_tts_import import fill_config_defaults, qwen_tts, restore_rotary_frequencies
 from models.runner import ModelSource, Placement
-from models.tiny.voice import TINY_VOICE_ID, ensure_tiny_voice
 
 log = structlog.get_logger(__name__)
 
@@ -42,8 +41,7 @@ class VoiceCloner:
             settings,
             configured=settings.voice_model,
             setting="VOICE_MODEL (a local folder)",
-            tiny=ensure_tiny_voice,
-            tiny_id=TINY_VOICE_ID,
+            tiny="voice",
         )
         models = qwen_tts()
 

@@ -10,7 +10,7 @@ import pytest
 
 from infra.logging import configure_logging
 from infra.settings import Settings
-from models.tiny.clip import ensure_tiny_clip
+from models.tiny import clip as tiny_clip
 from tests.support.rabbitmq import RabbitNode
 from tests.support.s3 import ACCESS_KEY, SECRET_KEY, S3Server
 
@@ -36,7 +36,7 @@ def s3() -> Iterator[S3Server]:
 @pytest.fixture(scope="session")
 def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cache = tmp_path_factory.mktemp("models")
-    ensure_tiny_clip(cache)
+    tiny_clip.ensure(cache)
     return cache
 
 

@@ -15,7 +15,7 @@ from PIL import Image
 from contract.imaging import decode_image
 from models.clip import ClipEmbedder
 from models.clip_inputs import DeviceInputs
-from models.tiny.clip import ensure_tiny_clip
+from models.tiny import clip as tiny_clip
 from processor.handlers.image_index import prepare_image
 from tests.support.agreement import assert_vectors_agree
 from tests.support.images import drawing
@@ -32,7 +32,7 @@ def jpeg(seed: int, size: tuple[int, int]) -> bytes:
 @pytest.fixture(scope="module")
 def tiny(model_cache):
     model, _, preprocess = open_clip.create_model_and_transforms(
-        f"local-dir:{ensure_tiny_clip(model_cache)}", pretrained=None
+        f"local-dir:{tiny_clip.ensure(model_cache)}", pretrained=None
     )
     return model.eval(), preprocess
 

@@ -24,7 +24,7 @@ from infra.settings import Settings
 from infra.startup import StartupError
 from infra.vectors.backup import IndexBackups
 from infra.vectors.edge.layout import EngineLayout
-from models.tiny.clip import TINY_CLIP_ID
+from models.tiny import clip as tiny_clip
 from processor.runtime import Runtime
 from processor.service import build_consumer
 from tests.support.amqp import publish, wait_until
@@ -191,7 +191,7 @@ async def test_an_old_single_object_backup_is_restored_then_superseded(env, s3):
             "source": "upload",
         }
         points.append(_OldPoint(image_id, vector.tobytes(), payload))
-    blob = _OldSnapshot(format="ams-index-snapshot/1", model_id=TINY_CLIP_ID, created_at="x", points=points)
+    blob = _OldSnapshot(format="ams-index-snapshot/1", model_id=tiny_clip.MODEL_ID, created_at="x", points=points)
     s3.client.put_object(Bucket=env["R2_BUCKET_NAME"], Key="image_search.db", Body=msgspec.msgpack.encode(blob))
 
     runtime = await Runtime.open(Settings.from_env(env))
@@ -241,7 +241,7 @@ async def test_ams_ops_index_stats_backup_and_restore(env, s3):
         report = json.loads(out)
         assert report["served_by_running_server"] is True
         assert report["index"]["points"] == 3
-        assert report["index"]["model_id"] == TINY_CLIP_ID
+        assert report["index"]["model_id"] == tiny_clip.MODEL_ID
         assert len(report["backups"]) == 1
         code, out, err = await _ams_ops(env, "index", "restore")
         assert code == 1

@@ -74,11 +74,19 @@ def test_dependency_direction():
     assert "launcher" not in _imports("api") | _imports("processor")
 
 
-def test_an_api_only_process_imports_no_generation_or_voice_code():
+def test_model_libraries_are_imported_only_by_the_processes_that_load_those_models():
+    """An API-only process imports no generation, voice or processor code; neither it nor a processor imports a
+    model library (open_clip, diffusers, qwen_tts) before it loads that model, so a processor of one capability
+    never pays for the others' libraries."""
     probe = (
-        "import json, sys, api.__main__, api.app, api.services\n"
-        "sys.stdout.write(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))"
+        "import json, sys\n"
+        "def loaded(): return sorted({m.split('.')[0] for m in sys.modules})\n"
+        "import api.__main__, api.app, api.services\n"
+        "api = loaded()\n"
+        "import processor.__main__, processor.service\n"
+        "sys.stdout.write(json.dumps([api, loaded()]))"
     )
     result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
-    loaded = set(json.loads(result.stdout))
-    assert not loaded & {"diffusers", "qwen_tts", "processor", "launcher"}
+    api, both = (set(modules) for modules in json.loads(result.stdout))
+    assert not api & {"diffusers", "qwen_tts", "processor", "launcher"}
+    assert not both & {"open_clip", "diffusers", "qwen_tts"}

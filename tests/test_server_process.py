@@ -22,7 +22,7 @@ import pytest
 
 from infra.vectors import ImageRecord
 from infra.vectors.edge.client import EdgeIndex
-from models.tiny.clip import TINY_CLIP_ID
+from models.tiny import clip as tiny_clip
 from tests.support.images import encoded
 from tests.support.process import ServedProcess, served_process
 
@@ -59,7 +59,7 @@ LOAD = textwrap.dedent(
 async def _fill(path: Path) -> None:
     index = await EdgeIndex.open(path, "images", build_points=0, log_level="warning")
     try:
-        await index.ensure_collection(TINY_CLIP_ID, DIM)
+        await index.ensure_collection(tiny_clip.MODEL_ID, DIM)
         rng = np.random.default_rng(0)
         for start in range(0, POINTS, 1000):
             vectors = rng.standard_normal((1000, DIM)).astype(np.float32)

@@ -14,7 +14,7 @@ import torch
 from open_clip.model import CLIP
 from safetensors.torch import save_file
 
-TINY_CLIP_ID = "tiny-open-clip-v1"
+MODEL_ID = "tiny-open-clip-v1"
 
 _CONFIG: dict[str, dict[str, Any]] = {
     "model_cfg": {
@@ -29,9 +29,9 @@ _CONFIG: dict[str, dict[str, Any]] = {
 }
 
 
-def ensure_tiny_clip(cache_dir: Path) -> Path:
+def ensure(cache_dir: Path) -> Path:
     """Build the tiny model folder under cache_dir unless it is already there; returns the folder."""
-    folder = cache_dir / TINY_CLIP_ID
+    folder = cache_dir / MODEL_ID
     weights = folder / "open_clip_model.safetensors"
     if weights.is_file():
         return folder

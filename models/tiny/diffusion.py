@@ -19,7 +19,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNe
 from open_clip.tokenizer import bytes_to_unicode
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-TINY_DIFFUSION_ID = "tiny-stable-diffusion-v2"
+MODEL_ID = "tiny-stable-diffusion-v2"
 _MERGES = 48894  # merges used by CLIP's 49408-token vocabulary
 
 
@@ -37,9 +37,9 @@ def _write_clip_tokenizer_files(folder: Path) -> tuple[Path, Path]:
     return vocab_file, merges_file
 
 
-def ensure_tiny_diffusion(cache_dir: Path) -> Path:
+def ensure(cache_dir: Path) -> Path:
     """Build the tiny pipeline folder under cache_dir unless it is already there; returns the folder."""
-    folder = cache_dir / TINY_DIFFUSION_ID
+    folder = cache_dir / MODEL_ID
     if (folder / "model_index.json").is_file():
         return folder
     cache_dir.mkdir(parents=True, exist_ok=True)

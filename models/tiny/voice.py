@@ -25,7 +25,7 @@ from transformers import EncodecFeatureExtractor, MimiConfig, Qwen2Tokenizer
 
 from models.qwen_tts_import import fill_config_defaults, qwen_tts
 
-TINY_VOICE_ID = "tiny-qwen3-tts-base-v1"
+MODEL_ID = "tiny-qwen3-tts-base-v1"
 
 LANGUAGES = (
     "chinese",
@@ -184,9 +184,9 @@ def _save(model: torch.nn.Module, folder: Path) -> None:
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
-def ensure_tiny_voice(cache_dir: Path) -> Path:
+def ensure(cache_dir: Path) -> Path:
     """Build the tiny model folder under cache_dir unless it is already there; returns the folder."""
-    folder = cache_dir / TINY_VOICE_ID
+    folder = cache_dir / MODEL_ID
     if (folder / "speech_tokenizer" / "model.safetensors").is_file():
         return folder
     models = qwen_tts()
