@@ -32,7 +32,7 @@ from infra.startup import open_image_index
 from infra.storage.factory import open_store
 from models.clip import ClipEmbedder
 from models.runner import Placement
-from processor.handlers.image_index import prepare_image
+from processor.handlers.image_index import pillow_inputs
 
 
 def out(line: str) -> None:
@@ -53,6 +53,12 @@ def cpu_stages(embedder: ClipEmbedder, photos: list[bytes], threads: int, batch:
         with ThreadPoolExecutor(workers) as pool:
             prepared = pool_stages(embedder, photos, pool, workers)
     count = len(photos)
+    if embedder.decodes_jpeg:
+        rate(
+            f"decode on the device (decode_jpegs), batch {batch}",
+            count,
+            lambda: [embedder.decode_jpegs(photos[first : first + batch]) for first in range(0, count, batch)],
+        )
     rate(
         f"embed_prepared from prepared inputs, batch {batch}",
         count,
@@ -65,9 +71,9 @@ def pool_stages(embedder: ClipEmbedder, photos: list[bytes], pool: ThreadPoolExe
     rate(f"decode, full size, {workers} threads", count, lambda: list(pool.map(_full, photos)))
     rate(f"decode, draft scale, {workers} threads", count, lambda: list(pool.map(_draft(embedder), photos)))
     return rate(
-        f"decode + prepare (prepare_image), {workers} threads",
+        f"decode + prepare by Pillow (pillow_inputs), {workers} threads",
         count,
-        lambda: [inputs for _, inputs in pool.map(lambda data: prepare_image(embedder, data, MAX_PIXELS), photos)],
+        lambda: [inputs for _, inputs in pool.map(lambda data: pillow_inputs(embedder, data, MAX_PIXELS), photos)],
     )
 
 
@@ -133,6 +139,8 @@ async def handler_stages(embedder: ClipEmbedder, photos: list[bytes], threads: i
             for attribute in ("put", "get"):
                 timers.wrap(store, attribute, f"store.{attribute}")
             timers.wrap(embedder, "embed_prepared", "embed_prepared (its thread)")
+            if embedder.decodes_jpeg:
+                timers.wrap(embedder, "decode_jpegs", "decode_jpegs on the device (its thread)")
             handler = bench_handler(store, opened.index, embedder, batch, threads)
             timers.wrap(handler, "_index_batch", "embed, store, upsert (wall)")
             inline = [index_job(ImageIndexV1(data=data, image_id=str(uuid.uuid4()), source="bench")) for data in photos]

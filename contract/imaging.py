@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+_ORIENTATION = 0x0112  # the EXIF tag
 
 # format name (Pillow) -> (content type, file extension)
 FORMATS: dict[str, tuple[str, str]] = {
@@ -29,6 +33,18 @@ class InvalidImageError(ValueError):
 
 
 @dataclass(frozen=True, slots=True)
+class ImageInfo:
+    """What an image is, from its header, checked as `decode_image` checks it."""
+
+    content_type: str
+    extension: str
+    width: int
+    height: int
+    size: int
+    plain_jpeg: bool = False  # an RGB or greyscale JPEG that needs no EXIF rotation: any JPEG decoder can take it
+
+
+@dataclass(frozen=True, slots=True)
 class DecodedImage:
     image: Image.Image
     content_type: str
@@ -37,17 +53,19 @@ class DecodedImage:
     height: int
     size: int
 
+    def info(self) -> ImageInfo:
+        return ImageInfo(self.content_type, self.extension, self.width, self.height, self.size)
+
 
 def configure_pixel_limit(max_pixels: int) -> None:
     """Pillow's own decompression-bomb guard, set to the configured limit (it raises at twice this)."""
     Image.MAX_IMAGE_PIXELS = max_pixels
 
 
-def decode_image(data: bytes, max_pixels: int, min_side: int | None = None) -> DecodedImage:
-    """Fully decode `data` (first frame), or raise InvalidImageError saying what is wrong. With `min_side`, a JPEG
-    is decoded at the smallest of its DCT scales (1/2, 1/4, 1/8) that keeps both sides at `min_side` or more
-    (never upsampled), which is what an embedding needs and several times cheaper; width and height still
-    describe the original."""
+@contextmanager
+def _opened(data: bytes, max_pixels: int) -> Iterator[tuple[Image.Image, str]]:
+    """The image with its header read (format known and allowed, pixel count within the limit), and Pillow's
+    errors, here or in the body of the `with`, turned into InvalidImageError."""
     if not data:
         raise InvalidImageError("empty_file", "the file is empty")
     try:
@@ -66,10 +84,7 @@ def decode_image(data: bytes, max_pixels: int, min_side: int | None = None) -> D
                     "unsupported_format",
                     f"image format {fmt or 'unknown'} is not supported; use one of {', '.join(FORMATS)}",
                 )
-            if min_side is not None and fmt == "JPEG":
-                opened.draft("RGB", (min_side, min_side))
-            opened.load()
-            image = ImageOps.exif_transpose(opened).convert("RGB")
+            yield opened, fmt
     except InvalidImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -80,6 +95,30 @@ def decode_image(data: bytes, max_pixels: int, min_side: int | None = None) -> D
         ) from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise InvalidImageError("corrupt_image", f"the image could not be decoded: {exc}") from None
+
+
+def inspect_image(data: bytes, max_pixels: int) -> ImageInfo:
+    """The header's facts, without decoding the pixels; InvalidImageError for what the header already shows wrong
+    (a corrupt body shows only when it is decoded)."""
+    with _opened(data, max_pixels) as (opened, fmt):
+        orientation = opened.getexif().get(_ORIENTATION, 1)
+        plain = fmt == "JPEG" and opened.mode in ("RGB", "L") and orientation in (0, 1)
+        content_type, extension = FORMATS[fmt]
+        width, height = opened.size
+        return ImageInfo(content_type, extension, width, height, len(data), plain_jpeg=plain)
+
+
+def decode_image(data: bytes, max_pixels: int, min_side: int | None = None) -> DecodedImage:
+    """Fully decode `data` (first frame), or raise InvalidImageError saying what is wrong. With `min_side`, a JPEG
+    is decoded at the smallest of its DCT scales (1/2, 1/4, 1/8) that keeps both sides at `min_side` or more
+    (never upsampled), which is what an embedding needs and several times cheaper; width and height still
+    describe the original."""
+    with _opened(data, max_pixels) as (opened, fmt):
+        width, height = opened.size
+        if min_side is not None and fmt == "JPEG":
+            opened.draft("RGB", (min_side, min_side))
+        opened.load()
+        image = ImageOps.exif_transpose(opened).convert("RGB")
     content_type, extension = FORMATS[fmt]
     return DecodedImage(
         image=image,

@@ -68,9 +68,11 @@ class ClipEmbedder:
         *,
         image_tower: bool,
         inputs_on_device: bool | None = None,
+        jpeg_on_device: bool | None = None,
     ) -> None:
         """`inputs_on_device`: resize, crop and normalise images on the device (models/clip_inputs.py) rather than
-        with open_clip's Pillow transforms; by default on CUDA, where the model's preprocessing allows."""
+        with open_clip's Pillow transforms; by default on CUDA, where the model's preprocessing allows.
+        `jpeg_on_device`: with inputs made on the device, decode plain JPEGs there too (nvJPEG); by default on CUDA."""
         self._model = model.to(dtype=dtype)
         self._preprocess = preprocess
         self._tokenizer = tokenizer
@@ -78,7 +80,9 @@ class ClipEmbedder:
         self.dtype = dtype
         on_device = device.type == "cuda" if inputs_on_device is None else inputs_on_device
         config = getattr(model.visual, "preprocess_cfg", None) if image_tower else None
-        self.device_inputs = DeviceInputs.from_config(config) if on_device else None
+        self._device_inputs = DeviceInputs.from_config(config) if on_device else None
+        jpeg = device.type == "cuda" if jpeg_on_device is None else jpeg_on_device
+        self.decodes_jpeg = jpeg and self._device_inputs is not None
         self._lock = threading.Lock()
         self.image_tower = image_tower
         self.model_id = model_id
@@ -131,17 +135,24 @@ class ClipEmbedder:
     def prepare(self, image: Image.Image) -> torch.Tensor:
         """What the image tower's batch is made from, for one image; thread-safe, for decode workers. On the CPU the
         finished input (resized, cropped, normalised); with inputs made on the device, the uint8 pixels."""
-        if self.device_inputs is not None:
+        if self._device_inputs is not None:
             return DeviceInputs.pixels(image)
         return self._preprocess(image)
+
+    def decode_jpegs(self, jpegs: Sequence[bytes]) -> list[torch.Tensor | None]:
+        """With `decodes_jpeg`: plain JPEGs decoded on the device in one call into what `prepare` gives for them; None
+        for one the decoder refuses. Call from a worker thread."""
+        if self._device_inputs is None or not self.decodes_jpeg:
+            raise RuntimeError("this CLIP embedder does not decode JPEGs on its device")
+        return self._device_inputs.decode_jpegs(jpegs, self.device)
 
     def embed_prepared(self, inputs: Sequence[torch.Tensor]) -> np.ndarray:
         """One batched forward pass of the image tower over `prepare`d inputs; one row per image."""
         if not self.image_tower:
             raise RuntimeError("this CLIP embedder holds the text tower only (loaded with image_tower=False)")
         with self._lock, torch.inference_mode():
-            if self.device_inputs is not None:
-                batch = self.device_inputs.batch(inputs, self.device, self.dtype)
+            if self._device_inputs is not None:
+                batch = self._device_inputs.batch(inputs, self.device, self.dtype)
             else:
                 batch = torch.stack(list(inputs)).to(self.device, dtype=self.dtype)
             features = self._model.encode_image(batch)

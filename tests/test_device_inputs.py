@@ -1,7 +1,8 @@
 """Inputs made on the accelerator (models/clip_inputs.py) agree with open_clip's own Pillow transforms. The same
 tensor code runs on the CPU here, so the check does not need a GPU: the inputs are close pixel for pixel, and the
 vectors from draft-decoded pixels resized by torch agree with the plain path's by the nearest-and-within-a-tenth
-rule."""
+rule. JPEGs decoded by the device's decoder (nvJPEG on CUDA; the same call decodes with libjpeg-turbo on the CPU)
+agree by the same rule, and whatever that decoder should not or cannot take goes to Pillow."""
 
 from __future__ import annotations
 
@@ -12,11 +13,11 @@ import pytest
 import torch
 from PIL import Image
 
-from contract.imaging import decode_image
+from contract.imaging import ImageInfo, InvalidImageError, decode_image
 from models.clip import ClipEmbedder
-from models.clip_inputs import DeviceInputs
+from models.clip_inputs import DeviceInputs, EncodedJpeg
 from models.tiny import clip as tiny_clip
-from processor.handlers.image_index import prepare_image
+from processor.handlers.image_index import pillow_inputs, prepare_image
 from tests.support.agreement import assert_vectors_agree
 from tests.support.images import drawing
 
@@ -82,3 +83,58 @@ def test_a_batch_of_mixed_sizes_keeps_its_order(tiny):
     for row, image in zip(made, images, strict=True):
         alone = inputs.batch([DeviceInputs.pixels(image)], torch.device("cpu"), torch.float32)[0]
         assert torch.equal(row, alone)
+
+
+def test_plain_jpegs_decoded_on_the_device_agree_and_the_rest_take_pillow(tiny):
+    model, preprocess = tiny
+    plain = ClipEmbedder(model, preprocess, None, "tiny", torch.device("cpu"), image_tower=True)
+    fast = decoding_on_device(tiny)
+    photos = [jpeg(seed, (1024, 768)) for seed in range(32)]
+    others = [rotated_jpeg(40), cmyk_jpeg(41), png(42)]  # Pillow's: EXIF rotation, CMYK, not a JPEG
+    prepared = [prepare_image(fast, data, MAX_PIXELS) for data in photos + others]
+    waiting = [inputs for _, inputs in prepared if isinstance(inputs, EncodedJpeg)]
+    assert [encoded.data for encoded in waiting] == photos
+    assert prepared[0][0] == ImageInfo("image/jpeg", "jpg", 1024, 768, len(photos[0]), plain_jpeg=True)
+    decoded = iter(fast.decode_jpegs([encoded.data for encoded in waiting]))
+    inputs = [next(decoded) if isinstance(made, EncodedJpeg) else made for _, made in prepared]
+    reference = plain.embed_images([decode_image(data, MAX_PIXELS).image for data in photos + others])
+    assert_vectors_agree(fast.embed_prepared(inputs), reference)
+
+
+def test_a_jpeg_the_device_decoder_refuses_is_found_and_gets_pillows_verdict(tiny):
+    fast = decoding_on_device(tiny)
+    good, truncated = jpeg(1, (1024, 768)), jpeg(2, (1024, 768))[:4000]
+    decoded = fast.decode_jpegs([good, truncated, good])
+    assert decoded[1] is None and decoded[0] is not None and decoded[2] is not None
+    with pytest.raises(InvalidImageError) as refused:
+        pillow_inputs(fast, truncated, MAX_PIXELS)
+    assert refused.value.code == "corrupt_image"
+
+
+def decoding_on_device(tiny) -> ClipEmbedder:
+    """The CUDA set-up (inputs made and JPEGs decoded by the device's code), on the CPU."""
+    model, preprocess = tiny
+    cpu = torch.device("cpu")
+    return ClipEmbedder(
+        model, preprocess, None, "tiny", cpu, image_tower=True, inputs_on_device=True, jpeg_on_device=True
+    )
+
+
+def rotated_jpeg(seed: int) -> bytes:
+    buffer = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    drawing(seed, (1024, 768)).save(buffer, format="JPEG", quality=90, exif=exif.tobytes())
+    return buffer.getvalue()
+
+
+def cmyk_jpeg(seed: int) -> bytes:
+    buffer = io.BytesIO()
+    drawing(seed, (640, 480)).convert("CMYK").save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def png(seed: int) -> bytes:
+    buffer = io.BytesIO()
+    drawing(seed, (500, 300)).save(buffer, format="PNG")
+    return buffer.getvalue()

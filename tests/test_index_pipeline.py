@@ -1,6 +1,7 @@
 """image.index batches side by side (as the consumer pipelines them): one forward pass at a time, every image
-stored and indexed once, and the index's maximum held across batches. Real store (local files), the embedded
-index and the tiny CLIP."""
+stored and indexed once, and the index's maximum held across batches; with JPEGs decoded on the device (the CUDA
+set-up, run here on the CPU), a JPEG that decoder refuses fails alone with Pillow's reason. Real store (local files),
+the embedded index and the tiny CLIP."""
 
 from __future__ import annotations
 
@@ -8,13 +9,16 @@ import asyncio
 import threading
 import uuid
 
+import open_clip
 import pytest
+import torch
 
 from contract.clock import UniqueClock
 from contract.messages import IMAGE_INDEX, ImageIndexV1
 from infra.startup import open_image_index
 from infra.storage.factory import open_store
 from models.clip import ClipEmbedder
+from models.tiny import clip as tiny_clip
 from processor.handlers.base import Job
 from processor.handlers.image_index import ImageIndexHandler
 from processor.outcomes import Failed, Succeeded
@@ -31,8 +35,9 @@ async def parts(make_settings):
     await opened.close()
 
 
-def handler(parts, max_elements: int = 1000) -> ImageIndexHandler:
-    store, index, embedder = parts
+def handler(parts, max_elements: int = 1000, embedder: ClipEmbedder | None = None) -> ImageIndexHandler:
+    store, index, loaded = parts
+    embedder = embedder or loaded
     return ImageIndexHandler(
         store=store,
         index=index,
@@ -45,16 +50,17 @@ def handler(parts, max_elements: int = 1000) -> ImageIndexHandler:
     )
 
 
+def index_job(data: bytes) -> Job:
+    return Job(
+        message_id=str(uuid.uuid4()),
+        message_type=IMAGE_INDEX,
+        payload=ImageIndexV1(data=data, source="test"),
+        priority=0,
+    )
+
+
 def jobs(count: int, seed: int) -> list[Job]:
-    return [
-        Job(
-            message_id=str(uuid.uuid4()),
-            message_type=IMAGE_INDEX,
-            payload=ImageIndexV1(data=encoded(seed + n, "PNG"), source="test"),
-            priority=0,
-        )
-        for n in range(count)
-    ]
+    return [index_job(encoded(seed + n, "PNG")) for n in range(count)]
 
 
 async def test_batches_side_by_side_take_the_model_one_at_a_time(parts):
@@ -103,3 +109,35 @@ async def test_batches_side_by_side_never_overfill_the_index(parts):
     refused = [outcome for outcome in outcomes if isinstance(outcome, Failed)]
     assert len(refused) == 8 and {outcome.code for outcome in refused} == {"index_full"}
     assert await parts[1].count() == 10
+
+
+async def test_with_jpegs_decoded_on_the_device_a_broken_one_fails_alone(parts, model_cache):
+    folder = tiny_clip.ensure(model_cache)
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{folder}", pretrained=None)
+    cpu = torch.device("cpu")
+    on_device = ClipEmbedder(
+        model.eval(),
+        preprocess,
+        None,
+        tiny_clip.MODEL_ID,
+        cpu,
+        image_tower=True,
+        inputs_on_device=True,
+        jpeg_on_device=True,
+    )
+    decoded: list[int] = []
+    real = on_device.decode_jpegs
+
+    def spy(jpegs):
+        decoded.append(len(jpegs))
+        return real(jpegs)
+
+    on_device.decode_jpegs = spy
+    indexer = handler(parts, embedder=on_device)
+    batch = [index_job(encoded(500 + n, "JPEG", size=(640, 480))) for n in range(6)]
+    broken = index_job(encoded(600, "JPEG", size=(640, 480))[:1500])
+    outcomes = await indexer.handle([*batch[:3], broken, *batch[3:]])
+    assert decoded == [7], "the batch's JPEGs are decoded on the device in one call"
+    assert [type(outcome).__name__ for outcome in outcomes] == ["Succeeded"] * 3 + ["Failed"] + ["Succeeded"] * 3
+    assert outcomes[3].code == "corrupt_image"
+    assert await parts[1].count() == 6

@@ -14,11 +14,12 @@ import structlog
 
 from contract.clock import UniqueClock, iso_from_us
 from contract.image_ids import image_id_for_key, original_key
-from contract.imaging import DecodedImage, InvalidImageError, decode_image
+from contract.imaging import ImageInfo, InvalidImageError, decode_image, inspect_image
 from contract.messages import IMAGE_INDEX, ImageIndexV1
 from infra.storage import InvalidKeyError, ObjectNotFoundError, ObjectStore
 from infra.vectors import ImageRecord, VectorIndex
 from models.clip import ClipEmbedder
+from models.clip_inputs import EncodedJpeg
 from processor.handlers.base import Job
 from processor.outcomes import Failed, Outcome, Succeeded
 from processor.retrying import TRANSIENT_ERRORS, retry_transient
@@ -28,13 +29,27 @@ log = structlog.get_logger(__name__)
 # storage requests at once: originals stored, objects fetched (each pipelined batch's fetches share the bound)
 _CONCURRENT_PUTS = 8
 _CONCURRENT_GETS = 16
+# larger JPEGs are draft-decoded by Pillow at the model's size rather than decoded whole on the device
+DEVICE_DECODE_MAX_PIXELS = 24_000_000
 
 
-def prepare_image(embedder: ClipEmbedder, data: bytes, max_pixels: int) -> tuple[DecodedImage, Any]:
-    """In a decode thread: the image decoded at the size the model needs, and the model's input made from it."""
+def prepare_image(embedder: ClipEmbedder, data: bytes, max_pixels: int) -> tuple[ImageInfo, Any]:
+    """In a decode thread: what the image is, and the model's input made from it, or, for a plain JPEG of a sane
+    size when the embedder decodes JPEGs on its device, the JPEG itself (`EncodedJpeg`: the batch's are decoded
+    there together). Anything else is decoded by Pillow at the size the model needs."""
+    if embedder.decodes_jpeg:
+        info = inspect_image(data, max_pixels)
+        if info.plain_jpeg and info.width * info.height <= DEVICE_DECODE_MAX_PIXELS:
+            return info, EncodedJpeg(data)
+    return pillow_inputs(embedder, data, max_pixels)
+
+
+def pillow_inputs(embedder: ClipEmbedder, data: bytes, max_pixels: int) -> tuple[ImageInfo, Any]:
+    """In a decode thread: the image decoded by Pillow (JPEGs at the smallest scale the model needs) and the model's
+    input made from it; InvalidImageError saying what is wrong with it."""
     decoded = decode_image(data, max_pixels, min_side=embedder.input_size)
     try:
-        return decoded, embedder.prepare(decoded.image)
+        return decoded.info(), embedder.prepare(decoded.image)
     finally:
         decoded.image.close()
 
@@ -45,8 +60,8 @@ class _Prepared:
     image_id: str
     r2_key: str
     data: bytes | None
-    decoded: DecodedImage  # what the original is; its pixels are closed once `inputs` are made
-    inputs: Any  # the image tower's input (ClipEmbedder.prepare)
+    decoded: ImageInfo  # what the original is
+    inputs: Any  # the image tower's input (ClipEmbedder.prepare or decode_jpegs), or an EncodedJpeg until decoded
     job: ImageIndexV1
 
 
@@ -92,12 +107,34 @@ class ImageIndexHandler:
 
     async def handle(self, jobs: Sequence[Job]) -> list[Outcome]:
         results = await asyncio.gather(*(self._prepare_or_fail(position, job) for position, job in enumerate(jobs)))
+        results = await self._decode_on_device(results)
         outcomes: list[Outcome | None] = [result if isinstance(result, Failed) else None for result in results]
         prepared = [result for result in results if isinstance(result, _Prepared)]
         if prepared:
             for item, outcome in zip(prepared, await self._index_batch(prepared), strict=True):
                 outcomes[item.position] = outcome
         return cast(list[Outcome], outcomes)
+
+    async def _decode_on_device(self, results: list[_Prepared | Failed]) -> list[_Prepared | Failed]:
+        """The batch's plain JPEGs decoded on the device in one call (nvJPEG); one the device's decoder refuses goes
+        to Pillow, which decodes it or says what is wrong with it."""
+        pending = [item for item in results if isinstance(item, _Prepared) and isinstance(item.inputs, EncodedJpeg)]
+        if not pending:
+            return results
+        pixels = await asyncio.to_thread(self._embedder.decode_jpegs, [item.inputs.data for item in pending])
+        refused: dict[int, Failed] = {}
+        loop = asyncio.get_running_loop()
+        for item, made in zip(pending, pixels, strict=True):
+            if made is not None:
+                item.inputs = made
+                continue
+            try:
+                _, item.inputs = await loop.run_in_executor(
+                    self._decoders, pillow_inputs, self._embedder, item.inputs.data, self._max_pixels
+                )
+            except InvalidImageError as exc:
+                refused[item.position] = Failed(exc.code, exc.message)
+        return [refused.get(item.position, item) if isinstance(item, _Prepared) else item for item in results]
 
     async def _prepare_or_fail(self, position: int, job: Job) -> _Prepared | Failed:
         try:
