@@ -32,6 +32,8 @@ class EncodedJpeg:
 # open_clip's resize modes this module reproduces: the shorter side to the input size then a centre crop, or both
 # sides to the input size
 _MODES = ("shortest", "squash")
+# pixels resized in one call: 64 megapixels are 768 MB as float32 RGB
+_PIXELS_AT_ONCE = 64_000_000
 
 
 @dataclass(frozen=True)
@@ -88,16 +90,20 @@ class DeviceInputs:
 
     def batch(self, inputs: Sequence[torch.Tensor], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """The normalised batch on `device`. Images of one size go through resize and crop together (a bucket's
-        photos mostly share a few sizes)."""
+        photos mostly share a few sizes), at most `_PIXELS_AT_ONCE` pixels at a time: a batch of full-size photos
+        decoded on the GPU would otherwise need several gigabytes as floats."""
         made: list[torch.Tensor | None] = [None] * len(inputs)
         sizes: dict[tuple[int, ...], list[int]] = defaultdict(list)
         for position, pixels in enumerate(inputs):
             sizes[tuple(pixels.shape)].append(position)
-        for positions in sizes.values():
-            group = torch.stack([inputs[position] for position in positions])
-            resized = self._resize_and_crop(group.to(device, non_blocking=True).float())
-            for row, position in enumerate(positions):
-                made[position] = resized[row]
+        for shape, same_size in sizes.items():
+            at_once = max(1, _PIXELS_AT_ONCE // (shape[1] * shape[2]))
+            for start in range(0, len(same_size), at_once):
+                positions = same_size[start : start + at_once]
+                group = torch.stack([inputs[position] for position in positions])
+                resized = self._resize_and_crop(group.to(device, non_blocking=True).float())
+                for row, position in enumerate(positions):
+                    made[position] = resized[row]
         mean = torch.tensor(self.mean, device=device).view(3, 1, 1)
         std = torch.tensor(self.std, device=device).view(3, 1, 1)
         return ((torch.stack(cast(list[torch.Tensor], made)) / 255.0 - mean) / std).to(dtype)

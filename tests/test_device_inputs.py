@@ -138,3 +138,21 @@ def png(seed: int) -> bytes:
     buffer = io.BytesIO()
     drawing(seed, (500, 300)).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def test_large_groups_are_resized_a_few_at_a_time_with_the_same_result(tiny, monkeypatch):
+    inputs = DeviceInputs.from_config(tiny[0].visual.preprocess_cfg)
+    pixels = [DeviceInputs.pixels(drawing(seed, (400, 300))) for seed in range(5)]
+    cpu = torch.device("cpu")
+    whole = inputs.batch(pixels, cpu, torch.float32)
+    resized: list[int] = []
+    resize = DeviceInputs._resize_and_crop
+
+    def counted(self: DeviceInputs, group: torch.Tensor) -> torch.Tensor:
+        resized.append(len(group))
+        return resize(self, group)
+
+    monkeypatch.setattr("models.clip_inputs._PIXELS_AT_ONCE", 2 * 400 * 300)
+    monkeypatch.setattr(DeviceInputs, "_resize_and_crop", counted)
+    assert torch.equal(inputs.batch(pixels, cpu, torch.float32), whole)
+    assert resized == [2, 2, 1]
