@@ -74,6 +74,15 @@ async def test_re_upsert_replaces_the_point(index):
     assert score == pytest.approx(1.0, abs=1e-5)
 
 
+async def test_vector_reads_back_what_was_stored_and_none_for_an_unknown_id(index):
+    stored, with_thumbnail = record(1), record(2, thumbnail=True)
+    await index.upsert([(stored, unit(3, 4)), (with_thumbnail, unit(0, 1))])
+    assert await index.vector(stored.id) == pytest.approx(unit(3, 4), abs=1e-6)
+    assert await index.vector(str(uuid.uuid4())) is None
+    assert (await index.get(with_thumbnail.id)).thumbnail is True
+    assert (await index.get(stored.id)).thumbnail is False
+
+
 async def test_delete(index):
     kept, gone = record(1), record(2)
     await index.upsert([(kept, unit(1)), (gone, unit(1, 1))])

@@ -35,7 +35,11 @@ class SnapshotsUnsupportedError(RuntimeError):
 
 
 class ImageRecord(msgspec.Struct, frozen=True, kw_only=True):
-    """What is known of an indexed image; stored as the point's payload."""
+    """What is known of an indexed image; stored as the point's payload.
+
+    `thumbnail` is true when the indexer stored the image's thumbnail before it wrote this point, so the API can
+    redirect to it without asking the store; points written before thumbnails existed lack it (false), and the API
+    then looks for the thumbnail, or makes it, when it is first asked for."""
 
     id: str
     r2_key: str
@@ -47,6 +51,7 @@ class ImageRecord(msgspec.Struct, frozen=True, kw_only=True):
     created_us: int
     source: str
     filename: str | None = None
+    thumbnail: bool = False
 
 
 class ImageFilter(msgspec.Struct, frozen=True, kw_only=True):
@@ -138,6 +143,10 @@ class VectorIndex(abc.ABC):
 
     async def get(self, image_id: str) -> ImageRecord | None:
         return (await self.get_many([image_id])).get(image_id)
+
+    @abc.abstractmethod
+    async def vector(self, image_id: str) -> list[float] | None:
+        """The stored vector of a point (as the engine keeps it: normalised), or None when there is no such point."""
 
     @abc.abstractmethod
     async def delete(self, image_id: str) -> None:

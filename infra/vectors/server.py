@@ -152,6 +152,13 @@ class QdrantServerIndex(VectorIndex):
         return {record.id: record for record in records}
 
     @_translated
+    async def vector(self, image_id: str) -> list[float] | None:
+        points = await self._client.retrieve(self.collection, ids=[image_id], with_payload=False, with_vectors=True)
+        if not points or not isinstance(points[0].vector, list):
+            return None
+        return [float(value) for value in points[0].vector]
+
+    @_translated
     async def delete(self, image_id: str) -> None:
         await self._client.delete(self.collection, points_selector=models.PointIdsList(points=[image_id]), wait=True)
         self._revision += 1

@@ -305,6 +305,10 @@ class EdgeIndex(VectorIndex):
         records = [record_of(payload) for payload in await self._call(p.Retrieve(list(image_ids)))]
         return {record.id: record for record in records}
 
+    async def vector(self, image_id: str) -> list[float] | None:
+        found = await self._call(p.Vector(image_id))
+        return None if found is None else np.frombuffer(found, dtype=np.float32).tolist()
+
     async def delete(self, image_id: str) -> None:
         await self._call(p.Delete([image_id]), WRITE_TIMEOUT_SECONDS)
         self._revision += 1

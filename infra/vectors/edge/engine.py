@@ -143,6 +143,8 @@ class Engine:
                 return self._search(op)
             case p.Retrieve():
                 return self._retrieve(op.ids)
+            case p.Vector():
+                return self._vector(op.id)
             case p.Newest():
                 return self._newest(op)
             case p.Count():
@@ -197,6 +199,12 @@ class Engine:
 
     def _retrieve(self, ids: list[str]) -> list[dict[str, Any]]:
         return [record.payload or {} for record in self._live().retrieve(list(ids), True, False)]
+
+    def _vector(self, point_id: str) -> bytes | None:
+        found = self._live().retrieve([point_id], False, True)
+        if not found or not isinstance(found[0].vector, list):
+            return None
+        return np.asarray(found[0].vector, dtype=np.float32).tobytes()
 
     def _newest(self, op: p.Newest) -> list[dict[str, Any]]:
         records, _ = self._live().scroll(

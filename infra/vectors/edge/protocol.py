@@ -35,6 +35,12 @@ class Retrieve(msgspec.Struct, tag="retrieve"):
     ids: list[str]
 
 
+class Vector(msgspec.Struct, tag="vector"):
+    """One point's vector: float32 bytes (native byte order), or None when there is no such point."""
+
+    id: str
+
+
 class Search(msgspec.Struct, tag="search"):
     vector: bytes
     limit: int
@@ -82,6 +88,7 @@ Operation = (
     | Upsert
     | Delete
     | Retrieve
+    | Vector
     | Search
     | Newest
     | Count
