@@ -15,7 +15,7 @@ from api.features import FeatureGuard
 from api.limits import RequestLimits
 from api.openapi import finish_document, openapi_config, security
 from api.options import options_handlers
-from api.routes import OPEN_ROUTES, ROUTES, VOICE_UPLOAD_ROUTES
+from api.routes import OPEN_ROUTES, PAGE_ROUTES, ROUTES, VOICE_UPLOAD_ROUTES
 from api.services import Services
 from infra.settings import Settings
 
@@ -23,12 +23,13 @@ MULTIPART_OVERHEAD_BYTES = 1024 * 1024
 
 
 def _rate_limit(settings: Settings) -> list[DefineMiddleware]:
-    """RATE_LIMIT_PER_MINUTE per API key (or per client address without one); health checks are not counted."""
+    """RATE_LIMIT_PER_MINUTE per API key (or per client address without one); health checks and the web page's own
+    files are not counted."""
     if not settings.rate_limit_per_minute:
         return []
     config = RateLimitConfig(
         rate_limit=("minute", settings.rate_limit_per_minute),
-        exclude=["^/healthz$", "^/readyz$"],
+        exclude=["^/healthz$", "^/readyz$", "^/$", "^/ui/"],
         identifier_for_request=rate_limit_identity(settings.api_keys),
     )
     return [config.middleware]
@@ -63,6 +64,7 @@ def create_app(services: Services) -> Litestar:
     app = Litestar(
         route_handlers=[
             Router("/", route_handlers=[*options_handlers(OPEN_ROUTES), *OPEN_ROUTES], guards=guards),
+            Router("/", route_handlers=PAGE_ROUTES, guards=guards),
             Router("/", route_handlers=[*options_handlers(ROUTES), *ROUTES], guards=guards, security=keyed),
             voice_uploads,
         ],

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install what the server needs on Debian/Ubuntu, doing only what is missing (safe to re-run):
 #   - Debian packages: rabbitmq-server (unless AMQP_URL points at a broker), and with --test also sox and
-#     espeak-ng (test clips); python3-venv when the venv module is missing
+#     espeak-ng (test clips) and chromium (the web page's browser tests); python3-venv when the venv module is
+#     missing
 #   - the Python environment in .venv: torch, torchvision, torchaudio, then this project with its processor
 #     extras (diffusers, qwen-tts; with --test also the test extras)
 # Runs apt-get as root, or through sudo.
@@ -27,6 +28,7 @@ fi
 if [ "$mode" = test ]; then
   command -v sox >/dev/null || packages+=(sox)
   command -v espeak-ng >/dev/null || packages+=(espeak-ng)
+  command -v chromium >/dev/null || packages+=(chromium)
 fi
 python=${PYTHON:-python3}
 if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then

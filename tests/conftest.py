@@ -87,3 +87,11 @@ def make_settings(make_env: Callable[..., dict[str, str]]) -> SettingsFactory:
         return Settings.from_env(make_env(**kwargs))
 
     return build
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[pytest.TestReport]:
+    """Each phase's report on the test item (`report_setup`, `report_call`), for fixtures that act on a failure."""
+    report = yield
+    setattr(item, f"report_{report.when}", report)
+    return report

@@ -1,0 +1,93 @@
+// The jobs panel: every job started from this page, its state as the server reports it, and a link to its result.
+
+import { ApiError, call } from "./api.js";
+import { element } from "./dom.js";
+
+const STATES = {
+  uploading: "Uploading",
+  queued: "Queued",
+  running: "Running",
+  succeeded: "Done",
+  failed: "Failed",
+};
+const ACTIVE = new Set(["uploading", "queued", "running"]);
+const POLL_MS = [400, 700, 1000, 1500, 2000];
+
+const jobs = [];
+const list = document.getElementById("jobs-list");
+const empty = document.getElementById("jobs-empty");
+const badge = document.getElementById("jobs-badge");
+
+/** A new entry at the top of the panel: {label, type, state}; returns it for `updateJob`. */
+export function addJob({ label, type, state = "queued" }) {
+  const entry = { label, type, state, jobId: null, detail: "", link: null, started: new Date(), node: null };
+  entry.node = element("li", { className: "job" });
+  jobs.unshift(entry);
+  list.prepend(entry.node);
+  render(entry);
+  return entry;
+}
+
+export function updateJob(entry, changes) {
+  Object.assign(entry, changes);
+  render(entry);
+}
+
+/**
+ * Poll a job's status URL until it finishes; the entry follows the server's state. Resolves with the job (its
+ * `result`) when it succeeded; rejects with an ApiError carrying the job's own error when it failed.
+ */
+export async function followJob(entry, statusUrl) {
+  for (let round = 0; ; round++) {
+    let job;
+    try {
+      ({ body: job } = await call(statusUrl));
+    } catch (error) {
+      if (error.status === 0 || error.status === 503) {
+        updateJob(entry, { detail: `${error.message}; still trying` });
+        await sleep(2000);
+        continue;
+      }
+      throw error;
+    }
+    updateJob(entry, { state: job.status, jobId: job.job_id, detail: "" });
+    if (job.status === "succeeded") return job;
+    if (job.status === "failed") {
+      const error = job.error || { code: "failed", message: "the job failed" };
+      throw new ApiError(422, error.code, error.message);
+    }
+    await sleep(POLL_MS[Math.min(round, POLL_MS.length - 1)]);
+  }
+}
+
+function sleep(ms) {
+  return new Promise((resolve) => setTimeout(resolve, ms));
+}
+
+function render(entry) {
+  const node = entry.node;
+  node.className = `job state-${entry.state}`;
+  const parts = [
+    element("span", { className: "job-state", textContent: STATES[entry.state] || entry.state }),
+    element("span", { className: "job-label", textContent: entry.label }),
+    element("time", {
+      dateTime: entry.started.toISOString(),
+      textContent: entry.started.toLocaleTimeString(),
+    }),
+  ];
+  if (entry.link) {
+    parts.push(element("a", { href: entry.link.href, textContent: entry.link.text, target: "_blank", rel: "noopener" }));
+  }
+  if (entry.jobId) {
+    parts.push(element("code", { className: "job-id", textContent: entry.jobId, title: "job id" }));
+  }
+  if (entry.detail) {
+    parts.push(element("p", { className: "job-detail", textContent: entry.detail }));
+  }
+  node.replaceChildren(...parts);
+  const active = jobs.filter((job) => ACTIVE.has(job.state)).length;
+  badge.hidden = active === 0;
+  badge.textContent = String(active);
+  badge.setAttribute("aria-label", `${active} running`);
+  empty.hidden = jobs.length > 0;
+}

@@ -1,0 +1,294 @@
+"""The web page in a real browser (Debian's chromium, driven by Playwright) against the real stack: a RabbitMQ node,
+the product's processor with tiny models, the embedded store and vector engine.
+
+The tests walk one page through a session, in file order: upload, search, find similar, delete, generate, speak.
+A failing test leaves a screenshot of the page in test-artifacts/.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from playwright.async_api import Browser, Page, async_playwright, expect
+
+from tests.support.audio import speech_clip
+from tests.support.images import encoded
+from tests.support.server import RunningServer, running_server
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "test-artifacts"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+KEY = "admin-key-for-the-page-test"
+REF_TEXT = "Hello there. This is the reference voice, speaking clearly for a few seconds."
+
+expect.set_options(timeout=30_000)
+
+
+@pytest.fixture(scope="module")
+async def server(make_settings) -> AsyncIterator[RunningServer]:
+    settings = make_settings(
+        IMAGE_ENABLED="1",
+        VOICE_ENABLED="1",
+        IMAGE_DEFAULT_WIDTH="64",
+        IMAGE_DEFAULT_HEIGHT="64",
+        IMAGE_DEFAULT_STEPS="2",
+    )
+    async with running_server(settings) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+async def browser() -> AsyncIterator[Browser]:
+    async with async_playwright() as playwright:
+        launched = await playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield launched
+        await launched.close()
+
+
+class Session:
+    """The page, every request it made and the script errors it raised."""
+
+    def __init__(self, page: Page) -> None:
+        self.page = page
+        self.requests: list[str] = []
+        self.errors: list[str] = []
+        page.on("request", lambda request: self.requests.append(request.url))
+        page.on("pageerror", lambda error: self.errors.append(str(error)))
+        page.on("console", lambda message: message.type == "error" and self.errors.append(message.text))
+
+
+@pytest.fixture(scope="module")
+async def session(browser, server) -> AsyncIterator[Session]:
+    context = await browser.new_context(base_url=server.base_url, viewport={"width": 1280, "height": 900})
+    opened = Session(await context.new_page())
+    await opened.page.goto("/")
+    yield opened
+    await context.close()
+
+
+@pytest.fixture(autouse=True)
+async def screenshot_on_failure(request) -> AsyncIterator[None]:
+    yield
+    report = getattr(request.node, "report_call", None)
+    if report is None or not report.failed:
+        return
+    for name in ("session", "keyed_page"):
+        if name in request.fixturenames:
+            found = request.getfixturevalue(name)
+            page = found.page if isinstance(found, Session) else found
+            ARTIFACTS.mkdir(exist_ok=True)
+            await page.screenshot(path=str(ARTIFACTS / f"{request.node.name}.png"), full_page=True)
+
+
+def image_files() -> list[dict]:
+    return [
+        {"name": f"drawing-{seed}.png", "mimeType": "image/png", "buffer": encoded(seed, size=(320, 240))}
+        for seed in (11, 12, 13)
+    ]
+
+
+async def scores(page: Page) -> list[float]:
+    return [float(text) for text in await page.locator("#gallery .score").all_inner_texts()]
+
+
+async def test_the_page_is_served_with_its_own_assets_only(session, server):
+    page = session.page
+    await expect(page).to_have_title("AI model server")
+    await expect(page.locator("#gallery-status")).to_have_text("No images yet: add some.")
+    assert session.requests, "the page made no requests"
+    assert all(url.startswith(server.base_url) for url in session.requests), session.requests
+    answer = await server.client.get("/")
+    assert "script-src 'self'" in answer.headers["content-security-policy"]
+    asset = re.search(r'src="(/ui/[0-9a-f]+/js/app\.js)"', answer.text)
+    assert asset is not None
+    cached = await server.client.get(asset.group(1))
+    assert cached.headers["content-type"].startswith("text/javascript")
+    assert "immutable" in cached.headers["cache-control"]
+    stale = await server.client.get("/ui/0000000000000000/js/app.js")
+    assert stale.status_code == 404
+    assert stale.json()["code"] == "not_found"
+    assert session.errors == []
+
+
+async def test_upload_three_images_and_see_them_in_the_gallery(session, server):
+    page = session.page
+    await page.locator("#upload-input").set_input_files(image_files())
+    await expect(page.locator("#uploads .upload.ok")).to_have_count(3)
+    await expect(page.locator("#gallery .card")).to_have_count(3)
+    for picture in await page.locator("#gallery .card img").all():
+        await expect(picture).to_have_js_property("complete", True)
+        assert await picture.evaluate("image => image.naturalWidth") > 0
+    listed = (await server.client.get("/v1/images")).json()
+    assert {image["filename"] for image in listed} == {"drawing-11.png", "drawing-12.png", "drawing-13.png"}
+    await page.get_by_role("link", name=re.compile("^Jobs")).click()
+    await expect(page.locator("#jobs-list .state-succeeded")).to_have_count(3)
+    await page.get_by_role("link", name="Images").click()
+
+
+async def test_a_file_that_is_not_an_image_shows_the_servers_reason(session):
+    page = session.page
+    not_image = {"name": "notes.jpg", "mimeType": "image/jpeg", "buffer": b"these are my notes, not a picture"}
+    await page.locator("#upload-input").set_input_files([not_image])
+    failed = page.locator("#uploads .upload.failed")
+    await expect(failed).to_have_count(1)
+    await expect(failed).to_contain_text("Not added: the bytes are not an image")
+    await expect(page.locator("#gallery .card")).to_have_count(3)
+
+
+@pytest.mark.parametrize("query", ["a red square on a blue background", "파란 배경 위의 빨간 사각형"])
+async def test_search_in_english_and_korean_shows_ranked_results(session, query):
+    page = session.page
+    await page.get_by_label("Search in any language").fill(query)
+    await page.get_by_role("button", name="Search", exact=True).click()
+    await expect(page.locator("#gallery-status")).to_have_text(f"3 images for “{query}”, closest first")
+    found = await scores(page)
+    assert len(found) == 3
+    assert found == sorted(found, reverse=True)
+
+
+async def test_find_similar_ranks_the_other_images(session):
+    page = session.page
+    first = page.locator("#gallery .card").first
+    name = await first.locator("img").get_attribute("alt")
+    await first.get_by_role("button", name="Similar").click()
+    await expect(page.locator("#gallery-status")).to_have_text(f"2 images like {name}, closest first")
+    assert name not in await page.locator("#gallery img").evaluate_all("images => images.map(image => image.alt)")
+    found = await scores(page)
+    assert found == sorted(found, reverse=True)
+
+
+async def test_delete_one_after_confirming(session, server):
+    page = session.page
+    await page.get_by_role("button", name="Show all images").click()
+    await expect(page.locator("#gallery .card")).to_have_count(3)
+    first = page.locator("#gallery .card").first
+    name = await first.locator("img").get_attribute("alt")
+    await first.locator(".tile").click()
+    viewer = page.locator("#viewer")
+    await expect(viewer).to_be_visible()
+    await expect(viewer.locator("#viewer-image")).to_have_js_property("complete", True)
+    assert await viewer.locator("#viewer-image").evaluate("image => image.naturalWidth") == 320
+    await viewer.get_by_role("button", name="Delete…").click()
+    await page.locator("#confirm-delete").get_by_role("button", name="Cancel").click()
+    await expect(page.locator("#gallery .card")).to_have_count(3)
+    await viewer.get_by_role("button", name="Delete…").click()
+    await page.locator("#confirm-delete").get_by_role("button", name="Delete", exact=True).click()
+    await expect(viewer).to_be_hidden()
+    await expect(page.locator("#gallery .card")).to_have_count(2)
+    await expect(page.locator("#gallery-status")).to_contain_text(f"Deleted {name}.")
+    listed = (await server.client.get("/v1/images")).json()
+    assert name not in {image["filename"] for image in listed}
+    assert len(listed) == 2
+
+
+async def test_generate_shows_the_image_and_the_seed(session, server):
+    page = session.page
+    await page.get_by_role("link", name="Generate").click()
+    await page.get_by_label("Prompt", exact=True).fill("a lighthouse at dawn")
+    await page.get_by_label(re.compile("^Seed")).fill("42")
+    await page.get_by_role("button", name="Generate").click()
+    await expect(page.locator("#generate-caption")).to_have_text("Seed 42 · 64 × 64 · 2 steps")
+    await expect(page.locator("#generate-image")).to_have_js_property("naturalWidth", 64)
+
+    # a seed drawn by the server is a 64-bit integer: shown exactly, not rounded to a JavaScript number
+    await page.get_by_label(re.compile("^Seed")).fill("")
+    await page.get_by_role("button", name="Generate").click()
+    await expect(page.locator("#jobs-list .job")).to_have_count(6)
+    newest = page.locator("#jobs-list .job").first
+    await expect(newest).to_have_class(re.compile("state-succeeded"))
+    job_id = await newest.locator(".job-id").inner_text()
+    seed = (await server.client.get(f"/v1/jobs/{job_id}")).json()["result"]["seed"]
+    await expect(page.locator("#generate-caption")).to_have_text(f"Seed {seed} · 64 × 64 · 2 steps")
+
+
+async def test_a_refused_generation_says_why(session):
+    page = session.page
+    await page.get_by_label("Width").fill("2048")
+    await page.get_by_label("Height").fill("2048")
+    await page.get_by_label("Steps").fill("100")
+    await page.get_by_role("button", name="Generate").click()
+    await expect(page.locator("#generate-error")).to_contain_text("pixel-steps, over this server's budget")
+
+
+async def test_clone_a_voice_and_play_it(session):
+    page = session.page
+    await page.get_by_role("link", name="Voice").click()
+    clip = {"name": "ref.wav", "mimeType": "audio/wav", "buffer": speech_clip("wav")}
+    await page.get_by_label("A file (MP3, WAV, FLAC, OGG, M4A)").set_input_files([clip])
+    await page.get_by_label("Transcript of the clip").fill(REF_TEXT)
+    await page.get_by_label("Text to speak").fill("Good morning. The meeting moved to the afternoon.")
+    await page.get_by_label("Language").select_option("English")
+    await page.get_by_role("button", name="Speak").click()
+    await expect(page.locator("#voice-caption")).to_have_text(re.compile(r"^\d+\.\d s of speech$"))
+    audio = page.locator("#voice-audio")
+    await audio.evaluate("audio => new Promise(done => audio.readyState > 0 ? done() : audio.onloadedmetadata = done)")
+    assert await audio.evaluate("audio => audio.duration") > 0
+    await page.get_by_role("link", name=re.compile("^Jobs")).click()
+    await expect(page.locator("#jobs-list .job").first).to_have_class(re.compile("state-succeeded"))
+
+
+async def test_every_control_is_named_and_the_page_fits_a_phone_in_dark(session, browser, server):
+    unnamed = await session.page.evaluate(
+        """() => [...document.querySelectorAll("input, select, textarea, button")]
+            .filter(control => !(control.labels?.length || control.getAttribute("aria-label")
+                                 || control.textContent.trim()))
+            .map(control => control.outerHTML)"""
+    )
+    assert unnamed == []
+    context = await browser.new_context(
+        base_url=server.base_url, viewport={"width": 375, "height": 740}, color_scheme="dark"
+    )
+    phone = await context.new_page()
+    await phone.goto("/")
+    await expect(phone.locator("#gallery .card")).to_have_count(2)
+    assert await phone.evaluate("document.documentElement.scrollWidth") <= 375
+    background = await phone.evaluate("getComputedStyle(document.body).backgroundColor")
+    assert background == "rgb(20, 21, 24)"
+    await phone.keyboard.press("Tab")
+    assert await phone.evaluate("document.activeElement.textContent") == "Skip to content"
+    await context.close()
+    assert session.errors == []
+
+
+@pytest.fixture(scope="module")
+async def keyed_server(make_settings) -> AsyncIterator[RunningServer]:
+    async with running_server(make_settings(API_KEYS=f"admin:{KEY}")) as running:
+        yield running
+
+
+@pytest.fixture
+async def keyed_page(browser, keyed_server) -> AsyncIterator[Page]:
+    context = await browser.new_context(base_url=keyed_server.base_url)
+    yield await context.new_page()
+    await context.close()
+
+
+async def test_with_api_keys_the_page_asks_for_one_and_keeps_it_for_the_tab(keyed_page, keyed_server):
+    headers = {"Authorization": f"Bearer {KEY}"}
+    stored = await keyed_server.client.post(
+        "/v1/images", files={"file": ("kept.png", encoded(21), "image/png")}, headers=headers
+    )
+    assert stored.status_code == 201, stored.text
+    page = keyed_page
+    await page.goto("/")
+    dialog = page.locator("#key-dialog")
+    await expect(dialog).to_be_visible()
+    await dialog.get_by_label("Key").fill("not-the-key-at-all-really")
+    await dialog.get_by_role("button", name="Use this key").click()
+    await expect(dialog).to_be_visible()
+    await expect(dialog).to_contain_text("the API key is not valid")
+    await dialog.get_by_label("Key").fill(KEY)
+    await dialog.get_by_role("button", name="Use this key").click()
+    thumbnail = page.locator("#gallery .card img")
+    await expect(thumbnail).to_have_count(1)
+    await expect(thumbnail).to_have_attribute("src", re.compile("^blob:"))
+    assert await thumbnail.evaluate("image => image.decode().then(() => image.naturalWidth)") > 0
+    assert await page.evaluate("sessionStorage.getItem('ams-api-key')") == KEY
+    assert await page.evaluate("localStorage.length") == 0
+    await page.reload()
+    await expect(page.locator("#gallery .card")).to_have_count(1)
+    await expect(dialog).to_be_hidden()
