@@ -185,6 +185,22 @@ async def test_delete_one_after_confirming(session, server):
     assert len(listed) == 2
 
 
+async def test_filters_narrow_the_gallery(session):
+    page = session.page
+    await page.get_by_text("Filters").click()
+    await page.get_by_label("Format").select_option("image/jpeg")
+    await expect(page.locator("#gallery-status")).to_have_text("No images match the filters.")
+    await page.get_by_label("Format").select_option("image/png")
+    await page.get_by_label("Source").select_option("upload")
+    await expect(page.locator("#gallery .card")).to_have_count(2)
+    await page.get_by_label("Added until").fill("2000-01-01")
+    await expect(page.locator("#gallery-status")).to_have_text("No images match the filters.")
+    await page.get_by_label("Added until").fill("")
+    await page.get_by_label("Format").select_option("")
+    await page.get_by_label("Source").select_option("")
+    await expect(page.locator("#gallery-status")).to_have_text("2 images, newest first")
+
+
 async def test_generate_shows_the_image_and_the_seed(session, server):
     page = session.page
     await page.get_by_role("link", name="Generate").click()

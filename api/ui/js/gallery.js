@@ -13,7 +13,7 @@ const sentinel = document.getElementById("gallery-more");
 const viewer = document.getElementById("viewer");
 const confirmDelete = document.getElementById("confirm-delete");
 
-let mode = { kind: "all" }; // or {kind: "search", query} or {kind: "similar", label}
+let mode = { kind: "all" }; // or {kind: "search", query} or {kind: "similar", image}
 let cursor = null;
 let more = false;
 let loading = false;
@@ -27,6 +27,7 @@ export function initGallery() {
     const query = document.getElementById("search-query").value.trim();
     if (query) search(query);
   });
+  document.getElementById("filters").addEventListener("change", () => rerun());
   showAll.addEventListener("click", () => {
     document.getElementById("search-query").value = "";
     listAll();
@@ -53,7 +54,7 @@ export function initGallery() {
 
 /** A freshly indexed image, shown first when the gallery lists everything. */
 export function addImage(image) {
-  if (mode.kind !== "all" || gallery.querySelector(`[data-id="${image.id}"]`)) return;
+  if (mode.kind !== "all" || Object.keys(filters()).length || gallery.querySelector(`[data-id="${image.id}"]`)) return;
   gallery.prepend(card(image));
   setStatus();
 }
@@ -69,6 +70,28 @@ function reset(newMode) {
   showAll.hidden = newMode.kind === "all";
 }
 
+/** The filters the user set, as the API names them (empty when none). */
+function filters() {
+  const form = document.getElementById("search-form").elements;
+  const chosen = {};
+  if (form.source.value) chosen.source = form.source.value;
+  if (form.content_type.value) chosen.content_type = form.content_type.value;
+  // dates are the user's own days: from the start of the first to the end of the last
+  if (form.created_after.value) chosen.created_after = new Date(`${form.created_after.value}T00:00`).toISOString();
+  if (form.created_before.value) {
+    const end = new Date(`${form.created_before.value}T00:00`);
+    end.setDate(end.getDate() + 1);
+    chosen.created_before = end.toISOString();
+  }
+  return chosen;
+}
+
+function rerun() {
+  if (mode.kind === "search") search(mode.query);
+  else if (mode.kind === "similar") similar(mode.image);
+  else listAll();
+}
+
 function listAll() {
   reset({ kind: "all" });
   loadPage();
@@ -79,7 +102,7 @@ async function loadPage() {
   loading = true;
   status.textContent = "Loading…";
   try {
-    const query = new URLSearchParams({ limit: String(PAGE_SIZE) });
+    const query = new URLSearchParams({ limit: String(PAGE_SIZE), ...filters() });
     if (cursor) query.set("cursor", cursor);
     const { body, response } = await call(`/v1/images?${query}`);
     if (mine !== generation) return;
@@ -99,7 +122,10 @@ async function search(query) {
   const mine = generation;
   status.textContent = `Searching for “${query}”…`;
   try {
-    const { body } = await postJson("/v1/images/search", { query, limit: RESULTS });
+    const chosen = filters();
+    const request = { query, limit: RESULTS };
+    if (Object.keys(chosen).length) request.filter = chosen;
+    const { body } = await postJson("/v1/images/search", request);
     if (mine !== generation) return;
     gallery.append(...body.results.map((hit) => card(hit, hit.score)));
     setStatus();
@@ -110,11 +136,12 @@ async function search(query) {
 
 async function similar(image) {
   const label = image.filename || "this image";
-  reset({ kind: "similar", label });
+  reset({ kind: "similar", image, label });
   const mine = generation;
   status.textContent = `Finding images like ${label}…`;
   try {
-    const { body } = await call(`/v1/images/${image.id}/similar?limit=${RESULTS}`);
+    const query = new URLSearchParams({ limit: String(RESULTS), ...filters() });
+    const { body } = await call(`/v1/images/${image.id}/similar?${query}`);
     if (mine !== generation) return;
     gallery.append(...body.results.map((hit) => card(hit, hit.score)));
     setStatus();
@@ -127,7 +154,8 @@ function setStatus() {
   const count = gallery.children.length;
   const shown = `${count} image${count === 1 ? "" : "s"}`;
   if (mode.kind === "all") {
-    status.textContent = count ? `${shown}, newest first${more ? " (more below)" : ""}` : "No images yet: add some.";
+    const none = Object.keys(filters()).length ? "No images match the filters." : "No images yet: add some.";
+    status.textContent = count ? `${shown}, newest first${more ? " (more below)" : ""}` : none;
   } else if (mode.kind === "search") {
     status.textContent = count ? `${shown} for “${mode.query}”, closest first` : `Nothing found for “${mode.query}”.`;
   } else {
