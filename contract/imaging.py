@@ -108,17 +108,26 @@ def inspect_image(data: bytes, max_pixels: int) -> ImageInfo:
         return ImageInfo(content_type, extension, width, height, len(data), plain_jpeg=plain)
 
 
-def decode_image(data: bytes, max_pixels: int, min_side: int | None = None) -> DecodedImage:
-    """Fully decode `data` (first frame), or raise InvalidImageError saying what is wrong. With `min_side`, a JPEG
-    is decoded at the smallest of its DCT scales (1/2, 1/4, 1/8) that keeps both sides at `min_side` or more
-    (never upsampled), which is what an embedding needs and several times cheaper; width and height still
-    describe the original."""
+def decode_image(
+    data: bytes,
+    max_pixels: int,
+    min_side: int | None = None,
+    *,
+    min_longest: int | None = None,
+    keep_alpha: bool = False,
+) -> DecodedImage:
+    """Fully decode `data` (first frame, EXIF orientation applied), or raise InvalidImageError saying what is wrong.
+    With `min_side` (and/or `min_longest`), a JPEG is decoded at the smallest of its DCT scales (1/2, 1/4, 1/8)
+    that keeps both sides at `min_side` or more and the longest side at `min_longest` or more (never upsampled),
+    which is what an embedding or a thumbnail needs and several times cheaper; width and height still describe the
+    original. The image is RGB, or RGBA with `keep_alpha` when it has transparency."""
     with _opened(data, max_pixels) as (opened, fmt):
         width, height = opened.size
-        if min_side is not None and fmt == "JPEG":
-            opened.draft("RGB", (min_side, min_side))
+        if (min_side is not None or min_longest is not None) and fmt == "JPEG":
+            opened.draft("RGB", draft_request(width, height, min_side or 1, min_longest or 1))
         opened.load()
-        image = ImageOps.exif_transpose(opened).convert("RGB")
+        alpha = keep_alpha and opened.has_transparency_data
+        image = ImageOps.exif_transpose(opened).convert("RGBA" if alpha else "RGB")
     content_type, extension = FORMATS[fmt]
     return DecodedImage(
         image=image,
@@ -128,3 +137,11 @@ def decode_image(data: bytes, max_pixels: int, min_side: int | None = None) -> D
         height=height,
         size=len(data),
     )
+
+
+def draft_request(width: int, height: int, min_side: int, min_longest: int) -> tuple[int, int]:
+    """The size to ask Pillow's JPEG draft for (it keeps each side at least the asked one): both sides at
+    `min_side` or more, and the longest side at `min_longest` or more."""
+    if width >= height:
+        return max(min_side, min_longest), min_side
+    return min_side, max(min_side, min_longest)

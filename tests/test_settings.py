@@ -68,11 +68,20 @@ def test_r2_endpoint_is_derived_from_the_account_id():
         ({"VOICE_REF_PREFIX": "../refs/"}, "VOICE_REF_PREFIX"),
         ({"VOICE_MAX_REF_SECONDS": "0.5"}, "VOICE_MAX_REF_SECONDS"),
         ({"VOICE_MIN_REF_SECONDS": "20", "VOICE_MAX_REF_SECONDS": "10"}, "VOICE_MIN_REF_SECONDS"),
+        ({"THUMBNAIL_MAX_SIDE": "63"}, "THUMBNAIL_MAX_SIDE=63: must be at least 64 and at most 2048"),
+        ({"THUMBNAIL_MAX_SIDE": "2049"}, "THUMBNAIL_MAX_SIDE=2049: must be at least 64 and at most 2048"),
+        ({"THUMBNAIL_MAX_SIDE": "large"}, "THUMBNAIL_MAX_SIDE='large': expected a whole number"),
     ],
 )
 def test_bad_values_name_the_variable(env, variable):
     with pytest.raises(SettingsError, match=variable):
         Settings.from_env(env)
+
+
+def test_thumbnail_max_side_defaults_to_384_and_takes_64_to_2048():
+    assert Settings.from_env({}).thumbnail_max_side == 384
+    assert Settings.from_env({"THUMBNAIL_MAX_SIDE": "64"}).thumbnail_max_side == 64
+    assert Settings.from_env({"THUMBNAIL_MAX_SIDE": "2048"}).thumbnail_max_side == 2048
 
 
 def test_watch_prefixes_are_a_comma_separated_list():
