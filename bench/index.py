@@ -58,6 +58,7 @@ from processor.outcomes import Outcome, Succeeded
 from processor.scheduler import Lane, Scheduler
 
 MAX_PIXELS = 50_000_000
+THUMBNAIL_SIDE = 384  # THUMBNAIL_MAX_SIDE's default
 MAX_BYTES = 50 * 1024 * 1024
 PATH_BROKER = "through RabbitMQ and an S3 server, first publish to last ack"
 PATH_NO_BROKER = "scheduler and handler on a local store (--no-broker)"
@@ -294,6 +295,7 @@ def bench_handler(
         max_pixels=MAX_PIXELS,
         max_elements=10_000_000,
         clock=UniqueClock(),
+        thumbnail_side=THUMBNAIL_SIDE,
         decode_threads=decode_threads,
     )
 

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from bench.index import MAX_PIXELS, bench_handler, index_job, load_tower, photo
+from bench.index import MAX_PIXELS, THUMBNAIL_SIDE, bench_handler, index_job, load_tower, photo
 from contract.imaging import decode_image
 from contract.messages import ImageIndexV1
 from infra.logging import configure_logging
@@ -71,9 +71,12 @@ def pool_stages(embedder: ClipEmbedder, photos: list[bytes], pool: ThreadPoolExe
     rate(f"decode, full size, {workers} threads", count, lambda: list(pool.map(_full, photos)))
     rate(f"decode, draft scale, {workers} threads", count, lambda: list(pool.map(_draft(embedder), photos)))
     return rate(
-        f"decode + prepare by Pillow (pillow_inputs), {workers} threads",
+        f"decode + prepare + thumbnail by Pillow (pillow_inputs), {workers} threads",
         count,
-        lambda: [inputs for _, inputs in pool.map(lambda data: pillow_inputs(embedder, data, MAX_PIXELS), photos)],
+        lambda: [
+            made.inputs
+            for made in pool.map(lambda data: pillow_inputs(embedder, data, MAX_PIXELS, THUMBNAIL_SIDE), photos)
+        ],
     )
 
 

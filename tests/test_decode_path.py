@@ -17,6 +17,7 @@ from tests.support.agreement import assert_vectors_agree
 from tests.support.images import drawing, encoded
 
 MAX_PIXELS = 50_000_000
+THUMBNAIL_SIDE = 384
 
 
 def jpeg(image: Image.Image, orientation: int | None = None) -> bytes:
@@ -53,5 +54,7 @@ def test_fast_path_embeddings_agree_with_the_full_decode(make_settings):
     embedder = ClipEmbedder.load(make_settings())
     photos = [jpeg(drawing(seed, (1024, 768))) for seed in range(32)]
     plain = embedder.embed_images([decode_image(data, MAX_PIXELS).image for data in photos])
-    fast = embedder.embed_prepared([prepare_image(embedder, data, MAX_PIXELS)[1] for data in photos])
+    fast = embedder.embed_prepared(
+        [prepare_image(embedder, data, MAX_PIXELS, THUMBNAIL_SIDE).inputs for data in photos]
+    )
     assert_vectors_agree(fast, plain)

@@ -22,6 +22,7 @@ from tests.support.agreement import assert_vectors_agree
 from tests.support.images import drawing
 
 MAX_PIXELS = 50_000_000
+THUMBNAIL_SIDE = 384
 
 
 def jpeg(seed: int, size: tuple[int, int]) -> bytes:
@@ -57,7 +58,9 @@ def test_vectors_from_device_inputs_agree_with_the_plain_path(tiny):
     on_device = ClipEmbedder(model, preprocess, None, "tiny", cpu, image_tower=True, inputs_on_device=True)
     photos = [jpeg(seed, (1024, 768)) for seed in range(32)]
     reference = plain.embed_images([decode_image(data, MAX_PIXELS).image for data in photos])
-    fast = on_device.embed_prepared([prepare_image(on_device, data, MAX_PIXELS)[1] for data in photos])
+    fast = on_device.embed_prepared(
+        [prepare_image(on_device, data, MAX_PIXELS, THUMBNAIL_SIDE).inputs for data in photos]
+    )
     assert_vectors_agree(fast, reference)
 
 
@@ -91,12 +94,12 @@ def test_plain_jpegs_decoded_on_the_device_agree_and_the_rest_take_pillow(tiny):
     fast = decoding_on_device(tiny)
     photos = [jpeg(seed, (1024, 768)) for seed in range(32)]
     others = [rotated_jpeg(40), cmyk_jpeg(41), png(42)]  # Pillow's: EXIF rotation, CMYK, not a JPEG
-    prepared = [prepare_image(fast, data, MAX_PIXELS) for data in photos + others]
-    waiting = [inputs for _, inputs in prepared if isinstance(inputs, EncodedJpeg)]
+    prepared = [prepare_image(fast, data, MAX_PIXELS, THUMBNAIL_SIDE) for data in photos + others]
+    waiting = [made.inputs for made in prepared if isinstance(made.inputs, EncodedJpeg)]
     assert [encoded.data for encoded in waiting] == photos
-    assert prepared[0][0] == ImageInfo("image/jpeg", "jpg", 1024, 768, len(photos[0]), plain_jpeg=True)
+    assert prepared[0].info == ImageInfo("image/jpeg", "jpg", 1024, 768, len(photos[0]), plain_jpeg=True)
     decoded = iter(fast.decode_jpegs([encoded.data for encoded in waiting]))
-    inputs = [next(decoded) if isinstance(made, EncodedJpeg) else made for _, made in prepared]
+    inputs = [next(decoded) if isinstance(made.inputs, EncodedJpeg) else made.inputs for made in prepared]
     reference = plain.embed_images([decode_image(data, MAX_PIXELS).image for data in photos + others])
     assert_vectors_agree(fast.embed_prepared(inputs), reference)
 
@@ -107,7 +110,7 @@ def test_a_jpeg_the_device_decoder_refuses_is_found_and_gets_pillows_verdict(tin
     decoded = fast.decode_jpegs([good, truncated, good])
     assert decoded[1] is None and decoded[0] is not None and decoded[2] is not None
     with pytest.raises(InvalidImageError) as refused:
-        pillow_inputs(fast, truncated, MAX_PIXELS)
+        pillow_inputs(fast, truncated, MAX_PIXELS, THUMBNAIL_SIDE)
     assert refused.value.code == "corrupt_image"
 
 

@@ -1,7 +1,7 @@
 """image.index batches side by side (as the consumer pipelines them): one forward pass at a time, every image
 stored and indexed once, and the index's maximum held across batches; with JPEGs decoded on the device (the CUDA
-set-up, run here on the CPU), a JPEG that decoder refuses fails alone with Pillow's reason. Real store (local files),
-the embedded index and the tiny CLIP."""
+set-up, run here on the CPU), a broken JPEG fails alone with Pillow's reason (found when its thumbnail is made) and
+one that decoder refuses goes to Pillow. Real store (local files), the embedded index and the tiny CLIP."""
 
 from __future__ import annotations
 
@@ -47,6 +47,7 @@ def handler(parts, max_elements: int = 1000, embedder: ClipEmbedder | None = Non
         max_pixels=50_000_000,
         max_elements=max_elements,
         clock=UniqueClock(),
+        thumbnail_side=384,
     )
 
 
@@ -125,19 +126,20 @@ async def test_with_jpegs_decoded_on_the_device_a_broken_one_fails_alone(parts, 
         inputs_on_device=True,
         jpeg_on_device=True,
     )
+    batch = [index_job(encoded(500 + n, "JPEG", size=(640, 480))) for n in range(6)]
+    broken = index_job(encoded(600, "JPEG", size=(640, 480))[:1500])
+    refused_by_device = batch[4].payload.data
     decoded: list[int] = []
     real = on_device.decode_jpegs
 
     def spy(jpegs):
         decoded.append(len(jpegs))
-        return real(jpegs)
+        return [None if data == refused_by_device else made for data, made in zip(jpegs, real(jpegs), strict=True)]
 
     on_device.decode_jpegs = spy
     indexer = handler(parts, embedder=on_device)
-    batch = [index_job(encoded(500 + n, "JPEG", size=(640, 480))) for n in range(6)]
-    broken = index_job(encoded(600, "JPEG", size=(640, 480))[:1500])
     outcomes = await indexer.handle([*batch[:3], broken, *batch[3:]])
-    assert decoded == [7], "the batch's JPEGs are decoded on the device in one call"
+    assert decoded == [6], "the batch's JPEGs are decoded on the device in one call, the broken one is not among them"
     assert [type(outcome).__name__ for outcome in outcomes] == ["Succeeded"] * 3 + ["Failed"] + ["Succeeded"] * 3
     assert outcomes[3].code == "corrupt_image"
     assert await parts[1].count() == 6

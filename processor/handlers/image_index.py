@@ -1,4 +1,5 @@
-"""image.index: decode, store the original, embed (batched), upsert into Qdrant."""
+"""image.index: decode (and make the thumbnail), embed (batched), store the original and the thumbnail, upsert
+into Qdrant."""
 
 from __future__ import annotations
 
@@ -7,15 +8,16 @@ import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import msgspec
 import structlog
 
 from contract.clock import UniqueClock, iso_from_us
-from contract.image_ids import image_id_for_key, original_key
+from contract.image_ids import image_id_for_key, original_key, thumbnail_key
 from contract.imaging import ImageInfo, InvalidImageError, decode_image, inspect_image
 from contract.messages import IMAGE_INDEX, ImageIndexV1
+from contract.thumbnails import THUMBNAIL_CONTENT_TYPE, make_thumbnail, thumbnail_from_bytes
 from infra.storage import InvalidKeyError, ObjectNotFoundError, ObjectStore
 from infra.vectors import ImageRecord, VectorIndex
 from models.clip import ClipEmbedder
@@ -26,32 +28,47 @@ from processor.retrying import TRANSIENT_ERRORS, retry_transient
 
 log = structlog.get_logger(__name__)
 
-# storage requests at once: originals stored, objects fetched (each pipelined batch's fetches share the bound)
+# storage requests at once: originals and thumbnails stored, objects fetched (each pipelined batch's fetches
+# share the bound)
 _CONCURRENT_PUTS = 8
 _CONCURRENT_GETS = 16
 # larger JPEGs are draft-decoded by Pillow at the model's size rather than decoded whole on the device
 DEVICE_DECODE_MAX_PIXELS = 24_000_000
 
 
-def prepare_image(embedder: ClipEmbedder, data: bytes, max_pixels: int) -> tuple[ImageInfo, Any]:
-    """In a decode thread: what the image is, and the model's input made from it, or, for a plain JPEG of a sane
-    size when the embedder decodes JPEGs on its device, the JPEG itself (`EncodedJpeg`: the batch's are decoded
-    there together). Anything else is decoded by Pillow at the size the model needs."""
+class ImageInputs(NamedTuple):
+    """What a decode worker makes of one image."""
+
+    info: ImageInfo  # what the original is
+    inputs: Any  # the image tower's input, or an EncodedJpeg for the device to decode
+    thumbnail: bytes  # the WebP thumbnail
+
+
+def prepare_image(embedder: ClipEmbedder, data: bytes, max_pixels: int, thumbnail_side: int) -> ImageInputs:
+    """In a decode thread: what the image is, the model's input made from it, and its thumbnail (longest side
+    `thumbnail_side`). For a plain JPEG of a sane size when the embedder decodes JPEGs on its device, the input is
+    the JPEG itself (`EncodedJpeg`: the batch's are decoded there together) and the thumbnail is made here from a
+    draft decode. Anything else is decoded by Pillow once, at the size both the model and the thumbnail need."""
     if embedder.decodes_jpeg:
         info = inspect_image(data, max_pixels)
         if info.plain_jpeg and info.width * info.height <= DEVICE_DECODE_MAX_PIXELS:
-            return info, EncodedJpeg(data)
-    return pillow_inputs(embedder, data, max_pixels)
+            return ImageInputs(info, EncodedJpeg(data), thumbnail_from_bytes(data, max_pixels, thumbnail_side))
+    return pillow_inputs(embedder, data, max_pixels, thumbnail_side)
 
 
-def pillow_inputs(embedder: ClipEmbedder, data: bytes, max_pixels: int) -> tuple[ImageInfo, Any]:
-    """In a decode thread: the image decoded by Pillow (JPEGs at the smallest scale the model needs) and the model's
-    input made from it; InvalidImageError saying what is wrong with it."""
-    decoded = decode_image(data, max_pixels, min_side=embedder.input_size)
+def pillow_inputs(embedder: ClipEmbedder, data: bytes, max_pixels: int, thumbnail_side: int) -> ImageInputs:
+    """In a decode thread: the image decoded by Pillow once (JPEGs at the smallest scale that keeps both the model's
+    input size and the thumbnail's longest side), and the model's input and the thumbnail made from it;
+    InvalidImageError saying what is wrong with it."""
+    decoded = decode_image(data, max_pixels, min_side=embedder.input_size, min_longest=thumbnail_side, keep_alpha=True)
+    image = decoded.image
+    rgb = image if image.mode == "RGB" else image.convert("RGB")
     try:
-        return decoded.info(), embedder.prepare(decoded.image)
+        return ImageInputs(decoded.info(), embedder.prepare(rgb), make_thumbnail(image, thumbnail_side))
     finally:
-        decoded.image.close()
+        if rgb is not image:
+            rgb.close()
+        image.close()
 
 
 @dataclass(slots=True)
@@ -62,12 +79,14 @@ class _Prepared:
     data: bytes | None
     decoded: ImageInfo  # what the original is
     inputs: Any  # the image tower's input (ClipEmbedder.prepare or decode_jpegs), or an EncodedJpeg until decoded
+    thumbnail: bytes
     job: ImageIndexV1
 
 
 class ImageIndexHandler:
-    """Decoding and preprocessing run in a pool of IMAGE_DECODE_THREADS threads (Pillow releases the GIL), all the
-    batch's images at once, JPEGs at the smallest scale the model needs; the originals are stored concurrently.
+    """Decoding, preprocessing and thumbnails run in a pool of IMAGE_DECODE_THREADS threads (Pillow releases the
+    GIL), all the batch's images at once, JPEGs at the smallest scale the model and the thumbnail need; the originals
+    and thumbnails are stored concurrently, before the points that list them are written.
 
     Pipelined: the consumer runs several batches in `handle` at once, so one batch is fetched and decoded while the
     one before is on the model and the one before that is stored. The model takes one batch at a time (first ready,
@@ -89,6 +108,7 @@ class ImageIndexHandler:
         max_pixels: int,
         max_elements: int,
         clock: UniqueClock,
+        thumbnail_side: int,
         decode_threads: int = 2,
     ) -> None:
         self._store = store
@@ -99,6 +119,7 @@ class ImageIndexHandler:
         self._max_pixels = max_pixels
         self._max_elements = max_elements
         self._clock = clock
+        self._thumbnail_side = thumbnail_side
         self._decoders = ThreadPoolExecutor(max_workers=decode_threads, thread_name_prefix="image-decode")
         self._puts = asyncio.Semaphore(_CONCURRENT_PUTS)
         self._gets = asyncio.Semaphore(_CONCURRENT_GETS)
@@ -129,9 +150,15 @@ class ImageIndexHandler:
                 item.inputs = made
                 continue
             try:
-                _, item.inputs = await loop.run_in_executor(
-                    self._decoders, pillow_inputs, self._embedder, item.inputs.data, self._max_pixels
+                made_by_pillow = await loop.run_in_executor(
+                    self._decoders,
+                    pillow_inputs,
+                    self._embedder,
+                    item.inputs.data,
+                    self._max_pixels,
+                    self._thumbnail_side,
                 )
+                item.inputs = made_by_pillow.inputs  # the thumbnail was made from these bytes already
             except InvalidImageError as exc:
                 refused[item.position] = Failed(exc.code, exc.message)
         return [refused.get(item.position, item) if isinstance(item, _Prepared) else item for item in results]
@@ -164,32 +191,38 @@ class ImageIndexHandler:
                 raise _MissingId(
                     f"message_id {job.message_id!r} is not a UUID; give `image_id` in the body or a UUID message_id"
                 )
-        loop = asyncio.get_running_loop()
-        decoded, inputs = await loop.run_in_executor(
-            self._decoders, prepare_image, self._embedder, data, self._max_pixels
+        made = await asyncio.get_running_loop().run_in_executor(
+            self._decoders, prepare_image, self._embedder, data, self._max_pixels, self._thumbnail_side
         )
         image_id = str(uuid.UUID(image_id))
-        r2_key = payload.key if payload.key is not None else original_key(image_id, decoded.extension)
+        r2_key = payload.key if payload.key is not None else original_key(image_id, made.info.extension)
         return _Prepared(
             position=position,
             image_id=image_id,
             r2_key=r2_key,
             data=None if payload.key is not None else data,
-            decoded=decoded,
-            inputs=inputs,
+            decoded=made.info,
+            inputs=made.inputs,
+            thumbnail=made.thumbnail,
             job=payload,
         )
 
-    async def _store_original(self, item: _Prepared) -> Failed | None:
-        if item.data is None:
-            return None
-        data, key, content_type = item.data, item.r2_key, item.decoded.content_type
-        async with self._puts:
-            try:
-                await retry_transient(lambda: self._store.put(key, data, content_type))
-            except TRANSIENT_ERRORS as exc:
-                return Failed("storage_unavailable", str(exc), transient=True)
+    async def _store_objects(self, item: _Prepared) -> Failed | None:
+        """The original (unless it was indexed in place) and the thumbnail, side by side under the store's bound."""
+        writes = [(thumbnail_key(item.image_id), item.thumbnail, THUMBNAIL_CONTENT_TYPE)]
+        if item.data is not None:
+            writes.append((item.r2_key, item.data, item.decoded.content_type))
+        results = await asyncio.gather(*(self._put(*write) for write in writes), return_exceptions=True)
+        for result in results:
+            if isinstance(result, TRANSIENT_ERRORS):
+                return Failed("storage_unavailable", str(result), transient=True)
+            if isinstance(result, BaseException):
+                raise result
         return None
+
+    async def _put(self, key: str, data: bytes, content_type: str) -> None:
+        async with self._puts:
+            await retry_transient(lambda: self._store.put(key, data, content_type))
 
     async def _index_batch(self, batch: list[_Prepared]) -> list[Outcome]:
         try:
@@ -225,11 +258,11 @@ class ImageIndexHandler:
         existing: dict[str, ImageRecord],
         outcomes: list[Outcome | None],
     ) -> None:
-        """Embed the accepted images (waiting for the model's turn), store their originals, upsert their points;
-        fills `outcomes` in place."""
+        """Embed the accepted images (waiting for the model's turn), store their originals and thumbnails, upsert
+        their points; fills `outcomes` in place."""
         async with self._model_turn:
             vectors = await asyncio.to_thread(self._embedder.embed_prepared, [batch[p].inputs for p in accepted])
-        stored = await asyncio.gather(*(self._store_original(batch[position]) for position in accepted))
+        stored = await asyncio.gather(*(self._store_objects(batch[position]) for position in accepted))
 
         to_upsert: list[tuple[ImageRecord, list[float]]] = []
         upserted: list[int] = []
@@ -251,6 +284,7 @@ class ImageIndexHandler:
                 created_us=created_us,
                 source=item.job.source,
                 filename=item.job.filename,
+                thumbnail=True,
             )
             to_upsert.append((record, vectors[row].tolist()))
             upserted.append(position)
