@@ -69,9 +69,9 @@ class ImageIndexV1(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 class ImageDeleteV1(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Remove one image from the index.
 
-    By `image_id`: the point and the stored original go, as with DELETE /v1/images/{id}. By `key`: the point of
-    the object indexed in place at that key goes (its id derives from bucket and key); the object itself is left
-    alone. Deleting an image that is not indexed succeeds (nothing to do).
+    By `image_id`: the point, the stored original and the thumbnail go, as with DELETE /v1/images/{id}. By `key`:
+    the point and the thumbnail of the object indexed in place at that key go (its id derives from bucket and key);
+    the object itself is left alone. Deleting an image that is not indexed succeeds (nothing to do).
     """
 
     version: Literal[1] = 1

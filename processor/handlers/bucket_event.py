@@ -11,7 +11,7 @@ from typing import Any, cast
 import structlog
 
 from contract.bucket_events import BUCKET_EVENT, ObjectEvent
-from contract.image_ids import ORIGINALS_PREFIX
+from contract.image_ids import ORIGINALS_PREFIX, THUMBNAILS_PREFIX
 from contract.messages import IMAGE_INDEX, ImageIndexV1
 from processor.handlers.base import Job
 from processor.handlers.image_delete import ImageDeleter
@@ -146,6 +146,8 @@ class BucketEventHandler:
             return f"key is outside WATCH_PREFIXES ({', '.join(self._prefixes)})"
         if event.key.startswith(ORIGINALS_PREFIX):
             return "originals are indexed when they are uploaded"
+        if event.key.startswith(THUMBNAILS_PREFIX):
+            return "thumbnails are made by this server, not indexed"
         if event.action == "created" and event.size is not None and event.size > self._max_bytes:
             return f"object is larger than IMAGE_SEARCH_MAX_BYTES ({event.size} bytes)"
         return None

@@ -1,4 +1,5 @@
-"""image.delete: remove an image's point (and, by id, its stored original), as DELETE /v1/images/{id} does."""
+"""image.delete: remove an image's point and thumbnail (and, by id, its stored original), as DELETE /v1/images/{id}
+does."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from collections.abc import Sequence
 
 import structlog
 
-from contract.image_ids import image_id_for_key
+from contract.image_ids import image_id_for_key, thumbnail_key
 from contract.messages import IMAGE_DELETE, ImageDeleteV1
 from infra.storage import ObjectStore
 from infra.vectors import VectorIndex, VectorIndexUnavailableError
@@ -27,19 +28,22 @@ class ImageDeleter:
         self._bucket = bucket
 
     async def delete_by_id(self, image_id: str) -> dict[str, object]:
-        """The original first, then the point, so a failure part-way is finished by the retry."""
+        """The original and the thumbnail first, then the point, so a failure part-way is finished by the retry."""
         image_id = str(uuid.UUID(image_id))
         record = await retry_transient(lambda: self._index.get(image_id))
         if record is None:
             return {"image_id": image_id, "deleted": False}
         await retry_transient(lambda: self._store.delete(record.r2_key))
+        await retry_transient(lambda: self._store.delete(thumbnail_key(image_id)))
         await retry_transient(lambda: self._index.delete(image_id))
         return {"image_id": image_id, "deleted": True, "r2_key": record.r2_key}
 
     async def forget_key(self, key: str) -> dict[str, object]:
-        """Remove the point of an object indexed in place; the object is not touched."""
+        """Remove the thumbnail and the point of an object indexed in place (the thumbnail first, so a failure
+        part-way is finished by the retry, and whether or not a point is left); the object is not touched."""
         image_id = image_id_for_key(self._bucket, key)
         existed = await retry_transient(lambda: self._index.get(image_id)) is not None
+        await retry_transient(lambda: self._store.delete(thumbnail_key(image_id)))
         if existed:
             await retry_transient(lambda: self._index.delete(image_id))
         return {"image_id": image_id, "deleted": existed, "key": key}

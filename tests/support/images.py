@@ -27,3 +27,12 @@ def encoded(seed: int, fmt: str = "PNG", size: tuple[int, int] = (96, 72)) -> by
     buffer = io.BytesIO()
     drawing(seed, size).save(buffer, format=fmt)
     return buffer.getvalue()
+
+
+def oriented_jpeg(seed: int, size: tuple[int, int], orientation: int) -> bytes:
+    """A JPEG stored `size` wide and high whose EXIF orientation tag says how to turn it for display."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    drawing(seed, size).save(buffer, format="JPEG", quality=90, exif=exif.tobytes())
+    return buffer.getvalue()

@@ -1,0 +1,170 @@
+"""Thumbnails: made from the decoded image (size, orientation, transparency, never upscaled, JPEGs draft-decoded),
+stored by the indexer before the point (also for images indexed in place), never indexed themselves when a bucket
+event names one, and removed with their image. Real store (local files), the embedded index and the tiny CLIP."""
+
+from __future__ import annotations
+
+import io
+import uuid
+
+import pytest
+from PIL import Image
+
+from contract.bucket_events import ObjectEvent
+from contract.clock import UniqueClock
+from contract.image_ids import image_id_for_key, thumbnail_key
+from contract.imaging import decode_image
+from contract.messages import IMAGE_DELETE, IMAGE_INDEX, ImageDeleteV1, ImageIndexV1
+from contract.thumbnails import make_thumbnail, thumbnail_from_bytes
+from infra.startup import open_image_index
+from infra.storage import StorageUnavailableError
+from infra.storage.factory import open_store
+from models.clip import ClipEmbedder
+from processor.handlers.base import Job
+from processor.handlers.bucket_event import BucketEventHandler
+from processor.handlers.image_delete import ImageDeleteHandler, ImageDeleter
+from processor.handlers.image_index import ImageIndexHandler
+from processor.outcomes import Failed, Succeeded
+from tests.support.images import drawing, encoded, oriented_jpeg
+
+MAX_PIXELS = 50_000_000
+SIDE = 384
+BUCKET = "test"
+
+
+def opened(data: bytes) -> Image.Image:
+    return Image.open(io.BytesIO(data))
+
+
+@pytest.mark.parametrize(
+    ("size", "expected"),
+    [((1024, 768), (384, 288)), ((300, 1200), (96, 384)), ((200, 150), (200, 150)), ((5000, 3), (384, 1))],
+    ids=["landscape", "portrait", "small-stays", "sliver"],
+)
+def test_the_longest_side_is_the_max_side_and_nothing_is_upscaled(size, expected):
+    made = opened(make_thumbnail(drawing(1, size), SIDE))
+    assert (made.format, made.mode, made.size) == ("WEBP", "RGB", expected)
+
+
+def test_exif_orientation_is_applied_and_transparency_kept():
+    assert opened(thumbnail_from_bytes(oriented_jpeg(2, (1024, 768), 6), MAX_PIXELS, SIDE)).size == (288, 384)
+    clear = Image.new("RGBA", (800, 400), (255, 0, 0, 0))
+    clear.paste((0, 0, 255, 255), (0, 0, 400, 400))
+    buffer = io.BytesIO()
+    clear.save(buffer, format="PNG")
+    made = opened(thumbnail_from_bytes(buffer.getvalue(), MAX_PIXELS, SIDE))
+    assert (made.mode, made.size) == ("RGBA", (384, 192))
+    assert made.getpixel((300, 100))[3] == 0 and made.getpixel((50, 100))[3] == 255
+
+
+def test_a_jpeg_is_decoded_at_the_smallest_scale_that_keeps_the_longest_side():
+    photo = encoded(3, "JPEG", (4000, 3000))
+    assert decode_image(photo, MAX_PIXELS, min_longest=SIDE).image.size == (500, 375)  # 1/8 scale
+    assert decode_image(photo, MAX_PIXELS, min_side=256, min_longest=SIDE).image.size == (500, 375)
+    assert decode_image(photo, MAX_PIXELS, min_side=256, min_longest=1001).image.size == (2000, 1500)
+    assert opened(thumbnail_from_bytes(photo, MAX_PIXELS, SIDE)).size == (384, 288)
+
+
+@pytest.fixture(scope="module")
+async def parts(make_settings):
+    settings = make_settings()
+    store = await open_store(settings)
+    embedder = ClipEmbedder.load(settings)
+    index = await open_image_index(settings, store, embedder.model_id, embedder.dim)
+    yield store, index.index, embedder
+    await index.close()
+
+
+def indexer(parts) -> ImageIndexHandler:
+    store, index, embedder = parts
+    return ImageIndexHandler(
+        store=store,
+        index=index,
+        embedder=embedder,
+        bucket=BUCKET,
+        batch_size=8,
+        max_pixels=MAX_PIXELS,
+        max_elements=1000,
+        clock=UniqueClock(),
+        thumbnail_side=SIDE,
+    )
+
+
+def job(message_type: str, payload: object) -> Job:
+    return Job(message_id=str(uuid.uuid4()), message_type=message_type, payload=payload, priority=0)
+
+
+def bucket_handler(parts, prefixes: tuple[str, ...] = ("images/",)) -> BucketEventHandler:
+    store, index, _ = parts
+    deleter = ImageDeleter(store=store, index=index, bucket=BUCKET)
+    return BucketEventHandler(
+        indexer=indexer(parts), deleter=deleter, bucket=BUCKET, prefixes=prefixes, max_bytes=10**7
+    )
+
+
+def event(action: str, key: str) -> Job:
+    return job("bucket.event", [ObjectEvent(action=action, name=action, bucket=BUCKET, key=key)])
+
+
+async def test_an_image_indexed_in_place_gets_a_thumbnail_and_loses_it_with_its_point(parts):
+    store, index, _ = parts
+    key = f"images/incoming/{uuid.uuid4().hex}.jpg"
+    await store.put(key, encoded(4, "JPEG", (1024, 768)), "image/jpeg")
+    image_id = image_id_for_key(BUCKET, key)
+    handler = bucket_handler(parts)
+
+    [outcome] = await handler.handle([event("created", key)])
+    assert isinstance(outcome, Succeeded), outcome
+    assert (await index.get(image_id)).thumbnail is True
+    assert opened((await store.get(thumbnail_key(image_id))).data).size == (384, 288)
+    assert [info.key async for info in store.list("images/originals/")] == []  # the original stays where it is
+
+    [outcome] = await handler.handle([event("removed", key)])
+    assert isinstance(outcome, Succeeded), outcome
+    assert await index.get(image_id) is None
+    assert not await store.exists(thumbnail_key(image_id))
+    assert await store.exists(key)
+
+
+async def test_bucket_events_for_thumbnails_are_skipped_even_when_their_prefix_is_watched(parts):
+    store, index, _ = parts
+    [stored] = await indexer(parts).handle([job(IMAGE_INDEX, ImageIndexV1(data=encoded(5), source="test"))])
+    image_id = stored.result["id"]
+    thumbnail = thumbnail_key(image_id)
+    before = await index.count()
+    handler = bucket_handler(parts)
+    for action in ("created", "removed"):
+        [outcome] = await handler.handle([event(action, thumbnail)])
+        assert outcome.result["events"][0]["skipped"] == "thumbnails are made by this server, not indexed"
+    assert await index.count() == before
+    assert await index.get(image_id_for_key(BUCKET, thumbnail)) is None
+    assert await store.exists(thumbnail)
+
+
+async def test_image_delete_removes_the_original_and_the_thumbnail(parts):
+    store, index, _ = parts
+    [stored] = await indexer(parts).handle([job(IMAGE_INDEX, ImageIndexV1(data=encoded(6), source="test"))])
+    image_id, original = stored.result["id"], stored.result["r2_key"]
+    assert await store.exists(thumbnail_key(image_id)) and await store.exists(original)
+    deleter = ImageDeleteHandler(ImageDeleter(store=store, index=index, bucket=BUCKET))
+    [outcome] = await deleter.handle([job(IMAGE_DELETE, ImageDeleteV1(image_id=image_id))])
+    assert outcome.result["deleted"] is True
+    assert not await store.exists(thumbnail_key(image_id)) and not await store.exists(original)
+    assert await index.get(image_id) is None
+
+
+async def test_a_thumbnail_the_store_cannot_take_fails_the_image_for_a_retry_and_writes_no_point(parts, monkeypatch):
+    store, index, _ = parts
+    real_put = store.put
+
+    async def put(key, data, content_type, **conditions):
+        if key.startswith("images/thumbs/"):
+            raise StorageUnavailableError("the store is down")
+        return await real_put(key, data, content_type, **conditions)
+
+    monkeypatch.setattr(store, "put", put)
+    image_id = str(uuid.uuid4())
+    [outcome] = await indexer(parts).handle([job(IMAGE_INDEX, ImageIndexV1(image_id=image_id, data=encoded(7)))])
+    assert isinstance(outcome, Failed)
+    assert (outcome.code, outcome.transient) == ("storage_unavailable", True)
+    assert await index.get(image_id) is None
