@@ -25,6 +25,9 @@ class ImageOut(msgspec.Struct, kw_only=True):
     source: str
     filename: str | None
     file_url: Annotated[str, msgspec.Meta(description="redirects to a short-lived download URL")]
+    thumbnail_url: Annotated[
+        str, msgspec.Meta(description="redirects to a short-lived URL of the thumbnail (WebP, THUMBNAIL_MAX_SIDE)")
+    ]
 
 
 class JobAccepted(msgspec.Struct, kw_only=True):
@@ -77,6 +80,7 @@ class SearchHit(msgspec.Struct, kw_only=True):
     score: Annotated[float, msgspec.Meta(description="cosine similarity, higher is closer")]
     r2_key: str
     file_url: str
+    thumbnail_url: str
     content_type: str
     width: int
     height: int

@@ -1,5 +1,5 @@
 """What the API process runs besides HTTP: the plumbing (object store, broker), the reply listener, and for
-search the image index and the query encoder.
+search the image index, the query encoder and the thumbnails.
 
 Run alone (`python -m api`) it opens its own plumbing, loads the CLIP text tower only, and uses the image index
 without owning it (a Qdrant server, or the embedded engine the indexing processor runs). The one-process
@@ -17,6 +17,7 @@ from aio_pika.abc import AbstractRobustConnection
 
 from api.queries import QueryEncoder
 from api.replies import ReplyListener
+from api.thumbnails import Thumbnails
 from contract.imaging import configure_pixel_limit
 from infra.broker import Publisher
 from infra.readiness import Checks, ReadinessProbe, loaded, probe
@@ -36,6 +37,7 @@ class Services:
     replies: ReplyListener
     index: VectorIndex | None = None
     queries: QueryEncoder | None = None
+    thumbnails: Thumbnails | None = None
     probes: Sequence[ReadinessProbe] = ()
     _owned_index: OpenedIndex | None = field(default=None, repr=False)
     _owns_plumbing: bool = field(default=True, repr=False)
@@ -81,6 +83,7 @@ class Services:
                     )
                     index = services._owned_index.index
                 services.index = index
+                services.thumbnails = Thumbnails(services.store, settings)
                 services.queries = QueryEncoder(
                     clip, services.publisher, services.replies, settings.sync_timeout_seconds
                 )

@@ -18,6 +18,10 @@ def image_file_url(request: Request, settings: Settings, image_id: str) -> str:
     return f"{base_url(request, settings)}/v1/images/{image_id}/file"
 
 
+def image_thumbnail_url(request: Request, settings: Settings, image_id: str) -> str:
+    return f"{base_url(request, settings)}/v1/images/{image_id}/thumbnail"
+
+
 def job_url(request: Request, settings: Settings, job_id: str) -> str:
     return f"{base_url(request, settings)}/v1/jobs/{job_id}"
 

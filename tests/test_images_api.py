@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import io
 
 import httpx
+import msgspec
 import pytest
+from PIL import Image
 
-from tests.support.images import encoded
+from contract.image_ids import thumbnail_key
+from tests.support.images import encoded, oriented_jpeg
 from tests.support.server import running_server
 
 
@@ -45,6 +49,27 @@ async def test_upload_returns_the_record_and_stores_the_original(server, s3, upl
         assert record["file_url"].endswith(f"/v1/images/{image_id}/file")
         assert record["filename"].startswith("pic-")
     assert set(s3.keys(server.bucket, "images/originals/")) >= {r["r2_key"] for _, r in uploaded.values()}
+
+
+def stored_thumbnail(s3, bucket: str, image_id: str) -> Image.Image:
+    data = s3.client.get_object(Bucket=bucket, Key=thumbnail_key(image_id))["Body"].read()
+    return Image.open(io.BytesIO(data))
+
+
+@pytest.mark.parametrize(
+    ("data", "size"),
+    [
+        (encoded(31, "JPEG", (1024, 768)), (384, 288)),
+        (oriented_jpeg(32, (1024, 768), orientation=6), (288, 384)),  # stored landscape, shown portrait
+        (encoded(33, "PNG", (200, 150)), (200, 150)),  # smaller than THUMBNAIL_MAX_SIDE: never upscaled
+    ],
+    ids=["large", "exif-rotated", "small"],
+)
+async def test_indexing_stores_a_webp_thumbnail_before_the_point(server, s3, data, size):
+    created = (await upload(server.client, data, "thumb-me.jpg", "image/jpeg")).json()
+    thumbnail = stored_thumbnail(s3, server.bucket, created["id"])
+    assert (thumbnail.format, thumbnail.size) == ("WEBP", size)
+    assert (await server.services.index.get(created["id"])).thumbnail is True
 
 
 async def test_listing_is_newest_first_and_pages_with_a_cursor(server, uploaded):
@@ -102,6 +127,83 @@ async def test_file_redirect_downloads_the_original(server, uploaded):
     assert download.content == data
 
 
+async def test_thumbnail_redirect_downloads_the_stored_thumbnail(server, s3, uploaded):
+    image_id, (_, record) = next(iter(uploaded.items()))
+    assert record["thumbnail_url"].endswith(f"/v1/images/{image_id}/thumbnail")
+    response = await server.client.get(record["thumbnail_url"])
+    assert response.status_code == 307
+    assert response.headers["x-thumbnail"] == "stored"
+    async with httpx.AsyncClient() as plain:
+        download = await plain.get(response.headers["location"])
+    assert download.status_code == 200
+    assert download.content == s3.client.get_object(Bucket=server.bucket, Key=thumbnail_key(image_id))["Body"].read()
+    assert Image.open(io.BytesIO(download.content)).size == (96, 72)
+
+
+async def without_thumbnail(server, s3, image_id: str) -> None:
+    """Make an image look indexed before thumbnails existed: no flag in its point, no thumbnail object."""
+    index = server.services.index
+    record, vector = await index.get(image_id), await index.vector(image_id)
+    await index.upsert([(msgspec.structs.replace(record, thumbnail=False), vector)])
+    s3.client.delete_object(Bucket=server.bucket, Key=thumbnail_key(image_id))
+
+
+async def test_a_missing_thumbnail_is_made_on_the_first_request(server, s3):
+    created = (await upload(server.client, encoded(34, "JPEG", (640, 480)), "old.jpg", "image/jpeg")).json()
+    await without_thumbnail(server, s3, created["id"])
+    assert thumbnail_key(created["id"]) not in s3.keys(server.bucket, "images/thumbs/")
+
+    first = await server.client.get(f"/v1/images/{created['id']}/thumbnail")
+    assert (first.status_code, first.headers["x-thumbnail"]) == (307, "made")
+    thumbnail = stored_thumbnail(s3, server.bucket, created["id"])
+    assert (thumbnail.format, thumbnail.size) == ("WEBP", (384, 288))
+    again = await server.client.get(f"/v1/images/{created['id']}/thumbnail")
+    assert (again.status_code, again.headers["x-thumbnail"]) == (307, "stored")
+
+
+async def test_thumbnail_of_an_unknown_image_or_a_lost_original_is_a_404(server, s3):
+    for unknown in ("0b6f0a3e-6c1f-4d7e-9d43-2f1de1f3a7c5", "not-a-uuid"):
+        response = await server.client.get(f"/v1/images/{unknown}/thumbnail")
+        assert (response.status_code, response.json()["code"]) == (404, "image_not_found")
+    created = (await upload(server.client, encoded(35, "PNG"), "lost.png")).json()
+    await without_thumbnail(server, s3, created["id"])
+    s3.client.delete_object(Bucket=server.bucket, Key=created["r2_key"])
+    response = await server.client.get(f"/v1/images/{created['id']}/thumbnail")
+    assert (response.status_code, response.json()["code"]) == (404, "original_not_found")
+    assert created["r2_key"] in response.json()["message"]
+
+
+async def test_similar_ranks_other_images_and_leaves_the_image_out(server, uploaded):
+    picture = Image.open(io.BytesIO(encoded(36, "PNG", (320, 240))))
+    twin_bytes = io.BytesIO()
+    picture.save(twin_bytes, format="JPEG", quality=60)  # the same picture, re-encoded
+    original = (await upload(server.client, encoded(36, "PNG", (320, 240)), "original.png")).json()
+    twin = (await upload(server.client, twin_bytes.getvalue(), "twin.jpg", "image/jpeg")).json()
+
+    response = await server.client.get(f"/v1/images/{original['id']}/similar", params={"limit": 4})
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    assert len(results) == 4
+    assert original["id"] not in [hit["id"] for hit in results]
+    assert results[0]["id"] == twin["id"]
+    scores = [hit["score"] for hit in results]
+    assert scores == sorted(scores, reverse=True)
+    assert results[0]["thumbnail_url"].endswith(f"/v1/images/{twin['id']}/thumbnail")
+
+    pngs = await server.client.get(
+        f"/v1/images/{original['id']}/similar", params={"limit": 100, "content_type": "image/png"}
+    )
+    assert pngs.status_code == 200, pngs.text
+    ids = [hit["id"] for hit in pngs.json()["results"]]
+    assert twin["id"] not in ids and original["id"] not in ids and ids
+
+
+async def test_similar_to_an_unknown_image_is_a_404(server):
+    for unknown in ("0b6f0a3e-6c1f-4d7e-9d43-2f1de1f3a7c5", "not-a-uuid"):
+        response = await server.client.get(f"/v1/images/{unknown}/similar")
+        assert (response.status_code, response.json()["code"]) == (404, "image_not_found")
+
+
 async def test_async_upload_is_accepted_then_indexed(server):
     data = encoded(77, "PNG")
     response = await upload(server.client, data, "later.png", wait="false")
@@ -130,10 +232,12 @@ async def test_delete_removes_object_and_point(server, s3):
     created = (await upload(server.client, data, "doomed.png")).json()
     image_id, key = created["id"], created["r2_key"]
     assert key in s3.keys(server.bucket, "images/originals/")
+    assert thumbnail_key(image_id) in s3.keys(server.bucket, "images/thumbs/")
 
     response = await server.client.delete(f"/v1/images/{image_id}")
     assert response.status_code == 204
     assert key not in s3.keys(server.bucket, "images/originals/")
+    assert thumbnail_key(image_id) not in s3.keys(server.bucket, "images/thumbs/")
     assert (await server.client.get(f"/v1/images/{image_id}")).status_code == 404
     hits = await server.client.post(
         "/v1/images/search/by-image", files={"file": ("q.png", data, "image/png")}, params={"limit": 100}
@@ -159,5 +263,12 @@ async def test_health_and_readiness(server):
 
 async def test_openapi_schema_lists_the_endpoints(server):
     schema = (await server.client.get("/schema/openapi.json")).json()
-    for path in ("/v1/images", "/v1/images/search", "/v1/images/search/by-image", "/v1/images/{image_id}/file"):
+    for path in (
+        "/v1/images",
+        "/v1/images/search",
+        "/v1/images/search/by-image",
+        "/v1/images/{image_id}/file",
+        "/v1/images/{image_id}/thumbnail",
+        "/v1/images/{image_id}/similar",
+    ):
         assert path in schema["paths"]

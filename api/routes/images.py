@@ -1,4 +1,4 @@
-"""Image records: upload (index), list, read, download redirect, delete."""
+"""Image records: upload (index), list, read, download and thumbnail redirects, delete."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from urllib.parse import urlencode
 
 import msgspec
 from litestar import Request, Response, delete, get, post
+from litestar.datastructures import ResponseHeader
 from litestar.enums import RequestEncodingType
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import Body, Parameter
@@ -31,7 +32,9 @@ from api.jobs import accepted, raise_for_failure, start_job
 from api.openapi import errors
 from api.schemas import ImageOut, ImageUploadForm, JobAccepted
 from api.services import Services
-from api.urls import base_url, image_file_url
+from api.thumbnails import Thumbnails
+from api.urls import base_url, image_file_url, image_thumbnail_url
+from contract.image_ids import thumbnail_key
 from contract.imaging import decode_image
 from contract.messages import IMAGE_INDEX, ImageIndexV1
 from infra.vectors import ImageRecord, VectorIndex
@@ -45,6 +48,14 @@ def require_index(services: Services) -> VectorIndex:
     if services.index is None:
         raise feature_disabled("index")
     return services.index
+
+
+async def find_image(index: VectorIndex, image_id: str) -> ImageRecord:
+    """The record of an image, or the 404 for an unknown (or malformed) id."""
+    record = await index.get(parse_image_id(image_id))
+    if record is None:
+        raise ApiError(404, "image_not_found", f"no image with id {image_id!r}")
+    return record
 
 
 def parse_image_id(image_id: str) -> str:
@@ -66,6 +77,7 @@ def to_image_out(request: Request, services: Services, record: ImageRecord) -> I
         source=record.source,
         filename=record.filename,
         file_url=image_file_url(request, services.settings, record.id),
+        thumbnail_url=image_thumbnail_url(request, services.settings, record.id),
     )
 
 
@@ -164,10 +176,7 @@ async def list_images(
     "/v1/images/{image_id:str}", summary="One image record", opt={**READ, **needs("index")}, responses=errors(404, 503)
 )
 async def get_image(request: Request, services: Services, image_id: str) -> ImageOut:
-    index = require_index(services)
-    record = await index.get(parse_image_id(image_id))
-    if record is None:
-        raise ApiError(404, "image_not_found", f"no image with id {image_id!r}")
+    record = await find_image(require_index(services), image_id)
     return to_image_out(request, services, record)
 
 
@@ -179,29 +188,54 @@ async def get_image(request: Request, services: Services, image_id: str) -> Imag
     responses=errors(404, 503),
 )
 async def image_file(services: Services, image_id: str) -> Redirect:
-    index = require_index(services)
-    record = await index.get(parse_image_id(image_id))
-    if record is None:
-        raise ApiError(404, "image_not_found", f"no image with id {image_id!r}")
+    record = await find_image(require_index(services), image_id)
     url = await services.store.presigned_get_url(record.r2_key, services.settings.presign_ttl_seconds)
     return Redirect(url, status_code=HTTP_307_TEMPORARY_REDIRECT)
 
 
+@get(
+    "/v1/images/{image_id:str}/thumbnail",
+    status_code=HTTP_307_TEMPORARY_REDIRECT,
+    summary="Redirect to a short-lived URL of the image's thumbnail (WebP), made now if it is missing",
+    opt={**READ, **needs("index")},
+    responses=errors(404, 422, 503),
+    response_headers=[
+        ResponseHeader(
+            name="X-Thumbnail",
+            documentation_only=True,
+            description="`stored`: the thumbnail was there; `made`: it was made from the original on this request "
+            "(an image indexed before thumbnails existed)",
+        )
+    ],
+)
+async def image_thumbnail(services: Services, image_id: str) -> Redirect:
+    """404 `image_not_found` for an unknown id, 404 `original_not_found` when the thumbnail is missing and the
+    original it would be made from is gone; 422 when that original is no longer an image this server reads."""
+    record = await find_image(require_index(services), image_id)
+    key, made = await _thumbnails(services).key(record)
+    url = await services.store.presigned_get_url(key, services.settings.presign_ttl_seconds)
+    return Redirect(url, status_code=HTTP_307_TEMPORARY_REDIRECT, headers={"X-Thumbnail": "made" if made else "stored"})
+
+
+def _thumbnails(services: Services) -> Thumbnails:
+    if services.thumbnails is None:
+        raise feature_disabled("index")
+    return services.thumbnails
+
+
 @delete(
     "/v1/images/{image_id:str}",
-    summary="Delete an image: its original and its vector",
+    summary="Delete an image: its original, its thumbnail and its vector",
     opt={**ADMIN, **needs("index")},
     responses=errors(404, 503),
 )
 async def delete_image(services: Services, image_id: str) -> None:
-    """Removes the original first, then the point, so a failed delete can simply be retried."""
+    """Removes the original and the thumbnail first, then the point, so a failed delete can simply be retried."""
     index = require_index(services)
-    image_id = parse_image_id(image_id)
-    record = await index.get(image_id)
-    if record is None:
-        raise ApiError(404, "image_not_found", f"no image with id {image_id!r}")
+    record = await find_image(index, image_id)
     await services.store.delete(record.r2_key)
-    await index.delete(image_id)
+    await services.store.delete(thumbnail_key(record.id))
+    await index.delete(record.id)
 
 
-ROUTES = [upload_image, list_images, get_image, image_file, delete_image]
+ROUTES = [upload_image, list_images, get_image, image_file, image_thumbnail, delete_image]

@@ -1,12 +1,12 @@
-"""Semantic search: by text (CLIP text tower, in this process) and by example image (the image tower here, or an
-indexing processor's: see api/queries.py)."""
+"""Semantic search: by text (CLIP text tower, in this process), by example image (the image tower here, or an
+indexing processor's: see api/queries.py), and images similar to an indexed one (its stored vector, no model)."""
 
 from __future__ import annotations
 
 import asyncio
 from typing import Annotated
 
-from litestar import Request, post
+from litestar import Request, get, post
 from litestar.enums import RequestEncodingType
 from litestar.params import Body, Parameter
 
@@ -16,11 +16,11 @@ from api.features import feature_disabled, needs
 from api.filters import ContentTypeParam, CreatedAfterParam, CreatedBeforeParam, SourceParam, from_body, image_filter
 from api.openapi import errors
 from api.queries import QueryEncoder
-from api.routes.images import read_upload, require_index
+from api.routes.images import parse_image_id, read_upload, require_index
 from api.schemas import ImageUploadForm, SearchHit, SearchRequest, SearchResponse
 from api.services import Services
 from api.strict import strict_json
-from api.urls import image_file_url
+from api.urls import image_file_url, image_thumbnail_url
 from contract.imaging import decode_image
 from infra.vectors import ImageRecord
 
@@ -39,6 +39,7 @@ def _hits(request: Request, services: Services, found: list[tuple[ImageRecord, f
                 score=round(score, 6),
                 r2_key=record.r2_key,
                 file_url=image_file_url(request, services.settings, record.id),
+                thumbnail_url=image_thumbnail_url(request, services.settings, record.id),
                 content_type=record.content_type,
                 width=record.width,
                 height=record.height,
@@ -95,4 +96,31 @@ async def search_by_image(
     return _hits(request, services, await index.search(vector, limit, conditions))
 
 
-ROUTES = [search_images, search_by_image]
+@get(
+    "/v1/images/{image_id:str}/similar",
+    summary="Images similar to an indexed one, most similar first (the image itself left out)",
+    opt={**READ, **needs("index")},
+    responses=errors(404, 503),
+)
+async def similar_images(
+    request: Request,
+    services: Services,
+    image_id: str,
+    limit: Annotated[int, Parameter(ge=1, le=100)] = 10,
+    source: SourceParam = None,
+    content_type: ContentTypeParam = None,
+    created_after: CreatedAfterParam = None,
+    created_before: CreatedBeforeParam = None,
+) -> SearchResponse:
+    """Searches with the image's stored vector (no model runs), with the filters of search by image."""
+    index = require_index(services)
+    conditions = image_filter(source, content_type, created_after, created_before)
+    image_id = parse_image_id(image_id)
+    vector = await index.vector(image_id)
+    if vector is None:
+        raise ApiError(404, "image_not_found", f"no image with id {image_id!r}")
+    found = await index.search(vector, limit + 1, conditions)
+    return _hits(request, services, [(record, score) for record, score in found if record.id != image_id][:limit])
+
+
+ROUTES = [search_images, search_by_image, similar_images]
