@@ -14,9 +14,10 @@ import msgspec
 import pytest
 from click.testing import CliRunner, Result
 
-from contract.image_ids import image_id_for_key
+from contract.image_ids import image_id_for_key, thumbnail_key
 from infra.settings import Settings
 from processor.ops.__main__ import cli
+from processor.ops.backfill import plan_backfill
 from processor.ops.filters import Selection
 from processor.ops.letters import DeadLetter
 from processor.ops.render import letters_json, letters_table
@@ -431,7 +432,13 @@ async def test_backfill_publishes_each_unindexed_image_once(make_env, s3):
         s3.client.put_object(Bucket=bucket, Key=late, Body=encoded(11, "PNG"))
         code, out, err = await ams_ops_process(server_env, *backfill, "--json")
         assert code == 0, err
-        assert json.loads(out) == {"published": 1, "already_indexed": 4, "skipped_not_image": 1, "dry_run": False}
+        assert json.loads(out) == {
+            "published": 1,
+            "already_indexed": 4,
+            "skipped_not_image": 1,
+            "skipped_own": 0,
+            "dry_run": False,
+        }
         await wait_until(lambda: indexed([image_id_for_key(bucket, late)]), timeout=60)
 
 
@@ -444,3 +451,54 @@ async def test_backfill_with_the_api_down_fails_with_one_line(make_env, s3):
     assert out == ""
     assert err.startswith("ams-ops: cannot reach the API at http://127.0.0.1:")
     assert len(err.splitlines()) == 1, err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ((), "say what to backfill: --prefix PREFIX"),
+        (("--thumbnails", "--prefix", "images/"), "--thumbnails works on the whole index"),
+        (("--thumbnails", "--dry-run"), "--thumbnails works on the whole index"),
+    ],
+)
+def test_backfill_needs_a_prefix_or_thumbnails_but_not_both(args, message):
+    result = CliRunner().invoke(cli, ["backfill", *args])
+    assert result.exit_code == 2
+    assert message in result.output
+
+
+async def test_backfill_thumbnails_makes_the_missing_ones_and_the_server_own_objects_are_never_published(make_env, s3):
+    bucket = s3.new_bucket()
+    env = make_env(r2_bucket=bucket, endpoint=s3.endpoint)
+    async with running_server(Settings.from_env(env)) as server:
+        records = []
+        for seed in range(4):
+            response = await server.client.post(
+                "/v1/images", files={"file": (f"{seed}.png", encoded(900 + seed, "PNG", (640, 480)), "image/png")}
+            )
+            assert response.status_code == 201, response.text
+            records.append(response.json())
+        index = server.services.index
+        for record in records[1:]:  # indexed before thumbnails existed: no flag, no thumbnail
+            point = await index.get(record["id"])
+            await index.upsert([(msgspec.structs.replace(point, thumbnail=False), await index.vector(record["id"]))])
+            s3.client.delete_object(Bucket=bucket, Key=thumbnail_key(record["id"]))
+        s3.client.delete_object(Bucket=bucket, Key=records[3]["r2_key"])  # and this one lost its original
+        api_env = {**env, "AMS_API_URL": server.base_url}
+
+        code, out, err = await ams_ops_process(api_env, "backfill", "--thumbnails", "--json")
+        assert code == 0, err
+        assert json.loads(out) == {
+            "images": 4,
+            "made": 2,
+            "already_there": 1,
+            "skipped": {"original_not_found": 1},
+        }
+        assert set(s3.keys(bucket, "images/thumbs/")) == {thumbnail_key(record["id"]) for record in records[:3]}
+
+        code, out, err = await ams_ops_process(api_env, "backfill", "--thumbnails", "--concurrency", "2")
+        assert code == 0, err
+        assert out.strip() == "made 0, already there 3, skipped 1 (original_not_found 1)"
+
+        plan = await plan_backfill(Settings.from_env(env), "images/")
+        assert (plan.images, plan.skipped_not_image, plan.skipped_own) == ([], 0, 6)  # 3 originals, 3 thumbnails

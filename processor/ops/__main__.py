@@ -5,6 +5,7 @@
     ams-ops dlq replay (FILTERS | --all) [--dry-run]          publish matching dead letters to ams.jobs again
     ams-ops dlq purge (FILTERS | --all) [--dry-run] [--yes]   delete matching dead letters
     ams-ops backfill --prefix P [--dry-run] [--api-url URL] [--json]   index images already in the bucket
+    ams-ops backfill --thumbnails [--api-url URL] [--json]             make the missing thumbnails of indexed images
     ams-ops index stats [--json]                 the image index: points, graph, disk, backups
     ams-ops index backup                         back the embedded index up to the object store now
     ams-ops index restore [--key KEY] [--force]  restore the newest (or a given) backup; the server stopped
@@ -45,6 +46,7 @@ from processor.ops.errors import OperationFailedError
 from processor.ops.filters import Selection, parse_when
 from processor.ops.index import backup_now, build_graph, index_report, restore_backup
 from processor.ops.render import letter_details, letters_json, letters_table
+from processor.ops.thumbnails import ThumbnailReport, run_thumbnail_backfill
 
 T = TypeVar("T")
 
@@ -312,7 +314,9 @@ def _confirm(question: str) -> bool:
         return False
 
 
-def _prefix(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
+def _prefix(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    if value is None:
+        return None
     try:
         return validate_prefix(value)
     except InvalidKeyError as exc:
@@ -320,17 +324,20 @@ def _prefix(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
 
 
 @cli.command(epilog=EXIT_CODES)
+@click.option("--prefix", metavar="PREFIX", callback=_prefix, help="Key prefix to index, e.g. images/incoming/.")
 @click.option(
-    "--prefix", required=True, metavar="PREFIX", callback=_prefix, help="Key prefix to index, e.g. images/incoming/."
+    "--thumbnails",
+    is_flag=True,
+    help="Instead of --prefix: make the missing thumbnails of the images already in the index, through the API.",
 )
-@click.option("--dry-run", is_flag=True, help="Count what would be published and publish nothing.")
+@click.option("--dry-run", is_flag=True, help="With --prefix: count what would be published and publish nothing.")
 @click.option(
     "--api-url",
     metavar="URL",
     envvar="AMS_API_URL",
     default="http://localhost:8000",
     show_default=True,
-    help="The running API, asked which images are already indexed [env AMS_API_URL].",
+    help="The running API: asked which images are already indexed, or for their thumbnails [env AMS_API_URL].",
 )
 @click.option(
     "--api-key",
@@ -345,16 +352,31 @@ def _prefix(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
     default=16,
     show_default=True,
     metavar="N",
-    help="Parallel existence checks.",
+    help="Parallel requests to the API.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as a JSON object.")
-def backfill(prefix: str, dry_run: bool, api_url: str, api_key: str, concurrency: int, as_json: bool) -> None:
-    """Index the images already in the bucket under PREFIX.
+def backfill(
+    prefix: str | None, thumbnails: bool, dry_run: bool, api_url: str, api_key: str, concurrency: int, as_json: bool
+) -> None:
+    """Index the images already in the bucket under PREFIX, or (--thumbnails) make the missing thumbnails of
+    the images already in the index.
 
-    Publishes one image.index job (message id = the image id derived from bucket and key) for each key with
-    an image extension (.jpg .jpeg .png .webp .gif .bmp .tif .tiff) that the API does not know yet, so it
-    can be re-run after an interruption.
+    With --prefix: publishes one image.index job (message id = the image id derived from bucket and key) for
+    each key with an image extension (.jpg .jpeg .png .webp .gif .bmp .tif .tiff) that the API does not know
+    yet, so it can be re-run after an interruption. The server's own objects (images/originals/,
+    images/thumbs/) are left out.
+
+    With --thumbnails: walks the API's listing and asks for each image's thumbnail, which the API makes from
+    the original when it is missing (images indexed before thumbnails existed). Images whose original is gone
+    or unreadable are counted as skipped, with the API's error code.
     """
+    if thumbnails:
+        if prefix is not None or dry_run:
+            raise click.UsageError("--thumbnails works on the whole index: give it without --prefix and --dry-run")
+        _backfill_thumbnails(api_url, api_key, concurrency, as_json)
+        return
+    if prefix is None:
+        raise click.UsageError("say what to backfill: --prefix PREFIX (index the images under it) or --thumbnails")
     settings = _settings()
 
     async def work() -> None:
@@ -373,12 +395,25 @@ def backfill(prefix: str, dry_run: bool, api_url: str, api_key: str, concurrency
             click.echo(json.dumps(report.summary()))
             return
         verb = "would publish" if dry_run else "published"
+        own = f", skipped (this server's own) {report.skipped_own}" if report.skipped_own else ""
         click.echo(
             f"{verb} {report.published}, already indexed {report.already_indexed}, "
-            f"skipped (not images) {report.skipped_not_image}"
+            f"skipped (not images) {report.skipped_not_image}{own}"
         )
 
     _run(work())
+
+
+def _backfill_thumbnails(api_url: str, api_key: str, concurrency: int, as_json: bool) -> None:
+    report: ThumbnailReport = _run(run_thumbnail_backfill(api_url=api_url, api_key=api_key, concurrency=concurrency))
+    if as_json:
+        click.echo(json.dumps(report.summary()))
+        return
+    reasons = ", ".join(f"{code} {count}" for code, count in sorted(report.skipped.items()))
+    click.echo(
+        f"made {report.made}, already there {report.already_there}, skipped {report.skipped.total()}"
+        + (f" ({reasons})" if reasons else "")
+    )
 
 
 @cli.group(epilog=EXIT_CODES)

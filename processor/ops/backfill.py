@@ -2,7 +2,8 @@
 
 The image id derives from bucket and key (contract.image_ids), so a job is idempotent and a backfill can be
 re-run after any interruption: images the API already knows (GET /v1/images/{id} answers 200) are not published
-again, and a duplicate job for an image still in the queue indexes it once.
+again, and a duplicate job for an image still in the queue indexes it once. The server's own objects (originals
+of uploads, thumbnails) are never published: they are indexed, or made, already.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import PurePosixPath
 
 import httpx
 
-from contract.image_ids import image_id_for_key
+from contract.image_ids import ORIGINALS_PREFIX, THUMBNAILS_PREFIX, image_id_for_key
 from contract.messages import IMAGE_INDEX, JSON
 from infra.broker import BROKER_ERRORS, BrokerUnavailableError, Priority, Publisher, connect, redact
 from infra.settings import Settings
@@ -26,7 +27,9 @@ from processor.ops.errors import OperationFailedError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 SOURCE = "backfill"
-_API_TIMEOUT_SECONDS = 30
+API_TIMEOUT_SECONDS = 30
+# what the server writes itself: uploads' originals (indexed under their upload ids) and thumbnails
+SERVER_PREFIXES = (ORIGINALS_PREFIX, THUMBNAILS_PREFIX)
 
 
 def is_image_key(key: str) -> bool:
@@ -44,6 +47,7 @@ class BackfillPlan:
     prefix: str
     images: list[str]  # keys, in key order
     skipped_not_image: int
+    skipped_own: int  # the server's own objects (SERVER_PREFIXES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +55,7 @@ class BackfillReport:
     published: int
     already_indexed: int
     skipped_not_image: int
+    skipped_own: int
     dry_run: bool
 
     def summary(self) -> dict[str, int | bool]:
@@ -58,12 +63,13 @@ class BackfillReport:
             "published": self.published,
             "already_indexed": self.already_indexed,
             "skipped_not_image": self.skipped_not_image,
+            "skipped_own": self.skipped_own,
             "dry_run": self.dry_run,
         }
 
 
 async def plan_backfill(settings: Settings, prefix: str) -> BackfillPlan:
-    """List the bucket under prefix and keep the keys that name images."""
+    """List the bucket under prefix and keep the keys that name images, except the server's own."""
     bucket = bucket_name(settings)
     where = f"{bucket}/{prefix}" if settings.r2_enabled else f"{settings.local_storage_dir}/{prefix}"
     try:
@@ -74,8 +80,15 @@ async def plan_backfill(settings: Settings, prefix: str) -> BackfillPlan:
             await store.close()
     except StorageError as exc:
         raise OperationFailedError(f"cannot list {where}: {exc}") from None
-    images = [key for key in keys if is_image_key(key)]
-    return BackfillPlan(bucket=bucket, prefix=prefix, images=images, skipped_not_image=len(keys) - len(images))
+    theirs = [key for key in keys if not key.startswith(SERVER_PREFIXES)]
+    images = [key for key in theirs if is_image_key(key)]
+    return BackfillPlan(
+        bucket=bucket,
+        prefix=prefix,
+        images=images,
+        skipped_not_image=len(theirs) - len(images),
+        skipped_own=len(keys) - len(theirs),
+    )
 
 
 async def run_backfill(
@@ -94,8 +107,7 @@ async def run_backfill(
     pending = iter(plan.images)
 
     async with AsyncExitStack() as stack:
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        client = await stack.enter_async_context(httpx.AsyncClient(timeout=_API_TIMEOUT_SECONDS, headers=headers))
+        client = await stack.enter_async_context(api_client(api_key))
         publisher = None
         if not dry_run and plan.images:
             publisher = await stack.enter_async_context(_publisher(settings))
@@ -118,25 +130,43 @@ async def run_backfill(
                     group.create_task(work())
         except* OperationFailedError as failures:
             raise failures.exceptions[0] from None
-    return BackfillReport(published, already_indexed, plan.skipped_not_image, dry_run)
+    return BackfillReport(published, already_indexed, plan.skipped_not_image, plan.skipped_own, dry_run)
 
 
-async def _is_indexed(client: httpx.AsyncClient, api_url: str, image_id: str) -> bool:
-    url = f"{api_url.rstrip('/')}/v1/images/{image_id}"
+def api_client(api_key: str) -> httpx.AsyncClient:
+    """A client of the API, with the key when one is given (redirects are not followed)."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    return httpx.AsyncClient(timeout=API_TIMEOUT_SECONDS, headers=headers)
+
+
+async def api_get(
+    client: httpx.AsyncClient, api_url: str, path: str, params: dict[str, str] | None = None
+) -> httpx.Response:
+    """GET a path of the API; OperationFailedError, in one line, when the API cannot be reached."""
     try:
-        response = await client.get(url)
+        return await client.get(f"{api_url.rstrip('/')}{path}", params=params)
     except httpx.HTTPError as exc:
         raise OperationFailedError(
             f"cannot reach the API at {api_url} (--api-url / AMS_API_URL): {str(exc) or type(exc).__name__}"
         ) from None
+
+
+def unexpected(response: httpx.Response) -> OperationFailedError:
+    return OperationFailedError(
+        f"GET {response.request.url} answered {response.status_code}: {response.text[:300].strip()}"
+    )
+
+
+async def _is_indexed(client: httpx.AsyncClient, api_url: str, image_id: str) -> bool:
+    response = await api_get(client, api_url, f"/v1/images/{image_id}")
     if response.status_code == 200:
         return True
-    if response.status_code == 404 and _error_code(response) == "image_not_found":
+    if response.status_code == 404 and error_code(response) == "image_not_found":
         return False
-    raise OperationFailedError(f"GET {url} answered {response.status_code}: {response.text[:300].strip()}")
+    raise unexpected(response)
 
 
-def _error_code(response: httpx.Response) -> str | None:
+def error_code(response: httpx.Response) -> str | None:
     try:
         body = response.json()
     except json.JSONDecodeError:
