@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 
 from click.testing import CliRunner
 
+from contract.image_ids import thumbnail_key
 from contract.messages import IMAGE_INDEX
 from contract.metrics import REGISTRY
 from processor.ops.__main__ import cli
@@ -76,7 +77,7 @@ async def test_jobs_retry_through_an_outage_and_then_succeed(make_env, rabbit):
             return await runtime.index.get(image_id) is not None
 
         await wait_until(indexed, timeout=60)
-        assert s3.keys(BUCKET) == [f"images/originals/{image_id}.png"]
+        assert s3.keys(BUCKET) == [f"images/originals/{image_id}.png", thumbnail_key(image_id)]
         assert rabbit.queue_counts(env["VHOST"])["ams.dead"] == (0, 0)
 
 
@@ -108,6 +109,6 @@ async def test_past_max_attempts_jobs_dead_letter_and_replay_processes_each_once
 
         await wait_until(indexed, timeout=60)
         await wait_until(lambda: rabbit.queue_counts(env["VHOST"])["ams.index"] == (0, 0), timeout=30)
-        assert s3.keys(BUCKET) == [f"images/originals/{image_id}.png"]
+        assert s3.keys(BUCKET) == [f"images/originals/{image_id}.png", thumbnail_key(image_id)]
         assert await runtime.index.count() == 1
         assert rabbit.queue_counts(env["VHOST"])["ams.dead"] == (1, 0)  # the poison message stays

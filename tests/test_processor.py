@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from contract.image_ids import thumbnail_key
 from contract.jobs import JobStore
 from contract.messages import IMAGE_INDEX
 from infra.settings import Settings
@@ -178,7 +179,7 @@ async def test_killed_processor_loses_nothing_and_duplicates_nothing(make_env, r
             second.send_signal(signal.SIGTERM)
             assert second.wait(timeout=30) == 0
         objects = [key for key in s3.keys("crash") if key.startswith("images/")]
-        assert objects == [f"images/originals/{image_id}.png"]
+        assert objects == [f"images/originals/{image_id}.png", thumbnail_key(image_id)]
         index = await EdgeIndex.open(Path(env["IMAGE_SEARCH_DB_PATH"]), "images")
         try:
             assert await index.count() == 1
