@@ -40,9 +40,7 @@ async def page_asset(version: str, path: str) -> Response[bytes]:
     asset = files.assets.get(path.lstrip("/"))
     if version != files.version or asset is None:
         raise ApiError(404, "not_found", f"no page asset {path!r} in this release; reload the page")
-    return Response(
-        asset.data, media_type=asset.media_type, headers={**_SECURITY_HEADERS, "Cache-Control": _FOREVER}
-    )
+    return Response(asset.data, media_type=asset.media_type, headers={**_SECURITY_HEADERS, "Cache-Control": _FOREVER})
 
 
 ROUTES = [page, page_asset]

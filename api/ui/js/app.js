@@ -52,6 +52,7 @@ function askForKey(reason) {
       { once: true },
     );
   });
+  dialog.returnValue = ""; // Escape closes without a value: never the last time's "save"
   dialog.showModal();
   return asking;
 }

@@ -40,7 +40,10 @@ export function initGallery() {
     viewer.close();
     similar(image);
   });
-  document.getElementById("viewer-delete").addEventListener("click", () => confirmDelete.showModal());
+  document.getElementById("viewer-delete").addEventListener("click", () => {
+    confirmDelete.returnValue = ""; // Escape closes without a value: never the last confirmation's
+    confirmDelete.showModal();
+  });
   confirmDelete.addEventListener("close", () => {
     if (confirmDelete.returnValue === "delete") remove(opened);
   });
@@ -173,6 +176,7 @@ function card(image, score = null) {
   picture.height = Math.max(1, Math.round((192 * image.height) / image.width));
   showThumbnail(image, picture);
   const open = element("button", { type: "button", className: "tile", title: `Open ${describe(image)}` }, [picture]);
+  open.setAttribute("aria-label", `Open ${describe(image)}`);
   open.addEventListener("click", () => view(image));
   const find = element("button", {
     type: "button",
