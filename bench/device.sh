@@ -4,7 +4,8 @@
 #
 #   bench/device.sh wheels        # here, with the package registry: Python 3.12 wheels into .whl/ (about 35 MB)
 #   bash bench/device.sh run      # there, with .whl/ carried beside the tree: install them into /tmp/site, then
-#                                 # bench.index --no-broker and the stage timings (about 3 minutes on an H100)
+#                                 # bench.index --no-broker (and its batch-128 row without thumbnails at index
+#                                 # time) and the stage timings (about 4 minutes on an H100)
 #
 # Extra arguments after `run` go to bench.index (default: --images 512 --batch-sizes 1,8,32,64,128).
 set -euo pipefail
@@ -30,10 +31,11 @@ case "${1:-}" in
     args=("$@")
     if [ ${#args[@]} -eq 0 ]; then args=(--images 512 --batch-sizes 1,8,32,64,128); fi
     python3 -m bench.index --no-broker "${args[@]}"
+    python3 -m bench.index --no-broker --no-thumbnails --images 512 --batch-sizes 128
     python3 -m bench.index_stages --images 512 --batch 128 --threads "$(nproc)"
     ;;
   *)
-    sed -n '2,9p' "$0"
+    sed -n '2,10p' "$0"
     exit 2
     ;;
 esac

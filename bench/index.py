@@ -58,7 +58,6 @@ from processor.outcomes import Outcome, Succeeded
 from processor.scheduler import Lane, Scheduler
 
 MAX_PIXELS = 50_000_000
-THUMBNAIL_SIDE = 384  # THUMBNAIL_MAX_SIDE's default
 MAX_BYTES = 50 * 1024 * 1024
 PATH_BROKER = "through RabbitMQ and an S3 server, first publish to last ack"
 PATH_NO_BROKER = "scheduler and handler on a local store (--no-broker)"
@@ -131,11 +130,19 @@ async def through_handler(handler: ImageIndexHandler, jobs: list[Job], batch: in
 
 
 async def through_broker(
-    plumbing: Plumbing, embedder: ClipEmbedder, index: VectorIndex, batch: int, decode_threads: int, messages: list
+    plumbing: Plumbing,
+    embedder: ClipEmbedder,
+    index: VectorIndex,
+    batch: int,
+    decode_threads: int,
+    thumbnail_side: int | None,
+    messages: list,
 ) -> float:
     """Images per second from the first publish to the last ack, through RabbitMQ and the processor's consumer
     (scheduler, handlers, settler) with this batch size; every message must succeed."""
-    indexer = bench_handler(plumbing.store, index, embedder, batch, decode_threads, bucket=plumbing.bucket)
+    indexer = bench_handler(
+        plumbing.store, index, embedder, batch, decode_threads, thumbnail_side, bucket=plumbing.bucket
+    )
     handlers: dict[str, Handler] = {
         IMAGE_INDEX: indexer,
         BUCKET_EVENT: BucketEventHandler(
@@ -242,6 +249,7 @@ async def run(args: argparse.Namespace) -> None:
             "IMAGE_SEARCH_DB_PATH": f"{root}/qdrant",
             "IMAGE_SEARCH_DB_BACKUP_ENABLED": "0",
             "LOG_LEVEL": "warning",
+            "THUMBNAILS_AT_INDEX": "0" if args.no_thumbnails else "1",
         }
         async with AsyncExitStack() as stack:
             if not args.no_broker:
@@ -256,14 +264,15 @@ async def run(args: argparse.Namespace) -> None:
             for key, data in zip(keys, photos, strict=True):
                 await store.put(key, data, "image/jpeg")
             threads = settings.image_decode_threads
+            side = settings.thumbnail_max_side if settings.thumbnails_at_index else None
             for batch in args.batch_sizes:
                 bare = floor(embedder, device, batch, args.images)
                 if plumbing is not None:
                     inline, events = broker_messages(photos, keys, plumbing.bucket)
-                    index_rate = await through_broker(plumbing, embedder, opened.index, batch, threads, inline)
-                    event_rate = await through_broker(plumbing, embedder, opened.index, batch, threads, events)
+                    index_rate = await through_broker(plumbing, embedder, opened.index, batch, threads, side, inline)
+                    event_rate = await through_broker(plumbing, embedder, opened.index, batch, threads, side, events)
                 else:
-                    handler = bench_handler(store, opened.index, embedder, batch, threads)
+                    handler = bench_handler(store, opened.index, embedder, batch, threads, side)
                     inline_jobs = [
                         index_job(ImageIndexV1(data=data, image_id=str(uuid.uuid4()), source="bench"))
                         for data in photos
@@ -282,10 +291,12 @@ def bench_handler(
     embedder: ClipEmbedder,
     batch: int,
     decode_threads: int,
+    thumbnail_side: int | None,
     *,
     bucket: str = "bench",
 ) -> ImageIndexHandler:
-    """The processor's image.index handler over the benchmark's store and index, with room for any number."""
+    """The processor's image.index handler over the benchmark's store and index, with room for any number;
+    thumbnails of `thumbnail_side` made at index time (None: none, THUMBNAILS_AT_INDEX=0)."""
     return ImageIndexHandler(
         store=store,
         index=index,
@@ -295,7 +306,7 @@ def bench_handler(
         max_pixels=MAX_PIXELS,
         max_elements=10_000_000,
         clock=UniqueClock(),
-        thumbnail_side=THUMBNAIL_SIDE,
+        thumbnail_side=thumbnail_side,
         decode_threads=decode_threads,
     )
 
@@ -339,6 +350,9 @@ def main() -> None:
         "--no-broker",
         action="store_true",
         help="drive the scheduler and batch function directly, with a local store (no RabbitMQ, no S3 server)",
+    )
+    parser.add_argument(
+        "--no-thumbnails", action="store_true", help="THUMBNAILS_AT_INDEX=0: no thumbnails made while indexing"
     )
     args = parser.parse_args()
     configure_logging("warning", "console")

@@ -23,9 +23,10 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from bench.index import MAX_PIXELS, THUMBNAIL_SIDE, bench_handler, index_job, load_tower, photo
+from bench.index import MAX_PIXELS, bench_handler, index_job, load_tower, photo
 from contract.imaging import decode_image
 from contract.messages import ImageIndexV1
+from contract.thumbnails import thumbnail_from_bytes
 from infra.logging import configure_logging
 from infra.settings import DEFAULT_CLIP_MODEL, Settings
 from infra.startup import open_image_index
@@ -33,6 +34,8 @@ from infra.storage.factory import open_store
 from models.clip import ClipEmbedder
 from models.runner import Placement
 from processor.handlers.image_index import pillow_inputs
+
+THUMBNAIL_SIDE = 384  # THUMBNAIL_MAX_SIDE's default
 
 
 def out(line: str) -> None:
@@ -70,6 +73,11 @@ def pool_stages(embedder: ClipEmbedder, photos: list[bytes], pool: ThreadPoolExe
     count = len(photos)
     rate(f"decode, full size, {workers} threads", count, lambda: list(pool.map(_full, photos)))
     rate(f"decode, draft scale, {workers} threads", count, lambda: list(pool.map(_draft(embedder), photos)))
+    rate(
+        f"thumbnail from the bytes (the GPU path's), {workers} threads",
+        count,
+        lambda: list(pool.map(lambda data: thumbnail_from_bytes(data, MAX_PIXELS, THUMBNAIL_SIDE), photos)),
+    )
     return rate(
         f"decode + prepare + thumbnail by Pillow (pillow_inputs), {workers} threads",
         count,
@@ -144,7 +152,7 @@ async def handler_stages(embedder: ClipEmbedder, photos: list[bytes], threads: i
             timers.wrap(embedder, "embed_prepared", "embed_prepared (its thread)")
             if embedder.decodes_jpeg:
                 timers.wrap(embedder, "decode_jpegs", "decode_jpegs on the device (its thread)")
-            handler = bench_handler(store, opened.index, embedder, batch, threads)
+            handler = bench_handler(store, opened.index, embedder, batch, threads, settings.thumbnail_max_side)
             timers.wrap(handler, "_index_batch", "embed, store, upsert (wall)")
             inline = [index_job(ImageIndexV1(data=data, image_id=str(uuid.uuid4()), source="bench")) for data in photos]
             in_place = [index_job(ImageIndexV1(key=key, source="bucket-event")) for key in keys]

@@ -63,6 +63,7 @@ class Settings:
     image_search_batch_size: int
     image_decode_threads: int
     thumbnail_max_side: int
+    thumbnails_at_index: bool
     image_search_db_r2_key: str
     image_search_db_backup_enabled: bool
     image_search_db_backup_interval_seconds: int
@@ -310,6 +311,7 @@ def _parse(env: _Reader) -> Settings:
         image_search_batch_size=env.integer("IMAGE_SEARCH_BATCH_SIZE", 8, 1, 256),
         image_decode_threads=env.integer("IMAGE_DECODE_THREADS", os.cpu_count() or 2, 1, 256),
         thumbnail_max_side=env.integer("THUMBNAIL_MAX_SIDE", 384, 64, 2048),
+        thumbnails_at_index=env.flag("THUMBNAILS_AT_INDEX", True),
         image_search_db_r2_key=env.raw("IMAGE_SEARCH_DB_R2_KEY", "image_search.db"),
         image_search_db_backup_enabled=env.flag("IMAGE_SEARCH_DB_BACKUP_ENABLED", True),
         image_search_db_backup_interval_seconds=env.integer("IMAGE_SEARCH_DB_BACKUP_INTERVAL_SECONDS", 1800, 10),

@@ -54,7 +54,7 @@ def build_handlers(runtime: Runtime) -> tuple[dict[str, Handler], dict[str, str]
             max_pixels=settings.image_search_max_pixels,
             max_elements=settings.image_search_max_elements,
             clock=UniqueClock(),
-            thumbnail_side=settings.thumbnail_max_side,
+            thumbnail_side=settings.thumbnail_max_side if settings.thumbnails_at_index else None,
             decode_threads=settings.image_decode_threads,
         )
         deleter = ImageDeleter(store=runtime.store, index=runtime.index, bucket=runtime.bucket)

@@ -186,7 +186,7 @@ async def wait_for_idle(server) -> None:
 @pytest.mark.parametrize("event_format", ["r2", "s3"])
 async def test_bucket_events_index_in_place_and_remove(server, s3, event_format):
     key = f"images/incoming/{event_format} photo {uuid.uuid4().hex[:6]}.png"
-    image = encoded(uuid.uuid4().int % 1000, "PNG")
+    image = encoded(5000 + uuid.uuid4().int % 100_000, "PNG")  # a drawing no other test of this server makes
     put(s3, server.bucket, key, image)
     created = r2_event("PutObject", key) if event_format == "r2" else s3_event("ObjectCreated:Put", key)
     removed = r2_event("DeleteObject", key, None) if event_format == "r2" else s3_event("s3:ObjectRemoved:Delete", key)
@@ -201,9 +201,11 @@ async def test_bucket_events_index_in_place_and_remove(server, s3, event_format)
     assert (record.r2_key, record.source) == (key, "bucket-event")
     assert set(s3.keys(server.bucket, "images/originals/")) == originals  # indexed in place, not copied
     found = await server.client.post(
-        "/v1/images/search/by-image", files={"file": ("q.png", image, "image/png")}, params={"limit": 1}
+        "/v1/images/search/by-image", files={"file": ("q.png", image, "image/png")}, params={"limit": 5}
     )
-    assert found.json()["results"][0]["id"] == image_id
+    # the tiny model's 32-dim vectors can tie for first place; the image itself is among the exact matches
+    exact = [hit["id"] for hit in found.json()["results"] if hit["score"] > 0.9999]
+    assert image_id in exact
 
     await publish_event(server, created)  # the same event again: still one point
     await wait_for_idle(server)

@@ -75,7 +75,7 @@ async def parts(make_settings):
     await index.close()
 
 
-def indexer(parts) -> ImageIndexHandler:
+def indexer(parts, thumbnail_side: int | None = SIDE) -> ImageIndexHandler:
     store, index, embedder = parts
     return ImageIndexHandler(
         store=store,
@@ -86,7 +86,7 @@ def indexer(parts) -> ImageIndexHandler:
         max_pixels=MAX_PIXELS,
         max_elements=1000,
         clock=UniqueClock(),
-        thumbnail_side=SIDE,
+        thumbnail_side=thumbnail_side,
     )
 
 
@@ -168,3 +168,26 @@ async def test_a_thumbnail_the_store_cannot_take_fails_the_image_for_a_retry_and
     assert isinstance(outcome, Failed)
     assert (outcome.code, outcome.transient) == ("storage_unavailable", True)
     assert await index.get(image_id) is None
+
+
+async def test_without_thumbnails_at_index_none_is_made_and_a_reindexed_image_loses_its_old_one(parts):
+    """THUMBNAILS_AT_INDEX=0: the indexer makes none and flags none (the API makes each on its first request); an
+    image indexed again drops the thumbnail of what it was, which may have changed."""
+    store, index, _ = parts
+    image_id = str(uuid.uuid4())
+    first = ImageIndexV1(image_id=image_id, data=encoded(8, "JPEG", (640, 480)))
+    [made] = await indexer(parts).handle([job(IMAGE_INDEX, first)])
+    assert isinstance(made, Succeeded) and await store.exists(thumbnail_key(image_id))
+
+    again = ImageIndexV1(image_id=image_id, data=encoded(9, "JPEG", (640, 480)))
+    [outcome] = await indexer(parts, thumbnail_side=None).handle([job(IMAGE_INDEX, again)])
+    assert isinstance(outcome, Succeeded), outcome
+    assert (await index.get(image_id)).thumbnail is False
+    assert not await store.exists(thumbnail_key(image_id))
+
+    fresh = str(uuid.uuid4())
+    new = ImageIndexV1(image_id=fresh, data=encoded(10, "JPEG", (640, 480)))
+    [outcome] = await indexer(parts, thumbnail_side=None).handle([job(IMAGE_INDEX, new)])
+    assert isinstance(outcome, Succeeded), outcome
+    assert (await index.get(fresh)).thumbnail is False
+    assert not await store.exists(thumbnail_key(fresh))

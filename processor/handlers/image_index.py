@@ -41,22 +41,24 @@ class ImageInputs(NamedTuple):
 
     info: ImageInfo  # what the original is
     inputs: Any  # the image tower's input, or an EncodedJpeg for the device to decode
-    thumbnail: bytes  # the WebP thumbnail
+    thumbnail: bytes | None  # the WebP thumbnail; None when thumbnails are not made at index time
 
 
-def prepare_image(embedder: ClipEmbedder, data: bytes, max_pixels: int, thumbnail_side: int) -> ImageInputs:
+def prepare_image(embedder: ClipEmbedder, data: bytes, max_pixels: int, thumbnail_side: int | None) -> ImageInputs:
     """In a decode thread: what the image is, the model's input made from it, and its thumbnail (longest side
-    `thumbnail_side`). For a plain JPEG of a sane size when the embedder decodes JPEGs on its device, the input is
-    the JPEG itself (`EncodedJpeg`: the batch's are decoded there together) and the thumbnail is made here from a
-    draft decode. Anything else is decoded by Pillow once, at the size both the model and the thumbnail need."""
+    `thumbnail_side`; none when that is None). For a plain JPEG of a sane size when the embedder decodes JPEGs on
+    its device, the input is the JPEG itself (`EncodedJpeg`: the batch's are decoded there together) and the
+    thumbnail is made here from a draft decode. Anything else is decoded by Pillow once, at the size both the model
+    and the thumbnail need."""
     if embedder.decodes_jpeg:
         info = inspect_image(data, max_pixels)
         if info.plain_jpeg and info.width * info.height <= DEVICE_DECODE_MAX_PIXELS:
-            return ImageInputs(info, EncodedJpeg(data), thumbnail_from_bytes(data, max_pixels, thumbnail_side))
+            thumbnail = None if thumbnail_side is None else thumbnail_from_bytes(data, max_pixels, thumbnail_side)
+            return ImageInputs(info, EncodedJpeg(data), thumbnail)
     return pillow_inputs(embedder, data, max_pixels, thumbnail_side)
 
 
-def pillow_inputs(embedder: ClipEmbedder, data: bytes, max_pixels: int, thumbnail_side: int) -> ImageInputs:
+def pillow_inputs(embedder: ClipEmbedder, data: bytes, max_pixels: int, thumbnail_side: int | None) -> ImageInputs:
     """In a decode thread: the image decoded by Pillow once (JPEGs at the smallest scale that keeps both the model's
     input size and the thumbnail's longest side), and the model's input and the thumbnail made from it;
     InvalidImageError saying what is wrong with it."""
@@ -64,7 +66,8 @@ def pillow_inputs(embedder: ClipEmbedder, data: bytes, max_pixels: int, thumbnai
     image = decoded.image
     rgb = image if image.mode == "RGB" else image.convert("RGB")
     try:
-        return ImageInputs(decoded.info(), embedder.prepare(rgb), make_thumbnail(image, thumbnail_side))
+        thumbnail = None if thumbnail_side is None else make_thumbnail(image, thumbnail_side)
+        return ImageInputs(decoded.info(), embedder.prepare(rgb), thumbnail)
     finally:
         if rgb is not image:
             rgb.close()
@@ -79,7 +82,7 @@ class _Prepared:
     data: bytes | None
     decoded: ImageInfo  # what the original is
     inputs: Any  # the image tower's input (ClipEmbedder.prepare or decode_jpegs), or an EncodedJpeg until decoded
-    thumbnail: bytes
+    thumbnail: bytes | None
     job: ImageIndexV1
 
 
@@ -108,7 +111,7 @@ class ImageIndexHandler:
         max_pixels: int,
         max_elements: int,
         clock: UniqueClock,
-        thumbnail_side: int,
+        thumbnail_side: int | None,
         decode_threads: int = 2,
     ) -> None:
         self._store = store
@@ -207,12 +210,16 @@ class ImageIndexHandler:
             job=payload,
         )
 
-    async def _store_objects(self, item: _Prepared) -> Failed | None:
-        """The original (unless it was indexed in place) and the thumbnail, side by side under the store's bound."""
-        writes = [(thumbnail_key(item.image_id), item.thumbnail, THUMBNAIL_CONTENT_TYPE)]
-        if item.data is not None:
-            writes.append((item.r2_key, item.data, item.decoded.content_type))
-        results = await asyncio.gather(*(self._put(*write) for write in writes), return_exceptions=True)
+    async def _store_objects(self, item: _Prepared, indexed_before: bool) -> Failed | None:
+        """The original (unless it was indexed in place) and the thumbnail, side by side under the store's bound.
+        Without thumbnails at index time, an image indexed again loses the thumbnail of what it was (the API makes
+        the new one when it is first asked for)."""
+        writes = [self._put(item.r2_key, item.data, item.decoded.content_type)] if item.data is not None else []
+        if item.thumbnail is not None:
+            writes.append(self._put(thumbnail_key(item.image_id), item.thumbnail, THUMBNAIL_CONTENT_TYPE))
+        elif indexed_before:
+            writes.append(self._delete(thumbnail_key(item.image_id)))
+        results = await asyncio.gather(*writes, return_exceptions=True)
         for result in results:
             if isinstance(result, TRANSIENT_ERRORS):
                 return Failed("storage_unavailable", str(result), transient=True)
@@ -223,6 +230,10 @@ class ImageIndexHandler:
     async def _put(self, key: str, data: bytes, content_type: str) -> None:
         async with self._puts:
             await retry_transient(lambda: self._store.put(key, data, content_type))
+
+    async def _delete(self, key: str) -> None:
+        async with self._puts:
+            await retry_transient(lambda: self._store.delete(key))
 
     async def _index_batch(self, batch: list[_Prepared]) -> list[Outcome]:
         try:
@@ -262,7 +273,9 @@ class ImageIndexHandler:
         their points; fills `outcomes` in place."""
         async with self._model_turn:
             vectors = await asyncio.to_thread(self._embedder.embed_prepared, [batch[p].inputs for p in accepted])
-        stored = await asyncio.gather(*(self._store_objects(batch[position]) for position in accepted))
+        stored = await asyncio.gather(
+            *(self._store_objects(batch[position], batch[position].image_id in existing) for position in accepted)
+        )
 
         to_upsert: list[tuple[ImageRecord, list[float]]] = []
         upserted: list[int] = []
@@ -284,7 +297,7 @@ class ImageIndexHandler:
                 created_us=created_us,
                 source=item.job.source,
                 filename=item.job.filename,
-                thumbnail=True,
+                thumbnail=item.thumbnail is not None,
             )
             to_upsert.append((record, vectors[row].tolist()))
             upserted.append(position)
