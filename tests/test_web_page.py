@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import re
 import shutil
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from playwright.async_api import Browser, ConsoleMessage, Page, async_playwright, expect
 
+from contract.clock import iso_from_us
+from infra.vectors import ImageRecord
 from tests.support.audio import speech_clip
 from tests.support.images import encoded
 from tests.support.server import RunningServer, running_server
@@ -44,7 +48,9 @@ async def server(make_settings) -> AsyncIterator[RunningServer]:
 @pytest.fixture(scope="module")
 async def browser() -> AsyncIterator[Browser]:
     async with async_playwright() as playwright:
-        launched = await playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        # the fake microphone plays a tone and needs no permission prompt
+        fake_microphone = ["--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"]
+        launched = await playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", *fake_microphone])
         yield launched
         await launched.close()
 
@@ -119,9 +125,21 @@ async def test_the_page_is_served_with_its_own_assets_only(session, server):
     assert session.errors == []
 
 
+DROP = """([name, bytes]) => {
+    const transfer = new DataTransfer();
+    transfer.items.add(new File([new Uint8Array(bytes)], name, { type: "image/png" }));
+    const zone = document.getElementById("dropzone");
+    zone.dispatchEvent(new DragEvent("dragover", { dataTransfer: transfer, bubbles: true, cancelable: true }));
+    zone.dispatchEvent(new DragEvent("drop", { dataTransfer: transfer, bubbles: true, cancelable: true }));
+}"""
+
+
 async def test_upload_three_images_and_see_them_in_the_gallery(session, server):
+    """Two picked in the file dialog, one dropped on the page."""
     page = session.page
-    await page.locator("#upload-input").set_input_files(image_files())
+    picked, dropped = image_files()[:2], image_files()[2]
+    await page.locator("#upload-input").set_input_files(picked)
+    await page.evaluate(DROP, [dropped["name"], list(dropped["buffer"])])
     await expect(page.locator("#uploads .upload.ok")).to_have_count(3)
     await expect(page.locator("#gallery .card")).to_have_count(3)
     for picture in await page.locator("#gallery .card img").all():
@@ -262,6 +280,22 @@ async def test_clone_a_voice_and_play_it(session):
     await expect(page.locator("#jobs-list .job").first).to_have_class(re.compile("state-succeeded"))
 
 
+async def test_a_voice_recorded_in_the_browser_is_sent_as_wav(session, server):
+    page = session.page
+    await page.get_by_role("link", name="Voice").click()
+    record = page.get_by_role("button", name="Record in the browser")
+    await record.click()
+    await expect(page.locator("#voice-record-status")).to_have_text("Recording… speak the transcript, then stop")
+    await page.wait_for_timeout(2500)
+    await page.get_by_role("button", name="Stop recording").click()
+    await expect(page.locator("#voice-record-status")).to_have_text(re.compile(r"^Recorded \d+ KB: it will be"))
+    await page.get_by_role("button", name="Speak").click()
+    newest = page.locator("#jobs-list .job").first
+    await expect(newest).to_have_class(re.compile("state-succeeded"))
+    job = (await server.client.get(f"/v1/jobs/{await newest.locator('.job-id').inner_text()}")).json()
+    assert job["params"]["ref_audio"]["filename"] == "recording.wav"  # decoded by the server: a clip it takes
+
+
 async def test_every_control_is_named_and_the_page_fits_a_phone_in_dark(session, browser, server):
     unnamed = await session.page.evaluate(
         """() => [...document.querySelectorAll("input, select, textarea, button")]
@@ -323,3 +357,41 @@ async def test_with_api_keys_the_page_asks_for_one_and_keeps_it_for_the_tab(keye
     await page.reload()
     await expect(page.locator("#gallery .card")).to_have_count(1)
     await expect(dialog).to_be_hidden()
+
+
+async def test_the_gallery_loads_more_as_it_scrolls(keyed_page, keyed_server):
+    """60 more images than the one there (written straight into the store and the index: their thumbnails are made
+    on request): the first page shows 48, scrolling to the end brings the rest."""
+    services = keyed_server.services
+    vectors = np.random.default_rng(1).standard_normal((60, 32)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    records = []
+    for number, vector in enumerate(vectors):
+        image_id = str(uuid.uuid4())
+        key = f"images/originals/{image_id}.png"
+        await services.store.put(key, encoded(100 + number, size=(64, 48)), "image/png")
+        created_us = 1_790_000_000_000_000 + number
+        record = ImageRecord(
+            id=image_id,
+            r2_key=key,
+            content_type="image/png",
+            size=1,
+            width=64,
+            height=48,
+            created_at=iso_from_us(created_us),
+            created_us=created_us,
+            source="upload",
+            filename=f"scrolled-{number}.png",
+        )
+        records.append((record, vector.tolist()))
+    await services.index.upsert(records)
+    page = keyed_page
+    await page.goto("/")
+    await page.locator("#key-dialog").get_by_label("Key").fill(KEY)
+    await page.locator("#key-dialog").get_by_role("button", name="Use this key").click()
+    await expect(page.locator("#gallery .card")).to_have_count(48)
+    await expect(page.locator("#gallery-status")).to_have_text("48 images, newest first (more below)")
+    await page.locator("#gallery .card").last.scroll_into_view_if_needed()
+    await page.mouse.wheel(0, 100_000)
+    await expect(page.locator("#gallery .card")).to_have_count(61)
+    await expect(page.locator("#gallery-status")).to_have_text("61 images, newest first")
