@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import tomllib
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -104,6 +105,14 @@ def image_files() -> list[dict]:
 
 async def scores(page: Page) -> list[float]:
     return [float(text) for text in await page.locator("#gallery .score").all_inner_texts()]
+
+
+def test_every_page_file_is_in_the_package():
+    """`pip install .` (the Docker images) ships api/ui/ only through pyproject's package-data globs."""
+    globs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["api"]
+    files = [path.relative_to(ROOT / "api") for path in (ROOT / "api" / "ui").rglob("*") if path.is_file()]
+    assert files
+    assert [str(path) for path in files if not any(path.match(glob) for glob in globs)] == []
 
 
 async def test_the_page_is_served_with_its_own_assets_only(session, server):
