@@ -16,7 +16,7 @@ from infra.settings import Settings
 
 UI_DIR = Path(__file__).resolve().parent / "ui"
 INDEX = "index.html"
-_MEDIA_TYPES = {".js": "text/javascript", ".css": "text/css", ".svg": "image/svg+xml", ".html": "text/html"}
+_MEDIA_TYPES = {".js": "text/javascript", ".css": "text/css", ".svg": "image/svg+xml"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,7 +38,6 @@ class PageFiles:
 class PageConfig(msgspec.Struct, kw_only=True):
     """What the page reads at start (embedded in the HTML as JSON data, not script)."""
 
-    version: str
     keys: bool
     features: dict[str, bool]
     languages: list[str]
@@ -70,7 +69,6 @@ def render_page(settings: Settings) -> str:
     """index.html with the asset version and this server's page configuration filled in."""
     files = page_files()
     config = PageConfig(
-        version=files.version,
         keys=bool(settings.api_keys),
         features={
             "index": settings.image_search_enabled,
