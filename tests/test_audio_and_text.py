@@ -119,3 +119,24 @@ def test_a_sentence_longer_than_the_limit_is_cut_at_clauses_then_words_then_anyw
     words = "word " * 30
     assert all(len(piece) <= 22 for piece in split_text(words, 22))
     assert split_text("x" * 50, 20) == ["x" * 20, "x" * 20, "x" * 10]
+
+
+def _id3_tag(size: int) -> bytes:
+    """An ID3v2.4 tag of `size` bytes of padding (where players keep cover art), as tagged MP3s begin."""
+    syncsafe = bytes((size >> shift) & 0x7F for shift in (21, 14, 7, 0))
+    return b"ID3\x04\x00\x00" + syncsafe + bytes(size)
+
+
+def test_a_clip_whose_headers_outgrow_the_quick_probe_still_decodes():
+    """Clips are opened with a short probe first; a large ID3 tag in front of an MP3 (cover art) and a WAV with a
+    large metadata chunk before its samples are still read in full."""
+    tagged = _id3_tag(300_000) + speech_clip("mp3")
+    decoded = decode_audio(tagged, sample_rate=RATE, min_seconds=1.0, max_seconds=30.0)
+    assert decoded.source_format == "mp3"
+    assert decoded.seconds == pytest.approx(wav_seconds(speech_wav()), abs=0.1)
+    wav = speech_wav()
+    junk = b"JUNK" + (200_000).to_bytes(4, "little") + bytes(200_000)
+    riff = wav[:12] + junk + wav[12:]
+    riff = riff[:4] + (len(riff) - 8).to_bytes(4, "little") + riff[8:]
+    decoded = decode_audio(riff, sample_rate=RATE, min_seconds=1.0, max_seconds=30.0)
+    assert decoded.seconds == pytest.approx(wav_seconds(wav), abs=0.05)

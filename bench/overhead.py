@@ -1,0 +1,430 @@
+"""What the plumbing costs per interactive request: generate, voice and upload through HTTP, RabbitMQ and the
+processor, against the model call of the same request.
+
+    .venv/bin/python -m bench.overhead [--runs 40] [--warmup 5] [--paths generate,voice,stream,upload] [--breakdown]
+
+It starts a throwaway RabbitMQ node (or uses AMQP_URL), the product in this process as `scripts/run.sh` runs it
+(one process, embedded object store and index in a temporary directory, MODEL_PROFILE=tiny unless the environment
+says otherwise), and an HTTP client in a second process (keep-alive, one request at a time), so the client's own
+work is not counted against the server. For each request it takes the time of the model call the processor made
+for it (ImageGenerator.generate, VoiceCloner.clone, ClipEmbedder.embed_prepared) and reports
+
+    model      the model calls
+    request    the client's time from sending the request to the last byte of the answer
+    overhead   request minus model, request by request: everything the request pays on top of the model
+
+as median and p95 over --runs requests after --warmup untimed ones. Paths:
+
+    generate   POST /v1/images/generate, 64x64, 2 steps: the PNG
+    voice      POST /v1/voice/generate, a 2 s WAV clip and one sentence: the MP3
+    stream     the same with three sentences, `Accept: audio/mpeg` and ?stream=true: time to the first byte
+               against the synthesis of the first sentence (the model call's start to its first piece)
+    upload     POST /v1/images (wait=true), a 640x480 JPEG: the image record once it is searchable
+
+--breakdown adds, for each path, the time spent in each step of the request (job records, publishes, object
+store writes and reads, reply) as the median over the requests, so the overhead can be traced to its parts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import functools
+import http.client
+import importlib
+import io
+import json
+import os
+import platform
+import socket
+import statistics
+import sys
+import tempfile
+import time
+import wave
+from collections import defaultdict
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import uvicorn
+from PIL import Image, ImageDraw
+
+PATHS = ("generate", "voice", "stream", "upload")
+PROMPT = "A lighthouse on a cliff at dawn, oil painting"
+SENTENCE = "The quick brown fox jumps over the lazy dog."
+THREE_SENTENCES = "The first sentence is short. The second one follows it. And the third ends the text."
+BOUNDARY = "ams-bench-boundary"
+REPOSITORY = Path(__file__).resolve().parent.parent
+
+
+# ---------------------------------------------------------------- the client (runs in its own process)
+
+
+def _multipart(fields: dict[str, str], files: dict[str, tuple[str, str, bytes]]) -> bytes:
+    parts = []
+    for name, value in fields.items():
+        parts.append(f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode())
+    for name, (filename, content_type, data) in files.items():
+        head = (
+            f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{name}"; filename="{filename}"\r\n'
+            f"Content-Type: {content_type}\r\n\r\n"
+        )
+        parts.append(head.encode() + data + b"\r\n")
+    return b"".join(parts) + f"--{BOUNDARY}--\r\n".encode()
+
+
+def reference_clip(seconds: float = 2.0, rate: int = 24000) -> bytes:
+    """A WAV clip of a voice-like tone with vibrato (16-bit mono)."""
+    t = np.arange(int(seconds * rate)) / rate
+    tone = 0.3 * np.sin(2 * np.pi * (180 + 20 * np.sin(2 * np.pi * 3 * t)) * t)
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(rate)
+        out.writeframes((tone * 32767).astype("<i2").tobytes())
+    return buffer.getvalue()
+
+
+def photo(size: tuple[int, int] = (640, 480)) -> bytes:
+    image = Image.linear_gradient("L").resize(size).convert("RGB")
+    ImageDraw.Draw(image).ellipse((100, 80, 400, 380), fill=(200, 60, 40))
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=88)
+    return buffer.getvalue()
+
+
+def _request_for(path: str) -> tuple[str, str, bytes, dict[str, str]]:
+    """method-less request: URL, expected status, body, headers."""
+    if path == "generate":
+        body = json.dumps({"prompt": PROMPT, "seed": 42, "width": 64, "height": 64, "steps": 2}).encode()
+        return "/v1/images/generate", "200", body, {"Content-Type": "application/json"}
+    if path in ("voice", "stream"):
+        text = SENTENCE if path == "voice" else THREE_SENTENCES
+        fields = {"text": text, "ref_text": "A reference clip.", "language": "English"}
+        body = _multipart(fields, {"ref_audio": ("ref.wav", "audio/wav", reference_clip())})
+        headers = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
+        if path == "stream":
+            return "/v1/voice/generate?stream=true", "200", body, {**headers, "Accept": "audio/mpeg"}
+        return "/v1/voice/generate", "200", body, headers
+    body = _multipart({}, {"file": ("photo.jpg", "image/jpeg", photo())})
+    return "/v1/images?wait=true", "201", body, {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
+
+
+def client(port: int, path: str, count: int) -> None:
+    """Send `count` requests one after another on one keep-alive connection; print one JSON line per request:
+    [milliseconds to the first byte of the body, milliseconds to its last byte]."""
+    url, expected, body, headers = _request_for(path)
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    connection.connect()
+    connection.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    for _ in range(count):
+        started = time.perf_counter()
+        connection.request("POST", url, body=body, headers=headers)
+        response = connection.getresponse()
+        first = response.read(1)
+        first_at = time.perf_counter()
+        rest = response.read()
+        done = time.perf_counter()
+        if str(response.status) != expected or not first:
+            raise SystemExit(f"{path}: HTTP {response.status}: {(first + rest)[:500]!r}")
+        sys.stdout.write(json.dumps([(first_at - started) * 1000, (done - started) * 1000]) + "\n")
+        sys.stdout.flush()
+
+
+# ---------------------------------------------------------------- the server side
+
+
+@dataclass
+class Spans:
+    """Time spent in wrapped calls, and the starts and first pieces of the model calls."""
+
+    calls: list[tuple[str, float, float]] = field(default_factory=list)
+    model: list[float] = field(default_factory=list)
+    first_piece: list[float] = field(default_factory=list)
+
+    def clear(self) -> None:
+        self.calls.clear()
+        self.model.clear()
+        self.first_piece.clear()
+
+
+def _timed(spans: Spans, name: str, function: Callable[..., Any]) -> Callable[..., Any]:
+    if asyncio.iscoroutinefunction(function):
+
+        @functools.wraps(function)
+        async def timed_async(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return await function(*args, **kwargs)
+            finally:
+                spans.calls.append((name, started, time.perf_counter()))
+
+        return timed_async
+
+    @functools.wraps(function)
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            spans.calls.append((name, started, time.perf_counter()))
+
+    return timed
+
+
+def _model_call(spans: Spans, function: Callable[..., Any]) -> Callable[..., Any]:
+    """The model call, timed; for the voice model also the time to its first piece (streaming)."""
+
+    @functools.wraps(function)
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        on_piece = kwargs.get("on_piece")
+        if on_piece is not None:
+
+            def first_piece(*piece_args: Any) -> Any:
+                if len(spans.first_piece) < len(spans.model) + 1:
+                    spans.first_piece.append((time.perf_counter() - started) * 1000)
+                return on_piece(*piece_args)
+
+            kwargs["on_piece"] = first_piece
+        try:
+            return function(*args, **kwargs)
+        finally:
+            spans.model.append((time.perf_counter() - started) * 1000)
+
+    return timed
+
+
+# functions looked up by name when called, timed with --breakdown
+STEP_FUNCTIONS = (
+    ("api.routes.voice", ("decode_audio",)),
+    ("api.routes.images", ("decode_image",)),
+    ("processor.handlers.voice_generate", ("decode_audio", "encode_mp3")),
+    ("processor.handlers.image_index", ("prepare_image",)),
+)
+
+
+def instrument(running: Any, spans: Spans, breakdown: bool) -> None:
+    """Time the model calls of this product instance; with `breakdown`, also the plumbing's steps."""
+    runtime = running.processor.runtime
+    runtime.generator.generate = _model_call(spans, runtime.generator.generate)
+    runtime.voice.clone = _model_call(spans, runtime.voice.clone)
+    runtime.clip.embed_prepared = _model_call(spans, runtime.clip.embed_prepared)
+    if not breakdown:
+        return
+    from api.replies import ReplyListener
+    from contract.jobs import JobStore
+    from infra.broker import Publisher
+    from processor.consumer import Consumer
+
+    for owner, names in (
+        (JobStore, ("create", "load", "update")),
+        (Publisher, ("publish", "reply", "reply_piece")),
+        (Consumer, ("_on_message",)),
+        (ReplyListener, ("_on_reply",)),
+    ):
+        for name in names:
+            if hasattr(owner, name):
+                setattr(owner, name, _timed(spans, f"{owner.__name__}.{name}", getattr(owner, name)))
+    store = running.plumbing.store
+    for name in ("put", "get", "exists"):
+        setattr(store, name, _timed(spans, f"store.{name}", getattr(store, name)))
+    index = runtime.index
+    index.upsert = _timed(spans, "index.upsert", index.upsert)
+    for module_name, names in STEP_FUNCTIONS:
+        module = importlib.import_module(module_name)
+        for name in names:
+            setattr(module, name, _timed(spans, f"{module_name.rsplit('.', 1)[-1]}.{name}", getattr(module, name)))
+
+
+def _settings(scratch: str, amqp_url: str) -> Any:
+    from infra.settings import Settings
+
+    env = {
+        "MODEL_PROFILE": "tiny",
+        **os.environ,
+        "AMQP_URL": amqp_url,
+        "IMAGE_ENABLED": "1",
+        "VOICE_ENABLED": "1",
+        "IMAGE_SEARCH_ENABLED": "1",
+        "R2_ENABLED": "0",
+        "LOCAL_STORAGE_DIR": os.path.join(scratch, "storage"),
+        "IMAGE_SEARCH_DB_PATH": os.path.join(scratch, "qdrant"),
+        "RATE_LIMIT_PER_MINUTE": "0",
+        "LOG_LEVEL": os.environ.get("LOG_LEVEL", "warning"),
+        "LOG_FORMAT": "json",
+    }
+    return Settings.from_env(env)
+
+
+@contextlib.contextmanager
+def broker(scratch: str) -> Iterator[str]:
+    """AMQP_URL if set, else a throwaway RabbitMQ node (the test suite's recipe)."""
+    if os.environ.get("AMQP_URL"):
+        yield os.environ["AMQP_URL"]
+        return
+    from tests.support.rabbitmq import RabbitNode
+
+    workdir = Path(scratch) / "rabbitmq"
+    workdir.mkdir()
+    node = RabbitNode(workdir)
+    node.start()
+    try:
+        yield node.add_vhost("bench")
+    finally:
+        node.stop()
+
+
+@contextlib.asynccontextmanager
+async def serving(settings: Any) -> AsyncIterator[tuple[Any, int]]:
+    """The product in this process, listening on a free loopback port."""
+    from api.app import create_app
+    from infra.http_protocol import HttpLimits
+    from infra.http_server import server_config
+    from infra.logging import configure_logging
+    from launcher import OneProcess
+
+    configure_logging(settings.log_level, settings.log_format)
+    running = await OneProcess.start(settings)
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(128)
+    # the server the product runs (server_config), on a socket bound before it starts, so no request races it
+    config = server_config(create_app(running.services), "127.0.0.1", 0, HttpLimits.from_settings(settings))
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve(sockets=[listener]))
+    try:
+        yield running, listener.getsockname()[1]
+    finally:
+        server.should_exit = True
+        await task
+        await running.stop()
+
+
+async def _run_client(port: int, path: str, count: int) -> list[tuple[float, float]]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bench.overhead",
+        "--client",
+        f"{port}:{path}:{count}",
+        stdout=asyncio.subprocess.PIPE,
+        cwd=REPOSITORY,
+    )
+    output, _ = await process.communicate()
+    if process.returncode:
+        raise SystemExit(f"the {path} client failed (exit {process.returncode})")
+    return [tuple(json.loads(line)) for line in output.decode().splitlines()]
+
+
+@dataclass
+class PathResult:
+    path: str
+    model: list[float]
+    first_byte: list[float]
+    request: list[float]
+    first_piece: list[float]
+    steps: dict[str, tuple[float, float]]  # step -> (median ms per request, calls per request)
+
+    @property
+    def overhead(self) -> list[float]:
+        return [request - model for request, model in zip(self.request, self.model, strict=True)]
+
+    @property
+    def first_byte_overhead(self) -> list[float]:
+        return [first - piece for first, piece in zip(self.first_byte, self.first_piece, strict=True)]
+
+
+def _steps(spans: Spans, runs: int) -> dict[str, tuple[float, float]]:
+    totals: dict[str, float] = defaultdict(float)
+    counts: dict[str, int] = defaultdict(int)
+    for name, started, ended in spans.calls:
+        totals[name] += (ended - started) * 1000
+        counts[name] += 1
+    return {name: (totals[name] / runs, counts[name] / runs) for name in sorted(totals, key=lambda n: -totals[n])}
+
+
+async def measure(port: int, spans: Spans, path: str, runs: int, warmup: int) -> PathResult:
+    await _run_client(port, path, warmup)
+    spans.clear()
+    timings = await _run_client(port, path, runs)
+    if len(spans.model) != runs:
+        raise SystemExit(f"{path}: {len(spans.model)} model calls for {runs} requests")
+    return PathResult(
+        path=path,
+        model=list(spans.model),
+        first_byte=[first for first, _ in timings],
+        request=[last for _, last in timings],
+        first_piece=list(spans.first_piece) if path == "stream" else [],
+        steps=_steps(spans, runs),
+    )
+
+
+def p95(samples: list[float]) -> float:
+    return statistics.quantiles(samples, n=20, method="inclusive")[18]
+
+
+def report(results: list[PathResult], args: argparse.Namespace) -> None:
+    out = sys.stdout
+    out.write(
+        f"machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+        f"MODEL_PROFILE={os.environ.get('MODEL_PROFILE', 'tiny')}; {args.runs} requests per path after "
+        f"{args.warmup} warm-up\n\n"
+    )
+    out.write("| path | model median | request median | overhead median | overhead p95 |\n")
+    out.write("|---|---:|---:|---:|---:|\n")
+    for result in results:
+        out.write(
+            f"| {result.path} | {statistics.median(result.model):.1f} ms | {statistics.median(result.request):.1f} ms"
+            f" | {statistics.median(result.overhead):.1f} ms | {p95(result.overhead):.1f} ms |\n"
+        )
+    for result in results:
+        if result.first_piece:
+            out.write(
+                f"\nstream: first piece synthesized after {statistics.median(result.first_piece):.1f} ms (median); "
+                f"first byte at the client after {statistics.median(result.first_byte):.1f} ms; first byte minus "
+                f"first piece: median {statistics.median(result.first_byte_overhead):.1f} ms, "
+                f"p95 {p95(result.first_byte_overhead):.1f} ms\n"
+            )
+    if args.breakdown:
+        for result in results:
+            out.write(f"\n{result.path}: time in each step per request (mean ms, calls)\n")
+            for name, (ms, calls) in result.steps.items():
+                out.write(f"    {name:28} {ms:7.2f} ms  x{calls:g}\n")
+
+
+async def run(args: argparse.Namespace) -> list[PathResult]:
+    with tempfile.TemporaryDirectory(prefix="ams-overhead-") as scratch, broker(scratch) as amqp_url:
+        settings = _settings(scratch, amqp_url)
+        spans = Spans()
+        async with serving(settings) as (running, port):
+            instrument(running, spans, args.breakdown)
+            return [await measure(port, spans, path, args.runs, args.warmup) for path in args.paths]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=40, help="timed requests per path (default 40)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed requests first (default 5)")
+    parser.add_argument("--paths", default=",".join(PATHS), help=f"comma-separated, of {', '.join(PATHS)}")
+    parser.add_argument("--breakdown", action="store_true", help="time each step of the requests too")
+    parser.add_argument("--client", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.client:
+        port, path, count = args.client.split(":")
+        client(int(port), path, int(count))
+        return
+    args.paths = [path.strip() for path in args.paths.split(",") if path.strip()]
+    unknown = set(args.paths) - set(PATHS)
+    if unknown:
+        parser.error(f"unknown path(s) {', '.join(sorted(unknown))}; use {', '.join(PATHS)}")
+    report(asyncio.run(run(args)), args)
+
+
+if __name__ == "__main__":
+    main()
