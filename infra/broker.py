@@ -275,22 +275,33 @@ async def connect(url: str, timeout_seconds: float = 30.0) -> AbstractRobustConn
 
 
 class Publisher:
-    """Publishes persistent job messages with publisher confirms on one channel."""
+    """Publishes persistent job messages with publisher confirms on one channel, and replies to waiting
+    requesters on a second channel without confirms: a reply is transient (the job record is the durable truth),
+    so it goes out without a round trip to the broker, and the pieces and final reply of one job, all sent on
+    that channel, reach the requester in order."""
 
-    def __init__(self, connection: AbstractRobustConnection, channel: AbstractChannel, topology: Topology) -> None:
+    def __init__(
+        self,
+        connection: AbstractRobustConnection,
+        channel: AbstractChannel,
+        topology: Topology,
+        reply_channel: AbstractChannel,
+    ) -> None:
         self.connection = connection
         self.channel = channel
         self.topology = topology
+        self.reply_channel = reply_channel
 
     @classmethod
     async def open(cls, connection: AbstractRobustConnection) -> Publisher:
         await declare_topology(connection)
         channel = await connection.channel(publisher_confirms=True)
-        return cls(connection, channel, await topology_on(channel))
+        reply_channel = await connection.channel(publisher_confirms=False)
+        return cls(connection, channel, await topology_on(channel), reply_channel)
 
     @property
     def is_connected(self) -> bool:
-        return not self.connection.is_closed and not self.channel.is_closed
+        return not self.connection.is_closed and not self.channel.is_closed and not self.reply_channel.is_closed
 
     async def publish(
         self,
@@ -354,7 +365,7 @@ class Publisher:
             delivery_mode=DeliveryMode.NOT_PERSISTENT,
         )
         try:
-            await self.channel.default_exchange.publish(message, routing_key=reply_to)
+            await self.reply_channel.default_exchange.publish(message, routing_key=reply_to)
         except BROKER_ERRORS as exc:
             log.warning("reply_failed", reply_to=reply_to, correlation_id=correlation_id, error=str(exc))
 

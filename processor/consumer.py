@@ -147,7 +147,7 @@ class Consumer:
                     tracked = await tracker.load(job, replayed=replayed(message))
                     records[job.message_id] = tracked
                     if not tracked.settled and handler.reports_running:
-                        await tracker.running(tracked, attempt(message))
+                        tracker.mark_running(tracked, attempt(message))
                 except TRANSIENT_ERRORS as exc:
                     outcomes[job.message_id] = Failed("storage_unavailable", str(exc), transient=True)
                     continue

@@ -5,12 +5,18 @@ is still the version this processor read (its ETag). When another delivery of th
 processor) wrote in between, the record is read again and the change applied to that, unless it is finished:
 a record only moves forward. The one way back is an operator's replay (`ams-ops dlq replay`), which may run a
 failed job again; a succeeded job is never run again.
+
+The running mark is written beside the work, not before it (`mark_running`): it is for whoever polls the job,
+and nothing depends on it being stored before the model starts. The outcome's write waits for it, so the record
+still moves queued -> running -> finished, and the outcome is durable before the message is acknowledged.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import msgspec
 import structlog
@@ -34,6 +40,7 @@ class Tracked:
     record: JobRecord
     etag: str | None
     replayed: bool = False  # the delivery is an operator's replay: a failed record may be reopened
+    marking: asyncio.Task[bool] | None = field(default=None, repr=False)  # the running mark being written
 
     @property
     def settled(self) -> bool:
@@ -52,16 +59,12 @@ class JobTracker:
             return Tracked(JobStore.new(job.message_id, job.message_type, record_params(job.payload)), None, replayed)
         return Tracked(*found, replayed)
 
-    async def running(self, tracked: Tracked, attempt: int) -> bool:
-        """Mark the job running; False when the stored record is already settled (then `tracked` holds it)."""
-
-        def change(record: JobRecord) -> None:
-            stamp = now_iso()
-            record.status, record.updated_at, record.attempts = "running", stamp, attempt
-            record.started_at = record.started_at or stamp
-            record.finished_at, record.error = None, None
-
-        return await self._write(tracked, change)
+    def mark_running(self, tracked: Tracked, attempt: int) -> None:
+        """Start writing the running mark beside the work (not when the stored record turns out to be settled:
+        then `tracked` holds that); the next write of this record waits for it."""
+        tracked.marking = asyncio.create_task(
+            self._apply(tracked, _running(attempt)), name=f"running-{tracked.record.job_id}"
+        )
 
     async def succeeded(self, tracked: Tracked, outcome: Succeeded, attempt: int) -> bool:
         def change(record: JobRecord) -> None:
@@ -93,6 +96,13 @@ class JobTracker:
     async def _write(self, tracked: Tracked, change: Callable[[JobRecord], None]) -> bool:
         """Apply `change` to the record and write it conditionally; on a conflict, read the record again and
         apply the change to that, unless it is settled (then False, nothing written)."""
+        marking, tracked.marking = tracked.marking, None
+        if marking is not None:
+            with contextlib.suppress(Exception):  # a mark that could not be written changes nothing below
+                await marking
+        return await self._apply(tracked, change)
+
+    async def _apply(self, tracked: Tracked, change: Callable[[JobRecord], None]) -> bool:
         for _ in range(_CONFLICT_ROUNDS):
             if tracked.settled:
                 return False
@@ -114,3 +124,13 @@ class JobTracker:
             tracked.record, tracked.etag, tracked.replayed = candidate, etag, False
             return True
         raise StorageUnavailableError(f"the record of job {tracked.record.job_id} kept changing; will retry")
+
+
+def _running(attempt: int) -> Callable[[JobRecord], None]:
+    def change(record: JobRecord) -> None:
+        stamp = now_iso()
+        record.status, record.updated_at, record.attempts = "running", stamp, attempt
+        record.started_at = record.started_at or stamp
+        record.finished_at, record.error = None, None
+
+    return change

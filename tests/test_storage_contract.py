@@ -48,6 +48,23 @@ async def test_put_overwrites(store):
     assert [info.key async for info in store.list("k/")] == ["k/one.txt"]
 
 
+@pytest.mark.parametrize(
+    ("key", "types"),
+    [
+        ("out/a.png", ("image/png", "application/octet-stream", "image/png")),
+        ("out/b.json", ("text/plain", "application/json")),
+        ("out/c", ("application/octet-stream", "text/plain")),
+        ("out.d/e", ("application/json",)),
+    ],
+)
+async def test_each_write_keeps_the_content_type_it_was_given(store, key, types):
+    """The local store keeps no type file for the usual type of a suffix; a later write of another type, and back,
+    still reads back as written."""
+    for content_type in types:
+        await store.put(key, b"bytes", content_type)
+        assert (await store.get(key)).content_type == content_type
+
+
 async def test_conditional_create_writes_only_when_absent(store):
     etag = await store.put("jobs/c.json", b"first", "application/json", if_none_match=True)
     assert etag and (await store.get("jobs/c.json")).etag == etag

@@ -2,7 +2,8 @@
 
 Layout under the root directory:
     objects/<key>        the bytes
-    meta/<key>.json      {"content_type": ...}
+    meta/<key>.json      {"content_type": ...}, unless it is the usual type for the key's suffix (SUFFIX_TYPES):
+                         job records, PNGs, MP3s, WebP thumbnails and JPEGs are written without one
     tmp/                 staging for atomic writes (same filesystem, then os.replace)
     signing.key          HMAC secret for presigned URLs when URL_SIGNING_KEY is not set
 
@@ -38,6 +39,21 @@ from infra.storage.base import (
 from infra.storage.keys import validate_key, validate_prefix
 
 FILES_ROUTE = "/v1/files/"
+# the content type an object has when no meta file says otherwise
+SUFFIX_TYPES = {
+    ".json": "application/json",
+    ".png": "image/png",
+    ".mp3": "audio/mpeg",
+    ".webp": "image/webp",
+    ".jpg": "image/jpeg",
+    ".jpeg": "image/jpeg",
+}
+DEFAULT_TYPE = "application/octet-stream"
+
+
+def _suffix_type(key: str) -> str:
+    dot = key.rfind(".")
+    return SUFFIX_TYPES.get(key[dot:].lower(), DEFAULT_TYPE) if dot > key.rfind("/") else DEFAULT_TYPE
 
 
 def _etag(data: bytes) -> str:
@@ -94,8 +110,11 @@ class LocalStore(ObjectStore):
         path = self._object_path(key)
         if path.is_dir():
             raise StorageUnavailableError(f"cannot store {key!r}: a key prefix of that name exists")
-        meta = json.dumps({"content_type": content_type}).encode()
-        self._write_atomic(self._meta_path(key), lambda fh: fh.write(meta))
+        if content_type == _suffix_type(key):
+            self._meta_path(key).unlink(missing_ok=True)  # one an earlier write of another type left
+        else:
+            meta = json.dumps({"content_type": content_type}).encode()
+            self._write_atomic(self._meta_path(key), lambda fh: fh.write(meta))
         self._write_atomic(path, fill)
 
     async def _put(self, key: str, fill: Callable[[BinaryIO], object], content_type: str) -> None:
@@ -161,8 +180,10 @@ class LocalStore(ObjectStore):
             raise ObjectNotFoundError(key) from None
         try:
             content_type = json.loads(self._meta_path(key).read_bytes())["content_type"]
-        except (FileNotFoundError, ValueError, KeyError):
-            content_type = "application/octet-stream"
+        except FileNotFoundError:
+            content_type = _suffix_type(key)
+        except (ValueError, KeyError):
+            content_type = DEFAULT_TYPE
         return StoredObject(key=key, data=data, content_type=content_type, etag=_etag(data))
 
     async def get(self, key: str) -> StoredObject:
