@@ -209,6 +209,15 @@ class ErrorInfo(msgspec.Struct, kw_only=True):
     message: str
 
 
+# A requester that sets this header (true) on a job message with reply_to and correlation_id asks for the
+# output in pieces as it is made (voice.generate: the MP3, sentence by sentence). Each piece is a message to
+# reply_to with the same correlation_id, AMQP type infra.broker.REPLY_PIECE, header infra.broker.OFFSET_HEADER
+# (the piece's byte offset in the output) and the raw bytes as body, not persistent; pieces come in order, and
+# the JobReply ends the stream (without attachment: the pieces carried the bytes). A retried or redelivered job
+# starts again at offset 0. A handler that cannot stream ignores the header and replies as usual.
+STREAM_HEADER = "x-ams-stream"
+
+
 class JobReply(msgspec.Struct, kw_only=True, omit_defaults=True):
     """What the processor sends back to a requester waiting on reply_to (matched by correlation id)."""
 

@@ -19,7 +19,8 @@ Topology
               message's own routing key, so a retry lands in its capability's queue), bound by header
               x-ams-retry-delay
 Replies to waiting API requests go through the default exchange to each API process's own
-exclusive reply queue, matched by correlation id.
+exclusive reply queue, matched by correlation id; a streamed job's output goes the same way in pieces first
+(type REPLY_PIECE, byte offset in OFFSET_HEADER), before its reply.
 
 Policies cannot be set over AMQP: scripts/local-rabbitmq.sh, the compose definitions (infra/rabbitmq/) and the test
 harness set it; on another broker, set it once (README, Queues and scale-out). Without it a message with an
@@ -77,6 +78,9 @@ REASON_HEADER = "x-ams-reason"
 ROUTING_KEY_HEADER = "x-ams-routing-key"
 FIRST_FAILURE_HEADER = "x-ams-first-failed-at"
 LAST_FAILURE_HEADER = "x-ams-last-failed-at"
+# a piece of a streamed job's output on the reply queue: its AMQP type, and the header with its byte offset
+REPLY_PIECE = "reply.piece"
+OFFSET_HEADER = "x-ams-offset"
 RETRY_DELAYS_SECONDS = (1, 5, 30, 120)
 MAX_PRIORITY = 9
 PUBLISH_TIMEOUT_SECONDS = 10.0
@@ -368,6 +372,23 @@ class Publisher:
             await self.reply_channel.default_exchange.publish(message, routing_key=reply_to)
         except BROKER_ERRORS as exc:
             log.warning("reply_failed", reply_to=reply_to, correlation_id=correlation_id, error=str(exc))
+
+    async def reply_piece(self, reply_to: str, correlation_id: str, offset: int, data: bytes) -> None:
+        """Send a piece of a streamed job's output to a waiting requester: transient, with its byte offset. On
+        this channel (with confirms), so every piece is in the reply queue before the reply that ends them."""
+        message = aio_pika.Message(
+            body=data,
+            type=REPLY_PIECE,
+            correlation_id=correlation_id,
+            headers={OFFSET_HEADER: offset},
+            delivery_mode=DeliveryMode.NOT_PERSISTENT,
+        )
+        try:
+            await self.channel.default_exchange.publish(message, routing_key=reply_to)
+        except BROKER_ERRORS as exc:
+            log.warning(
+                "reply_piece_failed", reply_to=reply_to, correlation_id=correlation_id, offset=offset, error=str(exc)
+            )
 
 
 def _copy(

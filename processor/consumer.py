@@ -21,6 +21,7 @@ from infra.broker import Publisher, capability_of, declare_topology, topology_on
 from processor.deliveries import attempt, job_id, job_type, replayed
 from processor.handlers.base import Handler, Job
 from processor.outcomes import Failed, Outcome
+from processor.pieces import pieces_for
 from processor.retrying import TRANSIENT_ERRORS
 from processor.scheduler import PIPELINE_DEPTH, Lane, Scheduler
 from processor.settler import Settler, recorded_outcome
@@ -45,6 +46,7 @@ class Consumer:
         self.capabilities = tuple(capabilities)
         self._handlers = dict(handlers)
         self._disabled = dict(disabled)
+        self._publisher = publisher
         self._settler = Settler(publisher, jobs, max_attempts)
         self._scheduler: Scheduler[AbstractIncomingMessage] = Scheduler(
             self._process,
@@ -190,4 +192,5 @@ class Consumer:
             message_type=message_type,
             payload=payload,
             priority=message.priority or 0,
+            pieces=pieces_for(message, self._publisher),
         )

@@ -9,14 +9,24 @@ from typing import Any, Protocol
 from processor.outcomes import Outcome
 
 
+class PieceSink(Protocol):
+    """Where a streamed job's output goes, piece by piece, as it is made (the requester's reply queue)."""
+
+    async def send(self, data: bytes) -> None:
+        """Send the next piece (nothing for empty data); the sink keeps the byte offset."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class Job:
-    """A decoded message: its id, type, validated payload and priority."""
+    """A decoded message: its id, type, validated payload and priority; `pieces` when the requester asked for the
+    output streamed (a handler that cannot stream ignores it)."""
 
     message_id: str
     message_type: str
     payload: Any
     priority: int
+    pieces: PieceSink | None = None
 
 
 class Handler(Protocol):
