@@ -374,8 +374,8 @@ class Publisher:
             log.warning("reply_failed", reply_to=reply_to, correlation_id=correlation_id, error=str(exc))
 
     async def reply_piece(self, reply_to: str, correlation_id: str, offset: int, data: bytes) -> None:
-        """Send a piece of a streamed job's output to a waiting requester: transient, with its byte offset. On
-        this channel (with confirms), so every piece is in the reply queue before the reply that ends them."""
+        """Send a piece of a streamed job's output to a waiting requester: transient, with its byte offset. On the
+        reply channel, like the reply that ends the pieces, so the requester gets them in order."""
         message = aio_pika.Message(
             body=data,
             type=REPLY_PIECE,
@@ -384,7 +384,7 @@ class Publisher:
             delivery_mode=DeliveryMode.NOT_PERSISTENT,
         )
         try:
-            await self.channel.default_exchange.publish(message, routing_key=reply_to)
+            await self.reply_channel.default_exchange.publish(message, routing_key=reply_to)
         except BROKER_ERRORS as exc:
             log.warning(
                 "reply_piece_failed", reply_to=reply_to, correlation_id=correlation_id, offset=offset, error=str(exc)
