@@ -14,9 +14,12 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 import msgspec
+import structlog
 
 from contract.messages import ErrorInfo
-from infra.storage import ObjectNotFoundError, ObjectStore
+from infra.storage import ObjectNotFoundError, ObjectStore, PreconditionFailedError
+
+log = structlog.get_logger(__name__)
 
 JOBS_PREFIX = "jobs/"
 RECORD_HEADER = "x-ams-job-record"
@@ -68,28 +71,39 @@ class JobStore:
         return (now or datetime.now(tz=UTC)) - finished > self._ttl
 
     async def load(self, job_id: str) -> tuple[JobRecord, str] | None:
-        """The record and its version (ETag), or None when there is none (or it expired)."""
+        """The record and its version (ETag), or None when there is none (or it expired, or cannot be read)."""
         try:
             stored = await self._store.get(record_key(job_id))
         except ObjectNotFoundError:
             return None
-        record = msgspec.json.decode(stored.data, type=JobRecord)
-        return None if self.expired(record) else (record, stored.etag)
+        record = _readable(stored.data, job_id)
+        return None if record is None or self.expired(record) else (record, stored.etag)
 
     async def get(self, job_id: str) -> JobRecord | None:
         found = await self.load(job_id)
         return found[0] if found is not None else None
 
-    async def create(self, record: JobRecord) -> str:
-        """Write a new record; PreconditionFailedError if one exists. Returns its version."""
-        return await self._store.put(
-            record_key(record.job_id), msgspec.json.encode(record), "application/json", if_none_match=True
-        )
+    async def create(self, record: JobRecord, *, durable: bool = True) -> str:
+        """Write a new record; PreconditionFailedError if a readable one exists (one that cannot be read, such as
+        the empty file a power failure can leave of a write that was not durable, is replaced). Returns its
+        version. durable=False for a record the processor can make again (a queued or running one): a local
+        store then skips the flush to disk."""
+        key, data = record_key(record.job_id), msgspec.json.encode(record)
+        try:
+            return await self._store.put(key, data, "application/json", if_none_match=True, durable=durable)
+        except PreconditionFailedError:
+            try:
+                existing = await self._store.get(key)
+            except ObjectNotFoundError:  # deleted since: a create may now succeed
+                return await self._store.put(key, data, "application/json", if_none_match=True, durable=durable)
+            if _readable(existing.data, record.job_id) is not None:
+                raise
+            return await self._store.put(key, data, "application/json", if_match=existing.etag, durable=durable)
 
-    async def update(self, record: JobRecord, etag: str) -> str:
+    async def update(self, record: JobRecord, etag: str, *, durable: bool = True) -> str:
         """Replace the record if it is still at version `etag`; PreconditionFailedError otherwise."""
         return await self._store.put(
-            record_key(record.job_id), msgspec.json.encode(record), "application/json", if_match=etag
+            record_key(record.job_id), msgspec.json.encode(record), "application/json", if_match=etag, durable=durable
         )
 
     async def delete(self, job_id: str) -> None:
@@ -122,6 +136,14 @@ class JobStore:
             params=params,
             idempotency_key=idempotency_key,
         )
+
+
+def _readable(data: bytes, job_id: str) -> JobRecord | None:
+    try:
+        return msgspec.json.decode(data, type=JobRecord)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        log.warning("job_record_unreadable", job_id=job_id, size=len(data), error=str(exc))
+        return None
 
 
 def record_params(payload: msgspec.Struct) -> dict[str, object]:

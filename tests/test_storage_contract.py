@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import os
 from urllib.parse import parse_qs, urlparse
 
 import httpx
 import numpy as np
 import pytest
 
+from contract.jobs import JobStore, record_key
 from infra.storage import InvalidKeyError, ObjectNotFoundError, PreconditionFailedError, validate_key
 from infra.storage.local import LocalStore
 from infra.storage.s3 import S3Store
@@ -206,3 +209,35 @@ async def test_files_go_up_and_come_back_streamed(store, tmp_path, s3, size):
         assert etag.endswith('-3"')  # a multipart upload of 3 parts
     with pytest.raises(ObjectNotFoundError):
         await store.get_file("backups/missing", tmp_path / "missing.bin")
+
+
+async def test_only_durable_local_writes_are_flushed_to_disk(tmp_path, monkeypatch):
+    store = LocalStore(tmp_path / "store")
+    flushed = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: flushed.append(fd) or real_fsync(fd))
+    await store.put("jobs/a.json", b"{}", "application/json", if_none_match=True, durable=False)
+    await store.put("jobs/a.json", b"{ }", "application/json", if_match=_md5(b"{}"), durable=False)
+    await store.put("out/b.bin", b"x", "application/octet-stream", durable=False)
+    assert flushed == []
+    await store.put("jobs/c.json", b"{}", "application/json", if_none_match=True)
+    await store.put("out/d.bin", b"x", "text/plain")
+    assert len(flushed) == 3  # the record, the object and its type file
+
+
+async def test_a_job_record_left_empty_reads_as_absent_and_is_replaced(store):
+    """A write that was not flushed to disk may leave an empty file after a power failure: the record reads as
+    missing, and the next create replaces it; a readable record still refuses a second create."""
+    jobs = JobStore(store, 7)
+    await store.put(record_key("j1"), b"", "application/json")
+    assert await jobs.load("j1") is None
+    record = JobStore.new("j1", "image.generate", {"prompt": "p"})
+    await jobs.create(record, durable=False)
+    assert (await jobs.get("j1")) == record
+    with pytest.raises(PreconditionFailedError):
+        await jobs.create(JobStore.new("j1", "image.generate", {"prompt": "other"}))
+    assert (await jobs.get("j1")) == record
+
+
+def _md5(data: bytes) -> str:
+    return hashlib.md5(data, usedforsecurity=False).hexdigest()

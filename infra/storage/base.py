@@ -64,14 +64,25 @@ class ObjectStore(abc.ABC):
 
     @abc.abstractmethod
     async def put(
-        self, key: str, data: bytes, content_type: str, *, if_none_match: bool = False, if_match: str | None = None
+        self,
+        key: str,
+        data: bytes,
+        content_type: str,
+        *,
+        if_none_match: bool = False,
+        if_match: str | None = None,
+        durable: bool = True,
     ) -> str:
         """Write the whole object atomically: readers see the old object or the new one, never a part. Returns
         the new version's ETag.
 
         Conditional writes (S3/R2 `If-None-Match: *` and `If-Match`): with if_none_match, only when no object
         exists under the key; with if_match, only when the object is still at that ETag. Otherwise
-        PreconditionFailedError, and nothing is written. Of two racing conditional writes, one wins."""
+        PreconditionFailedError, and nothing is written. Of two racing conditional writes, one wins.
+
+        durable=False is for data that can be rebuilt: a store on a local disk may then skip flushing it to the
+        disk, so a power failure may lose the write, or leave the object empty (readers must cope); an object
+        store over HTTP stores it as always."""
 
     @abc.abstractmethod
     async def put_file(self, key: str, path: Path, content_type: str) -> None:

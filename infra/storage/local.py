@@ -92,21 +92,22 @@ class LocalStore(ObjectStore):
     def _meta_path(self, key: str) -> Path:
         return self._meta / f"{validate_key(key)}.json"
 
-    def _write_atomic(self, target: Path, fill: Callable[[BinaryIO], object]) -> None:
-        """Write through `fill(file)` into a staging file, fsync it, then move it into place."""
+    def _write_atomic(self, target: Path, fill: Callable[[BinaryIO], object], durable: bool = True) -> None:
+        """Write through `fill(file)` into a staging file, fsync it (when durable), then move it into place."""
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(dir=self._tmp)
         try:
             with os.fdopen(fd, "wb") as fh:
                 fill(fh)
                 fh.flush()
-                os.fsync(fh.fileno())
+                if durable:
+                    os.fsync(fh.fileno())
             os.replace(tmp_name, target)
         except BaseException:
             Path(tmp_name).unlink(missing_ok=True)
             raise
 
-    def _put_sync(self, key: str, fill: Callable[[BinaryIO], object], content_type: str) -> None:
+    def _put_sync(self, key: str, fill: Callable[[BinaryIO], object], content_type: str, durable: bool = True) -> None:
         path = self._object_path(key)
         if path.is_dir():
             raise StorageUnavailableError(f"cannot store {key!r}: a key prefix of that name exists")
@@ -114,28 +115,35 @@ class LocalStore(ObjectStore):
             self._meta_path(key).unlink(missing_ok=True)  # one an earlier write of another type left
         else:
             meta = json.dumps({"content_type": content_type}).encode()
-            self._write_atomic(self._meta_path(key), lambda fh: fh.write(meta))
-        self._write_atomic(path, fill)
+            self._write_atomic(self._meta_path(key), lambda fh: fh.write(meta), durable)
+        self._write_atomic(path, fill, durable)
 
-    async def _put(self, key: str, fill: Callable[[BinaryIO], object], content_type: str) -> None:
+    async def _put(self, key: str, fill: Callable[[BinaryIO], object], content_type: str, durable: bool = True) -> None:
         validate_key(key)
         try:
-            await asyncio.to_thread(self._put_sync, key, fill, content_type)
+            await asyncio.to_thread(self._put_sync, key, fill, content_type, durable)
         except NotADirectoryError as exc:
             raise StorageUnavailableError(f"cannot store {key!r}: a parent of it is an object") from exc
 
     async def put(
-        self, key: str, data: bytes, content_type: str, *, if_none_match: bool = False, if_match: str | None = None
+        self,
+        key: str,
+        data: bytes,
+        content_type: str,
+        *,
+        if_none_match: bool = False,
+        if_match: str | None = None,
+        durable: bool = True,
     ) -> str:
         if not if_none_match and if_match is None:
-            await self._put(key, lambda fh: fh.write(data), content_type)
+            await self._put(key, lambda fh: fh.write(data), content_type, durable)
             return _etag(data)
         validate_key(key)
-        await asyncio.to_thread(self._put_conditional_sync, key, data, content_type, if_none_match, if_match)
+        await asyncio.to_thread(self._put_conditional_sync, key, data, content_type, if_none_match, if_match, durable)
         return _etag(data)
 
     def _put_conditional_sync(
-        self, key: str, data: bytes, content_type: str, if_none_match: bool, if_match: str | None
+        self, key: str, data: bytes, content_type: str, if_none_match: bool, if_match: str | None, durable: bool
     ) -> None:
         """Check and write under an exclusive lock on the store (flock: across threads and processes)."""
         with self._conditions_lock.open("a+b") as lock:
@@ -150,7 +158,7 @@ class LocalStore(ObjectStore):
             if if_match is not None and current != if_match:
                 raise PreconditionFailedError(key, f"If-Match: {if_match}")
             try:
-                self._put_sync(key, lambda fh: fh.write(data), content_type)
+                self._put_sync(key, lambda fh: fh.write(data), content_type, durable)
             except NotADirectoryError as exc:
                 raise StorageUnavailableError(f"cannot store {key!r}: a parent of it is an object") from exc
 

@@ -99,7 +99,14 @@ class S3Store(ObjectStore):
         return StorageUnavailableError(f"object store unreachable ({type(exc).__name__}: {exc})")
 
     async def put(
-        self, key: str, data: bytes, content_type: str, *, if_none_match: bool = False, if_match: str | None = None
+        self,
+        key: str,
+        data: bytes,
+        content_type: str,
+        *,
+        if_none_match: bool = False,
+        if_match: str | None = None,
+        durable: bool = True,
     ) -> str:
         validate_key(key)
         conditions: dict[str, str] = {}
