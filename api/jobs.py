@@ -7,6 +7,7 @@ job it started the first time instead of starting another.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -16,11 +17,12 @@ from litestar import Request, Response
 from litestar.status_codes import HTTP_202_ACCEPTED
 
 from api.errors import ApiError
+from api.replies import StreamEvent
 from api.schemas import JobAccepted
 from api.services import Services
 from api.urls import job_url
 from contract.jobs import RECORD_HEADER, JobRecord, JobStore, job_id_for_idempotency_key, record_params
-from contract.messages import MSGPACK, JobReply, encode
+from contract.messages import MSGPACK, STREAM_HEADER, JobReply, encode
 from infra.broker import BrokerUnavailableError, Priority
 from infra.storage import PreconditionFailedError
 
@@ -39,11 +41,13 @@ _CLIENT_ERRORS = {
 
 @dataclass(frozen=True, slots=True)
 class JobStart:
-    """What became of a request to start a job: its record, and the reply if the client waited for one."""
+    """What became of a request to start a job: its record, and the reply if the client waited for one; for a
+    streamed job, the queue its pieces and then its reply arrive on instead."""
 
     record: JobRecord
     reply: JobReply | None
     existing: bool = False
+    events: asyncio.Queue[StreamEvent] | None = None
 
 
 def job_store(services: Services) -> JobStore:
@@ -80,8 +84,10 @@ async def start_job(
     idempotency_key: str | None = None,
     params: dict[str, Any] | None = None,
     job_id: str | None = None,
+    stream: bool = False,
 ) -> JobStart:
-    """Record and publish a job (or find the one this Idempotency-Key already started)."""
+    """Record and publish a job (or find the one this Idempotency-Key already started). With `stream`, the job
+    is asked to send its output in pieces, and they come on the result's `events` (the caller forgets them)."""
     jobs = job_store(services)
     recorded = record_params(payload) if params is None else params
     key = check_idempotency_key(idempotency_key)
@@ -101,6 +107,8 @@ async def start_job(
             raise
         return _existing(existing, recorded)
     try:
+        if stream:
+            return JobStart(record, None, events=await _publish_streamed(services, job_type, payload, job_id))
         reply = await _publish(services, job_type, payload, job_id, wait)
     except BrokerUnavailableError:
         await jobs.delete(job_id)
@@ -141,6 +149,29 @@ async def _publish(
         replies.forget(job_id)
         raise
     return await replies.wait(job_id, future, services.settings.sync_timeout_seconds)
+
+
+async def _publish_streamed(
+    services: Services, job_type: str, payload: msgspec.Struct, job_id: str
+) -> asyncio.Queue[StreamEvent]:
+    """Publish a job whose requester waits for its output in pieces (STREAM_HEADER)."""
+    replies = services.replies
+    events = replies.expect_stream(job_id)
+    try:
+        await services.publisher.publish(
+            message_type=job_type,
+            body=encode(payload, MSGPACK),
+            message_id=job_id,
+            content_type=MSGPACK,
+            priority=Priority.INTERACTIVE,
+            reply_to=replies.queue_name,
+            correlation_id=job_id,
+            headers={RECORD_HEADER: True, STREAM_HEADER: True},
+        )
+    except BaseException:
+        replies.forget(job_id)
+        raise
+    return events
 
 
 async def finished_result(started: JobStart) -> dict[str, Any] | None:

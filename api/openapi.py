@@ -37,6 +37,7 @@ _STATUSES = {
     401: "This server needs an API key (API_KEYS) and none, or an invalid one, was sent",
     403: "The API key's level is below what this route needs",
     404: "No such image, job or object",
+    406: "The Accept header refuses the media type this request answers with (stream=true: audio/mpeg)",
     408: "The request body stopped arriving for HTTP_READ_TIMEOUT_SECONDS",
     409: "The index holds IMAGE_SEARCH_MAX_ELEMENTS images, or the Idempotency-Key was used for another request",
     413: "The body, a file in it, or its number of multipart parts is over this route's limit",

@@ -1,23 +1,38 @@
-"""Waiting for job outcomes: one exclusive reply queue per API process, futures matched by correlation id."""
+"""Waiting for job outcomes: one exclusive reply queue per API process, futures matched by correlation id; for a
+streamed job, a queue that gets the output's pieces as they come and then the reply."""
 
 from __future__ import annotations
 
 import asyncio
 import uuid
+from dataclasses import dataclass
 
 import msgspec
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
 
 from contract.messages import JobReply
+from infra.broker import OFFSET_HEADER, REPLY_PIECE
 
 log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyPiece:
+    """A piece of a streamed job's output: where it starts in the output (bytes), and its bytes."""
+
+    offset: int
+    data: bytes
+
+
+StreamEvent = ReplyPiece | JobReply
 
 
 class ReplyListener:
     def __init__(self, connection: AbstractRobustConnection) -> None:
         self._connection = connection
         self._pending: dict[str, asyncio.Future[JobReply]] = {}
+        self._streams: dict[str, asyncio.Queue[StreamEvent]] = {}
         self._channel: AbstractChannel | None = None
         self.queue_name = f"ams.reply.{uuid.uuid4().hex}"
 
@@ -35,8 +50,15 @@ class ReplyListener:
         self._pending[correlation_id] = future
         return future
 
+    def expect_stream(self, correlation_id: str) -> asyncio.Queue[StreamEvent]:
+        """A queue that gets the job's pieces in order (ReplyPiece), then its reply, which ends the stream."""
+        events: asyncio.Queue[StreamEvent] = asyncio.Queue()
+        self._streams[correlation_id] = events
+        return events
+
     def forget(self, correlation_id: str) -> None:
         self._pending.pop(correlation_id, None)
+        self._streams.pop(correlation_id, None)
 
     async def wait(self, correlation_id: str, future: asyncio.Future[JobReply], seconds: float) -> JobReply | None:
         """The reply, or None if it did not come within `seconds`."""
@@ -49,19 +71,36 @@ class ReplyListener:
             self.forget(correlation_id)
 
     async def _on_reply(self, message: AbstractIncomingMessage) -> None:
-        future = self._pending.pop(message.correlation_id or "", None)
-        if future is None or future.done():
+        correlation_id = message.correlation_id or ""
+        if message.type == REPLY_PIECE:
+            self._on_piece(correlation_id, message)
+            return
+        stream = self._streams.pop(correlation_id, None)
+        future = self._pending.pop(correlation_id, None)
+        if stream is None and (future is None or future.done()):
             return
         try:
             reply = msgspec.msgpack.decode(message.body, type=JobReply)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             log.error("reply_undecodable", correlation_id=message.correlation_id, error=str(exc))
             return
-        future.set_result(reply)
+        if stream is not None:
+            stream.put_nowait(reply)
+        elif future is not None:
+            future.set_result(reply)
+
+    def _on_piece(self, correlation_id: str, message: AbstractIncomingMessage) -> None:
+        stream = self._streams.get(correlation_id)
+        if stream is None:
+            return
+        offset = (message.headers or {}).get(OFFSET_HEADER)
+        # a piece without a usable offset cannot be placed: the reader sees a gap and ends the stream
+        stream.put_nowait(ReplyPiece(offset if isinstance(offset, int) else -1, message.body))
 
     async def close(self) -> None:
         for future in self._pending.values():
             future.cancel()
         self._pending.clear()
+        self._streams.clear()
         if self._channel is not None and not self._channel.is_closed:
             await self._channel.close()

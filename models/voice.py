@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -61,29 +61,44 @@ class VoiceCloner:
         log.info("voice_model_loaded", model=source.model_id, **placement.describe())
         return cls(model, source.model_id, placement)
 
-    def clone(self, *, reference: DecodedAudio, ref_text: str, pieces: Sequence[str], language: str) -> np.ndarray:
-        """Speak each piece of text in the reference voice and join them; mono float32 at SAMPLE_RATE."""
+    def clone(
+        self,
+        *,
+        reference: DecodedAudio,
+        ref_text: str,
+        pieces: Sequence[str],
+        language: str,
+        on_piece: Callable[[np.ndarray], None] | None = None,
+    ) -> np.ndarray:
+        """Speak each piece of text in the reference voice and join them; mono float32 at SAMPLE_RATE.
+
+        With `on_piece`, the pieces are spoken one per model call and each is handed to on_piece (in this thread)
+        as soon as it is spoken, with the 0.2 s pause before it (all but the first): what on_piece gets, joined,
+        is the returned waveform."""
         if reference.sample_rate != SAMPLE_RATE:
             raise ValueError(f"the reference must be resampled to {SAMPLE_RATE} Hz first")
         gap = np.zeros(int(_GAP_SECONDS * SAMPLE_RATE), dtype=np.float32)
-        spoken: list[np.ndarray] = []
+        batch = 1 if on_piece is not None else _BATCH
+        joined: list[np.ndarray] = []
         with self._lock, torch.inference_mode(), warnings.catch_warnings():
             # qwen_tts generates from embeddings; transformers notes that the penalty then covers new tokens only
             warnings.filterwarnings("ignore", message="Passing `repetition_penalty`", category=UserWarning)
             prompt = self._model.create_voice_clone_prompt(
                 ref_audio=(reference.waveform, SAMPLE_RATE), ref_text=ref_text
             )
-            for start in range(0, len(pieces), _BATCH):
-                batch = list(pieces[start : start + _BATCH])
-                waves, rate = self._model.generate_voice_clone(
-                    text=batch, language=[language] * len(batch), voice_clone_prompt=prompt * len(batch)
-                )
-                if rate != SAMPLE_RATE:
-                    raise RuntimeError(f"the voice model produced {rate} Hz audio, expected {SAMPLE_RATE}")
-                spoken += [np.asarray(wave, dtype=np.float32) for wave in waves]
-        joined: list[np.ndarray] = []
-        for index, wave in enumerate(spoken):
-            if index:
-                joined.append(gap)
-            joined.append(wave)
+            for start in range(0, len(pieces), batch):
+                for wave in self._speak(prompt, pieces[start : start + batch], language):
+                    part = np.concatenate([gap, wave]) if joined else wave
+                    joined.append(part)
+                    if on_piece is not None:
+                        on_piece(part)
         return np.concatenate(joined) if joined else np.zeros(0, dtype=np.float32)
+
+    def _speak(self, prompt: Any, texts: Sequence[str], language: str) -> list[np.ndarray]:
+        """One model call: the texts spoken in the prompt's voice, one waveform each."""
+        waves, rate = self._model.generate_voice_clone(
+            text=list(texts), language=[language] * len(texts), voice_clone_prompt=prompt * len(texts)
+        )
+        if rate != SAMPLE_RATE:
+            raise RuntimeError(f"the voice model produced {rate} Hz audio, expected {SAMPLE_RATE}")
+        return [np.asarray(wave, dtype=np.float32) for wave in waves]

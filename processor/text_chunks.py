@@ -35,8 +35,13 @@ def _split_long(sentence: str, max_chars: int) -> list[str]:
     return [sentence[start : start + max_chars] for start in range(0, len(sentence), max_chars)]
 
 
+def split_sentences(text: str, max_chars: int) -> list[str]:
+    """Each sentence its own piece, in order, none empty; only a sentence over max_chars is cut further. For
+    streaming: the first sentence is heard as soon as it is spoken."""
+    sentences = [sentence.strip() for sentence in _SENTENCE_END.split(text.strip())]
+    return [piece for sentence in sentences if sentence for piece in _split_long(sentence, max_chars)]
+
+
 def split_text(text: str, max_chars: int) -> list[str]:
     """Chunks of at most max_chars, cut at sentence ends where possible, in order, none empty."""
-    sentences = [sentence.strip() for sentence in _SENTENCE_END.split(text.strip())]
-    pieces = [piece for sentence in sentences if sentence for piece in _split_long(sentence, max_chars)]
-    return _pack(pieces, max_chars, " ")
+    return _pack(split_sentences(text, max_chars), max_chars, " ")

@@ -1,13 +1,16 @@
-"""Voice cloning, the seed's two endpoints: MP3 bytes from an uploaded clip, or an MP3 in R2 from a clip in R2."""
+"""Voice cloning, the seed's two endpoints: MP3 bytes from an uploaded clip (whole, or streamed sentence by sentence
+as it is spoken), or an MP3 in R2 from a clip in R2."""
 
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated
+import dataclasses
+from typing import Annotated, Any
 
 from litestar import Request, Response, post
 from litestar.enums import RequestEncodingType
-from litestar.params import Body
+from litestar.params import Body, Parameter
+from litestar.response import Stream
 from litestar.status_codes import HTTP_200_OK
 
 from api.auth import WRITE
@@ -15,9 +18,11 @@ from api.errors import ApiError
 from api.features import needs
 from api.jobs import JobStart, accepted, finished_result, output_bytes, start_job
 from api.openapi import ACCEPTED, binary, errors
+from api.replies import ReplyPiece, StreamEvent
 from api.routes.generate import IDEMPOTENCY_KEY
 from api.schemas import GeneratedVoiceKey, JobAccepted, VoiceCloneForm, VoiceFromKeyRequest
 from api.services import Services
+from api.streaming import accepts, next_event, stream_pieces
 from api.strict import strict_json
 from contract.audio import SAMPLE_RATE, decode_audio
 from contract.messages import (
@@ -29,6 +34,14 @@ from contract.messages import (
     check_reference_key,
 )
 from infra.storage import InvalidKeyError
+
+MP3 = "audio/mpeg"
+STREAM = Parameter(
+    description="true: send the MP3 as it is spoken, sentence by sentence, in a chunked response that starts as soon "
+    "as the first sentence is ready (no X-Audio-Duration); the stored object is the streamed bytes. Needs an Accept "
+    "header that admits audio/mpeg (or none). A job that fails mid-stream ends the response before its last chunk "
+    "(a truncated body). Past SYNC_TIMEOUT_SECONDS before the first sentence: 202 with the job, as without it"
+)
 
 
 def check_text_fields(services: Services, *, text: str, ref_text: str, language: str) -> str:
@@ -73,20 +86,53 @@ async def _respond_mp3(request: Request, services: Services, started: JobStart) 
         return accepted(request, services, started.record)
     return Response(
         await output_bytes(services, started, result),
-        media_type="audio/mpeg",
+        media_type=MP3,
         headers={"X-Job-Id": started.record.job_id, "X-Audio-Duration": str(result["duration_seconds"])},
     )
+
+
+async def _respond_streamed(
+    request: Request, services: Services, started: JobStart, events: asyncio.Queue[StreamEvent]
+) -> Response[Any]:
+    """Wait for the job's first piece and stream from it; the reply first: its error, or the output whole (a job
+    that finished without pieces: a redelivery already recorded); nothing in time: 202."""
+    job_id, replies = started.record.job_id, services.replies
+    seconds = services.settings.sync_timeout_seconds
+    try:
+        first = await next_event(events, seconds)
+    except BaseException:
+        replies.forget(job_id)
+        raise
+    if isinstance(first, ReplyPiece):
+        body = stream_pieces(replies, job_id, events, first, seconds)
+        return Stream(body, media_type=MP3, headers={"X-Job-Id": job_id})
+    replies.forget(job_id)
+    return await _respond_mp3(request, services, dataclasses.replace(started, reply=first))
+
+
+def _check_stream_accept(request: Request) -> None:
+    if not accepts(request.headers.get("Accept"), MP3):
+        raise ApiError(
+            406,
+            "not_acceptable",
+            "stream=true answers with audio/mpeg; send `Accept: audio/mpeg` (or no Accept header)",
+        )
 
 
 @post(
     "/v1/voice/generate",
     status_code=HTTP_200_OK,
-    summary="Speak text in the voice of an uploaded clip; answers with MP3 bytes (202 and a job past the timeout)",
+    summary="Speak text in the voice of an uploaded clip; answers with MP3 bytes, whole or streamed as spoken "
+    "(202 and a job past the timeout)",
     opt={**WRITE, **needs("voice")},
     responses={
-        HTTP_200_OK: binary("audio/mpeg", "The MP3; X-Audio-Duration gives its length in seconds"),
+        HTTP_200_OK: binary(
+            MP3,
+            "The MP3; X-Audio-Duration gives its length in seconds. With stream=true it is sent chunked as it is "
+            "spoken, without X-Audio-Duration",
+        ),
         **ACCEPTED,
-        **errors(408, 409, 413, 422, 503),
+        **errors(406, 408, 409, 413, 422, 503),
     },
 )
 async def generate_voice(
@@ -94,8 +140,11 @@ async def generate_voice(
     services: Services,
     data: Annotated[VoiceCloneForm, Body(media_type=RequestEncodingType.MULTI_PART)],
     idempotency_key: Annotated[str | None, IDEMPOTENCY_KEY] = None,
-) -> Response[bytes | JobAccepted]:
+    stream: Annotated[bool, STREAM] = False,
+) -> Response[Any]:
     settings = services.settings
+    if stream:
+        _check_stream_accept(request)
     language = check_text_fields(services, text=data.text, ref_text=data.ref_text, language=data.language)
     clip = await data.ref_audio.read(settings.voice_max_ref_bytes + 1)
     await data.ref_audio.close()
@@ -120,8 +169,16 @@ async def generate_voice(
         "language": language,
     }
     started = await start_job(
-        services, job_type=VOICE_GENERATE, payload=payload, wait=True, params=params, idempotency_key=idempotency_key
+        services,
+        job_type=VOICE_GENERATE,
+        payload=payload,
+        wait=True,
+        params=params,
+        idempotency_key=idempotency_key,
+        stream=stream,
     )
+    if started.events is not None:
+        return await _respond_streamed(request, services, started, started.events)
     return await _respond_mp3(request, services, started)
 
 

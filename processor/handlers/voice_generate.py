@@ -1,23 +1,33 @@
 """voice.generate: clone the reference voice, speak the text (split at sentences), store the MP3 as
-voice/generated/<job id>.mp3."""
+voice/generated/<job id>.mp3. A requester that asked for it streamed gets the MP3 sentence by sentence on its reply
+queue as it is spoken; the stored object is those pieces joined."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from typing import Any
 
 import structlog
 
-from contract.audio import SAMPLE_RATE, InvalidAudioError, decode_audio, encode_mp3
+from contract.audio import (
+    SAMPLE_RATE,
+    DecodedAudio,
+    InvalidAudioError,
+    Mp3Stream,
+    decode_audio,
+    encode_mp3,
+    mp3_seconds,
+)
 from contract.messages import VOICE_GENERATE, VoiceGenerateV1, canonical_language, check_reference_key
 from infra.settings import Settings
 from infra.storage import InvalidKeyError, ObjectNotFoundError, ObjectStore
 from models.voice import VoiceCloner
-from processor.handlers.base import Job
+from processor.handlers.base import Job, PieceSink
 from processor.outcomes import Failed, Outcome, Succeeded
 from processor.outputs import store_once
 from processor.retrying import TRANSIENT_ERRORS, retry_transient
-from processor.text_chunks import split_text
+from processor.text_chunks import split_sentences, split_text
 
 log = structlog.get_logger(__name__)
 
@@ -57,6 +67,23 @@ class VoiceGenerateHandler:
                 "text_too_long",
                 f"text is longer than {settings.voice_max_text_chars} characters (VOICE_MAX_TEXT_CHARS)",
             )
+        if job.pieces is not None:
+            try:
+                stored = await self._stored(generated_key(job.message_id))
+            except TRANSIENT_ERRORS as exc:
+                return Failed("storage_unavailable", str(exc), transient=True)
+            if stored is not None:
+                return await self._resend(job, job.pieces, stored)
+        reference = await self._reference(payload)
+        if isinstance(reference, Failed):
+            return reference
+        if job.pieces is not None:
+            return await self._streamed(job, job.pieces, reference)
+        return await self._whole(job, reference)
+
+    async def _reference(self, payload: VoiceGenerateV1) -> DecodedAudio | Failed:
+        """The reference clip, read and decoded, or why it cannot be used."""
+        settings = self._settings
         try:
             data = await self._reference_bytes(payload)
         except InvalidKeyError as exc:
@@ -71,7 +98,7 @@ class VoiceGenerateHandler:
                 f"the reference clip is larger than {settings.voice_max_ref_bytes} bytes (VOICE_MAX_REF_BYTES)",
             )
         try:
-            reference = await asyncio.to_thread(
+            return await asyncio.to_thread(
                 decode_audio,
                 data,
                 sample_rate=SAMPLE_RATE,
@@ -80,36 +107,122 @@ class VoiceGenerateHandler:
             )
         except InvalidAudioError as exc:
             return Failed(exc.code, exc.message)
+
+    async def _whole(self, job: Job, reference: DecodedAudio) -> Outcome:
+        """Speak the text in batches, encode it in one go, store it; the MP3 rides on the reply."""
+        payload: VoiceGenerateV1 = job.payload
         language = canonical_language(payload.language) or "auto"
-        pieces = split_text(payload.text, settings.voice_chunk_chars)
+        pieces = split_text(payload.text, self._settings.voice_chunk_chars)
         wave = await asyncio.to_thread(
             self._cloner.clone, reference=reference, ref_text=payload.ref_text, pieces=pieces, language=language
         )
-        mp3 = await asyncio.to_thread(encode_mp3, wave, SAMPLE_RATE, settings.voice_mp3_bitrate_kbps * 1000)
+        mp3 = await asyncio.to_thread(encode_mp3, wave, SAMPLE_RATE, self._bitrate)
         key = generated_key(job.message_id)
         try:
             mp3 = await store_once(self._store, key, mp3, "audio/mpeg")
         except TRANSIENT_ERRORS as exc:
             return Failed("storage_unavailable", str(exc), transient=True)
         seconds = round(len(wave) / SAMPLE_RATE, 3)
-        log.info(
-            "voice_generated",
-            job_id=job.message_id,
-            key=key,
-            seconds=seconds,
-            pieces=len(pieces),
-            language=language,
-            reference_format=reference.source_format,
-        )
-        result = {
+        self._log(job, key, seconds, len(pieces), language, reference)
+        return Succeeded(self._result(key, mp3, seconds, len(pieces), language), attachment=mp3)
+
+    async def _streamed(self, job: Job, sink: PieceSink, reference: DecodedAudio) -> Outcome:
+        """Speak the text sentence by sentence, each sent as MP3 as soon as it is spoken, then store the whole;
+        the reply carries no attachment (the pieces had the bytes)."""
+        payload: VoiceGenerateV1 = job.payload
+        language = canonical_language(payload.language) or "auto"
+        pieces = split_sentences(payload.text, self._settings.voice_chunk_chars)
+        mp3, samples = await self._speak_streamed(sink, reference, payload.ref_text, pieces, language)
+        key = generated_key(job.message_id)
+        try:
+            stored = await store_once(self._store, key, mp3, "audio/mpeg")
+        except TRANSIENT_ERRORS as exc:
+            return Failed("storage_unavailable", str(exc), transient=True)
+        if stored != mp3:
+            log.warning("voice_stream_differs_from_stored", job_id=job.message_id, key=key)
+        seconds = round(samples / SAMPLE_RATE, 3)
+        self._log(job, key, seconds, len(pieces), language, reference)
+        return Succeeded(self._result(key, stored, seconds, len(pieces), language))
+
+    async def _speak_streamed(
+        self, sink: PieceSink, reference: DecodedAudio, ref_text: str, pieces: list[str], language: str
+    ) -> tuple[bytes, int]:
+        """Run the model in a worker thread that encodes each spoken piece there and hands the MP3 bytes to this
+        loop, which sends them on while the model speaks the next. Returns the whole MP3 and its sample count."""
+        loop = asyncio.get_running_loop()
+        encoded: asyncio.Queue[bytes | None] = asyncio.Queue()
+        encoder = Mp3Stream(SAMPLE_RATE, self._bitrate)
+
+        def hand_over(data: bytes | None) -> None:
+            loop.call_soon_threadsafe(encoded.put_nowait, data)
+
+        def speak() -> int:
+            try:
+                wave = self._cloner.clone(
+                    reference=reference,
+                    ref_text=ref_text,
+                    pieces=pieces,
+                    language=language,
+                    on_piece=lambda part: hand_over(encoder.push(part)),
+                )
+                hand_over(encoder.finish())
+                return len(wave)
+            finally:
+                hand_over(None)
+
+        speaking = asyncio.ensure_future(asyncio.to_thread(speak))
+        sent: list[bytes] = []
+        while (data := await encoded.get()) is not None:
+            if data:
+                sent.append(data)
+                await sink.send(data)
+        return b"".join(sent), await speaking
+
+    async def _stored(self, key: str) -> bytes | None:
+        """The output an earlier delivery of this job stored, if there is one."""
+        try:
+            return (await retry_transient(lambda: self._store.get(key))).data
+        except ObjectNotFoundError:
+            return None
+
+    async def _resend(self, job: Job, sink: PieceSink, stored: bytes) -> Outcome:
+        """A redelivery after the output was stored: stream the stored MP3 as one piece, and succeed with it. Its
+        duration is measured from the MP3 (the waveform is gone), LAME's delay and padding included."""
+        payload: VoiceGenerateV1 = job.payload
+        key = generated_key(job.message_id)
+        log.info("output_already_stored", key=key)
+        await sink.send(stored)
+        seconds = round(await asyncio.to_thread(mp3_seconds, stored), 3)
+        pieces = split_sentences(payload.text, self._settings.voice_chunk_chars)
+        language = canonical_language(payload.language) or "auto"
+        return Succeeded(self._result(key, stored, seconds, len(pieces), language))
+
+    @property
+    def _bitrate(self) -> int:
+        return self._settings.voice_mp3_bitrate_kbps * 1000
+
+    def _result(self, key: str, mp3: bytes, seconds: float, pieces: int, language: str) -> dict[str, Any]:
+        return {
             "key": key,
             "content_type": "audio/mpeg",
             "size": len(mp3),
             "duration_seconds": seconds,
             "sample_rate": SAMPLE_RATE,
-            "bitrate_kbps": settings.voice_mp3_bitrate_kbps,
+            "bitrate_kbps": self._settings.voice_mp3_bitrate_kbps,
             "language": language,
-            "pieces": len(pieces),
+            "pieces": pieces,
             "model": self._cloner.model_id,
         }
-        return Succeeded(result, attachment=mp3)
+
+    @staticmethod
+    def _log(job: Job, key: str, seconds: float, pieces: int, language: str, reference: DecodedAudio) -> None:
+        log.info(
+            "voice_generated",
+            job_id=job.message_id,
+            key=key,
+            seconds=seconds,
+            pieces=pieces,
+            language=language,
+            reference_format=reference.source_format,
+            streamed=job.pieces is not None,
+        )
