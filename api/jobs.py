@@ -99,7 +99,7 @@ async def start_job(
     job_id = job_id or str(uuid.uuid4())
     record = JobStore.new(job_id, job_type, recorded, idempotency_key=key)
     try:
-        await jobs.create(record)
+        await jobs.create(record, durable=False)  # queued: the processor makes it again if a power failure loses it
     except PreconditionFailedError:
         # a concurrent request with the same Idempotency-Key created it first
         existing = await jobs.get(job_id)

@@ -21,6 +21,11 @@ as median and p95 over --runs requests after --warmup untimed ones. Paths:
                against the synthesis of the first sentence (the model call's start to its first piece)
     upload     POST /v1/images (wait=true), a 640x480 JPEG: the image record once it is searchable
 
+In the same run it measures the floor under all of this: one request and reply through the same RabbitMQ node
+alone (a persistent message published with confirms and priority, consumed, answered on a reply queue, the
+answer consumed; aio-pika in one event loop, as in the product), with the same pause between requests as the
+path's model call, since a broker and an event loop that have been idle take longer to answer than busy ones.
+
 --breakdown adds, for each path, the time spent in each step of the request (job records, publishes, object
 store writes and reads, reply) as the median over the requests, so the overhead can be traced to its parts.
 """
@@ -117,7 +122,8 @@ def _request_for(path: str) -> tuple[str, str, bytes, dict[str, str]]:
 
 def client(port: int, path: str, count: int) -> None:
     """Send `count` requests one after another on one keep-alive connection; print one JSON line per request:
-    [milliseconds to the first byte of the body, milliseconds to its last byte]."""
+    [sent, first byte of the body, last byte], in seconds of time.perf_counter (CLOCK_MONOTONIC on Linux, the same
+    clock in every process, so the server's steps can be placed on the request's timeline)."""
     url, expected, body, headers = _request_for(path)
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
     connection.connect()
@@ -132,7 +138,7 @@ def client(port: int, path: str, count: int) -> None:
         done = time.perf_counter()
         if str(response.status) != expected or not first:
             raise SystemExit(f"{path}: HTTP {response.status}: {(first + rest)[:500]!r}")
-        sys.stdout.write(json.dumps([(first_at - started) * 1000, (done - started) * 1000]) + "\n")
+        sys.stdout.write(json.dumps([started, first_at, done]) + "\n")
         sys.stdout.flush()
 
 
@@ -195,13 +201,17 @@ def _model_call(spans: Spans, function: Callable[..., Any]) -> Callable[..., Any
         try:
             return function(*args, **kwargs)
         finally:
-            spans.model.append((time.perf_counter() - started) * 1000)
+            ended = time.perf_counter()
+            spans.model.append((ended - started) * 1000)
+            spans.calls.append(("MODEL", started, ended))
 
     return timed
 
 
 # functions looked up by name when called, timed with --breakdown
 STEP_FUNCTIONS = (
+    ("api.routes.generate", ("strict_json", "finished_result")),
+    ("processor.consumer", ("decode_job",)),
     ("api.routes.voice", ("decode_audio",)),
     ("api.routes.images", ("decode_image",)),
     ("processor.handlers.voice_generate", ("decode_audio", "encode_mp3")),
@@ -306,7 +316,7 @@ async def serving(settings: Any) -> AsyncIterator[tuple[Any, int]]:
         await running.stop()
 
 
-async def _run_client(port: int, path: str, count: int) -> list[tuple[float, float]]:
+async def _run_client(port: int, path: str, count: int) -> list[tuple[float, float, float]]:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -322,6 +332,47 @@ async def _run_client(port: int, path: str, count: int) -> list[tuple[float, flo
     return [tuple(json.loads(line)) for line in output.decode().splitlines()]
 
 
+async def queue_floor(amqp_url: str, pause_seconds: float, runs: int) -> list[float]:
+    """Milliseconds per request and reply through RabbitMQ alone, with `pause_seconds` between requests."""
+    import aio_pika
+
+    connection = await aio_pika.connect_robust(amqp_url)
+    try:
+        requests = await connection.channel(publisher_confirms=True)
+        replies = await connection.channel(publisher_confirms=False)
+        work = await requests.declare_queue("", exclusive=True, arguments={"x-max-priority": 9})
+        answers = await requests.declare_queue("", exclusive=True)
+        waiting: dict[str, asyncio.Future[float]] = {}
+
+        async def answer(message: Any) -> None:
+            reply = aio_pika.Message(b"reply", correlation_id=message.correlation_id)
+            await replies.default_exchange.publish(reply, routing_key=message.reply_to)
+            await message.ack()
+
+        async def answered(message: Any) -> None:
+            waiting.pop(message.correlation_id).set_result(time.perf_counter())
+
+        await work.consume(answer)
+        await answers.consume(answered, no_ack=True)
+        samples = []
+        for number in range(runs + 5):
+            waiting[str(number)] = done = asyncio.get_running_loop().create_future()
+            started = time.perf_counter()
+            message = aio_pika.Message(
+                b"x" * 256,
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                priority=9,
+                correlation_id=str(number),
+                reply_to=answers.name,
+            )
+            await requests.default_exchange.publish(message, routing_key=work.name)
+            samples.append((await done - started) * 1000)
+            await asyncio.sleep(pause_seconds)
+        return samples[5:]
+    finally:
+        await connection.close()
+
+
 @dataclass
 class PathResult:
     path: str
@@ -329,7 +380,9 @@ class PathResult:
     first_byte: list[float]
     request: list[float]
     first_piece: list[float]
-    steps: dict[str, tuple[float, float]]  # step -> (median ms per request, calls per request)
+    steps: dict[str, tuple[float, float]]  # step -> (mean ms per request, calls per request)
+    timeline: list[tuple[str, float, float]]  # the steps of the request with the median overhead, ms from its start
+    floor: list[float] = field(default_factory=list)  # RabbitMQ request and reply alone, same pause
 
     @property
     def overhead(self) -> list[float]:
@@ -344,9 +397,20 @@ def _steps(spans: Spans, runs: int) -> dict[str, tuple[float, float]]:
     totals: dict[str, float] = defaultdict(float)
     counts: dict[str, int] = defaultdict(int)
     for name, started, ended in spans.calls:
-        totals[name] += (ended - started) * 1000
-        counts[name] += 1
+        if name != "MODEL":
+            totals[name] += (ended - started) * 1000
+            counts[name] += 1
     return {name: (totals[name] / runs, counts[name] / runs) for name in sorted(totals, key=lambda n: -totals[n])}
+
+
+def _timeline(spans: Spans, request: tuple[float, float, float]) -> list[tuple[str, float, float]]:
+    sent, _, done = request
+    steps = [
+        (name, (started - sent) * 1000, (ended - sent) * 1000)
+        for name, started, ended in spans.calls
+        if sent <= started <= done
+    ]
+    return [*sorted(steps, key=lambda step: step[1]), ("answer read by the client", (done - sent) * 1000, 0.0)]
 
 
 async def measure(port: int, spans: Spans, path: str, runs: int, warmup: int) -> PathResult:
@@ -355,13 +419,17 @@ async def measure(port: int, spans: Spans, path: str, runs: int, warmup: int) ->
     timings = await _run_client(port, path, runs)
     if len(spans.model) != runs:
         raise SystemExit(f"{path}: {len(spans.model)} model calls for {runs} requests")
+    requests = [(last - sent) * 1000 for sent, _, last in timings]
+    overhead = [request - model for request, model in zip(requests, spans.model, strict=True)]
+    middle = sorted(range(runs), key=overhead.__getitem__)[runs // 2]
     return PathResult(
         path=path,
         model=list(spans.model),
-        first_byte=[first for first, _ in timings],
-        request=[last for _, last in timings],
+        first_byte=[(first - sent) * 1000 for sent, first, _ in timings],
+        request=requests,
         first_piece=list(spans.first_piece) if path == "stream" else [],
         steps=_steps(spans, runs),
+        timeline=_timeline(spans, timings[middle]),
     )
 
 
@@ -376,12 +444,15 @@ def report(results: list[PathResult], args: argparse.Namespace) -> None:
         f"MODEL_PROFILE={os.environ.get('MODEL_PROFILE', 'tiny')}; {args.runs} requests per path after "
         f"{args.warmup} warm-up\n\n"
     )
-    out.write("| path | model median | request median | overhead median | overhead p95 |\n")
-    out.write("|---|---:|---:|---:|---:|\n")
+    out.write(
+        "| path | model median | request median | overhead median | overhead p95 | RabbitMQ alone median | p95 |\n"
+    )
+    out.write("|---|---:|---:|---:|---:|---:|---:|\n")
     for result in results:
         out.write(
             f"| {result.path} | {statistics.median(result.model):.1f} ms | {statistics.median(result.request):.1f} ms"
-            f" | {statistics.median(result.overhead):.1f} ms | {p95(result.overhead):.1f} ms |\n"
+            f" | {statistics.median(result.overhead):.1f} ms | {p95(result.overhead):.1f} ms"
+            f" | {statistics.median(result.floor):.1f} ms | {p95(result.floor):.1f} ms |\n"
         )
     for result in results:
         if result.first_piece:
@@ -396,6 +467,9 @@ def report(results: list[PathResult], args: argparse.Namespace) -> None:
             out.write(f"\n{result.path}: time in each step per request (mean ms, calls)\n")
             for name, (ms, calls) in result.steps.items():
                 out.write(f"    {name:28} {ms:7.2f} ms  x{calls:g}\n")
+            out.write(f"{result.path}: the request with the median overhead, ms from sending it (start, end)\n")
+            for name, started, ended in result.timeline:
+                out.write(f"    {name:28} {started:8.2f} {f'{ended:8.2f}' if ended else ''}\n")
 
 
 async def run(args: argparse.Namespace) -> list[PathResult]:
@@ -404,7 +478,12 @@ async def run(args: argparse.Namespace) -> list[PathResult]:
         spans = Spans()
         async with serving(settings) as (running, port):
             instrument(running, spans, args.breakdown)
-            return [await measure(port, spans, path, args.runs, args.warmup) for path in args.paths]
+            results = []
+            for path in args.paths:
+                result = await measure(port, spans, path, args.runs, args.warmup)
+                result.floor = await queue_floor(amqp_url, statistics.median(result.model) / 1000, args.runs)
+                results.append(result)
+            return results
 
 
 def main() -> None:
