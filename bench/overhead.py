@@ -193,8 +193,10 @@ def _model_call(spans: Spans, function: Callable[..., Any]) -> Callable[..., Any
         if on_piece is not None:
 
             def first_piece(*piece_args: Any) -> Any:
+                spoken = time.perf_counter()
                 if len(spans.first_piece) < len(spans.model) + 1:
-                    spans.first_piece.append((time.perf_counter() - started) * 1000)
+                    spans.first_piece.append((spoken - started) * 1000)
+                spans.calls.append(("MODEL: a piece spoken", spoken, spoken))
                 return on_piece(*piece_args)
 
             kwargs["on_piece"] = first_piece
@@ -397,20 +399,27 @@ def _steps(spans: Spans, runs: int) -> dict[str, tuple[float, float]]:
     totals: dict[str, float] = defaultdict(float)
     counts: dict[str, int] = defaultdict(int)
     for name, started, ended in spans.calls:
-        if name != "MODEL":
+        if not name.startswith("MODEL"):
             totals[name] += (ended - started) * 1000
             counts[name] += 1
     return {name: (totals[name] / runs, counts[name] / runs) for name in sorted(totals, key=lambda n: -totals[n])}
 
 
 def _timeline(spans: Spans, request: tuple[float, float, float]) -> list[tuple[str, float, float]]:
-    sent, _, done = request
+    sent, first, done = request
     steps = [
         (name, (started - sent) * 1000, (ended - sent) * 1000)
         for name, started, ended in spans.calls
         if sent <= started <= done
     ]
-    return [*sorted(steps, key=lambda step: step[1]), ("answer read by the client", (done - sent) * 1000, 0.0)]
+    return sorted(
+        [
+            *steps,
+            ("first byte at the client", (first - sent) * 1000, 0.0),
+            ("answer read by the client", (done - sent) * 1000, 0.0),
+        ],
+        key=lambda step: step[1],
+    )
 
 
 async def measure(port: int, spans: Spans, path: str, runs: int, warmup: int) -> PathResult:

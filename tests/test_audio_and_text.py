@@ -140,3 +140,14 @@ def test_a_clip_whose_headers_outgrow_the_quick_probe_still_decodes():
     riff = riff[:4] + (len(riff) - 8).to_bytes(4, "little") + riff[8:]
     decoded = decode_audio(riff, sample_rate=RATE, min_seconds=1.0, max_seconds=30.0)
     assert decoded.seconds == pytest.approx(wav_seconds(wav), abs=0.05)
+
+
+def test_a_mono_16_bit_wav_read_directly_gives_what_ffmpeg_gives():
+    """Mono 16-bit WAVs skip FFmpeg; the samples are the same as FFmpeg's decode of the same audio in FLAC."""
+    direct = decode_audio(speech_wav(), sample_rate=RATE, min_seconds=1.0, max_seconds=30.0)
+    through_ffmpeg = decode_audio(speech_clip("flac"), sample_rate=RATE, min_seconds=1.0, max_seconds=30.0)
+    assert direct.source_format == "wav"
+    np.testing.assert_array_equal(direct.waveform, through_ffmpeg.waveform)
+    with pytest.raises(InvalidAudioError) as refused:
+        decode_audio(speech_wav(), sample_rate=RATE, min_seconds=1.0, max_seconds=1.0)
+    assert refused.value.code == "audio_too_long"
