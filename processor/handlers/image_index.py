@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, NamedTuple, cast
 
 import msgspec
 import structlog
+from PIL import Image
 
 from contract.clock import UniqueClock, iso_from_us
 from contract.image_ids import image_id_for_key, original_key, thumbnail_key
@@ -41,15 +43,18 @@ class ImageInputs(NamedTuple):
 
     info: ImageInfo  # what the original is
     inputs: Any  # the image tower's input, or an EncodedJpeg for the device to decode
-    thumbnail: bytes | None  # the WebP thumbnail; None when thumbnails are not made at index time
+    # the WebP thumbnail, or what makes it when called (in a decode thread, while the model embeds the batch);
+    # None when thumbnails are not made at index time
+    thumbnail: bytes | Callable[[], bytes] | None
 
 
 def prepare_image(embedder: ClipEmbedder, data: bytes, max_pixels: int, thumbnail_side: int | None) -> ImageInputs:
-    """In a decode thread: what the image is, the model's input made from it, and its thumbnail (longest side
-    `thumbnail_side`; none when that is None). For a plain JPEG of a sane size when the embedder decodes JPEGs on
-    its device, the input is the JPEG itself (`EncodedJpeg`: the batch's are decoded there together) and the
-    thumbnail is made here from a draft decode. Anything else is decoded by Pillow once, at the size both the model
-    and the thumbnail need."""
+    """In a decode thread: what the image is, the model's input made from it, and how to make its thumbnail
+    (longest side `thumbnail_side`; none when that is None). For a plain JPEG of a sane size when the embedder
+    decodes JPEGs on its device, the input is the JPEG itself (`EncodedJpeg`: the batch's are decoded there
+    together) and the thumbnail is made here from a draft decode of the bytes, which also finds a broken JPEG before
+    it fails the device's decode of the whole batch. Anything else is decoded by Pillow once, at the size both the
+    model and the thumbnail need, and its thumbnail is made later from that."""
     if embedder.decodes_jpeg:
         info = inspect_image(data, max_pixels)
         if info.plain_jpeg and info.width * info.height <= DEVICE_DECODE_MAX_PIXELS:
@@ -60,17 +65,29 @@ def prepare_image(embedder: ClipEmbedder, data: bytes, max_pixels: int, thumbnai
 
 def pillow_inputs(embedder: ClipEmbedder, data: bytes, max_pixels: int, thumbnail_side: int | None) -> ImageInputs:
     """In a decode thread: the image decoded by Pillow once (JPEGs at the smallest scale that keeps both the model's
-    input size and the thumbnail's longest side), and the model's input and the thumbnail made from it;
-    InvalidImageError saying what is wrong with it."""
+    input size and the thumbnail's longest side), the model's input made from it, and how to make the thumbnail
+    from it (which keeps the decoded image until then); InvalidImageError saying what is wrong with it."""
     decoded = decode_image(data, max_pixels, min_side=embedder.input_size, min_longest=thumbnail_side, keep_alpha=True)
     image = decoded.image
     rgb = image if image.mode == "RGB" else image.convert("RGB")
     try:
-        thumbnail = None if thumbnail_side is None else make_thumbnail(image, thumbnail_side)
-        return ImageInputs(decoded.info(), embedder.prepare(rgb), thumbnail)
+        inputs = embedder.prepare(rgb)
+    except BaseException:
+        image.close()
+        raise
     finally:
         if rgb is not image:
             rgb.close()
+    if thumbnail_side is None:
+        image.close()
+        return ImageInputs(decoded.info(), inputs, None)
+    return ImageInputs(decoded.info(), inputs, partial(_thumbnail_then_close, image, thumbnail_side))
+
+
+def _thumbnail_then_close(image: Image.Image, max_side: int) -> bytes:
+    try:
+        return make_thumbnail(image, max_side)
+    finally:
         image.close()
 
 
@@ -82,7 +99,7 @@ class _Prepared:
     data: bytes | None
     decoded: ImageInfo  # what the original is
     inputs: Any  # the image tower's input (ClipEmbedder.prepare or decode_jpegs), or an EncodedJpeg until decoded
-    thumbnail: bytes | None
+    thumbnail: bytes | asyncio.Future[bytes] | None  # made, or being made in a decode thread
     job: ImageIndexV1
 
 
@@ -154,12 +171,7 @@ class ImageIndexHandler:
                 continue
             try:
                 made_by_pillow = await loop.run_in_executor(
-                    self._decoders,
-                    pillow_inputs,
-                    self._embedder,
-                    item.inputs.data,
-                    self._max_pixels,
-                    self._thumbnail_side,
+                    self._decoders, pillow_inputs, self._embedder, item.inputs.data, self._max_pixels, None
                 )
                 item.inputs = made_by_pillow.inputs  # the thumbnail was made from these bytes already
             except InvalidImageError as exc:
@@ -194,9 +206,14 @@ class ImageIndexHandler:
                 raise _MissingId(
                     f"message_id {job.message_id!r} is not a UUID; give `image_id` in the body or a UUID message_id"
                 )
-        made = await asyncio.get_running_loop().run_in_executor(
+        loop = asyncio.get_running_loop()
+        made = await loop.run_in_executor(
             self._decoders, prepare_image, self._embedder, data, self._max_pixels, self._thumbnail_side
         )
+        thumbnail = made.thumbnail
+        if callable(thumbnail):
+            thumbnail = loop.run_in_executor(self._decoders, thumbnail)
+            thumbnail.add_done_callback(_retrieved)  # awaited when stored; not if the image fails before
         image_id = str(uuid.UUID(image_id))
         r2_key = payload.key if payload.key is not None else original_key(image_id, made.info.extension)
         return _Prepared(
@@ -206,7 +223,7 @@ class ImageIndexHandler:
             data=None if payload.key is not None else data,
             decoded=made.info,
             inputs=made.inputs,
-            thumbnail=made.thumbnail,
+            thumbnail=thumbnail,
             job=payload,
         )
 
@@ -216,16 +233,22 @@ class ImageIndexHandler:
         the new one when it is first asked for)."""
         writes = [self._put(item.r2_key, item.data, item.decoded.content_type)] if item.data is not None else []
         if item.thumbnail is not None:
-            writes.append(self._put(thumbnail_key(item.image_id), item.thumbnail, THUMBNAIL_CONTENT_TYPE))
+            writes.append(self._put_thumbnail(item.image_id, item.thumbnail))
         elif indexed_before:
             writes.append(self._delete(thumbnail_key(item.image_id)))
         results = await asyncio.gather(*writes, return_exceptions=True)
         for result in results:
             if isinstance(result, TRANSIENT_ERRORS):
                 return Failed("storage_unavailable", str(result), transient=True)
+            if isinstance(result, InvalidImageError):
+                return Failed(result.code, result.message)
             if isinstance(result, BaseException):
                 raise result
         return None
+
+    async def _put_thumbnail(self, image_id: str, thumbnail: bytes | asyncio.Future[bytes]) -> None:
+        data = thumbnail if isinstance(thumbnail, bytes) else await thumbnail
+        await self._put(thumbnail_key(image_id), data, THUMBNAIL_CONTENT_TYPE)
 
     async def _put(self, key: str, data: bytes, content_type: str) -> None:
         async with self._puts:
@@ -324,3 +347,9 @@ def _uuid_or_none(value: str) -> str | None:
         return str(uuid.UUID(value))
     except (ValueError, AttributeError):
         return None
+
+
+def _retrieved(future: asyncio.Future[bytes]) -> None:
+    """Mark a thumbnail's failure as seen (it is reported when the thumbnail is awaited, if it ever is)."""
+    if not future.cancelled():
+        future.exception()
