@@ -21,7 +21,7 @@ from api.replies import StreamEvent
 from api.schemas import JobAccepted
 from api.services import Services
 from api.urls import job_url
-from contract.jobs import RECORD_HEADER, JobRecord, JobStore, job_id_for_idempotency_key, record_params
+from contract.jobs import JobRecord, JobStore, job_id_for_idempotency_key, record_headers, record_params
 from contract.messages import MSGPACK, STREAM_HEADER, JobReply, encode
 from infra.broker import BrokerUnavailableError, Priority
 from infra.storage import PreconditionFailedError
@@ -99,7 +99,8 @@ async def start_job(
     job_id = job_id or str(uuid.uuid4())
     record = JobStore.new(job_id, job_type, recorded, idempotency_key=key)
     try:
-        await jobs.create(record, durable=False)  # queued: the processor makes it again if a power failure loses it
+        # queued: the processor makes it again if a power failure loses it
+        headers = record_headers(record, await jobs.create(record, durable=False))
     except PreconditionFailedError:
         # a concurrent request with the same Idempotency-Key created it first
         existing = await jobs.get(job_id)
@@ -108,8 +109,9 @@ async def start_job(
         return _existing(existing, recorded)
     try:
         if stream:
-            return JobStart(record, None, events=await _publish_streamed(services, job_type, payload, job_id))
-        reply = await _publish(services, job_type, payload, job_id, wait)
+            events = await _publish_streamed(services, job_type, payload, job_id, headers)
+            return JobStart(record, None, events=events)
+        reply = await _publish(services, job_type, payload, job_id, wait, headers)
     except BrokerUnavailableError:
         await jobs.delete(job_id)
         raise
@@ -117,11 +119,10 @@ async def start_job(
 
 
 async def _publish(
-    services: Services, job_type: str, payload: msgspec.Struct, job_id: str, wait: bool
+    services: Services, job_type: str, payload: msgspec.Struct, job_id: str, wait: bool, headers: dict[str, object]
 ) -> JobReply | None:
     body = encode(payload, MSGPACK)
     publisher = services.publisher
-    headers = {RECORD_HEADER: True}
     if not wait:
         await publisher.publish(
             message_type=job_type,
@@ -152,7 +153,7 @@ async def _publish(
 
 
 async def _publish_streamed(
-    services: Services, job_type: str, payload: msgspec.Struct, job_id: str
+    services: Services, job_type: str, payload: msgspec.Struct, job_id: str, headers: dict[str, object]
 ) -> asyncio.Queue[StreamEvent]:
     """Publish a job whose requester waits for its output in pieces (STREAM_HEADER)."""
     replies = services.replies
@@ -166,7 +167,7 @@ async def _publish_streamed(
             priority=Priority.INTERACTIVE,
             reply_to=replies.queue_name,
             correlation_id=job_id,
-            headers={RECORD_HEADER: True, STREAM_HEADER: True},
+            headers={**headers, STREAM_HEADER: True},
         )
     except BaseException:
         replies.forget(job_id)

@@ -10,6 +10,7 @@ it finished: it reads as absent, and processors delete expired records (`sweep`)
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
@@ -22,7 +23,10 @@ from infra.storage import ObjectNotFoundError, ObjectStore, PreconditionFailedEr
 log = structlog.get_logger(__name__)
 
 JOBS_PREFIX = "jobs/"
-RECORD_HEADER = "x-ams-job-record"
+RECORD_HEADER = "x-ams-job-record"  # the API recorded this job: the processor keeps its record up to date
+# the queued record as the API wrote it (JSON) and its version (ETag): a first delivery need not read it back
+QUEUED_RECORD_HEADER = "x-ams-job-record-queued"
+QUEUED_VERSION_HEADER = "x-ams-job-record-version"
 _IDEMPOTENCY_NAMESPACE = uuid.UUID("0f3f3c35-7d59-4bb4-9f43-3f2f35f1f6a1")
 
 JobStatus = Literal["queued", "running", "succeeded", "failed"]
@@ -136,6 +140,28 @@ class JobStore:
             params=params,
             idempotency_key=idempotency_key,
         )
+
+
+def record_headers(record: JobRecord, etag: str) -> dict[str, object]:
+    """The headers of a job message whose record the API just wrote (`record`, at version `etag`)."""
+    return {
+        RECORD_HEADER: True,
+        QUEUED_RECORD_HEADER: msgspec.json.encode(record).decode(),
+        QUEUED_VERSION_HEADER: etag,
+    }
+
+
+def queued_record(headers: Mapping[str, Any]) -> tuple[JobRecord, str] | None:
+    """The queued record and its version that a message carries; None when it carries none it can be read from.
+    Only a first delivery may trust it: by a redelivery or a retry the record may have moved on (a stale one is
+    still safe, since every record write is conditional, only slower)."""
+    text, etag = headers.get(QUEUED_RECORD_HEADER), headers.get(QUEUED_VERSION_HEADER)
+    if not isinstance(text, str) or not isinstance(etag, str) or not etag:
+        return None
+    try:
+        return msgspec.json.decode(text, type=JobRecord), etag
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
 
 
 def _readable(data: bytes, job_id: str) -> JobRecord | None:

@@ -15,10 +15,10 @@ import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
 
 from contract.bucket_events import BUCKET_EVENT, parse_bucket_event
-from contract.jobs import RECORD_HEADER, JobStore
+from contract.jobs import RECORD_HEADER, JobStore, queued_record
 from contract.messages import ContractError, decode_job
 from infra.broker import Publisher, capability_of, declare_topology, topology_on
-from processor.deliveries import attempt, job_id, job_type, replayed
+from processor.deliveries import attempt, first_delivery, job_id, job_type, replayed
 from processor.handlers.base import Handler, Job
 from processor.outcomes import Failed, Outcome
 from processor.pieces import pieces_for
@@ -146,7 +146,7 @@ class Consumer:
         for message, job in jobs:
             if handler.always_record or (message.headers or {}).get(RECORD_HEADER):
                 try:
-                    tracked = await tracker.load(job, replayed=replayed(message))
+                    tracked = _carried(message, job) or await tracker.load(job, replayed=replayed(message))
                     records[job.message_id] = tracked
                     if not tracked.settled and handler.reports_running:
                         tracker.mark_running(tracked, attempt(message))
@@ -194,3 +194,11 @@ class Consumer:
             priority=message.priority or 0,
             pieces=pieces_for(message, self._publisher),
         )
+
+
+def _carried(message: AbstractIncomingMessage, job: Job) -> Tracked | None:
+    """The queued record a first delivery carries (the API wrote it just before publishing): not read back."""
+    carried = queued_record(message.headers or {}) if first_delivery(message) else None
+    if carried is None or carried[0].job_id != job.message_id:
+        return None
+    return Tracked(*carried)

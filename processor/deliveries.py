@@ -29,6 +29,11 @@ def job_id(message: AbstractIncomingMessage) -> str | None:
     return event_message_id(message.body) if job_type(message) == BUCKET_EVENT else None
 
 
+def first_delivery(message: AbstractIncomingMessage) -> bool:
+    """Neither redelivered by the broker, nor a retry, nor an operator's replay: the message as it was published."""
+    return not message.redelivered and attempt(message) == 1 and not replayed(message)
+
+
 def replayed(message: AbstractIncomingMessage) -> bool:
     """Whether an operator replayed this message from the dead letters (`ams-ops dlq replay`)."""
     return bool((message.headers or {}).get(REPLAYED_AT_HEADER))

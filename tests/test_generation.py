@@ -11,7 +11,9 @@ import httpx
 import pytest
 from PIL import Image
 
+from contract.jobs import JobStore, record_headers
 from contract.messages import IMAGE_INDEX
+from infra.broker import ATTEMPTS_HEADER
 from processor.scheduler import PIPELINE_DEPTH
 from tests.support.amqp import publish, publish_many, wait_until
 from tests.support.images import encoded
@@ -304,3 +306,50 @@ async def test_r2_endpoint_without_r2(make_settings):
         works = await server.client.post("/v1/images/generate", json={"prompt": "x", "seed": 1})
         assert works.status_code == 200
         assert png_size(works.content) == (64, 64)
+
+
+@pytest.fixture
+def record_reads(monkeypatch) -> list[str]:
+    """The job ids whose records are read back from the store (JobStore.load), in order."""
+    reads: list[str] = []
+    real = JobStore.load
+
+    async def load(self, job_id):
+        reads.append(job_id)
+        return await real(self, job_id)
+
+    monkeypatch.setattr(JobStore, "load", load)
+    return reads
+
+
+async def test_a_first_delivery_uses_the_record_it_carries_instead_of_reading_it(server, record_reads):
+    response = await server.client.post("/v1/images/generate", json={"prompt": "carried", "seed": 1})
+    assert response.status_code == 200
+    job_id = response.headers["x-job-id"]
+    assert job_id not in record_reads
+    job = (await server.client.get(f"/v1/jobs/{job_id}")).json()
+    assert (job["status"], job["attempts"]) == ("succeeded", 1)
+
+
+@pytest.mark.parametrize("attempts", [None, 1], ids=["first-delivery", "retry"])
+async def test_a_stale_carried_record_or_a_retry_still_ends_in_the_right_record(server, record_reads, attempts):
+    """A carried record whose version is not the stored one costs a re-read, never a wrong record; a retry (which
+    the record may have moved on since) reads the stored record instead of trusting what it carries."""
+    job_id = str(uuid.uuid4())
+    carried = JobStore.new(job_id, "image.generate", {"prompt": "stale"})
+    headers = record_headers(carried, "not-the-stored-version")
+    if attempts is not None:
+        headers[ATTEMPTS_HEADER] = attempts
+    await publish(
+        server.services.settings.amqp_url, "image.generate", {"prompt": "stale"}, message_id=job_id, headers=headers
+    )
+
+    async def stored() -> bool:
+        return await server.services.store.exists(f"images/generated/{job_id}.png")
+
+    async def finished() -> bool:
+        return (await server.client.get(f"/v1/jobs/{job_id}")).json().get("status") == "succeeded"
+
+    await wait_until(stored, timeout=30)
+    assert job_id in record_reads  # by the processor: the API has not been asked yet
+    await wait_until(finished, timeout=30)
