@@ -102,17 +102,19 @@ async def server(make_env, s3, tmp_path_factory) -> AsyncIterator[ServedProcess]
 
 async def test_healthz_stays_fast_while_20_clients_search_50k_points(server):
     load = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", LOAD, server.base_url, "6", stdout=asyncio.subprocess.PIPE, cwd=ROOT
+        sys.executable, "-c", LOAD, server.base_url, "8", stdout=asyncio.subprocess.PIPE, cwd=ROOT
     )
     assert (await load.stdout.readline()).strip() == b"started"
     await asyncio.sleep(1)  # the searches are in full swing
     latencies = []
-    for _ in range(150):
+    # 300 probes (about 5 s) within the 8 s of searches: p99 is then the third slowest, not the second of 150,
+    # which one stall of the machine (the other test worker shares its two cores) decided
+    for _ in range(300):
         started = time.perf_counter()
         response = await server.client.get("/healthz")
         latencies.append(time.perf_counter() - started)
         assert response.status_code == 200
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(0.01)
     searches = int((await load.stdout.read()).strip())
     assert await load.wait() == 0
     latencies.sort()
