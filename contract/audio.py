@@ -133,18 +133,26 @@ def _open(data: bytes) -> av.container.InputContainer:
     """Open a clip for decoding. FFmpeg's default probing reads and analyses the stream at length (11 ms for a
     2 s WAV); the headers say all we need for the formats we accept, so a short probe comes first, and the full
     one only when the short one leaves the format or the sample rate unknown."""
-    try:
-        container = av.open(io.BytesIO(data), mode="r", options=_QUICK_PROBE)
-        audio = container.streams.audio
-        if audio and (audio[0].codec_context.sample_rate or audio[0].rate):
-            return container
-        container.close()
-    except (av.error.FFmpegError, ValueError, UnicodeDecodeError):
-        pass
+    quick = _open_quickly(data)
+    if quick is not None:
+        return quick
     try:
         return av.open(io.BytesIO(data), mode="r")
     except (av.error.FFmpegError, ValueError, UnicodeDecodeError):
         raise InvalidAudioError("not_audio", f"the file is not audio in a known format ({ACCEPTED})") from None
+
+
+def _open_quickly(data: bytes) -> av.container.InputContainer | None:
+    """The clip opened with the short probe, if that finds an audio stream with its sample rate; else None."""
+    try:
+        container = av.open(io.BytesIO(data), mode="r", options=_QUICK_PROBE)
+    except (av.error.FFmpegError, ValueError, UnicodeDecodeError):
+        return None
+    audio = container.streams.audio
+    if audio and (audio[0].codec_context.sample_rate or audio[0].rate):
+        return container
+    container.close()
+    return None
 
 
 class _Mp3Writer:
