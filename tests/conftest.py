@@ -11,6 +11,7 @@ import pytest
 from infra.logging import configure_logging
 from infra.settings import Settings
 from models.tiny import clip as tiny_clip
+from tests.support.alone import MARK, held, lock_dir
 from tests.support.rabbitmq import RabbitNode
 from tests.support.s3 import ACCESS_KEY, SECRET_KEY, S3Server
 
@@ -95,3 +96,21 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Itera
     report = yield
     setattr(item, f"report_{report.when}", report)
     return report
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item) -> Iterator[object]:
+    """Each test but an `alone` one holds the shared lock through its setup, call and teardown."""
+    if item.get_closest_marker(MARK) is not None:
+        return (yield)
+    with held(lock_dir(item.config), exclusive=False):
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[object]:
+    """An `alone` test's call runs once no other worker is in a test (its fixtures are set up beside them)."""
+    if item.get_closest_marker(MARK) is None:
+        return (yield)
+    with held(lock_dir(item.config), exclusive=True):
+        return (yield)

@@ -100,6 +100,7 @@ async def server(make_env, s3, tmp_path_factory) -> AsyncIterator[ServedProcess]
         yield served
 
 
+@pytest.mark.alone  # the other test worker's load on the same two cores would decide the tail, not the server
 async def test_healthz_stays_fast_while_20_clients_search_50k_points(server):
     load = await asyncio.create_subprocess_exec(
         sys.executable, "-c", LOAD, server.base_url, "8", stdout=asyncio.subprocess.PIPE, cwd=ROOT
@@ -107,8 +108,7 @@ async def test_healthz_stays_fast_while_20_clients_search_50k_points(server):
     assert (await load.stdout.readline()).strip() == b"started"
     await asyncio.sleep(1)  # the searches are in full swing
     latencies = []
-    # 300 probes (about 5 s) within the 8 s of searches: p99 is then the third slowest, not the second of 150,
-    # which one stall of the machine (the other test worker shares its two cores) decided
+    # 300 probes (about 5 s) within the 8 s of searches: p99 is the third slowest, so one stall does not decide it
     for _ in range(300):
         started = time.perf_counter()
         response = await server.client.get("/healthz")
