@@ -33,7 +33,7 @@ from infra.startup import open_image_index
 from infra.storage.factory import open_store
 from models.clip import ClipEmbedder
 from models.runner import Placement
-from processor.handlers.image_index import ImageInputs, pillow_inputs
+from processor.handlers.image_index import pillow_inputs
 
 THUMBNAIL_SIDE = 384  # THUMBNAIL_MAX_SIDE's default
 
@@ -83,18 +83,9 @@ def pool_stages(embedder: ClipEmbedder, photos: list[bytes], pool: ThreadPoolExe
         count,
         lambda: [
             made.inputs
-            for made in pool.map(
-                lambda data: _with_thumbnail(pillow_inputs(embedder, data, MAX_PIXELS, THUMBNAIL_SIDE)), photos
-            )
+            for made in pool.map(lambda data: pillow_inputs(embedder, data, MAX_PIXELS, THUMBNAIL_SIDE), photos)
         ],
     )
-
-
-def _with_thumbnail(made: ImageInputs) -> ImageInputs:
-    """Make the thumbnail too, as the handler does beside the model's forward pass."""
-    if callable(made.thumbnail):
-        made.thumbnail()
-    return made
 
 
 def _full(data: bytes) -> None:

@@ -215,7 +215,7 @@ STEP_FUNCTIONS = (
     ("api.routes.generate", ("strict_json", "finished_result")),
     ("processor.consumer", ("decode_job",)),
     ("api.routes.voice", ("decode_audio",)),
-    ("api.routes.images", ("decode_image",)),
+    ("api.routes.images", ("check_image",)),
     ("processor.handlers.voice_generate", ("decode_audio", "encode_mp3")),
     ("processor.handlers.image_index", ("prepare_image",)),
 )
@@ -247,7 +247,8 @@ def instrument(running: Any, spans: Spans, breakdown: bool) -> None:
     for name in ("put", "get", "exists"):
         setattr(store, name, _timed(spans, f"store.{name}", getattr(store, name)))
     index = runtime.index
-    index.upsert = _timed(spans, "index.upsert", index.upsert)
+    for name in ("upsert", "get_many", "count"):
+        setattr(index, name, _timed(spans, f"index.{name}", getattr(index, name)))
     for module_name, names in STEP_FUNCTIONS:
         module = importlib.import_module(module_name)
         for name in names:

@@ -10,7 +10,7 @@ import io
 import pytest
 from PIL import Image
 
-from contract.imaging import decode_image
+from contract.imaging import InvalidImageError, check_image, decode_image
 from models.clip import ClipEmbedder
 from processor.handlers.image_index import prepare_image
 from tests.support.agreement import assert_vectors_agree
@@ -43,6 +43,23 @@ def test_a_jpeg_is_decoded_at_the_smallest_scale_not_below_the_model_input(size,
 def test_other_formats_and_plain_decodes_are_full_size():
     assert decode_image(encoded(1, "PNG", (1024, 768)), MAX_PIXELS, min_side=32).image.size == (1024, 768)
     assert decode_image(jpeg(drawing(1, (1024, 768))), MAX_PIXELS).image.size == (1024, 768)
+
+
+@pytest.mark.parametrize("progressive", [False, True], ids=["baseline", "progressive"])
+def test_the_apis_check_at_an_eighth_gives_the_full_decodes_verdict(progressive):
+    """The upload's check decodes a JPEG at 1/8 scale: it still reads the whole scan, so a cut file fails it as it
+    fails the full decode, and a whole one passes with the original's facts."""
+    buffer = io.BytesIO()
+    drawing(3, (1024, 768)).save(buffer, format="JPEG", quality=90, progressive=progressive)
+    whole = buffer.getvalue()
+    info = check_image(whole, MAX_PIXELS)
+    assert (info.width, info.height, info.content_type, info.size) == (1024, 768, "image/jpeg", len(whole))
+    for cut in (len(whole) // 3, len(whole) * 2 // 3, len(whole) - 40):
+        with pytest.raises(InvalidImageError) as full:
+            decode_image(whole[:cut], MAX_PIXELS)
+        with pytest.raises(InvalidImageError) as checked:
+            check_image(whole[:cut], MAX_PIXELS)
+        assert checked.value.code == full.value.code == "corrupt_image"
 
 
 def test_exif_orientation_is_kept_at_the_reduced_scale():

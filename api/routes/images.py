@@ -35,7 +35,7 @@ from api.services import Services
 from api.thumbnails import Thumbnails
 from api.urls import base_url, image_file_url, image_thumbnail_url
 from contract.image_ids import thumbnail_key
-from contract.imaging import decode_image
+from contract.imaging import check_image
 from contract.messages import IMAGE_INDEX, ImageIndexV1
 from infra.vectors import ImageRecord, VectorIndex
 
@@ -116,7 +116,7 @@ async def upload_image(
     settings = services.settings
     index = require_index(services)
     raw = await read_upload(data, settings.image_search_max_bytes)
-    decoded = await asyncio.to_thread(decode_image, raw, settings.image_search_max_pixels)
+    checked = await asyncio.to_thread(check_image, raw, settings.image_search_max_pixels)
     if await index.count() >= settings.image_search_max_elements:
         raise ApiError(
             409,
@@ -127,8 +127,7 @@ async def upload_image(
     image_id = str(uuid.uuid4())
     filename = data.file.filename or None
     payload = ImageIndexV1(image_id=image_id, data=raw, filename=filename, source="upload")
-    params = {"filename": filename, "size": len(raw), "content_type": decoded.content_type}
-    decoded.image.close()
+    params = {"filename": filename, "size": len(raw), "content_type": checked.content_type}
     started = await start_job(
         services, job_type=IMAGE_INDEX, payload=payload, wait=wait, params=params, job_id=image_id
     )

@@ -6,14 +6,13 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, NamedTuple, cast
 
 import msgspec
 import structlog
-from PIL import Image
 
 from contract.clock import UniqueClock, iso_from_us
 from contract.image_ids import image_id_for_key, original_key, thumbnail_key
@@ -43,52 +42,61 @@ class ImageInputs(NamedTuple):
 
     info: ImageInfo  # what the original is
     inputs: Any  # the image tower's input, or an EncodedJpeg for the device to decode
-    # the WebP thumbnail, or what makes it when called (in a decode thread, while the model embeds the batch);
-    # None when thumbnails are not made at index time
-    thumbnail: bytes | Callable[[], bytes] | None
+    # the WebP thumbnail, made or being made (in another decode thread, while the model's input is made and the
+    # model embeds the batch); None when thumbnails are not made at index time
+    thumbnail: bytes | Future[bytes] | None
 
 
-def prepare_image(embedder: ClipEmbedder, data: bytes, max_pixels: int, thumbnail_side: int | None) -> ImageInputs:
-    """In a decode thread: what the image is, the model's input made from it, and how to make its thumbnail
-    (longest side `thumbnail_side`; none when that is None). For a plain JPEG of a sane size when the embedder
-    decodes JPEGs on its device, the input is the JPEG itself (`EncodedJpeg`: the batch's are decoded there
-    together) and the thumbnail is made here from a draft decode of the bytes, which also finds a broken JPEG before
-    it fails the device's decode of the whole batch. Anything else is decoded by Pillow once, at the size both the
-    model and the thumbnail need, and its thumbnail is made later from that."""
+Spawn = Callable[[Callable[[], bytes]], "Future[bytes]"]
+
+
+def run_now(make: Callable[[], bytes]) -> Future[bytes]:
+    """A Spawn that makes the thumbnail in the calling thread."""
+    done: Future[bytes] = Future()
+    try:
+        done.set_result(make())
+    except Exception as exc:
+        done.set_exception(exc)
+    return done
+
+
+def prepare_image(
+    embedder: ClipEmbedder, data: bytes, max_pixels: int, thumbnail_side: int | None, spawn: Spawn = run_now
+) -> ImageInputs:
+    """In a decode thread: what the image is, the model's input made from it, and its thumbnail (longest side
+    `thumbnail_side`; none when that is None). For a plain JPEG of a sane size when the embedder decodes JPEGs on its
+    device, the input is the JPEG itself (`EncodedJpeg`: the batch's are decoded there together) and the thumbnail
+    is made here from a draft decode of the bytes, which also finds a broken JPEG before it fails the device's decode
+    of the whole batch. Anything else is decoded by Pillow once, at the size both the model and the thumbnail need,
+    and its thumbnail is made from that by `spawn` (e.g. a decode pool's submit)."""
     if embedder.decodes_jpeg:
         info = inspect_image(data, max_pixels)
         if info.plain_jpeg and info.width * info.height <= DEVICE_DECODE_MAX_PIXELS:
             thumbnail = None if thumbnail_side is None else thumbnail_from_bytes(data, max_pixels, thumbnail_side)
             return ImageInputs(info, EncodedJpeg(data), thumbnail)
-    return pillow_inputs(embedder, data, max_pixels, thumbnail_side)
+    return pillow_inputs(embedder, data, max_pixels, thumbnail_side, spawn)
 
 
-def pillow_inputs(embedder: ClipEmbedder, data: bytes, max_pixels: int, thumbnail_side: int | None) -> ImageInputs:
+def pillow_inputs(
+    embedder: ClipEmbedder, data: bytes, max_pixels: int, thumbnail_side: int | None, spawn: Spawn = run_now
+) -> ImageInputs:
     """In a decode thread: the image decoded by Pillow once (JPEGs at the smallest scale that keeps both the model's
-    input size and the thumbnail's longest side), the model's input made from it, and how to make the thumbnail
-    from it (which keeps the decoded image until then); InvalidImageError saying what is wrong with it."""
+    input size and the thumbnail's longest side), then its thumbnail started by `spawn` and the model's input made
+    beside it; the decoded image is closed once both are done. InvalidImageError says what is wrong with it."""
     decoded = decode_image(data, max_pixels, min_side=embedder.input_size, min_longest=thumbnail_side, keep_alpha=True)
     image = decoded.image
+    thumbnail = None if thumbnail_side is None else spawn(partial(make_thumbnail, image, thumbnail_side))
     rgb = image if image.mode == "RGB" else image.convert("RGB")
     try:
         inputs = embedder.prepare(rgb)
-    except BaseException:
-        image.close()
-        raise
     finally:
         if rgb is not image:
             rgb.close()
-    if thumbnail_side is None:
-        image.close()
-        return ImageInputs(decoded.info(), inputs, None)
-    return ImageInputs(decoded.info(), inputs, partial(_thumbnail_then_close, image, thumbnail_side))
-
-
-def _thumbnail_then_close(image: Image.Image, max_side: int) -> bytes:
-    try:
-        return make_thumbnail(image, max_side)
-    finally:
-        image.close()
+        if thumbnail is None:
+            image.close()
+        else:
+            thumbnail.add_done_callback(lambda _: image.close())
+    return ImageInputs(decoded.info(), inputs, thumbnail)
 
 
 @dataclass(slots=True)
@@ -103,10 +111,19 @@ class _Prepared:
     job: ImageIndexV1
 
 
+class _LookedUp(NamedTuple):
+    """What the index held for a batch's ids, asked while the batch was decoded."""
+
+    existing: dict[str, ImageRecord]
+    count: int
+    upserts_before: int  # the handler's upserts finished before the count was asked for
+
+
 class ImageIndexHandler:
     """Decoding, preprocessing and thumbnails run in a pool of IMAGE_DECODE_THREADS threads (Pillow releases the
     GIL), all the batch's images at once, JPEGs at the smallest scale the model and the thumbnail need; the originals
-    and thumbnails are stored concurrently, before the points that list them are written.
+    and thumbnails are stored concurrently, while the model embeds the batch, before the points that list them are
+    written. The index is asked what it holds of the batch's images while they are decoded.
 
     Pipelined: the consumer runs several batches in `handle` at once, so one batch is fetched and decoded while the
     one before is on the model and the one before that is stored. The model takes one batch at a time (first ready,
@@ -145,16 +162,41 @@ class ImageIndexHandler:
         self._gets = asyncio.Semaphore(_CONCURRENT_GETS)
         self._model_turn = asyncio.Lock()  # one batch on the model at a time, first ready first
         self._reserved = 0  # new images of batches in flight, not yet in the index's count
+        self._upserts = 0  # batches that have written their points (or tried), so a count taken before is stale
 
     async def handle(self, jobs: Sequence[Job]) -> list[Outcome]:
-        results = await asyncio.gather(*(self._prepare_or_fail(position, job) for position, job in enumerate(jobs)))
-        results = await self._decode_on_device(results)
+        image_ids = [image_id for image_id in map(self._image_id, jobs) if image_id is not None]
+        results, looked_up = await asyncio.gather(self._prepare_all(jobs), self._look_up(image_ids))
         outcomes: list[Outcome | None] = [result if isinstance(result, Failed) else None for result in results]
         prepared = [result for result in results if isinstance(result, _Prepared)]
         if prepared:
-            for item, outcome in zip(prepared, await self._index_batch(prepared), strict=True):
+            for item, outcome in zip(prepared, await self._index_batch(prepared, looked_up), strict=True):
                 outcomes[item.position] = outcome
         return cast(list[Outcome], outcomes)
+
+    async def _prepare_all(self, jobs: Sequence[Job]) -> list[_Prepared | Failed]:
+        results = await asyncio.gather(*(self._prepare_or_fail(position, job) for position, job in enumerate(jobs)))
+        return await self._decode_on_device(list(results))
+
+    async def _look_up(self, image_ids: list[str]) -> _LookedUp | Failed:
+        upserts_before = self._upserts
+        try:
+            existing, count = await asyncio.gather(
+                retry_transient(lambda: self._index.get_many(image_ids)), retry_transient(self._index.count)
+            )
+        except TRANSIENT_ERRORS as exc:
+            return Failed("index_unavailable", str(exc), transient=True)
+        return _LookedUp(existing, count, upserts_before)
+
+    def _image_id(self, job: Job) -> str | None:
+        """The id the job's image is indexed under: given, derived from bucket and key, or the message id (None
+        when that is not a UUID)."""
+        payload: ImageIndexV1 = job.payload
+        if payload.key is not None:
+            image_id = payload.image_id or image_id_for_key(self._bucket, payload.key)
+        else:
+            image_id = payload.image_id or _uuid_or_none(job.message_id)
+        return None if image_id is None else str(uuid.UUID(image_id))
 
     async def _decode_on_device(self, results: list[_Prepared | Failed]) -> list[_Prepared | Failed]:
         """The batch's plain JPEGs decoded on the device in one call (nvJPEG); one the device's decoder refuses goes
@@ -194,27 +236,33 @@ class ImageIndexHandler:
 
     async def _prepare(self, position: int, job: Job) -> _Prepared:
         payload: ImageIndexV1 = job.payload
+        image_id = self._image_id(job)
+        if image_id is None:
+            raise _MissingId(
+                f"message_id {job.message_id!r} is not a UUID; give `image_id` in the body or a UUID message_id"
+            )
         if payload.key is not None:
             async with self._gets:
                 stored = await retry_transient(lambda: self._store.get(payload.key))
             data = stored.data
-            image_id = payload.image_id or image_id_for_key(self._bucket, payload.key)
         else:
             data = payload.data or b""
-            image_id = payload.image_id or _uuid_or_none(job.message_id)
-            if image_id is None:
-                raise _MissingId(
-                    f"message_id {job.message_id!r} is not a UUID; give `image_id` in the body or a UUID message_id"
-                )
         loop = asyncio.get_running_loop()
         made = await loop.run_in_executor(
-            self._decoders, prepare_image, self._embedder, data, self._max_pixels, self._thumbnail_side
+            self._decoders,
+            prepare_image,
+            self._embedder,
+            data,
+            self._max_pixels,
+            self._thumbnail_side,
+            self._decoders.submit,
         )
-        thumbnail = made.thumbnail
-        if callable(thumbnail):
-            thumbnail = loop.run_in_executor(self._decoders, thumbnail)
+        thumbnail: bytes | asyncio.Future[bytes] | None
+        if isinstance(made.thumbnail, Future):
+            thumbnail = asyncio.wrap_future(made.thumbnail)
             thumbnail.add_done_callback(_retrieved)  # awaited when stored; not if the image fails before
-        image_id = str(uuid.UUID(image_id))
+        else:
+            thumbnail = made.thumbnail
         r2_key = payload.key if payload.key is not None else original_key(image_id, made.info.extension)
         return _Prepared(
             position=position,
@@ -258,12 +306,16 @@ class ImageIndexHandler:
         async with self._puts:
             await retry_transient(lambda: self._store.delete(key))
 
-    async def _index_batch(self, batch: list[_Prepared]) -> list[Outcome]:
-        try:
-            existing = await retry_transient(lambda: self._index.get_many([item.image_id for item in batch]))
-            room = self._max_elements - await retry_transient(self._index.count) - self._reserved
-        except TRANSIENT_ERRORS as exc:
-            return [Failed("index_unavailable", str(exc), transient=True) for _ in batch]
+    async def _index_batch(self, batch: list[_Prepared], looked_up: _LookedUp | Failed) -> list[Outcome]:
+        if isinstance(looked_up, Failed):
+            return [looked_up for _ in batch]
+        existing, count = looked_up.existing, looked_up.count
+        if self._upserts != looked_up.upserts_before:  # a batch beside this one has written points since
+            try:
+                count = await retry_transient(self._index.count)
+            except TRANSIENT_ERRORS as exc:
+                return [Failed("index_unavailable", str(exc), transient=True) for _ in batch]
+        room = self._max_elements - count - self._reserved
 
         outcomes: list[Outcome | None] = [None] * len(batch)
         accepted: list[int] = []
@@ -282,6 +334,7 @@ class ImageIndexHandler:
             if accepted:
                 await self._embed_and_store(batch, accepted, existing, outcomes)
         finally:
+            self._upserts += 1
             self._reserved -= new
         return cast(list[Outcome], outcomes)
 
@@ -292,13 +345,16 @@ class ImageIndexHandler:
         existing: dict[str, ImageRecord],
         outcomes: list[Outcome | None],
     ) -> None:
-        """Embed the accepted images (waiting for the model's turn), store their originals and thumbnails, upsert
-        their points; fills `outcomes` in place."""
-        async with self._model_turn:
-            vectors = await asyncio.to_thread(self._embedder.embed_prepared, [batch[p].inputs for p in accepted])
-        stored = await asyncio.gather(
+        """Store the accepted images' originals and thumbnails while they are embedded (once it is the batch's turn
+        on the model), then upsert their points; fills `outcomes` in place."""
+        storing = asyncio.gather(
             *(self._store_objects(batch[position], batch[position].image_id in existing) for position in accepted)
         )
+        try:
+            async with self._model_turn:
+                vectors = await asyncio.to_thread(self._embedder.embed_prepared, [batch[p].inputs for p in accepted])
+        finally:
+            stored = await storing
 
         to_upsert: list[tuple[ImageRecord, list[float]]] = []
         upserted: list[int] = []
