@@ -24,7 +24,9 @@ as median and p95 over --runs requests after --warmup untimed ones. Paths:
 In the same run it measures the floor under all of this: one request and reply through the same RabbitMQ node
 alone (a persistent message published with confirms and priority, consumed, answered on a reply queue, the
 answer consumed; aio-pika in one event loop, as in the product), with the same pause between requests as the
-path's model call, since a broker and an event loop that have been idle take longer to answer than busy ones.
+path's model call, since a broker and an event loop that have been idle take longer to answer than busy ones;
+and one flushed write on the disk the embedded store uses (4 KB staged, fsync, renamed into place: what the store
+does for a job's output and its finished record, each of which must be on disk before the answer), same pause.
 
 --breakdown adds, for each path, the time spent in each step of the request (job records, publishes, object
 store writes and reads, reply) as the median over the requests, so the overhead can be traced to its parts.
@@ -376,6 +378,22 @@ async def queue_floor(amqp_url: str, pause_seconds: float, runs: int) -> list[fl
         await connection.close()
 
 
+def write_floor(directory: str, pause_seconds: float, runs: int) -> list[float]:
+    """Milliseconds per flushed 4 KB write into `directory` (staged, fsync, renamed), `pause_seconds` apart."""
+    samples = []
+    for number in range(runs + 5):
+        started = time.perf_counter()
+        descriptor, staged = tempfile.mkstemp(dir=directory)
+        with os.fdopen(descriptor, "wb") as staging:
+            staging.write(b"x" * 4096)
+            staging.flush()
+            os.fsync(staging.fileno())
+        os.replace(staged, os.path.join(directory, f"written-{number}"))
+        samples.append((time.perf_counter() - started) * 1000)
+        time.sleep(pause_seconds)
+    return samples[5:]
+
+
 @dataclass
 class PathResult:
     path: str
@@ -386,6 +404,7 @@ class PathResult:
     steps: dict[str, tuple[float, float]]  # step -> (mean ms per request, calls per request)
     timeline: list[tuple[str, float, float]]  # the steps of the request with the median overhead, ms from its start
     floor: list[float] = field(default_factory=list)  # RabbitMQ request and reply alone, same pause
+    write: list[float] = field(default_factory=list)  # one flushed write on the store's disk, same pause
 
     @property
     def overhead(self) -> list[float]:
@@ -455,14 +474,16 @@ def report(results: list[PathResult], args: argparse.Namespace) -> None:
         f"{args.warmup} warm-up\n\n"
     )
     out.write(
-        "| path | model median | request median | overhead median | overhead p95 | RabbitMQ alone median | p95 |\n"
+        "| path | model median | request median | overhead median | overhead p95 | RabbitMQ alone median | p95 "
+        "| flushed write median |\n"
     )
-    out.write("|---|---:|---:|---:|---:|---:|---:|\n")
+    out.write("|---|---:|---:|---:|---:|---:|---:|---:|\n")
     for result in results:
         out.write(
             f"| {result.path} | {statistics.median(result.model):.1f} ms | {statistics.median(result.request):.1f} ms"
             f" | {statistics.median(result.overhead):.1f} ms | {p95(result.overhead):.1f} ms"
-            f" | {statistics.median(result.floor):.1f} ms | {p95(result.floor):.1f} ms |\n"
+            f" | {statistics.median(result.floor):.1f} ms | {p95(result.floor):.1f} ms"
+            f" | {statistics.median(result.write):.2f} ms |\n"
         )
     for result in results:
         if result.first_piece:
@@ -485,13 +506,17 @@ def report(results: list[PathResult], args: argparse.Namespace) -> None:
 async def run(args: argparse.Namespace) -> list[PathResult]:
     with tempfile.TemporaryDirectory(prefix="ams-overhead-") as scratch, broker(scratch) as amqp_url:
         settings = _settings(scratch, amqp_url)
+        written = os.path.join(scratch, "flushed-writes")
+        os.mkdir(written)
         spans = Spans()
         async with serving(settings) as (running, port):
             instrument(running, spans, args.breakdown)
             results = []
             for path in args.paths:
                 result = await measure(port, spans, path, args.runs, args.warmup)
-                result.floor = await queue_floor(amqp_url, statistics.median(result.model) / 1000, args.runs)
+                pause = statistics.median(result.model) / 1000
+                result.floor = await queue_floor(amqp_url, pause, args.runs)
+                result.write = await asyncio.to_thread(write_floor, written, pause, args.runs)
                 results.append(result)
             return results
 
