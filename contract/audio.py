@@ -203,7 +203,7 @@ class Mp3Stream:
     """Incremental MP3 encoding for streaming: `push` samples as they come and get the MP3 frames finished so far,
     then `finish` for the rest. What push and finish return, joined in order, is the whole file: bare MP3 frames,
     nothing rewritten at the end. Without the Info frame (which can only be written last) a decoder does not know
-    LAME's encoder delay and the last frame's padding, so the file plays 46..70 ms longer than the samples pushed.
+    LAME's encoder delay and the last frame's padding, so the file plays 48..72 ms longer than the samples pushed.
     Not thread-safe: use it from one thread."""
 
     def __init__(self, sample_rate: int, bitrate: int = MP3_BITRATE) -> None:
