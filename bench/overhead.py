@@ -26,7 +26,8 @@ alone (a persistent message published with confirms and priority, consumed, answ
 answer consumed; aio-pika in one event loop, as in the product), with the same pause between requests as the
 path's model call, since a broker and an event loop that have been idle take longer to answer than busy ones;
 and one flushed write on the disk the embedded store uses (4 KB staged, fsync, renamed into place: what the store
-does for a job's output and its finished record, each of which must be on disk before the answer), same pause.
+does for a job's output and its finished record, each of which must be on disk before the answer), same pause;
+and the HTTP round trip alone (GET /healthz from the same client to the same server), same pause.
 
 --breakdown adds, for each path, the time spent in each step of the request (job records, publishes, object
 store writes and reads, reply) as the median over the requests, so the overhead can be traced to its parts.
@@ -61,6 +62,7 @@ import uvicorn
 from PIL import Image, ImageDraw
 
 PATHS = ("generate", "voice", "stream", "upload")
+HTTP_FLOOR = "healthz"  # GET /healthz: the HTTP round trip through the same server, with nothing behind it
 PROMPT = "A lighthouse on a cliff at dawn, oil painting"
 SENTENCE = "The quick brown fox jumps over the lazy dog."
 THREE_SENTENCES = "The first sentence is short. The second one follows it. And the third ends the text."
@@ -107,6 +109,8 @@ def photo(size: tuple[int, int] = (640, 480)) -> bytes:
 
 def _request_for(path: str) -> tuple[str, str, bytes, dict[str, str]]:
     """method-less request: URL, expected status, body, headers."""
+    if path == HTTP_FLOOR:
+        return "/healthz", "200", b"", {}
     if path == "generate":
         body = json.dumps({"prompt": PROMPT, "seed": 42, "width": 64, "height": 64, "steps": 2}).encode()
         return "/v1/images/generate", "200", body, {"Content-Type": "application/json"}
@@ -122,17 +126,18 @@ def _request_for(path: str) -> tuple[str, str, bytes, dict[str, str]]:
     return "/v1/images?wait=true", "201", body, {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
 
 
-def client(port: int, path: str, count: int) -> None:
-    """Send `count` requests one after another on one keep-alive connection; print one JSON line per request:
-    [sent, first byte of the body, last byte], in seconds of time.perf_counter (CLOCK_MONOTONIC on Linux, the same
-    clock in every process, so the server's steps can be placed on the request's timeline)."""
+def client(port: int, path: str, count: int, pause: float) -> None:
+    """Send `count` requests one after another on one keep-alive connection, `pause` seconds apart; print one JSON
+    line per request: [sent, first byte of the body, last byte], in seconds of time.perf_counter (CLOCK_MONOTONIC on
+    Linux, the same clock in every process, so the server's steps can be placed on the request's timeline)."""
     url, expected, body, headers = _request_for(path)
+    method = "GET" if path == HTTP_FLOOR else "POST"
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
     connection.connect()
     connection.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     for _ in range(count):
         started = time.perf_counter()
-        connection.request("POST", url, body=body, headers=headers)
+        connection.request(method, url, body=body, headers=headers)
         response = connection.getresponse()
         first = response.read(1)
         first_at = time.perf_counter()
@@ -142,6 +147,7 @@ def client(port: int, path: str, count: int) -> None:
             raise SystemExit(f"{path}: HTTP {response.status}: {(first + rest)[:500]!r}")
         sys.stdout.write(json.dumps([started, first_at, done]) + "\n")
         sys.stdout.flush()
+        time.sleep(pause)
 
 
 # ---------------------------------------------------------------- the server side
@@ -321,13 +327,13 @@ async def serving(settings: Any) -> AsyncIterator[tuple[Any, int]]:
         await running.stop()
 
 
-async def _run_client(port: int, path: str, count: int) -> list[tuple[float, float, float]]:
+async def _run_client(port: int, path: str, count: int, pause: float = 0.0) -> list[tuple[float, float, float]]:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "bench.overhead",
         "--client",
-        f"{port}:{path}:{count}",
+        f"{port}:{path}:{count}:{pause}",
         stdout=asyncio.subprocess.PIPE,
         cwd=REPOSITORY,
     )
@@ -405,6 +411,7 @@ class PathResult:
     timeline: list[tuple[str, float, float]]  # the steps of the request with the median overhead, ms from its start
     floor: list[float] = field(default_factory=list)  # RabbitMQ request and reply alone, same pause
     write: list[float] = field(default_factory=list)  # one flushed write on the store's disk, same pause
+    http: list[float] = field(default_factory=list)  # GET /healthz through the same server, same pause
 
     @property
     def overhead(self) -> list[float]:
@@ -475,15 +482,15 @@ def report(results: list[PathResult], args: argparse.Namespace) -> None:
     )
     out.write(
         "| path | model median | request median | overhead median | overhead p95 | RabbitMQ alone median | p95 "
-        "| flushed write median |\n"
+        "| flushed write median | HTTP alone median |\n"
     )
-    out.write("|---|---:|---:|---:|---:|---:|---:|---:|\n")
+    out.write("|---|---:|---:|---:|---:|---:|---:|---:|---:|\n")
     for result in results:
         out.write(
             f"| {result.path} | {statistics.median(result.model):.1f} ms | {statistics.median(result.request):.1f} ms"
             f" | {statistics.median(result.overhead):.1f} ms | {p95(result.overhead):.1f} ms"
             f" | {statistics.median(result.floor):.1f} ms | {p95(result.floor):.1f} ms"
-            f" | {statistics.median(result.write):.2f} ms |\n"
+            f" | {statistics.median(result.write):.2f} ms | {statistics.median(result.http):.2f} ms |\n"
         )
     for result in results:
         if result.first_piece:
@@ -517,6 +524,9 @@ async def run(args: argparse.Namespace) -> list[PathResult]:
                 pause = statistics.median(result.model) / 1000
                 result.floor = await queue_floor(amqp_url, pause, args.runs)
                 result.write = await asyncio.to_thread(write_floor, written, pause, args.runs)
+                result.http = [
+                    (last - sent) * 1000 for sent, _, last in await _run_client(port, HTTP_FLOOR, args.runs, pause)
+                ]
                 results.append(result)
             return results
 
@@ -530,8 +540,8 @@ def main() -> None:
     parser.add_argument("--client", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.client:
-        port, path, count = args.client.split(":")
-        client(int(port), path, int(count))
+        port, path, count, pause = args.client.split(":")
+        client(int(port), path, int(count), float(pause))
         return
     args.paths = [path.strip() for path in args.paths.split(",") if path.strip()]
     unknown = set(args.paths) - set(PATHS)
