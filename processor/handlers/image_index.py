@@ -116,7 +116,7 @@ class _LookedUp(NamedTuple):
 
     existing: dict[str, ImageRecord]
     count: int
-    upserts_before: int  # the handler's upserts finished before the count was asked for
+    upserts_before: int  # the handler's batches that had written their points when the index was asked
 
 
 class ImageIndexHandler:
@@ -307,15 +307,13 @@ class ImageIndexHandler:
             await retry_transient(lambda: self._store.delete(key))
 
     async def _index_batch(self, batch: list[_Prepared], looked_up: _LookedUp | Failed) -> list[Outcome]:
+        if isinstance(looked_up, _LookedUp) and self._upserts != looked_up.upserts_before:
+            # a batch beside this one has written points since: what the index holds may have changed
+            looked_up = await self._look_up([item.image_id for item in batch])
         if isinstance(looked_up, Failed):
             return [looked_up for _ in batch]
-        existing, count = looked_up.existing, looked_up.count
-        if self._upserts != looked_up.upserts_before:  # a batch beside this one has written points since
-            try:
-                count = await retry_transient(self._index.count)
-            except TRANSIENT_ERRORS as exc:
-                return [Failed("index_unavailable", str(exc), transient=True) for _ in batch]
-        room = self._max_elements - count - self._reserved
+        existing = looked_up.existing
+        room = self._max_elements - looked_up.count - self._reserved
 
         outcomes: list[Outcome | None] = [None] * len(batch)
         accepted: list[int] = []
