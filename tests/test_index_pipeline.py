@@ -112,6 +112,37 @@ async def test_batches_side_by_side_never_overfill_the_index(parts):
     assert await parts[1].count() == 10
 
 
+async def test_a_batch_that_asked_the_index_before_another_wrote_asks_again(parts, monkeypatch):
+    """The index is asked what it holds while a batch is fetched and decoded: a batch whose fetch outlasts a whole
+    batch beside it must not count on what it was told before that batch's points were written."""
+    store = parts[0]
+    keys = [f"late/{n}.png" for n in range(6)]
+    for number, key in enumerate(keys):
+        await store.put(key, encoded(200 + number, "PNG"), "image/png")
+    first_done = asyncio.Event()
+    get = store.get
+
+    async def get_after_the_first_batch(key):
+        await first_done.wait()
+        return await get(key)
+
+    monkeypatch.setattr(store, "get", get_after_the_first_batch)
+    indexer = handler(parts, max_elements=10)
+
+    async def first_batch():
+        try:
+            return await indexer.handle(jobs(6, 100))
+        finally:
+            first_done.set()
+
+    late_jobs = [Job(str(uuid.uuid4()), IMAGE_INDEX, ImageIndexV1(key=key, source="test"), priority=0) for key in keys]
+    first, late = await asyncio.gather(first_batch(), indexer.handle(late_jobs))
+    assert all(isinstance(outcome, Succeeded) for outcome in first), first
+    assert [isinstance(outcome, Succeeded) for outcome in late].count(True) == 4, late
+    assert {outcome.code for outcome in late if isinstance(outcome, Failed)} == {"index_full"}
+    assert await parts[1].count() == 10
+
+
 async def test_with_jpegs_decoded_on_the_device_a_broken_one_fails_alone(parts, model_cache):
     folder = tiny_clip.ensure(model_cache)
     model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{folder}", pretrained=None)
