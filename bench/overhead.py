@@ -224,7 +224,7 @@ STEP_FUNCTIONS = (
     ("processor.consumer", ("decode_job",)),
     ("api.routes.voice", ("decode_audio",)),
     ("api.routes.images", ("check_image",)),
-    ("processor.handlers.voice_generate", ("decode_audio", "encode_mp3")),
+    ("processor.handlers.voice_generate", ("decode_audio",)),
     ("processor.handlers.image_index", ("prepare_image",)),
 )
 
@@ -238,6 +238,7 @@ def instrument(running: Any, spans: Spans, breakdown: bool) -> None:
     if not breakdown:
         return
     from api.replies import ReplyListener
+    from contract.audio import Mp3File
     from contract.jobs import JobStore
     from infra.broker import Publisher
     from processor.consumer import Consumer
@@ -247,6 +248,7 @@ def instrument(running: Any, spans: Spans, breakdown: bool) -> None:
         (Publisher, ("publish", "reply", "reply_piece")),
         (Consumer, ("_on_message",)),
         (ReplyListener, ("_on_reply",)),
+        (Mp3File, ("write", "finish")),
     ):
         for name in names:
             if hasattr(owner, name):

@@ -227,16 +227,30 @@ class Mp3Stream:
         return data
 
 
+class Mp3File:
+    """Incremental MP3 encoding of a whole file: `write` samples as they come, then `finish` for the file, the same
+    bytes encode_mp3 gives for all the samples at once. Not thread-safe: write from one thread at a time."""
+
+    def __init__(self, sample_rate: int, bitrate: int = MP3_BITRATE) -> None:
+        self._writer = _Mp3Writer(sample_rate, bitrate, {})
+
+    def write(self, samples: np.ndarray) -> None:
+        self._writer.write(samples)
+
+    def finish(self) -> bytes:
+        self._writer.close()
+        return self._writer.buffer.getvalue()
+
+
 def encode_mp3(waveform: np.ndarray, sample_rate: int, bitrate: int = MP3_BITRATE) -> bytes:
     """Mono float32 samples -> MP3 bytes (libmp3lame, constant bitrate), in one go.
 
     The audio frames are those Mp3Stream gives for the same samples; before them come an ID3v2 tag and the
     Xing/Info frame the muxer writes once it has seen every frame, by which players trim LAME's encoder delay and
     the last frame's padding: the file plays exactly as long as the waveform."""
-    writer = _Mp3Writer(sample_rate, bitrate, {})
-    writer.write(waveform)
-    writer.close()
-    return writer.buffer.getvalue()
+    encoder = Mp3File(sample_rate, bitrate)
+    encoder.write(waveform)
+    return encoder.finish()
 
 
 def mp3_seconds(data: bytes) -> float:

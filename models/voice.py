@@ -69,16 +69,17 @@ class VoiceCloner:
         pieces: Sequence[str],
         language: str,
         on_piece: Callable[[np.ndarray], None] | None = None,
+        one_by_one: bool = False,
     ) -> np.ndarray:
         """Speak each piece of text in the reference voice and join them; mono float32 at SAMPLE_RATE.
 
-        With `on_piece`, the pieces are spoken one per model call and each is handed to on_piece (in this thread)
-        as soon as it is spoken, with the 0.2 s pause before it (all but the first): what on_piece gets, joined,
-        is the returned waveform."""
+        The pieces are spoken a few per model call, or one per call with `one_by_one` (the first is heard sooner).
+        With `on_piece`, each is handed to on_piece (in this thread) as soon as its call returns, with the 0.2 s
+        pause before it (all but the first): what on_piece gets, joined, is the returned waveform."""
         if reference.sample_rate != SAMPLE_RATE:
             raise ValueError(f"the reference must be resampled to {SAMPLE_RATE} Hz first")
         gap = np.zeros(int(_GAP_SECONDS * SAMPLE_RATE), dtype=np.float32)
-        batch = 1 if on_piece is not None else _BATCH
+        batch = 1 if one_by_one else _BATCH
         joined: list[np.ndarray] = []
         with self._lock, torch.inference_mode(), warnings.catch_warnings():
             # qwen_tts generates from embeddings; transformers notes that the penalty then covers new tokens only

@@ -3,15 +3,21 @@ format, and the bad input they refuse."""
 
 from __future__ import annotations
 
+import threading
 import uuid
 
 import httpx
+import numpy as np
 import pytest
 import torch
 
-from contract.audio import SAMPLE_RATE
-from contract.messages import VOICE_LANGUAGES
+from contract.audio import SAMPLE_RATE, Mp3File, encode_mp3
+from contract.messages import VOICE_GENERATE, VOICE_LANGUAGES, VoiceGenerateV1
+from infra.storage.factory import open_store
 from models.voice import VoiceCloner
+from processor.handlers.base import Job
+from processor.handlers.voice_generate import VoiceGenerateHandler
+from processor.outcomes import Succeeded
 from processor.text_chunks import split_text
 from tests.support.audio import CLIP_FORMATS, mp3_info, speech_clip, tone_wav
 from tests.support.server import running_server
@@ -303,3 +309,41 @@ def test_rotary_frequencies_are_computed_not_left_uninitialised(server):
     for module in rotary:
         expected, _ = module.rope_init_fn(module.config, module.inv_freq.device)
         assert torch.equal(module.inv_freq, expected)
+
+
+async def test_a_long_answer_is_encoded_while_the_model_speaks_its_next_batch(server, make_settings, monkeypatch):
+    """A whole answer of several model calls: each call's audio goes to the MP3 encoder (another thread) while the
+    model speaks the next, and the file is the one encode_mp3 makes of the joined waveform."""
+    settings = make_settings(VOICE_ENABLED="1", VOICE_CHUNK_CHARS="60")
+    pieces = split_text(PARAGRAPH, 60)
+    assert len(pieces) > 4, "more than one model call (4 pieces a call)"
+    cloner = server.processor.runtime.voice
+    encoded_some = threading.Event()
+    overlapped: list[bool] = []
+    calls: list[int] = []
+    joined: list[np.ndarray] = []
+    speak = cloner._speak
+    write = Mp3File.write
+
+    def speak_watched(prompt, texts, language):
+        if calls:  # a later call: the audio of the ones before it is being encoded meanwhile
+            overlapped.append(encoded_some.wait(timeout=10))
+        calls.append(len(texts))
+        return speak(prompt, texts, language)
+
+    def write_watched(encoder, samples):
+        joined.append(np.asarray(samples, dtype=np.float32))
+        write(encoder, samples)
+        encoded_some.set()
+
+    monkeypatch.setattr(cloner, "_speak", speak_watched)
+    monkeypatch.setattr(Mp3File, "write", write_watched)
+    handler = VoiceGenerateHandler(store=await open_store(settings), cloner=cloner, settings=settings)
+    payload = VoiceGenerateV1(ref_audio=speech_clip("wav"), ref_text=REF_TEXT, text=PARAGRAPH, language="English")
+    [outcome] = await handler.handle([Job(str(uuid.uuid4()), VOICE_GENERATE, payload, priority=0)])
+    assert isinstance(outcome, Succeeded), outcome
+    assert overlapped and all(overlapped), "each later model call began with the earlier audio being encoded"
+    assert outcome.result["pieces"] == len(pieces)
+    assert len(calls) > 1 and sum(calls) == len(pieces)
+    bitrate = settings.voice_mp3_bitrate_kbps * 1000
+    assert outcome.attachment == encode_mp3(np.concatenate(joined), SAMPLE_RATE, bitrate)

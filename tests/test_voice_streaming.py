@@ -14,7 +14,7 @@ import pytest
 
 from api.replies import ReplyListener, ReplyPiece
 from api.streaming import StreamBrokenError, accepts, stream_pieces
-from contract.audio import SAMPLE_RATE, Mp3Stream, encode_mp3, mp3_seconds
+from contract.audio import SAMPLE_RATE, Mp3File, Mp3Stream, encode_mp3, mp3_seconds
 from contract.jobs import job_id_for_idempotency_key
 from contract.messages import VOICE_GENERATE, ErrorInfo, JobReply
 from processor.text_chunks import split_sentences, split_text
@@ -233,8 +233,12 @@ def test_mp3_stream_pieces_are_the_file(seconds):
     joined = b"".join(pieces)
     whole = Mp3Stream(SAMPLE_RATE, 128_000)
     assert joined == whole.push(wave) + whole.finish()
-    # the one-shot file is the same frames behind its ID3 tag and Info frame
+    # the one-shot file is the same frames behind its ID3 tag and Info frame, and written in parts it is the same
     assert encode_mp3(wave, SAMPLE_RATE, 128_000).endswith(joined)
+    in_parts = Mp3File(SAMPLE_RATE, 128_000)
+    for part in np.array_split(wave, 5):
+        in_parts.write(part)
+    assert in_parts.finish() == encode_mp3(wave, SAMPLE_RATE, 128_000)
     decoded, rate = mp3_info(joined)
     assert rate == SAMPLE_RATE
     low, high = BARE_FRAMES_EXTRA

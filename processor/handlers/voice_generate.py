@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -15,9 +16,9 @@ from contract.audio import (
     SAMPLE_RATE,
     DecodedAudio,
     InvalidAudioError,
+    Mp3File,
     Mp3Stream,
     decode_audio,
-    encode_mp3,
     mp3_seconds,
 )
 from contract.messages import VOICE_GENERATE, VoiceGenerateV1, canonical_language, check_reference_key
@@ -121,22 +122,39 @@ class VoiceGenerateHandler:
             return Failed(exc.code, exc.message)
 
     async def _whole(self, job: Job, reference: DecodedAudio) -> Outcome:
-        """Speak the text in batches, encode it in one go, store it; the MP3 rides on the reply."""
+        """Speak the text in batches, encode it as it is spoken, store it; the MP3 rides on the reply."""
         payload: VoiceGenerateV1 = job.payload
         language = canonical_language(payload.language) or "auto"
         pieces = split_text(payload.text, self._settings.voice_chunk_chars)
-        wave = await asyncio.to_thread(
-            self._cloner.clone, reference=reference, ref_text=payload.ref_text, pieces=pieces, language=language
-        )
-        mp3 = await asyncio.to_thread(encode_mp3, wave, SAMPLE_RATE, self._bitrate)
+        mp3, samples = await asyncio.to_thread(self._speak_whole, reference, payload.ref_text, pieces, language)
         key = generated_key(job.message_id)
         try:
             mp3 = await store_once(self._store, key, mp3, "audio/mpeg")
         except TRANSIENT_ERRORS as exc:
             return Failed("storage_unavailable", str(exc), transient=True)
-        seconds = round(len(wave) / SAMPLE_RATE, 3)
+        seconds = round(samples / SAMPLE_RATE, 3)
         self._log(job, key, seconds, len(pieces), language, reference)
         return Succeeded(self._result(key, mp3, seconds, len(pieces), language), attachment=mp3)
+
+    def _speak_whole(
+        self, reference: DecodedAudio, ref_text: str, pieces: list[str], language: str
+    ) -> tuple[bytes, int]:
+        """In a worker thread: the model speaks the pieces a batch per call, and a second thread encodes each
+        batch's audio while the model speaks the next, so only the last batch's encoding follows the model.
+        Returns the whole MP3 file (encode_mp3's bytes for the joined waveform) and its sample count."""
+        encoder = Mp3File(SAMPLE_RATE, self._bitrate)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mp3-encode") as encoding:
+            written: list[Future[None]] = []
+            wave = self._cloner.clone(
+                reference=reference,
+                ref_text=ref_text,
+                pieces=pieces,
+                language=language,
+                on_piece=lambda part: written.append(encoding.submit(encoder.write, part)),
+            )
+            for write in written:
+                write.result()
+        return encoder.finish(), len(wave)
 
     async def _streamed(self, job: Job, sink: PieceSink, reference: DecodedAudio) -> Outcome:
         """Speak the text sentence by sentence, each sent as MP3 as soon as it is spoken, then store the whole;
@@ -176,6 +194,7 @@ class VoiceGenerateHandler:
                     pieces=pieces,
                     language=language,
                     on_piece=lambda part: encode_in_slices(encoder, part, hand_over),
+                    one_by_one=True,
                 )
                 hand_over(encoder.finish())
                 return len(wave)
