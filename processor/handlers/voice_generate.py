@@ -5,8 +5,9 @@ queue as it is spoken; the stored object is those pieces joined."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -49,6 +50,18 @@ def encode_in_slices(encoder: Mp3Stream, samples: np.ndarray, hand_over: Callabl
     """Push `samples` through the encoder a slice at a time, handing over each slice's MP3 bytes at once."""
     for start in range(0, len(samples), ENCODE_SLICE_SAMPLES):
         hand_over(encoder.push(samples[start : start + ENCODE_SLICE_SAMPLES]))
+
+
+@contextmanager
+def encoding_beside(encode: Callable[[np.ndarray], None]) -> Iterator[Callable[[np.ndarray], None]]:
+    """An `on_piece` for the model's thread that hands each spoken piece to `encode` in a second thread, in order,
+    so the model goes on to the next while it is encoded; leaving the block waits for every piece to be encoded
+    (and raises the first encoding failure)."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mp3-encode") as encoding:
+        pending: list[Future[None]] = []
+        yield lambda part: pending.append(encoding.submit(encode, part))
+        for encoded in pending:
+            encoded.result()
 
 
 class VoiceGenerateHandler:
@@ -143,17 +156,10 @@ class VoiceGenerateHandler:
         batch's audio while the model speaks the next, so only the last batch's encoding follows the model.
         Returns the whole MP3 file (encode_mp3's bytes for the joined waveform) and its sample count."""
         encoder = Mp3File(SAMPLE_RATE, self._bitrate)
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mp3-encode") as encoding:
-            written: list[Future[None]] = []
+        with encoding_beside(encoder.write) as on_piece:
             wave = self._cloner.clone(
-                reference=reference,
-                ref_text=ref_text,
-                pieces=pieces,
-                language=language,
-                on_piece=lambda part: written.append(encoding.submit(encoder.write, part)),
+                reference=reference, ref_text=ref_text, pieces=pieces, language=language, on_piece=on_piece
             )
-            for write in written:
-                write.result()
         return encoder.finish(), len(wave)
 
     async def _streamed(self, job: Job, sink: PieceSink, reference: DecodedAudio) -> Outcome:
@@ -178,7 +184,9 @@ class VoiceGenerateHandler:
         self, sink: PieceSink, reference: DecodedAudio, ref_text: str, pieces: list[str], language: str
     ) -> tuple[bytes, int]:
         """Run the model in a worker thread that encodes each spoken piece there and hands the MP3 bytes to this
-        loop, which sends them on while the model speaks the next. Returns the whole MP3 and its sample count."""
+        loop, which sends them on while the model speaks the next. Returns the whole MP3 and its sample count.
+        (Encoding in a second thread, as a whole answer does, made the first byte later on a 2-core CPU: the
+        encoder and the model share the cores, and the first piece's bytes wait for a thread hand-off.)"""
         loop = asyncio.get_running_loop()
         encoded: asyncio.Queue[bytes | None] = asyncio.Queue()
         encoder = Mp3Stream(SAMPLE_RATE, self._bitrate)
