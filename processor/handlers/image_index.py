@@ -165,8 +165,10 @@ class ImageIndexHandler:
         self._upserts = 0  # batches that have written their points (or tried), so a count taken before is stale
 
     async def handle(self, jobs: Sequence[Job]) -> list[Outcome]:
-        image_ids = [image_id for image_id in map(self._image_id, jobs) if image_id is not None]
-        results, looked_up = await asyncio.gather(self._prepare_all(jobs), self._look_up(image_ids))
+        image_ids = [self._image_id(job) for job in jobs]
+        results, looked_up = await asyncio.gather(
+            self._prepare_all(jobs, image_ids), self._look_up([image_id for image_id in image_ids if image_id])
+        )
         outcomes: list[Outcome | None] = [result if isinstance(result, Failed) else None for result in results]
         prepared = [result for result in results if isinstance(result, _Prepared)]
         if prepared:
@@ -174,8 +176,13 @@ class ImageIndexHandler:
                 outcomes[item.position] = outcome
         return cast(list[Outcome], outcomes)
 
-    async def _prepare_all(self, jobs: Sequence[Job]) -> list[_Prepared | Failed]:
-        results = await asyncio.gather(*(self._prepare_or_fail(position, job) for position, job in enumerate(jobs)))
+    async def _prepare_all(self, jobs: Sequence[Job], image_ids: list[str | None]) -> list[_Prepared | Failed]:
+        results = await asyncio.gather(
+            *(
+                self._prepare_or_fail(position, job, image_id)
+                for position, (job, image_id) in enumerate(zip(jobs, image_ids, strict=True))
+            )
+        )
         return await self._decode_on_device(list(results))
 
     async def _look_up(self, image_ids: list[str]) -> _LookedUp | Failed:
@@ -220,9 +227,9 @@ class ImageIndexHandler:
                 refused[item.position] = Failed(exc.code, exc.message)
         return [refused.get(item.position, item) if isinstance(item, _Prepared) else item for item in results]
 
-    async def _prepare_or_fail(self, position: int, job: Job) -> _Prepared | Failed:
+    async def _prepare_or_fail(self, position: int, job: Job, image_id: str | None) -> _Prepared | Failed:
         try:
-            return await self._prepare(position, job)
+            return await self._prepare(position, job, image_id)
         except InvalidImageError as exc:
             return Failed(exc.code, exc.message)
         except ObjectNotFoundError as exc:
@@ -234,9 +241,9 @@ class ImageIndexHandler:
         except TRANSIENT_ERRORS as exc:
             return Failed("storage_unavailable", str(exc), transient=True)
 
-    async def _prepare(self, position: int, job: Job) -> _Prepared:
+    async def _prepare(self, position: int, job: Job, image_id: str | None) -> _Prepared:
+        """Fetch (by key), decode and make the model's input; `image_id` is `_image_id(job)`."""
         payload: ImageIndexV1 = job.payload
-        image_id = self._image_id(job)
         if image_id is None:
             raise _MissingId(
                 f"message_id {job.message_id!r} is not a UUID; give `image_id` in the body or a UUID message_id"
