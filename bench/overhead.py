@@ -238,8 +238,8 @@ def instrument(running: Any, spans: Spans, breakdown: bool) -> None:
     if not breakdown:
         return
     from api.replies import ReplyListener
-    from contract.audio import Mp3File
     from contract.jobs import JobStore
+    from contract.mp3 import Mp3File
     from infra.broker import Publisher
     from processor.consumer import Consumer
 

@@ -1,8 +1,7 @@
-"""Audio in and out without a system FFmpeg: PyAV (its wheels bundle FFmpeg) to decode and encode, torchaudio
-to resample.
+"""Reference clips in, without a system FFmpeg: PyAV (its wheels bundle FFmpeg) to decode, torchaudio to resample.
 
-Reference clips may be MP3, WAV, FLAC, OGG (Vorbis or Opus) or M4A/AAC; they are decoded to float32, mixed down to
-mono and resampled. Output is MP3 (libmp3lame) at a fixed bitrate, in one go or streamed as it is encoded.
+Clips may be MP3, WAV, FLAC, OGG (Vorbis or Opus) or M4A/AAC; they are decoded to float32, mixed down to mono and
+resampled. MP3 out is contract/mp3.py.
 """
 
 from __future__ import annotations
@@ -27,10 +26,6 @@ CONTAINERS = {
 }
 ACCEPTED = "MP3, WAV, FLAC, OGG/Opus, M4A/AAC"
 SAMPLE_RATE = 24000  # voice references are resampled to this rate, and speech comes out at it (Qwen3-TTS's rate)
-MP3_BITRATE = 128_000
-# LAME's algorithm quality (0 best and slowest .. 9): FFmpeg leaves LAME at 3; 5 encodes speech 30% faster here with
-# the same signal-to-noise ratio at these bitrates (bench/overhead.py's voice path spends most of its time encoding)
-_LAME_QUALITY = "5"
 _QUICK_PROBE = {"probesize": "4096", "analyzeduration": "0"}
 
 
@@ -156,106 +151,3 @@ def _open_quickly(data: bytes) -> av.container.InputContainer | None:
         return container
     container.close()
     return None
-
-
-class _Mp3Writer:
-    """libmp3lame (mono, constant bitrate) through FFmpeg's mp3 muxer into a memory buffer."""
-
-    def __init__(self, sample_rate: int, bitrate: int, options: dict[str, str]) -> None:
-        self.buffer = io.BytesIO()
-        self._rate = sample_rate
-        self._output = av.open(self.buffer, mode="w", format="mp3", options=options)
-        self._stream = self._output.add_stream(
-            "libmp3lame", rate=sample_rate, options={"compression_level": _LAME_QUALITY}
-        )
-        self._stream.layout = "mono"
-        self._stream.bit_rate = bitrate
-        self._converter = av.AudioResampler(
-            format=self._stream.codec_context.format.name, layout="mono", rate=sample_rate
-        )
-
-    def write(self, samples: np.ndarray) -> None:
-        clipped = np.clip(np.asarray(samples, dtype=np.float32), -1.0, 1.0)
-        if not len(clipped):
-            return
-        frame = av.AudioFrame.from_ndarray(clipped[None, :], format="flt", layout="mono")
-        frame.rate = self._rate
-        for converted in self._converter.resample(frame):
-            self._mux(converted)
-
-    def close(self) -> None:
-        for converted in self._converter.resample(None):
-            self._mux(converted)
-        self._mux(None)
-        self._output.close()
-
-    def _mux(self, frame: av.AudioFrame | None) -> None:
-        for packet in self._stream.encode(frame):
-            self._output.mux(packet)
-
-
-# bare MP3 frames, each in the buffer as soon as it is encoded: no ID3 tags and no Xing/Info frame (the muxer
-# writes that one last, over a placeholder at the start, once it knows the frame count)
-_BARE_FRAMES = {"write_xing": "0", "id3v2_version": "0", "write_id3v1": "0", "flush_packets": "1"}
-
-
-class Mp3Stream:
-    """Incremental MP3 encoding for streaming: `push` samples as they come and get the MP3 frames finished so far,
-    then `finish` for the rest. What push and finish return, joined in order, is the whole file: bare MP3 frames,
-    nothing rewritten at the end. Without the Info frame (which can only be written last) a decoder does not know
-    LAME's encoder delay and the last frame's padding, so the file plays 48..72 ms longer than the samples pushed.
-    Not thread-safe: use it from one thread."""
-
-    def __init__(self, sample_rate: int, bitrate: int = MP3_BITRATE) -> None:
-        self._writer = _Mp3Writer(sample_rate, bitrate, _BARE_FRAMES)
-
-    def push(self, samples: np.ndarray) -> bytes:
-        """Encode mono float32 samples; returns the MP3 bytes completed so far (possibly none)."""
-        self._writer.write(samples)
-        return self._drain()
-
-    def finish(self) -> bytes:
-        """Flush the encoder; returns the last MP3 bytes."""
-        self._writer.close()
-        return self._drain()
-
-    def _drain(self) -> bytes:
-        buffer = self._writer.buffer
-        data = buffer.getvalue()
-        buffer.seek(0)
-        buffer.truncate()
-        return data
-
-
-class Mp3File:
-    """Incremental MP3 encoding of a whole file: `write` samples as they come, then `finish` for the file, the same
-    bytes encode_mp3 gives for all the samples at once. Not thread-safe: write from one thread at a time."""
-
-    def __init__(self, sample_rate: int, bitrate: int = MP3_BITRATE) -> None:
-        self._writer = _Mp3Writer(sample_rate, bitrate, {})
-
-    def write(self, samples: np.ndarray) -> None:
-        self._writer.write(samples)
-
-    def finish(self) -> bytes:
-        self._writer.close()
-        return self._writer.buffer.getvalue()
-
-
-def encode_mp3(waveform: np.ndarray, sample_rate: int, bitrate: int = MP3_BITRATE) -> bytes:
-    """Mono float32 samples -> MP3 bytes (libmp3lame, constant bitrate), in one go.
-
-    The audio frames are those Mp3Stream gives for the same samples; before them come an ID3v2 tag and the
-    Xing/Info frame the muxer writes once it has seen every frame, by which players trim LAME's encoder delay and
-    the last frame's padding: the file plays exactly as long as the waveform."""
-    encoder = Mp3File(sample_rate, bitrate)
-    encoder.write(waveform)
-    return encoder.finish()
-
-
-def mp3_seconds(data: bytes) -> float:
-    """How long MP3 bytes play: their decoded samples over their sample rate (an Info frame's trimming applied)."""
-    with av.open(io.BytesIO(data), mode="r") as container:
-        stream = container.streams.audio[0]
-        samples = sum(frame.samples for frame in container.decode(stream))
-        return samples / stream.codec_context.sample_rate

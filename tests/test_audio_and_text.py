@@ -1,4 +1,4 @@
-"""Decoding reference clips, encoding MP3, and splitting long text for speech: the pieces under the voice job."""
+"""Decoding reference clips and splitting long text for speech: the pieces under the voice job."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import av
 import numpy as np
 import pytest
 
-from contract.audio import InvalidAudioError, decode_audio, encode_mp3
+from contract.audio import InvalidAudioError, decode_audio
 from processor.text_chunks import split_text
-from tests.support.audio import CLIP_FORMATS, mp3_info, speech_clip, speech_wav, tone_wav
+from tests.support.audio import CLIP_FORMATS, speech_clip, speech_wav, tone_wav
 
 RATE = 24000
 
@@ -77,21 +77,6 @@ def test_an_image_is_not_an_accepted_audio_format():
     with pytest.raises(InvalidAudioError) as caught:
         decode_audio(encoded(1, "PNG"), sample_rate=RATE, min_seconds=1.0, max_seconds=30.0)
     assert caught.value.code in ("unsupported_audio_format", "not_audio")
-
-
-@pytest.mark.parametrize("seconds", [0.05, 1.0, 3.7])
-def test_mp3_duration_matches_the_waveform(seconds):
-    wave = (0.3 * np.sin(np.arange(int(seconds * RATE)) * 2 * np.pi * 220 / RATE)).astype(np.float32)
-    decoded_seconds, rate = mp3_info(encode_mp3(wave, RATE, 128_000))
-    assert rate == RATE
-    assert decoded_seconds == pytest.approx(seconds, abs=0.03)
-
-
-@pytest.mark.parametrize("kbps", [64, 96, 128, 160])
-def test_mp3_bitrate_is_the_one_asked_for(kbps):
-    seconds = 4
-    mp3 = encode_mp3(np.zeros(RATE * seconds, dtype=np.float32), RATE, kbps * 1000)
-    assert len(mp3) * 8 / seconds == pytest.approx(kbps * 1000, rel=0.05)
 
 
 def test_short_text_is_one_piece():

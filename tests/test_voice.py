@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from contract.audio import SAMPLE_RATE, Mp3File, encode_mp3
+from contract.audio import SAMPLE_RATE
 from contract.messages import VOICE_GENERATE, VOICE_LANGUAGES, VoiceGenerateV1
+from contract.mp3 import Mp3File, encode_mp3
 from infra.storage.factory import open_store
 from models.voice import VoiceCloner
 from processor.handlers.base import Job

@@ -14,9 +14,10 @@ import pytest
 
 from api.replies import ReplyListener, ReplyPiece
 from api.streaming import StreamBrokenError, accepts, stream_pieces
-from contract.audio import SAMPLE_RATE, Mp3File, Mp3Stream, encode_mp3, mp3_seconds
+from contract.audio import SAMPLE_RATE
 from contract.jobs import job_id_for_idempotency_key
 from contract.messages import VOICE_GENERATE, ErrorInfo, JobReply
+from contract.mp3 import Mp3File, Mp3Stream, encode_mp3, mp3_seconds
 from processor.text_chunks import split_sentences, split_text
 from tests.support.audio import mp3_info, speech_clip
 from tests.support.server import running_server

@@ -13,16 +13,9 @@ from typing import Any
 import numpy as np
 import structlog
 
-from contract.audio import (
-    SAMPLE_RATE,
-    DecodedAudio,
-    InvalidAudioError,
-    Mp3File,
-    Mp3Stream,
-    decode_audio,
-    mp3_seconds,
-)
+from contract.audio import SAMPLE_RATE, DecodedAudio, InvalidAudioError, decode_audio
 from contract.messages import VOICE_GENERATE, VoiceGenerateV1, canonical_language, check_reference_key
+from contract.mp3 import Mp3File, Mp3Stream, mp3_seconds
 from infra.settings import Settings
 from infra.storage import InvalidKeyError, ObjectNotFoundError, ObjectStore
 from models.voice import VoiceCloner
@@ -42,7 +35,7 @@ def generated_key(job_id: str) -> str:
 
 
 # a spoken piece is encoded and sent in slices of this many samples, so its first bytes leave after a slice's
-# encoding (a few ms) rather than the whole piece's (about 10 ms per second of speech on a CPU core)
+# encoding (under a millisecond) rather than the whole piece's (about 3 ms per second of speech on a CPU core)
 ENCODE_SLICE_SAMPLES = SAMPLE_RATE // 10
 
 
