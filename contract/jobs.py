@@ -110,6 +110,10 @@ class JobStore:
             record_key(record.job_id), msgspec.json.encode(record), "application/json", if_match=etag, durable=durable
         )
 
+    async def flush(self, job_id: str) -> None:
+        """Make the record's last write durable (one written with durable=False: see ObjectStore.flush)."""
+        await self._store.flush(record_key(job_id))
+
     async def delete(self, job_id: str) -> None:
         await self._store.delete(record_key(job_id))
 

@@ -1,6 +1,7 @@
 """Settling a delivery, exactly once, after its outcome is durable:
 
-    succeeded            -> record (tracked jobs), reply to the requester (if any), ack
+    succeeded            -> record (tracked jobs; seen at once, flushed to a local disk after the reply), reply to
+                            the requester (if any), flush, ack
     failed, permanent    -> record, copy to the dead-letter exchange with the reason (confirmed), reply, ack
     failed, transient    -> record, copy to a delayed retry queue with attempts + 1 (confirmed), ack;
                             after MAX_ATTEMPTS, dead-lettered instead
@@ -83,6 +84,13 @@ class Settler:
                 job_id=job.message_id, status="succeeded", result=outcome.result, attachment=outcome.attachment
             )
             await self._reply(message, reply)
+            if record is not None:
+                try:
+                    await self.tracker.flush(record)
+                except TRANSIENT_ERRORS as exc:
+                    logger.warning("job_record_not_flushed", error=str(exc))
+                    self._requeue_later(message)
+                    return
             await self._ack(message)
             metrics.job_settled(job.message_type, "succeeded", elapsed)
             logger.info("job_succeeded", seconds=round(elapsed, 4))

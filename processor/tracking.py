@@ -8,7 +8,9 @@ failed job again; a succeeded job is never run again.
 
 The running mark is written beside the work, not before it (`mark_running`): it is for whoever polls the job,
 and nothing depends on it being stored before the model starts. The outcome's write waits for it, so the record
-still moves queued -> running -> finished, and the outcome is durable before the message is acknowledged.
+still moves queued -> running -> finished, and the outcome is durable before the message is acknowledged: a
+failure's record is flushed as it is written, a success's after the requester has its answer (`succeeded`, then
+`flush`).
 """
 
 from __future__ import annotations
@@ -67,12 +69,20 @@ class JobTracker:
         )
 
     async def succeeded(self, tracked: Tracked, outcome: Succeeded, attempt: int) -> bool:
+        """Write the succeeded record where readers see it at once, not yet flushed to a local disk: the requester
+        is answered in the meantime, and `flush` makes it durable before the ack. (The output it names was stored
+        durably before; a power failure in between leaves the message unacked and the record as it was.)"""
+
         def change(record: JobRecord) -> None:
             stamp = now_iso()
             record.status, record.updated_at, record.finished_at = "succeeded", stamp, stamp
             record.attempts, record.result, record.error = attempt, outcome.result, None
 
-        return await self._write(tracked, change)
+        return await self._write(tracked, change, durable=False)
+
+    async def flush(self, tracked: Tracked) -> None:
+        """Make the record as stored durable (what `succeeded` wrote, or what another delivery did)."""
+        await retry_transient(lambda: self._jobs.flush(tracked.record.job_id))
 
     async def failed(self, tracked: Tracked, outcome: Failed, attempt: int, *, final: bool) -> bool:
         error = ErrorInfo(code=outcome.code, message=outcome.message)
@@ -93,14 +103,14 @@ class JobTracker:
         if found is not None:
             await self.failed(Tracked(*found), outcome, attempt, final=True)
 
-    async def _write(self, tracked: Tracked, change: Callable[[JobRecord], None]) -> bool:
+    async def _write(self, tracked: Tracked, change: Callable[[JobRecord], None], *, durable: bool = True) -> bool:
         """Apply `change` to the record and write it conditionally; on a conflict, read the record again and
         apply the change to that, unless it is settled (then False, nothing written)."""
         marking, tracked.marking = tracked.marking, None
         if marking is not None:
             with contextlib.suppress(Exception):  # a mark that could not be written changes nothing below
                 await marking
-        return await self._apply(tracked, change)
+        return await self._apply(tracked, change, durable=durable)
 
     async def _apply(self, tracked: Tracked, change: Callable[[JobRecord], None], *, durable: bool = True) -> bool:
         for _ in range(_CONFLICT_ROUNDS):

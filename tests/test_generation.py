@@ -14,6 +14,9 @@ from PIL import Image
 from contract.jobs import JobStore, record_headers
 from contract.messages import IMAGE_INDEX
 from infra.broker import ATTEMPTS_HEADER
+from infra.settings import Settings
+from infra.storage import StorageUnavailableError
+from infra.storage.local import LocalStore
 from processor.scheduler import PIPELINE_DEPTH
 from tests.support.amqp import publish, publish_many, wait_until
 from tests.support.images import encoded
@@ -353,3 +356,38 @@ async def test_a_stale_carried_record_or_a_retry_still_ends_in_the_right_record(
     await wait_until(stored, timeout=30)
     assert job_id in record_reads  # by the processor: the API has not been asked yet
     await wait_until(finished, timeout=30)
+
+
+async def test_the_answer_leaves_before_the_record_is_flushed_and_the_ack_waits_for_the_flush(
+    make_env, rabbit, monkeypatch
+):
+    """On the embedded store, a success's record is seen at once (read right after the answer, it says
+    succeeded) and flushed to the disk after the answer; the message is acked only once the record is flushed.
+    While flushing fails the message is handed back; its redelivery flushes and acks it, and the job is not run
+    again."""
+    env = make_env(IMAGE_ENABLED="1")
+    settings = Settings.from_env(env)
+    broken, answered, flushes = [True], [False], []
+    real_flush = LocalStore.flush
+
+    async def flush(store: LocalStore, key: str) -> None:
+        if key.startswith("jobs/"):
+            flushes.append(answered[0])
+            if broken[0]:
+                raise StorageUnavailableError("the disk is not answering")
+        await real_flush(store, key)
+
+    monkeypatch.setattr(LocalStore, "flush", flush)
+    async with running_server(settings) as server:
+        response = await generate(server, prompt="flushed after the answer", seed=8, width=64, height=64)
+        answered[0] = True
+        assert response.status_code == 200, response.text
+        job = (await server.client.get(f"/v1/jobs/{response.headers['x-job-id']}")).json()
+        assert job["status"] == "succeeded"
+        assert flushes[0] is False  # the answer came back while the record could not be flushed
+        await wait_until(lambda: len(flushes) >= 4, timeout=30)
+        assert rabbit.queue_counts(env["VHOST"])["ams.image"] == (0, 1)  # not acked
+        broken[0] = False
+        await wait_until(lambda: rabbit.queue_counts(env["VHOST"])["ams.image"] == (0, 0), timeout=30)
+        job = (await server.client.get(f"/v1/jobs/{response.headers['x-job-id']}")).json()
+        assert job["status"] == "succeeded" and job["attempts"] == 1

@@ -211,18 +211,34 @@ async def test_files_go_up_and_come_back_streamed(store, tmp_path, s3, size):
         await store.get_file("backups/missing", tmp_path / "missing.bin")
 
 
-async def test_only_durable_local_writes_are_flushed_to_disk(tmp_path, monkeypatch):
+async def test_local_writes_flush_what_durability_needs(tmp_path, monkeypatch):
+    """A durable write flushes the staged file, then, once it is moved into place, its folder; one that is not
+    durable flushes nothing but a folder it had to make, and flush() makes it durable later (file, then folder)."""
     store = LocalStore(tmp_path / "store")
-    flushed = []
+    objects = store.root / "objects"
+    flushed: list[str] = []
     real_fsync = os.fsync
-    monkeypatch.setattr(os, "fsync", lambda fd: flushed.append(fd) or real_fsync(fd))
+    monkeypatch.setattr(os, "fsync", lambda fd: flushed.append(os.readlink(f"/proc/self/fd/{fd}")) or real_fsync(fd))
     await store.put("jobs/a.json", b"{}", "application/json", if_none_match=True, durable=False)
+    assert flushed == [str(objects)]  # the new folder jobs/, in its parent
+    flushed.clear()
     await store.put("jobs/a.json", b"{ }", "application/json", if_match=_md5(b"{}"), durable=False)
-    await store.put("out/b.bin", b"x", "application/octet-stream", durable=False)
+    await store.put("jobs/b.bin", b"x", "application/octet-stream", durable=False)
     assert flushed == []
+    await store.flush("jobs/a.json")
+    assert flushed == [str(objects / "jobs" / "a.json"), str(objects / "jobs")]
+    flushed.clear()
     await store.put("jobs/c.json", b"{}", "application/json", if_none_match=True)
-    await store.put("out/d.bin", b"x", "text/plain")
-    assert len(flushed) == 3  # the record, the object and its type file
+    assert len(flushed) == 2 and flushed[0].startswith(str(store.root / "tmp")) and flushed[1] == str(objects / "jobs")
+    flushed.clear()
+    await store.put("jobs/d.bin", b"x", "text/plain")  # its type file (in a new folder), then the object
+    staged = ["staged" if path.startswith(str(store.root / "tmp")) else path for path in flushed]
+    meta = store.root / "meta"
+    assert staged == [str(meta), "staged", str(meta / "jobs"), "staged", str(objects / "jobs")]
+    flushed.clear()
+    await store.flush("elsewhere/none.json")  # nothing there: nothing to keep
+    assert flushed == []
+    assert (await store.get("jobs/a.json")).data == b"{ }"
 
 
 async def test_a_job_record_left_empty_reads_as_absent_and_is_replaced(store):

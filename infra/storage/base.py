@@ -80,9 +80,14 @@ class ObjectStore(abc.ABC):
         exists under the key; with if_match, only when the object is still at that ETag. Otherwise
         PreconditionFailedError, and nothing is written. Of two racing conditional writes, one wins.
 
-        durable=False is for data that can be rebuilt: a store on a local disk may then skip flushing it to the
-        disk, so a power failure may lose the write, or leave the object empty (readers must cope); an object
-        store over HTTP stores it as always."""
+        durable=False is for data that can be rebuilt, or that flush() makes durable later: a store on a local
+        disk may then skip flushing it to the disk, so a power failure may lose the write, or leave the object
+        empty (readers must cope); an object store over HTTP stores it as always."""
+
+    async def flush(self, key: str) -> None:  # noqa: B027 - nothing to do unless a store defers flushing
+        """Make durable what put(..., durable=False) wrote under `key` (whatever version is there now), so a write
+        can be seen at once and flushed later, off the path of whoever waits for it. Nothing to do for an object
+        store over HTTP, which stores every write durably."""
 
     @abc.abstractmethod
     async def put_file(self, key: str, path: Path, content_type: str) -> None:

@@ -93,8 +93,10 @@ class LocalStore(ObjectStore):
         return self._meta / f"{validate_key(key)}.json"
 
     def _write_atomic(self, target: Path, fill: Callable[[BinaryIO], object], durable: bool = True) -> None:
-        """Write through `fill(file)` into a staging file, fsync it (when durable), then move it into place."""
-        target.parent.mkdir(parents=True, exist_ok=True)
+        """Write through `fill(file)` into a staging file, then move it into place. When durable, the file is
+        flushed before the move and its directory after it, so the new object is on the disk, under its name,
+        when this returns."""
+        self._make_parents(target)
         fd, tmp_name = tempfile.mkstemp(dir=self._tmp)
         try:
             with os.fdopen(fd, "wb") as fh:
@@ -106,6 +108,20 @@ class LocalStore(ObjectStore):
         except BaseException:
             Path(tmp_name).unlink(missing_ok=True)
             raise
+        if durable:
+            _fsync_path(target.parent)
+
+    def _make_parents(self, target: Path) -> None:
+        """Create the folders above `target` that are missing, each made durable in its parent at once (a folder is
+        made once per key prefix, and a later flush of an object then only needs the object's own folder)."""
+        missing: list[Path] = []
+        folder = target.parent
+        while not folder.exists():
+            missing.append(folder)
+            folder = folder.parent
+        for folder in reversed(missing):
+            folder.mkdir(exist_ok=True)
+            _fsync_path(folder.parent)
 
     def _put_sync(self, key: str, fill: Callable[[BinaryIO], object], content_type: str, durable: bool = True) -> None:
         path = self._object_path(key)
@@ -161,6 +177,22 @@ class LocalStore(ObjectStore):
                 self._put_sync(key, lambda fh: fh.write(data), content_type, durable)
             except NotADirectoryError as exc:
                 raise StorageUnavailableError(f"cannot store {key!r}: a parent of it is an object") from exc
+
+    def _flush_sync(self, key: str) -> None:
+        path = self._object_path(key)
+        try:
+            for written in (path, self._meta_path(key)):
+                if written.is_file():
+                    _fsync_path(written)
+            _fsync_path(path.parent)
+        except FileNotFoundError:
+            return  # deleted since: nothing of it to keep
+        except OSError as exc:
+            raise StorageUnavailableError(f"could not flush {key!r} to the disk: {exc}") from exc
+
+    async def flush(self, key: str) -> None:
+        validate_key(key)
+        await asyncio.to_thread(self._flush_sync, key)
 
     async def put_file(self, key: str, path: Path, content_type: str) -> None:
         def copy(fh: BinaryIO) -> None:
@@ -265,3 +297,12 @@ class LocalStore(ObjectStore):
     async def ping(self) -> None:
         if not os.access(self._objects, os.W_OK):
             raise StorageUnavailableError(f"local storage directory {self._objects} is not writable")
+
+
+def _fsync_path(path: Path) -> None:
+    """Flush a file's data, or a folder's entries, to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
