@@ -31,6 +31,10 @@ class Delete(msgspec.Struct, tag="delete"):
     ids: list[str]
 
 
+class MarkThumbnails(msgspec.Struct, tag="mark_thumbnails"):
+    ids: list[str]
+
+
 class Retrieve(msgspec.Struct, tag="retrieve"):
     ids: list[str]
 
@@ -87,6 +91,7 @@ Operation = (
     Create
     | Upsert
     | Delete
+    | MarkThumbnails
     | Retrieve
     | Vector
     | Search
