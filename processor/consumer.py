@@ -98,7 +98,6 @@ class Consumer:
                 await queue.cancel(tag)
         self._consumers.clear()
         returned = await self._scheduler.stop()
-        await self._settler.follow_ups_done()
         self._settler.forget_requeues()
         for channel in self._channels:
             if not channel.is_closed:
@@ -194,7 +193,6 @@ class Consumer:
             payload=payload,
             priority=message.priority or 0,
             pieces=pieces_for(message, self._publisher),
-            awaited=bool(message.reply_to),
         )
 
 

@@ -1,7 +1,7 @@
 """Settling a delivery, exactly once, after its outcome is durable:
 
     succeeded            -> record (tracked jobs; seen at once, flushed to a local disk after the reply), reply to
-                            the requester (if any), flush, ack, then the outcome's follow-up work (if any)
+                            the requester (if any), flush, ack
     failed, permanent    -> record, copy to the dead-letter exchange with the reason (confirmed), reply, ack
     failed, transient    -> record, copy to a delayed retry queue with attempts + 1 (confirmed), ack;
                             after MAX_ATTEMPTS, dead-lettered instead
@@ -15,7 +15,6 @@ channel's close returns them).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 import aio_pika
@@ -67,7 +66,6 @@ class Settler:
         self._max_attempts = max_attempts
         self._requeues: dict[int, asyncio.TimerHandle] = {}
         self._nacks: set[asyncio.Task[None]] = set()
-        self._follow_ups: set[asyncio.Task[None]] = set()
 
     async def settle(
         self, message: AbstractIncomingMessage, job: Job, outcome: Outcome, elapsed: float, record: Tracked | None
@@ -96,8 +94,6 @@ class Settler:
             await self._ack(message)
             metrics.job_settled(job.message_type, "succeeded", elapsed)
             logger.info("job_succeeded", seconds=round(elapsed, 4))
-            if outcome.then is not None:
-                self._follow(outcome.then, job)
             return
         retry = outcome.transient and number < self._max_attempts
         if record is not None and not record.settled:
@@ -179,23 +175,6 @@ class Settler:
             attempts=attempts,
         )
         return True
-
-    def _follow(self, then: Callable[[], Awaitable[None]], job: Job) -> None:
-        """Run a success's follow-up work beside what comes next (Succeeded.then)."""
-
-        async def follow() -> None:
-            try:
-                await then()
-            except Exception:
-                log.exception("follow_up_failed", message_id=job.message_id, job_type=job.message_type)
-
-        task = asyncio.create_task(follow())
-        self._follow_ups.add(task)
-        task.add_done_callback(self._follow_ups.discard)
-
-    async def follow_ups_done(self) -> None:
-        """On stop: let the follow-ups under way finish."""
-        await asyncio.gather(*self._follow_ups, return_exceptions=True)
 
     def forget_requeues(self) -> None:
         """On stop: drop the pending hand-backs (closing the channel returns those deliveries)."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import threading
 
 import httpx
 import msgspec
@@ -12,10 +11,8 @@ import pytest
 from PIL import Image
 
 from contract.image_ids import thumbnail_key
-from contract.thumbnails import make_thumbnail
-from processor.handlers import image_index
 from tests.support.images import encoded, oriented_jpeg
-from tests.support.server import running_server, thumbnails_stored
+from tests.support.server import running_server
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +36,6 @@ async def uploaded(server):
         response = await upload(server.client, data, f"pic-{seed}.{fmt.lower()}", mime)
         assert response.status_code == 201, response.text
         images[response.json()["id"]] = (data, response.json())
-    await thumbnails_stored(server, images)
     return images
 
 
@@ -69,30 +65,11 @@ def stored_thumbnail(s3, bucket: str, image_id: str) -> Image.Image:
     ],
     ids=["large", "exif-rotated", "small"],
 )
-async def test_indexing_stores_a_webp_thumbnail_and_flags_the_point(server, s3, data, size):
+async def test_indexing_stores_a_webp_thumbnail_before_the_point(server, s3, data, size):
     created = (await upload(server.client, data, "thumb-me.jpg", "image/jpeg")).json()
-    await thumbnails_stored(server, [created["id"]])
     thumbnail = stored_thumbnail(s3, server.bucket, created["id"])
     assert (thumbnail.format, thumbnail.size) == ("WEBP", size)
-
-
-async def test_an_upload_waited_for_is_answered_before_its_thumbnail_is_made(server, s3, monkeypatch):
-    """The thumbnail of an upload with wait=true is made once the answer has left (then stored and flagged); a
-    thumbnail made before the answer would wait here for an answer that cannot come first."""
-    answered, made_after_the_answer = threading.Event(), []
-
-    def make_after_the_answer(image: Image.Image, side: int) -> bytes:
-        made_after_the_answer.append(answered.wait(timeout=10))
-        return make_thumbnail(image, side)
-
-    monkeypatch.setattr(image_index, "make_thumbnail", make_after_the_answer)
-    response = await upload(server.client, encoded(34, "JPEG", (640, 480)), "later.jpg", "image/jpeg", wait="true")
-    answered.set()
-    assert response.status_code == 201, response.text
-    image_id = response.json()["id"]
-    await thumbnails_stored(server, [image_id])
-    assert made_after_the_answer == [True]
-    assert stored_thumbnail(s3, server.bucket, image_id).size == (384, 288)
+    assert (await server.services.index.get(created["id"])).thumbnail is True
 
 
 async def test_listing_is_newest_first_and_pages_with_a_cursor(server, uploaded):
@@ -165,7 +142,6 @@ async def test_thumbnail_redirect_downloads_the_stored_thumbnail(server, s3, upl
 
 async def without_thumbnail(server, s3, image_id: str) -> None:
     """Make an image look indexed before thumbnails existed: no flag in its point, no thumbnail object."""
-    await thumbnails_stored(server, [image_id])
     index = server.services.index
     record, vector = await index.get(image_id), await index.vector(image_id)
     await index.upsert([(msgspec.structs.replace(record, thumbnail=False), vector)])
@@ -255,7 +231,6 @@ async def test_delete_removes_object_and_point(server, s3):
     data = encoded(4242, "PNG")
     created = (await upload(server.client, data, "doomed.png")).json()
     image_id, key = created["id"], created["r2_key"]
-    await thumbnails_stored(server, [image_id])
     assert key in s3.keys(server.bucket, "images/originals/")
     assert thumbnail_key(image_id) in s3.keys(server.bucket, "images/thumbs/")
 

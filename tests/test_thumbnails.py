@@ -23,7 +23,7 @@ from models.clip import ClipEmbedder
 from processor.handlers.base import Job
 from processor.handlers.bucket_event import BucketEventHandler
 from processor.handlers.image_delete import ImageDeleteHandler, ImageDeleter
-from processor.handlers.image_index import HeldThumbnail, ImageIndexHandler
+from processor.handlers.image_index import ImageIndexHandler
 from processor.outcomes import Failed, Succeeded
 from tests.support.images import drawing, encoded, oriented_jpeg
 
@@ -191,69 +191,3 @@ async def test_without_thumbnails_at_index_none_is_made_and_a_reindexed_image_lo
     assert isinstance(outcome, Succeeded), outcome
     assert (await index.get(fresh)).thumbnail is False
     assert not await store.exists(thumbnail_key(fresh))
-
-
-def awaited(payload: ImageIndexV1) -> Job:
-    return Job(message_id=str(uuid.uuid4()), message_type=IMAGE_INDEX, payload=payload, priority=9, awaited=True)
-
-
-@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
-async def test_an_image_a_requester_waits_for_gets_its_thumbnail_after_the_answer(parts, fmt):
-    """The point is written, unflagged, before any thumbnail is made; the outcome's follow-up makes it from the
-    decode the model's input came from, stores it and flags the point. An image indexed again loses its old
-    thumbnail at once."""
-    store, index, _ = parts
-    image_id = str(uuid.uuid4())
-    [first] = await indexer(parts).handle([job(IMAGE_INDEX, ImageIndexV1(image_id=image_id, data=encoded(11)))])
-    assert first.then is None and await store.exists(thumbnail_key(image_id))
-
-    again = ImageIndexV1(image_id=image_id, data=encoded(12, fmt, (640, 480)))
-    [outcome] = await indexer(parts).handle([awaited(again)])
-    assert isinstance(outcome, Succeeded) and outcome.then is not None
-    assert outcome.result["thumbnail"] is False and (await index.get(image_id)).thumbnail is False
-    assert not await store.exists(thumbnail_key(image_id))
-    await outcome.then()
-    assert (await index.get(image_id)).thumbnail is True
-    assert opened((await store.get(thumbnail_key(image_id))).data).size == (384, 288)
-
-
-async def test_a_thumbnail_due_after_the_answer_brings_no_deleted_image_back(parts):
-    store, index, _ = parts
-    [outcome] = await indexer(parts).handle([awaited(ImageIndexV1(data=encoded(13), image_id=str(uuid.uuid4())))])
-    image_id = outcome.result["id"]
-    deleter = ImageDeleteHandler(ImageDeleter(store=store, index=index, bucket=BUCKET))
-    [deleted] = await deleter.handle([job(IMAGE_DELETE, ImageDeleteV1(image_id=image_id))])
-    assert deleted.result["deleted"] is True
-    await outcome.then()
-    assert await index.get(image_id) is None
-    assert not await store.exists(thumbnail_key(image_id))
-
-
-async def test_an_awaited_image_that_is_not_indexed_lets_its_held_thumbnail_go(parts, monkeypatch):
-    """A held thumbnail of an image that fails (here: the index is full) is given up (its decoded image let go),
-    never made."""
-    store, index, embedder = parts
-    held: list[HeldThumbnail] = []
-    real_init = HeldThumbnail.__init__
-
-    def init(self: HeldThumbnail) -> None:
-        real_init(self)
-        held.append(self)
-
-    monkeypatch.setattr(HeldThumbnail, "__init__", init)
-    full = ImageIndexHandler(
-        store=store,
-        index=index,
-        embedder=embedder,
-        bucket=BUCKET,
-        batch_size=8,
-        max_pixels=MAX_PIXELS,
-        max_elements=0,
-        clock=UniqueClock(),
-        thumbnail_side=SIDE,
-    )
-    image_id = str(uuid.uuid4())
-    [outcome] = await full.handle([awaited(ImageIndexV1(image_id=image_id, data=encoded(14)))])
-    assert isinstance(outcome, Failed) and outcome.code == "index_full"
-    assert await index.get(image_id) is None and not await store.exists(thumbnail_key(image_id))
-    assert len(held) == 1 and held[0].made.cancelled()

@@ -27,7 +27,6 @@ class Job:
     payload: Any
     priority: int
     pieces: PieceSink | None = None
-    awaited: bool = False  # a requester waits for the reply (the message names a reply queue)
 
 
 class Handler(Protocol):

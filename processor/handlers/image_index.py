@@ -1,5 +1,5 @@
 """image.index: decode (and make the thumbnail), embed (batched), store the original and the thumbnail, upsert
-into Qdrant. An image a requester waits for gets its thumbnail after the answer."""
+into Qdrant."""
 
 from __future__ import annotations
 
@@ -60,55 +60,21 @@ def run_now(make: Callable[[], bytes]) -> Future[bytes]:
     return done
 
 
-class HeldThumbnail:
-    """A thumbnail whose making waits for after the answer: `hold` is the Spawn that keeps what makes it (with the
-    decoded image it is made from), `make` makes it, in a decode thread; `made` is done then, or cancelled when
-    the image is not indexed after all (either lets the decoded image go)."""
-
-    def __init__(self) -> None:
-        self._make: Callable[[], bytes] | None = None
-        self.made: Future[bytes] = Future()
-
-    def hold(self, make: Callable[[], bytes]) -> Future[bytes]:
-        self._make = make
-        return self.made
-
-    def make(self) -> bytes:
-        if self._make is None or not self.made.set_running_or_notify_cancel():
-            raise RuntimeError("no thumbnail is held, or it was given up")
-        try:
-            data = self._make()
-        except BaseException as exc:
-            self.made.set_exception(exc)
-            raise
-        self.made.set_result(data)
-        return data
-
-
 def prepare_image(
-    embedder: ClipEmbedder,
-    data: bytes,
-    max_pixels: int,
-    thumbnail_side: int | None,
-    spawn: Spawn = run_now,
-    hold: Spawn | None = None,
+    embedder: ClipEmbedder, data: bytes, max_pixels: int, thumbnail_side: int | None, spawn: Spawn = run_now
 ) -> ImageInputs:
     """In a decode thread: what the image is, the model's input made from it, and its thumbnail (longest side
     `thumbnail_side`; none when that is None). For a plain JPEG of a sane size when the embedder decodes JPEGs on its
     device, the input is the JPEG itself (`EncodedJpeg`: the batch's are decoded there together) and the thumbnail
     is made here from a draft decode of the bytes, which also finds a broken JPEG before it fails the device's decode
     of the whole batch. Anything else is decoded by Pillow once, at the size both the model and the thumbnail need,
-    and its thumbnail is made from that by `spawn` (e.g. a decode pool's submit). With `hold`, the thumbnail is not
-    made now: what makes it is handed to `hold` (HeldThumbnail.hold)."""
+    and its thumbnail is made from that by `spawn` (e.g. a decode pool's submit)."""
     if embedder.decodes_jpeg:
         info = inspect_image(data, max_pixels)
         if info.plain_jpeg and info.width * info.height <= DEVICE_DECODE_MAX_PIXELS:
-            thumbnail: bytes | Future[bytes] | None = None
-            if thumbnail_side is not None:
-                make = partial(thumbnail_from_bytes, data, max_pixels, thumbnail_side)
-                thumbnail = make() if hold is None else hold(make)
+            thumbnail = None if thumbnail_side is None else thumbnail_from_bytes(data, max_pixels, thumbnail_side)
             return ImageInputs(info, EncodedJpeg(data), thumbnail)
-    return pillow_inputs(embedder, data, max_pixels, thumbnail_side, hold or spawn)
+    return pillow_inputs(embedder, data, max_pixels, thumbnail_side, spawn)
 
 
 def pillow_inputs(
@@ -142,7 +108,6 @@ class _Prepared:
     decoded: ImageInfo  # what the original is
     inputs: Any  # the image tower's input (ClipEmbedder.prepare or decode_jpegs), or an EncodedJpeg until decoded
     thumbnail: bytes | asyncio.Future[bytes] | None  # made, or being made in a decode thread
-    held: HeldThumbnail | None  # the thumbnail to make after the answer (instead of `thumbnail`)
     job: ImageIndexV1
 
 
@@ -209,8 +174,6 @@ class ImageIndexHandler:
         if prepared:
             for item, outcome in zip(prepared, await self._index_batch(prepared, looked_up), strict=True):
                 outcomes[item.position] = outcome
-                if item.held is not None and not isinstance(outcome, Succeeded):
-                    item.held.made.cancel()
         return cast(list[Outcome], outcomes)
 
     async def _prepare_all(self, jobs: Sequence[Job], image_ids: list[str | None]) -> list[_Prepared | Failed]:
@@ -292,8 +255,6 @@ class ImageIndexHandler:
         else:
             data = payload.data or b""
         loop = asyncio.get_running_loop()
-        # a requester waiting for the answer gets it before the thumbnail is made (it follows the answer)
-        held = HeldThumbnail() if job.awaited and self._thumbnail_side is not None else None
         made = await loop.run_in_executor(
             self._decoders,
             prepare_image,
@@ -302,12 +263,9 @@ class ImageIndexHandler:
             self._max_pixels,
             self._thumbnail_side,
             self._decoders.submit,
-            None if held is None else held.hold,
         )
         thumbnail: bytes | asyncio.Future[bytes] | None
-        if held is not None:
-            thumbnail = None
-        elif isinstance(made.thumbnail, Future):
+        if isinstance(made.thumbnail, Future):
             thumbnail = asyncio.wrap_future(made.thumbnail)
             thumbnail.add_done_callback(_retrieved)  # awaited when stored; not if the image fails before
         else:
@@ -321,14 +279,13 @@ class ImageIndexHandler:
             decoded=made.info,
             inputs=made.inputs,
             thumbnail=thumbnail,
-            held=held,
             job=payload,
         )
 
     async def _store_objects(self, item: _Prepared, indexed_before: bool) -> Failed | None:
         """The original (unless it was indexed in place) and the thumbnail, side by side under the store's bound.
-        Without thumbnails at index time, or with one held for after the answer, an image indexed again loses the
-        thumbnail of what it was at once (the new one is made after the answer, or by the API when first asked)."""
+        Without thumbnails at index time, an image indexed again loses the thumbnail of what it was (the API makes
+        the new one when it is first asked for)."""
         writes = [self._put(item.r2_key, item.data, item.decoded.content_type)] if item.data is not None else []
         if item.thumbnail is not None:
             writes.append(self._put_thumbnail(item.image_id, item.thumbnail))
@@ -347,17 +304,6 @@ class ImageIndexHandler:
     async def _put_thumbnail(self, image_id: str, thumbnail: bytes | asyncio.Future[bytes]) -> None:
         data = thumbnail if isinstance(thumbnail, bytes) else await thumbnail
         await self._put(thumbnail_key(image_id), data, THUMBNAIL_CONTENT_TYPE)
-
-    async def _thumbnail_after(self, image_id: str, held: HeldThumbnail) -> None:
-        """After the answer: make the held thumbnail, store it and flag the point (if the image is still indexed:
-        one deleted meanwhile keeps no thumbnail)."""
-        data = await asyncio.get_running_loop().run_in_executor(self._decoders, held.make)
-        key = thumbnail_key(image_id)
-        await self._put(key, data, THUMBNAIL_CONTENT_TYPE)
-        await retry_transient(lambda: self._index.mark_thumbnails([image_id]))
-        if await retry_transient(lambda: self._index.get(image_id)) is None:
-            await self._delete(key)
-        log.info("thumbnail_stored_after_the_answer", image_id=image_id)
 
     async def _put(self, key: str, data: bytes, content_type: str) -> None:
         async with self._puts:
@@ -449,9 +395,7 @@ class ImageIndexHandler:
                 outcomes[position] = Failed("index_unavailable", str(exc), transient=True)
             return
         for position, (record, _) in zip(upserted, to_upsert, strict=True):
-            held = batch[position].held
-            then = None if held is None else partial(self._thumbnail_after, record.id, held)
-            outcomes[position] = Succeeded(msgspec.to_builtins(record), then=then)
+            outcomes[position] = Succeeded(msgspec.to_builtins(record))
         log.info("images_indexed", count=len(to_upsert), ids=[record.id for record, _ in to_upsert])
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import httpx
@@ -48,15 +48,3 @@ async def running_server(settings: Settings, *, with_processor: bool = True) -> 
         server.should_exit = True
         await task
         await running.stop()
-
-
-async def thumbnails_stored(server: RunningServer, image_ids: Iterable[str], timeout: float = 10.0) -> None:
-    """Wait until these images' thumbnails are stored and flagged: an upload answered with wait=true gets its
-    thumbnail just after the answer."""
-    index = server.services.index
-    assert index is not None
-    deadline = asyncio.get_running_loop().time() + timeout
-    for image_id in image_ids:
-        while not ((record := await index.get(image_id)) is not None and record.thumbnail):
-            assert asyncio.get_running_loop().time() < deadline, f"no thumbnail flagged for {image_id}"
-            await asyncio.sleep(0.02)
