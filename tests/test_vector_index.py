@@ -6,7 +6,6 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator
 
-import msgspec
 import numpy as np
 import pytest
 
@@ -158,15 +157,3 @@ async def test_stats(index):
     assert stats.model_id == "model-a"
     assert stats.dim == DIM
     assert stats.engine in {"qdrant-edge", "qdrant-client-local"}
-
-
-async def test_marking_thumbnails_changes_only_that_flag_and_brings_no_point_back(index):
-    marked, untouched, deleted = record(1), record(2), record(3)
-    await index.upsert([(marked, unit(1)), (untouched, unit(1, 1)), (deleted, unit(0, 1))])
-    await index.delete(deleted.id)
-    await index.mark_thumbnails([marked.id, deleted.id, str(uuid.uuid4())])
-    assert await index.get(marked.id) == msgspec.structs.replace(marked, thumbnail=True)
-    assert await index.get(untouched.id) == untouched
-    assert await index.get(deleted.id) is None
-    assert await index.count() == 2
-    assert await index.vector(marked.id) == pytest.approx(unit(1), abs=1e-6)

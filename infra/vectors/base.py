@@ -12,7 +12,6 @@ import msgspec
 FIELD_CREATED = "created_us"
 FIELD_SOURCE = "source"
 FIELD_CONTENT_TYPE = "content_type"
-FIELD_THUMBNAIL = "thumbnail"
 
 
 class VectorIndexUnavailableError(ConnectionError):
@@ -38,10 +37,9 @@ class SnapshotsUnsupportedError(RuntimeError):
 class ImageRecord(msgspec.Struct, frozen=True, kw_only=True):
     """What is known of an indexed image; stored as the point's payload.
 
-    `thumbnail` is true once the image's thumbnail is stored, so the API can redirect to it without asking the
-    store: the indexer stores it before it writes the point, or, for an image a requester waits for, after the
-    answer, then sets the flag (`mark_thumbnails`). Points written before thumbnails existed, or whose thumbnail
-    is still to come, lack it (false), and the API then looks for the thumbnail, or makes it, when asked for it."""
+    `thumbnail` is true when the indexer stored the image's thumbnail before it wrote this point, so the API can
+    redirect to it without asking the store; points written before thumbnails existed lack it (false), and the API
+    then looks for the thumbnail, or makes it, when it is first asked for."""
 
     id: str
     r2_key: str
@@ -153,11 +151,6 @@ class VectorIndex(abc.ABC):
     @abc.abstractmethod
     async def delete(self, image_id: str) -> None:
         """Remove a point; removing an absent one is not an error."""
-
-    @abc.abstractmethod
-    async def mark_thumbnails(self, image_ids: Sequence[str]) -> None:
-        """Flag these points' thumbnails as stored (`thumbnail`), payload only; an id with no point is skipped
-        (never brought back: its image may have been deleted meanwhile)."""
 
     @abc.abstractmethod
     async def newest(

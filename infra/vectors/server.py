@@ -17,7 +17,6 @@ from infra.vectors.base import (
     FIELD_CONTENT_TYPE,
     FIELD_CREATED,
     FIELD_SOURCE,
-    FIELD_THUMBNAIL,
     EmbeddingModelMismatchError,
     ImageFilter,
     ImageRecord,
@@ -162,12 +161,6 @@ class QdrantServerIndex(VectorIndex):
     @_translated
     async def delete(self, image_id: str) -> None:
         await self._client.delete(self.collection, points_selector=models.PointIdsList(points=[image_id]), wait=True)
-        self._revision += 1
-
-    @_translated
-    async def mark_thumbnails(self, image_ids: Sequence[str]) -> None:
-        marked = models.Filter(must=[models.HasIdCondition(has_id=list(image_ids))])
-        await self._client.set_payload(self.collection, payload={FIELD_THUMBNAIL: True}, points=marked, wait=True)
         self._revision += 1
 
     @_translated

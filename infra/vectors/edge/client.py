@@ -313,10 +313,6 @@ class EdgeIndex(VectorIndex):
         await self._call(p.Delete([image_id]), WRITE_TIMEOUT_SECONDS)
         self._revision += 1
 
-    async def mark_thumbnails(self, image_ids: Sequence[str]) -> None:
-        await self._call(p.MarkThumbnails(list(image_ids)), WRITE_TIMEOUT_SECONDS)
-        self._revision += 1
-
     async def newest(
         self, limit: int, before_us: int | None = None, image_filter: ImageFilter | None = None
     ) -> list[ImageRecord]:

@@ -34,8 +34,6 @@ from qdrant_edge import (
     CountRequest,
     Direction,
     EdgeShard,
-    Filter,
-    HasIdCondition,
     OrderBy,
     Point,
     Query,
@@ -45,7 +43,7 @@ from qdrant_edge import (
 )
 
 from infra.logging import configure_logging
-from infra.vectors.base import FIELD_CREATED, FIELD_THUMBNAIL
+from infra.vectors.base import FIELD_CREATED
 from infra.vectors.edge import protocol as p
 from infra.vectors.edge.layout import EngineLayout, IndexMeta, directory_bytes, next_shard_name
 from infra.vectors.edge.shard import create_shard, edge_filter, load_shard, smallest_build
@@ -165,10 +163,6 @@ class Engine:
                 return None
             case p.Delete():
                 await self._write(UpdateOperation.delete_points(list(op.ids)), 0)
-                return None
-            case p.MarkThumbnails():  # by a filter: a point-id list fails on an id with no point
-                marked = Filter(must=[HasIdCondition(set(op.ids))])
-                await self._write(UpdateOperation.set_payload_by_filter(marked, {FIELD_THUMBNAIL: True}), 0)
                 return None
             case p.Create():
                 return await self._create(op)

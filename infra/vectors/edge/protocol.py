@@ -31,10 +31,6 @@ class Delete(msgspec.Struct, tag="delete"):
     ids: list[str]
 
 
-class MarkThumbnails(msgspec.Struct, tag="mark_thumbnails"):
-    ids: list[str]
-
-
 class Retrieve(msgspec.Struct, tag="retrieve"):
     ids: list[str]
 
@@ -91,7 +87,6 @@ Operation = (
     Create
     | Upsert
     | Delete
-    | MarkThumbnails
     | Retrieve
     | Vector
     | Search
