@@ -25,8 +25,8 @@ In the same run it measures the floor under all of this: one request and reply t
 alone (a persistent message published with confirms and priority, consumed, answered on a reply queue, the
 answer consumed; aio-pika in one event loop, as in the product), with the same pause between requests as the
 path's model call, since a broker and an event loop that have been idle take longer to answer than busy ones;
-and one flushed write on the disk the embedded store uses (4 KB staged, fsync, renamed into place: what the store
-does for a job's output and its finished record, each of which must be on disk before the answer), same pause;
+and one flushed write on the disk the embedded store uses (4 KB staged, fsync, renamed into place, the folder
+fsynced: what the store does for a job's output, which must be on disk before the answer), same pause;
 and the HTTP round trip alone (GET /healthz from the same client to the same server), same pause.
 
 --breakdown adds, for each path, the time spent in each step of the request (job records, publishes, object
@@ -387,7 +387,8 @@ async def queue_floor(amqp_url: str, pause_seconds: float, runs: int) -> list[fl
 
 
 def write_floor(directory: str, pause_seconds: float, runs: int) -> list[float]:
-    """Milliseconds per flushed 4 KB write into `directory` (staged, fsync, renamed), `pause_seconds` apart."""
+    """Milliseconds per flushed 4 KB write into `directory` (staged, fsync, renamed, the folder fsynced),
+    `pause_seconds` apart."""
     samples = []
     for number in range(runs + 5):
         started = time.perf_counter()
@@ -397,6 +398,11 @@ def write_floor(directory: str, pause_seconds: float, runs: int) -> list[float]:
             staging.flush()
             os.fsync(staging.fileno())
         os.replace(staged, os.path.join(directory, f"written-{number}"))
+        folder = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
         samples.append((time.perf_counter() - started) * 1000)
         time.sleep(pause_seconds)
     return samples[5:]
