@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import quote, urlencode
 
+from infra.disk import fsync_path
 from infra.storage.base import (
     ObjectInfo,
     ObjectNotFoundError,
@@ -109,7 +110,7 @@ class LocalStore(ObjectStore):
             Path(tmp_name).unlink(missing_ok=True)
             raise
         if durable:
-            _fsync_path(target.parent)
+            fsync_path(target.parent)
 
     def _make_parents(self, target: Path) -> None:
         """Create the folders above `target` that are missing, each made durable in its parent at once (a folder is
@@ -121,7 +122,7 @@ class LocalStore(ObjectStore):
             folder = folder.parent
         for folder in reversed(missing):
             folder.mkdir(exist_ok=True)
-            _fsync_path(folder.parent)
+            fsync_path(folder.parent)
 
     def _put_sync(self, key: str, fill: Callable[[BinaryIO], object], content_type: str, durable: bool = True) -> None:
         path = self._object_path(key)
@@ -183,8 +184,8 @@ class LocalStore(ObjectStore):
         try:
             for written in (path, self._meta_path(key)):
                 if written.is_file():
-                    _fsync_path(written)
-            _fsync_path(path.parent)
+                    fsync_path(written)
+            fsync_path(path.parent)
         except FileNotFoundError:
             return  # deleted since: nothing of it to keep
         except OSError as exc:
@@ -297,12 +298,3 @@ class LocalStore(ObjectStore):
     async def ping(self) -> None:
         if not os.access(self._objects, os.W_OK):
             raise StorageUnavailableError(f"local storage directory {self._objects} is not writable")
-
-
-def _fsync_path(path: Path) -> None:
-    """Flush a file's data, or a folder's entries, to the disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

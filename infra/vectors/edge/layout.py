@@ -21,6 +21,8 @@ from pathlib import Path
 
 import msgspec
 
+from infra.disk import fsync_path
+
 META_FORMAT = "ams-edge-index/1"
 _SHARD_NAME = re.compile(r"^shard-(\d{6})$")
 _MAX_SOCKET_PATH = 100  # AF_UNIX paths are limited to 107 bytes on Linux
@@ -82,7 +84,7 @@ class EngineLayout:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, self.meta_path)
-        _fsync_dir(self.root)
+        fsync_path(self.root)
 
     def shard_names(self) -> list[str]:
         if not self.root.is_dir():
@@ -93,14 +95,6 @@ class EngineLayout:
 def next_shard_name(current: str | None) -> str:
     number = int(_SHARD_NAME.match(current).group(1)) if current and _SHARD_NAME.match(current) else 0
     return f"shard-{number + 1:06d}"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def directory_bytes(path: Path) -> int:
