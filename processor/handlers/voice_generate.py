@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from typing import Any
 
@@ -46,15 +46,19 @@ def encode_in_slices(encoder: Mp3Stream, samples: np.ndarray, hand_over: Callabl
 
 
 @contextmanager
-def encoding_beside(encode: Callable[[np.ndarray], None]) -> Iterator[Callable[[np.ndarray], None]]:
-    """An `on_piece` for the model's thread that hands each spoken piece to `encode` in a second thread, in order,
-    so the model goes on to the next while it is encoded; leaving the block waits for every piece to be encoded
-    (and raises the first encoding failure)."""
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mp3-encode") as encoding:
-        pending: list[Future[None]] = []
-        yield lambda part: pending.append(encoding.submit(encode, part))
-        for encoded in pending:
-            encoded.result()
+def encoding_beside(
+    encode: Callable[[np.ndarray], None], encoder_thread: ThreadPoolExecutor
+) -> Iterator[Callable[[np.ndarray], None]]:
+    """An `on_piece` for the model's thread that hands each spoken piece to `encode` in `encoder_thread` (one
+    worker: in order), so the model goes on to the next while it is encoded; leaving the block waits for every
+    piece to be encoded (and raises the first encoding failure)."""
+    pending: list[Future[None]] = []
+    try:
+        yield lambda part: pending.append(encoder_thread.submit(encode, part))
+    finally:
+        wait(pending)
+    for encoded in pending:
+        encoded.result()
 
 
 class VoiceGenerateHandler:
@@ -68,6 +72,8 @@ class VoiceGenerateHandler:
         self._store = store
         self._cloner = cloner
         self._settings = settings
+        # a whole answer's MP3 is encoded here while the model speaks (one answer at a time: batch_size 1)
+        self._encoder_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mp3-encode")
 
     async def handle(self, jobs: Sequence[Job]) -> list[Outcome]:
         return [await self._one(job) for job in jobs]
@@ -149,7 +155,7 @@ class VoiceGenerateHandler:
         batch's audio while the model speaks the next, so only the last batch's encoding follows the model.
         Returns the whole MP3 file (encode_mp3's bytes for the joined waveform) and its sample count."""
         encoder = Mp3File(SAMPLE_RATE, self._bitrate)
-        with encoding_beside(encoder.write) as on_piece:
+        with encoding_beside(encoder.write, self._encoder_thread) as on_piece:
             wave = self._cloner.clone(
                 reference=reference, ref_text=ref_text, pieces=pieces, language=language, on_piece=on_piece
             )
