@@ -1,5 +1,6 @@
 """Waiting for job outcomes: one exclusive reply queue per API process, futures matched by correlation id; for a
-streamed job, a queue that gets the output's pieces as they come and then the reply."""
+streamed job, a queue that gets the output's pieces as they come and then the reply. A processor in the same
+process hands its replies over in memory (Publisher.receive_locally); others send them through the broker."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
 
 from contract.messages import JobReply
-from infra.broker import OFFSET_HEADER, REPLY_PIECE
+from infra.broker import OFFSET_HEADER, REPLY_PIECE, Publisher, Reply
 
 log = structlog.get_logger(__name__)
 
@@ -29,8 +30,9 @@ StreamEvent = ReplyPiece | JobReply
 
 
 class ReplyListener:
-    def __init__(self, connection: AbstractRobustConnection) -> None:
+    def __init__(self, connection: AbstractRobustConnection, publisher: Publisher | None = None) -> None:
         self._connection = connection
+        self._publisher = publisher
         self._pending: dict[str, asyncio.Future[JobReply]] = {}
         self._streams: dict[str, asyncio.Queue[StreamEvent]] = {}
         self._channel: AbstractChannel | None = None
@@ -40,6 +42,8 @@ class ReplyListener:
         self._channel = await self._connection.channel()
         queue = await self._channel.declare_queue(self.queue_name, exclusive=True, auto_delete=True)
         await queue.consume(self._on_reply, no_ack=True)
+        if self._publisher is not None:
+            self._publisher.receive_locally(self.queue_name, self.receive)
 
     @property
     def is_connected(self) -> bool:
@@ -71,33 +75,37 @@ class ReplyListener:
             self.forget(correlation_id)
 
     async def _on_reply(self, message: AbstractIncomingMessage) -> None:
-        correlation_id = message.correlation_id or ""
+        offset: int | None = None
         if message.type == REPLY_PIECE:
-            self._on_piece(correlation_id, message)
+            found = (message.headers or {}).get(OFFSET_HEADER)
+            # a piece without a usable offset cannot be placed: the reader sees a gap and ends the stream
+            offset = found if isinstance(found, int) else -1
+        self.receive(Reply(message.correlation_id or "", message.body, offset))
+
+    def receive(self, reply: Reply) -> None:
+        """Take a reply (or a piece of a streamed output) to whoever waits for it; one nobody waits for is dropped."""
+        if reply.offset is not None:
+            stream = self._streams.get(reply.correlation_id)
+            if stream is not None:
+                stream.put_nowait(ReplyPiece(reply.offset, reply.body))
             return
-        stream = self._streams.pop(correlation_id, None)
-        future = self._pending.pop(correlation_id, None)
+        stream = self._streams.pop(reply.correlation_id, None)
+        future = self._pending.pop(reply.correlation_id, None)
         if stream is None and (future is None or future.done()):
             return
         try:
-            reply = msgspec.msgpack.decode(message.body, type=JobReply)
+            decoded = msgspec.msgpack.decode(reply.body, type=JobReply)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            log.error("reply_undecodable", correlation_id=message.correlation_id, error=str(exc))
+            log.error("reply_undecodable", correlation_id=reply.correlation_id, error=str(exc))
             return
         if stream is not None:
-            stream.put_nowait(reply)
+            stream.put_nowait(decoded)
         elif future is not None:
-            future.set_result(reply)
-
-    def _on_piece(self, correlation_id: str, message: AbstractIncomingMessage) -> None:
-        stream = self._streams.get(correlation_id)
-        if stream is None:
-            return
-        offset = (message.headers or {}).get(OFFSET_HEADER)
-        # a piece without a usable offset cannot be placed: the reader sees a gap and ends the stream
-        stream.put_nowait(ReplyPiece(offset if isinstance(offset, int) else -1, message.body))
+            future.set_result(decoded)
 
     async def close(self) -> None:
+        if self._publisher is not None:
+            self._publisher.stop_receiving_locally(self.queue_name)
         for future in self._pending.values():
             future.cancel()
         self._pending.clear()

@@ -71,7 +71,13 @@ class Services:
         configure_pixel_limit(settings.image_search_max_pixels)
         own = plumbing is None
         plumbing = plumbing or await Plumbing.open(settings)
-        services = cls(settings, plumbing, ReplyListener(plumbing.connection), probes=probes, _owns_plumbing=own)
+        services = cls(
+            settings,
+            plumbing,
+            ReplyListener(plumbing.connection, plumbing.publisher),
+            probes=probes,
+            _owns_plumbing=own,
+        )
         try:
             await services.replies.start()
             if settings.image_search_enabled:
