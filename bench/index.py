@@ -160,6 +160,7 @@ async def through_broker(
         {},
         max_attempts=1,
         jobs=JobStore(plumbing.store, 7),
+        store=plumbing.store,
         capabilities=("index",),
     )
     await consumer.start()

@@ -18,9 +18,11 @@ from contract.bucket_events import BUCKET_EVENT, parse_bucket_event
 from contract.jobs import RECORD_HEADER, JobStore, queued_record
 from contract.messages import ContractError, decode_job
 from infra.broker import Publisher, capability_of, declare_topology, topology_on
+from infra.storage import ObjectStore
 from processor.deliveries import attempt, first_delivery, job_id, job_type, replayed
-from processor.handlers.base import Handler, Job
+from processor.handlers.base import Handler, Job, MakesOutputs
 from processor.outcomes import Failed, Outcome
+from processor.outputs import output_lost
 from processor.pieces import pieces_for
 from processor.retrying import TRANSIENT_ERRORS
 from processor.scheduler import PIPELINE_DEPTH, Lane, Scheduler
@@ -39,6 +41,7 @@ class Consumer:
         disabled: Mapping[str, str],
         max_attempts: int,
         jobs: JobStore,
+        store: ObjectStore,
         capabilities: Sequence[str],
         pipeline_depth: int = PIPELINE_DEPTH,
     ) -> None:
@@ -47,7 +50,8 @@ class Consumer:
         self._handlers = dict(handlers)
         self._disabled = dict(disabled)
         self._publisher = publisher
-        self._settler = Settler(publisher, jobs, max_attempts)
+        self._store = store
+        self._settler = Settler(publisher, jobs, store, max_attempts)
         self._scheduler: Scheduler[AbstractIncomingMessage] = Scheduler(
             self._process,
             lanes={name: Lane(handler.batch_size, handler.pipelined) for name, handler in self._handlers.items()},
@@ -139,7 +143,8 @@ class Consumer:
         self, handler: Handler, jobs: Sequence[tuple[AbstractIncomingMessage, Job]], records: dict[str, Tracked]
     ) -> list[Outcome]:
         """Outcomes in order. A tracked job whose record is already settled (a redelivery after the outcome was
-        recorded, or a duplicate that another processor finished) is not run again: its recorded outcome stands."""
+        recorded, or a duplicate that another processor finished) is not run again: its recorded outcome stands,
+        unless the output it names is lost (then it runs again, its record left succeeded meanwhile)."""
         tracker = self._settler.tracker
         outcomes: dict[str, Outcome] = {}
         to_run: list[Job] = []
@@ -148,13 +153,17 @@ class Consumer:
                 try:
                     tracked = _carried(message, job) or await tracker.load(job, replayed=replayed(message))
                     records[job.message_id] = tracked
-                    if not tracked.settled and handler.reports_running:
+                    outputs = _outputs(handler, tracked)
+                    if outputs and await self._lost(outputs):
+                        log.warning("job_output_lost_running_again", message_id=job.message_id, outputs=outputs)
+                        tracked.remaking = True
+                    elif not tracked.settled and handler.reports_running:
                         tracker.mark_running(tracked, attempt(message))
                 except TRANSIENT_ERRORS as exc:
                     outcomes[job.message_id] = Failed("storage_unavailable", str(exc), transient=True)
                     continue
                 if tracked.settled:
-                    outcomes[job.message_id] = recorded_outcome(tracked.record)
+                    outcomes[job.message_id] = recorded_outcome(tracked.record, outputs)
                     continue
             to_run.append(job)
         if to_run:
@@ -165,6 +174,9 @@ class Consumer:
                 results = [Failed("internal_error", f"{type(exc).__name__}: {exc}")] * len(to_run)
             outcomes.update({job.message_id: outcome for job, outcome in zip(to_run, results, strict=True)})
         return [outcomes[job.message_id] for _, job in jobs]
+
+    async def _lost(self, outputs: tuple[str, ...]) -> bool:
+        return any(await asyncio.gather(*(output_lost(self._store, key) for key in outputs)))
 
     async def _admit(self, message: AbstractIncomingMessage) -> Job | None:
         """Decode one message; dead-letter it at once if it breaks the contract or its feature is off."""
@@ -194,6 +206,13 @@ class Consumer:
             priority=message.priority or 0,
             pieces=pieces_for(message, self._publisher),
         )
+
+
+def _outputs(handler: Handler, tracked: Tracked) -> tuple[str, ...]:
+    """The outputs a succeeded record names, for a handler whose jobs make them; () otherwise."""
+    if tracked.record.status != "succeeded" or not isinstance(handler, MakesOutputs):
+        return ()
+    return handler.outputs(tracked.record.result or {})
 
 
 def _carried(message: AbstractIncomingMessage, job: Job) -> Tracked | None:

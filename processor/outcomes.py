@@ -8,10 +8,13 @@ from typing import Any
 
 @dataclass(frozen=True, slots=True)
 class Succeeded:
-    """`result` goes into the job record and the reply; `attachment` (e.g. the PNG) only into the reply."""
+    """`result` goes into the job record and the reply; `attachment` (e.g. the PNG) only into the reply;
+    `unflushed`: the keys of outputs stored but not yet flushed to a local disk, which the settler flushes after
+    the reply and before the ack (processor/outputs.py)."""
 
     result: dict[str, Any] = field(default_factory=dict)
     attachment: bytes | None = None
+    unflushed: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -97,6 +97,7 @@ def build_consumer(runtime: Runtime) -> Consumer:
         disabled,
         max_attempts=runtime.settings.max_attempts,
         jobs=JobStore(runtime.store, runtime.settings.job_record_ttl_days),
+        store=runtime.store,
         capabilities=runtime.capabilities,
     )
 

@@ -1,7 +1,7 @@
 """Settling a delivery, exactly once, after its outcome is durable:
 
     succeeded            -> record (tracked jobs; seen at once, flushed to a local disk after the reply), reply to
-                            the requester (if any), flush, ack
+                            the requester (if any), flush the record and the outputs not yet flushed, ack
     failed, permanent    -> record, copy to the dead-letter exchange with the reason (confirmed), reply, ack
     failed, transient    -> record, copy to a delayed retry queue with attempts + 1 (confirmed), ack;
                             after MAX_ATTEMPTS, dead-lettered instead
@@ -36,10 +36,11 @@ from infra.broker import (
     Publisher,
     retry_delay,
 )
+from infra.storage import ObjectStore
 from processor.deliveries import attempt, job_id, job_type
 from processor.handlers.base import Job
 from processor.outcomes import Failed, Outcome, Succeeded
-from processor.retrying import TRANSIENT_ERRORS
+from processor.retrying import TRANSIENT_ERRORS, retry_transient
 from processor.tracking import JobTracker, Tracked
 
 log = structlog.get_logger(__name__)
@@ -47,10 +48,11 @@ log = structlog.get_logger(__name__)
 REQUEUE_DELAY_SECONDS = 1.0
 
 
-def recorded_outcome(record: JobRecord) -> Outcome:
-    """The outcome a settled job record holds."""
+def recorded_outcome(record: JobRecord, outputs: tuple[str, ...] = ()) -> Outcome:
+    """The outcome a settled job record holds; a success's `outputs` are flushed again before its ack (an earlier
+    delivery may have stored them and stopped before flushing them)."""
     if record.status == "succeeded":
-        return Succeeded(record.result or {})
+        return Succeeded(record.result or {}, unflushed=outputs)
     error = record.error or ErrorInfo(code="failed", message="the job failed")
     return Failed(error.code, error.message)
 
@@ -60,8 +62,9 @@ def _now_iso() -> str:
 
 
 class Settler:
-    def __init__(self, publisher: Publisher, jobs: JobStore, max_attempts: int) -> None:
+    def __init__(self, publisher: Publisher, jobs: JobStore, store: ObjectStore, max_attempts: int) -> None:
         self._publisher = publisher
+        self._store = store
         self.tracker = JobTracker(jobs)
         self._max_attempts = max_attempts
         self._requeues: dict[int, asyncio.TimerHandle] = {}
@@ -84,13 +87,12 @@ class Settler:
                 job_id=job.message_id, status="succeeded", result=outcome.result, attachment=outcome.attachment
             )
             await self._reply(message, reply)
-            if record is not None:
-                try:
-                    await self.tracker.flush(record)
-                except TRANSIENT_ERRORS as exc:
-                    logger.warning("job_record_not_flushed", error=str(exc))
-                    self._requeue_later(message)
-                    return
+            try:
+                await self._flush(outcome.unflushed, record)
+            except TRANSIENT_ERRORS as exc:
+                logger.warning("job_outcome_not_flushed", error=str(exc))
+                self._requeue_later(message)
+                return
             await self._ack(message)
             metrics.job_settled(job.message_type, "succeeded", elapsed)
             logger.info("job_succeeded", seconds=round(elapsed, 4))
@@ -106,6 +108,14 @@ class Settler:
             return
         if await self.dead_letter(message, outcome.code, outcome.message, number):
             metrics.job_settled(job.message_type, "dead_lettered", elapsed)
+
+    async def _flush(self, outputs: tuple[str, ...], record: Tracked | None) -> None:
+        """Flush a success's outputs and its record to a local disk, side by side: whichever a power failure
+        loses, the unacked message comes again and finds the record as it was or the output lost (and remade)."""
+        flushes = [retry_transient(lambda key=key: self._store.flush(key)) for key in outputs]
+        if record is not None:
+            flushes.append(self.tracker.flush(record))
+        await asyncio.gather(*flushes)
 
     async def refuse(self, message: AbstractIncomingMessage, code: str, text: str) -> None:
         """Dead-letter a message that cannot even be started, marking its job record failed if it has one."""

@@ -4,7 +4,8 @@ Every write is conditional: a new record is created only if none exists, an exis
 is still the version this processor read (its ETag). When another delivery of the same job (on another
 processor) wrote in between, the record is read again and the change applied to that, unless it is finished:
 a record only moves forward. The one way back is an operator's replay (`ams-ops dlq replay`), which may run a
-failed job again; a succeeded job is never run again.
+failed job again; a succeeded job is never run again, unless the output its record names is lost (a power failure
+before the output was flushed, while the message was not yet acked: processor/outputs.py).
 
 The running mark is written beside the work, not before it (`mark_running`): it is for whoever polls the job,
 and nothing depends on it being stored before the model starts. The outcome's write waits for it, so the record
@@ -42,12 +43,15 @@ class Tracked:
     record: JobRecord
     etag: str | None
     replayed: bool = False  # the delivery is an operator's replay: a failed record may be reopened
+    remaking: bool = False  # the record says succeeded but its output was lost: the job runs and is recorded again
     marking: asyncio.Task[bool] | None = field(default=None, repr=False)  # the running mark being written
 
     @property
     def settled(self) -> bool:
-        """Finished for good: succeeded, or failed and not being replayed."""
-        return self.record.status == "succeeded" or (self.record.status in FINISHED and not self.replayed)
+        """Finished for good: succeeded (its output not lost), or failed and not being replayed."""
+        if self.record.status == "succeeded":
+            return not self.remaking
+        return self.record.status in FINISHED and not self.replayed
 
 
 class JobTracker:
@@ -70,8 +74,9 @@ class JobTracker:
 
     async def succeeded(self, tracked: Tracked, outcome: Succeeded, attempt: int) -> bool:
         """Write the succeeded record where readers see it at once, not yet flushed to a local disk: the requester
-        is answered in the meantime, and `flush` makes it durable before the ack. (The output it names was stored
-        durably before; a power failure in between leaves the message unacked and the record as it was.)"""
+        is answered in the meantime, and `flush` makes it durable before the ack. (The output it names may not be
+        flushed yet either: the settler flushes both before the ack, and a power failure in between leaves the
+        message unacked; its redelivery finds the record as it was, or finds the output lost and makes it again.)"""
 
         def change(record: JobRecord) -> None:
             stamp = now_iso()
@@ -133,7 +138,7 @@ class JobTracker:
                 else:
                     tracked.record, tracked.etag = found
                 continue
-            tracked.record, tracked.etag, tracked.replayed = candidate, etag, False
+            tracked.record, tracked.etag, tracked.replayed, tracked.remaking = candidate, etag, False, False
             return True
         raise StorageUnavailableError(f"the record of job {tracked.record.job_id} kept changing; will retry")
 

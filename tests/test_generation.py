@@ -358,21 +358,20 @@ async def test_a_stale_carried_record_or_a_retry_still_ends_in_the_right_record(
     await wait_until(finished, timeout=30)
 
 
-async def test_the_answer_leaves_before_the_record_is_flushed_and_the_ack_waits_for_the_flush(
+async def test_the_answer_leaves_before_the_output_and_record_are_flushed_and_the_ack_waits_for_them(
     make_env, rabbit, monkeypatch
 ):
-    """On the embedded store, a success's record is seen at once (read right after the answer, it says
-    succeeded) and flushed to the disk after the answer; the message is acked only once the record is flushed.
-    While flushing fails the message is handed back; its redelivery flushes and acks it, and the job is not run
-    again."""
+    """On the embedded store, a success's PNG and record are seen at once (read right after the answer, they are
+    there) and flushed to the disk after the answer; the message is acked only once both are flushed. While
+    flushing fails the message is handed back; its redelivery flushes and acks it, and the job is not run again."""
     env = make_env(IMAGE_ENABLED="1")
     settings = Settings.from_env(env)
     broken, answered, flushes = [True], [False], []
     real_flush = LocalStore.flush
 
     async def flush(store: LocalStore, key: str) -> None:
-        if key.startswith("jobs/"):
-            flushes.append(answered[0])
+        if key.startswith(("jobs/", "images/generated/")):
+            flushes.append((key.split("/")[0], answered[0]))
             if broken[0]:
                 raise StorageUnavailableError("the disk is not answering")
         await real_flush(store, key)
@@ -382,12 +381,16 @@ async def test_the_answer_leaves_before_the_record_is_flushed_and_the_ack_waits_
         response = await generate(server, prompt="flushed after the answer", seed=8, width=64, height=64)
         answered[0] = True
         assert response.status_code == 200, response.text
-        job = (await server.client.get(f"/v1/jobs/{response.headers['x-job-id']}")).json()
+        job_id = response.headers["x-job-id"]
+        job = (await server.client.get(f"/v1/jobs/{job_id}")).json()
         assert job["status"] == "succeeded"
-        assert flushes[0] is False  # the answer came back while the record could not be flushed
-        await wait_until(lambda: len(flushes) >= 4, timeout=30)
+        assert (await server.services.store.get(f"images/generated/{job_id}.png")).data == response.content
+        # the answer came back while neither could be flushed
+        assert {("jobs", False), ("images", False)} <= set(flushes)
+        await wait_until(lambda: len(flushes) >= 8, timeout=30)
         assert rabbit.queue_counts(env["VHOST"])["ams.image"] == (0, 1)  # not acked
         broken[0] = False
         await wait_until(lambda: rabbit.queue_counts(env["VHOST"])["ams.image"] == (0, 0), timeout=30)
-        job = (await server.client.get(f"/v1/jobs/{response.headers['x-job-id']}")).json()
+        assert {("jobs", True), ("images", True)} <= set(flushes)
+        job = (await server.client.get(f"/v1/jobs/{job_id}")).json()
         assert job["status"] == "succeeded" and job["attempts"] == 1

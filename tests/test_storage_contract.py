@@ -41,6 +41,9 @@ async def test_put_get_round_trip(store):
     assert stored.data == b"\x89PNG bytes"
     assert stored.content_type == "image/png"
     assert await store.exists("images/originals/a.png")
+    assert await store.size("images/originals/a.png") == len(b"\x89PNG bytes")
+    await store.put("images/originals/empty.png", b"", "image/png")
+    assert await store.size("images/originals/empty.png") == 0
 
 
 async def test_put_overwrites(store):
@@ -102,6 +105,9 @@ async def test_of_racing_conditional_creates_exactly_one_wins(store):
 
 async def test_missing_objects(store):
     assert not await store.exists("nope/missing.bin")
+    assert await store.size("nope/missing.bin") is None
+    await store.put("pre/fix/x.bin", b"x", "application/octet-stream")
+    assert await store.size("pre/fix") is None  # a key prefix is no object
     with pytest.raises(ObjectNotFoundError):
         await store.get("nope/missing.bin")
     assert await store.delete("nope/missing.bin") is False
@@ -174,6 +180,8 @@ async def test_unsafe_keys_are_refused_by_every_method(store, key):
         await store.delete(key)
     with pytest.raises(InvalidKeyError):
         await store.exists(key)
+    with pytest.raises(InvalidKeyError):
+        await store.size(key)
     with pytest.raises(InvalidKeyError):
         await store.presigned_get_url(key, 60)
 

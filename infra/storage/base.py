@@ -110,6 +110,10 @@ class ObjectStore(abc.ABC):
         """Whether an object exists under the key."""
 
     @abc.abstractmethod
+    async def size(self, key: str) -> int | None:
+        """The object's size in bytes; None when there is no object under the key."""
+
+    @abc.abstractmethod
     def list(self, prefix: str = "") -> AsyncIterator[ObjectInfo]:
         """Objects whose key starts with prefix, in key order."""
 

@@ -21,6 +21,7 @@ import json
 import os
 import secrets
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
@@ -258,6 +259,17 @@ class LocalStore(ObjectStore):
     async def exists(self, key: str) -> bool:
         validate_key(key)
         return await asyncio.to_thread(self._object_path(key).is_file)
+
+    def _size_sync(self, key: str) -> int | None:
+        try:
+            found = self._object_path(key).stat()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        return found.st_size if stat.S_ISREG(found.st_mode) else None
+
+    async def size(self, key: str) -> int | None:
+        validate_key(key)
+        return await asyncio.to_thread(self._size_sync, key)
 
     def _list_sync(self, prefix: str) -> list[ObjectInfo]:
         found: list[ObjectInfo] = []

@@ -189,15 +189,18 @@ class S3Store(ObjectStore):
         )
 
     async def exists(self, key: str) -> bool:
+        return await self.size(key) is not None
+
+    async def size(self, key: str) -> int | None:
         validate_key(key)
         try:
-            await self._client.head_object(Bucket=self.bucket, Key=key)
+            head = await self._client.head_object(Bucket=self.bucket, Key=key)
         except (ClientError, BotoCoreError, OSError) as exc:
             translated = self._translate(exc, key)
             if isinstance(translated, ObjectNotFoundError):
-                return False
+                return None
             raise translated from exc
-        return True
+        return int(head["ContentLength"])
 
     async def delete(self, key: str) -> bool:
         existed = await self.exists(key)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from processor.outcomes import Outcome
 
@@ -38,4 +38,14 @@ class Handler(Protocol):
 
     async def handle(self, jobs: Sequence[Job]) -> list[Outcome]:
         """Process the jobs (one forward pass where the model allows) and return one outcome per job, in order."""
+        ...
+
+
+@runtime_checkable
+class MakesOutputs(Protocol):
+    """A handler whose jobs store an output that their result names (a generated image or voice): a job whose
+    record says succeeded runs again when that output is lost (processor/outputs.py)."""
+
+    def outputs(self, result: Mapping[str, Any]) -> tuple[str, ...]:
+        """The keys of the objects a succeeded job's result names as its output."""
         ...

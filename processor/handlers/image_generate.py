@@ -1,10 +1,12 @@
-"""image.generate: run the text-to-image pipeline, store the PNG as images/generated/<job id>.png."""
+"""image.generate: run the text-to-image pipeline, store the PNG as images/generated/<job id>.png (seen at once,
+flushed to a local disk after the answer: processor/outputs.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import structlog
 
@@ -14,7 +16,7 @@ from infra.storage import ObjectStore
 from models.diffusion import GenerationParams, ImageGenerator, UnsupportedParameterError
 from processor.handlers.base import Job
 from processor.outcomes import Failed, Outcome, Succeeded
-from processor.outputs import store_once
+from processor.outputs import keyed_output, store_once
 from processor.retrying import TRANSIENT_ERRORS
 
 log = structlog.get_logger(__name__)
@@ -58,6 +60,9 @@ class ImageGenerateHandler:
         self._generator = generator
         self._settings = settings
 
+    def outputs(self, result: Mapping[str, Any]) -> tuple[str, ...]:
+        return keyed_output(result)
+
     async def handle(self, jobs: Sequence[Job]) -> list[Outcome]:
         return [await self._one(job) for job in jobs]
 
@@ -73,7 +78,7 @@ class ImageGenerateHandler:
             return Failed("unsupported_parameter", str(exc))
         key = generated_key(job.message_id)
         try:
-            png = await store_once(self._store, key, png, "image/png")
+            png = await store_once(self._store, key, png, "image/png", durable=False)
         except TRANSIENT_ERRORS as exc:
             return Failed("storage_unavailable", str(exc), transient=True)
         log.info(
@@ -96,4 +101,4 @@ class ImageGenerateHandler:
             "guidance_scale": params.guidance_scale,
             "model": self._generator.model_id,
         }
-        return Succeeded(result, attachment=png)
+        return Succeeded(result, attachment=png, unflushed=(key,))

@@ -5,7 +5,7 @@ queue as it is spoken; the stored object is those pieces joined."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from typing import Any
@@ -21,7 +21,7 @@ from infra.storage import InvalidKeyError, ObjectNotFoundError, ObjectStore
 from models.voice import VoiceCloner
 from processor.handlers.base import Job, PieceSink
 from processor.outcomes import Failed, Outcome, Succeeded
-from processor.outputs import store_once
+from processor.outputs import keyed_output, store_once
 from processor.retrying import TRANSIENT_ERRORS, retry_transient
 from processor.text_chunks import split_sentences, split_text
 
@@ -74,6 +74,9 @@ class VoiceGenerateHandler:
         self._settings = settings
         # a whole answer's MP3 is encoded here while the model speaks (one answer at a time: batch_size 1)
         self._encoder_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mp3-encode")
+
+    def outputs(self, result: Mapping[str, Any]) -> tuple[str, ...]:
+        return keyed_output(result)
 
     async def handle(self, jobs: Sequence[Job]) -> list[Outcome]:
         return [await self._one(job) for job in jobs]
@@ -141,12 +144,12 @@ class VoiceGenerateHandler:
         mp3, samples = await asyncio.to_thread(self._speak_whole, reference, payload.ref_text, pieces, language)
         key = generated_key(job.message_id)
         try:
-            mp3 = await store_once(self._store, key, mp3, "audio/mpeg")
+            mp3 = await store_once(self._store, key, mp3, "audio/mpeg", durable=False)
         except TRANSIENT_ERRORS as exc:
             return Failed("storage_unavailable", str(exc), transient=True)
         seconds = round(samples / SAMPLE_RATE, 3)
         self._log(job, key, seconds, len(pieces), language, reference)
-        return Succeeded(self._result(key, mp3, seconds, len(pieces), language), attachment=mp3)
+        return Succeeded(self._result(key, mp3, seconds, len(pieces), language), attachment=mp3, unflushed=(key,))
 
     def _speak_whole(
         self, reference: DecodedAudio, ref_text: str, pieces: list[str], language: str
@@ -170,14 +173,14 @@ class VoiceGenerateHandler:
         mp3, samples = await self._speak_streamed(sink, reference, payload.ref_text, pieces, language)
         key = generated_key(job.message_id)
         try:
-            stored = await store_once(self._store, key, mp3, "audio/mpeg")
+            stored = await store_once(self._store, key, mp3, "audio/mpeg", durable=False)
         except TRANSIENT_ERRORS as exc:
             return Failed("storage_unavailable", str(exc), transient=True)
         if stored != mp3:
             log.warning("voice_stream_differs_from_stored", job_id=job.message_id, key=key)
         seconds = round(samples / SAMPLE_RATE, 3)
         self._log(job, key, seconds, len(pieces), language, reference)
-        return Succeeded(self._result(key, stored, seconds, len(pieces), language))
+        return Succeeded(self._result(key, stored, seconds, len(pieces), language), unflushed=(key,))
 
     async def _speak_streamed(
         self, sink: PieceSink, reference: DecodedAudio, ref_text: str, pieces: list[str], language: str
@@ -217,9 +220,10 @@ class VoiceGenerateHandler:
         return b"".join(sent), await speaking
 
     async def _stored(self, key: str) -> bytes | None:
-        """The output an earlier delivery of this job stored, if there is one."""
+        """The output an earlier delivery of this job stored, if there is one (an empty object is none: what a
+        power failure can leave of an output not yet flushed)."""
         try:
-            return (await retry_transient(lambda: self._store.get(key))).data
+            return (await retry_transient(lambda: self._store.get(key))).data or None
         except ObjectNotFoundError:
             return None
 
@@ -233,7 +237,7 @@ class VoiceGenerateHandler:
         seconds = round(await asyncio.to_thread(mp3_seconds, stored), 3)
         pieces = split_sentences(payload.text, self._settings.voice_chunk_chars)
         language = canonical_language(payload.language) or "auto"
-        return Succeeded(self._result(key, stored, seconds, len(pieces), language))
+        return Succeeded(self._result(key, stored, seconds, len(pieces), language), unflushed=(key,))
 
     @property
     def _bitrate(self) -> int:

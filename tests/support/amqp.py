@@ -17,6 +17,7 @@ def _message(
     content_type: str,
     priority: int,
     headers: dict[str, Any] | None,
+    reply_to: str | None = None,
 ) -> aio_pika.Message:
     return aio_pika.Message(
         json.dumps(body).encode() if isinstance(body, dict) else body,
@@ -26,6 +27,8 @@ def _message(
         priority=priority,
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         headers=headers or {},
+        reply_to=reply_to,
+        correlation_id=message_id if reply_to else None,
     )
 
 
@@ -38,13 +41,15 @@ async def publish(
     content_type: str = "application/json",
     priority: int = 0,
     headers: dict[str, Any] | None = None,
+    reply_to: str | None = None,
 ) -> str:
+    """Publish one message (confirmed); with `reply_to`, its correlation id is its message id."""
     message_id = message_id or str(uuid.uuid4())
     connection = await aio_pika.connect(amqp_url)
     async with connection:
         channel = await connection.channel(publisher_confirms=True)
         exchange = await channel.get_exchange("ams.jobs")
-        message = _message(message_type, body, message_id, content_type, priority, headers)
+        message = _message(message_type, body, message_id, content_type, priority, headers, reply_to)
         await exchange.publish(message, routing_key=message_type)
     return message_id
 

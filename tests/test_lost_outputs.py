@@ -1,0 +1,89 @@
+"""On the embedded store a generated image or voice is answered before it is flushed to the disk, and flushed
+before its message is acked. A power failure in between can lose the output, or leave it empty, while its record
+(written just as early) says succeeded: the unacked message then comes again, and that delivery makes the output
+again. An output that is intact is never made twice."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from contract.messages import IMAGE_GENERATE, STREAM_HEADER, VOICE_GENERATE
+from tests.support.amqp import publish, wait_until
+from tests.support.audio import speech_clip
+from tests.support.server import running_server
+from tests.test_voice import REF_TEXT
+
+REFERENCE_KEY = "voice/refs/lost.wav"
+NO_ONE_LISTENS = "ams.reply.nobody"  # a requester that asked for the voice streamed, and went away
+
+JOBS = {
+    "image": (IMAGE_GENERATE, {"prompt": "kept on disk", "seed": 3, "width": 64, "height": 64}, "images/generated/"),
+    "voice": (
+        VOICE_GENERATE,
+        {"ref_audio_key": REFERENCE_KEY, "ref_text": REF_TEXT, "text": "Only one sentence.", "language": "English"},
+        "voice/generated/",
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+async def server(make_settings):
+    async with running_server(make_settings(IMAGE_ENABLED="1", VOICE_ENABLED="1")) as running:
+        await running.services.store.put(REFERENCE_KEY, speech_clip("wav"), "audio/wav")
+        yield running
+
+
+async def _record(server, job_id: str) -> dict:
+    return (await server.client.get(f"/v1/jobs/{job_id}")).json()
+
+
+async def _run(server, job_type: str, body: dict, job_id: str, *, streamed: bool) -> None:
+    """Publish the job (again) and wait until it and a job published after it are settled: one consumer takes a
+    queue's jobs of one priority in order, so the first was settled before the second."""
+    settings = server.services.settings
+    extra = {"headers": {STREAM_HEADER: True}, "reply_to": NO_ONE_LISTENS} if streamed else {}
+    await publish(settings.amqp_url, job_type, body, message_id=job_id, **extra)
+    after = await publish(settings.amqp_url, job_type, body)
+
+    async def settled() -> bool:
+        return (await _record(server, after)).get("status") == "succeeded"
+
+    await wait_until(settled, timeout=60)
+
+
+@pytest.mark.parametrize("damage", ["empty", "missing", "intact"])
+@pytest.mark.parametrize("kind", ["image", "voice", "voice-streamed"])
+async def test_a_lost_output_is_made_again_by_the_next_delivery(server, kind, damage):
+    job_type, body, prefix = JOBS[kind.split("-")[0]]
+    streamed = kind.endswith("streamed")
+    store = server.services.store
+    job_id = str(uuid.uuid4())
+    key = f"{prefix}{job_id}{'.png' if job_type == IMAGE_GENERATE else '.mp3'}"
+    await _run(server, job_type, body, job_id, streamed=streamed)
+    first = await _record(server, job_id)
+    assert first["status"] == "succeeded" and first["result"]["key"] == key
+    made = (await store.get(key)).data
+    assert made
+
+    # what a power failure before the flush can leave: the record as written, the output empty or gone
+    if damage == "empty":
+        await store.put(key, b"", "application/octet-stream")
+    elif damage == "missing":
+        await store.delete(key)
+    await _run(server, job_type, body, job_id, streamed=streamed)
+
+    again = await _record(server, job_id)
+    assert again["status"] == "succeeded"
+    assert again["result"]["key"] == key
+    stored = (await store.get(key)).data
+    if damage == "intact":
+        assert again["finished_at"] == first["finished_at"]  # not run again
+        assert stored == made
+    else:
+        assert again["finished_at"] > first["finished_at"]  # run again, and recorded again
+        assert len(stored) == again["result"]["size"] > 0
+        assert (await store.get(key)).content_type == ("image/png" if job_type == IMAGE_GENERATE else "audio/mpeg")
+        if job_type == IMAGE_GENERATE:
+            assert stored == made  # the same seed draws the same image
