@@ -26,7 +26,8 @@ alone (a persistent message published with confirms and priority, consumed, answ
 answer consumed; aio-pika in one event loop, as in the product), with the same pause between requests as the
 path's model call, since a broker and an event loop that have been idle take longer to answer than busy ones;
 and one flushed write on the disk the embedded store uses (4 KB staged, fsync, renamed into place, the folder
-fsynced: what the store does for a job's output, which must be on disk before the answer), same pause;
+fsynced: what the store does for an indexed image's original and thumbnail before the answer, and for a
+generated image's or voice's output and record after the answer, before the ack), same pause;
 and the HTTP round trip alone (GET /healthz from the same client to the same server), same pause.
 
 --breakdown adds, for each path, the time spent in each step of the request (job records, publishes, object
