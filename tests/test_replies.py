@@ -20,6 +20,13 @@ async def _send_stream(publisher: Publisher, queue: str, job_id: str) -> None:
     await publisher.reply(queue, job_id, _reply(job_id), MSGPACK)
 
 
+SENT_IN_ORDER = [
+    ReplyPiece(0, b"ab"),
+    ReplyPiece(2, b"cd"),
+    JobReply(job_id="job-2", status="succeeded", result={"n": 1}),
+]
+
+
 async def _events(queue: asyncio.Queue, count: int) -> list[object]:
     async with asyncio.timeout(10):
         return [await queue.get() for _ in range(count)]
@@ -41,11 +48,7 @@ async def test_a_requester_in_the_same_process_gets_its_replies_in_memory_at_onc
             stream = listener.expect_stream("job-2")
             await _send_stream(publisher, listener.queue_name, "job-2")
             assert stream.qsize() == 3
-            assert await _events(stream, 3) == [
-                ReplyPiece(0, b"ab"),
-                ReplyPiece(2, b"cd"),
-                JobReply(job_id="job-2", status="succeeded", result={"n": 1}),
-            ]
+            assert await _events(stream, 3) == SENT_IN_ORDER
         finally:
             await listener.close()
         # once closed, its replies go to the broker again (where its queue is gone): nothing breaks
@@ -67,10 +70,6 @@ async def test_a_requester_in_another_process_gets_its_replies_through_the_broke
 
             stream = listener.expect_stream("job-2")
             await _send_stream(publisher, listener.queue_name, "job-2")
-            assert await _events(stream, 3) == [
-                ReplyPiece(0, b"ab"),
-                ReplyPiece(2, b"cd"),
-                JobReply(job_id="job-2", status="succeeded", result={"n": 1}),
-            ]
+            assert await _events(stream, 3) == SENT_IN_ORDER
         finally:
             await listener.close()
