@@ -82,17 +82,6 @@ LAST_FAILURE_HEADER = "x-ams-last-failed-at"
 REPLY_PIECE = "reply.piece"
 OFFSET_HEADER = "x-ams-offset"
 
-
-@dataclass(frozen=True, slots=True)
-class Reply:
-    """A reply or a piece of a streamed output, as a requester receives it (`offset` None: the final reply)."""
-
-    correlation_id: str
-    body: bytes
-    offset: int | None = None
-
-
-ReplyReceiver = Callable[[Reply], None]
 RETRY_DELAYS_SECONDS = (1, 5, 30, 120)
 MAX_PRIORITY = 9
 PUBLISH_TIMEOUT_SECONDS = 10.0
@@ -288,6 +277,18 @@ async def connect(url: str, timeout_seconds: float = 30.0) -> AbstractRobustConn
             f"cannot reach RabbitMQ at {redact(url)} (AMQP_URL) after {timeout_seconds:.0f}s: {exc}"
         ) from exc
     raise AssertionError("unreachable")
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A reply or a piece of a streamed output, as a requester receives it (`offset` None: the final reply)."""
+
+    correlation_id: str
+    body: bytes
+    offset: int | None = None
+
+
+ReplyReceiver = Callable[[Reply], None]
 
 
 class Publisher:
