@@ -81,7 +81,6 @@ LAST_FAILURE_HEADER = "x-ams-last-failed-at"
 # a piece of a streamed job's output on the reply queue: its AMQP type, and the header with its byte offset
 REPLY_PIECE = "reply.piece"
 OFFSET_HEADER = "x-ams-offset"
-
 RETRY_DELAYS_SECONDS = (1, 5, 30, 120)
 MAX_PRIORITY = 9
 PUBLISH_TIMEOUT_SECONDS = 10.0
