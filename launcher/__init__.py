@@ -1,5 +1,6 @@
 """The one-process mode: a processor and the API in one process, sharing one plumbing (object store, broker
-connection), one CLIP model and the image index, and still talking only through RabbitMQ.
+connection, publisher), one CLIP model and the image index. Jobs still go through RabbitMQ; the processor hands
+its replies to the API's reply queue over in memory through the publisher they share (Publisher.receive_locally).
 
 It is the default `run` (scripts/run.sh), because the embedded image index has one owning process. It sits above
 both siblings: api/ and processor/ never import each other.
