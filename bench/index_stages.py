@@ -26,7 +26,7 @@ from typing import Any
 from bench.index import MAX_PIXELS, bench_handler, index_job, load_tower, photo
 from contract.imaging import decode_image
 from contract.messages import ImageIndexV1
-from contract.thumbnails import thumbnail_from_bytes
+from contract.thumbnails import thumbnail_from_bytes, thumbnail_from_pixels, thumbnail_size
 from infra.logging import configure_logging
 from infra.settings import DEFAULT_CLIP_MODEL, Settings
 from infra.startup import open_image_index
@@ -57,11 +57,12 @@ def cpu_stages(embedder: ClipEmbedder, photos: list[bytes], threads: int, batch:
             prepared = pool_stages(embedder, photos, pool, workers)
     count = len(photos)
     if embedder.decodes_jpeg:
-        rate(
+        decoded = rate(
             f"decode on the device (decode_jpegs), batch {batch}",
             count,
             lambda: [embedder.decode_jpegs(photos[first : first + batch]) for first in range(0, count, batch)],
         )
+        device_thumbnails(embedder, decoded, threads)
     rate(
         f"embed_prepared from prepared inputs, batch {batch}",
         count,
@@ -69,12 +70,32 @@ def cpu_stages(embedder: ClipEmbedder, photos: list[bytes], threads: int, batch:
     )
 
 
+def device_thumbnails(embedder: ClipEmbedder, decoded: list[list[Any]], threads: int) -> None:
+    """The GPU path's thumbnails: each batch scaled on the device (shrink), then WebP-encoded in the threads."""
+    count = sum(len(batch) for batch in decoded)
+
+    def sizes(batch: list[Any]) -> list[tuple[int, int]]:
+        return [thumbnail_size(pixels.shape[2], pixels.shape[1], THUMBNAIL_SIDE) for pixels in batch]
+
+    small = rate(
+        "thumbnails scaled on the device (shrink), per batch",
+        count,
+        lambda: [array for batch in decoded for array in embedder.shrink(batch, sizes(batch))],
+    )
+    with ThreadPoolExecutor(threads) as pool:
+        rate(
+            f"WebP thumbnails from those pixels, {threads} threads",
+            count,
+            lambda: list(pool.map(thumbnail_from_pixels, small)),
+        )
+
+
 def pool_stages(embedder: ClipEmbedder, photos: list[bytes], pool: ThreadPoolExecutor, workers: int) -> list[Any]:
     count = len(photos)
     rate(f"decode, full size, {workers} threads", count, lambda: list(pool.map(_full, photos)))
     rate(f"decode, draft scale, {workers} threads", count, lambda: list(pool.map(_draft(embedder), photos)))
     rate(
-        f"thumbnail from the bytes (the GPU path's), {workers} threads",
+        f"thumbnail from the bytes (the API's, made when first asked for), {workers} threads",
         count,
         lambda: list(pool.map(lambda data: thumbnail_from_bytes(data, MAX_PIXELS, THUMBNAIL_SIDE), photos)),
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 
+import numpy as np
 from PIL import Image
 
 from contract.imaging import decode_image
@@ -35,6 +36,12 @@ def make_thumbnail(image: Image.Image, max_side: int) -> bytes:
     finally:
         if small is not image:
             small.close()
+
+
+def thumbnail_from_pixels(pixels: np.ndarray) -> bytes:
+    """The WebP thumbnail of RGB pixels already scaled to the thumbnail's size (uint8, rows first)."""
+    with Image.fromarray(pixels) as image:
+        return make_thumbnail(image, max(image.size))
 
 
 def thumbnail_from_bytes(data: bytes, max_pixels: int, max_side: int) -> bytes:

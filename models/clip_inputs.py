@@ -5,7 +5,8 @@ cap a batch at a few hundred images per second (measured on an H100 with 16 CPU 
 5,000 for the bfloat16 tower) and hand over float32 tensors four times the size of the pixels. Here the decode
 workers only turn the decoded image into a uint8 tensor, and the resize (bicubic, antialiased, like Pillow's),
 centre crop and normalisation run on the device for the whole batch. Plain JPEGs can skip the CPU's decode
-altogether: `decode_jpegs` decodes a batch's on the device (nvJPEG on CUDA) into the same uint8 tensors.
+altogether: `decode_jpegs` decodes a batch's on the device (nvJPEG on CUDA) into the same uint8 tensors, and
+`shrink` scales them there to their thumbnails' size, so the CPU only encodes the thumbnails.
 """
 
 from __future__ import annotations
@@ -82,6 +83,31 @@ class DeviceInputs:
                 except RuntimeError:
                     decoded.append(None)
             return decoded
+
+    @staticmethod
+    def shrink(images: Sequence[torch.Tensor], sizes: Sequence[tuple[int, int]]) -> list[np.ndarray]:
+        """Images decoded on the device (`decode_jpegs`), each scaled to its (width, height) in `sizes` there
+        (bicubic, antialiased, like Pillow's resize) and brought back as uint8 RGB arrays, rows first: what a
+        thumbnail is encoded from, without decoding the JPEG a second time on the CPU. Images of one size and
+        target go together, at most `_PIXELS_AT_ONCE` pixels at a time."""
+        made: list[np.ndarray | None] = [None] * len(images)
+        groups: dict[tuple[tuple[int, ...], tuple[int, int]], list[int]] = defaultdict(list)
+        for position, (image, size) in enumerate(zip(images, sizes, strict=True)):
+            groups[(tuple(image.shape), size)].append(position)
+        for (shape, (width, height)), same in groups.items():
+            at_once = max(1, _PIXELS_AT_ONCE // (shape[1] * shape[2]))
+            for start in range(0, len(same), at_once):
+                positions = same[start : start + at_once]
+                group = torch.stack([images[position] for position in positions])
+                if (height, width) != tuple(shape[1:]):
+                    group = F.interpolate(
+                        group.float(), size=(height, width), mode="bicubic", antialias=True, align_corners=False
+                    )
+                    group = group.clamp(0, 255).round().to(torch.uint8)
+                arrays = group.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+                for row, position in enumerate(positions):
+                    made[position] = arrays[row]
+        return cast(list[np.ndarray], made)
 
     @staticmethod
     def pixels(image: Image.Image) -> torch.Tensor:

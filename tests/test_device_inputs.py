@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import io
 
+import numpy as np
 import open_clip
 import pytest
 import torch
 from PIL import Image
 
 from contract.imaging import ImageInfo, InvalidImageError, decode_image
+from contract.thumbnails import thumbnail_from_bytes, thumbnail_from_pixels, thumbnail_size
 from models.clip import ClipEmbedder
 from models.clip_inputs import DeviceInputs, EncodedJpeg
 from models.tiny import clip as tiny_clip
@@ -112,6 +114,40 @@ def test_a_jpeg_the_device_decoder_refuses_is_found_and_gets_pillows_verdict(tin
     with pytest.raises(InvalidImageError) as refused:
         pillow_inputs(fast, truncated, MAX_PIXELS, THUMBNAIL_SIDE)
     assert refused.value.code == "corrupt_image"
+
+
+@pytest.mark.parametrize("size", [(1024, 768), (500, 700), (640, 480), (300, 200)])
+def test_thumbnails_scaled_on_the_device_look_like_pillows(tiny, size):
+    """The GPU path's thumbnail (decoded and scaled on the device, WebP-encoded on the CPU) against the one made
+    from the bytes by Pillow: the same size, and the same picture within WebP's own noise."""
+    fast = decoding_on_device(tiny)
+    photos = [jpeg(seed, size) for seed in range(3)]
+    decoded = fast.decode_jpegs(photos)
+    sizes = [thumbnail_size(size[0], size[1], THUMBNAIL_SIDE)] * len(photos)
+    for data, pixels in zip(photos, fast.shrink(decoded, sizes), strict=True):
+        assert pixels.shape == (sizes[0][1], sizes[0][0], 3) and pixels.dtype == np.uint8
+        made, reference = (
+            webp_pixels(thumbnail_from_pixels(pixels)),
+            webp_pixels(thumbnail_from_bytes(data, MAX_PIXELS, THUMBNAIL_SIDE)),
+        )
+        assert made.shape == reference.shape
+        assert np.abs(made.astype(np.int16) - reference).mean() < 1.0  # two different drawings: 90-117
+
+
+def test_shrinking_a_batch_of_mixed_sizes_keeps_its_order(tiny):
+    fast = decoding_on_device(tiny)
+    photos = [jpeg(seed, (640, 480) if seed % 2 else (480, 640)) for seed in range(4)]
+    decoded = fast.decode_jpegs(photos)
+    sizes = [(384, 288) if seed % 2 else (288, 384) for seed in range(4)]
+    together = fast.shrink(decoded, sizes)
+    for pixels, image, target in zip(together, decoded, sizes, strict=True):
+        assert np.array_equal(pixels, fast.shrink([image], [target])[0])
+
+
+def webp_pixels(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as image:
+        assert image.format == "WEBP"
+        return np.asarray(image.convert("RGB"))
 
 
 def decoding_on_device(tiny) -> ClipEmbedder:

@@ -1,19 +1,23 @@
 """image.index batches side by side (as the consumer pipelines them): one forward pass at a time, every image
 stored and indexed once, and the index's maximum held across batches; with JPEGs decoded on the device (the CUDA
-set-up, run here on the CPU), a broken JPEG fails alone with Pillow's reason (found when its thumbnail is made) and
-one that decoder refuses goes to Pillow. Real store (local files), the embedded index and the tiny CLIP."""
+set-up, run here on the CPU), a broken JPEG fails alone with Pillow's reason (found by the check before the device's
+decode), one that decoder refuses goes to Pillow, and the thumbnails of the rest are scaled on the device. Real
+store (local files), the embedded index and the tiny CLIP."""
 
 from __future__ import annotations
 
 import asyncio
+import io
 import threading
 import uuid
 
 import open_clip
 import pytest
 import torch
+from PIL import Image
 
 from contract.clock import UniqueClock
+from contract.image_ids import thumbnail_key
 from contract.messages import IMAGE_INDEX, ImageIndexV1
 from infra.startup import open_image_index
 from infra.storage.factory import open_store
@@ -168,9 +172,24 @@ async def test_with_jpegs_decoded_on_the_device_a_broken_one_fails_alone(parts, 
         return [None if data == refused_by_device else made for data, made in zip(jpegs, real(jpegs), strict=True)]
 
     on_device.decode_jpegs = spy
+    shrunk: list[int] = []
+    real_shrink = on_device.shrink
+
+    def shrink_spy(images, sizes):
+        shrunk.append(len(images))
+        return real_shrink(images, sizes)
+
+    on_device.shrink = shrink_spy
     indexer = handler(parts, embedder=on_device)
     outcomes = await indexer.handle([*batch[:3], broken, *batch[3:]])
     assert decoded == [6], "the batch's JPEGs are decoded on the device in one call, the broken one is not among them"
     assert [type(outcome).__name__ for outcome in outcomes] == ["Succeeded"] * 3 + ["Failed"] + ["Succeeded"] * 3
     assert outcomes[3].code == "corrupt_image"
     assert await parts[1].count() == 6
+    # thumbnails: the five the device decoded are scaled there in one call; the one it refused is Pillow's
+    assert shrunk == [5]
+    for outcome in outcomes[:3] + outcomes[4:]:
+        assert outcome.result["thumbnail"] is True
+        stored = await parts[0].get(thumbnail_key(outcome.result["id"]))
+        with Image.open(io.BytesIO(stored.data)) as thumbnail:
+            assert (thumbnail.format, thumbnail.size) == ("WEBP", (384, 288))

@@ -16,9 +16,9 @@ import structlog
 
 from contract.clock import UniqueClock, iso_from_us
 from contract.image_ids import image_id_for_key, original_key, thumbnail_key
-from contract.imaging import ImageInfo, InvalidImageError, decode_image, inspect_image
+from contract.imaging import ImageInfo, InvalidImageError, check_image, decode_image, inspect_image
 from contract.messages import IMAGE_INDEX, ImageIndexV1
-from contract.thumbnails import THUMBNAIL_CONTENT_TYPE, make_thumbnail, thumbnail_from_bytes
+from contract.thumbnails import THUMBNAIL_CONTENT_TYPE, make_thumbnail, thumbnail_from_pixels, thumbnail_size
 from infra.storage import InvalidKeyError, ObjectNotFoundError, ObjectStore
 from infra.vectors import ImageRecord, VectorIndex
 from models.clip import ClipEmbedder
@@ -65,15 +65,16 @@ def prepare_image(
 ) -> ImageInputs:
     """In a decode thread: what the image is, the model's input made from it, and its thumbnail (longest side
     `thumbnail_side`; none when that is None). For a plain JPEG of a sane size when the embedder decodes JPEGs on its
-    device, the input is the JPEG itself (`EncodedJpeg`: the batch's are decoded there together) and the thumbnail
-    is made here from a draft decode of the bytes, which also finds a broken JPEG before it fails the device's decode
-    of the whole batch. Anything else is decoded by Pillow once, at the size both the model and the thumbnail need,
-    and its thumbnail is made from that by `spawn` (e.g. a decode pool's submit)."""
+    device, it is only checked here (decoded at 1/8 scale, which still reads the whole scan: a broken JPEG fails here,
+    not the device's decode of the whole batch): the input is the JPEG itself (`EncodedJpeg`: the batch's are decoded
+    there together) and its thumbnail is made later from the pixels decoded there (none yet). Anything else is
+    decoded by Pillow once, at the size both the model and the thumbnail need, and its thumbnail is made from that
+    by `spawn` (e.g. a decode pool's submit)."""
     if embedder.decodes_jpeg:
         info = inspect_image(data, max_pixels)
         if info.plain_jpeg and info.width * info.height <= DEVICE_DECODE_MAX_PIXELS:
-            thumbnail = None if thumbnail_side is None else thumbnail_from_bytes(data, max_pixels, thumbnail_side)
-            return ImageInputs(info, EncodedJpeg(data), thumbnail)
+            check_image(data, max_pixels)  # a broken JPEG fails here, not the device's decode of the whole batch
+            return ImageInputs(info, EncodedJpeg(data), None)
     return pillow_inputs(embedder, data, max_pixels, thumbnail_side, spawn)
 
 
@@ -206,12 +207,15 @@ class ImageIndexHandler:
         return None if image_id is None else str(uuid.UUID(image_id))
 
     async def _decode_on_device(self, results: list[_Prepared | Failed]) -> list[_Prepared | Failed]:
-        """The batch's plain JPEGs decoded on the device in one call (nvJPEG); one the device's decoder refuses goes
-        to Pillow, which decodes it or says what is wrong with it."""
+        """The batch's plain JPEGs decoded on the device in one call (nvJPEG) and scaled there to their thumbnails'
+        size, whose WebP encoding starts in the decode threads; one the device's decoder refuses goes to Pillow,
+        which decodes it (and makes its thumbnail) or says what is wrong with it."""
         pending = [item for item in results if isinstance(item, _Prepared) and isinstance(item.inputs, EncodedJpeg)]
         if not pending:
             return results
         pixels = await asyncio.to_thread(self._embedder.decode_jpegs, [item.inputs.data for item in pending])
+        decoded = [(item, made) for item, made in zip(pending, pixels, strict=True) if made is not None]
+        await self._thumbnails_on_device(decoded)
         refused: dict[int, Failed] = {}
         loop = asyncio.get_running_loop()
         for item, made in zip(pending, pixels, strict=True):
@@ -220,12 +224,30 @@ class ImageIndexHandler:
                 continue
             try:
                 made_by_pillow = await loop.run_in_executor(
-                    self._decoders, pillow_inputs, self._embedder, item.inputs.data, self._max_pixels, None
+                    self._decoders,
+                    pillow_inputs,
+                    self._embedder,
+                    item.inputs.data,
+                    self._max_pixels,
+                    self._thumbnail_side,
                 )
-                item.inputs = made_by_pillow.inputs  # the thumbnail was made from these bytes already
             except InvalidImageError as exc:
                 refused[item.position] = Failed(exc.code, exc.message)
+                continue
+            item.inputs = made_by_pillow.inputs
+            item.thumbnail = _awaitable(made_by_pillow.thumbnail)
         return [refused.get(item.position, item) if isinstance(item, _Prepared) else item for item in results]
+
+    async def _thumbnails_on_device(self, decoded: list[tuple[_Prepared, Any]]) -> None:
+        """Scale the images decoded on the device to their thumbnails' size there, then start each one's WebP
+        encoding in a decode thread (`item.thumbnail`, awaited when it is stored)."""
+        side = self._thumbnail_side
+        if side is None or not decoded:
+            return
+        sizes = [thumbnail_size(item.decoded.width, item.decoded.height, side) for item, _ in decoded]
+        small = await asyncio.to_thread(self._embedder.shrink, [pixels for _, pixels in decoded], sizes)
+        for (item, _), pixels in zip(decoded, small, strict=True):
+            item.thumbnail = _awaitable(self._decoders.submit(thumbnail_from_pixels, pixels))
 
     async def _prepare_or_fail(self, position: int, job: Job, image_id: str | None) -> _Prepared | Failed:
         try:
@@ -264,12 +286,6 @@ class ImageIndexHandler:
             self._thumbnail_side,
             self._decoders.submit,
         )
-        thumbnail: bytes | asyncio.Future[bytes] | None
-        if isinstance(made.thumbnail, Future):
-            thumbnail = asyncio.wrap_future(made.thumbnail)
-            thumbnail.add_done_callback(_retrieved)  # awaited when stored; not if the image fails before
-        else:
-            thumbnail = made.thumbnail
         r2_key = payload.key if payload.key is not None else original_key(image_id, made.info.extension)
         return _Prepared(
             position=position,
@@ -278,7 +294,7 @@ class ImageIndexHandler:
             data=None if payload.key is not None else data,
             decoded=made.info,
             inputs=made.inputs,
-            thumbnail=thumbnail,
+            thumbnail=_awaitable(made.thumbnail),
             job=payload,
         )
 
@@ -408,6 +424,15 @@ def _uuid_or_none(value: str) -> str | None:
         return str(uuid.UUID(value))
     except (ValueError, AttributeError):
         return None
+
+
+def _awaitable(thumbnail: bytes | Future[bytes] | None) -> bytes | asyncio.Future[bytes] | None:
+    """A thumbnail being made in a decode thread, as something this loop awaits when it stores it."""
+    if not isinstance(thumbnail, Future):
+        return thumbnail
+    made = asyncio.wrap_future(thumbnail)
+    made.add_done_callback(_retrieved)  # awaited when stored; not if the image fails before
+    return made
 
 
 def _retrieved(future: asyncio.Future[bytes]) -> None:
