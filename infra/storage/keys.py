@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import re
+
 from infra.storage.base import InvalidKeyError
 
 MAX_KEY_BYTES = 1024
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # control characters
 
 
 def validate_key(key: str) -> str:
@@ -15,7 +18,7 @@ def validate_key(key: str) -> str:
         raise InvalidKeyError(f"object key is longer than {MAX_KEY_BYTES} bytes")
     if key.startswith("/"):
         raise InvalidKeyError(f"object key {key!r} must not start with '/'")
-    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in key):
+    if _CONTROL.search(key):
         raise InvalidKeyError(f"object key {key!r} contains a control character")
     if "\\" in key:
         raise InvalidKeyError(f"object key {key!r} must not contain a backslash")
