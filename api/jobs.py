@@ -16,7 +16,7 @@ import msgspec
 from litestar import Request, Response
 from litestar.status_codes import HTTP_202_ACCEPTED
 
-from api.errors import ApiError
+from api.errors import RETRY_AFTER_SECONDS, ApiError
 from api.replies import StreamEvent
 from api.schemas import JobAccepted
 from api.services import Services
@@ -24,7 +24,7 @@ from api.urls import job_url
 from contract.jobs import JobRecord, JobStore, job_id_for_idempotency_key, record_headers, record_params
 from contract.messages import MSGPACK, STREAM_HEADER, JobReply, encode
 from infra.broker import BrokerUnavailableError, Priority
-from infra.storage import PreconditionFailedError
+from infra.storage import ObjectNotFoundError, PreconditionFailedError
 
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
 
@@ -188,11 +188,23 @@ async def finished_result(started: JobStart) -> dict[str, Any] | None:
 
 
 async def output_bytes(services: Services, started: JobStart, result: dict[str, Any]) -> bytes:
-    """A finished job's output: carried by the reply when this request waited for it, else read from storage."""
+    """A finished job's output: carried by the reply when this request waited for it, else read from storage. One
+    that is missing or empty there (a power failure before it was flushed: its job is being run again) is a 503."""
     attachment = started.reply.attachment if started.reply is not None else None
     if attachment is not None:
         return attachment
-    return (await services.store.get(result["key"])).data
+    try:
+        data = (await services.store.get(result["key"])).data
+    except ObjectNotFoundError:
+        data = b""
+    if not data:
+        raise ApiError(
+            503,
+            "output_unavailable",
+            f"the output of job {started.record.job_id} is being made again; retry shortly",
+            retry_after=RETRY_AFTER_SECONDS,
+        )
+    return data
 
 
 def require_r2(services: Services, instead: str) -> None:

@@ -87,3 +87,22 @@ async def test_a_lost_output_is_made_again_by_the_next_delivery(server, kind, da
         assert (await store.get(key)).content_type == ("image/png" if job_type == IMAGE_GENERATE else "audio/mpeg")
         if job_type == IMAGE_GENERATE:
             assert stored == made  # the same seed draws the same image
+
+
+async def test_a_retried_request_whose_output_was_lost_gets_a_503_until_it_is_made_again(server):
+    body = {"prompt": "asked twice", "seed": 5, "width": 64, "height": 64}
+    headers = {"Idempotency-Key": str(uuid.uuid4())}
+    first = await server.client.post("/v1/images/generate", json=body, headers=headers)
+    assert first.status_code == 200, first.text
+    job_id = first.headers["x-job-id"]
+    await server.services.store.put(f"images/generated/{job_id}.png", b"", "image/png")  # a power failure's leftover
+
+    retried = await server.client.post("/v1/images/generate", json=body, headers=headers)
+    assert retried.status_code == 503, retried.text
+    assert retried.json()["code"] == "output_unavailable"
+    assert int(retried.headers["retry-after"]) > 0
+
+    await _run(server, IMAGE_GENERATE, body, job_id, streamed=False)  # the unacked message comes again
+    again = await server.client.post("/v1/images/generate", json=body, headers=headers)
+    assert again.status_code == 200
+    assert again.content == first.content
