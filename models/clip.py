@@ -142,16 +142,17 @@ class ClipEmbedder:
     def decode_jpegs(self, jpegs: Sequence[bytes]) -> list[torch.Tensor | None]:
         """With `decodes_jpeg`: plain JPEGs decoded on the device in one call into what `prepare` gives for them; None
         for one the decoder refuses. Call from a worker thread."""
-        if self._device_inputs is None or not self.decodes_jpeg:
-            raise RuntimeError("this CLIP embedder does not decode JPEGs on its device")
-        return self._device_inputs.decode_jpegs(jpegs, self.device)
+        return self._jpeg_device().decode_jpegs(jpegs, self.device)
 
     def shrink(self, decoded: Sequence[torch.Tensor], sizes: Sequence[tuple[int, int]]) -> list[np.ndarray]:
         """Images `decode_jpegs` gave, scaled on the device to the (width, height) of each in `sizes`, as uint8 RGB
         arrays (rows first) on the CPU: what their thumbnails are encoded from. Call from a worker thread."""
+        return self._jpeg_device().shrink(decoded, sizes)
+
+    def _jpeg_device(self) -> DeviceInputs:
         if self._device_inputs is None or not self.decodes_jpeg:
             raise RuntimeError("this CLIP embedder does not decode JPEGs on its device")
-        return self._device_inputs.shrink(decoded, sizes)
+        return self._device_inputs
 
     def embed_prepared(self, inputs: Sequence[torch.Tensor]) -> np.ndarray:
         """One batched forward pass of the image tower over `prepare`d inputs; one row per image."""

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import warnings
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import torch
@@ -88,26 +88,19 @@ class DeviceInputs:
     def shrink(images: Sequence[torch.Tensor], sizes: Sequence[tuple[int, int]]) -> list[np.ndarray]:
         """Images decoded on the device (`decode_jpegs`), each scaled to its (width, height) in `sizes` there
         (bicubic, antialiased, like Pillow's resize) and brought back as uint8 RGB arrays, rows first: what a
-        thumbnail is encoded from, without decoding the JPEG a second time on the CPU. Images of one size and
-        target go together, at most `_PIXELS_AT_ONCE` pixels at a time."""
-        made: list[np.ndarray | None] = [None] * len(images)
-        groups: dict[tuple[tuple[int, ...], tuple[int, int]], list[int]] = defaultdict(list)
-        for position, (image, size) in enumerate(zip(images, sizes, strict=True)):
-            groups[(tuple(image.shape), size)].append(position)
-        for (shape, (width, height)), same in groups.items():
-            at_once = max(1, _PIXELS_AT_ONCE // (shape[1] * shape[2]))
-            for start in range(0, len(same), at_once):
-                positions = same[start : start + at_once]
-                group = torch.stack([images[position] for position in positions])
-                if (height, width) != tuple(shape[1:]):
-                    group = F.interpolate(
-                        group.float(), size=(height, width), mode="bicubic", antialias=True, align_corners=False
-                    )
-                    group = group.clamp(0, 255).round().to(torch.uint8)
-                arrays = group.permute(0, 2, 3, 1).contiguous().cpu().numpy()
-                for row, position in enumerate(positions):
-                    made[position] = arrays[row]
-        return cast(list[np.ndarray], made)
+        thumbnail is encoded from, without decoding the JPEG a second time on the CPU. Images of one size and target
+        go together."""
+
+        def scale(group: torch.Tensor, target: tuple[int, int]) -> Sequence[np.ndarray]:
+            width, height = target
+            if (height, width) != tuple(group.shape[2:]):
+                group = F.interpolate(
+                    group.float(), size=(height, width), mode="bicubic", antialias=True, align_corners=False
+                )
+                group = group.clamp(0, 255).round().to(torch.uint8)
+            return list(group.permute(0, 2, 3, 1).contiguous().cpu().numpy())
+
+        return _in_groups(images, sizes, scale)
 
     @staticmethod
     def pixels(image: Image.Image) -> torch.Tensor:
@@ -115,24 +108,15 @@ class DeviceInputs:
         return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
 
     def batch(self, inputs: Sequence[torch.Tensor], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """The normalised batch on `device`. Images of one size go through resize and crop together (a bucket's
-        photos mostly share a few sizes), at most `_PIXELS_AT_ONCE` pixels at a time: a batch of full-size photos
-        decoded on the GPU would otherwise need several gigabytes as floats."""
-        made: list[torch.Tensor | None] = [None] * len(inputs)
-        sizes: dict[tuple[int, ...], list[int]] = defaultdict(list)
-        for position, pixels in enumerate(inputs):
-            sizes[tuple(pixels.shape)].append(position)
-        for shape, same_size in sizes.items():
-            at_once = max(1, _PIXELS_AT_ONCE // (shape[1] * shape[2]))
-            for start in range(0, len(same_size), at_once):
-                positions = same_size[start : start + at_once]
-                group = torch.stack([inputs[position] for position in positions])
-                resized = self._resize_and_crop(group.to(device, non_blocking=True).float())
-                for row, position in enumerate(positions):
-                    made[position] = resized[row]
+        """The normalised batch on `device`; images of one size go through resize and crop together."""
+        made = _in_groups(
+            inputs,
+            [None] * len(inputs),
+            lambda group, _: list(self._resize_and_crop(group.to(device, non_blocking=True).float())),
+        )
         mean = torch.tensor(self.mean, device=device).view(3, 1, 1)
         std = torch.tensor(self.std, device=device).view(3, 1, 1)
-        return ((torch.stack(cast(list[torch.Tensor], made)) / 255.0 - mean) / std).to(dtype)
+        return ((torch.stack(made) / 255.0 - mean) / std).to(dtype)
 
     def _resize_and_crop(self, image: torch.Tensor) -> torch.Tensor:
         """Images of one size, N x 3 x H x W, as float pixel values."""
@@ -150,3 +134,29 @@ class DeviceInputs:
         top = round((image.shape[2] - self.height) / 2.0)  # torchvision's CenterCrop
         left = round((image.shape[3] - self.width) / 2.0)
         return image[:, :, top : top + self.height, left : left + self.width]
+
+
+Item = TypeVar("Item")
+Extra = TypeVar("Extra", bound=Hashable)
+
+
+def _in_groups(
+    images: Sequence[torch.Tensor],
+    extras: Sequence[Extra],
+    work: Callable[[torch.Tensor, Extra], Sequence[Item]],
+) -> list[Item]:
+    """`work` on stacks of the images that share a size and an extra (one result per image, in order), at most
+    `_PIXELS_AT_ONCE` pixels at a time: a batch of full-size photos decoded on the GPU would otherwise need several
+    gigabytes as floats. A bucket's photos mostly share a few sizes, so most go through in a few calls."""
+    made: list[Item | None] = [None] * len(images)
+    groups: dict[tuple[tuple[int, ...], Extra], list[int]] = defaultdict(list)
+    for position, (image, extra) in enumerate(zip(images, extras, strict=True)):
+        groups[(tuple(image.shape), extra)].append(position)
+    for (shape, extra), same in groups.items():
+        at_once = max(1, _PIXELS_AT_ONCE // (shape[1] * shape[2]))
+        for start in range(0, len(same), at_once):
+            positions = same[start : start + at_once]
+            results = work(torch.stack([images[position] for position in positions]), extra)
+            for position, result in zip(positions, results, strict=True):
+                made[position] = result
+    return cast(list[Item], made)

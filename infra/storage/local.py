@@ -126,6 +126,12 @@ class LocalStore(ObjectStore):
             fsync_path(folder.parent)
 
     def _put_sync(self, key: str, fill: Callable[[BinaryIO], object], content_type: str, durable: bool = True) -> None:
+        try:
+            self._write_object(key, fill, content_type, durable)
+        except NotADirectoryError as exc:
+            raise StorageUnavailableError(f"cannot store {key!r}: a parent of it is an object") from exc
+
+    def _write_object(self, key: str, fill: Callable[[BinaryIO], object], content_type: str, durable: bool) -> None:
         path = self._object_path(key)
         if path.is_dir():
             raise StorageUnavailableError(f"cannot store {key!r}: a key prefix of that name exists")
@@ -136,18 +142,8 @@ class LocalStore(ObjectStore):
             self._write_atomic(self._meta_path(key), lambda fh: fh.write(meta), durable)
         self._write_atomic(path, fill, durable)
 
-    async def _put(self, key: str, fill: Callable[[BinaryIO], object], content_type: str, durable: bool = True) -> None:
-        validate_key(key)
-        try:
-            await asyncio.to_thread(self._put_sync, key, fill, content_type, durable)
-        except NotADirectoryError as exc:
-            raise StorageUnavailableError(f"cannot store {key!r}: a parent of it is an object") from exc
-
     def _put_bytes_sync(self, key: str, data: bytes, content_type: str, durable: bool) -> str:
-        try:
-            self._put_sync(key, lambda fh: fh.write(data), content_type, durable)
-        except NotADirectoryError as exc:
-            raise StorageUnavailableError(f"cannot store {key!r}: a parent of it is an object") from exc
+        self._put_sync(key, lambda fh: fh.write(data), content_type, durable)
         return _etag(data)
 
     async def put(
@@ -208,7 +204,8 @@ class LocalStore(ObjectStore):
             with path.open("rb") as source:
                 shutil.copyfileobj(source, fh, 1 << 20)
 
-        await self._put(key, copy, content_type)
+        validate_key(key)
+        await asyncio.to_thread(self._put_sync, key, copy, content_type)
 
     def _get_file_sync(self, key: str, target: Path) -> int:
         try:
