@@ -62,6 +62,8 @@ import numpy as np
 import uvicorn
 from PIL import Image, ImageDraw
 
+from infra.cpu import share_cpu_politely
+
 PATHS = ("generate", "voice", "stream", "upload")
 HTTP_FLOOR = "healthz"  # GET /healthz: the HTTP round trip through the same server, with nothing behind it
 PROMPT = "A lighthouse on a cliff at dawn, oil painting"
@@ -556,6 +558,7 @@ def main() -> None:
     unknown = set(args.paths) - set(PATHS)
     if unknown:
         parser.error(f"unknown path(s) {', '.join(sorted(unknown))}; use {', '.join(PATHS)}")
+    share_cpu_politely()  # as the server's entry points do, before torch loads
     report(asyncio.run(run(args)), args)
 
 
