@@ -5,7 +5,8 @@
 #   bench/device.sh wheels        # here, with the package registry: Python 3.12 wheels into .whl/ (about 35 MB)
 #   bash bench/device.sh run      # there, with .whl/ carried beside the tree: install them into /tmp/site, then
 #                                 # bench.index --no-broker (and its batch-128 row without thumbnails at index
-#                                 # time) and the stage timings (about 4 minutes on an H100)
+#                                 # time) and the stage timings (about 4 minutes on an H100); each part's output
+#                                 # also in $OUT/<part>.txt, and a part that fails does not stop the next
 #
 # Extra arguments after `run` go to bench.index (default: --images 512 --batch-sizes 1,8,32,64,128).
 set -euo pipefail
@@ -30,12 +31,27 @@ case "${1:-}" in
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
     args=("$@")
     if [ ${#args[@]} -eq 0 ]; then args=(--images 512 --batch-sizes 1,8,32,64,128); fi
-    python3 -m bench.index --no-broker "${args[@]}"
-    python3 -m bench.index --no-broker --no-thumbnails --images 512 --batch-sizes 128
-    python3 -m bench.index_stages --images 512 --batch 128 --threads "$(nproc)"
+    # each part runs whatever became of the one before (one lent session may be all there is), its output kept
+    # in $OUT/<part>.txt (the device tool brings $OUT back); the exit status says whether every part ran
+    out="${OUT:-/tmp/device-bench}"
+    mkdir -p "$out"
+    failed=()
+    part() {
+      local name=$1
+      shift
+      echo "== $name: $*"
+      if ! "$@" 2>&1 | tee "$out/$name.txt"; then failed+=("$name"); fi
+    }
+    part index python3 -m bench.index --no-broker "${args[@]}"
+    part index-no-thumbnails python3 -m bench.index --no-broker --no-thumbnails --images 512 --batch-sizes 128
+    part stages python3 -m bench.index_stages --images 512 --batch 128 --threads "$(nproc)"
+    if [ ${#failed[@]} -gt 0 ]; then
+      echo "== failed: ${failed[*]}"
+      exit 1
+    fi
     ;;
   *)
-    sed -n '2,10p' "$0"
+    sed -n '2,11p' "$0"
     exit 2
     ;;
 esac
