@@ -225,7 +225,7 @@ def _model_call(spans: Spans, function: Callable[..., Any]) -> Callable[..., Any
 STEP_FUNCTIONS = (
     ("api.routes.generate", ("strict_json", "finished_result")),
     ("processor.consumer", ("decode_job",)),
-    ("api.routes.voice", ("decode_audio",)),
+    ("api.routes.voice", ("check_audio",)),
     ("api.routes.images", ("check_image",)),
     ("processor.handlers.voice_generate", ("decode_audio",)),
     ("processor.handlers.image_index", ("prepare_image",)),

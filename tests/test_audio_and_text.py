@@ -8,7 +8,8 @@ import av
 import numpy as np
 import pytest
 
-from contract.audio import InvalidAudioError, decode_audio
+from contract import audio
+from contract.audio import InvalidAudioError, check_audio, decode_audio
 from processor.text_chunks import split_text
 from tests.support.audio import CLIP_FORMATS, speech_clip, speech_wav, tone_wav
 
@@ -58,10 +59,26 @@ def test_stereo_is_mixed_down():
     ],
 )
 def test_bad_clips_name_the_problem(data, code):
+    """The same verdict from the processor's decode and the API's check."""
     clip = tone_wav(0.3) if data is None else data
     with pytest.raises(InvalidAudioError) as caught:
         decode_audio(clip, sample_rate=RATE, min_seconds=1.0, max_seconds=30.0)
     assert caught.value.code == code
+    with pytest.raises(InvalidAudioError) as checked:
+        check_audio(clip, min_seconds=1.0, max_seconds=30.0)
+    assert (checked.value.code, checked.value.message) == (code, caught.value.message)
+
+
+@pytest.mark.parametrize("fmt", CLIP_FORMATS)
+def test_the_apis_check_takes_what_the_decode_takes_without_resampling(fmt, monkeypatch):
+    clip = speech_clip(fmt)
+    decode_audio(clip, sample_rate=RATE, min_seconds=1.0, max_seconds=30.0)
+    monkeypatch.setattr(audio.audio_functional, "resample", lambda *args: pytest.fail("resampled"))
+    assert check_audio(clip, min_seconds=1.0, max_seconds=30.0) == fmt.split("-")[0]  # ogg-opus, ogg-vorbis: ogg
+    assert check_audio(tone_wav(2, rate=44100), min_seconds=1.0, max_seconds=30.0) == "wav"
+    with pytest.raises(InvalidAudioError) as refused:
+        check_audio(clip, min_seconds=1.0, max_seconds=1.0)
+    assert refused.value.code == "audio_too_long"
 
 
 def test_a_long_clip_is_refused_with_the_limit_named():

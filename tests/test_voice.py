@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from contract import audio
 from contract.audio import SAMPLE_RATE
 from contract.messages import VOICE_GENERATE, VOICE_LANGUAGES, VoiceGenerateV1
 from contract.mp3 import Mp3File, encode_mp3
@@ -70,6 +71,21 @@ async def test_every_reference_format_gives_mp3(server, fmt):
     assert rate == SAMPLE_RATE
     assert seconds > 0
     assert abs(seconds - float(response.headers["x-audio-duration"])) < 0.06
+
+
+async def test_only_the_processor_resamples_a_reference(server, monkeypatch):
+    """The API checks a clip at its own rate before queueing the job; the processor resamples it for the model."""
+    resample = audio.audio_functional.resample
+    resampled: list[tuple[int, int]] = []
+
+    def counted(waveform: torch.Tensor, orig_freq: int, new_freq: int) -> torch.Tensor:
+        resampled.append((orig_freq, new_freq))
+        return resample(waveform, orig_freq, new_freq)
+
+    monkeypatch.setattr(audio.audio_functional, "resample", counted)
+    response = await server.client.post("/v1/voice/generate", **form(tone_wav(2, rate=44100), filename="ref.wav"))
+    assert response.status_code == 200, response.text
+    assert resampled == [(44100, SAMPLE_RATE)]
 
 
 async def test_the_seed_example_in_korean(server):

@@ -24,7 +24,7 @@ from api.schemas import GeneratedVoiceKey, JobAccepted, VoiceCloneForm, VoiceFro
 from api.services import Services
 from api.streaming import accepts, next_event, stream_pieces
 from api.strict import strict_json
-from contract.audio import SAMPLE_RATE, decode_audio
+from contract.audio import check_audio
 from contract.messages import (
     MAX_REF_TEXT_CHARS,
     VOICE_GENERATE,
@@ -155,9 +155,8 @@ async def generate_voice(
             f"ref_audio is larger than {settings.voice_max_ref_bytes} bytes (VOICE_MAX_REF_BYTES)",
         )
     await asyncio.to_thread(
-        decode_audio,
+        check_audio,
         clip,
-        sample_rate=SAMPLE_RATE,
         min_seconds=settings.voice_min_ref_seconds,
         max_seconds=settings.voice_max_ref_seconds,
     )
