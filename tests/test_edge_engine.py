@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import uuid
 from pathlib import Path
@@ -275,8 +276,15 @@ async def test_a_local_mode_directory_of_another_model_is_refused(tmp_path):
     assert (tmp_path / "meta.json").is_file()
 
 
-def test_a_long_directory_path_gets_its_socket_in_the_temp_dir():
-    assert os.path.basename(EngineLayout(Path("/x" * 80)).socket_path).startswith("ams-index-")
+def test_a_long_directory_path_gets_its_socket_in_the_temp_dir(monkeypatch, tmp_path):
+    long = EngineLayout(Path("/x" * 80))
+    assert long.socket_path.name.startswith("ams-index-")
+    assert long.socket_path.parent == Path(tempfile.gettempdir())
+    assert EngineLayout(Path("/y" * 80)).socket_path != long.socket_path
+    deep = tmp_path / ("t" * 60)  # TMPDIR too deep for a socket in it as well: /tmp
+    monkeypatch.setattr(tempfile, "tempdir", str(deep))
+    assert long.socket_path.parent == Path("/tmp")
+    assert len(os.fsencode(long.socket_path)) <= 107
 
 
 async def test_a_second_server_on_the_same_directory_fails_start_up_with_one_line(make_env):

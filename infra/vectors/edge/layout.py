@@ -59,12 +59,14 @@ class EngineLayout:
 
     @property
     def socket_path(self) -> Path:
-        """engine.sock in the directory, or (for a path too long for a Unix socket) a fixed name in the temp dir."""
+        """engine.sock in the directory, or (for a path too long for a Unix socket) a name made from the directory's
+        path in the temp dir, or in /tmp when the temp dir's path is long too (TMPDIR set deep)."""
         path = self.root / "engine.sock"
         if len(os.fsencode(path)) <= _MAX_SOCKET_PATH:
             return path
-        digest = hashlib.sha256(os.fsencode(self.root)).hexdigest()[:20]
-        return Path(tempfile.gettempdir()) / f"ams-index-{digest}.sock"
+        name = f"ams-index-{hashlib.sha256(os.fsencode(self.root)).hexdigest()[:20]}.sock"
+        path = Path(tempfile.gettempdir()) / name
+        return path if len(os.fsencode(path)) <= _MAX_SOCKET_PATH else Path("/tmp") / name
 
     def shard_path(self, name: str) -> Path:
         return self.root / name
