@@ -1,7 +1,7 @@
-"""Reference clips in, without a system FFmpeg: PyAV (its wheels bundle FFmpeg) to decode, torchaudio to resample.
+"""Reference clips in, without a system FFmpeg: PyAV (its wheels bundle FFmpeg) to decode and to resample.
 
-Clips may be MP3, WAV, FLAC, OGG (Vorbis or Opus) or M4A/AAC; they are decoded to float32, mixed down to mono and
-resampled. MP3 out is contract/mp3.py.
+Clips may be MP3, WAV, FLAC, OGG (Vorbis or Opus) or M4A/AAC, at any sample rate; they are decoded to float32, mixed
+down to mono and resampled. MP3 out is contract/mp3.py.
 """
 
 from __future__ import annotations
@@ -12,8 +12,6 @@ from dataclasses import dataclass
 
 import av
 import numpy as np
-import torch
-import torchaudio.functional as audio_functional
 
 # container format names as FFmpeg reports them -> the name we use
 CONTAINERS = {
@@ -27,6 +25,10 @@ CONTAINERS = {
 ACCEPTED = "MP3, WAV, FLAC, OGG/Opus, M4A/AAC"
 SAMPLE_RATE = 24000  # voice references are resampled to this rate, and speech comes out at it (Qwen3-TTS's rate)
 _QUICK_PROBE = {"probesize": "4096", "analyzeduration": "0"}
+# sample rates a clip may have: telephone speech is 8 kHz, studio audio at most 384 kHz; a header outside these
+# is not speech (or not honest)
+MIN_SAMPLE_RATE = 8000
+MAX_SAMPLE_RATE = 384000
 
 
 class InvalidAudioError(ValueError):
@@ -55,10 +57,23 @@ def decode_audio(data: bytes, *, sample_rate: int, min_seconds: float, max_secon
     Decoding stops as soon as the clip is known to be longer than `max_seconds`."""
     waveform, native_rate, fmt = _decoded(data, min_seconds, max_seconds)
     if native_rate != sample_rate:
-        waveform = audio_functional.resample(torch.from_numpy(waveform), native_rate, sample_rate).numpy()
+        waveform = resample(waveform, native_rate, sample_rate)
     return DecodedAudio(
         waveform=np.ascontiguousarray(waveform, dtype=np.float32), sample_rate=sample_rate, source_format=fmt
     )
+
+
+def resample(waveform: np.ndarray, native_rate: int, rate: int) -> np.ndarray:
+    """Mono float32 samples at `native_rate` -> at `rate`, by FFmpeg's resampler (swresample), which costs the same
+    for any pair of rates. (torchaudio's sinc resampler builds a kernel that grows with the rates' reduced ratio: a
+    clip at 44,101 Hz asked it for a 4 GB kernel, at 96,001 Hz for 9 GB.)"""
+    frame = av.AudioFrame.from_ndarray(
+        np.ascontiguousarray(waveform, dtype=np.float32)[None, :], format="flt", layout="mono"
+    )
+    frame.sample_rate = native_rate
+    resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
+    parts = [out.to_ndarray()[0] for out in [*resampler.resample(frame), *resampler.resample(None)]]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
 
 
 def check_audio(data: bytes, *, min_seconds: float, max_seconds: float) -> str:
@@ -76,6 +91,7 @@ def _decoded(data: bytes, min_seconds: float, max_seconds: float) -> tuple[np.nd
     wav = _mono_pcm16_wav(data)
     if wav is not None:
         native_rate, waveform = wav
+        _check_rate(native_rate)
         if len(waveform) > max_seconds * native_rate:
             raise _too_long(max_seconds)
         return _long_enough(waveform, native_rate, min_seconds), native_rate, "wav"
@@ -91,6 +107,7 @@ def _decoded(data: bytes, min_seconds: float, max_seconds: float) -> tuple[np.nd
         native_rate = stream.codec_context.sample_rate or stream.rate
         if not native_rate:
             raise InvalidAudioError("corrupt_audio", "the audio stream has no sample rate")
+        _check_rate(native_rate)
         resampler = av.AudioResampler(format="fltp", layout="mono", rate=native_rate)
         chunks: list[np.ndarray] = []
         samples, limit = 0, int(max_seconds * native_rate)
@@ -108,6 +125,14 @@ def _decoded(data: bytes, min_seconds: float, max_seconds: float) -> tuple[np.nd
             raise InvalidAudioError("corrupt_audio", f"the audio could not be decoded: {exc}") from None
     waveform = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, dtype=np.float32)
     return _long_enough(waveform, native_rate, min_seconds), native_rate, fmt
+
+
+def _check_rate(rate: int) -> None:
+    if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
+        raise InvalidAudioError(
+            "unsupported_sample_rate",
+            f"the clip's sample rate is {rate} Hz; accepted are {MIN_SAMPLE_RATE}..{MAX_SAMPLE_RATE} Hz",
+        )
 
 
 def _too_long(max_seconds: float) -> InvalidAudioError:

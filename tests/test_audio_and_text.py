@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
+import textwrap
+import wave
+from pathlib import Path
 
 import av
 import numpy as np
@@ -14,6 +19,7 @@ from processor.text_chunks import split_text
 from tests.support.audio import CLIP_FORMATS, speech_clip, speech_wav, tone_wav
 
 RATE = 24000
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def wav_seconds(data: bytes) -> float:
@@ -73,7 +79,7 @@ def test_bad_clips_name_the_problem(data, code):
 def test_the_apis_check_takes_what_the_decode_takes_without_resampling(fmt, monkeypatch):
     clip = speech_clip(fmt)
     decode_audio(clip, sample_rate=RATE, min_seconds=1.0, max_seconds=30.0)
-    monkeypatch.setattr(audio.audio_functional, "resample", lambda *args: pytest.fail("resampled"))
+    monkeypatch.setattr(audio, "resample", lambda *args: pytest.fail("resampled"))
     assert check_audio(clip, min_seconds=1.0, max_seconds=30.0) == fmt.split("-")[0]  # ogg-opus, ogg-vorbis: ogg
     assert check_audio(tone_wav(2, rate=44100), min_seconds=1.0, max_seconds=30.0) == "wav"
     with pytest.raises(InvalidAudioError) as refused:
@@ -94,6 +100,54 @@ def test_an_image_is_not_an_accepted_audio_format():
     with pytest.raises(InvalidAudioError) as caught:
         decode_audio(encoded(1, "PNG"), sample_rate=RATE, min_seconds=1.0, max_seconds=30.0)
     assert caught.value.code in ("unsupported_audio_format", "not_audio")
+
+
+ODD_RATES = textwrap.dedent(
+    """
+    import io, resource, sys, wave
+    import numpy as np
+    from contract.audio import decode_audio
+    with open("/proc/self/statm") as statm:  # the address space mapped so far, in pages; 1 GB more for the decodes
+        mapped = int(statm.read().split()[0]) * resource.getpagesize()
+    resource.setrlimit(resource.RLIMIT_AS, (mapped + (1 << 30), mapped + (1 << 30)))
+    for rate in (44101, 96001, 23999, 8000, 384000):
+        for width in (2, 1):  # 16-bit: read directly; 8-bit: through FFmpeg
+            clip = io.BytesIO()
+            with wave.open(clip, "wb") as out:
+                out.setnchannels(1), out.setsampwidth(width), out.setframerate(rate)
+                tone = np.sin(np.arange(2 * rate) * 0.05)
+                pcm = (tone * 8000).astype("<i2") if width == 2 else (tone * 100 + 128).astype(np.uint8)
+                out.writeframes(pcm.tobytes())
+            decoded = decode_audio(clip.getvalue(), sample_rate=24000, min_seconds=1.0, max_seconds=30.0)
+            print(rate, width, decoded.source_format, round(decoded.seconds, 2))
+    """
+)
+
+
+def test_clips_at_any_sample_rate_are_resampled_in_bounded_memory():
+    """A clip's sample rate is whatever its header says. torchaudio's resampler built a kernel as large as the two
+    rates' reduced ratio (44,101 Hz to 24 kHz: 4 GB); FFmpeg's costs the same for any rate. In a process allowed
+    1 GB of address space more than its imports took, each of these clips is 2 s long at 24 kHz."""
+    done = subprocess.run(
+        [sys.executable, "-c", ODD_RATES], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.split("\n")[:-1]
+    rates = (44101, 96001, 23999, 8000, 384000)
+    assert lines == [f"{rate} {width} wav 2.0" for rate in rates for width in (2, 1)]
+
+
+@pytest.mark.parametrize("rate", [7, 7999, 384001, 10**9])
+@pytest.mark.parametrize("width", [2, 1])  # 16-bit: read directly; 8-bit: through FFmpeg
+def test_a_sample_rate_no_speech_has_is_refused_with_the_range_named(rate, width):
+    clip = io.BytesIO()
+    with wave.open(clip, "wb") as out:
+        out.setnchannels(1), out.setsampwidth(width), out.setframerate(rate)
+        out.writeframes(bytes(width * 16000))
+    with pytest.raises(InvalidAudioError) as refused:
+        check_audio(clip.getvalue(), min_seconds=0.0, max_seconds=10**9)
+    assert refused.value.code == "unsupported_sample_rate"
+    assert "8000..384000 Hz" in refused.value.message
 
 
 def test_short_text_is_one_piece():

@@ -75,17 +75,17 @@ async def test_every_reference_format_gives_mp3(server, fmt):
 
 async def test_only_the_processor_resamples_a_reference(server, monkeypatch):
     """The API checks a clip at its own rate before queueing the job; the processor resamples it for the model."""
-    resample = audio.audio_functional.resample
+    resample = audio.resample
     resampled: list[tuple[int, int]] = []
 
-    def counted(waveform: torch.Tensor, orig_freq: int, new_freq: int) -> torch.Tensor:
-        resampled.append((orig_freq, new_freq))
-        return resample(waveform, orig_freq, new_freq)
+    def counted(waveform: np.ndarray, native_rate: int, rate: int) -> np.ndarray:
+        resampled.append((native_rate, rate))
+        return resample(waveform, native_rate, rate)
 
-    monkeypatch.setattr(audio.audio_functional, "resample", counted)
-    response = await server.client.post("/v1/voice/generate", **form(tone_wav(2, rate=44100), filename="ref.wav"))
+    monkeypatch.setattr(audio, "resample", counted)
+    response = await server.client.post("/v1/voice/generate", **form(tone_wav(2, rate=44101), filename="ref.wav"))
     assert response.status_code == 200, response.text
-    assert resampled == [(44100, SAMPLE_RATE)]
+    assert resampled == [(44101, SAMPLE_RATE)]  # an odd rate too (FFmpeg resamples any)
 
 
 async def test_the_seed_example_in_korean(server):
