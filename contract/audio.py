@@ -104,6 +104,8 @@ def _decoded(data: bytes, min_seconds: float, max_seconds: float) -> tuple[np.nd
                 f"audio format {container.format.long_name or container.format.name!r} is not accepted; use {ACCEPTED}",
             )
         stream = container.streams.audio[0]
+        if stream.codec_context is None:  # FFmpeg has no decoder for what the header describes
+            raise InvalidAudioError("corrupt_audio", f"the {fmt} clip's audio stream cannot be decoded")
         native_rate = stream.codec_context.sample_rate or stream.rate
         if not native_rate:
             raise InvalidAudioError("corrupt_audio", "the audio stream has no sample rate")
@@ -185,7 +187,7 @@ def _open_quickly(data: bytes) -> av.container.InputContainer | None:
     except (av.error.FFmpegError, ValueError, UnicodeDecodeError):
         return None
     audio = container.streams.audio
-    if audio and (audio[0].codec_context.sample_rate or audio[0].rate):
+    if audio and audio[0].codec_context is not None and (audio[0].codec_context.sample_rate or audio[0].rate):
         return container
     container.close()
     return None

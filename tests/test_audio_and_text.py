@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import struct
 import subprocess
 import sys
 import textwrap
@@ -56,13 +57,25 @@ def test_stereo_is_mixed_down():
     assert decoded.seconds == pytest.approx(2.0, abs=0.01)
 
 
+def wav_header(channels: int, bytes_per_sample: int, rate: int, frames: int) -> bytes:
+    """A PCM WAV as its header says, whatever that says (the wave module refuses nonsense)."""
+    data = bytes(channels * bytes_per_sample * frames)
+    block = channels * bytes_per_sample
+    fmt = struct.pack("<HHIIHH", 1, channels, rate, rate * block, block, bytes_per_sample * 8)
+    body = b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt + b"data" + struct.pack("<I", len(data)) + data
+    return b"RIFF" + struct.pack("<I", len(body)) + body
+
+
 @pytest.mark.parametrize(
     ("data", "code"),
     [
         (b"", "empty_file"),
         (b"%PDF-1.7 not audio at all" * 20, "not_audio"),
         (None, "audio_too_short"),
+        (wav_header(1, 0, 24000, 48000), "corrupt_audio"),  # 0 bits a sample: FFmpeg has no decoder for it
+        (wav_header(0, 2, 24000, 48000), "corrupt_audio"),  # no channels
     ],
+    ids=["empty", "pdf", "short", "zero-bit-wav", "no-channel-wav"],
 )
 def test_bad_clips_name_the_problem(data, code):
     """The same verdict from the processor's decode and the API's check."""
