@@ -235,10 +235,21 @@ BAD_UTF8 = b'{"query": "caf\xc3\x28 \xff"}'
     ],
     ids=["deep-search", "deep-jobs", "deep-generate", "utf8-search", "utf8-jobs", "utf8-generate"],
 )
-async def test_deeply_nested_or_invalid_utf8_json_is_a_400(server, nothing_written, path, body):
-    response = await server.client.post(path, content=body, headers={"Content-Type": "application/json"})
+@pytest.mark.parametrize(
+    "content_type", ["application/json", "text/plain", "application/x-www-form-urlencoded", "multipart/form-data", None]
+)
+async def test_deeply_nested_or_invalid_utf8_json_is_a_400(server, nothing_written, path, body, content_type):
+    """Whatever the Content-Type says: a JSON route decodes its body as JSON either way."""
+    headers = {} if content_type is None else {"Content-Type": content_type}
+    response = await server.client.post(path, content=body, headers=headers)
     assert response.status_code == 400, response.text
     assert response.json()["code"] == "malformed_json"
+
+
+async def test_a_multipart_route_does_not_check_its_body_as_json(server, nothing_written):
+    response = await server.client.post("/v1/images", content=DEEP, headers={"Content-Type": "text/plain"})
+    assert response.status_code == 400, response.text
+    assert response.json()["code"] != "malformed_json"
 
 
 async def test_too_many_multipart_parts_is_a_413_that_says_so(server, nothing_written):
