@@ -17,7 +17,7 @@ from urllib.parse import unquote_plus
 
 import msgspec
 
-from contract.messages import ContractError
+from contract.messages import ContractError, undecodable
 
 BUCKET_EVENT = "bucket.event"
 
@@ -98,6 +98,8 @@ def parse_bucket_event(body: bytes) -> list[ObjectEvent]:
         document = msgspec.json.decode(body)
     except msgspec.DecodeError as exc:
         raise ContractError("malformed_body", f"bucket event is not valid JSON: {exc}") from None
+    except (RecursionError, UnicodeDecodeError) as exc:
+        raise ContractError("malformed_body", f"bucket event is not valid JSON: {undecodable(exc)}") from None
     if not isinstance(document, dict):
         raise ContractError("schema_violation", "bucket event must be a JSON object")
     try:

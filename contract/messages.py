@@ -257,10 +257,19 @@ def decode_job(message_type: str | None, content_type: str | None, body: bytes) 
         raise ContractError("schema_violation", f"{message_type} body is invalid: {exc}") from None
     except msgspec.DecodeError as exc:
         raise ContractError("malformed_body", f"{message_type} body is not valid {kind}: {exc}") from None
+    except (RecursionError, UnicodeDecodeError) as exc:
+        raise ContractError("malformed_body", f"{message_type} body is not valid {kind}: {undecodable(exc)}") from None
     raise ContractError(
         "unsupported_content_type",
         f"content_type {content_type!r} is not supported; use {' or '.join(CONTENT_TYPES)}",
     )
+
+
+def undecodable(exc: RecursionError | UnicodeDecodeError) -> str:
+    """What msgspec's errors outside DecodeError say: nesting too deep for the decoder, or a string not UTF-8."""
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    return f"a string is not valid UTF-8 ({exc.reason} at byte {exc.start})"
 
 
 def check_reference_key(key: str, prefix: str) -> str:

@@ -122,7 +122,12 @@ class Consumer:
     async def _process(self, messages: list[AbstractIncomingMessage]) -> None:
         jobs: list[tuple[AbstractIncomingMessage, Job]] = []
         for message in messages:
-            job = await self._admit(message)
+            try:
+                job = await self._admit(message)
+            except Exception as exc:  # reading it failed unforeseen: dead-lettered (replayable), not left unacked
+                log.exception("message_not_admitted", message_id=message.message_id)
+                await self._settler.refuse(message, "internal_error", f"the message could not be read: {exc!r}")
+                continue
             if job is not None:
                 jobs.append((message, job))
         if not jobs:

@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from contract.bucket_events import BUCKET_EVENT
 from contract.image_ids import thumbnail_key
 from contract.jobs import JobStore
 from contract.messages import IMAGE_INDEX
@@ -106,7 +107,10 @@ async def test_redelivered_message_creates_one_object_and_one_point(make_setting
         (b'{"data": "JVBERi0xLjQKJcOkw7zDtsOf"}', "application/json", IMAGE_INDEX, "not_an_image"),
         (b"data", "text/plain", IMAGE_INDEX, "unsupported_content_type"),
         (b'{"key": "../outside/the/bucket.png"}', "application/json", IMAGE_INDEX, "invalid_key"),
+        (b'{"source": "caf\xc3\x28"}', "application/json", IMAGE_INDEX, "malformed_body"),  # not UTF-8
+        (b"[" * 100_000 + b"]" * 100_000, "application/json", BUCKET_EVENT, "malformed_body"),  # too deep for msgspec
     ],
+    ids=["not-json", "unknown-type", "schema", "not-an-image", "text-plain", "outside-key", "not-utf8", "deep-event"],
 )
 async def test_poison_messages_are_dead_lettered_at_once(make_settings, rabbit, body, content_type, message_type, code):
     settings = make_settings()
@@ -124,6 +128,29 @@ async def test_poison_messages_are_dead_lettered_at_once(make_settings, rabbit, 
         assert dead.headers["x-ams-attempts"] == 1
         assert dead.headers["x-ams-routing-key"] == message_type
         assert await runtime.index.count() == 0
+        assert rabbit.queue_counts(vhost_of(settings))["ams.index"] == (0, 0)
+    finally:
+        await consumer.stop()
+        await runtime.close()
+
+
+async def test_a_message_that_fails_to_be_read_unforeseen_is_dead_lettered_not_left_unacked(
+    make_settings, rabbit, monkeypatch
+):
+    def broken(*args: object) -> None:
+        raise RuntimeError("a decoder bug")
+
+    monkeypatch.setattr("processor.consumer.decode_job", broken)
+    settings = make_settings()
+    runtime = await Runtime.open(settings)
+    consumer = build_consumer(runtime)
+    await consumer.start()
+    try:
+        message_id = await publish(settings.amqp_url, IMAGE_INDEX, index_message(3))
+        await wait_until(lambda: rabbit.queue_counts(vhost_of(settings)).get("ams.dead", (0, 0))[0] == 1)
+        [dead] = await drain(settings.amqp_url, "ams.dead")
+        assert (dead.message_id, dead.headers["x-ams-reason-code"]) == (message_id, "internal_error")
+        assert "a decoder bug" in dead.headers["x-ams-reason"]
         assert rabbit.queue_counts(vhost_of(settings))["ams.index"] == (0, 0)
     finally:
         await consumer.stop()
