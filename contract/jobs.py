@@ -164,14 +164,14 @@ def queued_record(headers: Mapping[str, Any]) -> tuple[JobRecord, str] | None:
         return None
     try:
         return msgspec.json.decode(text, type=JobRecord), etag
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
         return None
 
 
 def _readable(data: bytes, job_id: str) -> JobRecord | None:
     try:
         return msgspec.json.decode(data, type=JobRecord)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError, UnicodeDecodeError) as exc:
         log.warning("job_record_unreadable", job_id=job_id, size=len(data), error=str(exc))
         return None
 

@@ -138,6 +138,9 @@ class Consumer:
         started = asyncio.get_running_loop().time()
         try:
             outcomes = await self._run(handler, jobs, records)
+        except Exception as exc:  # the bookkeeping around the handler failed unforeseen: settled as the handler's crash
+            log.exception("batch_failed", job_type=handler.message_type)
+            outcomes = [Failed("internal_error", f"{type(exc).__name__}: {exc}")] * len(jobs)
         finally:
             structlog.contextvars.unbind_contextvars("message_ids")
         elapsed = asyncio.get_running_loop().time() - started

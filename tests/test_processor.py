@@ -17,10 +17,18 @@ import pytest
 
 from contract.bucket_events import BUCKET_EVENT
 from contract.image_ids import thumbnail_key
-from contract.jobs import JobStore
+from contract.jobs import (
+    QUEUED_RECORD_HEADER,
+    QUEUED_VERSION_HEADER,
+    RECORD_HEADER,
+    JobStore,
+    queued_record,
+    record_key,
+)
 from contract.messages import IMAGE_INDEX
 from infra.settings import Settings
 from infra.storage import open_store
+from infra.storage.local import LocalStore
 from infra.vectors.edge.client import EdgeIndex
 from processor.runtime import Runtime
 from processor.service import build_consumer
@@ -152,6 +160,57 @@ async def test_a_message_that_fails_to_be_read_unforeseen_is_dead_lettered_not_l
         assert (dead.message_id, dead.headers["x-ams-reason-code"]) == (message_id, "internal_error")
         assert "a decoder bug" in dead.headers["x-ams-reason"]
         assert rabbit.queue_counts(vhost_of(settings))["ams.index"] == (0, 0)
+    finally:
+        await consumer.stop()
+        await runtime.close()
+
+
+async def test_a_job_whose_bookkeeping_fails_unforeseen_is_settled_not_left_unacked(make_settings, rabbit, monkeypatch):
+    def broken(*args: object) -> None:
+        raise RuntimeError("a tracking bug")
+
+    monkeypatch.setattr("processor.consumer._carried", broken)
+    settings = make_settings()
+    runtime = await Runtime.open(settings)
+    consumer = build_consumer(runtime)
+    await consumer.start()
+    try:
+        message_id = await publish(settings.amqp_url, IMAGE_INDEX, index_message(5), headers={RECORD_HEADER: True})
+        await wait_until(lambda: rabbit.queue_counts(vhost_of(settings)).get("ams.dead", (0, 0))[0] == 1)
+        [dead] = await drain(settings.amqp_url, "ams.dead")
+        assert (dead.message_id, dead.headers["x-ams-reason-code"]) == (message_id, "internal_error")
+        assert "a tracking bug" in dead.headers["x-ams-reason"]
+    finally:
+        await consumer.stop()
+        await runtime.close()
+
+
+DEEP_RECORD = (
+    '{"job_id": "x", "type": "image.index", "status": "queued", "created_at": "t", "updated_at": "t", '
+    '"params": {"a": ' + "[" * 5000 + "]" * 5000 + "}}"
+)
+
+
+async def test_a_job_record_too_deep_or_not_utf8_reads_as_none(tmp_path):
+    store = LocalStore(tmp_path)
+    jobs = JobStore(store, ttl_days=1)
+    for job_id, data in (("deep", DEEP_RECORD.encode()), ("bytes", b'{"job_id": "\xff"}')):
+        await store.put(record_key(job_id), data, "application/json")
+        assert await jobs.load(job_id) is None
+    assert queued_record({QUEUED_RECORD_HEADER: DEEP_RECORD, QUEUED_VERSION_HEADER: "v"}) is None
+
+
+async def test_a_message_carrying_a_record_too_deep_to_read_is_run_as_if_it_carried_none(make_settings, rabbit):
+    settings = make_settings()
+    runtime = await Runtime.open(settings)
+    consumer = build_consumer(runtime)
+    await consumer.start()
+    try:
+        headers = {RECORD_HEADER: True, QUEUED_RECORD_HEADER: DEEP_RECORD, QUEUED_VERSION_HEADER: "v"}
+        image_id = await publish(settings.amqp_url, IMAGE_INDEX, index_message(4), headers=headers)
+        await wait_until(lambda: _count_is(runtime, 1))
+        assert set(await runtime.index.get_many([image_id])) == {image_id}
+        assert rabbit.queue_counts(vhost_of(settings)).get("ams.dead", (0, 0))[0] == 0
     finally:
         await consumer.stop()
         await runtime.close()
