@@ -20,7 +20,7 @@ from processor.ops.__main__ import cli
 from processor.ops.backfill import plan_backfill
 from processor.ops.filters import Selection
 from processor.ops.letters import DeadLetter
-from processor.ops.render import letters_json, letters_table
+from processor.ops.render import body_text, letters_json, letters_table
 from processor.runtime import Runtime
 from tests.support.amqp import wait_until
 from tests.support.dlq import Letter, depth, peek, reset_and_seed
@@ -204,6 +204,28 @@ def test_missing_fields_show_a_dash():
     assert not Selection(ids=frozenset({"x"})).matches(letter)
     assert not Selection(since=dt.datetime.now(tz=dt.UTC)).matches(letter)
     assert Selection().matches(letter)
+
+
+@pytest.mark.parametrize("content_type", ["application/json", "application/msgpack"])
+def test_a_body_nested_too_deeply_to_decode_is_previewed(content_type):
+    body = b"[" * 100_000 + b"]" * 100_000 if content_type == "application/json" else b"\x91" * 100_000 + b"\x01"
+    letter = DeadLetter(
+        position=0,
+        message_id="deep",
+        type="bucket.event",
+        routing_key="bucket.event",
+        reason_code="malformed_body",
+        reason="nested too deeply",
+        attempts=1,
+        first_failed_at=None,
+        last_failed_at=None,
+        content_type=content_type,
+        properties={},
+        headers={},
+        body=body,
+    )
+    shown = body_text(letter)
+    assert shown.startswith(f"(does not decode as {content_type}: nested too deeply)\n")
 
 
 def test_show_unknown_id_fails_with_one_line(env, amqp_url):

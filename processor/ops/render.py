@@ -69,6 +69,8 @@ def body_text(letter: DeadLetter) -> str:
             return _pretty(json.loads(letter.body))
         if content_type == MSGPACK:
             return _pretty(msgspec.msgpack.decode(letter.body))
+    except RecursionError:  # what a malformed_body letter may be: nested deeper than a decoder goes
+        return f"(does not decode as {content_type}: nested too deeply)\n{_preview(letter.body)}"
     except (ValueError, msgspec.DecodeError) as exc:
         return f"(does not decode as {content_type}: {exc})\n{_preview(letter.body)}"
     return _preview(letter.body)
