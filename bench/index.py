@@ -305,6 +305,7 @@ def bench_handler(
         bucket=bucket,
         batch_size=batch,
         max_pixels=MAX_PIXELS,
+        max_bytes=1 << 30,
         max_elements=10_000_000,
         clock=UniqueClock(),
         thumbnail_side=thumbnail_side,

@@ -52,6 +52,7 @@ def build_handlers(runtime: Runtime) -> tuple[dict[str, Handler], dict[str, str]
             bucket=runtime.bucket,
             batch_size=settings.image_search_batch_size,
             max_pixels=settings.image_search_max_pixels,
+            max_bytes=settings.image_search_max_bytes,
             max_elements=settings.image_search_max_elements,
             clock=UniqueClock(),
             thumbnail_side=settings.thumbnail_max_side if settings.thumbnails_at_index else None,

@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+from contract.bucket_events import BUCKET_EVENT, ObjectEvent
 from contract.clock import UniqueClock
 from contract.image_ids import thumbnail_key
 from contract.messages import IMAGE_INDEX, ImageIndexV1
@@ -24,6 +25,8 @@ from infra.storage.factory import open_store
 from models.clip import ClipEmbedder
 from models.tiny import clip as tiny_clip
 from processor.handlers.base import Job
+from processor.handlers.bucket_event import BucketEventHandler
+from processor.handlers.image_delete import ImageDeleter
 from processor.handlers.image_index import ImageIndexHandler
 from processor.outcomes import Failed, Succeeded
 from tests.support.images import encoded
@@ -39,7 +42,9 @@ async def parts(make_settings):
     await opened.close()
 
 
-def handler(parts, max_elements: int = 1000, embedder: ClipEmbedder | None = None) -> ImageIndexHandler:
+def handler(
+    parts, max_elements: int = 1000, embedder: ClipEmbedder | None = None, max_bytes: int = 50_000_000
+) -> ImageIndexHandler:
     store, index, loaded = parts
     embedder = embedder or loaded
     return ImageIndexHandler(
@@ -49,6 +54,7 @@ def handler(parts, max_elements: int = 1000, embedder: ClipEmbedder | None = Non
         bucket="test",
         batch_size=8,
         max_pixels=50_000_000,
+        max_bytes=max_bytes,
         max_elements=max_elements,
         clock=UniqueClock(),
         thumbnail_side=384,
@@ -126,9 +132,9 @@ async def test_a_batch_that_asked_the_index_before_another_wrote_asks_again(part
     first_done = asyncio.Event()
     get = store.get
 
-    async def get_after_the_first_batch(key):
+    async def get_after_the_first_batch(key, **options):
         await first_done.wait()
-        return await get(key)
+        return await get(key, **options)
 
     monkeypatch.setattr(store, "get", get_after_the_first_batch)
     indexer = handler(parts, max_elements=10)
@@ -193,3 +199,38 @@ async def test_with_jpegs_decoded_on_the_device_a_broken_one_fails_alone(parts, 
         stored = await parts[0].get(thumbnail_key(outcome.result["id"]))
         with Image.open(io.BytesIO(stored.data)) as thumbnail:
             assert (thumbnail.format, thumbnail.size) == ("WEBP", (384, 288))
+
+
+async def test_an_object_larger_than_the_limit_is_refused_without_being_read_whole(parts, monkeypatch):
+    """By key (an upstream message, or a bucket event whose size was missing or has changed since): at most
+    IMAGE_SEARCH_MAX_BYTES + 1 bytes are read. A message is dead-lettered (object_too_large); a bucket event skips
+    it."""
+    store, index, _ = parts
+    big = encoded(9, "PNG") + bytes(20_000)  # an image with trailing bytes past the limit
+    await store.put("photos/big.png", big, "image/png")
+    await store.put("photos/small.png", encoded(10, "PNG"), "image/png")
+    read: list[int] = []
+    real_get = store.get
+
+    async def counted(key: str, **options: int | None) -> object:
+        stored = await real_get(key, **options)
+        read.append(len(stored.data))
+        return stored
+
+    monkeypatch.setattr(store, "get", counted)
+    indexer = handler(parts, max_bytes=len(big) - 1)
+    by_key = [
+        Job(message_id=str(uuid.uuid4()), message_type=IMAGE_INDEX, payload=ImageIndexV1(key=key), priority=0)
+        for key in ("photos/big.png", "photos/small.png")
+    ]
+    refused, indexed = await indexer.handle(by_key)
+    assert isinstance(refused, Failed) and refused.code == "object_too_large", refused
+    assert f"{len(big)} bytes" in refused.message and "IMAGE_SEARCH_MAX_BYTES" in refused.message
+    assert isinstance(indexed, Succeeded)
+    assert read == [len(encoded(10, "PNG"))]  # the big one raised before anything was handed over
+    assert await index.count() == 1
+    deleter = ImageDeleter(store=store, index=index, bucket="test")
+    events = BucketEventHandler(indexer=indexer, deleter=deleter, bucket="test", prefixes=["photos/"], max_bytes=10**7)
+    event = ObjectEvent(action="created", name="PutObject", bucket="test", key="photos/big.png")  # no size given
+    [outcome] = await events.handle([Job(str(uuid.uuid4()), BUCKET_EVENT, [event], 0)])
+    assert isinstance(outcome, Succeeded) and "IMAGE_SEARCH_MAX_BYTES" in outcome.result["events"][0]["skipped"]

@@ -12,7 +12,13 @@ import numpy as np
 import pytest
 
 from contract.jobs import JobStore, record_key
-from infra.storage import InvalidKeyError, ObjectNotFoundError, PreconditionFailedError, validate_key
+from infra.storage import (
+    InvalidKeyError,
+    ObjectNotFoundError,
+    ObjectTooLargeError,
+    PreconditionFailedError,
+    validate_key,
+)
 from infra.storage.local import LocalStore
 from infra.storage.s3 import S3Store
 from tests.support.s3 import ACCESS_KEY, SECRET_KEY
@@ -111,6 +117,22 @@ async def test_missing_objects(store):
     with pytest.raises(ObjectNotFoundError):
         await store.get("nope/missing.bin")
     assert await store.delete("nope/missing.bin") is False
+
+
+async def test_a_bounded_read_refuses_an_object_larger_than_the_bound(store):
+    await store.put("in/big.bin", bytes(range(256)) * 40, "application/octet-stream")
+    await store.put("in/empty.bin", b"", "application/octet-stream")
+    etag = await store.put("in/exact.bin", b"x" * 100, "text/plain")
+    with pytest.raises(ObjectTooLargeError) as refused:
+        await store.get("in/big.bin", max_bytes=100)
+    assert (refused.value.key, refused.value.max_bytes, refused.value.size) == ("in/big.bin", 100, 10240)
+    assert "10240 bytes" in str(refused.value)
+    exact = await store.get("in/exact.bin", max_bytes=100)
+    assert (exact.data, exact.content_type, exact.etag) == (b"x" * 100, "text/plain", etag)
+    assert (await store.get("in/empty.bin", max_bytes=100)).data == b""
+    assert (await store.get("in/big.bin", max_bytes=10240)).data == bytes(range(256)) * 40
+    with pytest.raises(ObjectNotFoundError):
+        await store.get("in/missing.bin", max_bytes=100)
 
 
 async def test_delete(store):

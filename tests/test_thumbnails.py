@@ -84,6 +84,7 @@ def indexer(parts, thumbnail_side: int | None = SIDE) -> ImageIndexHandler:
         bucket=BUCKET,
         batch_size=8,
         max_pixels=MAX_PIXELS,
+        max_bytes=50_000_000,
         max_elements=1000,
         clock=UniqueClock(),
         thumbnail_side=thumbnail_side,

@@ -289,6 +289,26 @@ async def test_a_reference_in_storage_that_is_not_audio_fails_the_job(server, s3
     assert job["error"]["code"] == "not_audio"
 
 
+async def test_a_reference_in_storage_larger_than_the_limit_is_refused_unread(server, s3, monkeypatch):
+    limit = server.services.settings.voice_max_ref_bytes
+    put_reference(s3, server.bucket, "voice/refs/huge.mp3", speech_clip("mp3") + bytes(limit))
+    store = server.processor.runtime.store
+    read, real_get = [], store.get
+
+    async def counted(key: str, **options: object) -> object:
+        stored = await real_get(key, **options)
+        read.append((key, len(stored.data)))
+        return stored
+
+    monkeypatch.setattr(store, "get", counted)
+    by_key = {"ref_audio_key": "voice/refs/huge.mp3", "ref_text": REF_TEXT, "text": "hi", "language": "English"}
+    response = await server.client.post("/v1/r2/voice/generate", json=by_key)
+    assert ("voice/refs/huge.mp3", len(speech_clip("mp3")) + limit) not in read  # never read whole
+    assert response.status_code == 413, response.text
+    assert response.json()["code"] == "audio_too_large"
+    assert "VOICE_MAX_REF_BYTES" in response.json()["message"]
+
+
 async def test_idempotency_key_on_the_voice_endpoints(server, s3):
     key = f"voice-{uuid.uuid4()}"
     request = form(speech_clip("wav"), text="Only once, please.")

@@ -39,6 +39,18 @@ class PreconditionFailedError(StorageError):
         return f"conditional write of {self.key!r} refused ({self.condition})"
 
 
+class ObjectTooLargeError(StorageError):
+    """get(..., max_bytes=N) found an object larger than N bytes; `size` is its size where the store says it."""
+
+    def __init__(self, key: str, max_bytes: int, size: int | None) -> None:
+        super().__init__(key)
+        self.key, self.max_bytes, self.size = key, max_bytes, size
+
+    def __str__(self) -> str:
+        found = f"{self.size} bytes" if self.size is not None else f"more than {self.max_bytes} bytes"
+        return f"object {self.key!r} is {found}, more than the {self.max_bytes} allowed"
+
+
 class StorageUnavailableError(StorageError):
     """The store did not answer or answered with a server error; retrying may help."""
 
@@ -98,8 +110,10 @@ class ObjectStore(abc.ABC):
         """Stream an object into a local file; returns its size. ObjectNotFoundError if absent."""
 
     @abc.abstractmethod
-    async def get(self, key: str) -> StoredObject:
-        """Read an object; ObjectNotFoundError if absent."""
+    async def get(self, key: str, *, max_bytes: int | None = None) -> StoredObject:
+        """Read an object; ObjectNotFoundError if absent. With max_bytes, ObjectTooLargeError for an object larger
+        than that, having read no more than max_bytes + 1 of it (an object that does not belong where it was asked
+        for, such as a video under an image prefix, is never held in memory whole)."""
 
     @abc.abstractmethod
     async def delete(self, key: str) -> bool:

@@ -34,6 +34,7 @@ from infra.storage.base import (
     ObjectInfo,
     ObjectNotFoundError,
     ObjectStore,
+    ObjectTooLargeError,
     PreconditionFailedError,
     StorageUnavailableError,
     StoredObject,
@@ -218,12 +219,15 @@ class LocalStore(ObjectStore):
         validate_key(key)
         return await asyncio.to_thread(self._get_file_sync, key, path)
 
-    def _get_sync(self, key: str) -> StoredObject:
+    def _get_sync(self, key: str, max_bytes: int | None) -> StoredObject:
         path = self._object_path(key)
         try:
-            data = path.read_bytes()
+            with path.open("rb") as fh:
+                data = fh.read() if max_bytes is None else fh.read(max_bytes + 1)
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             raise ObjectNotFoundError(key) from None
+        if max_bytes is not None and len(data) > max_bytes:
+            raise ObjectTooLargeError(key, max_bytes, self._size_sync(key))
         try:
             content_type = json.loads(self._meta_path(key).read_bytes())["content_type"]
         except FileNotFoundError:
@@ -232,9 +236,9 @@ class LocalStore(ObjectStore):
             content_type = DEFAULT_TYPE
         return StoredObject(key=key, data=data, content_type=content_type, etag=_etag(data))
 
-    async def get(self, key: str) -> StoredObject:
+    async def get(self, key: str, *, max_bytes: int | None = None) -> StoredObject:
         validate_key(key)
-        return await asyncio.to_thread(self._get_sync, key)
+        return await asyncio.to_thread(self._get_sync, key, max_bytes)
 
     def _delete_sync(self, key: str) -> bool:
         path = self._object_path(key)

@@ -16,6 +16,7 @@ from infra.storage.base import (
     ObjectInfo,
     ObjectNotFoundError,
     ObjectStore,
+    ObjectTooLargeError,
     PreconditionFailedError,
     StorageError,
     StorageUnavailableError,
@@ -38,6 +39,16 @@ def _refused_condition(exc: Exception, translated: Exception) -> bool:
     code = str(exc.response.get("Error", {}).get("Code", ""))
     status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
     return code in _CONDITION_FAILED or status in (409, 412)
+
+
+def _status(exc: ClientError) -> int:
+    return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+
+
+def _total_size(content_range: str | None) -> int | None:
+    """The object's size from a ranged GET's Content-Range ("bytes 0-99/5000"), when it says."""
+    total = (content_range or "").rpartition("/")[2]
+    return int(total) if total.isdigit() else None
 
 
 PART_BYTES = 64 * 1024 * 1024
@@ -173,14 +184,25 @@ class S3Store(ObjectStore):
             raise self._translate(exc, key) from exc
         return size
 
-    async def get(self, key: str) -> StoredObject:
+    async def get(self, key: str, *, max_bytes: int | None = None) -> StoredObject:
+        """As ObjectStore.get; with max_bytes, one ranged GET of the first max_bytes + 1 bytes (the ETag is the whole
+        object's, and Content-Range says its size)."""
         validate_key(key)
+        bounded = {} if max_bytes is None else {"Range": f"bytes=0-{max_bytes}"}
         try:
-            response = await self._client.get_object(Bucket=self.bucket, Key=key)
+            try:
+                response = await self._client.get_object(Bucket=self.bucket, Key=key, **bounded)
+            except ClientError as exc:
+                if not bounded or _status(exc) != 416:
+                    raise
+                # no byte of an empty object is in range: it is read whole
+                response = await self._client.get_object(Bucket=self.bucket, Key=key)
             async with response["Body"] as body:
                 data = await body.read()
         except (ClientError, BotoCoreError, OSError) as exc:
             raise self._translate(exc, key) from exc
+        if max_bytes is not None and len(data) > max_bytes:
+            raise ObjectTooLargeError(key, max_bytes, _total_size(response.get("ContentRange")))
         return StoredObject(
             key=key,
             data=data,

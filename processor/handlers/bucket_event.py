@@ -117,7 +117,7 @@ class BucketEventHandler:
 
     def _indexed(self, job: Job, event: ObjectEvent, outcome: Outcome) -> Outcome:
         logger = self._log(job, event)
-        if isinstance(outcome, Failed) and outcome.code in (*_NOT_INDEXABLE, "object_not_found"):
+        if isinstance(outcome, Failed) and outcome.code in (*_NOT_INDEXABLE, "object_not_found", "object_too_large"):
             logger.info("bucket_event_skipped", reason=outcome.message, code=outcome.code)
             return Succeeded({"key": event.key, "event": event.name, "skipped": outcome.message})
         if isinstance(outcome, Succeeded):

@@ -19,7 +19,7 @@ from contract.image_ids import image_id_for_key, original_key, thumbnail_key
 from contract.imaging import ImageInfo, InvalidImageError, check_image, decode_image, inspect_image
 from contract.messages import IMAGE_INDEX, ImageIndexV1
 from contract.thumbnails import THUMBNAIL_CONTENT_TYPE, make_thumbnail, thumbnail_from_pixels, thumbnail_size
-from infra.storage import InvalidKeyError, ObjectNotFoundError, ObjectStore
+from infra.storage import InvalidKeyError, ObjectNotFoundError, ObjectStore, ObjectTooLargeError
 from infra.vectors import ImageRecord, VectorIndex
 from models.clip import ClipEmbedder
 from models.clip_inputs import EncodedJpeg
@@ -144,6 +144,7 @@ class ImageIndexHandler:
         bucket: str,
         batch_size: int,
         max_pixels: int,
+        max_bytes: int,
         max_elements: int,
         clock: UniqueClock,
         thumbnail_side: int | None,
@@ -155,6 +156,7 @@ class ImageIndexHandler:
         self._bucket = bucket
         self.batch_size = batch_size
         self._max_pixels = max_pixels
+        self._max_bytes = max_bytes  # the largest object fetched by key (IMAGE_SEARCH_MAX_BYTES)
         self._max_elements = max_elements
         self._clock = clock
         self._thumbnail_side = thumbnail_side
@@ -256,6 +258,8 @@ class ImageIndexHandler:
             return Failed(exc.code, exc.message)
         except ObjectNotFoundError as exc:
             return Failed("object_not_found", str(exc))
+        except ObjectTooLargeError as exc:
+            return Failed("object_too_large", f"{exc} (IMAGE_SEARCH_MAX_BYTES)")
         except InvalidKeyError as exc:
             return Failed("invalid_key", str(exc))
         except _MissingId as exc:
@@ -272,7 +276,7 @@ class ImageIndexHandler:
             )
         if payload.key is not None:
             async with self._gets:
-                stored = await retry_transient(lambda: self._store.get(payload.key))
+                stored = await retry_transient(lambda: self._store.get(payload.key, max_bytes=self._max_bytes))
             data = stored.data
         else:
             data = payload.data or b""

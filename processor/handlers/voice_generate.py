@@ -17,7 +17,7 @@ from contract.audio import SAMPLE_RATE, DecodedAudio, InvalidAudioError, decode_
 from contract.messages import VOICE_GENERATE, VoiceGenerateV1, canonical_language, check_reference_key
 from contract.mp3 import Mp3File, Mp3Stream, mp3_seconds
 from infra.settings import Settings
-from infra.storage import InvalidKeyError, ObjectNotFoundError, ObjectStore
+from infra.storage import InvalidKeyError, ObjectNotFoundError, ObjectStore, ObjectTooLargeError
 from models.voice import VoiceCloner
 from processor.handlers.base import Job, PieceSink
 from processor.outcomes import Failed, Outcome, Succeeded
@@ -85,7 +85,8 @@ class VoiceGenerateHandler:
         if payload.ref_audio is not None:
             return payload.ref_audio
         key = check_reference_key(payload.ref_audio_key or "", self._settings.voice_ref_prefix)
-        return (await retry_transient(lambda: self._store.get(key))).data
+        limit = self._settings.voice_max_ref_bytes
+        return (await retry_transient(lambda: self._store.get(key, max_bytes=limit))).data
 
     async def _one(self, job: Job) -> Outcome:
         payload: VoiceGenerateV1 = job.payload
@@ -118,9 +119,11 @@ class VoiceGenerateHandler:
             return Failed("invalid_key", str(exc))
         except ObjectNotFoundError:
             return Failed("reference_not_found", f"no reference clip at {payload.ref_audio_key!r}")
+        except ObjectTooLargeError:
+            data = None
         except TRANSIENT_ERRORS as exc:
             return Failed("storage_unavailable", str(exc), transient=True)
-        if len(data) > settings.voice_max_ref_bytes:
+        if data is None or len(data) > settings.voice_max_ref_bytes:
             return Failed(
                 "audio_too_large",
                 f"the reference clip is larger than {settings.voice_max_ref_bytes} bytes (VOICE_MAX_REF_BYTES)",
