@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -40,6 +42,19 @@ from tests.support.s3 import S3Process
 
 def vhost_of(settings: Settings) -> str:
     return settings.amqp_url.rsplit("/", 1)[1]
+
+
+@contextlib.asynccontextmanager
+async def consuming(settings: Settings) -> AsyncIterator[Runtime]:
+    """The processor's runtime with its consumer started; stopped and closed after."""
+    runtime = await Runtime.open(settings)
+    consumer = build_consumer(runtime)
+    await consumer.start()
+    try:
+        yield runtime
+    finally:
+        await consumer.stop()
+        await runtime.close()
 
 
 def index_message(seed: int, image_id: str | None = None) -> dict:
@@ -90,10 +105,7 @@ async def _count_is(runtime: Runtime, expected: int) -> bool:
 
 async def test_redelivered_message_creates_one_object_and_one_point(make_settings, rabbit):
     settings = make_settings()
-    runtime = await Runtime.open(settings)
-    consumer = build_consumer(runtime)
-    await consumer.start()
-    try:
+    async with consuming(settings) as runtime:
         message_id = str(uuid.uuid4())
         for _ in range(3):
             await publish(settings.amqp_url, IMAGE_INDEX, index_message(7), message_id=message_id)
@@ -101,9 +113,6 @@ async def test_redelivered_message_creates_one_object_and_one_point(make_setting
         keys = [info.key async for info in runtime.store.list("images/originals/")]
         assert keys == [f"images/originals/{message_id}.png"]
         assert await runtime.index.count() == 1
-    finally:
-        await consumer.stop()
-        await runtime.close()
 
 
 @pytest.mark.parametrize(
@@ -122,10 +131,7 @@ async def test_redelivered_message_creates_one_object_and_one_point(make_setting
 )
 async def test_poison_messages_are_dead_lettered_at_once(make_settings, rabbit, body, content_type, message_type, code):
     settings = make_settings()
-    runtime = await Runtime.open(settings)
-    consumer = build_consumer(runtime)
-    await consumer.start()
-    try:
+    async with consuming(settings) as runtime:
         message_id = await publish(settings.amqp_url, message_type, body, content_type=content_type)
         await wait_until(lambda: rabbit.queue_counts(vhost_of(settings)).get("ams.dead", (0, 0))[0] == 1)
         [dead] = await drain(settings.amqp_url, "ams.dead")
@@ -137,52 +143,28 @@ async def test_poison_messages_are_dead_lettered_at_once(make_settings, rabbit, 
         assert dead.headers["x-ams-routing-key"] == message_type
         assert await runtime.index.count() == 0
         assert rabbit.queue_counts(vhost_of(settings))["ams.index"] == (0, 0)
-    finally:
-        await consumer.stop()
-        await runtime.close()
 
 
-async def test_a_message_that_fails_to_be_read_unforeseen_is_dead_lettered_not_left_unacked(
-    make_settings, rabbit, monkeypatch
+@pytest.mark.parametrize(
+    ("broken", "headers"),
+    [("processor.consumer.decode_job", {}), ("processor.consumer._carried", {RECORD_HEADER: True})],
+    ids=["reading-the-message", "the-bookkeeping-around-the-handler"],
+)
+async def test_an_unforeseen_failure_dead_letters_the_message_instead_of_leaving_it_unacked(
+    make_settings, rabbit, monkeypatch, broken, headers
 ):
-    def broken(*args: object) -> None:
-        raise RuntimeError("a decoder bug")
+    def bug(*args: object) -> None:
+        raise RuntimeError("a bug")
 
-    monkeypatch.setattr("processor.consumer.decode_job", broken)
+    monkeypatch.setattr(broken, bug)
     settings = make_settings()
-    runtime = await Runtime.open(settings)
-    consumer = build_consumer(runtime)
-    await consumer.start()
-    try:
-        message_id = await publish(settings.amqp_url, IMAGE_INDEX, index_message(3))
+    async with consuming(settings):
+        message_id = await publish(settings.amqp_url, IMAGE_INDEX, index_message(3), headers=headers)
         await wait_until(lambda: rabbit.queue_counts(vhost_of(settings)).get("ams.dead", (0, 0))[0] == 1)
         [dead] = await drain(settings.amqp_url, "ams.dead")
         assert (dead.message_id, dead.headers["x-ams-reason-code"]) == (message_id, "internal_error")
-        assert "a decoder bug" in dead.headers["x-ams-reason"]
+        assert "a bug" in dead.headers["x-ams-reason"]
         assert rabbit.queue_counts(vhost_of(settings))["ams.index"] == (0, 0)
-    finally:
-        await consumer.stop()
-        await runtime.close()
-
-
-async def test_a_job_whose_bookkeeping_fails_unforeseen_is_settled_not_left_unacked(make_settings, rabbit, monkeypatch):
-    def broken(*args: object) -> None:
-        raise RuntimeError("a tracking bug")
-
-    monkeypatch.setattr("processor.consumer._carried", broken)
-    settings = make_settings()
-    runtime = await Runtime.open(settings)
-    consumer = build_consumer(runtime)
-    await consumer.start()
-    try:
-        message_id = await publish(settings.amqp_url, IMAGE_INDEX, index_message(5), headers={RECORD_HEADER: True})
-        await wait_until(lambda: rabbit.queue_counts(vhost_of(settings)).get("ams.dead", (0, 0))[0] == 1)
-        [dead] = await drain(settings.amqp_url, "ams.dead")
-        assert (dead.message_id, dead.headers["x-ams-reason-code"]) == (message_id, "internal_error")
-        assert "a tracking bug" in dead.headers["x-ams-reason"]
-    finally:
-        await consumer.stop()
-        await runtime.close()
 
 
 DEEP_RECORD = (
@@ -202,18 +184,12 @@ async def test_a_job_record_too_deep_or_not_utf8_reads_as_none(tmp_path):
 
 async def test_a_message_carrying_a_record_too_deep_to_read_is_run_as_if_it_carried_none(make_settings, rabbit):
     settings = make_settings()
-    runtime = await Runtime.open(settings)
-    consumer = build_consumer(runtime)
-    await consumer.start()
-    try:
+    async with consuming(settings) as runtime:
         headers = {RECORD_HEADER: True, QUEUED_RECORD_HEADER: DEEP_RECORD, QUEUED_VERSION_HEADER: "v"}
         image_id = await publish(settings.amqp_url, IMAGE_INDEX, index_message(4), headers=headers)
         await wait_until(lambda: _count_is(runtime, 1))
         assert set(await runtime.index.get_many([image_id])) == {image_id}
         assert rabbit.queue_counts(vhost_of(settings)).get("ams.dead", (0, 0))[0] == 0
-    finally:
-        await consumer.stop()
-        await runtime.close()
 
 
 def _start_processor(env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
