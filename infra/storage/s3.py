@@ -37,8 +37,7 @@ def _refused_condition(exc: Exception, translated: Exception) -> bool:
     if not isinstance(exc, ClientError):
         return False
     code = str(exc.response.get("Error", {}).get("Code", ""))
-    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-    return code in _CONDITION_FAILED or status in (409, 412)
+    return code in _CONDITION_FAILED or _status(exc) in (409, 412)
 
 
 def _status(exc: ClientError) -> int:
