@@ -226,6 +226,8 @@ async def test_bucket_events_index_in_place_and_remove(server, s3, event_format)
         (r2_event("CreateMultipartUpload", "images/incoming/x.png"), False),  # neither create nor delete
         (s3_event("ObjectCreated:Put", "images/incoming/manual.pdf"), True),  # not an image
         (s3_event("ObjectRestore:Completed", "images/incoming/y.png"), False),
+        (r2_event("PutObject", "images/incoming/scans\\page1.png"), True),  # a key with a backslash
+        (r2_event("PutObject", "images/incoming/../incoming/z.png"), True),  # a '..' segment
     ],
 )
 async def test_events_that_are_not_for_us_are_skipped(server, s3, event, put_first):

@@ -13,6 +13,7 @@ import structlog
 from contract.bucket_events import BUCKET_EVENT, ObjectEvent
 from contract.image_ids import ORIGINALS_PREFIX, THUMBNAILS_PREFIX
 from contract.messages import IMAGE_INDEX, ImageIndexV1
+from infra.storage import InvalidKeyError, validate_key
 from processor.handlers.base import Job
 from processor.handlers.image_delete import ImageDeleter
 from processor.handlers.image_index import ImageIndexHandler
@@ -144,6 +145,10 @@ class BucketEventHandler:
             return f"bucket {event.bucket!r} is not this server's bucket"
         if not event.key.startswith(self._prefixes) or event.key.endswith("/"):
             return f"key is outside WATCH_PREFIXES ({', '.join(self._prefixes)})"
+        try:
+            validate_key(event.key)
+        except InvalidKeyError as exc:  # legal in a bucket (a backslash, a '..' segment), not for every store here
+            return f"key is not one this server indexes: {exc}"
         if event.key.startswith(ORIGINALS_PREFIX):
             return "originals are indexed when they are uploaded"
         if event.key.startswith(THUMBNAILS_PREFIX):
