@@ -393,9 +393,12 @@ async def ams_ops_process(env: dict[str, str], *args: str) -> tuple[int, str, st
     return process.returncode or 0, stdout.decode(), stderr.decode()
 
 
+REFUSED = ", skipped (a key not indexed or over IMAGE_SEARCH_MAX_BYTES) 2"
+
+
 async def test_backfill_publishes_each_unindexed_image_once(make_env, s3):
     bucket = s3.new_bucket()
-    env = make_env(r2_bucket=bucket, endpoint=s3.endpoint)
+    env = make_env(r2_bucket=bucket, endpoint=s3.endpoint, IMAGE_SEARCH_MAX_BYTES="200000")
     settings = Settings.from_env(env)
     images = {f"images/incoming/photo-{n}.png": encoded(n, "PNG") for n in range(3)}
     images["images/incoming/scans/old.JPG"] = encoded(7, "JPEG")
@@ -403,6 +406,9 @@ async def test_backfill_publishes_each_unindexed_image_once(make_env, s3):
         s3.client.put_object(Bucket=bucket, Key=key, Body=data)
     s3.client.put_object(Bucket=bucket, Key="images/incoming/readme.txt", Body=b"not an image")
     s3.client.put_object(Bucket=bucket, Key="images/elsewhere/other.png", Body=encoded(8, "PNG"))
+    # what the processor would refuse is not published: a key it does not index, an object over the limit
+    s3.client.put_object(Bucket=bucket, Key="images/incoming/scans\\page.png", Body=encoded(9, "PNG"))
+    s3.client.put_object(Bucket=bucket, Key="images/incoming/huge.png", Body=encoded(10, "PNG") + bytes(300_000))
     ids = {key: image_id_for_key(bucket, key) for key in images}
     backfill = ("backfill", "--prefix", "images/incoming/")
 
@@ -413,12 +419,12 @@ async def test_backfill_publishes_each_unindexed_image_once(make_env, s3):
             api_env = {**env, "AMS_API_URL": api.base_url}
             code, out, err = await ams_ops_process(api_env, *backfill, "--dry-run")
             assert code == 0, err
-            assert out.strip() == "would publish 4, already indexed 0, skipped (not images) 1"
+            assert out.strip() == f"would publish 4, already indexed 0, skipped (not images) 1{REFUSED}"
             assert await depth(env["AMQP_URL"], "ams.index") == 0
 
             code, out, err = await ams_ops_process(api_env, *backfill)
             assert code == 0, err
-            assert out.strip() == "published 4, already indexed 0, skipped (not images) 1"
+            assert out.strip() == f"published 4, already indexed 0, skipped (not images) 1{REFUSED}"
             jobs = await peek(env["AMQP_URL"], "ams.index")
             assert sorted(message.message_id for message in jobs) == sorted(ids.values())
             for message in jobs:
@@ -448,7 +454,7 @@ async def test_backfill_publishes_each_unindexed_image_once(make_env, s3):
         server_env = {**env, "AMS_API_URL": server.base_url}
         code, out, err = await ams_ops_process(server_env, *backfill)
         assert code == 0, err
-        assert out.strip() == "published 0, already indexed 4, skipped (not images) 1"
+        assert out.strip() == f"published 0, already indexed 4, skipped (not images) 1{REFUSED}"
 
         late = "images/incoming/late.png"
         s3.client.put_object(Bucket=bucket, Key=late, Body=encoded(11, "PNG"))
@@ -459,6 +465,7 @@ async def test_backfill_publishes_each_unindexed_image_once(make_env, s3):
             "already_indexed": 4,
             "skipped_not_image": 1,
             "skipped_own": 0,
+            "skipped_not_indexable": 2,
             "dry_run": False,
         }
         await wait_until(lambda: indexed([image_id_for_key(bucket, late)]), timeout=60)

@@ -396,9 +396,11 @@ def backfill(
             return
         verb = "would publish" if dry_run else "published"
         own = f", skipped (this server's own) {report.skipped_own}" if report.skipped_own else ""
+        refused = report.skipped_not_indexable
+        unindexable = f", skipped (a key not indexed or over IMAGE_SEARCH_MAX_BYTES) {refused}" if refused else ""
         click.echo(
             f"{verb} {report.published}, already indexed {report.already_indexed}, "
-            f"skipped (not images) {report.skipped_not_image}{own}"
+            f"skipped (not images) {report.skipped_not_image}{own}{unindexable}"
         )
 
     _run(work())

@@ -21,6 +21,7 @@ from contract.image_ids import ORIGINALS_PREFIX, THUMBNAILS_PREFIX, image_id_for
 from contract.messages import IMAGE_INDEX, JSON
 from infra.broker import BROKER_ERRORS, BrokerUnavailableError, Priority, Publisher, connect, redact
 from infra.settings import Settings
+from infra.storage import InvalidKeyError, ObjectInfo, validate_key
 from infra.storage.base import StorageError
 from infra.storage.factory import open_store
 from processor.ops.errors import OperationFailedError
@@ -48,6 +49,7 @@ class BackfillPlan:
     images: list[str]  # keys, in key order
     skipped_not_image: int
     skipped_own: int  # the server's own objects (SERVER_PREFIXES)
+    skipped_not_indexable: int  # keys the server does not index, objects over IMAGE_SEARCH_MAX_BYTES
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +58,7 @@ class BackfillReport:
     already_indexed: int
     skipped_not_image: int
     skipped_own: int
+    skipped_not_indexable: int
     dry_run: bool
 
     def summary(self) -> dict[str, int | bool]:
@@ -64,31 +67,43 @@ class BackfillReport:
             "already_indexed": self.already_indexed,
             "skipped_not_image": self.skipped_not_image,
             "skipped_own": self.skipped_own,
+            "skipped_not_indexable": self.skipped_not_indexable,
             "dry_run": self.dry_run,
         }
 
 
 async def plan_backfill(settings: Settings, prefix: str) -> BackfillPlan:
-    """List the bucket under prefix and keep the keys that name images, except the server's own."""
+    """List the bucket under prefix and keep the keys that name images, except the server's own and those the
+    processor would refuse (a key it does not index, an object over IMAGE_SEARCH_MAX_BYTES)."""
     bucket = bucket_name(settings)
     where = f"{bucket}/{prefix}" if settings.r2_enabled else f"{settings.local_storage_dir}/{prefix}"
     try:
         store = await open_store(settings)
         try:
-            keys = [info.key async for info in store.list(prefix)]
+            listed = [info async for info in store.list(prefix)]
         finally:
             await store.close()
     except StorageError as exc:
         raise OperationFailedError(f"cannot list {where}: {exc}") from None
-    theirs = [key for key in keys if not key.startswith(SERVER_PREFIXES)]
-    images = [key for key in theirs if is_image_key(key)]
+    theirs = [info for info in listed if not info.key.startswith(SERVER_PREFIXES)]
+    images = [info for info in theirs if is_image_key(info.key)]
+    indexable = [info.key for info in images if _indexable(info, settings.image_search_max_bytes)]
     return BackfillPlan(
         bucket=bucket,
         prefix=prefix,
-        images=images,
+        images=indexable,
         skipped_not_image=len(theirs) - len(images),
-        skipped_own=len(keys) - len(theirs),
+        skipped_own=len(listed) - len(theirs),
+        skipped_not_indexable=len(images) - len(indexable),
     )
+
+
+def _indexable(info: ObjectInfo, max_bytes: int) -> bool:
+    try:
+        validate_key(info.key)
+    except InvalidKeyError:
+        return False
+    return info.size <= max_bytes
 
 
 async def run_backfill(
@@ -130,7 +145,9 @@ async def run_backfill(
                     group.create_task(work())
         except* OperationFailedError as failures:
             raise failures.exceptions[0] from None
-    return BackfillReport(published, already_indexed, plan.skipped_not_image, plan.skipped_own, dry_run)
+    return BackfillReport(
+        published, already_indexed, plan.skipped_not_image, plan.skipped_own, plan.skipped_not_indexable, dry_run
+    )
 
 
 def api_client(api_key: str) -> httpx.AsyncClient:
