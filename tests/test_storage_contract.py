@@ -208,6 +208,24 @@ async def test_unsafe_keys_are_refused_by_every_method(store, key):
         await store.presigned_get_url(key, 60)
 
 
+async def test_the_local_store_refuses_a_key_segment_longer_than_a_file_name(tmp_path):
+    """S3 and R2 take them; a file name is at most 255 bytes (the meta file adds ".json")."""
+    store = LocalStore(tmp_path / "store")
+    fits, too_long = "in/" + "a" * 250 + ".png", "in/" + "a" * 251 + ".png"
+    await store.put(fits[:-4], b"x", "image/png")
+    for call in (
+        lambda: store.put(too_long, b"x", "image/png"),
+        lambda: store.get(too_long),
+        lambda: store.size(too_long),
+        lambda: store.exists(too_long),
+        lambda: store.delete(too_long),
+        lambda: store.flush(too_long),
+    ):
+        with pytest.raises(InvalidKeyError, match="longer than 250 bytes"):
+            await call()
+    assert (await store.get(fits[:-4])).data == b"x"
+
+
 async def test_ping(store):
     await store.ping()
 

@@ -31,6 +31,7 @@ from urllib.parse import quote, urlencode
 
 from infra.disk import fsync_path
 from infra.storage.base import (
+    InvalidKeyError,
     ObjectInfo,
     ObjectNotFoundError,
     ObjectStore,
@@ -52,11 +53,24 @@ SUFFIX_TYPES = {
     ".jpeg": "image/jpeg",
 }
 DEFAULT_TYPE = "application/octet-stream"
+MAX_SEGMENT_BYTES = 250  # a file name is at most 255 bytes; the meta file adds ".json"
 
 
 def _suffix_type(key: str) -> str:
     dot = key.rfind(".")
     return SUFFIX_TYPES.get(key[dot:].lower(), DEFAULT_TYPE) if dot > key.rfind("/") else DEFAULT_TYPE
+
+
+def _file_key(key: str) -> str:
+    """A valid key whose segments can be file names here (with room for the meta file's ".json"); InvalidKeyError
+    for a segment longer than that, which an object store over HTTP would take."""
+    validate_key(key)
+    if any(len(os.fsencode(segment)) > MAX_SEGMENT_BYTES for segment in key.split("/")):
+        raise InvalidKeyError(
+            f"object key {key!r} has a segment longer than {MAX_SEGMENT_BYTES} bytes, more than the embedded store "
+            "keeps as a file name"
+        )
+    return key
 
 
 def _etag(data: bytes) -> str:
@@ -90,10 +104,10 @@ class LocalStore(ObjectStore):
             return secret
 
     def _object_path(self, key: str) -> Path:
-        return self._objects / validate_key(key)
+        return self._objects / _file_key(key)
 
     def _meta_path(self, key: str) -> Path:
-        return self._meta / f"{validate_key(key)}.json"
+        return self._meta / f"{_file_key(key)}.json"
 
     def _write_atomic(self, target: Path, fill: Callable[[BinaryIO], object], durable: bool = True) -> None:
         """Write through `fill(file)` into a staging file, then move it into place. When durable, the file is
