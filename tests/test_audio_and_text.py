@@ -132,7 +132,7 @@ ODD_RATES = textwrap.dedent(
                 pcm = (tone * 8000).astype("<i2") if width == 2 else (tone * 100 + 128).astype(np.uint8)
                 out.writeframes(pcm.tobytes())
             decoded = decode_audio(clip.getvalue(), sample_rate=24000, min_seconds=1.0, max_seconds=30.0)
-            print(rate, width, decoded.source_format, round(decoded.seconds, 2))
+            sys.stdout.write(f"{rate} {width} {decoded.source_format} {round(decoded.seconds, 2)}\\n")
     """
 )
 

@@ -120,14 +120,11 @@ class VoiceGenerateHandler:
         except ObjectNotFoundError:
             return Failed("reference_not_found", f"no reference clip at {payload.ref_audio_key!r}")
         except ObjectTooLargeError:
-            data = None
+            return self._too_large()
         except TRANSIENT_ERRORS as exc:
             return Failed("storage_unavailable", str(exc), transient=True)
-        if data is None or len(data) > settings.voice_max_ref_bytes:
-            return Failed(
-                "audio_too_large",
-                f"the reference clip is larger than {settings.voice_max_ref_bytes} bytes (VOICE_MAX_REF_BYTES)",
-            )
+        if len(data) > settings.voice_max_ref_bytes:
+            return self._too_large()
         try:
             return await asyncio.to_thread(
                 decode_audio,
@@ -241,6 +238,10 @@ class VoiceGenerateHandler:
         pieces = split_sentences(payload.text, self._settings.voice_chunk_chars)
         language = canonical_language(payload.language) or "auto"
         return Succeeded(self._result(key, stored, seconds, len(pieces), language), unflushed=(key,))
+
+    def _too_large(self) -> Failed:
+        limit = self._settings.voice_max_ref_bytes
+        return Failed("audio_too_large", f"the reference clip is larger than {limit} bytes (VOICE_MAX_REF_BYTES)")
 
     @property
     def _bitrate(self) -> int:

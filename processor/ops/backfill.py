@@ -21,8 +21,7 @@ from contract.image_ids import ORIGINALS_PREFIX, THUMBNAILS_PREFIX, image_id_for
 from contract.messages import IMAGE_INDEX, JSON
 from infra.broker import BROKER_ERRORS, BrokerUnavailableError, Priority, Publisher, connect, redact
 from infra.settings import Settings
-from infra.storage import InvalidKeyError, ObjectInfo, validate_key
-from infra.storage.base import StorageError
+from infra.storage import InvalidKeyError, ObjectInfo, StorageError, validate_key
 from infra.storage.factory import open_store
 from processor.ops.errors import OperationFailedError
 
