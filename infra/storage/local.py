@@ -4,7 +4,8 @@ Layout under the root directory:
     objects/<key>        the bytes
     meta/<key>.json      {"content_type": ...}, unless it is the usual type for the key's suffix (SUFFIX_TYPES):
                          job records, PNGs, MP3s, WebP thumbnails and JPEGs are written without one
-    tmp/                 staging for atomic writes (same filesystem, then os.replace)
+    tmp/                 staging for atomic writes (same filesystem, then os.replace), and the replaced versions
+                         of objects until they are unlinked; what a stopped process left there is removed an hour on
     signing.key          HMAC secret for presigned URLs when URL_SIGNING_KEY is not set
 
 "Presigned" URLs are HMAC-signed, expiring paths that the API serves itself (GET /v1/files/<key>).
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import fcntl
 import hashlib
 import hmac
@@ -25,6 +27,7 @@ import stat
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import quote, urlencode
@@ -54,6 +57,10 @@ SUFFIX_TYPES = {
 }
 DEFAULT_TYPE = "application/octet-stream"
 MAX_SEGMENT_BYTES = 250  # a file name is at most 255 bytes; the meta file adds ".json"
+# An unflushed write up to this size, into a folder that exists, only reaches the page cache: it is made on the event
+# loop (tenths of a millisecond) instead of paying two thread hand-offs around it.
+INLINE_WRITE_BYTES = 64 * 1024
+STALE_STAGING_SECONDS = 3600  # no write takes this long: a staging file this old was left by a stopped process
 
 
 def _suffix_type(key: str) -> str:
@@ -78,6 +85,11 @@ def _etag(data: bytes) -> str:
     return hashlib.md5(data, usedforsecurity=False).hexdigest()
 
 
+def _unlink_quietly(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
 class LocalStore(ObjectStore):
     name = "local"
 
@@ -89,6 +101,9 @@ class LocalStore(ObjectStore):
         self._conditions_lock = root / "conditional-writes.lock"
         for path in (self._objects, self._meta, self._tmp):
             path.mkdir(parents=True, exist_ok=True)
+        self._sweep_staging()
+        # unlinks the versions that writes replaced, after the writes (see _set_aside)
+        self._reaper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="local-store-reaper")
         self._secret = signing_key.encode() if signing_key else self._load_or_create_secret()
         self._public_base_url = public_base_url
 
@@ -102,6 +117,14 @@ class LocalStore(ObjectStore):
             with os.fdopen(fd, "wb") as fh:
                 fh.write(secret)
             return secret
+
+    def _sweep_staging(self) -> None:
+        """Remove the staging files and set-aside versions that a process stopped mid-write left behind."""
+        cutoff = time.time() - STALE_STAGING_SECONDS
+        for entry in os.scandir(self._tmp):
+            with contextlib.suppress(OSError):  # gone meanwhile, or another process's: left as it is
+                if entry.is_file(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_ctime < cutoff:
+                    os.unlink(entry.path)
 
     def _object_path(self, key: str) -> Path:
         return self._objects / _file_key(key)
@@ -121,12 +144,34 @@ class LocalStore(ObjectStore):
                 fh.flush()
                 if durable:
                     os.fsync(fh.fileno())
-            os.replace(tmp_name, target)
+            aside = self._set_aside(target)
+            try:
+                os.replace(tmp_name, target)
+            finally:
+                if aside is not None:
+                    self._reap(aside)
         except BaseException:
             Path(tmp_name).unlink(missing_ok=True)
             raise
         if durable:
             fsync_path(target.parent)
+
+    def _set_aside(self, target: Path) -> str | None:
+        """A second name in the staging folder for the file `target` names, if any, so that replacing it does not
+        free that file on the writer's time (0.3 ms of a write here on ext4); the reaper unlinks it afterwards.
+        None when there is nothing to keep aside, or the filesystem has no hard links."""
+        aside = os.path.join(self._tmp, f"{secrets.token_hex(8)}.replaced")
+        try:
+            os.link(target, aside, follow_symlinks=False)
+        except OSError:
+            return None
+        return aside
+
+    def _reap(self, aside: str) -> None:
+        try:
+            self._reaper.submit(_unlink_quietly, aside)
+        except RuntimeError:  # the interpreter is shutting down: no more threads
+            _unlink_quietly(aside)
 
     def _make_parents(self, target: Path) -> None:
         """Create the folders above `target` that are missing, each made durable in its parent at once (a folder is
@@ -171,11 +216,19 @@ class LocalStore(ObjectStore):
         if_match: str | None = None,
         durable: bool = True,
     ) -> str:
-        """As ObjectStore.put; the ETag (the MD5 of the bytes) is computed in the writing thread, not the event
-        loop's (an original of a few hundred kilobytes takes a good part of a millisecond)."""
+        """As ObjectStore.put. A small unflushed write (INLINE_WRITE_BYTES) is made on the event loop, unless a
+        conditional one finds the store's lock held; others in a thread, which also computes the ETag (the MD5 of
+        the bytes: an original of a few hundred kilobytes takes a good part of a millisecond)."""
         validate_key(key)
+        inline = not durable and len(data) <= INLINE_WRITE_BYTES and self._object_path(key).parent.is_dir()
         if not if_none_match and if_match is None:
+            if inline:
+                return self._put_bytes_sync(key, data, content_type, durable)
             return await asyncio.to_thread(self._put_bytes_sync, key, data, content_type, durable)
+        if inline:
+            etag = self._try_put_conditional_sync(key, data, content_type, if_none_match, if_match, durable)
+            if etag is not None:
+                return etag
         return await asyncio.to_thread(
             self._put_conditional_sync, key, data, content_type, if_none_match, if_match, durable
         )
@@ -187,16 +240,32 @@ class LocalStore(ObjectStore):
         new ETag."""
         with self._conditions_lock.open("a+b") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            path = self._object_path(key)
+            return self._check_and_put(key, data, content_type, if_none_match, if_match, durable)
+
+    def _try_put_conditional_sync(
+        self, key: str, data: bytes, content_type: str, if_none_match: bool, if_match: str | None, durable: bool
+    ) -> str | None:
+        """As _put_conditional_sync, but None at once, nothing written, when another writer holds the lock."""
+        with self._conditions_lock.open("a+b") as lock:
             try:
-                current: str | None = _etag(path.read_bytes())
-            except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-                current = None
-            if if_none_match and current is not None:
-                raise PreconditionFailedError(key, "If-None-Match: *")
-            if if_match is not None and current != if_match:
-                raise PreconditionFailedError(key, f"If-Match: {if_match}")
-            return self._put_bytes_sync(key, data, content_type, durable)
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return None
+            return self._check_and_put(key, data, content_type, if_none_match, if_match, durable)
+
+    def _check_and_put(
+        self, key: str, data: bytes, content_type: str, if_none_match: bool, if_match: str | None, durable: bool
+    ) -> str:
+        path = self._object_path(key)
+        try:
+            current: str | None = _etag(path.read_bytes())
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            current = None
+        if if_none_match and current is not None:
+            raise PreconditionFailedError(key, "If-None-Match: *")
+        if if_match is not None and current != if_match:
+            raise PreconditionFailedError(key, f"If-Match: {if_match}")
+        return self._put_bytes_sync(key, data, content_type, durable)
 
     def _flush_sync(self, key: str) -> None:
         path = self._object_path(key)
