@@ -9,6 +9,7 @@ it finished: it reads as absent, and processors delete expired records (`sweep`)
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
@@ -87,27 +88,31 @@ class JobStore:
         found = await self.load(job_id)
         return found[0] if found is not None else None
 
-    async def create(self, record: JobRecord, *, durable: bool = True) -> str:
+    async def create(self, record: JobRecord, *, durable: bool = True, background: bool = False) -> str:
         """Write a new record; PreconditionFailedError if a readable one exists (one that cannot be read, such as
         the empty file a power failure can leave of a write that was not durable, is replaced). Returns its
         version. durable=False for a record the processor can make again (a queued or running one): a local
-        store then skips the flush to disk."""
+        store then skips the flush to disk. background: see ObjectStore.put."""
         key, data = record_key(record.job_id), msgspec.json.encode(record)
+        written = functools.partial(
+            self._store.put, key, data, "application/json", durable=durable, background=background
+        )
         try:
-            return await self._store.put(key, data, "application/json", if_none_match=True, durable=durable)
+            return await written(if_none_match=True)
         except PreconditionFailedError:
             try:
                 existing = await self._store.get(key)
             except ObjectNotFoundError:  # deleted since: a create may now succeed
-                return await self._store.put(key, data, "application/json", if_none_match=True, durable=durable)
+                return await written(if_none_match=True)
             if _readable(existing.data, record.job_id) is not None:
                 raise
-            return await self._store.put(key, data, "application/json", if_match=existing.etag, durable=durable)
+            return await written(if_match=existing.etag)
 
-    async def update(self, record: JobRecord, etag: str, *, durable: bool = True) -> str:
+    async def update(self, record: JobRecord, etag: str, *, durable: bool = True, background: bool = False) -> str:
         """Replace the record if it is still at version `etag`; PreconditionFailedError otherwise."""
+        data = msgspec.json.encode(record)
         return await self._store.put(
-            record_key(record.job_id), msgspec.json.encode(record), "application/json", if_match=etag, durable=durable
+            record_key(record.job_id), data, "application/json", if_match=etag, durable=durable, background=background
         )
 
     async def flush(self, job_id: str) -> None:

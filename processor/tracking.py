@@ -69,7 +69,8 @@ class JobTracker:
         """Start writing the running mark beside the work (not when the stored record turns out to be settled:
         then `tracked` holds that); the next write of this record waits for it."""
         tracked.marking = asyncio.create_task(
-            self._apply(tracked, _running(attempt), durable=False), name=f"running-{tracked.record.job_id}"
+            self._apply(tracked, _running(attempt), durable=False, background=True),
+            name=f"running-{tracked.record.job_id}",
         )
 
     async def succeeded(self, tracked: Tracked, outcome: Succeeded, attempt: int) -> bool:
@@ -117,7 +118,9 @@ class JobTracker:
                 await marking
         return await self._apply(tracked, change, durable=durable)
 
-    async def _apply(self, tracked: Tracked, change: Callable[[JobRecord], None], *, durable: bool = True) -> bool:
+    async def _apply(
+        self, tracked: Tracked, change: Callable[[JobRecord], None], *, durable: bool = True, background: bool = False
+    ) -> bool:
         for _ in range(_CONFLICT_ROUNDS):
             if tracked.settled:
                 return False
@@ -125,10 +128,14 @@ class JobTracker:
             change(candidate)
             try:
                 if tracked.etag is None:
-                    etag = await retry_transient(lambda c=candidate: self._jobs.create(c, durable=durable))
+                    etag = await retry_transient(
+                        lambda c=candidate: self._jobs.create(c, durable=durable, background=background)
+                    )
                 else:
                     etag = await retry_transient(
-                        lambda c=candidate, e=tracked.etag: self._jobs.update(c, e, durable=durable)
+                        lambda c=candidate, e=tracked.etag: self._jobs.update(
+                            c, e, durable=durable, background=background
+                        )
                     )
             except PreconditionFailedError:
                 log.info("job_record_changed_meanwhile", job_id=candidate.job_id)

@@ -27,13 +27,16 @@ from contract.jobs import (
     queued_record,
     record_key,
 )
-from contract.messages import IMAGE_INDEX
+from contract.messages import IMAGE_GENERATE, IMAGE_INDEX, ImageGenerateV1
 from infra.settings import Settings
 from infra.storage import open_store
 from infra.storage.local import LocalStore
 from infra.vectors.edge.client import EdgeIndex
+from processor.handlers.base import Job
+from processor.outcomes import Succeeded
 from processor.runtime import Runtime
 from processor.service import build_consumer
+from processor.tracking import JobTracker
 from tests.support.amqp import drain, publish, wait_until
 from tests.support.images import encoded
 from tests.support.rabbitmq import free_port
@@ -180,6 +183,27 @@ async def test_a_job_record_too_deep_or_not_utf8_reads_as_none(tmp_path):
         await store.put(record_key(job_id), data, "application/json")
         assert await jobs.load(job_id) is None
     assert queued_record({QUEUED_RECORD_HEADER: DEEP_RECORD, QUEUED_VERSION_HEADER: "v"}) is None
+
+
+async def test_the_running_mark_is_a_background_write_and_the_outcome_is_not(tmp_path):
+    """The mark is written beside the model and nobody waits on it: a store that writes small records on the event
+    loop writes it in a thread, leaving the loop to the job's own steps; the succeeded record is awaited by the
+    requester and takes the short way."""
+    store = LocalStore(tmp_path)
+    writes: list[tuple[str, bool]] = []
+    real_put = store.put
+
+    async def put(key, data, content_type, **options):
+        writes.append((json.loads(data)["status"], options.get("background", False)))
+        return await real_put(key, data, content_type, **options)
+
+    store.put = put
+    tracker = JobTracker(JobStore(store, ttl_days=1))
+    job = Job(message_id="j1", message_type=IMAGE_GENERATE, payload=ImageGenerateV1(prompt="p"), priority=0)
+    tracked = await tracker.load(job)
+    tracker.mark_running(tracked, 1)
+    assert await tracker.succeeded(tracked, Succeeded({"id": "x"}), 1)
+    assert writes == [("running", True), ("succeeded", False)]
 
 
 async def test_a_message_carrying_a_record_too_deep_to_read_is_run_as_if_it_carried_none(make_settings, rabbit):

@@ -296,7 +296,7 @@ async def test_local_writes_flush_what_durability_needs(tmp_path, monkeypatch):
 
 async def test_small_unflushed_local_writes_are_made_on_the_event_loop(tmp_path, monkeypatch):
     """A record or a small output written without a flush costs no thread hand-offs; a durable write, a large one,
-    and one into a folder not made yet go to a thread."""
+    one into a folder not made yet, and a background one (a running mark, beside the model) go to a thread."""
     store = LocalStore(tmp_path / "store")
     await store.put("jobs/seed.json", b"{}", "application/json")
     handed: list[str] = []
@@ -316,8 +316,9 @@ async def test_small_unflushed_local_writes_are_made_on_the_event_loop(tmp_path,
     await store.put("jobs/c.json", b"{}", "application/json", if_none_match=True)
     await store.put("jobs/d.bin", b"x" * (local.INLINE_WRITE_BYTES + 1), "application/octet-stream", durable=False)
     await store.put("new/e.json", b"{}", "application/json", durable=False)
-    assert handed == ["_put_conditional_sync", "_put_bytes_sync", "_put_bytes_sync"]
-    assert (await store.get("jobs/a.json")).data == b"{ }"
+    await store.put("jobs/a.json", b"{}", "application/json", if_match=_md5(b"{ }"), durable=False, background=True)
+    assert handed == ["_put_conditional_sync", "_put_bytes_sync", "_put_bytes_sync", "_put_conditional_sync"]
+    assert (await store.get("jobs/a.json")).data == b"{}"
 
 
 async def test_an_unflushed_conditional_write_does_not_block_the_event_loop_on_a_held_lock(tmp_path):

@@ -84,6 +84,7 @@ class ObjectStore(abc.ABC):
         if_none_match: bool = False,
         if_match: str | None = None,
         durable: bool = True,
+        background: bool = False,
     ) -> str:
         """Write the whole object atomically: readers see the old object or the new one, never a part. Returns
         the new version's ETag.
@@ -94,7 +95,11 @@ class ObjectStore(abc.ABC):
 
         durable=False is for data that can be rebuilt, or that flush() makes durable later: a store on a local
         disk may then skip flushing it to the disk, so a power failure may lose the write, or leave the object
-        empty (readers must cope); an object store over HTTP stores it as always."""
+        empty (readers must cope); an object store over HTTP stores it as always.
+
+        background=True for a write that runs beside other work and that nobody waits on soon (a job's running
+        mark): a store that makes small writes on the event loop makes this one in a thread instead, leaving the
+        loop to the steps of the work itself."""
 
     async def flush(self, key: str) -> None:  # noqa: B027 - nothing to do unless a store defers flushing
         """Make durable what put(..., durable=False) wrote under `key` (whatever version is there now), so a write

@@ -215,12 +215,19 @@ class LocalStore(ObjectStore):
         if_none_match: bool = False,
         if_match: str | None = None,
         durable: bool = True,
+        background: bool = False,
     ) -> str:
-        """As ObjectStore.put. A small unflushed write (INLINE_WRITE_BYTES) is made on the event loop, unless a
-        conditional one finds the store's lock held; others in a thread, which also computes the ETag (the MD5 of
-        the bytes: an original of a few hundred kilobytes takes a good part of a millisecond)."""
+        """As ObjectStore.put. A small unflushed write (INLINE_WRITE_BYTES) is made on the event loop, unless it
+        is a background one, or a conditional one that finds the store's lock held; others in a thread, which also
+        computes the ETag (the MD5 of the bytes: an original of a few hundred kilobytes takes a good part of a
+        millisecond)."""
         validate_key(key)
-        inline = not durable and len(data) <= INLINE_WRITE_BYTES and self._object_path(key).parent.is_dir()
+        inline = (
+            not durable
+            and not background
+            and len(data) <= INLINE_WRITE_BYTES
+            and self._object_path(key).parent.is_dir()
+        )
         if not if_none_match and if_match is None:
             if inline:
                 return self._put_bytes_sync(key, data, content_type, durable)

@@ -117,6 +117,7 @@ class S3Store(ObjectStore):
         if_none_match: bool = False,
         if_match: str | None = None,
         durable: bool = True,
+        background: bool = False,
     ) -> str:
         validate_key(key)
         conditions: dict[str, str] = {}
