@@ -1,6 +1,6 @@
-"""Transient failures: a storage outage makes jobs retry through the delay queues and succeed once it is over,
-or, past MAX_ATTEMPTS, dead-letter; an operator replays them after the fault is fixed, and each is processed
-exactly once."""
+"""Transient failures: a storage outage (an S3 server down, a full disk under the embedded store) makes jobs retry
+through the delay queues and succeed once it is over, or, past MAX_ATTEMPTS, dead-letter; an operator replays them
+after the fault is fixed, and each is processed exactly once."""
 
 from __future__ import annotations
 
@@ -14,15 +14,18 @@ from collections.abc import AsyncIterator
 from click.testing import CliRunner
 
 from contract.image_ids import thumbnail_key
-from contract.messages import IMAGE_INDEX
+from contract.messages import IMAGE_GENERATE, IMAGE_INDEX
 from contract.metrics import REGISTRY
+from infra.settings import Settings
 from processor.ops.__main__ import cli
 from processor.runtime import Runtime
 from processor.service import build_consumer
 from tests.support.amqp import publish, wait_until
+from tests.support.disk import fill, small_disk
 from tests.support.images import encoded
 from tests.support.rabbitmq import free_port
 from tests.support.s3 import S3Process
+from tests.support.server import running_server
 
 BUCKET = "outage"
 
@@ -38,8 +41,6 @@ async def processor_with_s3(make_env, **overrides: str) -> AsyncIterator[tuple[d
     servers = [S3Process(port)]
     servers[0].create_bucket(BUCKET)
     env = make_env(r2_bucket=BUCKET, endpoint=servers[0].endpoint, **overrides)
-    from infra.settings import Settings
-
     runtime = await Runtime.open(Settings.from_env(env))
     consumer = build_consumer(runtime)
     await consumer.start()
@@ -112,3 +113,40 @@ async def test_past_max_attempts_jobs_dead_letter_and_replay_processes_each_once
         assert s3.keys(BUCKET) == [f"images/originals/{image_id}.png", thumbnail_key(image_id)]
         assert await runtime.index.count() == 1
         assert rabbit.queue_counts(env["VHOST"])["ams.dead"] == (1, 0)  # the poison message stays
+
+
+def generation(prompt: str) -> dict:
+    return {"prompt": prompt, "width": 64, "height": 64, "steps": 1}
+
+
+async def test_a_full_disk_under_the_embedded_store_is_a_503_and_jobs_wait_it_out(make_env, rabbit, tmp_path):
+    """R2 off: the disk under LOCAL_STORAGE_DIR fills up. The API answers 503 with Retry-After and publishes
+    nothing; a job already on the queue retries through the delay queues; once space is freed, both go through."""
+    with small_disk(tmp_path / "disk") as disk:
+        env = make_env(LOCAL_STORAGE_DIR=str(disk / "storage"), IMAGE_ENABLED="1", MAX_ATTEMPTS="10")
+        async with running_server(Settings.from_env(env)) as server:
+            filler = fill(disk)
+            refused = await server.client.post("/v1/jobs", json={"type": IMAGE_GENERATE, "params": generation("a")})
+            assert refused.status_code == 503, refused.text
+            assert refused.json()["code"] == "storage_unavailable"
+            assert int(refused.headers["retry-after"]) > 0
+            assert rabbit.queue_counts(env["VHOST"])["ams.image"] == (0, 0)  # nothing published
+
+            before = REGISTRY.get_sample_value("ams_jobs_total", {"type": IMAGE_GENERATE, "outcome": "retried"}) or 0
+            upstream = await publish(env["AMQP_URL"], IMAGE_GENERATE, generation("b"))
+
+            def retried() -> bool:
+                labels = {"type": IMAGE_GENERATE, "outcome": "retried"}
+                return (REGISTRY.get_sample_value("ams_jobs_total", labels) or 0) > before
+
+            await wait_until(retried, timeout=60)
+            filler.unlink()
+
+            async def succeeded() -> bool:
+                response = await server.client.get(f"/v1/jobs/{upstream}")
+                return response.status_code == 200 and response.json()["status"] == "succeeded"
+
+            await wait_until(succeeded, timeout=60)
+            again = await server.client.post("/v1/images/generate", json=generation("a"))
+            assert again.status_code == 200, again.text
+            assert rabbit.queue_counts(env["VHOST"])["ams.dead"] == (0, 0)

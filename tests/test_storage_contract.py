@@ -21,11 +21,13 @@ from infra.storage import (
     ObjectNotFoundError,
     ObjectTooLargeError,
     PreconditionFailedError,
+    StorageUnavailableError,
     local,
     validate_key,
 )
 from infra.storage.local import LocalStore
 from infra.storage.s3 import S3Store
+from tests.support.disk import fill, small_disk
 from tests.support.s3 import ACCESS_KEY, SECRET_KEY
 
 
@@ -369,6 +371,26 @@ async def test_what_a_stopped_writer_left_in_staging_is_removed_an_hour_on(tmp_p
     monkeypatch.setattr(local, "STALE_STAGING_SECONDS", 0)
     LocalStore(tmp_path / "store")
     assert not left.exists()
+
+
+async def test_a_full_disk_is_the_local_store_being_unavailable_and_leaves_nothing_behind(tmp_path):
+    with small_disk(tmp_path / "disk", size_kib=1024) as disk:
+        store = LocalStore(disk / "store")
+        etag = await store.put("jobs/a.json", b'"queued"', "application/json", if_none_match=True, durable=False)
+        filler = fill(disk)
+        for write in (
+            lambda: store.put("jobs/a.json", b'"running"' * 1000, "application/json", if_match=etag, durable=False),
+            lambda: store.put("jobs/b.json", b"{}" * 3000, "application/json", if_none_match=True, durable=False),
+            lambda: store.put("images/c.png", bytes(100_000), "image/png"),
+        ):
+            with pytest.raises(StorageUnavailableError, match="No space left on device"):
+                await write()
+        assert (await store.get("jobs/a.json")).data == b'"queued"'
+        assert list((disk / "store" / "tmp").iterdir()) == []
+        assert not await store.exists("jobs/b.json")
+        filler.unlink()
+        await store.put("jobs/a.json", b'"running"', "application/json", if_match=etag, durable=False)
+        assert (await store.get("jobs/a.json")).data == b'"running"'
 
 
 async def test_a_job_record_left_empty_reads_as_absent_and_is_replaced(store):

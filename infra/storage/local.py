@@ -17,6 +17,7 @@ import asyncio
 import base64
 import contextlib
 import fcntl
+import functools
 import hashlib
 import hmac
 import json
@@ -26,10 +27,10 @@ import shutil
 import stat
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Concatenate, ParamSpec, TypeVar
 from urllib.parse import quote, urlencode
 
 from infra.disk import fsync_path
@@ -83,6 +84,26 @@ def _file_key(key: str) -> str:
 def _etag(data: bytes) -> str:
     """The object's version: the MD5 of its bytes, as S3 gives for a single-part upload."""
     return hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def _disk_errors(
+    operation: Callable[Concatenate[LocalStore, str, P], Awaitable[T]],
+) -> Callable[Concatenate[LocalStore, str, P], Awaitable[T]]:
+    """An OSError of the disk under the store (full, read-only, failing) is the store being unavailable, as an
+    object store that does not answer is: retried by the processor, a 503 with Retry-After from the API."""
+
+    @functools.wraps(operation)
+    async def guarded(store: LocalStore, key: str, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return await operation(store, key, *args, **kwargs)
+        except OSError as exc:
+            raise StorageUnavailableError(f"the embedded store's disk failed on {key!r}: {exc}") from exc
+
+    return guarded
 
 
 def _unlink_quietly(path: str) -> None:
@@ -206,6 +227,7 @@ class LocalStore(ObjectStore):
         self._put_sync(key, lambda fh: fh.write(data), content_type, durable)
         return _etag(data)
 
+    @_disk_errors
     async def put(
         self,
         key: str,
@@ -286,10 +308,12 @@ class LocalStore(ObjectStore):
         except OSError as exc:
             raise StorageUnavailableError(f"could not flush {key!r} to the disk: {exc}") from exc
 
+    @_disk_errors
     async def flush(self, key: str) -> None:
         validate_key(key)
         await asyncio.to_thread(self._flush_sync, key)
 
+    @_disk_errors
     async def put_file(self, key: str, path: Path, content_type: str) -> None:
         def copy(fh: BinaryIO) -> None:
             with path.open("rb") as source:
@@ -305,6 +329,7 @@ class LocalStore(ObjectStore):
             raise ObjectNotFoundError(key) from None
         return target.stat().st_size
 
+    @_disk_errors
     async def get_file(self, key: str, path: Path) -> int:
         validate_key(key)
         return await asyncio.to_thread(self._get_file_sync, key, path)
@@ -326,6 +351,7 @@ class LocalStore(ObjectStore):
             content_type = DEFAULT_TYPE
         return StoredObject(key=key, data=data, content_type=content_type, etag=_etag(data))
 
+    @_disk_errors
     async def get(self, key: str, *, max_bytes: int | None = None) -> StoredObject:
         validate_key(key)
         return await asyncio.to_thread(self._get_sync, key, max_bytes)
@@ -350,10 +376,12 @@ class LocalStore(ObjectStore):
                 return
             directory = directory.parent
 
+    @_disk_errors
     async def delete(self, key: str) -> bool:
         validate_key(key)
         return await asyncio.to_thread(self._delete_sync, key)
 
+    @_disk_errors
     async def exists(self, key: str) -> bool:
         validate_key(key)
         return await asyncio.to_thread(self._object_path(key).is_file)
@@ -365,6 +393,7 @@ class LocalStore(ObjectStore):
             return None
         return found.st_size if stat.S_ISREG(found.st_mode) else None
 
+    @_disk_errors
     async def size(self, key: str) -> int | None:
         validate_key(key)
         return await asyncio.to_thread(self._size_sync, key)
@@ -380,13 +409,21 @@ class LocalStore(ObjectStore):
                 full = Path(dirpath) / filename
                 key = full.relative_to(base).as_posix()
                 if key.startswith(prefix):
-                    found.append(ObjectInfo(key=key, size=full.stat().st_size))
+                    try:
+                        size = full.stat().st_size
+                    except FileNotFoundError:
+                        continue  # deleted since the folder was read
+                    found.append(ObjectInfo(key=key, size=size))
         found.sort(key=lambda info: info.key)
         return found
 
     async def list(self, prefix: str = "") -> AsyncIterator[ObjectInfo]:
         validate_prefix(prefix)
-        for info in await asyncio.to_thread(self._list_sync, prefix):
+        try:
+            found = await asyncio.to_thread(self._list_sync, prefix)
+        except OSError as exc:
+            raise StorageUnavailableError(f"the embedded store's disk failed listing {prefix!r}: {exc}") from exc
+        for info in found:
             yield info
 
     def sign(self, key: str, expires: int) -> str:
