@@ -297,8 +297,9 @@ async def test_local_writes_flush_what_durability_needs(tmp_path, monkeypatch):
 
 
 async def test_small_unflushed_local_writes_are_made_on_the_event_loop(tmp_path, monkeypatch):
-    """A record or a small output written without a flush costs no thread hand-offs; a durable write, a large one,
-    one into a folder not made yet, and a background one (a running mark, beside the model) go to a thread."""
+    """A record or a small output written without a flush, or read, costs no thread hand-offs; a durable write, a
+    large one, one into a folder not made yet, a background one (a running mark, beside the model), and a large
+    read go to a thread."""
     store = LocalStore(tmp_path / "store")
     await store.put("jobs/seed.json", b"{}", "application/json")
     handed: list[str] = []
@@ -311,16 +312,23 @@ async def test_small_unflushed_local_writes_are_made_on_the_event_loop(tmp_path,
     monkeypatch.setattr(asyncio, "to_thread", to_thread)
     await store.put("jobs/a.json", b"{}", "application/json", if_none_match=True, durable=False)
     await store.put("jobs/a.json", b"{ }", "application/json", if_match=_md5(b"{}"), durable=False)
-    await store.put("jobs/b.bin", b"x" * local.INLINE_WRITE_BYTES, "application/octet-stream", durable=False)
+    await store.put("jobs/b.bin", b"x" * local.INLINE_BYTES, "application/octet-stream", durable=False)
     with pytest.raises(PreconditionFailedError):
         await store.put("jobs/a.json", b"[]", "application/json", if_none_match=True, durable=False)
     assert handed == []
     await store.put("jobs/c.json", b"{}", "application/json", if_none_match=True)
-    await store.put("jobs/d.bin", b"x" * (local.INLINE_WRITE_BYTES + 1), "application/octet-stream", durable=False)
+    await store.put("jobs/d.bin", b"x" * (local.INLINE_BYTES + 1), "application/octet-stream", durable=False)
     await store.put("new/e.json", b"{}", "application/json", durable=False)
     await store.put("jobs/a.json", b"{}", "application/json", if_match=_md5(b"{ }"), durable=False, background=True)
     assert handed == ["_put_conditional_sync", "_put_bytes_sync", "_put_bytes_sync", "_put_conditional_sync"]
+    handed.clear()
     assert (await store.get("jobs/a.json")).data == b"{}"
+    with pytest.raises(ObjectNotFoundError):
+        await store.get("jobs/none.json")
+    assert (await store.exists("jobs/b.bin"), await store.size("jobs/b.bin")) == (True, local.INLINE_BYTES)
+    assert handed == []  # small reads, and looking a key up, are made on the event loop too
+    assert len((await store.get("jobs/d.bin")).data) == local.INLINE_BYTES + 1
+    assert handed == ["_get_sync"]
 
 
 async def test_an_unflushed_conditional_write_does_not_block_the_event_loop_on_a_held_lock(tmp_path):
