@@ -445,6 +445,10 @@ class LocalStore(ObjectStore):
         query = urlencode({"expires": expires, "signature": self.sign(key, expires)})
         return f"{self._public_base_url}{FILES_ROUTE}{quote(key)}?{query}"
 
+    async def close(self) -> None:
+        """Let the reaper finish unlinking what writes set aside (a write after this unlinks its own)."""
+        await asyncio.to_thread(self._reaper.shutdown, wait=True)
+
     async def ping(self) -> None:
         if not os.access(self._objects, os.W_OK):
             raise StorageUnavailableError(f"local storage directory {self._objects} is not writable")
