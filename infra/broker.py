@@ -17,7 +17,8 @@ Topology
     exchange  ams.retry  (headers, durable)   delayed retries of transient failures
     queue     ams.retry.<delay>  (durable, message TTL = delay, dead-letters back to ams.jobs with the
               message's own routing key, so a retry lands in its capability's queue), bound by header
-              x-ams-retry-delay
+              ams-retry-delay (no "x-": a headers exchange leaves binding arguments named x-... out of the match;
+              the bindings by x-ams-retry-delay of earlier versions matched every copy, and are removed)
 Replies to waiting API requests go through the default exchange to each API process's own
 exclusive reply queue, matched by correlation id; a streamed job's output goes the same way in pieces first
 (type REPLY_PIECE, byte offset in OFFSET_HEADER), before its reply.
@@ -70,7 +71,11 @@ CAPABILITY_QUEUES: dict[str, tuple[str, tuple[str, ...]]] = {
     "voice": ("ams.voice", ("voice.generate",)),
 }
 CAPABILITIES = tuple(CAPABILITY_QUEUES)
-RETRY_DELAY_HEADER = "x-ams-retry-delay"
+# The header a retry copy's delay queue is chosen by. A headers exchange leaves binding arguments whose names start
+# with "x-" out of the match (they are the broker's), so this one must not start so: bound by x-ams-retry-delay
+# (LEGACY_RETRY_DELAY_HEADER, before 2026-11-27) every retry queue matched every copy, and one retry became four.
+RETRY_DELAY_HEADER = "ams-retry-delay"
+LEGACY_RETRY_DELAY_HEADER = "x-ams-retry-delay"
 # what the processor records on a message it retries or dead-letters (read back by the operator CLI)
 ATTEMPTS_HEADER = "x-ams-attempts"
 REASON_CODE_HEADER = "x-ams-reason-code"
@@ -169,7 +174,12 @@ async def declare_topology(connection: AbstractConnection) -> None:
                     durable=True,
                     arguments={"x-message-ttl": delay * 1000, "x-dead-letter-exchange": JOBS_EXCHANGE},
                 )
-                await retry_queue.bind(retry_exchange, arguments={"x-match": "all", RETRY_DELAY_HEADER: str(delay)})
+                await retry_queue.bind(
+                    retry_exchange, routing_key="", arguments={"x-match": "all", RETRY_DELAY_HEADER: str(delay)}
+                )
+                legacy = {"x-match": "all", LEGACY_RETRY_DELAY_HEADER: str(delay)}
+                for routing_key in ("", retry_queue.name):  # as the definitions file and earlier versions bound it
+                    await retry_queue.unbind(retry_exchange, routing_key=routing_key, arguments=legacy)
         await _move_legacy_queue(connection)
     except BROKER_ERRORS as exc:
         raise BrokerUnavailableError(f"could not declare the topology: {exc}") from exc

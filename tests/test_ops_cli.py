@@ -250,7 +250,7 @@ def test_replay_by_type_republishes_the_job_with_fresh_attempts(env, amqp_url):
     assert old.body == LETTERS[0].encoded_body()
     assert old.reply_to is None and old.correlation_id is None
     headers = old.headers
-    assert "x-ams-attempts" not in headers and "x-ams-retry-delay" not in headers
+    assert not {"x-ams-attempts", "ams-retry-delay", "x-ams-retry-delay"} & set(headers)
     assert headers["x-custom"] == "kept"
     assert headers["x-ams-reason-code"] == "storage_unavailable"
     replayed_at = dt.datetime.fromisoformat(headers["x-ams-replayed-at"])

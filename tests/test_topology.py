@@ -1,5 +1,5 @@
-"""The broker topology: a queue per capability, unknown routing keys dead-lettered, and the move from the single
-queue of earlier versions."""
+"""The broker topology: a queue per capability, unknown routing keys dead-lettered, a retry waiting in its delay's
+queue alone, and the move from the single queue and the retry bindings of earlier versions."""
 
 from __future__ import annotations
 
@@ -12,9 +12,14 @@ from infra.broker import (
     DEAD_QUEUE,
     JOBS_EXCHANGE,
     LEGACY_JOBS_QUEUE,
+    LEGACY_RETRY_DELAY_HEADER,
+    RETRY_DELAY_HEADER,
+    RETRY_DELAYS_SECONDS,
+    RETRY_EXCHANGE,
     UNROUTED_QUEUE,
     capability_of,
     declare_topology,
+    retry_queue_name,
 )
 
 
@@ -80,3 +85,34 @@ async def test_messages_waiting_in_the_legacy_queue_move_to_their_capability_que
         while (message := await queue.get(no_ack=True, fail=False)) is not None:
             ids.append(message.message_id)
         assert sorted(ids) == sorted(f"image.generate-{n}" for n in range(7))
+
+
+async def test_a_retry_waits_in_its_delay_queue_alone_and_the_earlier_bindings_are_removed(make_env, rabbit):
+    """A headers exchange leaves binding arguments named x-... out of the match: the bindings by x-ams-retry-delay
+    of earlier versions (made by the product, and by the definitions file) matched every copy, so each retry went
+    to all four delay queues and came back four times. declare_topology removes them."""
+    env = make_env()
+    url, vhost = env["AMQP_URL"], env["VHOST"]
+    connection = await aio_pika.connect(url)
+    async with connection:
+        channel = await connection.channel()
+        exchange = await channel.declare_exchange(RETRY_EXCHANGE, aio_pika.ExchangeType.HEADERS, durable=True)
+        for delay in RETRY_DELAYS_SECONDS:
+            queue = await channel.declare_queue(
+                retry_queue_name(delay),
+                durable=True,
+                arguments={"x-message-ttl": delay * 1000, "x-dead-letter-exchange": JOBS_EXCHANGE},
+            )
+            for routing_key in ("", queue.name):
+                arguments = {"x-match": "all", LEGACY_RETRY_DELAY_HEADER: str(delay)}
+                await queue.bind(exchange, routing_key=routing_key, arguments=arguments)
+        await declare_topology(connection)
+        await declare_topology(connection)
+        channel = await connection.channel(publisher_confirms=True)
+        exchange = await channel.get_exchange(RETRY_EXCHANGE)
+        headers = {RETRY_DELAY_HEADER: "30", LEGACY_RETRY_DELAY_HEADER: "1"}  # a second retry of an older copy
+        await exchange.publish(aio_pika.Message(b"{}", message_id="m", headers=headers), routing_key="image.generate")
+    counts = rabbit.queue_counts(vhost)
+    assert counts[retry_queue_name(30)] == (1, 0)
+    assert counts[retry_queue_name(5)] == counts[retry_queue_name(120)] == (0, 0)
+    assert counts[retry_queue_name(1)] == counts["ams.image"] == (0, 0)  # not there, and not already expired from it

@@ -239,8 +239,8 @@ def replay(
     """Publish matching dead letters to ams.jobs again, with their full number of attempts.
 
     The copy keeps message id, type, content type, priority, body and headers, goes to the job's original
-    routing key (and so to its capability's queue), and drops x-ams-attempts, x-ams-retry-delay, reply_to and
-    correlation_id; it gets x-ams-replayed-at. A dead letter is removed only after RabbitMQ confirmed its copy.
+    routing key (and so to its capability's queue), and drops x-ams-attempts, ams-retry-delay (x-ams-retry-delay
+    in letters of earlier versions), reply_to and correlation_id; it gets x-ams-replayed-at. A dead letter is removed only after RabbitMQ confirmed its copy.
     A letter whose routing key no queue takes lands in ams.unrouted, and a processor dead-letters it again.
     """
     selection = _selection(ids, types, reasons, since, everything)

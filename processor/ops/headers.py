@@ -9,6 +9,7 @@ from infra.broker import (
     ATTEMPTS_HEADER,
     FIRST_FAILURE_HEADER,
     LAST_FAILURE_HEADER,
+    LEGACY_RETRY_DELAY_HEADER,
     REASON_CODE_HEADER,
     REASON_HEADER,
     RETRY_DELAY_HEADER,
@@ -29,4 +30,4 @@ __all__ = [
 REPLAYED_AT_HEADER = "x-ams-replayed-at"
 
 # dropped from a replayed copy so the job starts over with its full number of attempts
-NOT_REPLAYED_HEADERS = frozenset({ATTEMPTS_HEADER, RETRY_DELAY_HEADER})
+NOT_REPLAYED_HEADERS = frozenset({ATTEMPTS_HEADER, RETRY_DELAY_HEADER, LEGACY_RETRY_DELAY_HEADER})

@@ -47,7 +47,8 @@ class Letter:
             "x-ams-routing-key": self.routing_key or self.type or "",
             "x-ams-first-failed-at": iso(first),
             "x-ams-last-failed-at": iso(last),
-            "x-ams-retry-delay": "120",
+            "ams-retry-delay": "120",
+            "x-ams-retry-delay": "120",  # what letters of earlier versions carry
             **self.extra_headers,
         }
         return aio_pika.Message(
