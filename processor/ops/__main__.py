@@ -240,8 +240,9 @@ def replay(
 
     The copy keeps message id, type, content type, priority, body and headers, goes to the job's original
     routing key (and so to its capability's queue), and drops x-ams-attempts, ams-retry-delay (x-ams-retry-delay
-    in letters of earlier versions), reply_to and correlation_id; it gets x-ams-replayed-at. A dead letter is removed only after RabbitMQ confirmed its copy.
-    A letter whose routing key no queue takes lands in ams.unrouted, and a processor dead-letters it again.
+    in letters of earlier versions), reply_to and correlation_id; it gets x-ams-replayed-at. A dead letter is
+    removed only after RabbitMQ confirmed its copy. A letter whose routing key no queue takes lands in ams.unrouted,
+    and a processor dead-letters it again.
     """
     selection = _selection(ids, types, reasons, since, everything)
     settings = _settings()
