@@ -261,6 +261,16 @@ async def queue_depths(connection: AbstractRobustConnection) -> dict[str, tuple[
         raise BrokerUnavailableError(f"could not read queue depths: {exc}") from exc
 
 
+def _why(exc: BaseException) -> str:
+    """What went wrong, also for the exceptions that say nothing (a confirm that did not come)."""
+    if isinstance(exc, TimeoutError):
+        return (
+            f"RabbitMQ did not confirm it within {PUBLISH_TIMEOUT_SECONDS:g} s (is it blocking publishers? a disk or "
+            "memory alarm does)"
+        )
+    return str(exc) or type(exc).__name__
+
+
 def retry_queue_name(delay_seconds: int) -> str:
     return f"ams.retry.{delay_seconds}s"
 
@@ -363,7 +373,7 @@ class Publisher:
                 message, routing_key=message_type, mandatory=True, timeout=PUBLISH_TIMEOUT_SECONDS
             )
         except BROKER_ERRORS as exc:
-            raise BrokerUnavailableError(f"could not publish {message_type} message {message_id}: {exc}") from exc
+            raise BrokerUnavailableError(f"could not publish {message_type} message {message_id}: {_why(exc)}") from exc
 
     async def republish(
         self,
@@ -384,9 +394,9 @@ class Publisher:
         exchange = self.topology.dead_exchange if to_dead_letters else self.topology.retry_exchange
         routing_key = message.routing_key or message.type or ""
         try:
-            await exchange.publish(copy, routing_key=routing_key, mandatory=True)
+            await exchange.publish(copy, routing_key=routing_key, mandatory=True, timeout=PUBLISH_TIMEOUT_SECONDS)
         except BROKER_ERRORS as exc:
-            raise BrokerUnavailableError(f"could not republish message {message.message_id}: {exc}") from exc
+            raise BrokerUnavailableError(f"could not republish message {message.message_id}: {_why(exc)}") from exc
 
     def receive_locally(self, reply_to: str, receiver: ReplyReceiver) -> None:
         """Hand the replies addressed to the queue `reply_to` to `receiver` in this process, not to the broker."""

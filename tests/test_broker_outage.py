@@ -6,6 +6,7 @@ completes, once."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 
 import httpx
@@ -102,3 +103,31 @@ async def test_writes_during_a_broker_outage_get_503_and_leave_nothing(make_env,
         assert await server.services.index.count() == 3, "each upload indexed once"
         assert (await client.post("/v1/images/generate", json={"prompt": "after", "seed": 2})).status_code == 200
         assert "ams_broker_reachable 1.0" in (await client.get("/metrics")).text
+
+
+async def test_a_broker_blocking_publishers_gets_503_naming_the_alarm(make_env, own_broker):
+    """A disk or memory alarm: RabbitMQ blocks every publishing connection until it clears. A write gets 503
+    broker_unavailable with Retry-After once its confirm has not come within PUBLISH_TIMEOUT_SECONDS (the message
+    says why it may be), its record removed; once the alarm clears, writes go through again."""
+    env = {**make_env(IMAGE_ENABLED="1"), "AMQP_URL": own_broker.add_vhost("alarm")}
+    async with running_server(Settings.from_env(env)) as server:
+        client = server.client
+        assert (await client.post("/v1/images/generate", json={"prompt": "before", "seed": 1})).status_code == 200
+        records_before = await _jobs(server)
+        await asyncio.to_thread(own_broker.ctl, "set_disk_free_limit", "100000GB")
+        try:
+            refused = await client.post("/v1/jobs", json={"type": "image.generate", "params": {"prompt": "during"}})
+            assert refused.status_code == 503, refused.text
+            assert refused.json()["code"] == "broker_unavailable"
+            assert "did not confirm it within 10 s" in refused.json()["message"]
+            assert "alarm" in refused.json()["message"]
+            assert int(refused.headers["Retry-After"]) > 0
+            assert await _jobs(server) == records_before
+        finally:
+            await asyncio.to_thread(own_broker.ctl, "set_disk_free_limit", "50MB")
+
+        async def accepted() -> bool:
+            response = await client.post("/v1/jobs", json={"type": "image.generate", "params": {"prompt": "after"}})
+            return response.status_code == 202
+
+        await wait_until(accepted, timeout=30)
