@@ -300,9 +300,7 @@ class LocalStore(ObjectStore):
                     fsync_path(written)
             fsync_path(path.parent)
         except FileNotFoundError:
-            return  # deleted since: nothing of it to keep
-        except OSError as exc:
-            raise StorageUnavailableError(f"could not flush {key!r} to the disk: {exc}") from exc
+            return  # deleted since: nothing of it to keep (any other OSError: _disk_errors on flush)
 
     @_disk_errors
     async def flush(self, key: str) -> None:
