@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgspec
+import structlog
 from litestar import Request, Response
 from litestar.status_codes import HTTP_202_ACCEPTED
 
@@ -21,10 +22,20 @@ from api.replies import StreamEvent
 from api.schemas import JobAccepted
 from api.services import Services
 from api.urls import job_url
-from contract.jobs import JobRecord, JobStore, job_id_for_idempotency_key, record_headers, record_params
+from contract.jobs import (
+    JobRecord,
+    JobStore,
+    is_withdrawn,
+    job_id_for_idempotency_key,
+    record_headers,
+    record_params,
+    withdrawn,
+)
 from contract.messages import MSGPACK, STREAM_HEADER, JobReply, encode
 from infra.broker import BrokerUnavailableError, Priority
-from infra.storage import ObjectNotFoundError, PreconditionFailedError
+from infra.storage import ObjectNotFoundError, PreconditionFailedError, StorageUnavailableError
+
+log = structlog.get_logger(__name__)
 
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
 
@@ -91,31 +102,62 @@ async def start_job(
     jobs = job_store(services)
     recorded = record_params(payload) if params is None else params
     key = check_idempotency_key(idempotency_key)
+    withdrawn_version: str | None = None
     if key is not None:
         job_id = job_id_for_idempotency_key(job_type, key)
-        existing = await jobs.get(job_id)
-        if existing is not None:
-            return _existing(existing, recorded)
+        found = await jobs.load(job_id)
+        if found is not None and not is_withdrawn(found[0]):
+            return _existing(found[0], recorded)
+        withdrawn_version = found[1] if found is not None else None  # a withdrawn job's key starts it again
     job_id = job_id or str(uuid.uuid4())
     record = JobStore.new(job_id, job_type, recorded, idempotency_key=key)
     try:
         # queued: the processor makes it again if a power failure loses it
-        headers = record_headers(record, await jobs.create(record, durable=False))
+        if withdrawn_version is None:
+            version = await jobs.create(record, durable=False)
+        else:
+            version = await jobs.update(record, withdrawn_version, durable=False)
     except PreconditionFailedError:
         # a concurrent request with the same Idempotency-Key created it first
         existing = await jobs.get(job_id)
         if existing is None:
             raise
         return _existing(existing, recorded)
+    headers = record_headers(record, version)
     try:
         if stream:
             events = await _publish_streamed(services, job_type, payload, job_id, headers)
             return JobStart(record, None, events=events)
         reply = await _publish(services, job_type, payload, job_id, wait, headers)
-    except BrokerUnavailableError:
-        await jobs.delete(job_id)
-        raise
+    except BrokerUnavailableError as exc:
+        taken = await _withdraw(jobs, record, version, exc)
+        if taken is None:
+            raise
+        return JobStart(taken, None)
     return JobStart(record, reply)
+
+
+async def _withdraw(
+    jobs: JobStore, record: JobRecord, version: str, failure: BrokerUnavailableError
+) -> JobRecord | None:
+    """After a failed publish: remove the record of a message that never left (nothing is left behind), or mark
+    the job withdrawn when the message may still reach its queue (a processor then does not run it), so the 503
+    the client gets stays true. A processor that took the job before the mark means it was accepted after all:
+    its record comes back, and the client is answered as for a job still running."""
+    try:
+        if failure.unsent:
+            await jobs.delete(record.job_id)
+            return None
+        await jobs.update(withdrawn(record, str(failure)), version)
+        log.warning("job_withdrawn", job_id=record.job_id, error=str(failure))
+    except PreconditionFailedError:
+        taken = await jobs.get(record.job_id)
+        if taken is not None and not is_withdrawn(taken):
+            log.warning("job_accepted_without_confirm", job_id=record.job_id, status=taken.status)
+            return taken
+    except StorageUnavailableError as exc:  # the client still gets the broker's 503
+        log.warning("job_not_withdrawn", job_id=record.job_id, error=str(exc))
+    return None
 
 
 async def _publish(

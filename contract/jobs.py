@@ -33,9 +33,25 @@ _IDEMPOTENCY_NAMESPACE = uuid.UUID("0f3f3c35-7d59-4bb4-9f43-3f2f35f1f6a1")
 JobStatus = Literal["queued", "running", "succeeded", "failed"]
 FINISHED = ("succeeded", "failed")
 
+# The error code of a job the API withdrew: its message went unconfirmed (RabbitMQ blocked or the connection lost
+# while publishing), so the client was answered 503, but the message may still reach its queue. A processor that
+# finds this record does not run the job (processor/consumer.py).
+WITHDRAWN = "withdrawn"
+# A first delivery stamped (its carried record's updated_at) at most this long ago is trusted to be a message the
+# API had confirmed: the API withdraws a job only after PUBLISH_TIMEOUT_SECONDS (10) without a confirm. An older
+# one is claimed (its running mark written) before it runs, so a withdrawal and a run never both happen; the gap
+# tolerates 8 s of clock difference between the API's host and the processor's.
+CARRIED_RECORD_FRESH_SECONDS = 2.0
+
 
 def now_iso() -> str:
     return datetime.now(tz=UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def age_seconds(stamp: str, now: datetime | None = None) -> float:
+    """Seconds since an ISO stamp written by now_iso (negative when the writer's clock is ahead)."""
+    then = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    return ((now or datetime.now(tz=UTC)) - then).total_seconds()
 
 
 def job_id_for_idempotency_key(job_type: str, key: str) -> str:
@@ -63,6 +79,19 @@ def record_key(job_id: str) -> str:
     return f"{JOBS_PREFIX}{job_id}.json"
 
 
+def withdrawn(record: JobRecord, reason: str) -> JobRecord:
+    """The record of a job the API withdrew (see WITHDRAWN): failed, saying why and that it does not run."""
+    stamp = now_iso()
+    error = ErrorInfo(
+        code=WITHDRAWN, message=f"the job was withdrawn before it was accepted and does not run: {reason}"
+    )
+    return msgspec.structs.replace(record, status="failed", updated_at=stamp, finished_at=stamp, error=error)
+
+
+def is_withdrawn(record: JobRecord) -> bool:
+    return record.status == "failed" and record.error is not None and record.error.code == WITHDRAWN
+
+
 class JobStore:
     def __init__(self, store: ObjectStore, ttl_days: int) -> None:
         self._store = store
@@ -72,8 +101,7 @@ class JobStore:
         """Whether a finished record is past its time to live."""
         if record.status not in FINISHED or record.finished_at is None:
             return False
-        finished = datetime.fromisoformat(record.finished_at.replace("Z", "+00:00"))
-        return (now or datetime.now(tz=UTC)) - finished > self._ttl
+        return age_seconds(record.finished_at, now) > self._ttl.total_seconds()
 
     async def load(self, job_id: str) -> tuple[JobRecord, str] | None:
         """The record and its version (ETag), or None when there is none (or it expired, or cannot be read)."""

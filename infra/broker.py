@@ -111,7 +111,13 @@ class Priority:
 
 
 class BrokerUnavailableError(ConnectionError):
-    """RabbitMQ could not be reached or refused the operation."""
+    """RabbitMQ could not be reached or refused the operation. `unsent`: a publish that failed before anything was
+    written to the broker; otherwise a failed publish may still have reached its queue (its confirm did not come:
+    the broker blocked publishers, or the connection was lost after the message was written)."""
+
+    def __init__(self, message: str, *, unsent: bool = False) -> None:
+        super().__init__(message)
+        self.unsent = unsent
 
 
 def redact(url: str) -> str:
@@ -368,12 +374,20 @@ class Publisher:
             correlation_id=correlation_id,
             headers=dict(headers or {}),
         )
+        if not self.is_connected:
+            raise BrokerUnavailableError(
+                f"could not publish {message_type} message {message_id}: not connected to RabbitMQ", unsent=True
+            )
         try:
             await self.topology.jobs_exchange.publish(
                 message, routing_key=message_type, mandatory=True, timeout=PUBLISH_TIMEOUT_SECONDS
             )
         except BROKER_ERRORS as exc:
-            raise BrokerUnavailableError(f"could not publish {message_type} message {message_id}: {_why(exc)}") from exc
+            # returned (no queue bound) or nacked: RabbitMQ said it did not queue it
+            unsent = isinstance(exc, aio_pika.exceptions.DeliveryError)
+            raise BrokerUnavailableError(
+                f"could not publish {message_type} message {message_id}: {_why(exc)}", unsent=unsent
+            ) from exc
 
     async def republish(
         self,

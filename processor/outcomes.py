@@ -26,4 +26,13 @@ class Failed:
     transient: bool = False
 
 
-Outcome = Succeeded | Failed
+@dataclass(frozen=True, slots=True)
+class Withdrawn:
+    """The job's record says the API withdrew it (contract/jobs.py WITHDRAWN): it is not run, and its message is
+    acknowledged with nothing recorded, replied or dead-lettered."""
+
+    reason: str
+
+
+Outcome = Succeeded | Failed  # what a handler reports
+Settlement = Outcome | Withdrawn  # what the settler is given

@@ -5,6 +5,7 @@
     failed, permanent    -> record, copy to the dead-letter exchange with the reason (confirmed), reply, ack
     failed, transient    -> record, copy to a delayed retry queue with attempts + 1 (confirmed), ack;
                             after MAX_ATTEMPTS, dead-lettered instead
+    withdrawn            -> ack (the API withdrew the job: its record says so, and nobody waits for it)
 
 A retry waits in the retry queues, not here. When the broker refuses the copy, the delivery is handed back
 (nack, requeue) after REQUEUE_DELAY_SECONDS on a timer, so the batches behind it are not held up and a broker that
@@ -22,7 +23,7 @@ import structlog
 from aio_pika.abc import AbstractIncomingMessage
 
 from contract import metrics
-from contract.jobs import RECORD_HEADER, JobRecord, JobStore
+from contract.jobs import RECORD_HEADER, JobRecord, JobStore, is_withdrawn
 from contract.messages import JSON, MSGPACK, ErrorInfo, JobReply, encode
 from infra.broker import (
     ATTEMPTS_HEADER,
@@ -39,7 +40,7 @@ from infra.broker import (
 from infra.storage import ObjectStore
 from processor.deliveries import attempt, job_id, job_type
 from processor.handlers.base import Job
-from processor.outcomes import Failed, Outcome, Succeeded
+from processor.outcomes import Failed, Settlement, Succeeded, Withdrawn
 from processor.retrying import TRANSIENT_ERRORS, retry_transient
 from processor.tracking import JobTracker, Tracked
 
@@ -48,12 +49,14 @@ log = structlog.get_logger(__name__)
 REQUEUE_DELAY_SECONDS = 1.0
 
 
-def recorded_outcome(record: JobRecord, outputs: tuple[str, ...] = ()) -> Outcome:
+def recorded_outcome(record: JobRecord, outputs: tuple[str, ...] = ()) -> Settlement:
     """The outcome a settled job record holds; a success's `outputs` are flushed again before its ack (an earlier
     delivery may have stored them and stopped before flushing them)."""
     if record.status == "succeeded":
         return Succeeded(record.result or {}, unflushed=outputs)
     error = record.error or ErrorInfo(code="failed", message="the job failed")
+    if is_withdrawn(record):
+        return Withdrawn(error.message)
     return Failed(error.code, error.message)
 
 
@@ -71,7 +74,7 @@ class Settler:
         self._nacks: set[asyncio.Task[None]] = set()
 
     async def settle(
-        self, message: AbstractIncomingMessage, job: Job, outcome: Outcome, elapsed: float, record: Tracked | None
+        self, message: AbstractIncomingMessage, job: Job, outcome: Settlement, elapsed: float, record: Tracked | None
     ) -> None:
         """Record the outcome (tracked jobs), then reply, then ack; or schedule a retry; or dead-letter."""
         logger = log.bind(message_id=job.message_id, job_type=job.message_type)
@@ -82,6 +85,11 @@ class Settler:
                     outcome = recorded_outcome(record.record)
             except TRANSIENT_ERRORS as exc:
                 outcome = Failed("storage_unavailable", f"could not record the result: {exc}", transient=True)
+        if isinstance(outcome, Withdrawn):
+            await self._ack(message)
+            metrics.job_settled(job.message_type, "withdrawn", elapsed)
+            logger.warning("job_withdrawn_not_run", reason=outcome.reason)
+            return
         if isinstance(outcome, Succeeded):
             reply = JobReply(
                 job_id=job.message_id, status="succeeded", result=outcome.result, attachment=outcome.attachment

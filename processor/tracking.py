@@ -73,6 +73,12 @@ class JobTracker:
             name=f"running-{tracked.record.job_id}",
         )
 
+    async def claim(self, tracked: Tracked, attempt: int) -> bool:
+        """Write the running mark and wait for it, before the work: the job runs only if the write finds its record
+        still queued (or running for another delivery). False when it is settled (withdrawn by the API, or
+        finished meanwhile): nothing written, `tracked` holds what is stored."""
+        return await self._apply(tracked, _running(attempt), durable=False)
+
     async def succeeded(self, tracked: Tracked, outcome: Succeeded, attempt: int) -> bool:
         """Write the succeeded record where readers see it at once, not yet flushed to a local disk: the requester
         is answered in the meantime, and `flush` makes it durable before the ack. (The output it names may not be

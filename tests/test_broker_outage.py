@@ -13,6 +13,8 @@ import httpx
 import pytest
 
 from contract.jobs import JOBS_PREFIX
+from contract.messages import IMAGE_GENERATE
+from contract.metrics import REGISTRY
 from infra.settings import Settings
 from tests.support.amqp import wait_until
 from tests.support.images import encoded
@@ -105,29 +107,55 @@ async def test_writes_during_a_broker_outage_get_503_and_leave_nothing(make_env,
         assert "ams_broker_reachable 1.0" in (await client.get("/metrics")).text
 
 
-async def test_a_broker_blocking_publishers_gets_503_naming_the_alarm(make_env, own_broker):
+async def test_a_broker_blocking_publishers_gets_503_naming_the_alarm_and_the_job_never_runs(make_env, own_broker):
     """A disk or memory alarm: RabbitMQ blocks every publishing connection until it clears. A write gets 503
     broker_unavailable with Retry-After once its confirm has not come within PUBLISH_TIMEOUT_SECONDS (the message
-    says why it may be), its record removed; once the alarm clears, writes go through again."""
+    says why it may be), and its job is withdrawn: the record says so. The message, already written to the blocked
+    connection, reaches its queue when the alarm clears; the processor acknowledges it without running the job
+    (nothing made, nothing dead-lettered), and the same Idempotency-Key then starts the job afresh."""
     env = {**make_env(IMAGE_ENABLED="1"), "AMQP_URL": own_broker.add_vhost("alarm")}
+    withdrawn_label = {"type": IMAGE_GENERATE, "outcome": "withdrawn"}
     async with running_server(Settings.from_env(env)) as server:
         client = server.client
         assert (await client.post("/v1/images/generate", json={"prompt": "before", "seed": 1})).status_code == 200
-        records_before = await _jobs(server)
+        records_before = set(await _jobs(server))
+        withdrawn_before = REGISTRY.get_sample_value("ams_jobs_total", withdrawn_label) or 0
+        key = {"Idempotency-Key": "tried-during-the-alarm"}
+        body = {"type": IMAGE_GENERATE, "params": {"prompt": "during", "seed": 2}}
         await asyncio.to_thread(own_broker.ctl, "set_disk_free_limit", "100000GB")
         try:
-            refused = await client.post("/v1/jobs", json={"type": "image.generate", "params": {"prompt": "during"}})
-            assert refused.status_code == 503, refused.text
-            assert refused.json()["code"] == "broker_unavailable"
-            assert "did not confirm it within 10 s" in refused.json()["message"]
-            assert "alarm" in refused.json()["message"]
-            assert int(refused.headers["Retry-After"]) > 0
-            assert await _jobs(server) == records_before
+            refused = await asyncio.gather(
+                client.post("/v1/jobs", json=body), client.post("/v1/jobs", json=body, headers=key)
+            )
+            for response in refused:
+                assert response.status_code == 503, response.text
+                assert response.json()["code"] == "broker_unavailable"
+                assert "did not confirm it within 10 s" in response.json()["message"]
+                assert "alarm" in response.json()["message"]
+                assert int(response.headers["Retry-After"]) > 0
+            new = sorted(set(await _jobs(server)) - records_before)
+            assert len(new) == 2
+            job_ids = [name.removeprefix(JOBS_PREFIX).removesuffix(".json") for name in new]
+            for job_id in job_ids:
+                job = (await client.get(f"/v1/jobs/{job_id}")).json()
+                assert (job["status"], job["error"]["code"]) == ("failed", "withdrawn"), job
         finally:
             await asyncio.to_thread(own_broker.ctl, "set_disk_free_limit", "50MB")
 
-        async def accepted() -> bool:
-            response = await client.post("/v1/jobs", json={"type": "image.generate", "params": {"prompt": "after"}})
-            return response.status_code == 202
+        def withdrawn_settled() -> bool:
+            return (REGISTRY.get_sample_value("ams_jobs_total", withdrawn_label) or 0) - withdrawn_before == 2
 
-        await wait_until(accepted, timeout=30)
+        await wait_until(withdrawn_settled, timeout=30)
+        for job_id in job_ids:
+            assert (await client.get(f"/v1/jobs/{job_id}")).json()["error"]["code"] == "withdrawn"
+            assert not await server.services.store.exists(f"images/generated/{job_id}.png")
+        assert own_broker.queue_counts("alarm")["ams.dead"] == (0, 0)
+
+        retried = await client.post("/v1/jobs", json=body, headers=key)
+        assert retried.status_code == 202, retried.text
+        assert retried.json()["job_id"] in job_ids
+
+        async def done() -> bool:
+            return (await client.get(retried.json()["status_url"])).json()["status"] == "succeeded"
+
+        await wait_until(done, timeout=30)

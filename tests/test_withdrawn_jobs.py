@@ -1,0 +1,205 @@
+"""Jobs whose publish went unconfirmed: the API answers 503 and withdraws the job (its record says so), and a
+processor that gets the message later does not run it; a processor that took the job first wins, and the client is
+told the job was accepted. (A real broker alarm, end to end: tests/test_broker_outage.py.)"""
+
+from __future__ import annotations
+
+import base64
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import msgspec
+import pytest
+
+from contract.jobs import WITHDRAWN, JobStore, record_headers, withdrawn
+from contract.messages import IMAGE_GENERATE, IMAGE_INDEX
+from infra.broker import BrokerUnavailableError
+from infra.settings import Settings
+from processor.tracking import JobTracker
+from tests.support.amqp import publish, wait_until
+from tests.support.images import encoded
+from tests.support.server import running_server
+
+
+@pytest.fixture(scope="module")
+def env(make_env):
+    return make_env(IMAGE_ENABLED="1")
+
+
+@pytest.fixture(scope="module")
+async def server(env):
+    async with running_server(Settings.from_env(env)) as running:
+        yield running
+
+
+@pytest.fixture
+def claims(monkeypatch) -> list[str]:
+    """The job ids the processor claimed (running mark written and awaited before the run), in order."""
+    claimed: list[str] = []
+    real = JobTracker.claim
+
+    async def claim(self, tracked, attempt):
+        claimed.append(tracked.record.job_id)
+        return await real(self, tracked, attempt)
+
+    monkeypatch.setattr(JobTracker, "claim", claim)
+    return claimed
+
+
+def _jobs(server) -> JobStore:
+    return JobStore(server.services.store, 7)
+
+
+def _stamped(job_type: str, params: dict, seconds_ago: float):
+    """A queued record as the API writes it just before publishing, `seconds_ago` (the publish's stamp)."""
+    record = JobStore.new(str(uuid.uuid4()), job_type, params)
+    stamp = (datetime.now(tz=UTC) - timedelta(seconds=seconds_ago)).isoformat().replace("+00:00", "Z")
+    return msgspec.structs.replace(record, created_at=stamp, updated_at=stamp)
+
+
+def _body(job_type: str, job_id: str) -> dict:
+    if job_type == IMAGE_GENERATE:
+        return {"prompt": "late", "seed": 3, "width": 64, "height": 64}
+    return {"image_id": job_id, "data": base64.b64encode(encoded(5)).decode(), "source": "upload"}
+
+
+def _drained(rabbit, env) -> bool:
+    counts = rabbit.queue_counts(env["VHOST"])
+    return counts["ams.image"] == (0, 0) and counts["ams.index"] == (0, 0)
+
+
+@pytest.mark.parametrize("job_type", [IMAGE_GENERATE, IMAGE_INDEX])
+async def test_a_late_message_of_a_withdrawn_job_is_acknowledged_without_running(server, env, rabbit, claims, job_type):
+    """The message the API's 503 was about arrives after the API withdrew the job: it is claimed, found withdrawn
+    and acknowledged: no output, no point, no dead letter, no reply, the record left as the API wrote it."""
+    jobs = _jobs(server)
+    queued = _stamped(job_type, {"prompt": "late"}, seconds_ago=30)
+    version = await jobs.create(queued)
+    gone = withdrawn(queued, "RabbitMQ did not confirm it within 10 s")
+    await jobs.update(gone, version)
+    points = await server.services.index.count()
+    dead_before = rabbit.queue_counts(env["VHOST"])["ams.dead"]
+    await publish(
+        server.services.settings.amqp_url,
+        job_type,
+        _body(job_type, queued.job_id),
+        message_id=queued.job_id,
+        headers=record_headers(queued, version),
+    )
+    await wait_until(lambda: _drained(rabbit, env), timeout=30)
+    assert claims == [queued.job_id]
+    assert await jobs.get(queued.job_id) == gone
+    assert not await server.services.store.exists(f"images/generated/{queued.job_id}.png")
+    assert not [info async for info in server.services.store.list(f"images/originals/{queued.job_id}")]
+    assert await server.services.index.count() == points
+    assert rabbit.queue_counts(env["VHOST"])["ams.dead"] == dead_before
+
+
+async def test_a_late_message_of_a_job_still_queued_is_claimed_then_run(server, env, rabbit, claims):
+    jobs = _jobs(server)
+    queued = _stamped(IMAGE_GENERATE, {"prompt": "late"}, seconds_ago=30)
+    version = await jobs.create(queued)
+    await publish(
+        server.services.settings.amqp_url,
+        IMAGE_GENERATE,
+        _body(IMAGE_GENERATE, queued.job_id),
+        message_id=queued.job_id,
+        headers=record_headers(queued, version),
+    )
+
+    async def finished() -> bool:
+        found = await jobs.get(queued.job_id)
+        return found is not None and found.status == "succeeded"
+
+    await wait_until(finished, timeout=30)
+    assert claims == [queued.job_id]
+    assert (await jobs.get(queued.job_id)).attempts == 1
+    assert await server.services.store.exists(f"images/generated/{queued.job_id}.png")
+
+
+async def test_a_fresh_message_is_not_claimed_before_it_runs(server, claims):
+    response = await server.client.post("/v1/images/generate", json={"prompt": "fresh", "seed": 4})
+    assert response.status_code == 200
+    assert claims == []
+
+
+async def test_a_job_a_processor_took_before_the_withdrawal_is_answered_as_accepted(server, monkeypatch):
+    """The confirm is lost after the message was queued (the connection dropped, say) and the processor took the
+    job before the API could withdraw it: the job was accepted after all, so the client gets 202 with the job,
+    which finishes once, instead of a 503 for a job that runs."""
+    publisher = server.services.publisher
+    real = publisher.publish
+    jobs = _jobs(server)
+
+    async def taken_then_lost(**kwargs):
+        await real(**kwargs)
+
+        async def taken() -> bool:
+            found = await jobs.get(kwargs["message_id"])
+            return found is not None and found.status != "queued"
+
+        await wait_until(taken, timeout=30, interval=0.01)
+        raise BrokerUnavailableError("the connection was lost before the confirm came")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(publisher, "publish", taken_then_lost)
+        response = await server.client.post("/v1/images/generate", json={"prompt": "taken", "seed": 6})
+    assert response.status_code == 202, response.text
+    job_id = response.json()["job_id"]
+
+    async def done() -> bool:
+        return (await server.client.get(f"/v1/jobs/{job_id}")).json()["status"] == "succeeded"
+
+    await wait_until(done, timeout=30)
+    assert (await server.client.get(f"/v1/jobs/{job_id}")).json()["attempts"] == 1
+
+
+async def test_a_publish_that_never_left_leaves_no_record(server, monkeypatch):
+    async def not_connected(**kwargs):
+        raise BrokerUnavailableError("not connected to RabbitMQ", unsent=True)
+
+    before = [info.key async for info in server.services.store.list("jobs/")]
+    monkeypatch.setattr(server.services.publisher, "publish", not_connected)
+    response = await server.client.post("/v1/jobs", json={"type": IMAGE_GENERATE, "params": {"prompt": "x"}})
+    assert response.status_code == 503
+    assert response.json()["code"] == "broker_unavailable"
+    assert [info.key async for info in server.services.store.list("jobs/")] == before
+
+
+async def test_a_withdrawn_job_reads_as_failed_and_its_idempotency_key_starts_it_again(server, monkeypatch):
+    async def unconfirmed(**kwargs):
+        raise BrokerUnavailableError("RabbitMQ did not confirm it within 10 s")
+
+    key = {"Idempotency-Key": "withdrawn-then-again"}
+    body = {"type": IMAGE_GENERATE, "params": {"prompt": "again", "seed": 9}}
+    with monkeypatch.context() as patched:
+        patched.setattr(server.services.publisher, "publish", unconfirmed)
+        refused = await server.client.post("/v1/jobs", json=body, headers=key)
+    assert refused.status_code == 503
+    retried = await server.client.post("/v1/jobs", json=body, headers=key)
+    assert retried.status_code == 202, retried.text
+    job_id = retried.json()["job_id"]
+
+    async def done() -> bool:
+        return (await server.client.get(f"/v1/jobs/{job_id}")).json()["status"] == "succeeded"
+
+    await wait_until(done, timeout=30)
+    again = await server.client.post("/v1/jobs", json=body, headers=key)
+    assert (again.status_code, again.json()["job_id"]) == (202, job_id)
+
+
+async def test_the_withdrawn_record_says_why(server, monkeypatch):
+    async def unconfirmed(**kwargs):
+        raise BrokerUnavailableError("RabbitMQ did not confirm it within 10 s")
+
+    before = {info.key async for info in server.services.store.list("jobs/")}
+    with monkeypatch.context() as patched:
+        patched.setattr(server.services.publisher, "publish", unconfirmed)
+        refused = await server.client.post("/v1/jobs", json={"type": IMAGE_GENERATE, "params": {"prompt": "why"}})
+    assert refused.status_code == 503
+    (key,) = {info.key async for info in server.services.store.list("jobs/")} - before
+    job = (await server.client.get(f"/v1/jobs/{key.removeprefix('jobs/').removesuffix('.json')}")).json()
+    assert job["status"] == "failed"
+    assert job["error"]["code"] == WITHDRAWN
+    assert "does not run" in job["error"]["message"]
+    assert "did not confirm" in job["error"]["message"]
