@@ -34,6 +34,7 @@ deletes it once empty.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -267,6 +268,25 @@ async def queue_depths(connection: AbstractRobustConnection) -> dict[str, tuple[
         raise BrokerUnavailableError(f"could not read queue depths: {exc}") from exc
 
 
+_BLOCKED = "RabbitMQ is blocking publishers (a disk or memory alarm); nothing was sent"
+
+
+async def blocked(connection: AbstractRobustConnection) -> bool:
+    """Whether RabbitMQ is blocking this connection's publishes. It says so (connection.blocked) when a publish
+    meets a disk or memory alarm, and again when the alarm clears (connection.unblocked); aiormq's ready() waits
+    for the connection to be open and unblocked, and a zero timeout asks without waiting. Only for an open
+    connection: one that is reconnecting reads as blocked."""
+    transport = connection.transport
+    if transport is None:
+        return False
+    try:
+        async with asyncio.timeout(0):
+            await transport.connection.ready()
+    except TimeoutError:
+        return True
+    return False
+
+
 def _why(exc: BaseException) -> str:
     """What went wrong, also for the exceptions that say nothing (a confirm that did not come)."""
     if isinstance(exc, TimeoutError):
@@ -351,6 +371,13 @@ class Publisher:
     def is_connected(self) -> bool:
         return not self.connection.is_closed and not self.channel.is_closed and not self.reply_channel.is_closed
 
+    async def state(self) -> str:
+        """The publishing connection's state: ok, disconnected, or blocked (RabbitMQ refuses to read its publishes
+        until a disk or memory alarm clears)."""
+        if not self.is_connected:
+            return "disconnected"
+        return "blocked" if await blocked(self.connection) else "ok"
+
     async def publish(
         self,
         *,
@@ -374,10 +401,10 @@ class Publisher:
             correlation_id=correlation_id,
             headers=dict(headers or {}),
         )
-        if not self.is_connected:
-            raise BrokerUnavailableError(
-                f"could not publish {message_type} message {message_id}: not connected to RabbitMQ", unsent=True
-            )
+        state = await self.state()
+        if state != "ok":
+            why = "not connected to RabbitMQ" if state == "disconnected" else _BLOCKED
+            raise BrokerUnavailableError(f"could not publish {message_type} message {message_id}: {why}", unsent=True)
         try:
             await self.topology.jobs_exchange.publish(
                 message, routing_key=message_type, mandatory=True, timeout=PUBLISH_TIMEOUT_SECONDS

@@ -107,12 +107,13 @@ async def test_writes_during_a_broker_outage_get_503_and_leave_nothing(make_env,
         assert "ams_broker_reachable 1.0" in (await client.get("/metrics")).text
 
 
-async def test_a_broker_blocking_publishers_gets_503_naming_the_alarm_and_the_job_never_runs(make_env, own_broker):
-    """A disk or memory alarm: RabbitMQ blocks every publishing connection until it clears. A write gets 503
-    broker_unavailable with Retry-After once its confirm has not come within PUBLISH_TIMEOUT_SECONDS (the message
-    says why it may be), and its job is withdrawn: the record says so. The message, already written to the blocked
-    connection, reaches its queue when the alarm clears; the processor acknowledges it without running the job
-    (nothing made, nothing dead-lettered), and the same Idempotency-Key then starts the job afresh."""
+async def test_a_broker_blocking_publishers_gets_503_and_the_job_never_runs(make_env, own_broker):
+    """A disk or memory alarm: RabbitMQ blocks a publishing connection until it clears. The first write to meet it
+    gets 503 broker_unavailable with Retry-After once its confirm has not come within PUBLISH_TIMEOUT_SECONDS (the
+    message says why it may be), and its job is withdrawn: the record says so. RabbitMQ has told the connection it
+    is blocked by then, so /readyz says so and the next writes get 503 at once, leaving nothing. The first message,
+    already written to the blocked connection, reaches its queue when the alarm clears; the processor acknowledges
+    it without running the job (nothing made, nothing dead-lettered), and its Idempotency-Key starts it afresh."""
     env = {**make_env(IMAGE_ENABLED="1"), "AMQP_URL": own_broker.add_vhost("alarm")}
     withdrawn_label = {"type": IMAGE_GENERATE, "outcome": "withdrawn"}
     async with running_server(Settings.from_env(env)) as server:
@@ -124,36 +125,40 @@ async def test_a_broker_blocking_publishers_gets_503_naming_the_alarm_and_the_jo
         body = {"type": IMAGE_GENERATE, "params": {"prompt": "during", "seed": 2}}
         await asyncio.to_thread(own_broker.ctl, "set_disk_free_limit", "100000GB")
         try:
-            refused = await asyncio.gather(
-                client.post("/v1/jobs", json=body), client.post("/v1/jobs", json=body, headers=key)
-            )
-            for response in refused:
-                assert response.status_code == 503, response.text
-                assert response.json()["code"] == "broker_unavailable"
-                assert "did not confirm it within 10 s" in response.json()["message"]
-                assert "alarm" in response.json()["message"]
-                assert int(response.headers["Retry-After"]) > 0
-            new = sorted(set(await _jobs(server)) - records_before)
-            assert len(new) == 2
-            job_ids = [name.removeprefix(JOBS_PREFIX).removesuffix(".json") for name in new]
-            for job_id in job_ids:
-                job = (await client.get(f"/v1/jobs/{job_id}")).json()
-                assert (job["status"], job["error"]["code"]) == ("failed", "withdrawn"), job
+            refused = await client.post("/v1/jobs", json=body, headers=key)
+            assert refused.status_code == 503, refused.text
+            assert refused.json()["code"] == "broker_unavailable"
+            assert "did not confirm it within 10 s" in refused.json()["message"]
+            assert "alarm" in refused.json()["message"]
+            assert int(refused.headers["Retry-After"]) > 0
+            (record,) = set(await _jobs(server)) - records_before
+            job_id = record.removeprefix(JOBS_PREFIX).removesuffix(".json")
+            job = (await client.get(f"/v1/jobs/{job_id}")).json()
+            assert (job["status"], job["error"]["code"]) == ("failed", "withdrawn"), job
+
+            readiness = await client.get("/readyz")
+            assert (readiness.status_code, readiness.json()["checks"]["broker"]) == (503, "blocked")
+            started = asyncio.get_running_loop().time()
+            at_once = await client.post("/v1/jobs", json={"type": IMAGE_GENERATE, "params": {"prompt": "blocked"}})
+            assert asyncio.get_running_loop().time() - started < 2
+            assert at_once.status_code == 503, at_once.text
+            assert "blocking publishers" in at_once.json()["message"]
+            assert set(await _jobs(server)) - records_before == {record}, "nothing left of a publish never sent"
         finally:
             await asyncio.to_thread(own_broker.ctl, "set_disk_free_limit", "50MB")
 
         def withdrawn_settled() -> bool:
-            return (REGISTRY.get_sample_value("ams_jobs_total", withdrawn_label) or 0) - withdrawn_before == 2
+            return (REGISTRY.get_sample_value("ams_jobs_total", withdrawn_label) or 0) - withdrawn_before == 1
 
         await wait_until(withdrawn_settled, timeout=30)
-        for job_id in job_ids:
-            assert (await client.get(f"/v1/jobs/{job_id}")).json()["error"]["code"] == "withdrawn"
-            assert not await server.services.store.exists(f"images/generated/{job_id}.png")
+        assert (await client.get(f"/v1/jobs/{job_id}")).json()["error"]["code"] == "withdrawn"
+        assert not await server.services.store.exists(f"images/generated/{job_id}.png")
         assert own_broker.queue_counts("alarm")["ams.dead"] == (0, 0)
+        assert (await client.get("/readyz")).json()["checks"]["broker"] == "ok"
 
         retried = await client.post("/v1/jobs", json=body, headers=key)
         assert retried.status_code == 202, retried.text
-        assert retried.json()["job_id"] in job_ids
+        assert retried.json()["job_id"] == job_id
 
         async def done() -> bool:
             return (await client.get(retried.json()["status_url"])).json()["status"] == "succeeded"
