@@ -378,6 +378,14 @@ class Publisher:
             return "disconnected"
         return "blocked" if await blocked(self.connection) else "ok"
 
+    async def _sendable(self, what: str) -> None:
+        """Fail at once, with nothing sent, when RabbitMQ cannot take a message now (instead of after the confirm
+        timeout, with the message perhaps still to arrive)."""
+        state = await self.state()
+        if state != "ok":
+            why = "not connected to RabbitMQ" if state == "disconnected" else _BLOCKED
+            raise BrokerUnavailableError(f"could not {what}: {why}", unsent=True)
+
     async def publish(
         self,
         *,
@@ -401,10 +409,7 @@ class Publisher:
             correlation_id=correlation_id,
             headers=dict(headers or {}),
         )
-        state = await self.state()
-        if state != "ok":
-            why = "not connected to RabbitMQ" if state == "disconnected" else _BLOCKED
-            raise BrokerUnavailableError(f"could not publish {message_type} message {message_id}: {why}", unsent=True)
+        await self._sendable(f"publish {message_type} message {message_id}")
         try:
             await self.topology.jobs_exchange.publish(
                 message, routing_key=message_type, mandatory=True, timeout=PUBLISH_TIMEOUT_SECONDS
@@ -431,6 +436,7 @@ class Publisher:
         the original routing key, so a retried or replayed message is the same job. `message_id` and
         `message_type` fill in what a notification arrived without (the id and type it was processed under).
         """
+        await self._sendable(f"republish message {message.message_id}")
         copy = _copy(message, headers, message_id=message_id, message_type=message_type)
         exchange = self.topology.dead_exchange if to_dead_letters else self.topology.retry_exchange
         routing_key = message.routing_key or message.type or ""
@@ -452,6 +458,8 @@ class Publisher:
         if receiver is not None:
             receiver(Reply(correlation_id, body))
             return
+        if await self._dropped_while_blocked("reply_dropped", correlation_id):
+            return
         message = aio_pika.Message(
             body=body,
             content_type=content_type,
@@ -463,12 +471,23 @@ class Publisher:
         except BROKER_ERRORS as exc:
             log.warning("reply_failed", reply_to=reply_to, correlation_id=correlation_id, error=str(exc))
 
+    async def _dropped_while_blocked(self, event: str, correlation_id: str) -> bool:
+        """A reply is not written to a connection RabbitMQ is blocking: it would wait in the socket until the alarm
+        clears and, once the socket is full, hold up the settling of every job behind it. The requester answers
+        from the job record instead (202 with the job once it stops waiting)."""
+        if await self.state() != "blocked":
+            return False
+        log.warning(event, correlation_id=correlation_id, reason=_BLOCKED)
+        return True
+
     async def reply_piece(self, reply_to: str, correlation_id: str, offset: int, data: bytes) -> None:
         """Send a piece of a streamed job's output to a waiting requester: transient, with its byte offset. On the
         reply channel, like the reply that ends the pieces, so the requester gets them in order."""
         receiver = self._local_receivers.get(reply_to)
         if receiver is not None:
             receiver(Reply(correlation_id, data, offset))
+            return
+        if await self._dropped_while_blocked("reply_piece_dropped", correlation_id):
             return
         message = aio_pika.Message(
             body=data,

@@ -1,5 +1,10 @@
-"""Start-up of what every process shares: the object store, the broker connection with its confirming publisher,
-and the image index. Each dependency's failure becomes one StartupError line that says what to fix.
+"""Start-up of what every process shares: the object store, the broker connections (one to consume, one for the
+confirming publisher) and the image index. Each dependency's failure becomes one StartupError line that says what
+to fix.
+
+Publishing has a connection of its own, as RabbitMQ advises: under a disk or memory alarm RabbitMQ stops reading
+a connection that publishes, acknowledgements included, so on a shared one a blocked publish would stop the
+consumers from acknowledging (and so from draining the queues that may be what fills the disk).
 
 The API and the processor each open their own Plumbing; the one-process launcher opens it once and hands it to
 both.
@@ -38,8 +43,8 @@ class Plumbing:
 
     settings: Settings
     store: ObjectStore
-    connection: AbstractRobustConnection
-    publisher: broker.Publisher
+    connection: AbstractRobustConnection  # consuming: jobs, replies, queue depths
+    publisher: broker.Publisher  # on a connection of its own
 
     @property
     def bucket(self) -> str:
@@ -53,20 +58,26 @@ class Plumbing:
         except StorageError as exc:
             await store.close()
             raise StartupError(f"object store not usable: {exc}") from exc
+        connections: list[AbstractRobustConnection] = []
         try:
-            connection = await broker.connect(settings.amqp_url, settings.amqp_connect_timeout_seconds)
-        except broker.BrokerUnavailableError as exc:
+            for _ in range(2):
+                connections.append(await broker.connect(settings.amqp_url, settings.amqp_connect_timeout_seconds))
+            publisher = await broker.Publisher.open(connections[1])
+        except BaseException as exc:
+            for connection in connections:
+                await connection.close()
             await store.close()
-            raise StartupError(str(exc)) from exc
-        try:
-            publisher = await broker.Publisher.open(connection)
-        except BaseException:
-            await connection.close()
-            await store.close()
+            if isinstance(exc, broker.BrokerUnavailableError):
+                raise StartupError(str(exc)) from exc
             raise
-        return cls(settings, store, connection, publisher)
+        return cls(settings, store, connections[0], publisher)
+
+    async def broker_state(self) -> str:
+        """ok, disconnected (either connection), or blocked (the publishing one, under a disk or memory alarm)."""
+        return "disconnected" if self.connection.is_closed else await self.publisher.state()
 
     async def close(self) -> None:
+        await self.publisher.connection.close()
         await self.connection.close()
         await self.store.close()
 

@@ -111,7 +111,8 @@ async def test_a_broker_blocking_publishers_gets_503_and_the_job_never_runs(make
     """A disk or memory alarm: RabbitMQ blocks a publishing connection until it clears. The first write to meet it
     gets 503 broker_unavailable with Retry-After once its confirm has not come within PUBLISH_TIMEOUT_SECONDS (the
     message says why it may be), and its job is withdrawn: the record says so. RabbitMQ has told the connection it
-    is blocked by then, so /readyz says so and the next writes get 503 at once, leaving nothing. The first message,
+    is blocked by then, so /readyz says so and the next writes get 503 at once, leaving nothing; jobs queued before
+    the alarm finish and are acknowledged meanwhile (consuming has a connection of its own). The first message,
     already written to the blocked connection, reaches its queue when the alarm clears; the processor acknowledges
     it without running the job (nothing made, nothing dead-lettered), and its Idempotency-Key starts it afresh."""
     env = {**make_env(IMAGE_ENABLED="1"), "AMQP_URL": own_broker.add_vhost("alarm")}
@@ -123,9 +124,29 @@ async def test_a_broker_blocking_publishers_gets_503_and_the_job_never_runs(make
         withdrawn_before = REGISTRY.get_sample_value("ams_jobs_total", withdrawn_label) or 0
         key = {"Idempotency-Key": "tried-during-the-alarm"}
         body = {"type": IMAGE_GENERATE, "params": {"prompt": "during", "seed": 2}}
+        slow = {"prompt": "slow", "width": 256, "height": 256, "steps": 2}
+        queued = [
+            (await client.post("/v1/jobs", json={"type": IMAGE_GENERATE, "params": {**slow, "seed": n}})).json()
+            for n in range(4)
+        ]
+        records_before |= {f"{JOBS_PREFIX}{job['job_id']}.json" for job in queued}
+
+        async def statuses() -> list[str]:
+            return [(await client.get(job["status_url"])).json()["status"] for job in queued]
+
         await asyncio.to_thread(own_broker.ctl, "set_disk_free_limit", "100000GB")
         try:
-            refused = await client.post("/v1/jobs", json=body, headers=key)
+            refusing = asyncio.create_task(client.post("/v1/jobs", json=body, headers=key))
+            await asyncio.sleep(0.5)  # the publish has met the alarm: RabbitMQ no longer reads that connection
+            assert (await statuses()).count("succeeded") < len(queued), "the jobs finished early; make them slower"
+
+            # the consumers have a connection of their own: the jobs finish and are acknowledged meanwhile
+            async def all_acknowledged() -> bool:
+                return own_broker.queue_counts("alarm")["ams.image"] == (0, 0)
+
+            await wait_until(all_acknowledged, timeout=60, interval=0.5)
+            assert set(await statuses()) == {"succeeded"}
+            refused = await refusing
             assert refused.status_code == 503, refused.text
             assert refused.json()["code"] == "broker_unavailable"
             assert "did not confirm it within 10 s" in refused.json()["message"]
