@@ -165,6 +165,9 @@ async def test_a_broker_blocking_publishers_gets_503_and_the_job_never_runs(make
             assert at_once.status_code == 503, at_once.text
             assert "blocking publishers" in at_once.json()["message"]
             assert set(await _jobs(server)) - records_before == {record}, "nothing left of a publish never sent"
+            # nor is a reply written to it: 16 MB would fill the socket that RabbitMQ no longer reads, and wait there
+            large = bytes(16 << 20)
+            await asyncio.wait_for(server.services.publisher.reply("nobody", job_id, large, "image/png"), timeout=5)
         finally:
             await asyncio.to_thread(own_broker.ctl, "set_disk_free_limit", "50MB")
 
