@@ -112,9 +112,9 @@ class Priority:
 
 
 class BrokerUnavailableError(ConnectionError):
-    """RabbitMQ could not be reached or refused the operation. `unsent`: a publish that failed before anything was
-    written to the broker; otherwise a failed publish may still have reached its queue (its confirm did not come:
-    the broker blocked publishers, or the connection was lost after the message was written)."""
+    """RabbitMQ could not be reached or refused the operation. `unsent`: the message of a failed publish certainly
+    reached no queue (nothing was written, or RabbitMQ returned or refused it); otherwise it may still reach its
+    queue (its confirm did not come: the connection was blocked or lost after the message was written)."""
 
     def __init__(self, message: str, *, unsent: bool = False) -> None:
         super().__init__(message)
