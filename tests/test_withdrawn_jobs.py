@@ -63,6 +63,22 @@ def _body(job_type: str, job_id: str) -> dict:
     return {"image_id": job_id, "data": base64.b64encode(encoded(5)).decode(), "source": "upload"}
 
 
+async def _publish_as_the_api_did(server, queued, version: str) -> None:
+    """The job's message as the API published it, with the record it wrote (at `version`) in its headers."""
+    await publish(
+        server.services.settings.amqp_url,
+        queued.type,
+        _body(queued.type, queued.job_id),
+        message_id=queued.job_id,
+        headers=record_headers(queued, version),
+    )
+
+
+async def _unconfirmed(**kwargs):
+    """A publish whose confirm did not come: the message may still reach its queue."""
+    raise BrokerUnavailableError("RabbitMQ did not confirm it within 10 s")
+
+
 def _drained(rabbit, env) -> bool:
     counts = rabbit.queue_counts(env["VHOST"])
     return counts["ams.image"] == (0, 0) and counts["ams.index"] == (0, 0)
@@ -79,13 +95,7 @@ async def test_a_late_message_of_a_withdrawn_job_is_acknowledged_without_running
     await jobs.update(gone, version)
     points = await server.services.index.count()
     dead_before = rabbit.queue_counts(env["VHOST"])["ams.dead"]
-    await publish(
-        server.services.settings.amqp_url,
-        job_type,
-        _body(job_type, queued.job_id),
-        message_id=queued.job_id,
-        headers=record_headers(queued, version),
-    )
+    await _publish_as_the_api_did(server, queued, version)
     await wait_until(lambda: _drained(rabbit, env), timeout=30)
     assert claims == [queued.job_id]
     assert await jobs.get(queued.job_id) == gone
@@ -99,13 +109,7 @@ async def test_a_late_message_of_a_job_still_queued_is_claimed_then_run(server, 
     jobs = _jobs(server)
     queued = _stamped(IMAGE_GENERATE, {"prompt": "late"}, seconds_ago=30)
     version = await jobs.create(queued)
-    await publish(
-        server.services.settings.amqp_url,
-        IMAGE_GENERATE,
-        _body(IMAGE_GENERATE, queued.job_id),
-        message_id=queued.job_id,
-        headers=record_headers(queued, version),
-    )
+    await _publish_as_the_api_did(server, queued, version)
 
     async def finished() -> bool:
         found = await jobs.get(queued.job_id)
@@ -167,13 +171,10 @@ async def test_a_publish_that_never_left_leaves_no_record(server, monkeypatch):
 
 
 async def test_a_withdrawn_job_reads_as_failed_and_its_idempotency_key_starts_it_again(server, monkeypatch):
-    async def unconfirmed(**kwargs):
-        raise BrokerUnavailableError("RabbitMQ did not confirm it within 10 s")
-
     key = {"Idempotency-Key": "withdrawn-then-again"}
     body = {"type": IMAGE_GENERATE, "params": {"prompt": "again", "seed": 9}}
     with monkeypatch.context() as patched:
-        patched.setattr(server.services.publisher, "publish", unconfirmed)
+        patched.setattr(server.services.publisher, "publish", _unconfirmed)
         refused = await server.client.post("/v1/jobs", json=body, headers=key)
     assert refused.status_code == 503
     retried = await server.client.post("/v1/jobs", json=body, headers=key)
@@ -189,12 +190,9 @@ async def test_a_withdrawn_job_reads_as_failed_and_its_idempotency_key_starts_it
 
 
 async def test_the_withdrawn_record_says_why(server, monkeypatch):
-    async def unconfirmed(**kwargs):
-        raise BrokerUnavailableError("RabbitMQ did not confirm it within 10 s")
-
     before = {info.key async for info in server.services.store.list("jobs/")}
     with monkeypatch.context() as patched:
-        patched.setattr(server.services.publisher, "publish", unconfirmed)
+        patched.setattr(server.services.publisher, "publish", _unconfirmed)
         refused = await server.client.post("/v1/jobs", json={"type": IMAGE_GENERATE, "params": {"prompt": "why"}})
     assert refused.status_code == 503
     (key,) = {info.key async for info in server.services.store.list("jobs/")} - before
