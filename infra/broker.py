@@ -288,7 +288,14 @@ async def blocked(connection: AbstractRobustConnection) -> bool:
 
 
 def _why(exc: BaseException) -> str:
-    """What went wrong, also for the exceptions that say nothing (a confirm that did not come)."""
+    """What went wrong, also for the exceptions that say nothing (a confirm that did not come) or little."""
+    if isinstance(exc, aio_pika.exceptions.PublishError):
+        return f"no queue takes it (RabbitMQ returned it: {exc})"
+    if isinstance(exc, aio_pika.exceptions.DeliveryError):
+        return (
+            "RabbitMQ refused it (a queue at its length limit with overflow reject-publish refuses new messages; "
+            f"{exc})"
+        )
     if isinstance(exc, TimeoutError):
         return (
             f"RabbitMQ did not confirm it within {PUBLISH_TIMEOUT_SECONDS:g} s (is it blocking publishers? a disk or "

@@ -4,7 +4,9 @@ told the job was accepted. (A real broker alarm, end to end: tests/test_broker_o
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import json
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -201,3 +203,29 @@ async def test_the_withdrawn_record_says_why(server, monkeypatch):
     assert job["error"]["code"] == WITHDRAWN
     assert "does not run" in job["error"]["message"]
     assert "did not confirm" in job["error"]["message"]
+
+
+async def test_a_message_rabbitmq_refuses_leaves_nothing(server, env, rabbit):
+    """A queue at its length limit with overflow reject-publish (an operator's policy) nacks the publish: RabbitMQ
+    said it did not take the message, so the record is removed again (nothing left) and the 503 says why."""
+    vhost = env["VHOST"]
+    policy = json.dumps({"max-length": 0, "overflow": "reject-publish"})
+    full = ("set_policy", "-p", vhost, "--apply-to", "queues", "--priority", "10", "full", "^ams\\.image$", policy)
+    await asyncio.to_thread(rabbit.ctl, *full)
+    try:
+        before = {info.key async for info in server.services.store.list("jobs/")}
+        accepted: set[str] = set()  # before the policy took effect
+
+        async def refused() -> bool:
+            response = await server.client.post("/v1/jobs", json={"type": IMAGE_GENERATE, "params": {"prompt": "x"}})
+            if response.status_code == 202:
+                accepted.add(f"jobs/{response.json()['job_id']}.json")
+                return False
+            assert response.status_code == 503, response.text
+            assert "refused it" in response.json()["message"]
+            return True
+
+        await wait_until(refused, timeout=30, interval=0.2)
+        assert {info.key async for info in server.services.store.list("jobs/")} - accepted == before
+    finally:
+        await asyncio.to_thread(rabbit.ctl, "clear_policy", "-p", vhost, "full")
