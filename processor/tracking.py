@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import msgspec
 import structlog
 
-from contract.jobs import FINISHED, JobRecord, JobStore, now_iso, record_params
+from contract.jobs import FINISHED, JobRecord, JobStore, is_withdrawn, now_iso, record_params
 from contract.messages import ErrorInfo
 from infra.storage import PreconditionFailedError, StorageUnavailableError
 from processor.handlers.base import Job
@@ -42,16 +42,17 @@ class Tracked:
 
     record: JobRecord
     etag: str | None
-    replayed: bool = False  # the delivery is an operator's replay: a failed record may be reopened
+    replayed: bool = False  # the delivery is an operator's replay: a failed record (not a withdrawn one) reopens
     remaking: bool = False  # the record says succeeded but its output was lost: the job runs and is recorded again
     marking: asyncio.Task[bool] | None = field(default=None, repr=False)  # the running mark being written
 
     @property
     def settled(self) -> bool:
-        """Finished for good: succeeded (its output not lost), or failed and not being replayed."""
+        """Finished for good: succeeded (its output not lost), withdrawn by the API (its client was told it does
+        not run: not even a replay runs it), or failed and not being replayed."""
         if self.record.status == "succeeded":
             return not self.remaking
-        return self.record.status in FINISHED and not self.replayed
+        return self.record.status in FINISHED and (not self.replayed or is_withdrawn(self.record))
 
 
 class JobTracker:

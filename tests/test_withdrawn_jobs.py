@@ -17,6 +17,7 @@ from contract.jobs import WITHDRAWN, JobStore, record_headers, withdrawn
 from contract.messages import IMAGE_GENERATE, IMAGE_INDEX
 from infra.broker import BrokerUnavailableError
 from infra.settings import Settings
+from processor.ops.headers import REPLAYED_AT_HEADER
 from processor.tracking import JobTracker
 from tests.support.amqp import publish, wait_until
 from tests.support.images import encoded
@@ -229,3 +230,24 @@ async def test_a_message_rabbitmq_refuses_leaves_nothing(server, env, rabbit):
         assert {info.key async for info in server.services.store.list("jobs/")} - accepted == before
     finally:
         await asyncio.to_thread(rabbit.ctl, "clear_policy", "-p", vhost, "full")
+
+
+async def test_an_operators_replay_does_not_run_a_withdrawn_job(server, env, rabbit):
+    """A replay reopens a failed job, but not a withdrawn one: its client was told it does not run."""
+    jobs = _jobs(server)
+    queued = _stamped(IMAGE_GENERATE, {"prompt": "late"}, seconds_ago=30)
+    version = await jobs.create(queued)
+    gone = withdrawn(queued, "RabbitMQ did not confirm it within 10 s")
+    await jobs.update(gone, version)
+    dead_before = rabbit.queue_counts(env["VHOST"])["ams.dead"]
+    await publish(
+        server.services.settings.amqp_url,
+        IMAGE_GENERATE,
+        _body(IMAGE_GENERATE, queued.job_id),
+        message_id=queued.job_id,
+        headers={**record_headers(queued, version), REPLAYED_AT_HEADER: "2026-11-28T00:00:00Z"},
+    )
+    await wait_until(lambda: _drained(rabbit, env), timeout=30)
+    assert await jobs.get(queued.job_id) == gone
+    assert not await server.services.store.exists(f"images/generated/{queued.job_id}.png")
+    assert rabbit.queue_counts(env["VHOST"])["ams.dead"] == dead_before
