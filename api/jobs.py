@@ -23,8 +23,10 @@ from api.schemas import JobAccepted
 from api.services import Services
 from api.urls import job_url
 from contract.jobs import (
+    WITHDRAW_AFTER_SECONDS,
     JobRecord,
     JobStore,
+    age_seconds,
     is_withdrawn,
     job_id_for_idempotency_key,
     record_headers,
@@ -130,7 +132,8 @@ async def start_job(
             return JobStart(record, None, events=events)
         reply = await _publish(services, job_type, payload, job_id, wait, headers)
     except BrokerUnavailableError as exc:
-        taken = await _withdraw(jobs, record, version, exc)
+        # shielded: the withdrawal is written (or the job found accepted) even if the client leaves meanwhile
+        taken = await asyncio.shield(_withdraw(jobs, record, version, exc))
         if taken is None:
             raise
         return JobStart(taken, None)
@@ -143,11 +146,14 @@ async def _withdraw(
     """After a failed publish: remove the record of a message that never left (nothing is left behind), or mark
     the job withdrawn when the message may still reach its queue (a processor then does not run it), so the 503
     the client gets stays true. A processor that took the job before the mark means it was accepted after all:
-    its record comes back, and the client is answered as for a job still running."""
+    its record comes back, and the client is answered as for a job still running. The mark waits until
+    WITHDRAW_AFTER_SECONDS after the record's stamp: a processor trusts a delivery younger than
+    CARRIED_RECORD_FRESH_SECONDS to run at once, and has marked it running well before then."""
     try:
         if failure.unsent:
             await jobs.delete(record.job_id)
             return None
+        await asyncio.sleep(max(0.0, WITHDRAW_AFTER_SECONDS - age_seconds(record.updated_at)))
         await jobs.update(withdrawn(record, str(failure)), version)
         log.warning("job_withdrawn", job_id=record.job_id, error=str(failure))
     except PreconditionFailedError:

@@ -106,7 +106,7 @@ class Services:
     async def readiness(self) -> Checks:
         """What this process owns: broker, storage, the query model and the index; then the given probes."""
         checks: Checks = {
-            "broker": await self.plumbing.broker_state() if self.replies.is_connected else "disconnected",
+            "broker": self.plumbing.broker_state() if self.replies.is_connected else "disconnected",
             "storage": await probe(self.store.ping()),
         }
         if self.settings.image_search_enabled:

@@ -37,10 +37,14 @@ FINISHED = ("succeeded", "failed")
 # while publishing), so the client was answered 503, but the message may still reach its queue. A processor that
 # finds this record does not run the job (processor/consumer.py).
 WITHDRAWN = "withdrawn"
-# A first delivery stamped (its carried record's updated_at) at most this long ago is trusted to be a message the
-# API had confirmed: the API withdraws a job only after PUBLISH_TIMEOUT_SECONDS (10) without a confirm. An older
-# one is claimed (its running mark written) before it runs, so a withdrawal and a run never both happen; the gap
-# tolerates 8 s of clock difference between the API's host and the processor's.
+# The API withdraws a job no sooner than this after its record's stamp (updated_at, written just before the
+# publish), even when it knows earlier that the publish failed (a blocked or lost connection).
+WITHDRAW_AFTER_SECONDS = 10.0
+# A first delivery stamped (by the record it carries) at most this long ago is trusted not to be withdrawn: it runs
+# at once, its running mark written beside it (long before the API may withdraw it, so the API's conditional
+# withdrawal then fails and the client is told the job was accepted). An older one is claimed (its running mark
+# written, conditionally) before it runs. So a withdrawal and a run never both happen, as long as the clocks of
+# the API's host and the processor's differ by less than the gap between the two (8 s).
 CARRIED_RECORD_FRESH_SECONDS = 2.0
 
 

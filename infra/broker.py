@@ -90,6 +90,7 @@ OFFSET_HEADER = "x-ams-offset"
 RETRY_DELAYS_SECONDS = (1, 5, 30, 120)
 MAX_PRIORITY = 9
 PUBLISH_TIMEOUT_SECONDS = 10.0
+BLOCK_CHECK_SECONDS = 0.2  # how often a confirm still awaited checks whether RabbitMQ has blocked the connection
 
 # What aio-pika raises while the broker is away or refuses: AMQP errors, socket errors, a confirm that does not
 # come (TimeoutError), and RuntimeError for a channel or connection that is closed or not reopened yet
@@ -269,22 +270,76 @@ async def queue_depths(connection: AbstractRobustConnection) -> dict[str, tuple[
 
 
 _BLOCKED = "RabbitMQ is blocking publishers (a disk or memory alarm); nothing was sent"
+_BLOCKED_AFTER_WRITE = (
+    "RabbitMQ blocked the connection (a disk or memory alarm) before confirming it; it may still arrive when the "
+    "alarm clears"
+)
 
 
-async def blocked(connection: AbstractRobustConnection) -> bool:
+def blocked(connection: AbstractRobustConnection) -> bool:
     """Whether RabbitMQ is blocking this connection's publishes. It says so (connection.blocked) when a publish
-    meets a disk or memory alarm, and again when the alarm clears (connection.unblocked); aiormq's ready() waits
-    for the connection to be open and unblocked, and a zero timeout asks without waiting. Only for an open
+    meets a disk or memory alarm, and again when the alarm clears (connection.unblocked). aiormq keeps the flag to
+    itself, but its ready() waits for the connection to be open and unblocked: stepped once, it finishes at once
+    when it would not wait, and is closed unfinished otherwise (nothing is left waiting). Only for an open
     connection: one that is reconnecting reads as blocked."""
     transport = connection.transport
     if transport is None:
         return False
+    ready = transport.connection.ready()
     try:
-        async with asyncio.timeout(0):
-            await transport.connection.ready()
-    except TimeoutError:
-        return True
-    return False
+        ready.send(None)
+    except StopIteration:
+        return False
+    finally:
+        ready.close()
+    return True
+
+
+class PublishBlockedError(TimeoutError):
+    """The confirm wait ended early: RabbitMQ blocked the connection after the message was written (it is read
+    and routed when the alarm clears)."""
+
+
+class _BlockWatch:
+    """Ends a confirm wait (through its asyncio.timeout) as soon as RabbitMQ says it has blocked the connection,
+    instead of at the timeout: checked every BLOCK_CHECK_SECONDS while the wait lasts (a confirm normally comes
+    within milliseconds, so the check rarely runs)."""
+
+    def __init__(self, connection: AbstractRobustConnection, timeout: asyncio.Timeout) -> None:
+        self._connection = connection
+        self._timeout = timeout
+        self._loop = asyncio.get_running_loop()
+        self._handle = self._loop.call_later(BLOCK_CHECK_SECONDS, self._check)
+        self.fired = False
+
+    def _check(self) -> None:
+        if blocked(self._connection):
+            self.fired = True
+            self._timeout.reschedule(self._loop.time())
+        else:
+            self._handle = self._loop.call_later(BLOCK_CHECK_SECONDS, self._check)
+
+    def stop(self) -> None:
+        self._handle.cancel()
+
+
+async def _confirmed(
+    connection: AbstractRobustConnection, exchange: AbstractExchange, message: aio_pika.Message, routing_key: str
+) -> None:
+    """Publish (mandatory) and wait for the confirm: TimeoutError after PUBLISH_TIMEOUT_SECONDS, or
+    PublishBlockedError as soon as RabbitMQ blocks the connection (the message may still arrive either way)."""
+    watch: _BlockWatch | None = None
+    try:
+        async with asyncio.timeout(PUBLISH_TIMEOUT_SECONDS) as timeout:
+            watch = _BlockWatch(connection, timeout)
+            try:
+                await exchange.publish(message, routing_key=routing_key, mandatory=True)
+            finally:
+                watch.stop()
+    except TimeoutError as exc:
+        if watch is not None and watch.fired:
+            raise PublishBlockedError(_BLOCKED_AFTER_WRITE) from exc
+        raise
 
 
 def _why(exc: BaseException) -> str:
@@ -296,11 +351,10 @@ def _why(exc: BaseException) -> str:
             "RabbitMQ refused it (a queue at its length limit with overflow reject-publish refuses new messages; "
             f"{exc})"
         )
+    if isinstance(exc, PublishBlockedError):
+        return str(exc)
     if isinstance(exc, TimeoutError):
-        return (
-            f"RabbitMQ did not confirm it within {PUBLISH_TIMEOUT_SECONDS:g} s (is it blocking publishers? a disk or "
-            "memory alarm does)"
-        )
+        return f"RabbitMQ did not confirm it within {PUBLISH_TIMEOUT_SECONDS:g} s (overloaded, or its disk is slow)"
     return str(exc) or type(exc).__name__
 
 
@@ -378,17 +432,17 @@ class Publisher:
     def is_connected(self) -> bool:
         return not self.connection.is_closed and not self.channel.is_closed and not self.reply_channel.is_closed
 
-    async def state(self) -> str:
+    def state(self) -> str:
         """The publishing connection's state: ok, disconnected, or blocked (RabbitMQ refuses to read its publishes
         until a disk or memory alarm clears)."""
         if not self.is_connected:
             return "disconnected"
-        return "blocked" if await blocked(self.connection) else "ok"
+        return "blocked" if blocked(self.connection) else "ok"
 
-    async def _sendable(self, what: str) -> None:
+    def _sendable(self, what: str) -> None:
         """Fail at once, with nothing sent, when RabbitMQ cannot take a message now (instead of after the confirm
         timeout, with the message perhaps still to arrive)."""
-        state = await self.state()
+        state = self.state()
         if state != "ok":
             why = "not connected to RabbitMQ" if state == "disconnected" else _BLOCKED
             raise BrokerUnavailableError(f"could not {what}: {why}", unsent=True)
@@ -416,11 +470,9 @@ class Publisher:
             correlation_id=correlation_id,
             headers=dict(headers or {}),
         )
-        await self._sendable(f"publish {message_type} message {message_id}")
+        self._sendable(f"publish {message_type} message {message_id}")
         try:
-            await self.topology.jobs_exchange.publish(
-                message, routing_key=message_type, mandatory=True, timeout=PUBLISH_TIMEOUT_SECONDS
-            )
+            await _confirmed(self.connection, self.topology.jobs_exchange, message, message_type)
         except BROKER_ERRORS as exc:
             # returned (no queue bound) or nacked: RabbitMQ said it did not queue it
             unsent = isinstance(exc, aio_pika.exceptions.DeliveryError)
@@ -443,12 +495,12 @@ class Publisher:
         the original routing key, so a retried or replayed message is the same job. `message_id` and
         `message_type` fill in what a notification arrived without (the id and type it was processed under).
         """
-        await self._sendable(f"republish message {message.message_id}")
+        self._sendable(f"republish message {message.message_id}")
         copy = _copy(message, headers, message_id=message_id, message_type=message_type)
         exchange = self.topology.dead_exchange if to_dead_letters else self.topology.retry_exchange
         routing_key = message.routing_key or message.type or ""
         try:
-            await exchange.publish(copy, routing_key=routing_key, mandatory=True, timeout=PUBLISH_TIMEOUT_SECONDS)
+            await _confirmed(self.connection, exchange, copy, routing_key)
         except BROKER_ERRORS as exc:
             raise BrokerUnavailableError(f"could not republish message {message.message_id}: {_why(exc)}") from exc
 
@@ -465,7 +517,7 @@ class Publisher:
         if receiver is not None:
             receiver(Reply(correlation_id, body))
             return
-        if await self._dropped_while_blocked("reply_dropped", correlation_id):
+        if self._dropped_while_blocked("reply_dropped", correlation_id):
             return
         message = aio_pika.Message(
             body=body,
@@ -478,11 +530,11 @@ class Publisher:
         except BROKER_ERRORS as exc:
             log.warning("reply_failed", reply_to=reply_to, correlation_id=correlation_id, error=str(exc))
 
-    async def _dropped_while_blocked(self, event: str, correlation_id: str) -> bool:
+    def _dropped_while_blocked(self, event: str, correlation_id: str) -> bool:
         """A reply is not written to a connection RabbitMQ is blocking: it would wait in the socket until the alarm
         clears and, once the socket is full, hold up the settling of every job behind it. The requester answers
         from the job record instead (202 with the job once it stops waiting)."""
-        if await self.state() != "blocked":
+        if self.state() != "blocked":
             return False
         log.warning(event, correlation_id=correlation_id, reason=_BLOCKED)
         return True
@@ -494,7 +546,7 @@ class Publisher:
         if receiver is not None:
             receiver(Reply(correlation_id, data, offset))
             return
-        if await self._dropped_while_blocked("reply_piece_dropped", correlation_id):
+        if self._dropped_while_blocked("reply_piece_dropped", correlation_id):
             return
         message = aio_pika.Message(
             body=data,

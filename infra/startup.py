@@ -72,9 +72,9 @@ class Plumbing:
             raise
         return cls(settings, store, connections[0], publisher)
 
-    async def broker_state(self) -> str:
+    def broker_state(self) -> str:
         """ok, disconnected (either connection), or blocked (the publishing one, under a disk or memory alarm)."""
-        return "disconnected" if self.connection.is_closed else await self.publisher.state()
+        return "disconnected" if self.connection.is_closed else self.publisher.state()
 
     async def close(self) -> None:
         await self.publisher.connection.close()

@@ -23,7 +23,7 @@ def create_health_app(service: ProcessorService) -> Litestar:
     @get("/readyz", summary="Ready to process: broker, storage, consumer, models and index")
     async def readyz() -> Response[dict[str, Any]]:
         checks: Checks = {
-            "broker": await plumbing.broker_state(),
+            "broker": plumbing.broker_state(),
             "storage": await probe(plumbing.store.ping()),
             **await service.readiness(),
         }

@@ -49,6 +49,13 @@ def claims(monkeypatch) -> list[str]:
     return claimed
 
 
+@pytest.fixture
+def withdraw_at_once(monkeypatch) -> None:
+    """The API withdraws without waiting WITHDRAW_AFTER_SECONDS from the record's stamp (that wait, which keeps a
+    withdrawal away from deliveries trusted to run at once, is tested with a real alarm in test_broker_outage)."""
+    monkeypatch.setattr("api.jobs.WITHDRAW_AFTER_SECONDS", 0.0)
+
+
 def _jobs(server) -> JobStore:
     return JobStore(server.services.store, 7)
 
@@ -130,7 +137,9 @@ async def test_a_fresh_message_is_not_claimed_before_it_runs(server, claims):
     assert claims == []
 
 
-async def test_a_job_a_processor_took_before_the_withdrawal_is_answered_as_accepted(server, monkeypatch):
+async def test_a_job_a_processor_took_before_the_withdrawal_is_answered_as_accepted(
+    server, monkeypatch, withdraw_at_once
+):
     """The confirm is lost after the message was queued (the connection dropped, say) and the processor took the
     job before the API could withdraw it: the job was accepted after all, so the client gets 202 with the job,
     which finishes once, instead of a 503 for a job that runs."""
@@ -173,7 +182,9 @@ async def test_a_publish_that_never_left_leaves_no_record(server, monkeypatch):
     assert [info.key async for info in server.services.store.list("jobs/")] == before
 
 
-async def test_a_withdrawn_job_reads_as_failed_and_its_idempotency_key_starts_it_again(server, monkeypatch):
+async def test_a_withdrawn_job_reads_as_failed_and_its_idempotency_key_starts_it_again(
+    server, monkeypatch, withdraw_at_once
+):
     key = {"Idempotency-Key": "withdrawn-then-again"}
     body = {"type": IMAGE_GENERATE, "params": {"prompt": "again", "seed": 9}}
     with monkeypatch.context() as patched:
@@ -192,7 +203,7 @@ async def test_a_withdrawn_job_reads_as_failed_and_its_idempotency_key_starts_it
     assert (again.status_code, again.json()["job_id"]) == (202, job_id)
 
 
-async def test_the_withdrawn_record_says_why(server, monkeypatch):
+async def test_the_withdrawn_record_says_why(server, monkeypatch, withdraw_at_once):
     before = {info.key async for info in server.services.store.list("jobs/")}
     with monkeypatch.context() as patched:
         patched.setattr(server.services.publisher, "publish", _unconfirmed)
