@@ -178,9 +178,7 @@ async def declare_topology(connection: AbstractConnection) -> None:
             retry_exchange = await channel.declare_exchange(RETRY_EXCHANGE, aio_pika.ExchangeType.HEADERS, durable=True)
             for delay in RETRY_DELAYS_SECONDS:
                 retry_queue = await channel.declare_queue(
-                    retry_queue_name(delay),
-                    durable=True,
-                    arguments={"x-message-ttl": delay * 1000, "x-dead-letter-exchange": JOBS_EXCHANGE},
+                    retry_queue_name(delay), durable=True, arguments=retry_queue_arguments(delay)
                 )
                 await retry_queue.bind(
                     retry_exchange, routing_key="", arguments={"x-match": "all", RETRY_DELAY_HEADER: str(delay)}
@@ -362,6 +360,11 @@ def retry_queue_name(delay_seconds: int) -> str:
     return f"ams.retry.{delay_seconds}s"
 
 
+def retry_queue_arguments(delay_seconds: int) -> dict[str, Any]:
+    """A delay queue's arguments: its copies wait `delay_seconds`, then go back to the jobs exchange."""
+    return {"x-message-ttl": delay_seconds * 1000, "x-dead-letter-exchange": JOBS_EXCHANGE}
+
+
 def retry_delay(attempt: int) -> int:
     """The delay before retry number `attempt` (1-based): 1 s, 5 s, 30 s, then 120 s."""
     return RETRY_DELAYS_SECONDS[min(attempt, len(RETRY_DELAYS_SECONDS)) - 1]
@@ -459,6 +462,7 @@ class Publisher:
         correlation_id: str | None = None,
         headers: Mapping[str, Any] | None = None,
     ) -> None:
+        self._sendable(f"publish {message_type} message {message_id}")
         message = aio_pika.Message(
             body=body,
             content_type=content_type,
@@ -470,7 +474,6 @@ class Publisher:
             correlation_id=correlation_id,
             headers=dict(headers or {}),
         )
-        self._sendable(f"publish {message_type} message {message_id}")
         try:
             await _confirmed(self.connection, self.topology.jobs_exchange, message, message_type)
         except BROKER_ERRORS as exc:

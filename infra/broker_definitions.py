@@ -25,6 +25,7 @@ from infra.broker import (
     UNROUTED_EXCHANGE,
     UNROUTED_POLICY,
     UNROUTED_QUEUE,
+    retry_queue_arguments,
     retry_queue_name,
 )
 
@@ -74,12 +75,7 @@ def definitions() -> dict[str, Any]:
             *(_queue(name, capability) for name, _ in CAPABILITY_QUEUES.values()),
             _queue(UNROUTED_QUEUE, {"x-dead-letter-exchange": DEAD_EXCHANGE}),
             _queue(DEAD_QUEUE, {}),
-            *(
-                _queue(
-                    retry_queue_name(delay), {"x-message-ttl": delay * 1000, "x-dead-letter-exchange": JOBS_EXCHANGE}
-                )
-                for delay in RETRY_DELAYS_SECONDS
-            ),
+            *(_queue(retry_queue_name(delay), retry_queue_arguments(delay)) for delay in RETRY_DELAYS_SECONDS),
         ],
         "bindings": [
             *(

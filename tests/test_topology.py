@@ -19,6 +19,7 @@ from infra.broker import (
     UNROUTED_QUEUE,
     capability_of,
     declare_topology,
+    retry_queue_arguments,
     retry_queue_name,
 )
 
@@ -99,9 +100,7 @@ async def test_a_retry_waits_in_its_delay_queue_alone_and_the_earlier_bindings_a
         exchange = await channel.declare_exchange(RETRY_EXCHANGE, aio_pika.ExchangeType.HEADERS, durable=True)
         for delay in RETRY_DELAYS_SECONDS:
             queue = await channel.declare_queue(
-                retry_queue_name(delay),
-                durable=True,
-                arguments={"x-message-ttl": delay * 1000, "x-dead-letter-exchange": JOBS_EXCHANGE},
+                retry_queue_name(delay), durable=True, arguments=retry_queue_arguments(delay)
             )
             for routing_key in ("", queue.name):
                 arguments = {"x-match": "all", LEGACY_RETRY_DELAY_HEADER: str(delay)}
