@@ -19,6 +19,7 @@ from litestar.status_codes import HTTP_202_ACCEPTED
 
 from api.errors import RETRY_AFTER_SECONDS, ApiError
 from api.replies import StreamEvent
+from api.resend import Resend
 from api.schemas import JobAccepted
 from api.services import Services
 from api.urls import job_url
@@ -29,6 +30,7 @@ from contract.jobs import (
     age_seconds,
     is_withdrawn,
     job_id_for_idempotency_key,
+    never_started,
     record_headers,
     record_params,
     withdrawn,
@@ -109,7 +111,11 @@ async def start_job(
         job_id = job_id_for_idempotency_key(job_type, key)
         found = await jobs.load(job_id)
         if found is not None and not is_withdrawn(found[0]):
-            return _existing(found[0], recorded)
+            started = _existing(found[0], recorded)
+            if never_started(found[0]):  # its message may never have left: api/resend.py
+                priority = Priority.INTERACTIVE if wait or stream else Priority.ASYNC
+                services.resender.watch(found[0], found[1], Resend(job_type, payload, priority))
+            return started
         withdrawn_version = found[1] if found is not None else None  # a withdrawn job's key starts it again
     job_id = job_id or str(uuid.uuid4())
     record = JobStore.new(job_id, job_type, recorded, idempotency_key=key)

@@ -17,8 +17,10 @@ from aio_pika.abc import AbstractRobustConnection
 
 from api.queries import QueryEncoder
 from api.replies import ReplyListener
+from api.resend import Resender
 from api.thumbnails import Thumbnails
 from contract.imaging import configure_pixel_limit
+from contract.jobs import JobStore
 from infra.broker import Publisher
 from infra.readiness import Checks, ReadinessProbe, loaded, probe
 from infra.settings import Settings
@@ -35,6 +37,7 @@ class Services:
     settings: Settings
     plumbing: Plumbing
     replies: ReplyListener
+    resender: Resender
     index: VectorIndex | None = None
     queries: QueryEncoder | None = None
     thumbnails: Thumbnails | None = None
@@ -75,6 +78,7 @@ class Services:
             settings,
             plumbing,
             ReplyListener(plumbing.connection, plumbing.publisher),
+            Resender(JobStore(plumbing.store, settings.job_record_ttl_days), plumbing.publisher),
             probes=probes,
             _owns_plumbing=own,
         )
@@ -117,6 +121,7 @@ class Services:
         return checks
 
     async def stop(self) -> None:
+        await self.resender.close()
         await self.replies.close()
         if self._owned_index is not None:
             await self._owned_index.close()

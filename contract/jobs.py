@@ -46,6 +46,12 @@ WITHDRAW_AFTER_SECONDS = 10.0
 # written, conditionally) before it runs. So a withdrawal and a run never both happen, as long as the clocks of
 # the API's host and the processor's differ by less than the gap between the two (8 s).
 CARRIED_RECORD_FRESH_SECONDS = 2.0
+# A record still queued and never attempted this long after its stamp is past any publish of the request that
+# wrote it (a publish waits at most 10 s for its confirm; a withdrawal comes 10 s after the stamp): if its message
+# never left (the API stopped between the record and the publish), nothing else will send it. An Idempotency-Key
+# retry of such a job sends its message again (api/resend.py): at worst a duplicate of one still waiting in the
+# queue, which a processor claims and finds settled (or runs once more, converging on the same record and output).
+RESEND_AFTER_SECONDS = 15.0
 
 
 def now_iso() -> str:
@@ -94,6 +100,16 @@ def withdrawn(record: JobRecord, reason: str) -> JobRecord:
 
 def is_withdrawn(record: JobRecord) -> bool:
     return record.status == "failed" and record.error is not None and record.error.code == WITHDRAWN
+
+
+def never_started(record: JobRecord) -> bool:
+    """Queued and not yet taken by any processor (a retried job is queued again with its attempts counted)."""
+    return record.status == "queued" and record.attempts == 0
+
+
+def restamped(record: JobRecord) -> JobRecord:
+    """The record of a job whose message is being sent again: the same, stamped now."""
+    return msgspec.structs.replace(record, updated_at=now_iso())
 
 
 class JobStore:
