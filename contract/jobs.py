@@ -138,7 +138,8 @@ class JobStore:
 
     async def create(self, record: JobRecord, *, durable: bool = True, background: bool = False) -> str:
         """Write a new record; PreconditionFailedError if a readable one exists (one that cannot be read, such as
-        the empty file a power failure can leave of a write that was not durable, is replaced). Returns its
+        the empty file a power failure can leave of a write that was not durable, and an expired one, which reads
+        as absent until the sweep deletes it, are replaced, conditionally on their version). Returns its
         version. durable=False for a record the processor can make again (a queued or running one): a local
         store then skips the flush to disk. background: see ObjectStore.put."""
         key, data = record_key(record.job_id), msgspec.json.encode(record)
@@ -152,7 +153,8 @@ class JobStore:
                 existing = await self._store.get(key)
             except ObjectNotFoundError:  # deleted since: a create may now succeed
                 return await written(if_none_match=True)
-            if _readable(existing.data, record.job_id) is not None:
+            found = _readable(existing.data, record.job_id)
+            if found is not None and not self.expired(found):
                 raise
             return await written(if_match=existing.etag)
 

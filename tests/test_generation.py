@@ -6,12 +6,13 @@ import asyncio
 import base64
 import io
 import uuid
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
 from PIL import Image
 
-from contract.jobs import JobStore, record_headers
+from contract.jobs import JobStore, job_id_for_idempotency_key, record_headers
 from contract.messages import IMAGE_INDEX
 from infra.broker import ATTEMPTS_HEADER
 from infra.settings import Settings
@@ -163,6 +164,26 @@ async def test_idempotency_key_retry_yields_one_job_and_one_object(server, s3):
     )
     assert reused.status_code == 409
     assert reused.json()["code"] == "idempotency_key_reused"
+
+
+async def test_an_idempotency_key_whose_record_expired_starts_a_new_job(server):
+    """A finished record past JOB_RECORD_TTL_DAYS reads as absent (its key is free again) even before a processor's
+    hourly sweep deletes it: the key starts a new job, which replaces the expired record."""
+    key = f"expired-{uuid.uuid4()}"
+    body = {"type": "image.generate", "params": {"prompt": "again", "seed": 12}}
+    jobs = JobStore(server.services.store, server.services.settings.job_record_ttl_days)
+    old = JobStore.new(job_id_for_idempotency_key("image.generate", key), "image.generate", {}, idempotency_key=key)
+    long_ago = (datetime.now(tz=UTC) - timedelta(days=30)).isoformat().replace("+00:00", "Z")
+    old.status, old.finished_at, old.result = "succeeded", long_ago, {"key": "images/generated/gone.png"}
+    await jobs.create(old)
+    assert await jobs.get(old.job_id) is None
+
+    again = await server.client.post("/v1/jobs", json=body, headers={"Idempotency-Key": key})
+    assert again.status_code == 202, again.text
+    assert again.json()["job_id"] == old.job_id
+    _, job = await poll_statuses(server, again.json()["status_url"])
+    assert job["status"] == "succeeded"
+    assert job["result"]["key"] != "images/generated/gone.png"
 
 
 async def test_idempotency_key_on_the_sync_endpoints(server, s3):
