@@ -24,10 +24,8 @@ from api.schemas import JobAccepted
 from api.services import Services
 from api.urls import job_url
 from contract.jobs import (
-    WITHDRAW_AFTER_SECONDS,
     JobRecord,
     JobStore,
-    age_seconds,
     is_withdrawn,
     job_id_for_idempotency_key,
     never_started,
@@ -150,16 +148,14 @@ async def _withdraw(
     jobs: JobStore, record: JobRecord, version: str, failure: BrokerUnavailableError
 ) -> JobRecord | None:
     """After a failed publish: remove the record of a message that never left (nothing is left behind), or mark
-    the job withdrawn when the message may still reach its queue (a processor then does not run it), so the 503
-    the client gets stays true. A processor that took the job before the mark means it was accepted after all:
-    its record comes back, and the client is answered as for a job still running. The mark waits until
-    WITHDRAW_AFTER_SECONDS after the record's stamp: a processor trusts a delivery younger than
-    CARRIED_RECORD_FRESH_SECONDS to run at once, and has marked it running well before then."""
+    the job withdrawn when the message may still reach its queue (a processor then makes nothing of it), so the
+    503 the client gets stays true. Both the mark and a processor's running mark are conditional on the version
+    written before the publish: a processor that took the job first means it was accepted after all, and its
+    record comes back, to be answered as a job still running."""
     try:
         if failure.unsent:
             await jobs.delete(record.job_id)
             return None
-        await asyncio.sleep(max(0.0, WITHDRAW_AFTER_SECONDS - age_seconds(record.updated_at)))
         await jobs.update(withdrawn(record, str(failure)), version)
         log.warning("job_withdrawn", job_id=record.job_id, error=str(failure))
     except PreconditionFailedError:

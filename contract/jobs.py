@@ -34,23 +34,17 @@ JobStatus = Literal["queued", "running", "succeeded", "failed"]
 FINISHED = ("succeeded", "failed")
 
 # The error code of a job the API withdrew: its message went unconfirmed (RabbitMQ blocked or the connection lost
-# while publishing), so the client was answered 503, but the message may still reach its queue. A processor that
-# finds this record does not run the job (processor/consumer.py).
+# while publishing), so the client was answered 503, but the message may still reach its queue. The withdrawal is
+# a conditional write on the queued version the message carries, and so is a processor's running mark, which a job
+# waits for before its first lasting side effect: exactly one of the two is written, so a withdrawn job makes
+# nothing, and a job whose mark came first was accepted after all (processor/consumer.py, api/jobs.py).
 WITHDRAWN = "withdrawn"
-# The API withdraws a job no sooner than this after its record's stamp (updated_at, written just before the
-# publish), even when it knows earlier that the publish failed (a blocked or lost connection).
-WITHDRAW_AFTER_SECONDS = 10.0
-# A first delivery stamped (by the record it carries) at most this long ago is trusted not to be withdrawn: it runs
-# at once, its running mark written beside it (long before the API may withdraw it, so the API's conditional
-# withdrawal then fails and the client is told the job was accepted). An older one is claimed (its running mark
-# written, conditionally) before it runs. So a withdrawal and a run never both happen, as long as the clocks of
-# the API's host and the processor's differ by less than the gap between the two (8 s).
-CARRIED_RECORD_FRESH_SECONDS = 2.0
 # A record still queued and never attempted this long after its stamp is past any publish of the request that
-# wrote it (a publish waits at most 10 s for its confirm; a withdrawal comes 10 s after the stamp): if its message
-# never left (the API stopped between the record and the publish), nothing else will send it. An Idempotency-Key
-# retry of such a job sends its message again (api/resend.py): at worst a duplicate of one still waiting in the
-# queue, which a processor claims and finds settled (or runs once more, converging on the same record and output).
+# wrote it (a publish waits at most 10 s for its confirm): if its message never left (the API stopped between the
+# record and the publish), nothing else will send it. An Idempotency-Key retry of such a job sends its message
+# again (api/resend.py): at worst a duplicate of one still waiting in the queue, which makes nothing once the job
+# is settled (its running mark finds the record settled) or runs once more, converging on the same record and
+# output.
 RESEND_AFTER_SECONDS = 15.0
 
 

@@ -9,19 +9,20 @@ idempotent by id.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Mapping, Sequence
 
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
 
 from contract.bucket_events import BUCKET_EVENT, parse_bucket_event
-from contract.jobs import CARRIED_RECORD_FRESH_SECONDS, RECORD_HEADER, JobStore, age_seconds, queued_record
+from contract.jobs import RECORD_HEADER, JobStore, queued_record
 from contract.messages import ContractError, decode_job
 from infra.broker import Publisher, capability_of, declare_topology, topology_on
 from infra.storage import ObjectStore
 from processor.deliveries import attempt, first_delivery, job_id, job_type, replayed
 from processor.handlers.base import Handler, Job, MakesOutputs
-from processor.outcomes import Failed, Outcome, Settlement
+from processor.outcomes import Failed, Outcome, SettledElsewhere, Settlement
 from processor.outputs import output_lost
 from processor.pieces import pieces_for
 from processor.retrying import TRANSIENT_ERRORS
@@ -153,18 +154,17 @@ class Consumer:
         """Outcomes in order. A tracked job whose record is already settled (a redelivery after the outcome was
         recorded, a duplicate that another processor finished, a job the API withdrew) is not run again: its
         recorded outcome stands, unless the output it names is lost (then it runs again, its record left succeeded
-        meanwhile). A first delivery published over CARRIED_RECORD_FRESH_SECONDS ago may be one the API withdrew
-        after its confirm did not come: it is claimed (its running mark written, conditionally) before it runs."""
+        meanwhile). Any other tracked job runs with its running mark written beside it, which it waits for before
+        its first lasting side effect (Job.still_wanted): a job the API withdrew meanwhile makes nothing."""
         tracker = self._settler.tracker
         outcomes: dict[str, Settlement] = {}
         outputs: dict[str, tuple[str, ...]] = {}
-        claims: list[tuple[Tracked, int]] = []
+        marks: dict[str, asyncio.Task[bool]] = {}
         for message, job in jobs:
             if not (handler.always_record or (message.headers or {}).get(RECORD_HEADER)):
                 continue
             try:
-                carried = _carried(message, job)
-                tracked = carried or await tracker.load(job, replayed=replayed(message))
+                tracked = _carried(message, job) or await tracker.load(job, replayed=replayed(message))
                 records[job.message_id] = tracked
                 outputs[job.message_id] = _outputs(handler, tracked)
                 if outputs[job.message_id] and await self._lost(outputs[job.message_id]):
@@ -172,31 +172,29 @@ class Consumer:
                         "job_output_lost_running_again", message_id=job.message_id, outputs=outputs[job.message_id]
                     )
                     tracked.remaking = True
-                elif not tracked.settled and carried is not None and not _fresh(carried):
-                    claims.append((tracked, attempt(message)))
-                elif not tracked.settled and handler.reports_running:
-                    tracker.mark_running(tracked, attempt(message))
+                elif tracked.settled:
+                    outcomes[job.message_id] = recorded_outcome(tracked.record, outputs[job.message_id])
+                else:
+                    marks[job.message_id] = tracker.mark_running(tracked, attempt(message))
             except TRANSIENT_ERRORS as exc:
                 outcomes[job.message_id] = Failed("storage_unavailable", str(exc), transient=True)
-        claimed = (
-            await asyncio.gather(*(tracker.claim(*claim) for claim in claims), return_exceptions=True) if claims else []
-        )
-        for (tracked, _), result in zip(claims, claimed, strict=True):
-            if isinstance(result, TRANSIENT_ERRORS):
-                outcomes[tracked.record.job_id] = Failed("storage_unavailable", str(result), transient=True)
-            elif isinstance(result, BaseException):
-                raise result
-        for job_key, tracked in records.items():
-            if job_key not in outcomes and tracked.settled:
-                outcomes[job_key] = recorded_outcome(tracked.record, outputs[job_key])
-        to_run = [job for _, job in jobs if job.message_id not in outcomes]
+        to_run = [
+            dataclasses.replace(job, marking=marks.get(job.message_id))
+            for _, job in jobs
+            if job.message_id not in outcomes
+        ]
         if to_run:
             try:
                 results: Sequence[Outcome] = await handler.handle(to_run)
             except Exception as exc:
                 log.exception("handler_crashed", job_type=handler.message_type)
                 results = [Failed("internal_error", f"{type(exc).__name__}: {exc}")] * len(to_run)
-            outcomes.update({job.message_id: outcome for job, outcome in zip(to_run, results, strict=True)})
+            for job, outcome in zip(to_run, results, strict=True):
+                if isinstance(outcome, SettledElsewhere):  # the running mark found the record settled
+                    tracked = records[job.message_id]
+                    outcomes[job.message_id] = recorded_outcome(tracked.record, _outputs(handler, tracked))
+                else:
+                    outcomes[job.message_id] = outcome
         return [outcomes[job.message_id] for _, job in jobs]
 
     async def _lost(self, outputs: tuple[str, ...]) -> bool:
@@ -237,15 +235,6 @@ def _outputs(handler: Handler, tracked: Tracked) -> tuple[str, ...]:
     if tracked.record.status != "succeeded" or not isinstance(handler, MakesOutputs):
         return ()
     return handler.outputs(tracked.record.result or {})
-
-
-def _fresh(tracked: Tracked) -> bool:
-    """Whether the record a first delivery carries was written (just before the publish) so recently that the API
-    cannot have withdrawn the job (see CARRIED_RECORD_FRESH_SECONDS)."""
-    try:
-        return age_seconds(tracked.record.updated_at) <= CARRIED_RECORD_FRESH_SECONDS
-    except ValueError:
-        return False
 
 
 def _carried(message: AbstractIncomingMessage, job: Job) -> Tracked | None:

@@ -34,5 +34,13 @@ class Withdrawn:
     reason: str
 
 
-Outcome = Succeeded | Failed  # what a handler reports
-Settlement = Outcome | Withdrawn  # what the settler is given
+@dataclass(frozen=True, slots=True)
+class SettledElsewhere:
+    """The job's record turned out settled when its running mark was written (Job.still_wanted): withdrawn by the
+    API, or finished by another delivery. The job made nothing; the consumer settles it as its record says."""
+
+
+SETTLED_ELSEWHERE = SettledElsewhere()
+
+Outcome = Succeeded | Failed | SettledElsewhere  # what a handler reports
+Settlement = Succeeded | Failed | Withdrawn  # what the settler is given

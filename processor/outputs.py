@@ -15,7 +15,9 @@ from typing import Any
 import structlog
 
 from infra.storage import ObjectStore, PreconditionFailedError
-from processor.retrying import retry_transient
+from processor.handlers.base import Job
+from processor.outcomes import SETTLED_ELSEWHERE, Failed, SettledElsewhere
+from processor.retrying import TRANSIENT_ERRORS, retry_transient
 
 log = structlog.get_logger(__name__)
 
@@ -44,6 +46,20 @@ async def store_once(store: ObjectStore, key: str, data: bytes, content_type: st
         except PreconditionFailedError:
             continue  # another delivery wrote it meanwhile: read what it wrote
     return (await retry_transient(lambda: store.get(key))).data
+
+
+async def store_output(
+    job: Job, store: ObjectStore, key: str, data: bytes, content_type: str
+) -> bytes | Failed | SettledElsewhere:
+    """A job's generated output stored once (`store_once`, not flushed yet: the settler flushes it before the ack)
+    if the job is still wanted (Job.still_wanted); the bytes stored under the key, or what the job reports instead
+    (a storage outage is a transient failure)."""
+    try:
+        if not await job.still_wanted():
+            return SETTLED_ELSEWHERE
+        return await store_once(store, key, data, content_type, durable=False)
+    except TRANSIENT_ERRORS as exc:
+        return Failed("storage_unavailable", str(exc), transient=True)
 
 
 def keyed_output(result: Mapping[str, Any]) -> tuple[str, ...]:

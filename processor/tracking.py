@@ -7,11 +7,12 @@ a record only moves forward. The one way back is an operator's replay (`ams-ops 
 failed job again; a succeeded job is never run again, unless the output its record names is lost (a power failure
 before the output was flushed, while the message was not yet acked: processor/outputs.py).
 
-The running mark is written beside the work, not before it (`mark_running`): it is for whoever polls the job,
-and nothing depends on it being stored before the model starts. The outcome's write waits for it, so the record
-still moves queued -> running -> finished, and the outcome is durable before the message is acknowledged: a
-failure's record is flushed as it is written, a success's after the requester has its answer (`succeeded`, then
-`flush`).
+The running mark is written beside the work, not before it (`mark_running`): the model starts at once, and the
+job waits for the mark only before its first lasting side effect (an output stored, a point written), so a job
+the API withdrew meanwhile (a conditional write on the same version) makes nothing. The outcome's write waits for
+it too, so the record still moves queued -> running -> finished, and the outcome is durable before the message is
+acknowledged: a failure's record is flushed as it is written, a success's after the requester has its answer
+(`succeeded`, then `flush`).
 """
 
 from __future__ import annotations
@@ -66,19 +67,16 @@ class JobTracker:
             return Tracked(JobStore.new(job.message_id, job.message_type, record_params(job.payload)), None, replayed)
         return Tracked(*found, replayed)
 
-    def mark_running(self, tracked: Tracked, attempt: int) -> None:
-        """Start writing the running mark beside the work (not when the stored record turns out to be settled:
-        then `tracked` holds that); the next write of this record waits for it."""
+    def mark_running(self, tracked: Tracked, attempt: int) -> asyncio.Task[bool]:
+        """Start writing the running mark beside the work; the next write of this record waits for it, and so does
+        the job before its first lasting side effect (Job.still_wanted). The task's result: True when written,
+        False when the stored record turned out settled (withdrawn by the API, or finished by another delivery:
+        then `tracked` holds that and nothing was written)."""
         tracked.marking = asyncio.create_task(
             self._apply(tracked, _running(attempt), durable=False, background=True),
             name=f"running-{tracked.record.job_id}",
         )
-
-    async def claim(self, tracked: Tracked, attempt: int) -> bool:
-        """Write the running mark and wait for it, before the work: the job runs only if the write finds its record
-        still queued (or running for another delivery). False when it is settled (withdrawn by the API, or
-        finished meanwhile): nothing written, `tracked` holds what is stored."""
-        return await self._apply(tracked, _running(attempt), durable=False)
+        return tracked.marking
 
     async def succeeded(self, tracked: Tracked, outcome: Succeeded, attempt: int) -> bool:
         """Write the succeeded record where readers see it at once, not yet flushed to a local disk: the requester

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -20,20 +21,30 @@ class PieceSink(Protocol):
 @dataclass(frozen=True, slots=True)
 class Job:
     """A decoded message: its id, type, validated payload and priority; `pieces` when the requester asked for the
-    output streamed (a handler that cannot stream ignores it)."""
+    output streamed (a handler that cannot stream ignores it); `marking`: its record's running mark being written
+    (a job with a record)."""
 
     message_id: str
     message_type: str
     payload: Any
     priority: int
     pieces: PieceSink | None = None
+    marking: asyncio.Task[bool] | None = None
+
+    async def still_wanted(self) -> bool:
+        """Whether the job may make its outputs, asked before its first lasting side effect (an object stored, a
+        point written or deleted): True once its running mark is written (at once for a job without a record);
+        False when the mark found the record settled: withdrawn by the API (whose client was told the job does not
+        run) or finished by another delivery; the job then returns SETTLED_ELSEWHERE. Raises what the mark's write
+        raised (the store unavailable): the job is retried. The mark and the API's withdrawal are conditional
+        writes on the same version of the record, so exactly one of the two is made."""
+        return True if self.marking is None else await self.marking
 
 
 class Handler(Protocol):
     message_type: str
     batch_size: int
     always_record: bool  # keep a job record even when the message does not ask for one
-    reports_running: bool  # record the running state before the work starts (worth it for slow jobs)
     pipelined: bool  # several batches may be in `handle` at once (the handler keeps its model stage in order)
 
     async def handle(self, jobs: Sequence[Job]) -> list[Outcome]:

@@ -56,7 +56,6 @@ class BucketEventHandler:
 
     message_type = BUCKET_EVENT
     always_record = False
-    reports_running = False
     pipelined = True
 
     def __init__(

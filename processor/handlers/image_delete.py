@@ -13,7 +13,7 @@ from contract.messages import IMAGE_DELETE, ImageDeleteV1
 from infra.storage import ObjectStore
 from infra.vectors import VectorIndex, VectorIndexUnavailableError
 from processor.handlers.base import Job
-from processor.outcomes import Failed, Outcome, Succeeded
+from processor.outcomes import SETTLED_ELSEWHERE, Failed, Outcome, Succeeded
 from processor.retrying import TRANSIENT_ERRORS, retry_transient
 
 log = structlog.get_logger(__name__)
@@ -53,17 +53,19 @@ class ImageDeleteHandler:
     message_type = IMAGE_DELETE
     batch_size = 1
     always_record = False
-    reports_running = False
     pipelined = False
 
     def __init__(self, deleter: ImageDeleter) -> None:
         self._deleter = deleter
 
     async def handle(self, jobs: Sequence[Job]) -> list[Outcome]:
-        return [await self._one(job.payload) for job in jobs]
+        return [await self._one(job) for job in jobs]
 
-    async def _one(self, payload: ImageDeleteV1) -> Outcome:
+    async def _one(self, job: Job) -> Outcome:
+        payload: ImageDeleteV1 = job.payload
         try:
+            if not await job.still_wanted():
+                return SETTLED_ELSEWHERE
             if payload.image_id is not None:
                 result = await self._deleter.delete_by_id(payload.image_id)
             else:

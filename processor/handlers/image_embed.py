@@ -18,7 +18,6 @@ from processor.outcomes import Failed, Outcome, Succeeded
 class ImageEmbedHandler:
     message_type = IMAGE_EMBED
     always_record = False
-    reports_running = False
     pipelined = False
 
     def __init__(self, *, embedder: ClipEmbedder, batch_size: int, max_pixels: int) -> None:

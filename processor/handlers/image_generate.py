@@ -16,8 +16,7 @@ from infra.storage import ObjectStore
 from models.diffusion import GenerationParams, ImageGenerator, UnsupportedParameterError
 from processor.handlers.base import Job
 from processor.outcomes import Failed, Outcome, Succeeded
-from processor.outputs import keyed_output, store_once
-from processor.retrying import TRANSIENT_ERRORS
+from processor.outputs import keyed_output, store_output
 
 log = structlog.get_logger(__name__)
 
@@ -77,10 +76,10 @@ class ImageGenerateHandler:
         except UnsupportedParameterError as exc:
             return Failed("unsupported_parameter", str(exc))
         key = generated_key(job.message_id)
-        try:
-            png = await store_once(self._store, key, png, "image/png", durable=False)
-        except TRANSIENT_ERRORS as exc:
-            return Failed("storage_unavailable", str(exc), transient=True)
+        stored = await store_output(job, self._store, key, png, "image/png")
+        if not isinstance(stored, bytes):
+            return stored
+        png = stored
         log.info(
             "image_generated",
             job_id=job.message_id,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -24,7 +24,7 @@ from infra.vectors import ImageRecord, VectorIndex
 from models.clip import ClipEmbedder
 from models.clip_inputs import EncodedJpeg
 from processor.handlers.base import Job
-from processor.outcomes import Failed, Outcome, Succeeded
+from processor.outcomes import SETTLED_ELSEWHERE, Failed, Outcome, SettledElsewhere, Succeeded
 from processor.retrying import TRANSIENT_ERRORS, retry_transient
 
 log = structlog.get_logger(__name__)
@@ -110,6 +110,7 @@ class _Prepared:
     inputs: Any  # the image tower's input (ClipEmbedder.prepare or decode_jpegs), or an EncodedJpeg until decoded
     thumbnail: bytes | asyncio.Future[bytes] | None  # made, or being made in a decode thread
     job: ImageIndexV1
+    still_wanted: Callable[[], Awaitable[bool]]  # Job.still_wanted, asked before the first object is stored
 
 
 class _LookedUp(NamedTuple):
@@ -132,7 +133,6 @@ class ImageIndexHandler:
 
     message_type = IMAGE_INDEX
     always_record = False
-    reports_running = False
     pipelined = True
 
     def __init__(
@@ -300,12 +300,18 @@ class ImageIndexHandler:
             inputs=made.inputs,
             thumbnail=_awaitable(made.thumbnail),
             job=payload,
+            still_wanted=job.still_wanted,
         )
 
-    async def _store_objects(self, item: _Prepared, indexed_before: bool) -> Failed | None:
-        """The original (unless it was indexed in place) and the thumbnail, side by side under the store's bound.
-        Without thumbnails at index time, an image indexed again loses the thumbnail of what it was (the API makes
-        the new one when it is first asked for)."""
+    async def _store_objects(self, item: _Prepared, indexed_before: bool) -> Failed | SettledElsewhere | None:
+        """The original (unless it was indexed in place) and the thumbnail, side by side under the store's bound,
+        if the job is still wanted. Without thumbnails at index time, an image indexed again loses the thumbnail of
+        what it was (the API makes the new one when it is first asked for)."""
+        try:
+            if not await item.still_wanted():
+                return SETTLED_ELSEWHERE
+        except TRANSIENT_ERRORS as exc:
+            return Failed("storage_unavailable", str(exc), transient=True)
         writes = [self._put(item.r2_key, item.data, item.decoded.content_type)] if item.data is not None else []
         if item.thumbnail is not None:
             writes.append(self._put_thumbnail(item.image_id, item.thumbnail))

@@ -21,7 +21,7 @@ from infra.storage import InvalidKeyError, ObjectNotFoundError, ObjectStore, Obj
 from models.voice import VoiceCloner
 from processor.handlers.base import Job, PieceSink
 from processor.outcomes import Failed, Outcome, Succeeded
-from processor.outputs import keyed_output, store_once
+from processor.outputs import keyed_output, store_output
 from processor.retrying import TRANSIENT_ERRORS, retry_transient
 from processor.text_chunks import split_sentences, split_text
 
@@ -65,7 +65,6 @@ class VoiceGenerateHandler:
     message_type = VOICE_GENERATE
     batch_size = 1
     always_record = True
-    reports_running = True
     pipelined = False
 
     def __init__(self, *, store: ObjectStore, cloner: VoiceCloner, settings: Settings) -> None:
@@ -143,10 +142,10 @@ class VoiceGenerateHandler:
         pieces = split_text(payload.text, self._settings.voice_chunk_chars)
         mp3, samples = await asyncio.to_thread(self._speak_whole, reference, payload.ref_text, pieces, language)
         key = generated_key(job.message_id)
-        try:
-            mp3 = await store_once(self._store, key, mp3, "audio/mpeg", durable=False)
-        except TRANSIENT_ERRORS as exc:
-            return Failed("storage_unavailable", str(exc), transient=True)
+        stored = await store_output(job, self._store, key, mp3, "audio/mpeg")
+        if not isinstance(stored, bytes):
+            return stored
+        mp3 = stored
         seconds = round(samples / SAMPLE_RATE, 3)
         self._log(job, key, seconds, len(pieces), language, reference)
         return Succeeded(self._result(key, mp3, seconds, len(pieces), language), attachment=mp3, unflushed=(key,))
@@ -172,10 +171,9 @@ class VoiceGenerateHandler:
         pieces = split_sentences(payload.text, self._settings.voice_chunk_chars)
         mp3, samples = await self._speak_streamed(sink, reference, payload.ref_text, pieces, language)
         key = generated_key(job.message_id)
-        try:
-            stored = await store_once(self._store, key, mp3, "audio/mpeg", durable=False)
-        except TRANSIENT_ERRORS as exc:
-            return Failed("storage_unavailable", str(exc), transient=True)
+        stored = await store_output(job, self._store, key, mp3, "audio/mpeg")
+        if not isinstance(stored, bytes):
+            return stored
         if stored != mp3:
             log.warning("voice_stream_differs_from_stored", job_id=job.message_id, key=key)
         seconds = round(samples / SAMPLE_RATE, 3)
