@@ -17,8 +17,11 @@ from api.streaming import StreamBrokenError, accepts, stream_pieces
 from contract.audio import SAMPLE_RATE
 from contract.jobs import job_id_for_idempotency_key
 from contract.messages import VOICE_GENERATE, ErrorInfo, JobReply
+from contract.metrics import REGISTRY
 from contract.mp3 import Mp3File, Mp3Stream, encode_mp3, mp3_seconds
+from infra.broker import BrokerUnavailableError
 from processor.text_chunks import split_sentences, split_text
+from tests.support.amqp import wait_until
 from tests.support.audio import mp3_info, speech_clip
 from tests.support.server import running_server
 from tests.test_voice import form
@@ -170,6 +173,45 @@ async def test_a_redelivered_job_streams_the_stored_output(server, s3, monkeypat
     assert job["status"] == "succeeded", job
     assert job["result"]["size"] == len(earlier)
     assert job["result"]["duration_seconds"] == pytest.approx(1.0, abs=0.001)
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["whole", "streamed"])
+async def test_a_withdrawn_voice_job_stores_nothing(server, s3, monkeypatch, streamed):
+    """The connection is lost before the confirm comes, and the message reaches its queue a moment after the API
+    withdrew the job and answered 503: the model may speak, but the job waits for its running mark before storing
+    its MP3, the mark finds the record withdrawn, and nothing is stored (the job is acknowledged as withdrawn)."""
+    labels = {"type": VOICE_GENERATE, "outcome": "withdrawn"}
+    before = REGISTRY.get_sample_value("ams_jobs_total", labels) or 0
+    publisher = server.services.publisher
+    real = publisher.publish
+    sent: list[asyncio.Task[None]] = []
+    job_ids: list[str] = []
+
+    async def routed_later(**kwargs):
+        async def later() -> None:
+            await asyncio.sleep(0.5)
+            await real(**kwargs)
+
+        job_ids.append(kwargs["message_id"])
+        sent.append(asyncio.create_task(later()))
+        raise BrokerUnavailableError("the connection was lost before the confirm came")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(publisher, "publish", routed_later)
+        request = STREAMED if streamed else {}
+        response = await server.client.post(
+            "/v1/voice/generate", **request, **form(speech_clip("wav"), text=THREE_SENTENCES)
+        )
+    assert response.status_code == 503, response.text
+    await sent[0]
+
+    def settled_as_withdrawn() -> bool:
+        return (REGISTRY.get_sample_value("ams_jobs_total", labels) or 0) - before == 1
+
+    await wait_until(settled_as_withdrawn, timeout=60)
+    job = (await server.client.get(f"/v1/jobs/{job_ids[0]}")).json()
+    assert (job["status"], job["error"]["code"]) == ("failed", "withdrawn"), job
+    assert f"voice/generated/{job_ids[0]}.mp3" not in s3.keys(server.bucket, "voice/generated/")
 
 
 async def test_streaming_refuses_what_it_always_refused(server, s3):
