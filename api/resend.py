@@ -10,8 +10,9 @@ again (a conditional write: of several API processes, one sends) and the message
 as any retry of an unfinished job.
 
 A job merely waiting in a long queue gets a duplicate message this way, at most one per RESEND_AFTER_SECONDS and
-only while its client retries: a processor claims it (its stamp is old by the time it is delivered) and finds the
-job settled, or, if both are delivered together, runs it once more, converging on the same record and output.
+only while its client retries: the second to arrive makes nothing once the job is settled (its running mark
+finds the record settled), or, if both are delivered together, runs it once more, converging on the same record
+and output.
 If the publish certainly reached no queue, the stamp is put back, so the next retry sends it at once.
 """
 

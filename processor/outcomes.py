@@ -28,8 +28,8 @@ class Failed:
 
 @dataclass(frozen=True, slots=True)
 class Withdrawn:
-    """The job's record says the API withdrew it (contract/jobs.py WITHDRAWN): it is not run, and its message is
-    acknowledged with nothing recorded, replied or dead-lettered."""
+    """The job's record says the API withdrew it (contract/jobs.py WITHDRAWN): it made nothing (it was not run, or
+    its work was dropped), and its message is acknowledged with nothing recorded, replied or dead-lettered."""
 
     reason: str
 
