@@ -12,8 +12,7 @@ as any retry of an unfinished job.
 A job merely waiting in a long queue gets a duplicate message this way, at most one per RESEND_AFTER_SECONDS and
 only while its client retries: the second to arrive makes nothing once the job is settled (its running mark
 finds the record settled), or, if both are delivered together, runs it once more, converging on the same record
-and output.
-If the publish certainly reached no queue, the stamp is put back, so the next retry sends it at once.
+and output. If the publish certainly reached no queue, the stamp is put back, so the next retry sends it at once.
 """
 
 from __future__ import annotations
