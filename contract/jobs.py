@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import uuid
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
@@ -166,18 +166,24 @@ class JobStore:
     async def delete(self, job_id: str) -> None:
         await self._store.delete(record_key(job_id))
 
+    async def stored(self) -> AsyncIterator[tuple[str, JobRecord]]:
+        """Every readable record in the store with its key, expired ones included (one read per record)."""
+        async for info in self._store.list(JOBS_PREFIX):
+            try:
+                stored = await self._store.get(info.key)
+            except ObjectNotFoundError:  # deleted since it was listed
+                continue
+            record = _readable(stored.data, info.key.removeprefix(JOBS_PREFIX).removesuffix(".json"))
+            if record is not None:
+                yield info.key, record
+
     async def sweep(self) -> int:
         """Delete the expired records; returns how many."""
         now = datetime.now(tz=UTC)
         removed = 0
-        async for info in self._store.list(JOBS_PREFIX):
-            try:
-                stored = await self._store.get(info.key)
-                record = msgspec.json.decode(stored.data, type=JobRecord)
-            except (ObjectNotFoundError, msgspec.DecodeError, msgspec.ValidationError):
-                continue
+        async for key, record in self.stored():
             if self.expired(record, now):
-                await self._store.delete(info.key)
+                await self._store.delete(key)
                 removed += 1
         return removed
 

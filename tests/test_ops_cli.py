@@ -15,7 +15,10 @@ import pytest
 from click.testing import CliRunner, Result
 
 from contract.image_ids import image_id_for_key, thumbnail_key
+from contract.jobs import WITHDRAWN, JobRecord, JobStore
+from contract.messages import ErrorInfo
 from infra.settings import Settings
+from infra.storage.local import LocalStore
 from processor.ops.__main__ import cli
 from processor.ops.backfill import plan_backfill
 from processor.ops.filters import Selection
@@ -106,7 +109,8 @@ def queued_ids(amqp_url: str, queue: str) -> list[str | None]:
 
 
 def test_every_command_has_help_and_the_exit_codes():
-    for command in ([], ["dlq"], ["dlq", "list"], ["dlq", "show"], ["dlq", "replay"], ["dlq", "purge"], ["backfill"]):
+    commands = ([], ["dlq"], ["dlq", "list"], ["dlq", "show"], ["dlq", "replay"], ["dlq", "purge"], ["backfill"])
+    for command in (*commands, ["jobs"], ["jobs", "list"], ["jobs", "show"]):
         result = CliRunner().invoke(cli, [*command, "--help"])
         assert result.exit_code == 0, result.output
         assert "Usage:" in result.stdout
@@ -375,6 +379,110 @@ def test_the_cli_imports_no_model_code():
     result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
     loaded = set(json.loads(result.stdout))
     assert not loaded & {"torch", "diffusers", "open_clip", "qwen_tts", "transformers", "api", "PIL"}
+
+
+def _stamp(ago: dt.timedelta) -> str:
+    return (dt.datetime.now(tz=dt.UTC) - ago).isoformat().replace("+00:00", "Z")
+
+
+def _record(job_id: str, job_type: str, status: str, ago: dt.timedelta, **fields) -> JobRecord:
+    record = JobStore.new(job_id, job_type, {"prompt": job_id})
+    record.status, record.created_at, record.updated_at = status, _stamp(ago), _stamp(ago)
+    if status in ("succeeded", "failed"):
+        record.finished_at = record.updated_at
+    for name, value in fields.items():
+        setattr(record, name, value)
+    return record
+
+
+DOWN = ErrorInfo(code="storage_unavailable", message="down")
+JOB_RECORDS = [
+    _record("stuck", "image.generate", "queued", 2 * HOUR),
+    _record("waiting", "voice.generate", "queued", MINUTE),
+    _record("retrying", "image.generate", "queued", MINUTE, attempts=1, last_error=DOWN),
+    _record("busy", "voice.generate", "running", MINUTE, attempts=1),
+    _record("done", "image.generate", "succeeded", HOUR, attempts=1, result={"key": "images/generated/done.png"}),
+    _record("gone", "image.generate", "failed", HOUR, error=ErrorInfo(code=WITHDRAWN, message="the broker blocked")),
+    _record("expired", "image.generate", "succeeded", 30 * DAY, attempts=1),
+]
+
+
+@pytest.fixture(scope="module")
+def jobs_env(make_env) -> dict[str, str]:
+    env = make_env()
+
+    async def seed() -> None:
+        jobs = JobStore(LocalStore(Path(env["LOCAL_STORAGE_DIR"])), ttl_days=7)
+        for record in JOB_RECORDS:
+            await jobs.create(record)
+
+    asyncio.run(seed())
+    return env
+
+
+def _listed(result: Result) -> list[str]:
+    return [line.split()[0] for line in result.stdout.splitlines()[1:] if line.strip() and " of " not in line]
+
+
+def test_jobs_list_shows_every_record_not_expired_oldest_first(jobs_env):
+    result = ams_ops(jobs_env, "jobs", "list")
+    assert result.exit_code == 0, result.output
+    header = ["JOB", "ID", "TYPE", "STATUS", "CODE", "ATTEMPTS", "CREATED", "UPDATED"]
+    assert result.stdout.splitlines()[0].split() == header
+    assert _listed(result) == ["stuck", "done", "gone", "waiting", "retrying", "busy"]
+    assert result.stdout.rstrip().endswith("6 of 6 job records")
+    assert "storage_unavailable" in result.stdout and WITHDRAWN in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--status", "queued", "--updated-before", "1h"], ["stuck"]),
+        (["--status", "queued"], ["stuck", "waiting", "retrying"]),
+        (["--code", WITHDRAWN], ["gone"]),
+        (["--code", "storage_unavailable", "--code", WITHDRAWN], ["gone", "retrying"]),
+        (["--type", "voice.generate"], ["waiting", "busy"]),
+        (["--status", "running", "--status", "succeeded"], ["done", "busy"]),
+    ],
+)
+def test_jobs_list_filters(jobs_env, args, expected):
+    result = ams_ops(jobs_env, "jobs", "list", *args)
+    assert result.exit_code == 0, result.output
+    assert _listed(result) == expected
+    assert result.stdout.rstrip().endswith(f"{len(expected)} of 6 job records")
+
+
+def test_jobs_list_json_and_nothing_matching(jobs_env):
+    result = ams_ops(jobs_env, "jobs", "list", "--json", "--status", "failed")
+    assert result.exit_code == 0, result.output
+    (gone,) = json.loads(result.stdout)
+    assert (gone["job_id"], gone["error"]["code"]) == ("gone", WITHDRAWN)
+    none = ams_ops(jobs_env, "jobs", "list", "--type", "image.index")
+    assert (none.exit_code, none.stdout.strip()) == (0, "no job records match (6 in all)")
+    assert json.loads(ams_ops(jobs_env, "jobs", "list", "--json", "--type", "image.index").stdout) == []
+
+
+def test_jobs_show_prints_one_record_and_fails_for_an_unknown_or_expired_id(jobs_env):
+    result = ams_ops(jobs_env, "jobs", "show", "done")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["result"] == {"key": "images/generated/done.png"}
+    for job_id in ("nope", "expired"):
+        missing = ams_ops(jobs_env, "jobs", "show", job_id)
+        assert missing.exit_code == 1
+        assert missing.stderr == f"ams-ops: no job record with id {job_id!r}\n"
+
+
+def test_jobs_list_with_no_records(make_env):
+    result = ams_ops(make_env(), "jobs", "list")
+    assert (result.exit_code, result.stdout.strip()) == (0, "no job records")
+
+
+def test_jobs_with_the_store_unreachable_fail_with_one_line(make_env):
+    env = make_env(r2_bucket="nowhere", endpoint=f"http://127.0.0.1:{free_port()}")
+    result = _run_module(env, "jobs", "list")
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.startswith("ams-ops: object store not usable:")
+    assert len(result.stderr.splitlines()) == 1
 
 
 async def ams_ops_process(env: dict[str, str], *args: str) -> tuple[int, str, str]:

@@ -4,6 +4,8 @@
     ams-ops dlq show ID                          one dead letter: properties, headers, body decoded
     ams-ops dlq replay (FILTERS | --all) [--dry-run]          publish matching dead letters to ams.jobs again
     ams-ops dlq purge (FILTERS | --all) [--dry-run] [--yes]   delete matching dead letters
+    ams-ops jobs list [--status S] [--type T] [--code C] [--updated-before WHEN] [--json]   job records, oldest first
+    ams-ops jobs show ID                         one job record, as JSON
     ams-ops backfill --prefix P [--dry-run] [--api-url URL] [--json]   index images already in the bucket
     ams-ops backfill --thumbnails [--api-url URL] [--json]             make the missing thumbnails of indexed images
     ams-ops index stats [--json]                 the image index: points, graph, disk, backups
@@ -16,7 +18,7 @@ compared with the last failure. Settings come from the server's environment (AMQ
 
 Exit codes:
     0  success, also when nothing matched
-    1  an operation failed: RabbitMQ, storage or the API unreachable, no dead letter with that id
+    1  an operation failed: RabbitMQ, storage or the API unreachable, no dead letter or job record with that id
     2  usage or configuration error: bad option, replay/purge without a filter, a bad environment variable
 Errors are one line on stderr, starting with "ams-ops:".
 """
@@ -45,6 +47,7 @@ from processor.ops.dlq import open_dead_letters
 from processor.ops.errors import OperationFailedError
 from processor.ops.filters import Selection, parse_when
 from processor.ops.index import backup_now, build_graph, index_report, restore_backup
+from processor.ops.jobs import JobSelection, get_job, job_json, jobs_json, jobs_table, list_jobs
 from processor.ops.render import letter_details, letters_json, letters_table
 from processor.ops.thumbnails import ThumbnailReport, run_thumbnail_backfill
 
@@ -54,7 +57,7 @@ EXIT_CODES = """\b
 Exit codes:
   0  success, also when nothing matched
   1  an operation failed: RabbitMQ, storage or the API unreachable,
-     no dead letter with that id
+     no dead letter or job record with that id
   2  usage or configuration error: bad option, replay/purge without a
      filter, a bad environment variable
 """
@@ -159,8 +162,8 @@ def _selection(
 
 @click.group(epilog=EXIT_CODES, context_settings={"help_option_names": ["-h", "--help"]})
 def cli() -> None:
-    """Operate an AI model server deployment: inspect, replay and purge dead letters; backfill, back up and
-    restore the image index.
+    """Operate an AI model server deployment: inspect, replay and purge dead letters; list job records;
+    backfill, back up and restore the image index.
 
     Settings come from the same environment as the server (AMQP_URL, AMQP_CONNECT_TIMEOUT_SECONDS,
     R2_*, LOCAL_STORAGE_DIR, ...).
@@ -306,6 +309,66 @@ def purge(
             click.echo(f"deleted {len(matching)}, left {queue.remaining} in {DEAD_QUEUE}")
 
     _run(work())
+
+
+@cli.group(epilog=EXIT_CODES)
+def jobs() -> None:
+    """Job records: what became of each job the server was asked for (read from the object store).
+
+    Records of finished jobs are kept JOB_RECORD_TTL_DAYS; those of unfinished jobs until they finish. A job
+    `queued` long after it was asked for, never attempted, may be one whose API process stopped before publishing
+    it (see the README: a job whose message never left).
+    """
+
+
+@jobs.command("list", epilog=EXIT_CODES)
+@click.option(
+    "--status",
+    "statuses",
+    multiple=True,
+    type=click.Choice(["queued", "running", "succeeded", "failed"]),
+    help="Job status (repeatable).",
+)
+@click.option("--type", "types", multiple=True, metavar="TYPE", help="Job type, e.g. image.generate (repeatable).")
+@click.option(
+    "--code",
+    "codes",
+    multiple=True,
+    metavar="CODE",
+    help="Error code of a failed job (e.g. withdrawn), or the last error's of one waiting for a retry (repeatable).",
+)
+@click.option(
+    "--updated-before",
+    type=When(),
+    help="Last changed before WHEN: ISO-8601 (UTC if no zone) or an age (30m, 2h, 1d): jobs stuck that long.",
+)
+@click.option("--json", "as_json", is_flag=True, help="A JSON array of the records instead of the table.")
+def list_jobs_command(
+    statuses: tuple[str, ...],
+    types: tuple[str, ...],
+    codes: tuple[str, ...],
+    updated_before: dt.datetime | None,
+    as_json: bool,
+) -> None:
+    """List job records (all, or those matching the filters), oldest first."""
+    selection = JobSelection(frozenset(statuses), frozenset(types), frozenset(codes), updated_before)
+    matching, total = _run(list_jobs(_settings(), selection))
+    if as_json:
+        click.echo(jobs_json(matching))
+    elif not total:
+        click.echo("no job records")
+    elif not matching:
+        click.echo(f"no job records match ({total} in all)")
+    else:
+        click.echo(jobs_table(matching))
+        click.echo(f"\n{len(matching)} of {total} job records")
+
+
+@jobs.command("show", epilog=EXIT_CODES)
+@click.argument("job_id", metavar="ID")
+def show_job(job_id: str) -> None:
+    """One job record, whole, as JSON."""
+    click.echo(job_json(_run(get_job(_settings(), job_id))))
 
 
 def _confirm(question: str) -> bool:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from infra.settings import Settings
-from infra.storage import ObjectStore, StorageError, open_store
+from infra.storage import ObjectStore, StorageError
 from infra.vectors import (
     IndexExistsError,
     IndexInUseError,
@@ -25,6 +25,7 @@ from infra.vectors import (
 )
 from infra.vectors.backup import BackupInfo, IndexBackupError, IndexBackups, RestoreReport
 from processor.ops.errors import OperationFailedError
+from processor.ops.stores import opened_store
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,19 +59,6 @@ async def reach_index(settings: Settings, *, exclusive: bool = False) -> AsyncIt
         await index.close()
 
 
-@asynccontextmanager
-async def _store(settings: Settings) -> AsyncIterator[ObjectStore]:
-    try:
-        store = await open_store(settings)
-        await store.ping()
-    except StorageError as exc:
-        raise OperationFailedError(f"object store not usable: {exc}") from None
-    try:
-        yield store
-    finally:
-        await store.close()
-
-
 def _backups(settings: Settings, index: VectorIndex, store: ObjectStore) -> IndexBackups:
     return IndexBackups(
         index,
@@ -86,7 +74,7 @@ async def index_report(settings: Settings) -> IndexReport:
         if not index.supports_snapshots:
             return IndexReport(stats, attached, None, None)
         try:
-            async with _store(settings) as store:
+            async with opened_store(settings) as store:
                 backups = await _backups(settings, index, store).list()
         except (OperationFailedError, StorageError) as exc:
             return IndexReport(stats, attached, None, str(exc))
@@ -94,7 +82,7 @@ async def index_report(settings: Settings) -> IndexReport:
 
 
 async def backup_now(settings: Settings) -> BackupInfo:
-    async with reach_index(settings) as (index, _attached), _store(settings) as store:
+    async with reach_index(settings) as (index, _attached), opened_store(settings) as store:
         if (await index.stats()).model_id is None:
             raise OperationFailedError("there is no index to back up yet")
         try:
@@ -104,7 +92,7 @@ async def backup_now(settings: Settings) -> BackupInfo:
 
 
 async def restore_backup(settings: Settings, key: str | None, *, replace: bool) -> RestoreReport:
-    async with reach_index(settings, exclusive=True) as (index, _attached), _store(settings) as store:
+    async with reach_index(settings, exclusive=True) as (index, _attached), opened_store(settings) as store:
         try:
             report = await _backups(settings, index, store).restore(key, replace=replace)
         except IndexExistsError:

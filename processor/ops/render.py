@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 import msgspec
@@ -17,25 +18,32 @@ _TEXT_PREVIEW = 2000
 _HEX_PREVIEW = 256
 
 
-def letters_table(letters: list[DeadLetter]) -> str:
-    rows = [
-        tuple(
-            MISSING if value is None else str(value)
-            for value in (
-                letter.message_id,
-                letter.type,
-                letter.reason_code,
-                letter.attempts,
-                letter.first_failed_at,
-                letter.last_failed_at,
-            )
-        )
-        for letter in letters
-    ]
-    widths = [max(len(row[column]) for row in [COLUMNS, *rows]) for column in range(len(COLUMNS))]
+def table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Aligned columns under their names, two spaces apart."""
+    widths = [max(len(row[column]) for row in [columns, *rows]) for column in range(len(columns))]
     return "\n".join(
         "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-        for row in [COLUMNS, *rows]
+        for row in [columns, *rows]
+    )
+
+
+def letters_table(letters: list[DeadLetter]) -> str:
+    return table(
+        COLUMNS,
+        [
+            tuple(
+                MISSING if value is None else str(value)
+                for value in (
+                    letter.message_id,
+                    letter.type,
+                    letter.reason_code,
+                    letter.attempts,
+                    letter.first_failed_at,
+                    letter.last_failed_at,
+                )
+            )
+            for letter in letters
+        ],
     )
 
 

@@ -1,0 +1,108 @@
+"""Job records for the operator: which jobs are where (queued, running, finished), filtered, and one job whole.
+
+They are read from the object store the server writes them to (jobs/<id>.json), one read per record: on R2 a
+listing costs a GET per job kept (records are kept JOB_RECORD_TTL_DAYS after they finish). Expired records read
+as absent, as they do for the API.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from dataclasses import dataclass
+
+import msgspec
+
+from contract.jobs import JobRecord, JobStore, age_seconds
+from infra.settings import Settings
+from infra.storage import StorageError
+from processor.ops.errors import OperationFailedError
+from processor.ops.render import MISSING, table
+from processor.ops.stores import opened_store
+
+COLUMNS = ("JOB ID", "TYPE", "STATUS", "CODE", "ATTEMPTS", "CREATED", "UPDATED")
+
+
+@dataclass(frozen=True, slots=True)
+class JobSelection:
+    """Records matching every given criterion; within one criterion any of the values matches. `code` is the
+    error's code of a failed job, or the last error's of one waiting for a retry."""
+
+    statuses: frozenset[str] = frozenset()
+    types: frozenset[str] = frozenset()
+    codes: frozenset[str] = frozenset()
+    updated_before: dt.datetime | None = None
+
+    def matches(self, record: JobRecord) -> bool:
+        if self.statuses and record.status not in self.statuses:
+            return False
+        if self.types and record.type not in self.types:
+            return False
+        if self.codes and code_of(record) not in self.codes:
+            return False
+        if self.updated_before is None:
+            return True
+        try:
+            return age_seconds(record.updated_at, self.updated_before) >= 0
+        except ValueError:
+            return False
+
+
+def code_of(record: JobRecord) -> str | None:
+    error = record.error or record.last_error
+    return error.code if error is not None else None
+
+
+async def list_jobs(settings: Settings, selection: JobSelection) -> tuple[list[JobRecord], int]:
+    """The records matching `selection`, oldest first, and how many records there are in all."""
+    matching, total = [], 0
+    async with opened_store(settings) as store:
+        jobs = JobStore(store, settings.job_record_ttl_days)
+        try:
+            async for _, record in jobs.stored():
+                if jobs.expired(record):
+                    continue
+                total += 1
+                if selection.matches(record):
+                    matching.append(record)
+        except StorageError as exc:
+            raise OperationFailedError(f"cannot read the job records: {exc}") from None
+    matching.sort(key=lambda record: (record.created_at, record.job_id))
+    return matching, total
+
+
+async def get_job(settings: Settings, job_id: str) -> JobRecord:
+    async with opened_store(settings) as store:
+        try:
+            record = await JobStore(store, settings.job_record_ttl_days).get(job_id)
+        except StorageError as exc:
+            raise OperationFailedError(f"cannot read the record of job {job_id!r}: {exc}") from None
+    if record is None:
+        raise OperationFailedError(f"no job record with id {job_id!r}")
+    return record
+
+
+def jobs_table(records: list[JobRecord]) -> str:
+    return table(
+        COLUMNS,
+        [
+            (
+                record.job_id,
+                record.type,
+                record.status,
+                code_of(record) or MISSING,
+                str(record.attempts),
+                record.created_at,
+                record.updated_at,
+            )
+            for record in records
+        ],
+    )
+
+
+def jobs_json(records: list[JobRecord]) -> str:
+    return json.dumps(msgspec.to_builtins(records), indent=2, ensure_ascii=False)
+
+
+def job_json(record: JobRecord) -> str:
+    return json.dumps(msgspec.to_builtins(record), indent=2, ensure_ascii=False)
