@@ -9,6 +9,7 @@ it finished: it reads as absent, and processors delete expired records (`sweep`)
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import uuid
 from collections.abc import AsyncIterator, Mapping
@@ -24,6 +25,7 @@ from infra.storage import ObjectNotFoundError, ObjectStore, PreconditionFailedEr
 log = structlog.get_logger(__name__)
 
 JOBS_PREFIX = "jobs/"
+READ_AHEAD = 32  # records read at once when all are read (listing, sweep)
 RECORD_HEADER = "x-ams-job-record"  # the API recorded this job: the processor keeps its record up to date
 # the queued record as the API wrote it (JSON) and its version (ETag): a first delivery need not read it back
 QUEUED_RECORD_HEADER = "x-ams-job-record-queued"
@@ -167,15 +169,28 @@ class JobStore:
         await self._store.delete(record_key(job_id))
 
     async def stored(self) -> AsyncIterator[tuple[str, JobRecord]]:
-        """Every readable record in the store with its key, expired ones included (one read per record)."""
+        """Every readable record in the store with its key, expired ones included: one read per record, up to
+        READ_AHEAD at once (on R2 each is a GET)."""
+        keys: list[str] = []
         async for info in self._store.list(JOBS_PREFIX):
+            keys.append(info.key)
+            if len(keys) == READ_AHEAD:
+                for found in await self._read_many(keys):
+                    yield found
+                keys = []
+        for found in await self._read_many(keys):
+            yield found
+
+    async def _read_many(self, keys: list[str]) -> list[tuple[str, JobRecord]]:
+        async def read(key: str) -> tuple[str, JobRecord] | None:
             try:
-                stored = await self._store.get(info.key)
+                stored = await self._store.get(key)
             except ObjectNotFoundError:  # deleted since it was listed
-                continue
-            record = _readable(stored.data, info.key.removeprefix(JOBS_PREFIX).removesuffix(".json"))
-            if record is not None:
-                yield info.key, record
+                return None
+            record = _readable(stored.data, key.removeprefix(JOBS_PREFIX).removesuffix(".json"))
+            return None if record is None else (key, record)
+
+        return [found for found in await asyncio.gather(*(read(key) for key in keys)) if found is not None]
 
     async def sweep(self) -> int:
         """Delete the expired records; returns how many."""

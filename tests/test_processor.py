@@ -22,6 +22,7 @@ from contract.image_ids import thumbnail_key
 from contract.jobs import (
     QUEUED_RECORD_HEADER,
     QUEUED_VERSION_HEADER,
+    READ_AHEAD,
     RECORD_HEADER,
     JobStore,
     queued_record,
@@ -183,6 +184,19 @@ async def test_a_job_record_too_deep_or_not_utf8_reads_as_none(tmp_path):
         await store.put(record_key(job_id), data, "application/json")
         assert await jobs.load(job_id) is None
     assert queued_record({QUEUED_RECORD_HEADER: DEEP_RECORD, QUEUED_VERSION_HEADER: "v"}) is None
+
+
+async def test_every_stored_record_is_read_beyond_one_read_ahead(tmp_path):
+    """`stored` reads the records READ_AHEAD at a time: all of them come, each once, an unreadable one left out."""
+    store = LocalStore(tmp_path)
+    jobs = JobStore(store, ttl_days=1)
+    ids = {f"job-{number:03}" for number in range(2 * READ_AHEAD + 5)}
+    for job_id in ids:
+        await jobs.create(JobStore.new(job_id, IMAGE_GENERATE, {}))
+    await store.put(record_key("deep"), DEEP_RECORD.encode(), "application/json")
+    read = [(key, record.job_id) async for key, record in jobs.stored()]
+    assert sorted(job_id for _, job_id in read) == sorted(ids)
+    assert all(key == record_key(job_id) for key, job_id in read)
 
 
 async def test_the_running_mark_is_a_background_write_and_the_outcome_is_not(tmp_path):
