@@ -16,7 +16,7 @@ import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
 
 from contract.bucket_events import BUCKET_EVENT, parse_bucket_event
-from contract.jobs import RECORD_HEADER, JobStore, queued_record
+from contract.jobs import RECORD_HEADER, JobStore, age_seconds, queued_record
 from contract.messages import ContractError, decode_job
 from infra.broker import Publisher, capability_of, declare_topology, topology_on
 from infra.storage import ObjectStore
@@ -31,6 +31,11 @@ from processor.settler import Settler, recorded_outcome
 from processor.tracking import Tracked
 
 log = structlog.get_logger(__name__)
+
+# A first delivery published longer ago than this (by the stamp of the record it carries) writes its running mark
+# before its model starts rather than beside it: a duplicate of a job settled meanwhile, or one the API withdrew,
+# is then not run at all. A fresher one starts at once.
+MARK_BEFORE_RUN_AFTER_SECONDS = 2.0
 
 
 class Consumer:
@@ -155,17 +160,23 @@ class Consumer:
         recorded, a duplicate that another processor finished, a job the API withdrew) is not run again: its
         recorded outcome stands, unless the output it names is lost (then it runs again, its record left succeeded
         meanwhile). Any other tracked job runs with its running mark written beside it, which it waits for before
-        its first lasting side effect (Job.still_wanted): a job the API withdrew meanwhile makes nothing."""
+        its first lasting side effect (Job.still_wanted): a job the API withdrew meanwhile makes nothing. A first
+        delivery that waited in the queue writes its mark before it runs instead, so one settled meanwhile (a
+        duplicate, a withdrawal) is not run at all."""
         tracker = self._settler.tracker
         outcomes: dict[str, Settlement] = {}
         outputs: dict[str, tuple[str, ...]] = {}
         marks: dict[str, asyncio.Task[bool]] = {}
+        late: list[str] = []  # first deliveries that waited in the queue: their marks are awaited before the run
         for message, job in jobs:
             if not (handler.always_record or (message.headers or {}).get(RECORD_HEADER)):
                 continue
             try:
-                tracked = _carried(message, job) or await tracker.load(job, replayed=replayed(message))
+                carried = _carried(message, job)
+                tracked = carried or await tracker.load(job, replayed=replayed(message))
                 records[job.message_id] = tracked
+                if carried is not None and _waited(carried):
+                    late.append(job.message_id)
                 outputs[job.message_id] = _outputs(handler, tracked)
                 if outputs[job.message_id] and await self._lost(outputs[job.message_id]):
                     log.warning(
@@ -178,6 +189,9 @@ class Consumer:
                     marks[job.message_id] = tracker.mark_running(tracked, attempt(message))
             except TRANSIENT_ERRORS as exc:
                 outcomes[job.message_id] = Failed("storage_unavailable", str(exc), transient=True)
+        waiting = [message_id for message_id in late if message_id in marks]
+        settled = await asyncio.gather(*(_settled_by_mark(marks[key], records[key], handler) for key in waiting))
+        outcomes.update({key: outcome for key, outcome in zip(waiting, settled, strict=True) if outcome is not None})
         to_run = [
             dataclasses.replace(job, marking=marks.get(job.message_id))
             for _, job in jobs
@@ -235,6 +249,28 @@ def _outputs(handler: Handler, tracked: Tracked) -> tuple[str, ...]:
     if tracked.record.status != "succeeded" or not isinstance(handler, MakesOutputs):
         return ()
     return handler.outputs(tracked.record.result or {})
+
+
+def _waited(carried: Tracked) -> bool:
+    """Whether a first delivery's carried record was written (just before its publish) over
+    MARK_BEFORE_RUN_AFTER_SECONDS ago: it waited in the queue, long enough for a duplicate or a withdrawal to have
+    settled it meanwhile. (Only what it costs depends on this: a job waits for its mark before its first side
+    effect in any case.)"""
+    try:
+        return age_seconds(carried.record.updated_at) > MARK_BEFORE_RUN_AFTER_SECONDS
+    except ValueError:
+        return True
+
+
+async def _settled_by_mark(mark: asyncio.Task[bool], tracked: Tracked, handler: Handler) -> Settlement | None:
+    """Wait for a late delivery's running mark before its model runs: the record's outcome when the mark found
+    it settled (the job is not run at all), a transient failure when the mark could not be written, else None."""
+    try:
+        if await mark:
+            return None
+    except TRANSIENT_ERRORS as exc:
+        return Failed("storage_unavailable", str(exc), transient=True)
+    return recorded_outcome(tracked.record, _outputs(handler, tracked))
 
 
 def _carried(message: AbstractIncomingMessage, job: Job) -> Tracked | None:

@@ -36,6 +36,26 @@ async def server(env):
         yield running
 
 
+@pytest.fixture
+def model_runs(server, monkeypatch) -> list[str]:
+    """What the models were asked to do: "generate" for each image generated, "embed" for each batch embedded."""
+    runs: list[str] = []
+    runtime = server.processor.runtime
+    generate, embed = runtime.generator.generate, runtime.clip.embed_prepared
+
+    def generated(*args, **kwargs):
+        runs.append("generate")
+        return generate(*args, **kwargs)
+
+    def embedded(*args, **kwargs):
+        runs.append("embed")
+        return embed(*args, **kwargs)
+
+    monkeypatch.setattr(runtime.generator, "generate", generated)
+    monkeypatch.setattr(runtime.clip, "embed_prepared", embedded)
+    return runs
+
+
 def _jobs(server) -> JobStore:
     return JobStore(server.services.store, 7)
 
@@ -77,12 +97,12 @@ def _drained(rabbit, env) -> bool:
 @pytest.mark.parametrize("seconds_ago", [30, 0], ids=["late", "fresh"])
 @pytest.mark.parametrize("job_type", [IMAGE_GENERATE, IMAGE_INDEX])
 async def test_the_message_of_a_withdrawn_job_is_acknowledged_and_makes_nothing(
-    server, env, rabbit, job_type, seconds_ago
+    server, env, rabbit, model_runs, job_type, seconds_ago
 ):
     """The message the API's 503 was about arrives after the API withdrew the job: its running mark finds the
     record withdrawn, so it stores nothing and is acknowledged: no output, no point, no dead letter, the record left
     as the API wrote it. A fresh stamp (a message that arrives at once, or an API whose clock runs behind) makes
-    no difference."""
+    no difference to that; a late one (it waited in the queue) is not even run: its mark is written first."""
     jobs = _jobs(server)
     queued = _stamped(job_type, {"prompt": "late"}, seconds_ago=seconds_ago)
     version = await jobs.create(queued)
@@ -97,6 +117,8 @@ async def test_the_message_of_a_withdrawn_job_is_acknowledged_and_makes_nothing(
     assert not [info async for info in server.services.store.list(f"images/originals/{queued.job_id}")]
     assert await server.services.index.count() == points
     assert rabbit.queue_counts(env["VHOST"])["ams.dead"] == dead_before
+    if seconds_ago:
+        assert model_runs == []
 
 
 async def test_a_late_message_of_a_job_still_queued_is_run(server, env, rabbit):
