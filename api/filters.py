@@ -24,7 +24,8 @@ BEFORE_DOC = "only images indexed before this ISO-8601 time (UTC when no offset 
 
 
 def repeatable(pattern: re.Pattern[str]) -> dict[str, Any]:
-    """The document's constraints on a filter that takes one value or several: each matches `pattern`."""
+    """The document's constraints on a filter in a JSON body, which takes one value, several, or null: each value
+    matches `pattern`."""
     return {
         "pattern": pattern.pattern,
         "items": {"type": "string", "pattern": pattern.pattern},
@@ -33,10 +34,22 @@ def repeatable(pattern: re.Pattern[str]) -> dict[str, Any]:
     }
 
 
+def repeated_query(pattern: re.Pattern[str]) -> dict[str, Any]:
+    """The document's schema of the same filter as a query parameter (`?source=a&source=b`, one value being an
+    array of one): an array of strings that each match `pattern`, never null (leaving it out filters nothing)."""
+    return {
+        "one_of": None,
+        "type": "array",
+        "items": {"type": "string", "pattern": pattern.pattern},
+        "minItems": 1,
+        "maxItems": MAX_VALUES,
+    }
+
+
 TIME = {"format": "date-time"}
-SourceParam = Annotated[list[str] | None, Parameter(description=SOURCE_DOC, schema_extra=repeatable(SOURCE))]
+SourceParam = Annotated[list[str] | None, Parameter(description=SOURCE_DOC, schema_extra=repeated_query(SOURCE))]
 ContentTypeParam = Annotated[
-    list[str] | None, Parameter(description=CONTENT_TYPE_DOC, schema_extra=repeatable(CONTENT_TYPE))
+    list[str] | None, Parameter(description=CONTENT_TYPE_DOC, schema_extra=repeated_query(CONTENT_TYPE))
 ]
 CreatedAfterParam = Annotated[str | None, Parameter(description=AFTER_DOC, schema_extra=TIME)]
 CreatedBeforeParam = Annotated[str | None, Parameter(description=BEFORE_DOC, schema_extra=TIME)]
