@@ -35,15 +35,9 @@ def repeatable(pattern: re.Pattern[str]) -> dict[str, Any]:
 
 
 def repeated_query(pattern: re.Pattern[str]) -> dict[str, Any]:
-    """The document's schema of the same filter as a query parameter (`?source=a&source=b`, one value being an
-    array of one): an array of strings that each match `pattern`, never null (leaving it out filters nothing)."""
-    return {
-        "one_of": None,
-        "type": "array",
-        "items": {"type": "string", "pattern": pattern.pattern},
-        "minItems": 1,
-        "maxItems": MAX_VALUES,
-    }
+    """The document's constraints on the same filter as a query parameter (`?source=a&source=b`, one value being
+    an array of one): each value matches `pattern`."""
+    return {"items": {"type": "string", "pattern": pattern.pattern}, "minItems": 1, "maxItems": MAX_VALUES}
 
 
 TIME = {"format": "date-time"}

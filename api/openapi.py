@@ -15,7 +15,7 @@ from litestar import Litestar
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.openapi.plugins import SwaggerRenderPlugin
-from litestar.openapi.spec import Components, Schema, SecurityRequirement, SecurityScheme
+from litestar.openapi.spec import Components, Parameter, Schema, SecurityRequirement, SecurityScheme
 
 from api.filters import CONTENT_TYPE, SOURCE, TIME, SearchFilter, repeatable
 from api.schemas import (
@@ -144,9 +144,15 @@ def _constraints(settings: Settings) -> dict[tuple[str, str], dict[str, Any]]:
 
 
 def finish_document(app: Litestar, settings: Settings) -> None:
-    """What only the whole app knows: strict request bodies refuse unknown fields (Litestar leaves that out), and
-    the limits checked in code or set by this server's settings."""
-    schemas = app.openapi_schema.components.schemas or {}
+    """What only the whole app knows: strict request bodies refuse unknown fields (Litestar leaves that out), the
+    limits checked in code or set by this server's settings, and parameters that are text, never null."""
+    document = app.openapi_schema
+    for path in (document.paths or {}).values():
+        for operation in (path.get, path.put, path.post, path.delete, path.options, path.head, path.patch, path.trace):
+            for parameter in (operation.parameters if operation else None) or ():
+                if isinstance(parameter, Parameter) and isinstance(parameter.schema, Schema):
+                    _not_null(parameter.schema)
+    schemas = document.components.schemas or {}
     for struct in STRICT_BODIES:
         _schema(schemas, struct.__name__).additional_properties = False
     for (component, name), attributes in _constraints(settings).items():
@@ -156,6 +162,20 @@ def finish_document(app: Litestar, settings: Settings) -> None:
         aliases = field.field_aliases()
         for attribute, value in attributes.items():
             setattr(field, aliases.get(attribute, attribute), value)
+
+
+def _not_null(schema: Schema) -> None:
+    """An optional parameter's schema (Litestar: one of the type and null) as its type alone. A query or header
+    value is text, never null: leaving the parameter out is how a client sends nothing. (With the null, checkers
+    that make invalid values count `?cursor=0` or `?source=false`, sent as the text "0" and "false", as a number
+    or a boolean the server should have refused.)"""
+    choices = [choice for choice in schema.one_of or () if not (isinstance(choice, Schema) and choice.type == "null")]
+    if schema.one_of is None or len(choices) != 1 or not isinstance(choices[0], Schema):
+        return
+    (kept,) = choices
+    schema.one_of = None
+    schema.type = kept.type
+    schema.items = schema.items or kept.items
 
 
 def _schema(schemas: dict[str, Schema], name: str) -> Schema:
