@@ -33,7 +33,7 @@ from contract.jobs import (
     record_params,
     withdrawn,
 )
-from contract.messages import MSGPACK, STREAM_HEADER, JobReply, encode
+from contract.messages import MSGPACK, STREAM_HEADER, JobReply, encode, is_blank
 from infra.broker import BrokerUnavailableError, Priority
 from infra.storage import ObjectNotFoundError, PreconditionFailedError, StorageUnavailableError
 
@@ -70,7 +70,7 @@ def job_store(services: Services) -> JobStore:
 def check_idempotency_key(key: str | None) -> str | None:
     if key is None:
         return None
-    if not key.strip() or len(key) > MAX_IDEMPOTENCY_KEY_LENGTH:
+    if is_blank(key) or len(key) > MAX_IDEMPOTENCY_KEY_LENGTH:
         raise ApiError(
             400, "invalid_idempotency_key", f"Idempotency-Key must be 1..{MAX_IDEMPOTENCY_KEY_LENGTH} characters"
         )

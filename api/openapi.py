@@ -26,7 +26,7 @@ from api.schemas import (
     VoiceFromKeyRequest,
     VoiceJobRequest,
 )
-from contract.messages import MAX_REF_TEXT_CHARS, MAX_SEED, VOICE_LANGUAGES
+from contract.messages import MAX_REF_TEXT_CHARS, MAX_SEED, NON_BLANK, VOICE_LANGUAGES
 from infra.settings import Settings
 
 BEARER = "bearer"
@@ -119,7 +119,7 @@ _KEY_REST = f"(?:{_SEGMENT}/)*{_SEGMENT}$"
 def _constraints(settings: Settings) -> dict[tuple[str, str], dict[str, Any]]:
     """Limits the server checks in code (or that this server's settings choose), stated in the document:
     (component, property) -> Schema attributes."""
-    nonblank: dict[str, Any] = {"pattern": r"\S"}
+    nonblank: dict[str, Any] = {"pattern": NON_BLANK}
     text = {**nonblank, "max_length": settings.voice_max_text_chars}
     ref_text = {**nonblank, "max_length": MAX_REF_TEXT_CHARS}
     language = {"enum": list(VOICE_LANGUAGES)}

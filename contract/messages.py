@@ -7,6 +7,7 @@ routing key), `message_id` identifies the job, and `content_type` says how the b
 
 from __future__ import annotations
 
+import re
 import uuid
 from typing import Annotated, Any, Literal
 
@@ -96,13 +97,25 @@ class ImageEmbedV1(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 MAX_REF_TEXT_CHARS = 2000
+
+# a character that neither Python (str.isspace: also \x1c-\x1f and \x85) nor JSON Schema's ECMAScript regexes
+# (\s: also \ufeff) count as a space, in a pattern both engines read the same; the OpenAPI document states it
+NON_BLANK = r"[^\s\x1c-\x1f\x85\ufeff]"
+_NON_BLANK = re.compile(NON_BLANK)
+
+
+def is_blank(text: str) -> bool:
+    """Whether `text` has nothing in it but spaces, by either Python's or JSON Schema's idea of a space."""
+    return _NON_BLANK.search(text) is None
+
+
 Prompt = Annotated[str, msgspec.Meta(min_length=1, max_length=2000)]
 Side = Annotated[int, msgspec.Meta(ge=64, le=2048, multiple_of=16, description="pixels, a multiple of 16")]
 
 
 def check_generation_fields(prompt: str, seed: int | None) -> None:
     """The checks msgspec constraints cannot express (seeds span the unsigned 64-bit range)."""
-    if not prompt.strip():
+    if is_blank(prompt):
         raise ValueError("prompt must contain at least one non-space character")
     if seed is not None and not 0 <= seed <= MAX_SEED:
         raise ValueError(f"seed must be between 0 and {MAX_SEED}")
@@ -158,9 +171,9 @@ def canonical_language(value: str) -> str | None:
 
 
 def check_voice_fields(text: str, ref_text: str, language: str) -> None:
-    if not text.strip():
+    if is_blank(text):
         raise ValueError("text must contain at least one non-space character")
-    if not ref_text.strip():
+    if is_blank(ref_text):
         raise ValueError("ref_text (the transcript of the reference clip) must not be empty")
     if canonical_language(language) is None:
         raise ValueError(f"language {language!r} is not supported; use one of {', '.join(VOICE_LANGUAGES)}")

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import uuid
 
 import pytest
 
+from contract.messages import NON_BLANK
 from tests.support.bombs import png_bomb, truncated_jpeg
 from tests.support.images import encoded
 from tests.support.server import running_server
@@ -150,6 +152,7 @@ async def test_oversize_streamed_upload_is_refused_while_streaming(server, nothi
     [
         {"query": "", "limit": 5},
         {"query": "   ", "limit": 5},
+        {"query": "\x1d\x85\ufeff", "limit": 5},
         {"query": "cat", "limit": 0},
         {"query": "cat", "limit": 1000},
         {"query": "cat", "limit": "five"},
@@ -290,3 +293,17 @@ async def test_the_document_describes_the_errors_and_media_types_the_server_send
     assert "text/plain" in next(iter(document["paths"]["/metrics"]["get"]["responses"]["200"]["content"]))
     metrics = await server.client.get("/metrics")
     assert metrics.headers["content-type"].count("charset") == 1
+
+
+async def test_the_document_states_the_servers_own_idea_of_blank_text(server):
+    """Text that must not be blank (a prompt, a search query, an Idempotency-Key) carries the pattern the server
+    checks it with, so a client validating against the document refuses what the server refuses (schemathesis's
+    long run found "\\x1f" valid by `\\S` and refused by the server)."""
+    document = (await server.client.get("/schema/openapi.json")).json()
+    schemas = document["components"]["schemas"]
+    assert schemas["GenerateImageRequest"]["properties"]["prompt"]["pattern"] == NON_BLANK
+    assert schemas["SearchRequest"]["properties"]["query"]["pattern"] == NON_BLANK
+    headers = document["paths"]["/v1/images/generate"]["post"]["parameters"]
+    assert next(p for p in headers if p["name"] == "Idempotency-Key")["schema"]["pattern"] == NON_BLANK
+    for blank in ("\x1f", "\x85", "\ufeff", "\u3000"):
+        assert re.search(NON_BLANK, blank) is None

@@ -248,6 +248,8 @@ async def test_interactive_request_overtakes_a_queued_backlog(server):
         ({}, "prompt"),
         ({"prompt": ""}, "prompt"),
         ({"prompt": "   "}, "prompt"),
+        # blank to Python (\x1f, \x85) or to the document's pattern (\ufeff): blank to the server
+        ({"prompt": "\x1f\x85\ufeff\u3000"}, "prompt"),
         ({"prompt": "x" * 100_000}, "prompt"),
         ({"prompt": "x", "seed": "42"}, "seed"),
         ({"prompt": "x", "seed": 4.2}, "seed"),

@@ -217,6 +217,7 @@ async def test_a_body_that_is_not_multipart(server):
     [
         (lambda: speech_clip("wav"), {"text": ""}, 400, "invalid_request"),
         (lambda: speech_clip("wav"), {"text": "   "}, 400, "invalid_request"),
+        (lambda: speech_clip("wav"), {"text": "\x1d\ufeff"}, 400, "invalid_request"),
         (lambda: speech_clip("wav"), {"ref_text": " "}, 400, "invalid_request"),
         (lambda: speech_clip("wav"), {"text": "x" * 5001}, 400, "text_too_long"),
         (lambda: speech_clip("wav"), {"language": "Klingon"}, 422, "unsupported_language"),

@@ -17,13 +17,13 @@ from api.openapi import ACCEPTED, binary, errors
 from api.schemas import GeneratedImageKey, GenerateImageRequest, JobAccepted
 from api.services import Services
 from api.strict import strict_json
-from contract.messages import IMAGE_GENERATE, ContractError, ImageGenerateV1, check_generation_budget
+from contract.messages import IMAGE_GENERATE, NON_BLANK, ContractError, ImageGenerateV1, check_generation_budget
 
 IDEMPOTENCY_KEY = Parameter(
     header="Idempotency-Key",
     required=False,
     description="a retried request with the same key returns the same job instead of starting another",
-    schema_extra={"minLength": 1, "maxLength": MAX_IDEMPOTENCY_KEY_LENGTH, "pattern": r"\S"},
+    schema_extra={"minLength": 1, "maxLength": MAX_IDEMPOTENCY_KEY_LENGTH, "pattern": NON_BLANK},
 )
 
 

@@ -22,6 +22,7 @@ from api.services import Services
 from api.strict import strict_json
 from api.urls import image_file_url, image_thumbnail_url
 from contract.imaging import decode_image
+from contract.messages import is_blank
 from infra.vectors import ImageRecord
 
 
@@ -63,7 +64,7 @@ async def search_images(request: Request, services: Services, data: SearchReques
     queries = _queries(services)
     data = await strict_json(request, SearchRequest)
     query = data.query.strip()
-    if not query:
+    if is_blank(query):
         raise ApiError(400, "invalid_request", "query must contain at least one non-space character")
     conditions = from_body(data.filter)
     vector = await queries.text(query)

@@ -32,6 +32,7 @@ from contract.messages import (
     VoiceGenerateV1,
     canonical_language,
     check_reference_key,
+    is_blank,
 )
 from infra.storage import InvalidKeyError
 
@@ -54,14 +55,14 @@ def check_text_fields(services: Services, *, text: str, ref_text: str, language:
             f"language {language!r} is not supported; use one of {', '.join(VOICE_LANGUAGES)}",
             {"accepted": list(VOICE_LANGUAGES)},
         )
-    if not text.strip():
+    if is_blank(text):
         raise ApiError(400, "invalid_request", "text must contain at least one non-space character")
     limit = services.settings.voice_max_text_chars
     if len(text) > limit:
         raise ApiError(
             400, "text_too_long", f"text is {len(text)} characters; the limit is {limit} (VOICE_MAX_TEXT_CHARS)"
         )
-    if not ref_text.strip():
+    if is_blank(ref_text):
         raise ApiError(400, "invalid_request", "ref_text (the transcript of the reference clip) must not be empty")
     if len(ref_text) > MAX_REF_TEXT_CHARS:
         raise ApiError(400, "invalid_request", f"ref_text is longer than {MAX_REF_TEXT_CHARS} characters")
