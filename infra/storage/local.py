@@ -432,8 +432,9 @@ class LocalStore(ObjectStore):
         return base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
 
     def verify(self, key: str, expires: int, signature: str, now: float | None = None) -> bool:
-        """True when the signature matches and has not expired."""
-        if expires < (time.time() if now is None else now):
+        """True when the signature matches and has not expired (a signature is URL-safe base64: one that is not
+        ASCII matches nothing, and hmac cannot compare it as text)."""
+        if expires < (time.time() if now is None else now) or not signature.isascii():
             return False
         return hmac.compare_digest(self.sign(key, expires), signature)
 
