@@ -110,7 +110,16 @@ class VoiceCloneForm:
 class VoiceFromKeyRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Voice cloning with a reference clip already in storage (under VOICE_REF_PREFIX)."""
 
-    ref_audio_key: Annotated[str, msgspec.Meta(min_length=1, max_length=1024, examples=["voice/refs/ref.mp3"])]
+    ref_audio_key: Annotated[
+        str,
+        msgspec.Meta(
+            min_length=1,
+            max_length=1024,
+            description="an object key under VOICE_REF_PREFIX, at most 1024 bytes in UTF-8 (R2's limit; longer is "
+            "a 400 invalid_key, as is a key with empty, '.' or '..' segments)",
+            examples=["voice/refs/ref.mp3"],
+        ),
+    ]
     ref_text: Annotated[
         str, msgspec.Meta(min_length=1, max_length=MAX_REF_TEXT_CHARS, description="transcript of the clip")
     ]
