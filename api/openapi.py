@@ -28,6 +28,7 @@ from api.schemas import (
 )
 from contract.messages import MAX_REF_TEXT_CHARS, MAX_SEED, NON_BLANK, VOICE_LANGUAGES
 from infra.settings import Settings
+from infra.storage.local import MAX_SEGMENT_BYTES
 
 BEARER = "bearer"
 
@@ -110,10 +111,14 @@ def security(api_keys: bool) -> list[SecurityRequirement] | None:
     return [{BEARER: []}] if api_keys else None
 
 
-# the rest of a storage key after its prefix: segments without '/', '\\' or control characters, none empty, none
-# '.' or '..' (stricter than the server: no segment starts with '.')
-_SEGMENT = r"[^./\\\x00-\x1f\x7f][^/\\\x00-\x1f\x7f]*"
-_KEY_REST = f"(?:{_SEGMENT}/)*{_SEGMENT}$"
+def _key_rest(max_segment: int | None) -> str:
+    """The pattern of the rest of a storage key after its prefix: segments without '/', '\\' or control
+    characters, none empty, none '.' or '..' (stricter than the server: no segment starts with '.'), each at most
+    `max_segment` characters when the store limits them (the embedded store: MAX_SEGMENT_BYTES, a file name; the
+    limit is in bytes, which a pattern cannot count beyond ASCII)."""
+    tail = "*" if max_segment is None else f"{{0,{max_segment - 1}}}"
+    segment = rf"[^./\\\x00-\x1f\x7f][^/\\\x00-\x1f\x7f]{tail}"
+    return f"(?:{segment}/)*{segment}$"
 
 
 def _constraints(settings: Settings) -> dict[tuple[str, str], dict[str, Any]]:
@@ -123,6 +128,7 @@ def _constraints(settings: Settings) -> dict[tuple[str, str], dict[str, Any]]:
     text = {**nonblank, "max_length": settings.voice_max_text_chars}
     ref_text = {**nonblank, "max_length": MAX_REF_TEXT_CHARS}
     language = {"enum": list(VOICE_LANGUAGES)}
+    segment_limit = None if settings.r2_enabled else MAX_SEGMENT_BYTES
     return {
         ("GenerateImageRequest", "prompt"): nonblank,
         ("GenerateImageRequest", "seed"): {"minimum": 0, "maximum": MAX_SEED},
@@ -136,7 +142,9 @@ def _constraints(settings: Settings) -> dict[tuple[str, str], dict[str, Any]]:
         ("VoiceFromKeyRequest", "text"): text,
         ("VoiceFromKeyRequest", "ref_text"): ref_text,
         ("VoiceFromKeyRequest", "language"): language,
-        ("VoiceFromKeyRequest", "ref_audio_key"): {"pattern": "^" + re.escape(settings.voice_ref_prefix) + _KEY_REST},
+        ("VoiceFromKeyRequest", "ref_audio_key"): {
+            "pattern": "^" + re.escape(settings.voice_ref_prefix) + _key_rest(segment_limit)
+        },
         ("VoiceCloneForm", "text"): text,
         ("VoiceCloneForm", "ref_text"): ref_text,
         ("VoiceCloneForm", "language"): language,

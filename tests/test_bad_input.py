@@ -10,6 +10,7 @@ import uuid
 import pytest
 
 from contract.messages import NON_BLANK
+from infra.storage import InvalidKeyError
 from tests.support.bombs import png_bomb, truncated_jpeg
 from tests.support.images import encoded
 from tests.support.server import running_server
@@ -311,3 +312,14 @@ async def test_the_document_states_the_servers_own_idea_of_blank_text(server):
     assert next(p for p in headers if p["name"] == "Idempotency-Key")["schema"]["pattern"] == NON_BLANK
     for blank in ("\x1f", "\x85", "\ufeff", "\u3000"):
         assert re.search(NON_BLANK, blank) is None
+
+
+async def test_the_document_limits_key_segments_as_the_embedded_store_does(server):
+    """The embedded store keeps each key segment as a file name (at most 250 bytes): its server's document says
+    so in the pattern of ref_audio_key, and the store refuses a longer one as the document does."""
+    document = (await server.client.get("/schema/openapi.json")).json()
+    pattern = document["components"]["schemas"]["VoiceFromKeyRequest"]["properties"]["ref_audio_key"]["pattern"]
+    assert re.search(pattern, "voice/refs/" + "a" * 250)
+    assert not re.search(pattern, "voice/refs/" + "a" * 251)
+    with pytest.raises(InvalidKeyError, match="longer than 250 bytes"):
+        await server.services.store.exists("voice/refs/" + "a" * 251)
