@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import wave
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import av
@@ -110,23 +111,35 @@ def _decoded(data: bytes, min_seconds: float, max_seconds: float) -> tuple[np.nd
         if not native_rate:
             raise InvalidAudioError("corrupt_audio", "the audio stream has no sample rate")
         _check_rate(native_rate)
-        resampler = av.AudioResampler(format="fltp", layout="mono", rate=native_rate)
         chunks: list[np.ndarray] = []
         samples, limit = 0, int(max_seconds * native_rate)
         try:
-            for frame in container.decode(stream):
-                for mono in resampler.resample(frame):
-                    chunk = mono.to_ndarray()[0]
-                    chunks.append(chunk)
-                    samples += len(chunk)
+            for chunk in _mono(container.decode(stream), native_rate):
+                chunks.append(chunk)
+                samples += len(chunk)
                 if samples > limit:
                     raise _too_long(max_seconds)
-            for mono in resampler.resample(None):
-                chunks.append(mono.to_ndarray()[0])
         except av.error.FFmpegError as exc:
             raise InvalidAudioError("corrupt_audio", f"the audio could not be decoded: {exc}") from None
     waveform = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, dtype=np.float32)
     return _long_enough(waveform, native_rate, min_seconds), native_rate, fmt
+
+
+def _mono(frames: Iterator[av.AudioFrame], rate: int) -> Iterator[np.ndarray]:
+    """Decoded frames as mono float32 samples at `rate`. A stream may change its layout, sample format or rate
+    midway (concatenated AAC, a broadcast recording): PyAV's resampler takes only frames like its first, so a
+    change flushes it and starts another."""
+    resampler: av.AudioResampler | None = None
+    source: tuple[str, str, int] | None = None
+    for frame in frames:
+        shape = (frame.format.name, frame.layout.name, frame.sample_rate)
+        if resampler is None or shape != source:
+            if resampler is not None:
+                yield from (mono.to_ndarray()[0] for mono in resampler.resample(None))
+            resampler, source = av.AudioResampler(format="fltp", layout="mono", rate=rate), shape
+        yield from (mono.to_ndarray()[0] for mono in resampler.resample(frame))
+    if resampler is not None:
+        yield from (mono.to_ndarray()[0] for mono in resampler.resample(None))
 
 
 def _check_rate(rate: int) -> None:
@@ -161,7 +174,7 @@ def _mono_pcm16_wav(data: bytes) -> tuple[int, np.ndarray] | None:
                 return None
             pcm = clip.readframes(clip.getnframes())
             rate = clip.getframerate()
-    except (wave.Error, EOFError, ValueError):
+    except (wave.Error, EOFError, ValueError, RuntimeError):  # RuntimeError: a chunk larger than what holds it
         return None
     samples = np.frombuffer(pcm[: len(pcm) // 2 * 2], dtype="<i2")
     return rate, samples.astype(np.float32) / 32768.0

@@ -17,7 +17,7 @@ import pytest
 from contract import audio
 from contract.audio import InvalidAudioError, check_audio, decode_audio
 from processor.text_chunks import split_text
-from tests.support.audio import CLIP_FORMATS, speech_clip, speech_wav, tone_wav
+from tests.support.audio import CLIP_FORMATS, pyav_convert, speech_clip, speech_wav, tone_wav
 
 RATE = 24000
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,6 +57,16 @@ def test_stereo_is_mixed_down():
     assert decoded.seconds == pytest.approx(2.0, abs=0.01)
 
 
+def test_a_stream_that_changes_its_layout_midway_decodes_whole():
+    """Two AAC streams back to back, stereo then mono: the decoder's frames change layout halfway, which PyAV's
+    resampler refused with a ValueError (a 500 in the API, found by fuzzing); each part is now mixed down."""
+    stereo, mono = (pyav_convert(speech_wav(), "adts", "aac", 22050, layout) for layout in ("stereo", "mono"))
+    alone = decode_audio(stereo, sample_rate=RATE, min_seconds=1.0, max_seconds=30.0).seconds
+    joined = decode_audio(stereo + mono, sample_rate=RATE, min_seconds=1.0, max_seconds=30.0)
+    assert joined.seconds == pytest.approx(2 * alone, abs=0.1)
+    assert check_audio(stereo + mono, min_seconds=1.0, max_seconds=30.0) == "aac"
+
+
 def wav_header(channels: int, bytes_per_sample: int, rate: int, frames: int) -> bytes:
     """A PCM WAV as its header says, whatever that says (the wave module refuses nonsense)."""
     data = bytes(channels * bytes_per_sample * frames)
@@ -74,8 +84,10 @@ def wav_header(channels: int, bytes_per_sample: int, rate: int, frames: int) -> 
         (None, "audio_too_short"),
         (wav_header(1, 0, 24000, 48000), "corrupt_audio"),  # 0 bits a sample: FFmpeg has no decoder for it
         (wav_header(0, 2, 24000, 48000), "corrupt_audio"),  # no channels
+        # a chunk larger than the RIFF that holds it: the wave module raised RuntimeError (a 500, found by fuzzing)
+        (b"RIFF" + struct.pack("<I", 20) + b"WAVEJUNK" + struct.pack("<I", 1000) + bytes(8), "not_audio"),
     ],
-    ids=["empty", "pdf", "short", "zero-bit-wav", "no-channel-wav"],
+    ids=["empty", "pdf", "short", "zero-bit-wav", "no-channel-wav", "chunk-past-riff"],
 )
 def test_bad_clips_name_the_problem(data, code):
     """The same verdict from the processor's decode and the API's check."""

@@ -45,12 +45,13 @@ def _sox_convert(wav: bytes, suffix: str) -> bytes:
         return target.read_bytes()
 
 
-def _pyav_convert(wav: bytes, container: str, codec: str, rate: int) -> bytes:
+def pyav_convert(wav: bytes, container: str, codec: str, rate: int, layout: str = "mono") -> bytes:
+    """`wav` encoded by PyAV's FFmpeg with `codec` in `container`, at `rate` with this channel layout."""
     output_buffer = io.BytesIO()
     with av.open(io.BytesIO(wav)) as source, av.open(output_buffer, mode="w", format=container) as output:
         stream = output.add_stream(codec, rate=rate)
-        stream.layout = "mono"
-        resampler = av.AudioResampler(format=stream.codec_context.format.name, layout="mono", rate=rate)
+        stream.layout = layout
+        resampler = av.AudioResampler(format=stream.codec_context.format.name, layout=layout, rate=rate)
         decoded = [part for frame in source.decode(audio=0) for part in resampler.resample(frame)]
         for frame in [*decoded, *resampler.resample(None)]:
             frame.pts = None
@@ -69,7 +70,7 @@ def speech_clip(fmt: str) -> bytes:
         return wav
     if fmt == "ogg-vorbis":
         return _sox_convert(wav, "ogg")
-    return _pyav_convert(wav, *_PYAV_FORMATS[fmt])
+    return pyav_convert(wav, *_PYAV_FORMATS[fmt])
 
 
 def mp3_info(data: bytes) -> tuple[float, int]:
