@@ -3,14 +3,25 @@
 from __future__ import annotations
 
 import io
+import struct
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 _ORIENTATION = 0x0112  # the EXIF tag
+# EXIF orientation -> the transpose that makes the image upright (as Pillow's ImageOps.exif_transpose)
+_UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 # format name (Pillow) -> (content type, file extension)
 FORMATS: dict[str, tuple[str, str]] = {
@@ -93,7 +104,8 @@ def _opened(data: bytes, max_pixels: int) -> Iterator[tuple[Image.Image, str]]:
         raise InvalidImageError(
             "not_an_image", f"the bytes are not an image in a known format ({', '.join(FORMATS)})"
         ) from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+    # TypeError and struct.error: Pillow's TIFF and EXIF parsers meeting a value of the wrong type
+    except (OSError, SyntaxError, ValueError, EOFError, TypeError, struct.error) as exc:
         raise InvalidImageError("corrupt_image", f"the image could not be decoded: {exc}") from None
 
 
@@ -143,7 +155,7 @@ def decode_image(
             opened.draft("RGB", draft_request(width, height, min_side or 1, min_longest or 1))
         opened.load()
         alpha = keep_alpha and opened.has_transparency_data
-        image = ImageOps.exif_transpose(opened).convert("RGBA" if alpha else "RGB")
+        image = _upright(opened).convert("RGBA" if alpha else "RGB")
     content_type, extension = FORMATS[fmt]
     return DecodedImage(
         image=image,
@@ -153,6 +165,13 @@ def decode_image(
         height=height,
         size=len(data),
     )
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """The image turned as its EXIF orientation says. Unlike ImageOps.exif_transpose it does not write the EXIF
+    back (nothing downstream keeps it), which failed on a tag value of the wrong type in an image that decodes."""
+    transpose = _UPRIGHT.get(image.getexif().get(_ORIENTATION, 1))
+    return image if transpose is None else image.transpose(transpose)
 
 
 def draft_request(width: int, height: int, min_side: int, min_longest: int) -> tuple[int, int]:
