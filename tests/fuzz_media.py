@@ -125,9 +125,8 @@ def _fuzz(
         tried += 1
         for label, decode in decoders:
             try:
-                decode(mutant)
-            except refusal:
-                pass
+                with contextlib.suppress(refusal):
+                    decode(mutant)
             except Exception as exc:  # any other exception is what this looks for
                 key = (f"{kind} {name}", label, type(exc).__name__)
                 if key not in found:
