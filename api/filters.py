@@ -23,21 +23,15 @@ AFTER_DOC = "only images indexed after this ISO-8601 time (UTC when no offset is
 BEFORE_DOC = "only images indexed before this ISO-8601 time (UTC when no offset is given)"
 
 
-def repeatable(pattern: re.Pattern[str]) -> dict[str, Any]:
-    """The document's constraints on a filter in a JSON body, which takes one value, several, or null: each value
-    matches `pattern`."""
-    return {
-        "pattern": pattern.pattern,
-        "items": {"type": "string", "pattern": pattern.pattern},
-        "minItems": 1,
-        "maxItems": MAX_VALUES,
-    }
-
-
 def repeated_query(pattern: re.Pattern[str]) -> dict[str, Any]:
-    """The document's constraints on the same filter as a query parameter (`?source=a&source=b`, one value being
-    an array of one): each value matches `pattern`."""
+    """The document's constraints on a filter as a query parameter (`?source=a&source=b`, one value being an array
+    of one): each value matches `pattern`."""
     return {"items": {"type": "string", "pattern": pattern.pattern}, "minItems": 1, "maxItems": MAX_VALUES}
+
+
+def repeatable(pattern: re.Pattern[str]) -> dict[str, Any]:
+    """The same filter in a JSON body, which takes one value, several, or null: a lone value matches `pattern` too."""
+    return {"pattern": pattern.pattern, **repeated_query(pattern)}
 
 
 TIME = {"format": "date-time"}
