@@ -24,6 +24,7 @@ from api.schemas import JobAccepted
 from api.services import Services
 from api.urls import job_url
 from contract.jobs import (
+    FINISHED,
     JobRecord,
     JobStore,
     is_withdrawn,
@@ -40,6 +41,9 @@ from infra.storage import ObjectNotFoundError, PreconditionFailedError, StorageU
 log = structlog.get_logger(__name__)
 
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
+# a request whose Idempotency-Key found its job unfinished reads the record again after these pauses, doubling
+SETTLED_FIRST_PAUSE_SECONDS = 0.02
+SETTLED_MAX_PAUSE_SECONDS = 0.5
 
 # reply error codes that are the client's to fix, and what they answer
 _CLIENT_ERRORS = {
@@ -77,15 +81,50 @@ def check_idempotency_key(key: str | None) -> str | None:
     return key
 
 
-def _existing(existing: JobRecord, recorded: dict[str, Any]) -> JobStart:
-    """The job an Idempotency-Key already started, if the request asks for the same thing."""
+def _existing(existing: JobRecord, recorded: dict[str, Any]) -> None:
+    """Refuses a request whose Idempotency-Key already started a job that asks for something else."""
     if existing.params != msgspec.json.decode(msgspec.json.encode(recorded)):
         raise ApiError(
             409,
             "idempotency_key_reused",
             "this Idempotency-Key was already used for a different request; use a new key",
         )
-    return JobStart(existing, None, existing=True)
+
+
+async def _found(jobs: JobStore, record: JobRecord, wait: bool, seconds: float) -> JobStart:
+    """The job an Idempotency-Key already started. A request that waits for its result (a retry after a lost
+    connection, or the same request sent twice at once) waits for the job as the first one does, up to `seconds`
+    (SYNC_TIMEOUT_SECONDS), reading its record: the reply goes to the first request, perhaps in another process."""
+    if wait:
+        record = await _settled(jobs, record, seconds)
+    return JobStart(record, None, existing=True)
+
+
+async def _settled(jobs: JobStore, record: JobRecord, seconds: float) -> JobRecord:
+    """The job's record once it is finished, or as it is after `seconds`. A job the first request's failed publish
+    removed or withdrew meanwhile is answered as that request was: 503, and the key starts the job afresh."""
+    pause = SETTLED_FIRST_PAUSE_SECONDS
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while record.status not in FINISHED and loop.time() < deadline:
+        await asyncio.sleep(min(pause, max(0.0, deadline - loop.time())))
+        pause = min(pause * 2, SETTLED_MAX_PAUSE_SECONDS)
+        current = await jobs.get(record.job_id)
+        if current is None:
+            raise _not_accepted(record.job_id, "its message could not be sent to the broker")
+        record = current
+    if is_withdrawn(record):
+        raise _not_accepted(record.job_id, record.error.message if record.error is not None else "withdrawn")
+    return record
+
+
+def _not_accepted(job_id: str, why: str) -> ApiError:
+    return ApiError(
+        503,
+        "broker_unavailable",
+        f"job {job_id} was not accepted ({why}); retry shortly with the same Idempotency-Key",
+        retry_after=RETRY_AFTER_SECONDS,
+    )
 
 
 async def start_job(
@@ -109,11 +148,11 @@ async def start_job(
         job_id = job_id_for_idempotency_key(job_type, key)
         found = await jobs.load(job_id)
         if found is not None and not is_withdrawn(found[0]):
-            started = _existing(found[0], recorded)
+            _existing(found[0], recorded)
             if never_started(found[0]):  # its message may never have left: api/resend.py
                 priority = Priority.INTERACTIVE if wait or stream else Priority.ASYNC
                 services.resender.watch(found[0], found[1], Resend(job_type, payload, priority))
-            return started
+            return await _found(jobs, found[0], wait or stream, services.settings.sync_timeout_seconds)
         withdrawn_version = found[1] if found is not None else None  # a withdrawn job's key starts it again
     job_id = job_id or str(uuid.uuid4())
     record = JobStore.new(job_id, job_type, recorded, idempotency_key=key)
@@ -128,7 +167,8 @@ async def start_job(
         existing = await jobs.get(job_id)
         if existing is None:
             raise
-        return _existing(existing, recorded)
+        _existing(existing, recorded)
+        return await _found(jobs, existing, wait or stream, services.settings.sync_timeout_seconds)
     headers = record_headers(record, version)
     try:
         if stream:

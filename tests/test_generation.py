@@ -204,19 +204,40 @@ async def test_idempotency_key_on_the_sync_endpoints(server, s3):
     assert png_first.headers["x-job-id"] == png_again.headers["x-job-id"]
 
 
+async def test_the_same_request_sent_at_once_with_its_key_waits_for_the_one_job(server, s3):
+    """Requests that find their key's job still running (a client's retry after a lost connection, here four at
+    once) wait for it as the first does and get its image; one job, one object."""
+    key = f"at-once-{uuid.uuid4()}"
+    body = {"prompt": "sent four times", "seed": 21, "width": 128, "height": 128, "steps": 3}
+    before = set(s3.keys(server.bucket, "images/generated/"))
+    answers = await asyncio.gather(
+        *(server.client.post("/v1/images/generate", json=body, headers={"Idempotency-Key": key}) for _ in range(4))
+    )
+    assert [answer.status_code for answer in answers] == [200] * 4, [answer.text[:200] for answer in answers]
+    assert len({answer.content for answer in answers}) == 1 and png_size(answers[0].content) == (128, 128)
+    assert {answer.headers["x-job-id"] for answer in answers} == {job_id_for_idempotency_key("image.generate", key)}
+    assert len(set(s3.keys(server.bucket, "images/generated/")) - before) == 1
+    record = await JobStore(server.services.store, 7).get(answers[0].headers["x-job-id"])
+    assert record is not None and record.attempts == 1
+
+
 async def test_sync_wait_past_the_timeout_answers_202_with_the_job(make_settings):
     settings = make_settings(IMAGE_ENABLED="1", SYNC_TIMEOUT_SECONDS="0.1")
+    slow = {"prompt": "too slow to wait for", "width": 192, "height": 192, "steps": 4}
+    key = {"Idempotency-Key": f"slow-{uuid.uuid4()}"}
     async with running_server(settings) as server:
-        response = await server.client.post(
-            "/v1/images/generate", json={"prompt": "too slow to wait for", "width": 192, "height": 192, "steps": 4}
-        )
+        response = await server.client.post("/v1/images/generate", json=slow, headers=key)
         assert response.status_code == 202, response.text
         body = response.json()
         assert body["status_url"].endswith(f"/v1/jobs/{body['job_id']}")
+        retry = await server.client.post("/v1/images/generate", json=slow, headers=key)
+        assert retry.status_code == 202 and retry.json()["job_id"] == body["job_id"]  # waited as long, no longer
         _, job = await poll_statuses(server, body["status_url"])
         assert job["status"] == "succeeded"
         download = await server.client.get(job["result"]["url"])
         assert png_size(download.content) == (192, 192)
+        finished = await server.client.post("/v1/images/generate", json=slow, headers=key)
+        assert finished.status_code == 200 and finished.content == download.content
 
 
 async def test_interactive_request_overtakes_a_queued_backlog(server):

@@ -10,7 +10,7 @@ import uuid
 import pytest
 
 from api.resend import Resend, Resender
-from contract.jobs import JobStore, job_id_for_idempotency_key
+from contract.jobs import JobStore, job_id_for_idempotency_key, withdrawn
 from contract.messages import IMAGE_GENERATE, ImageGenerateV1
 from infra.broker import BrokerUnavailableError, Priority
 from infra.settings import Settings
@@ -73,6 +73,10 @@ async def _orphan(server, monkeypatch, key: str) -> str:
     return job_id
 
 
+async def _post(server, key: str):
+    return await server.client.post("/v1/images/generate", json=BODY, headers={"Idempotency-Key": key})
+
+
 async def _status(server, job_id: str) -> str | None:
     record = await _jobs(server).get(job_id)
     return None if record is None else record.status
@@ -85,13 +89,8 @@ async def test_a_retry_sends_the_message_of_a_job_that_never_left(server, monkey
     assert await _status(server, job_id) == "queued"  # nothing runs it by itself
 
     retry = await server.client.post("/v1/images/generate", json=BODY, headers={"Idempotency-Key": key})
-    assert retry.status_code == 202  # answered at once, as any retry of an unfinished job
-    assert retry.json()["job_id"] == job_id
-
-    async def succeeded() -> bool:
-        return await _status(server, job_id) == "succeeded"
-
-    await wait_until(succeeded, timeout=30)
+    assert retry.status_code == 200  # it waited for the job, which the message sent again ran
+    assert retry.headers["x-job-id"] == job_id and retry.content.startswith(b"\x89PNG")
     assert sends == [job_id]
     again = await server.client.post("/v1/images/generate", json=BODY, headers={"Idempotency-Key": key})
     assert again.status_code == 200
@@ -102,16 +101,11 @@ async def test_a_retry_sends_the_message_of_a_job_that_never_left(server, monkey
 async def test_a_young_record_is_sent_again_only_once_it_is_due(server, monkeypatch, sends):
     key = f"orphan-{uuid.uuid4()}"
     job_id = await _orphan(server, monkeypatch, key)
-    retry = await server.client.post("/v1/images/generate", json=BODY, headers={"Idempotency-Key": key})
-    assert retry.status_code == 202
+    retry = asyncio.create_task(_post(server, key))
+    await asyncio.sleep(DUE_SECONDS / 3)
     assert sends == []
-    second = await server.client.post("/v1/images/generate", json=BODY, headers={"Idempotency-Key": key})
-    assert second.status_code == 202
-
-    async def succeeded() -> bool:
-        return await _status(server, job_id) == "succeeded"
-
-    await wait_until(succeeded, timeout=30)
+    second = asyncio.create_task(_post(server, key))
+    assert [response.status_code for response in await asyncio.gather(retry, second)] == [200, 200]
     assert sends == [job_id]  # two retries, one message
 
 
@@ -121,8 +115,8 @@ async def test_a_job_taken_before_it_is_due_is_not_sent_again(server, monkeypatc
     key = f"waiting-{uuid.uuid4()}"
     job_id = await _orphan(server, monkeypatch, key)
     monkeypatch.setattr("api.resend.RESEND_AFTER_SECONDS", 30.0)
-    retry = await server.client.post("/v1/images/generate", json=BODY, headers={"Idempotency-Key": key})
-    assert retry.status_code == 202
+    retry = asyncio.create_task(_post(server, key))
+    await asyncio.sleep(0.2)
     record, version = await _jobs(server).load(job_id)
     payload = ImageGenerateV1(**BODY)
     await server.services.resender._send(record, version, Resend(IMAGE_GENERATE, payload, Priority.ASYNC))
@@ -131,6 +125,7 @@ async def test_a_job_taken_before_it_is_due_is_not_sent_again(server, monkeypatc
         return await _status(server, job_id) == "succeeded"
 
     await wait_until(succeeded, timeout=30)
+    assert (await retry).status_code == 200
     watched = Resender(_jobs(server), server.services.publisher)
     monkeypatch.setattr("api.resend.RESEND_AFTER_SECONDS", 0.0)
     watched.watch(record, version, Resend(IMAGE_GENERATE, payload, Priority.ASYNC))
@@ -149,20 +144,41 @@ async def test_a_send_that_reached_no_queue_puts_the_stamp_back(server, monkeypa
 
     with monkeypatch.context() as patched:
         patched.setattr(server.services.publisher, "publish", refused)
-        retry = await server.client.post("/v1/images/generate", json=BODY, headers={"Idempotency-Key": key})
-        assert retry.status_code == 202
+        retry = asyncio.create_task(_post(server, key))
         await wait_until(lambda: sends == [job_id], timeout=10)
         await asyncio.sleep(0.2)
     assert await _jobs(server).get(job_id) == found  # queued, with the stamp it had: due at once
 
-    later = await server.client.post("/v1/images/generate", json=BODY, headers={"Idempotency-Key": key})
-    assert later.status_code == 202
-
-    async def succeeded() -> bool:
-        return await _status(server, job_id) == "succeeded"
-
-    await wait_until(succeeded, timeout=30)
+    later = await _post(server, key)  # watched again, sent
+    assert later.status_code == 200
+    assert (await retry).status_code == 200  # the first retry kept waiting, and has the same job's image
+    assert (await retry).content == later.content
     assert sends == [job_id, job_id]
+
+
+@pytest.mark.parametrize("fate", ["withdrawn", "removed"])
+async def test_a_retry_waiting_for_a_job_that_was_not_accepted_gets_the_503_the_first_request_got(
+    server, monkeypatch, fate
+):
+    """While a retry waits, the first request's publish fails: its job is withdrawn (the message may still arrive)
+    or its record removed (it certainly did not leave). The retry answers 503 as the first request does, and the
+    key then starts the job afresh."""
+    key = f"not-accepted-{uuid.uuid4()}"
+    job_id = await _orphan(server, monkeypatch, key)
+    monkeypatch.setattr("api.resend.RESEND_AFTER_SECONDS", 30.0)
+    retry = asyncio.create_task(_post(server, key))
+    await asyncio.sleep(0.2)
+    record, version = await _jobs(server).load(job_id)
+    if fate == "withdrawn":
+        await _jobs(server).update(withdrawn(record, "RabbitMQ did not confirm the publish"), version)
+    else:
+        await _jobs(server).delete(job_id)
+    refused = await retry
+    assert refused.status_code == 503, refused.text
+    assert refused.json()["code"] == "broker_unavailable" and refused.headers["retry-after"]
+    assert job_id in refused.json()["message"]
+    started = await _post(server, key)
+    assert started.status_code == 200 and started.headers["x-job-id"] == job_id
 
 
 async def test_of_two_api_processes_one_sends(server, monkeypatch, sends):
