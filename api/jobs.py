@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -137,9 +138,11 @@ async def start_job(
     params: dict[str, Any] | None = None,
     job_id: str | None = None,
     stream: bool = False,
+    admit: Callable[[], Awaitable[None]] | None = None,
 ) -> JobStart:
     """Record and publish a job (or find the one this Idempotency-Key already started). With `stream`, the job
-    is asked to send its output in pieces, and they come on the result's `events` (the caller forgets them)."""
+    is asked to send its output in pieces, and they come on the result's `events` (the caller forgets them).
+    `admit` checks what a new job needs (raising the ApiError that refuses it); a job the key found skips it."""
     jobs = job_store(services)
     recorded = record_params(payload) if params is None else params
     key = check_idempotency_key(idempotency_key)
@@ -154,6 +157,8 @@ async def start_job(
                 services.resender.watch(found[0], found[1], Resend(job_type, payload, priority))
             return await _found(jobs, found[0], wait or stream, services.settings.sync_timeout_seconds)
         withdrawn_version = found[1] if found is not None else None  # a withdrawn job's key starts it again
+    if admit is not None:
+        await admit()
     job_id = job_id or str(uuid.uuid4())
     record = JobStore.new(job_id, job_type, recorded, idempotency_key=key)
     try:

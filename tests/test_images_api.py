@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 
 import httpx
@@ -272,3 +273,45 @@ async def test_openapi_schema_lists_the_endpoints(server):
         "/v1/images/{image_id}/similar",
     ):
         assert path in schema["paths"]
+
+
+async def test_an_upload_retried_with_its_idempotency_key_finds_the_same_image(server, s3, monkeypatch):
+    """The image's id comes from the key: a retry (or the same upload sent three times at once) answers with the
+    one image, and stores one original; another file under the same key is refused; a full index does not refuse
+    the retry of an upload it already holds."""
+    index = server.services.index
+    data = encoded(5151, "JPEG")
+    before_count = await index.count()
+    before_keys = set(s3.keys(server.bucket, "images/originals/"))
+
+    async def keyed(key: str, body: bytes = data, **params):
+        return await server.client.post(
+            "/v1/images",
+            files={"file": ("retried.jpg", body, "image/jpeg")},
+            params=params,
+            headers={"Idempotency-Key": key},
+        )
+
+    first = await keyed("upload-once")
+    assert first.status_code == 201, first.text
+    at_once = await asyncio.gather(*(keyed("upload-at-once") for _ in range(3)))
+    assert [response.status_code for response in at_once] == [201] * 3
+    assert len({response.json()["id"] for response in at_once}) == 1
+    retry = await keyed("upload-once")
+    assert retry.status_code == 201 and retry.json() == first.json()
+    assert await index.count() == before_count + 2
+    assert len(set(s3.keys(server.bucket, "images/originals/")) - before_keys) == 2
+
+    other = await keyed("upload-once", encoded(5152, "JPEG"))
+    assert (other.status_code, other.json()["code"]) == (409, "idempotency_key_reused")
+
+    queued = await keyed("upload-later", wait="false")
+    assert queued.status_code == 202
+    waited = await keyed("upload-later")
+    assert waited.status_code == 201 and waited.json()["id"] == queued.json()["job_id"]
+
+    full = dataclasses.replace(server.services.settings, image_search_max_elements=await index.count())
+    monkeypatch.setattr(server.services, "settings", full)
+    assert (await keyed("upload-once")).json() == first.json()
+    refused = await keyed("upload-new")
+    assert (refused.status_code, refused.json()["code"]) == (409, "index_full")

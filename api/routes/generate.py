@@ -22,7 +22,8 @@ from contract.messages import IMAGE_GENERATE, NON_BLANK, ContractError, ImageGen
 IDEMPOTENCY_KEY = Parameter(
     header="Idempotency-Key",
     required=False,
-    description="a retried request with the same key returns the same job instead of starting another",
+    description="a retried request with the same key returns the same job (and its result) instead of starting "
+    "another; one that finds the job unfinished waits for it as the first does",
     schema_extra={"minLength": 1, "maxLength": MAX_IDEMPOTENCY_KEY_LENGTH, "pattern": NON_BLANK},
 )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import re
 import uuid
 from typing import Annotated
@@ -28,14 +29,16 @@ from api.filters import (
     image_filter,
     query_string,
 )
-from api.jobs import accepted, raise_for_failure, start_job
+from api.jobs import accepted, check_idempotency_key, finished_result, start_job
 from api.openapi import errors
+from api.routes.generate import IDEMPOTENCY_KEY
 from api.schemas import ImageOut, ImageUploadForm, JobAccepted
 from api.services import Services
 from api.thumbnails import Thumbnails
 from api.urls import base_url, image_file_url, image_thumbnail_url
 from contract.image_ids import thumbnail_key
 from contract.imaging import check_image
+from contract.jobs import job_id_for_idempotency_key
 from contract.messages import IMAGE_INDEX, ImageIndexV1
 from infra.vectors import ImageRecord, VectorIndex
 
@@ -112,30 +115,45 @@ async def upload_image(
     wait: Annotated[
         bool, Parameter(description="wait for indexing (201 with the record) or return at once (202)")
     ] = True,
+    idempotency_key: Annotated[str | None, IDEMPOTENCY_KEY] = None,
 ) -> Response[ImageOut | JobAccepted]:
+    """With an Idempotency-Key the image's id is derived from the key, so a retried upload of the same file finds
+    the image (and its job) instead of adding it twice."""
     settings = services.settings
     index = require_index(services)
+    key = check_idempotency_key(idempotency_key)
     raw = await read_upload(data, settings.image_search_max_bytes)
     checked = await asyncio.to_thread(check_image, raw, settings.image_search_max_pixels)
-    if await index.count() >= settings.image_search_max_elements:
-        raise ApiError(
-            409,
-            "index_full",
-            f"the index holds its maximum of {settings.image_search_max_elements} images "
-            "(IMAGE_SEARCH_MAX_ELEMENTS); delete images or raise the limit",
-        )
-    image_id = str(uuid.uuid4())
+
+    async def room_left() -> None:
+        if await index.count() >= settings.image_search_max_elements:
+            raise ApiError(
+                409,
+                "index_full",
+                f"the index holds its maximum of {settings.image_search_max_elements} images "
+                "(IMAGE_SEARCH_MAX_ELEMENTS); delete images or raise the limit",
+            )
+
+    image_id = str(uuid.uuid4()) if key is None else job_id_for_idempotency_key(IMAGE_INDEX, key)
     filename = data.file.filename or None
     payload = ImageIndexV1(image_id=image_id, data=raw, filename=filename, source="upload")
-    params = {"filename": filename, "size": len(raw), "content_type": checked.content_type}
+    params: dict[str, object] = {"filename": filename, "size": len(raw), "content_type": checked.content_type}
+    if key is not None:  # the same key with another file of the same name and size is another request
+        params["sha256"] = hashlib.sha256(raw).hexdigest()
     started = await start_job(
-        services, job_type=IMAGE_INDEX, payload=payload, wait=wait, params=params, job_id=image_id
+        services,
+        job_type=IMAGE_INDEX,
+        payload=payload,
+        wait=wait,
+        params=params,
+        job_id=image_id,
+        idempotency_key=key,
+        admit=room_left,
     )
-    if started.reply is None:
+    result = await finished_result(started)
+    if result is None:
         return accepted(request, services, started.record)
-    if started.reply.status == "failed" and started.reply.error is not None:
-        raise_for_failure(started.reply.error.code, started.reply.error.message)
-    record = msgspec.convert(started.reply.result, ImageRecord)
+    record = msgspec.convert(result, ImageRecord)
     return Response(to_image_out(request, services, record), status_code=HTTP_201_CREATED)
 
 
