@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import msgspec
 from litestar import Request, Response, post
@@ -12,7 +12,7 @@ from litestar.status_codes import HTTP_200_OK
 from api.auth import WRITE
 from api.errors import ApiError
 from api.features import needs
-from api.jobs import MAX_IDEMPOTENCY_KEY_LENGTH, accepted, finished_result, output_bytes, start_job
+from api.jobs import MAX_IDEMPOTENCY_KEY_LENGTH, JobStart, accepted, finished_result, output_bytes, start_job
 from api.openapi import ACCEPTED, binary, errors
 from api.schemas import GeneratedImageKey, GenerateImageRequest, JobAccepted
 from api.services import Services
@@ -38,6 +38,22 @@ def generation_payload(services: Services, request: GenerateImageRequest) -> Ima
     return payload
 
 
+async def _generate(
+    request: Request, services: Services, idempotency_key: str | None
+) -> tuple[JobStart, dict[str, Any] | None]:
+    """Start (or find) the generation the request's JSON body asks for and wait for it: the job, and its result
+    once finished (None past SYNC_TIMEOUT_SECONDS)."""
+    data = await strict_json(request, GenerateImageRequest)
+    started = await start_job(
+        services,
+        job_type=IMAGE_GENERATE,
+        payload=generation_payload(services, data),
+        wait=True,
+        idempotency_key=idempotency_key,
+    )
+    return started, await finished_result(started)
+
+
 @post(
     "/v1/images/generate",
     status_code=HTTP_200_OK,
@@ -55,15 +71,7 @@ async def generate_image(
     data: GenerateImageRequest,
     idempotency_key: Annotated[str | None, IDEMPOTENCY_KEY] = None,
 ) -> Response[bytes | JobAccepted]:
-    data = await strict_json(request, GenerateImageRequest)
-    started = await start_job(
-        services,
-        job_type=IMAGE_GENERATE,
-        payload=generation_payload(services, data),
-        wait=True,
-        idempotency_key=idempotency_key,
-    )
-    result = await finished_result(started)
+    started, result = await _generate(request, services, idempotency_key)
     if result is None:
         return accepted(request, services, started.record)
     return Response(
@@ -86,15 +94,7 @@ async def generate_image_to_r2(
     data: GenerateImageRequest,
     idempotency_key: Annotated[str | None, IDEMPOTENCY_KEY] = None,
 ) -> Response[GeneratedImageKey | JobAccepted]:
-    data = await strict_json(request, GenerateImageRequest)
-    started = await start_job(
-        services,
-        job_type=IMAGE_GENERATE,
-        payload=generation_payload(services, data),
-        wait=True,
-        idempotency_key=idempotency_key,
-    )
-    result = await finished_result(started)
+    started, result = await _generate(request, services, idempotency_key)
     if result is None:
         return accepted(request, services, started.record)
     return Response(GeneratedImageKey(key=result["key"], job_id=started.record.job_id, seed=result["seed"]))
