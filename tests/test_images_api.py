@@ -277,8 +277,8 @@ async def test_openapi_schema_lists_the_endpoints(server):
 
 async def test_an_upload_retried_with_its_idempotency_key_finds_the_same_image(server, s3, monkeypatch):
     """The image's id comes from the key: a retry (or the same upload sent three times at once) answers with the
-    one image, and stores one original; another file under the same key is refused; a full index does not refuse
-    the retry of an upload it already holds."""
+    one image, and stores one original; another file under the same key is refused, and so is the retry of an
+    upload deleted since (it is not brought back); a full index does not refuse the retry of an upload it holds."""
     index = server.services.index
     data = encoded(5151, "JPEG")
     before_count = await index.count()
@@ -309,6 +309,11 @@ async def test_an_upload_retried_with_its_idempotency_key_finds_the_same_image(s
     assert queued.status_code == 202
     waited = await keyed("upload-later")
     assert waited.status_code == 201 and waited.json()["id"] == queued.json()["job_id"]
+
+    assert (await server.client.delete(f"/v1/images/{waited.json()['id']}")).status_code == 204
+    deleted = await keyed("upload-later")
+    assert (deleted.status_code, deleted.json()["code"]) == (409, "image_deleted")
+    assert (await server.client.get(f"/v1/images/{waited.json()['id']}")).status_code == 404
 
     full = dataclasses.replace(server.services.settings, image_search_max_elements=await index.count())
     monkeypatch.setattr(server.services, "settings", full)

@@ -154,6 +154,13 @@ async def upload_image(
     if result is None:
         return accepted(request, services, started.record)
     record = msgspec.convert(result, ImageRecord)
+    if started.existing and await index.get(record.id) is None:
+        raise ApiError(
+            409,
+            "image_deleted",
+            f"the image this Idempotency-Key uploaded ({record.id}) has been deleted since; a retry does not bring "
+            "it back: upload it with a new key",
+        )
     return Response(to_image_out(request, services, record), status_code=HTTP_201_CREATED)
 
 
