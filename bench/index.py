@@ -162,6 +162,7 @@ async def through_broker(
         jobs=JobStore(plumbing.store, 7),
         store=plumbing.store,
         capabilities=("index",),
+        max_interrupted_runs=3,
     )
     await consumer.start()
     try:

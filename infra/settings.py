@@ -85,6 +85,7 @@ class Settings:
     amqp_url: str
     amqp_connect_timeout_seconds: float
     max_attempts: int
+    max_interrupted_runs: int
     qdrant_url: str
     qdrant_api_key: str
     qdrant_collection: str
@@ -330,6 +331,7 @@ def _parse(env: _Reader) -> Settings:
         amqp_url=env.url("AMQP_URL", "amqp://guest:guest@localhost:5672/", ("amqp", "amqps")),
         amqp_connect_timeout_seconds=env.number("AMQP_CONNECT_TIMEOUT_SECONDS", 30.0, 0.0),
         max_attempts=env.integer("MAX_ATTEMPTS", 5, 1, 100),
+        max_interrupted_runs=env.integer("MAX_INTERRUPTED_RUNS", 3, 2, 100),
         qdrant_url=env.url("QDRANT_URL", "", ("http", "https")),
         qdrant_api_key=env.raw("QDRANT_API_KEY", ""),
         qdrant_collection=env.raw("QDRANT_COLLECTION", "images") or "images",

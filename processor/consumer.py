@@ -22,6 +22,7 @@ from infra.broker import Publisher, capability_of, declare_topology, topology_on
 from infra.storage import ObjectStore
 from processor.deliveries import attempt, first_delivery, job_id, job_type, replayed
 from processor.handlers.base import Handler, Job, MakesOutputs
+from processor.interrupted_runs import INTERRUPTED, InterruptedRuns
 from processor.outcomes import Failed, Outcome, SettledElsewhere, Settlement
 from processor.outputs import output_lost
 from processor.pieces import pieces_for
@@ -49,6 +50,7 @@ class Consumer:
         jobs: JobStore,
         store: ObjectStore,
         capabilities: Sequence[str],
+        max_interrupted_runs: int,
         pipeline_depth: int = PIPELINE_DEPTH,
     ) -> None:
         self._connection = connection
@@ -58,11 +60,13 @@ class Consumer:
         self._publisher = publisher
         self._store = store
         self._settler = Settler(publisher, jobs, store, max_attempts)
+        self._runs = InterruptedRuns(store, max_interrupted_runs)
         self._scheduler: Scheduler[AbstractIncomingMessage] = Scheduler(
             self._process,
             lanes={name: Lane(handler.batch_size, handler.pipelined) for name, handler in self._handlers.items()},
             type_of=job_type,
             priority_of=lambda message: message.priority or 0,
+            suspect=lambda message: message.redelivered,
             depth=pipeline_depth,
         )
         self._channels: list[AbstractChannel] = []
@@ -142,8 +146,9 @@ class Consumer:
         structlog.contextvars.bind_contextvars(message_ids=[job.message_id for _, job in jobs])
         records: dict[str, Tracked] = {}
         started = asyncio.get_running_loop().time()
+        interrupted = await self._interrupted(jobs)
         try:
-            outcomes = await self._run(handler, jobs, records)
+            outcomes = await self._run(handler, jobs, records, interrupted)
         except Exception as exc:  # the bookkeeping around the handler failed unforeseen: settled as the handler's crash
             log.exception("batch_failed", job_type=handler.message_type)
             outcomes = [Failed("internal_error", f"{type(exc).__name__}: {exc}")] * len(jobs)
@@ -152,9 +157,32 @@ class Consumer:
         elapsed = asyncio.get_running_loop().time() - started
         for (message, job), outcome in zip(jobs, outcomes, strict=True):
             await self._settler.settle(message, job, outcome, elapsed, records.get(job.message_id))
+        for message_id in interrupted:
+            try:
+                await self._runs.clear(message_id)
+            except TRANSIENT_ERRORS as exc:
+                log.warning("interrupted_runs_not_cleared", message_id=message_id, error=str(exc))
+
+    async def _interrupted(self, jobs: Sequence[tuple[AbstractIncomingMessage, Job]]) -> dict[str, int]:
+        """A suspect's runs so far that no processor lived to settle (processor/interrupted_runs.py), this one
+        counted unless it is not to run; {} for other deliveries (a suspect runs alone) or when the store is down."""
+        message, job = jobs[0]
+        if len(jobs) != 1 or not message.redelivered:
+            return {}
+        try:
+            interrupted = await self._runs.start(job.message_id)
+        except TRANSIENT_ERRORS as exc:
+            log.warning("interrupted_runs_not_counted", message_id=job.message_id, error=str(exc))
+            return {}
+        log.warning("delivered_again_after_interruption", message_id=job.message_id, interrupted_runs=interrupted)
+        return {job.message_id: interrupted}
 
     async def _run(
-        self, handler: Handler, jobs: Sequence[tuple[AbstractIncomingMessage, Job]], records: dict[str, Tracked]
+        self,
+        handler: Handler,
+        jobs: Sequence[tuple[AbstractIncomingMessage, Job]],
+        records: dict[str, Tracked],
+        interrupted: Mapping[str, int],
     ) -> list[Settlement]:
         """Outcomes in order. A tracked job whose record is already settled (a redelivery after the outcome was
         recorded, a duplicate that another processor finished, a job the API withdrew) is not run again: its
@@ -162,14 +190,19 @@ class Consumer:
         meanwhile). Any other tracked job runs with its running mark written beside it, which it waits for before
         its first lasting side effect (Job.still_wanted): a job the API withdrew meanwhile makes nothing. A first
         delivery that waited in the queue writes its mark before it runs instead, so one settled meanwhile (a
-        duplicate, a withdrawal) is not run at all."""
+        duplicate, a withdrawal) is not run at all. A suspect interrupted MAX_INTERRUPTED_RUNS times is not run:
+        it is dead-lettered (`interrupted`), unless its record is settled."""
         tracker = self._settler.tracker
         outcomes: dict[str, Settlement] = {}
         outputs: dict[str, tuple[str, ...]] = {}
         marks: dict[str, asyncio.Task[bool]] = {}
         late: list[str] = []  # first deliveries that waited in the queue: their marks are awaited before the run
         for message, job in jobs:
+            count = interrupted.get(job.message_id, 0)
+            refusal = Failed(INTERRUPTED, self._runs.message(count)) if count >= self._runs.limit else None
             if not (handler.always_record or (message.headers or {}).get(RECORD_HEADER)):
+                if refusal is not None:
+                    outcomes[job.message_id] = refusal
                 continue
             try:
                 carried = _carried(message, job)
@@ -185,6 +218,8 @@ class Consumer:
                     tracked.remaking = True
                 elif tracked.settled:
                     outcomes[job.message_id] = recorded_outcome(tracked.record, outputs[job.message_id])
+                elif refusal is not None:
+                    outcomes[job.message_id] = refusal
                 else:
                     marks[job.message_id] = tracker.mark_running(tracked, attempt(message))
             except TRANSIENT_ERRORS as exc:

@@ -9,6 +9,9 @@ batches run side by side, so one batch's fetch and decode overlap the previous b
 before's storage writes (the handler keeps its model stage one batch at a time). A further batch starts
 beside running ones only when it is full; a smaller one, and a batch of any other type, waits until the running
 ones finish. So a high-priority job waits for at most the batches in hand, and nothing behind it starts first.
+
+A suspect (a delivery that an earlier processor did not live to settle: processor/interrupted_runs.py) runs alone
+and with nothing beside it, so that if it stops this processor too, nothing else is interrupted with it.
 """
 
 from __future__ import annotations
@@ -46,16 +49,18 @@ class Scheduler(Generic[Item]):
         lanes: Mapping[str, Lane],
         type_of: Callable[[Item], str],
         priority_of: Callable[[Item], int],
+        suspect: Callable[[Item], bool] = lambda _: False,
         depth: int = PIPELINE_DEPTH,
     ) -> None:
         self._run_batch = run_batch
         self._lanes = dict(lanes)
         self._type_of = type_of
         self._priority_of = priority_of
+        self._suspect = suspect
         self.depth = max(1, depth)
         self._heap: list[tuple[int, int, Item]] = []
         self._sequence = itertools.count()
-        self._running: dict[asyncio.Task[None], bool] = {}  # batch -> whether its type is pipelined
+        self._running: dict[asyncio.Task[None], bool] = {}  # batch -> whether others may run beside it
         self._wakeup = asyncio.Event()
         self._stopping = False
         self._loop: asyncio.Task[None] | None = None
@@ -96,33 +101,43 @@ class Scheduler(Generic[Item]):
 
     async def _schedule(self) -> None:
         while not self._stopping:
-            if not self._heap or not self._may_start(self._type_of(self._heap[0][2])):
+            if not self._heap or not self._may_start(self._heap[0][2]):
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
             batch = self._take_batch()
-            lane = self._lane(self._type_of(batch[0]))
+            alone = self._suspect(batch[0])
             task = asyncio.create_task(self._run(batch), name="processor-batch")
-            self._running[task] = lane.pipelined
+            self._running[task] = self._lane(self._type_of(batch[0])).pipelined and not alone
 
     def _lane(self, item_type: str) -> Lane:
         return self._lanes.get(item_type, Lane())
 
-    def _may_start(self, item_type: str) -> bool:
+    def _may_start(self, first: Item) -> bool:
         if not self._running:
             return True
+        item_type = self._type_of(first)
         lane = self._lane(item_type)
-        if not lane.pipelined or len(self._running) >= self.depth or not all(self._running.values()):
+        if (
+            self._suspect(first)
+            or not lane.pipelined
+            or len(self._running) >= self.depth
+            or not all(self._running.values())
+        ):
             return False
-        return sum(1 for entry in self._heap if self._type_of(entry[2]) == item_type) >= lane.batch_size
+        return sum(1 for entry in self._heap if self._joins(entry[2], item_type)) >= lane.batch_size
+
+    def _joins(self, item: Item, item_type: str) -> bool:
+        """Whether `item` may go into a batch of `item_type` (a suspect never joins one)."""
+        return self._type_of(item) == item_type and not self._suspect(item)
 
     def _take_batch(self) -> list[Item]:
         _, _, first = heapq.heappop(self._heap)
         first_type = self._type_of(first)
         limit = self._lane(first_type).batch_size
-        if limit <= 1 or not self._heap:
+        if limit <= 1 or not self._heap or self._suspect(first):
             return [first]
-        taken = [entry for entry in sorted(self._heap) if self._type_of(entry[2]) == first_type][: limit - 1]
+        taken = [entry for entry in sorted(self._heap) if self._joins(entry[2], first_type)][: limit - 1]
         if taken:
             chosen = {id(entry[2]) for entry in taken}
             self._heap = [entry for entry in self._heap if id(entry[2]) not in chosen]

@@ -100,6 +100,7 @@ def build_consumer(runtime: Runtime) -> Consumer:
         jobs=JobStore(runtime.store, runtime.settings.job_record_ttl_days),
         store=runtime.store,
         capabilities=runtime.capabilities,
+        max_interrupted_runs=runtime.settings.max_interrupted_runs,
     )
 
 

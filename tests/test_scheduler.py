@@ -187,3 +187,36 @@ async def test_batches_that_remove_keep_their_place_among_batches_side_by_side()
         "create-3 started",
         "create-3 done",
     ]
+
+
+async def test_a_suspect_runs_alone_with_nothing_beside_it():
+    """A delivery an earlier processor did not live to settle joins no batch, starts only when nothing runs, and
+    nothing starts beside it, not even a pipelined batch; the others then batch as usual."""
+    recorder = Recorder()
+    work = Scheduler(
+        recorder,
+        lanes={"index": Lane(batch_size=2, pipelined=True)},
+        type_of=lambda item: item.kind,
+        priority_of=lambda item: item.priority,
+        suspect=lambda item: item.name.startswith("s"),
+    )
+    for name in ("i0", "s0", "i1", "i2", "i3", "s1", "i4", "i5"):
+        work.push(Item("index", name=name))
+    work.start()
+    await settle()
+    assert recorder.started == [["i0", "i1"]]  # s0 joins no batch, and waits for the running one
+    recorder.gates[0].set()
+    await settle()
+    assert recorder.started[1:] == [["s0"]] and recorder.running == 1  # alone, nothing beside it
+    recorder.gates[1].set()
+    await settle()
+    assert recorder.started[2:] == [["i2", "i3"]]  # s1 waits again: it is next in line
+    recorder.gates[2].set()
+    await settle()
+    assert recorder.started[3:] == [["s1"]] and recorder.running == 1
+    recorder.gates[3].set()
+    await settle()
+    assert recorder.started[4:] == [["i4", "i5"]]
+    recorder.release_all()
+    await settle()
+    await work.stop()
