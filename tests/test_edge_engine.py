@@ -4,6 +4,7 @@ graph builds that keep results consistent, and the one-time import of a qdrant-c
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import signal
 import subprocess
@@ -143,6 +144,24 @@ async def test_the_engine_stops_when_its_owner_dies(tmp_path):
     await wait_until(engine_gone, timeout=20)
     index = await _open(tmp_path, build_points=0)
     await index.close()
+
+
+async def test_a_new_owner_waits_for_an_engine_that_is_flushing_on_its_way_out(tmp_path):
+    """An engine removes its socket before its last flush and holds its lock until it exits: a server restarted
+    in that window waits for the lock instead of refusing the directory as in use."""
+    index = await _open(tmp_path, build_points=0)
+    await index.close()
+    layout = EngineLayout.under(tmp_path, "images")
+    fd = os.open(layout.lock_path, os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # the departing engine, socket gone, still flushing
+    try:
+        opening = asyncio.create_task(_open(tmp_path, build_points=0))
+        await asyncio.sleep(1.0)
+        assert not opening.done()
+    finally:
+        os.close(fd)
+    reopened = await asyncio.wait_for(opening, 30)
+    await reopened.close()
 
 
 async def test_graph_builds_keep_results_exact_and_writes_made_meanwhile(tmp_path):

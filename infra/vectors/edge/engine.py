@@ -55,6 +55,8 @@ IDLE_BUILD_SECONDS = 60.0
 FLUSH_EVERY_SECONDS = 30.0
 FAILED_BUILD_BACKOFF_SECONDS = 300.0
 _TICK_SECONDS = 1.0
+HANDOVER_SECONDS = 60.0
+_HANDOVER_POLL_SECONDS = 0.05
 
 
 class EngineError(Exception):
@@ -534,21 +536,31 @@ def _say(hello: p.Hello) -> None:
 
 
 def _take_lock(layout: EngineLayout) -> int | None:
+    """Hold engine.lock, or say `in_use` and return None.
+
+    A holder with no socket is an engine starting up or flushing on its way out (it removes its socket first):
+    wait up to HANDOVER_SECONDS for it rather than refuse a server restarted right after the last one stopped.
+    """
     fd = os.open(layout.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
-        os.close(fd)
-        _say(
-            p.Hello(
-                ready=False,
-                kind="in_use",
-                error=f"the embedded index at {layout.root} is in use by another process"
-                + (f" (pid {holder})" if holder else ""),
-            )
-        )
-        return None
+    deadline = time.monotonic() + HANDOVER_SECONDS
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if layout.socket_path.exists() or time.monotonic() >= deadline:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+                os.close(fd)
+                _say(
+                    p.Hello(
+                        ready=False,
+                        kind="in_use",
+                        error=f"the embedded index at {layout.root} is in use by another process"
+                        + (f" (pid {holder})" if holder else ""),
+                    )
+                )
+                return None
+            time.sleep(_HANDOVER_POLL_SECONDS)
     os.ftruncate(fd, 0)
     os.pwrite(fd, str(os.getpid()).encode(), 0)
     return fd
