@@ -89,19 +89,27 @@ class ReplyListener:
             if stream is not None:
                 stream.put_nowait(ReplyPiece(reply.offset, reply.body))
             return
-        stream = self._streams.pop(reply.correlation_id, None)
-        future = self._pending.pop(reply.correlation_id, None)
-        if stream is None and (future is None or future.done()):
+        if not self.waits_for(reply.correlation_id):
             return
         try:
             decoded = msgspec.msgpack.decode(reply.body, type=JobReply)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             log.error("reply_undecodable", correlation_id=reply.correlation_id, error=str(exc))
             return
+        self.deliver(reply.correlation_id, decoded)
+
+    def waits_for(self, correlation_id: str) -> bool:
+        future = self._pending.get(correlation_id)
+        return correlation_id in self._streams or (future is not None and not future.done())
+
+    def deliver(self, correlation_id: str, reply: JobReply) -> None:
+        """Answer whoever in this process waits for the job (a stream ends with it); nobody waiting: dropped."""
+        stream = self._streams.pop(correlation_id, None)
+        future = self._pending.pop(correlation_id, None)
         if stream is not None:
-            stream.put_nowait(decoded)
-        elif future is not None:
-            future.set_result(decoded)
+            stream.put_nowait(reply)
+        elif future is not None and not future.done():
+            future.set_result(reply)
 
     async def close(self) -> None:
         if self._publisher is not None:

@@ -41,6 +41,10 @@ FINISHED = ("succeeded", "failed")
 # waits for before its first lasting side effect: exactly one of the two is written, so a withdrawn job makes
 # nothing, and a job whose mark came first was accepted after all (processor/consumer.py, api/jobs.py).
 WITHDRAWN = "withdrawn"
+# The error code of a job its client cancelled while it was queued (POST /v1/jobs/{id}/cancel): the same
+# conditional write on the queued version as a withdrawal, so a cancelled job makes nothing and a job whose running
+# mark came first is not cancelled. Unlike a withdrawn job's, its Idempotency-Key keeps answering with it.
+CANCELLED = "cancelled"
 # A record still queued and never attempted this long after its stamp is past any publish of the request that
 # wrote it (a publish waits at most 10 s for its confirm): if its message never left (the API stopped between the
 # record and the publish), nothing else will send it. An Idempotency-Key retry of such a job sends its message
@@ -96,6 +100,27 @@ def withdrawn(record: JobRecord, reason: str) -> JobRecord:
 
 def is_withdrawn(record: JobRecord) -> bool:
     return record.status == "failed" and record.error is not None and record.error.code == WITHDRAWN
+
+
+def cancellation(job_id: str) -> ErrorInfo:
+    """The error of a job its client cancelled (see CANCELLED), in its record and in the reply to its requester."""
+    return ErrorInfo(code=CANCELLED, message=f"job {job_id} was cancelled while queued and does not run")
+
+
+def cancelled(record: JobRecord) -> JobRecord:
+    """The record of a queued job its client cancelled: failed, saying so."""
+    stamp = now_iso()
+    error = cancellation(record.job_id)
+    return msgspec.structs.replace(record, status="failed", updated_at=stamp, finished_at=stamp, error=error)
+
+
+def is_cancelled(record: JobRecord) -> bool:
+    return record.status == "failed" and record.error is not None and record.error.code == CANCELLED
+
+
+def called_off(record: JobRecord) -> bool:
+    """Withdrawn by the API or cancelled by its client: the job was stopped before it ran and never makes anything."""
+    return is_withdrawn(record) or is_cancelled(record)
 
 
 def never_started(record: JobRecord) -> bool:

@@ -16,7 +16,7 @@ REGISTRY = CollectorRegistry(auto_describe=True)
 
 JOB_OUTCOMES = Counter(
     "ams_jobs",
-    "Jobs settled by the processor, by type and outcome (succeeded, retried, dead_lettered, withdrawn).",
+    "Jobs settled by the processor, by type and outcome (succeeded, retried, dead_lettered, withdrawn, cancelled).",
     ["type", "outcome"],
     registry=REGISTRY,
 )

@@ -27,20 +27,23 @@ class Failed:
 
 
 @dataclass(frozen=True, slots=True)
-class Withdrawn:
-    """The job's record says the API withdrew it (contract/jobs.py WITHDRAWN): it made nothing (it was not run, or
-    its work was dropped), and its message is acknowledged with nothing recorded, replied or dead-lettered."""
+class CalledOff:
+    """The job's record says it was stopped before it ran (contract/jobs.py): withdrawn by the API, or cancelled by
+    its client. It made nothing (it was not run, or its work was dropped), and its message is acknowledged with
+    nothing recorded or dead-lettered; a cancelled job's waiting requester is answered with its error."""
 
+    code: str
     reason: str
 
 
 @dataclass(frozen=True, slots=True)
 class SettledElsewhere:
     """The job's record turned out settled when its running mark was written (Job.still_wanted): withdrawn by the
-    API, or finished by another delivery. The job made nothing; the consumer settles it as its record says."""
+    API, cancelled by its client, or finished by another delivery. The job made nothing; the consumer settles it as
+    its record says."""
 
 
 SETTLED_ELSEWHERE = SettledElsewhere()
 
 Outcome = Succeeded | Failed | SettledElsewhere  # what a handler reports
-Settlement = Succeeded | Failed | Withdrawn  # what the settler is given
+Settlement = Succeeded | Failed | CalledOff  # what the settler is given

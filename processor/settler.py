@@ -6,6 +6,7 @@
     failed, transient    -> record, copy to a delayed retry queue with attempts + 1 (confirmed), ack;
                             after MAX_ATTEMPTS, dead-lettered instead
     withdrawn            -> ack (the API withdrew the job: its record says so, and nobody waits for it)
+    cancelled            -> reply (the job's error, to a requester still waiting), ack (its client cancelled it)
 
 A retry waits in the retry queues, not here. When the broker refuses the copy, the delivery is handed back
 (nack, requeue) after REQUEUE_DELAY_SECONDS on a timer, so the batches behind it are not held up and a broker that
@@ -23,7 +24,7 @@ import structlog
 from aio_pika.abc import AbstractIncomingMessage
 
 from contract import metrics
-from contract.jobs import RECORD_HEADER, JobRecord, JobStore, is_withdrawn
+from contract.jobs import CANCELLED, RECORD_HEADER, JobRecord, JobStore, called_off
 from contract.messages import JSON, MSGPACK, ErrorInfo, JobReply, encode
 from infra.broker import (
     ATTEMPTS_HEADER,
@@ -40,7 +41,7 @@ from infra.broker import (
 from infra.storage import ObjectStore
 from processor.deliveries import attempt, job_id, job_type
 from processor.handlers.base import Job
-from processor.outcomes import Failed, Settlement, Succeeded, Withdrawn
+from processor.outcomes import CalledOff, Failed, Settlement, Succeeded
 from processor.retrying import TRANSIENT_ERRORS, retry_transient
 from processor.tracking import JobTracker, Tracked
 
@@ -55,8 +56,8 @@ def recorded_outcome(record: JobRecord, outputs: tuple[str, ...] = ()) -> Settle
     if record.status == "succeeded":
         return Succeeded(record.result or {}, unflushed=outputs)
     error = record.error or ErrorInfo(code="failed", message="the job failed")
-    if is_withdrawn(record):
-        return Withdrawn(error.message)
+    if called_off(record):
+        return CalledOff(error.code, error.message)
     return Failed(error.code, error.message)
 
 
@@ -85,10 +86,13 @@ class Settler:
                     outcome = recorded_outcome(record.record)
             except TRANSIENT_ERRORS as exc:
                 outcome = Failed("storage_unavailable", f"could not record the result: {exc}", transient=True)
-        if isinstance(outcome, Withdrawn):
+        if isinstance(outcome, CalledOff):
+            if outcome.code == CANCELLED:
+                error = ErrorInfo(code=outcome.code, message=outcome.reason)
+                await self._reply(message, JobReply(job_id=job.message_id, status="failed", error=error))
             await self._ack(message)
-            metrics.job_settled(job.message_type, "withdrawn", elapsed)
-            logger.warning("job_withdrawn_not_run", reason=outcome.reason)
+            metrics.job_settled(job.message_type, outcome.code, elapsed)
+            logger.warning(f"job_{outcome.code}_not_run", reason=outcome.reason)
             return
         if isinstance(outcome, Succeeded):
             reply = JobReply(

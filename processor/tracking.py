@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import msgspec
 import structlog
 
-from contract.jobs import FINISHED, JobRecord, JobStore, is_withdrawn, now_iso, record_params
+from contract.jobs import FINISHED, JobRecord, JobStore, called_off, now_iso, record_params
 from contract.messages import ErrorInfo
 from infra.storage import PreconditionFailedError, StorageUnavailableError
 from processor.handlers.base import Job
@@ -43,17 +43,17 @@ class Tracked:
 
     record: JobRecord
     etag: str | None
-    replayed: bool = False  # the delivery is an operator's replay: a failed record (not a withdrawn one) reopens
+    replayed: bool = False  # the delivery is an operator's replay: a failed record (not a called-off one) reopens
     remaking: bool = False  # the record says succeeded but its output was lost: the job runs and is recorded again
     marking: asyncio.Task[bool] | None = field(default=None, repr=False)  # the running mark being written
 
     @property
     def settled(self) -> bool:
-        """Finished for good: succeeded (its output not lost), withdrawn by the API (its client was told it does
-        not run: not even a replay runs it), or failed and not being replayed."""
+        """Finished for good: succeeded (its output not lost), withdrawn by the API or cancelled by its client
+        (told it does not run: not even a replay runs it), or failed and not being replayed."""
         if self.record.status == "succeeded":
             return not self.remaking
-        return self.record.status in FINISHED and (not self.replayed or is_withdrawn(self.record))
+        return self.record.status in FINISHED and (not self.replayed or called_off(self.record))
 
 
 class JobTracker:

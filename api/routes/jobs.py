@@ -1,4 +1,4 @@
-"""The async job API: start any job type, read any job's status."""
+"""The async job API: start any job type, read any job's status, cancel a queued job."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ from typing import Annotated, Any
 import msgspec
 from litestar import Request, Response, get, post
 from litestar.exceptions import ValidationException
-from litestar.status_codes import HTTP_202_ACCEPTED
+from litestar.status_codes import HTTP_200_OK, HTTP_202_ACCEPTED
 
 from api.auth import READ, WRITE
 from api.errors import ApiError, error_response, validation_error
 from api.features import require_feature
-from api.jobs import accepted, job_store, start_job
+from api.jobs import accepted, cancel_job, job_store, start_job
 from api.openapi import errors
 from api.routes.generate import IDEMPOTENCY_KEY, generation_payload
 from api.routes.voice import reference_payload
@@ -109,10 +109,7 @@ def to_job_out(request: Request, services: Services, record: JobRecord, result: 
     responses=errors(404, 503),
 )
 async def get_job(request: Request, services: Services, job_id: str) -> JobOut:
-    try:
-        job_id = str(uuid.UUID(job_id))
-    except ValueError:
-        raise ApiError(404, "job_not_found", f"no job with id {job_id!r} (ids are UUIDs)") from None
+    job_id = _job_id(job_id)
     record = await job_store(services).get(job_id)
     if record is None:
         raise ApiError(404, "job_not_found", f"no job with id {job_id!r}")
@@ -123,4 +120,23 @@ async def get_job(request: Request, services: Services, job_id: str) -> JobOut:
     return to_job_out(request, services, record, result)
 
 
-ROUTES = [create_job, get_job]
+@post(
+    "/v1/jobs/{job_id:str}/cancel",
+    status_code=HTTP_200_OK,
+    summary="Cancel a queued job: it never runs; answers with the job, now failed with code cancelled",
+    opt=WRITE,
+    responses=errors(404, 409, 503),
+)
+async def cancel(request: Request, services: Services, job_id: str) -> JobOut:
+    record = await cancel_job(services, _job_id(job_id))
+    return to_job_out(request, services, record, None)
+
+
+def _job_id(job_id: str) -> str:
+    try:
+        return str(uuid.UUID(job_id))
+    except ValueError:
+        raise ApiError(404, "job_not_found", f"no job with id {job_id!r} (ids are UUIDs)") from None
+
+
+ROUTES = [create_job, get_job, cancel]

@@ -35,9 +35,10 @@ class Job:
         """Whether the job may make its outputs, asked before its first lasting side effect (an object stored, a
         point written or deleted): True once its running mark is written (at once for a job without a record);
         False when the mark found the record settled: withdrawn by the API (whose client was told the job does not
-        run) or finished by another delivery; the job then returns SETTLED_ELSEWHERE. Raises what the mark's write
-        raised (the store unavailable): the job is retried. The mark and the API's withdrawal are conditional
-        writes on the same version of the record, so exactly one of the two is made."""
+        run), cancelled by its client, or finished by another delivery; the job then returns SETTLED_ELSEWHERE.
+        Raises what the mark's write raised (the store unavailable): the job is retried. The mark and the API's
+        withdrawal or cancellation are conditional writes on the same version of the record, so exactly one of the
+        two is made."""
         return True if self.marking is None else await self.marking
 
 

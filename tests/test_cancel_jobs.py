@@ -1,0 +1,210 @@
+"""Cancelling a queued job (POST /v1/jobs/{id}/cancel): its record says so, a request waiting for it is answered at
+once, and the processor that later takes its message makes nothing of it. The API runs alone (python -m api), so
+jobs stay queued until a test starts a processor on the same broker and store."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import aio_pika
+import msgspec
+import pytest
+
+from contract.jobs import JobStore, job_id_for_idempotency_key, record_headers
+from contract.messages import IMAGE_GENERATE, VOICE_GENERATE
+from contract.metrics import REGISTRY
+from infra.settings import Settings
+from processor.runtime import Runtime
+from processor.service import build_consumer
+from tests.support.amqp import publish, wait_until
+from tests.support.audio import speech_clip
+from tests.support.server import running_server
+from tests.test_processor import vhost_of
+from tests.test_voice import form
+
+PARAMS = {"prompt": "a job nobody wants any more", "width": 64, "height": 64, "steps": 2}
+CANCELLED_LABEL = {"type": IMAGE_GENERATE, "outcome": "cancelled"}
+
+
+@pytest.fixture(scope="module")
+def settings(make_env) -> Settings:
+    env = make_env(IMAGE_ENABLED="1", VOICE_ENABLED="1", IMAGE_SEARCH_ENABLED="0", PROCESSOR_CAPABILITIES="image")
+    return Settings.from_env(env)
+
+
+@pytest.fixture(scope="module")
+async def server(settings):
+    async with running_server(settings, with_processor=False) as running:
+        yield running
+
+
+@asynccontextmanager
+async def processor(settings: Settings) -> AsyncIterator[Runtime]:
+    runtime = await Runtime.open(settings)
+    consumer = build_consumer(runtime)
+    await consumer.start()
+    try:
+        yield runtime
+    finally:
+        await consumer.stop()
+        await runtime.close()
+
+
+def _jobs(server) -> JobStore:
+    return JobStore(server.services.store, 7)
+
+
+def _queue_empty(rabbit, settings: Settings) -> bool:
+    counts = rabbit.queue_counts(vhost_of(settings))
+    return counts["ams.image"] == (0, 0) and counts["ams.dead"] == (0, 0)
+
+
+async def _queued_job(server, seed: int) -> str:
+    response = await server.client.post("/v1/jobs", json={"type": IMAGE_GENERATE, "params": {**PARAMS, "seed": seed}})
+    assert response.status_code == 202, response.text
+    return response.json()["job_id"]
+
+
+async def test_a_cancelled_job_never_runs_and_the_next_one_does(server, settings, rabbit):
+    client = server.client
+    unwanted, wanted = await _queued_job(server, 1), await _queued_job(server, 2)
+    response = await client.post(f"/v1/jobs/{unwanted}/cancel")
+    assert response.status_code == 200, response.text
+    job = response.json()
+    assert (job["job_id"], job["status"], job["error"]["code"]) == (unwanted, "failed", "cancelled")
+    assert "cancelled while queued" in job["error"]["message"] and job["finished_at"]
+    assert (await client.get(f"/v1/jobs/{unwanted}")).json() == job
+    again = await client.post(f"/v1/jobs/{unwanted}/cancel")
+    assert (again.status_code, again.json()) == (200, job)  # cancelling twice is safe
+    cancelled_before = REGISTRY.get_sample_value("ams_jobs_total", CANCELLED_LABEL) or 0
+
+    async with processor(settings):
+
+        async def wanted_done() -> bool:
+            return (await client.get(f"/v1/jobs/{wanted}")).json()["status"] == "succeeded"
+
+        await wait_until(wanted_done, timeout=60)
+        await wait_until(lambda: _queue_empty(rabbit, settings), timeout=30)
+    assert (await client.get(f"/v1/jobs/{unwanted}")).json() == job
+    assert not await server.services.store.exists(f"images/generated/{unwanted}.png")
+    assert await server.services.store.exists(f"images/generated/{wanted}.png")
+    assert REGISTRY.get_sample_value("ams_jobs_total", CANCELLED_LABEL) == cancelled_before + 1
+
+
+async def test_a_request_waiting_for_its_job_is_answered_when_it_is_cancelled(server):
+    """A waiting generation whose job is cancelled answers 409 `cancelled` at once, not after SYNC_TIMEOUT_SECONDS;
+    its Idempotency-Key keeps answering with the cancelled job."""
+    client = server.client
+    key = {"Idempotency-Key": f"cancel-me-{uuid.uuid4()}"}
+    job_id = job_id_for_idempotency_key(IMAGE_GENERATE, key["Idempotency-Key"])
+    waiting = asyncio.create_task(client.post("/v1/images/generate", json={**PARAMS, "seed": 3}, headers=key))
+
+    async def recorded() -> bool:
+        return await _jobs(server).get(job_id) is not None
+
+    await wait_until(recorded, timeout=10)
+    await asyncio.sleep(0.1)  # the request is waiting for its reply now
+    assert not waiting.done()
+    assert (await client.post(f"/v1/jobs/{job_id}/cancel")).status_code == 200
+    answered = await asyncio.wait_for(waiting, 5)
+    assert answered.status_code == 409, answered.text
+    assert answered.json()["code"] == "cancelled"
+    retried = await client.post("/v1/images/generate", json={**PARAMS, "seed": 3}, headers=key)
+    assert (retried.status_code, retried.json()["code"]) == (409, "cancelled")
+
+
+async def test_a_streamed_voice_clone_waiting_for_its_first_piece_is_answered_when_it_is_cancelled(server):
+    client = server.client
+    key = f"cancel-my-stream-{uuid.uuid4()}"
+    job_id = job_id_for_idempotency_key(VOICE_GENERATE, key)
+    waiting = asyncio.create_task(
+        client.post(
+            "/v1/voice/generate",
+            params={"stream": "true"},
+            headers={"Accept": "audio/mpeg", "Idempotency-Key": key},
+            **form(speech_clip("wav")),
+        )
+    )
+
+    async def recorded() -> bool:
+        return await _jobs(server).get(job_id) is not None
+
+    await wait_until(recorded, timeout=10)
+    await asyncio.sleep(0.1)
+    assert (await client.post(f"/v1/jobs/{job_id}/cancel")).status_code == 200
+    answered = await asyncio.wait_for(waiting, 5)
+    assert (answered.status_code, answered.json()["code"]) == (409, "cancelled")
+
+
+async def test_a_requester_waiting_in_another_process_gets_the_cancellation_from_the_processor(
+    server, settings, rabbit
+):
+    """The API that cancels a job may not be the one whose request waits for it: the processor that takes the
+    message answers the requester's reply queue with the job's error."""
+    jobs = _jobs(server)
+    queued = JobStore.new(str(uuid.uuid4()), IMAGE_GENERATE, {**PARAMS, "seed": 4})
+    version = await jobs.create(queued)
+    assert (await server.client.post(f"/v1/jobs/{queued.job_id}/cancel")).status_code == 200
+    connection = await aio_pika.connect(settings.amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        replies = await channel.declare_queue(exclusive=True)
+        await publish(
+            settings.amqp_url,
+            IMAGE_GENERATE,
+            {**PARAMS, "seed": 4},
+            message_id=queued.job_id,
+            headers=record_headers(queued, version),
+            reply_to=replies.name,
+        )
+        async with processor(settings):
+            await wait_until(lambda: _queue_empty(rabbit, settings), timeout=30)
+            reply = None
+            for _ in range(100):
+                reply = await replies.get(no_ack=True, fail=False)
+                if reply is not None:
+                    break
+                await asyncio.sleep(0.05)
+    assert reply is not None
+    body = msgspec.json.decode(reply.body)
+    assert (body["status"], body["error"]["code"]) == ("failed", "cancelled")
+    assert not await server.services.store.exists(f"images/generated/{queued.job_id}.png")
+
+
+async def test_only_a_queued_job_can_be_cancelled(server):
+    client, jobs = server.client, _jobs(server)
+    assert (await client.post(f"/v1/jobs/{uuid.uuid4()}/cancel")).json()["code"] == "job_not_found"
+    assert (await client.post("/v1/jobs/not-a-uuid/cancel")).status_code == 404
+    for status in ("running", "succeeded", "failed"):
+        record = msgspec.structs.replace(JobStore.new(str(uuid.uuid4()), IMAGE_GENERATE, PARAMS), status=status)
+        await jobs.create(record)
+        refused = await client.post(f"/v1/jobs/{record.job_id}/cancel")
+        assert refused.status_code == 409, refused.text
+        assert refused.json()["code"] == "job_not_cancellable"
+        assert f"it is {status}" in refused.json()["message"]
+        assert await jobs.get(record.job_id) == record
+
+
+async def test_a_processor_that_marks_the_job_running_first_wins(server, monkeypatch):
+    """The cancellation is conditional on the version it read: a running mark written meanwhile makes it fail,
+    and the record read again says the job is running (409), so the job runs and is not reported cancelled."""
+    jobs = _jobs(server)
+    record = JobStore.new(str(uuid.uuid4()), IMAGE_GENERATE, {**PARAMS, "seed": 5})
+    version = await jobs.create(record)
+    running = msgspec.structs.replace(record, status="running", attempts=1)
+    update = JobStore.update
+    marked: list[str] = []
+
+    async def mark_first(self, new, etag, **kwargs):
+        if not marked:
+            marked.append(await update(self, running, version))
+        return await update(self, new, etag, **kwargs)
+
+    monkeypatch.setattr(JobStore, "update", mark_first)
+    refused = await server.client.post(f"/v1/jobs/{record.job_id}/cancel")
+    assert refused.status_code == 409, refused.text
+    assert "it is running" in refused.json()["message"]
+    assert marked and await jobs.get(record.job_id) == running
