@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import threading
 import tomllib
 import uuid
 from collections.abc import AsyncIterator
@@ -20,6 +21,7 @@ from playwright.async_api import Browser, ConsoleMessage, Page, async_playwright
 
 from contract.clock import iso_from_us
 from infra.vectors import ImageRecord
+from tests.support.amqp import wait_until
 from tests.support.audio import speech_clip
 from tests.support.images import encoded
 from tests.support.server import RunningServer, running_server
@@ -270,6 +272,50 @@ async def test_a_refused_generation_says_why(session):
     await page.get_by_label("Steps").fill("100")
     await page.get_by_role("button", name="Generate").click()
     await expect(page.locator("#generate-error")).to_contain_text("pixel-steps, over this server's budget")
+
+
+async def test_a_queued_generation_is_cancelled_from_the_jobs_panel(session, server, monkeypatch):
+    """The processor is held on another generation (its model call waits for the test), so the page's job stays
+    queued: its Cancel button cancels it, and the entry ends failed, saying so."""
+    page = session.page
+    release = threading.Event()
+    generate = server.processor.runtime.generator.generate
+
+    def held(*args, **kwargs):
+        release.wait(60)
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(server.processor.runtime.generator, "generate", held)
+    try:
+        blocker = await server.client.post("/v1/jobs", json={"type": "image.generate", "params": {"prompt": "hold"}})
+        blocker_url = f"/v1/jobs/{blocker.json()['job_id']}"
+
+        async def blocker_running() -> bool:
+            return (await server.client.get(blocker_url)).json()["status"] == "running"
+
+        await wait_until(blocker_running, timeout=30)
+        await page.get_by_role("link", name="Generate").click()
+        await page.get_by_label("Prompt", exact=True).fill("a job nobody wants")
+        for field, value in (("Width", "64"), ("Height", "64"), ("Steps", "2")):
+            await page.get_by_label(field).fill(value)
+        await page.get_by_role("button", name="Generate").click()
+        await page.get_by_role("link", name="Jobs").click()
+        newest = page.locator("#jobs-list .job").first
+        await expect(newest).to_have_class(re.compile("state-queued"))
+        await newest.get_by_role("button", name="Cancel Generate “a job nobody wants”").click()
+        await expect(newest).to_have_class(re.compile("state-failed"))
+        await expect(newest.locator(".job-detail")).to_contain_text("was cancelled while queued")
+        await expect(newest.get_by_role("button")).to_have_count(0)
+        job_id = await newest.locator(".job-id").inner_text()
+        assert (await server.client.get(f"/v1/jobs/{job_id}")).json()["error"]["code"] == "cancelled"
+    finally:
+        release.set()
+
+    async def blocker_done() -> bool:
+        return (await server.client.get(blocker_url)).json()["status"] == "succeeded"
+
+    await wait_until(blocker_done, timeout=30)
+    await page.get_by_role("link", name="Generate").click()
 
 
 async def test_clone_a_voice_and_play_it(session):

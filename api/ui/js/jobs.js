@@ -1,4 +1,5 @@
-// The jobs panel: every job started from this page, its state as the server reports it, and a link to its result.
+// The jobs panel: every job started from this page, its state as the server reports it, and a link to its result;
+// a job still queued can be cancelled.
 
 import { ApiError, call } from "./api.js";
 import { element } from "./dom.js";
@@ -60,6 +61,15 @@ export async function followJob(entry, statusUrl) {
   }
 }
 
+/** Ask the server to cancel a queued job; the job's own poll then sees it failed with the code `cancelled`. */
+async function cancel(entry) {
+  try {
+    await call(`/v1/jobs/${entry.jobId}/cancel`, { method: "POST" });
+  } catch (error) {
+    updateJob(entry, { detail: error.message });
+  }
+}
+
 function sleep(ms) {
   return new Promise((resolve) => setTimeout(resolve, ms));
 }
@@ -80,6 +90,13 @@ function render(entry) {
   }
   if (entry.jobId) {
     parts.push(element("code", { className: "job-id", textContent: entry.jobId, title: "job id" }));
+  }
+  if (entry.jobId && entry.state === "queued") {
+    const label = `Cancel ${entry.label}`;
+    const onclick = () => cancel(entry);
+    parts.push(
+      element("button", { type: "button", className: "job-cancel", textContent: "Cancel", ariaLabel: label, onclick }),
+    );
   }
   if (entry.detail) {
     parts.push(element("p", { className: "job-detail", textContent: entry.detail }));
