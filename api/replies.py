@@ -89,7 +89,7 @@ class ReplyListener:
             if stream is not None:
                 stream.put_nowait(ReplyPiece(reply.offset, reply.body))
             return
-        if not self.waits_for(reply.correlation_id):
+        if not self._waits_for(reply.correlation_id):
             return
         try:
             decoded = msgspec.msgpack.decode(reply.body, type=JobReply)
@@ -98,7 +98,7 @@ class ReplyListener:
             return
         self.deliver(reply.correlation_id, decoded)
 
-    def waits_for(self, correlation_id: str) -> bool:
+    def _waits_for(self, correlation_id: str) -> bool:
         future = self._pending.get(correlation_id)
         return correlation_id in self._streams or (future is not None and not future.done())
 

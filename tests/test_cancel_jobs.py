@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 import aio_pika
 import msgspec
@@ -17,12 +15,10 @@ from contract.jobs import JobStore, job_id_for_idempotency_key, record_headers
 from contract.messages import IMAGE_GENERATE, VOICE_GENERATE
 from contract.metrics import REGISTRY
 from infra.settings import Settings
-from processor.runtime import Runtime
-from processor.service import build_consumer
 from tests.support.amqp import publish, wait_until
 from tests.support.audio import speech_clip
 from tests.support.server import running_server
-from tests.test_processor import vhost_of
+from tests.test_processor import consuming, vhost_of
 from tests.test_voice import form
 
 PARAMS = {"prompt": "a job nobody wants any more", "width": 64, "height": 64, "steps": 2}
@@ -39,18 +35,6 @@ def settings(make_env) -> Settings:
 async def server(settings):
     async with running_server(settings, with_processor=False) as running:
         yield running
-
-
-@asynccontextmanager
-async def processor(settings: Settings) -> AsyncIterator[Runtime]:
-    runtime = await Runtime.open(settings)
-    consumer = build_consumer(runtime)
-    await consumer.start()
-    try:
-        yield runtime
-    finally:
-        await consumer.stop()
-        await runtime.close()
 
 
 def _jobs(server) -> JobStore:
@@ -81,7 +65,7 @@ async def test_a_cancelled_job_never_runs_and_the_next_one_does(server, settings
     assert (again.status_code, again.json()) == (200, job)  # cancelling twice is safe
     cancelled_before = REGISTRY.get_sample_value("ams_jobs_total", CANCELLED_LABEL) or 0
 
-    async with processor(settings):
+    async with consuming(settings):
 
         async def wanted_done() -> bool:
             return (await client.get(f"/v1/jobs/{wanted}")).json()["status"] == "succeeded"
@@ -160,7 +144,7 @@ async def test_a_requester_waiting_in_another_process_gets_the_cancellation_from
             headers=record_headers(queued, version),
             reply_to=replies.name,
         )
-        async with processor(settings):
+        async with consuming(settings):
             await wait_until(lambda: _queue_empty(rabbit, settings), timeout=30)
             reply = None
             for _ in range(100):
