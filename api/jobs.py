@@ -29,9 +29,9 @@ from contract.jobs import (
     FINISHED,
     JobRecord,
     JobStore,
+    NotCancellableError,
+    cancel_queued,
     cancellation,
-    cancelled,
-    is_cancelled,
     is_withdrawn,
     job_id_for_idempotency_key,
     never_started,
@@ -60,8 +60,6 @@ _CLIENT_ERRORS = {
     "audio_too_large": 413,
     CANCELLED: 409,
 }
-# a cancellation that meets a write made meanwhile (the job's running mark, a retry's) reads the record again
-_CANCEL_ROUNDS = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,33 +219,17 @@ async def _withdraw(
 
 
 async def cancel_job(services: Services, job_id: str) -> JobRecord:
-    """Cancel a queued job: its record says so (failed, code `cancelled`) and it never runs, a request in this
-    process that waits for it is answered at once, and a processor that takes its message makes nothing of it. The
-    write is conditional on the version read, like a processor's running mark: exactly one of the two is made.
-    Cancelling a cancelled job answers with it again; one that is running or finished is refused (409)."""
-    jobs = job_store(services)
-    for _ in range(_CANCEL_ROUNDS):
-        found = await jobs.load(job_id)
-        if found is None:
-            raise ApiError(404, "job_not_found", f"no job with id {job_id!r}")
-        record, version = found
-        if is_cancelled(record):
-            return record
-        if record.status != "queued":
-            raise _not_cancellable(job_id, f"it is {record.status}")
-        stopped = cancelled(record)
-        try:
-            await jobs.update(stopped, version)
-        except PreconditionFailedError:
-            continue
-        log.info("job_cancelled", job_id=job_id, job_type=record.type)
+    """Cancel a queued job (contract/jobs.py cancel_queued): it never runs, and a request in this process that
+    waits for it is answered at once (one waiting elsewhere by the processor that takes its message)."""
+    try:
+        done = await cancel_queued(job_store(services), job_id)
+    except NotCancellableError as exc:
+        raise ApiError(409, "job_not_cancellable", str(exc)) from None
+    if done is None:
+        raise ApiError(404, "job_not_found", f"no job with id {job_id!r}")
+    if not done.already:
         services.replies.deliver(job_id, JobReply(job_id=job_id, status="failed", error=cancellation(job_id)))
-        return stopped
-    raise _not_cancellable(job_id, "its record kept changing while it was being cancelled; try again")
-
-
-def _not_cancellable(job_id: str, why: str) -> ApiError:
-    return ApiError(409, "job_not_cancellable", f"job {job_id} cannot be cancelled ({why}); only a queued job can")
+    return done.record
 
 
 async def _publish(

@@ -13,6 +13,7 @@ import asyncio
 import functools
 import uuid
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
@@ -45,6 +46,8 @@ WITHDRAWN = "withdrawn"
 # conditional write on the queued version as a withdrawal, so a cancelled job makes nothing and a job whose running
 # mark came first is not cancelled. Unlike a withdrawn job's, its Idempotency-Key keeps answering with it.
 CANCELLED = "cancelled"
+# a cancellation that meets a write made meanwhile (the job's running mark, a retry's) reads the record again
+_CANCEL_ROUNDS = 5
 # A record still queued and never attempted this long after its stamp is past any publish of the request that
 # wrote it (a publish waits at most 10 s for its confirm): if its message never left (the API stopped between the
 # record and the publish), nothing else will send it. An Idempotency-Key retry of such a job sends its message
@@ -239,6 +242,42 @@ class JobStore:
             params=params,
             idempotency_key=idempotency_key,
         )
+
+
+class NotCancellableError(Exception):
+    """The job is past cancelling: it is running or finished (`status`), or its record kept changing."""
+
+    def __init__(self, job_id: str, why: str) -> None:
+        super().__init__(f"job {job_id} cannot be cancelled ({why}); only a queued job can")
+
+
+@dataclass(frozen=True, slots=True)
+class Cancellation:
+    record: JobRecord
+    already: bool  # cancelled before: nothing was written
+
+
+async def cancel_queued(jobs: JobStore, job_id: str) -> Cancellation | None:
+    """Cancel a queued job (see CANCELLED); None when there is no such job. The write is conditional on the version
+    read, as a processor's running mark is: a write made meanwhile means reading the record again. A job cancelled
+    already is answered as it is; NotCancellableError for one running or finished."""
+    for _ in range(_CANCEL_ROUNDS):
+        found = await jobs.load(job_id)
+        if found is None:
+            return None
+        record, version = found
+        if is_cancelled(record):
+            return Cancellation(record, already=True)
+        if record.status != "queued":
+            raise NotCancellableError(job_id, f"it is {record.status}")
+        stopped = cancelled(record)
+        try:
+            await jobs.update(stopped, version)
+        except PreconditionFailedError:
+            continue
+        log.info("job_cancelled", job_id=job_id, job_type=record.type)
+        return Cancellation(stopped, already=False)
+    raise NotCancellableError(job_id, "its record kept changing while it was being cancelled; try again")
 
 
 def record_headers(record: JobRecord, etag: str) -> dict[str, object]:

@@ -110,7 +110,7 @@ def queued_ids(amqp_url: str, queue: str) -> list[str | None]:
 
 def test_every_command_has_help_and_the_exit_codes():
     commands = ([], ["dlq"], ["dlq", "list"], ["dlq", "show"], ["dlq", "replay"], ["dlq", "purge"], ["backfill"])
-    for command in (*commands, ["jobs"], ["jobs", "list"], ["jobs", "show"]):
+    for command in (*commands, ["jobs"], ["jobs", "list"], ["jobs", "show"], ["jobs", "cancel"]):
         result = CliRunner().invoke(cli, [*command, "--help"])
         assert result.exit_code == 0, result.output
         assert "Usage:" in result.stdout
@@ -407,10 +407,7 @@ JOB_RECORDS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def jobs_env(make_env) -> dict[str, str]:
-    env = make_env()
-
+def _seeded(env: dict[str, str]) -> dict[str, str]:
     async def seed() -> None:
         jobs = JobStore(LocalStore(Path(env["LOCAL_STORAGE_DIR"])), ttl_days=7)
         for record in JOB_RECORDS:
@@ -418,6 +415,17 @@ def jobs_env(make_env) -> dict[str, str]:
 
     asyncio.run(seed())
     return env
+
+
+@pytest.fixture(scope="module")
+def jobs_env(make_env) -> dict[str, str]:
+    return _seeded(make_env())
+
+
+@pytest.fixture
+def cancel_env(make_env) -> dict[str, str]:
+    """JOB_RECORDS in a store of the test's own: cancelling changes them."""
+    return _seeded(make_env())
 
 
 def _listed(result: Result) -> list[str]:
@@ -470,6 +478,55 @@ def test_jobs_show_prints_one_record_and_fails_for_an_unknown_or_expired_id(jobs
         missing = ams_ops(jobs_env, "jobs", "show", job_id)
         assert missing.exit_code == 1
         assert missing.stderr == f"ams-ops: no job record with id {job_id!r}\n"
+
+
+def _codes(env: dict[str, str]) -> dict[str, str | None]:
+    listed = json.loads(ams_ops(env, "jobs", "list", "--json").stdout)
+    return {job["job_id"]: (job["error"] or {}).get("code") for job in listed}
+
+
+def test_jobs_cancel_by_id_cancels_the_queued_ones_and_says_why_not_the_others(cancel_env):
+    result = ams_ops(cancel_env, "jobs", "cancel", "waiting", "busy", "done")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == [
+        "job busy cannot be cancelled (it is running); only a queued job can",
+        "job done cannot be cancelled (it is succeeded); only a queued job can",
+        "cancelled 1, 2 not cancellable",
+    ]
+    codes = _codes(cancel_env)
+    assert (codes["waiting"], codes["busy"], codes["done"], codes["stuck"]) == ("cancelled", None, None, None)
+    again = ams_ops(cancel_env, "jobs", "cancel", "waiting")
+    assert (again.exit_code, again.stdout.strip()) == (0, "cancelled 0, 1 cancelled already")
+    unknown = ams_ops(cancel_env, "jobs", "cancel", "stuck", "nope")
+    assert unknown.exit_code == 1
+    assert "no job record with id 'nope'" in unknown.stderr
+    assert _codes(cancel_env)["stuck"] == "cancelled"  # the ids before it were cancelled
+
+
+def test_jobs_cancel_by_filters_asks_first_and_dry_run_changes_nothing(cancel_env):
+    dry = ams_ops(cancel_env, "jobs", "cancel", "--type", "image.generate", "--dry-run")
+    assert dry.exit_code == 0, dry.output
+    assert _listed(dry) == ["stuck", "retrying", "would"]
+    assert dry.stdout.rstrip().endswith("would cancel 2 queued jobs")
+    assert "cancelled" not in _codes(cancel_env).values()
+    old = ams_ops(cancel_env, "jobs", "cancel", "--updated-before", "1h", "--yes")
+    assert (old.exit_code, old.stdout.strip()) == (0, "cancelled 1")
+    declined = ams_ops(cancel_env, "jobs", "cancel", "--all", input="n\n")
+    assert (declined.exit_code, declined.stdout.strip()) == (0, "cancelled 0")
+    assert "Cancel 2 queued jobs?" in declined.stderr
+    everything = ams_ops(cancel_env, "jobs", "cancel", "--all", "--yes")
+    assert (everything.exit_code, everything.stdout.strip()) == (0, "cancelled 2")
+    codes = _codes(cancel_env)
+    assert [job for job, code in codes.items() if code == "cancelled"] == ["stuck", "waiting", "retrying"]
+
+
+@pytest.mark.parametrize(
+    "args", [[], ["stuck", "--all"], ["stuck", "--type", "image.generate"], ["--all", "--updated-before", "1h"]]
+)
+def test_jobs_cancel_needs_ids_or_filters_not_both(cancel_env, args):
+    result = ams_ops(cancel_env, "jobs", "cancel", *args)
+    assert result.exit_code == 2, result.output
+    assert "cancelled" not in _codes(cancel_env).values()
 
 
 def test_jobs_list_with_no_records(make_env):

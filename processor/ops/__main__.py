@@ -6,6 +6,7 @@
     ams-ops dlq purge (FILTERS | --all) [--dry-run] [--yes]   delete matching dead letters
     ams-ops jobs list [--status S] [--type T] [--code C] [--updated-before WHEN] [--json]   job records, oldest first
     ams-ops jobs show ID                         one job record, as JSON
+    ams-ops jobs cancel (ID... | --type T | --updated-before WHEN | --all) [--dry-run] [--yes]   cancel queued jobs
     ams-ops backfill --prefix P [--dry-run] [--api-url URL] [--json]   index images already in the bucket
     ams-ops backfill --thumbnails [--api-url URL] [--json]             make the missing thumbnails of indexed images
     ams-ops index stats [--json]                 the image index: points, graph, disk, backups
@@ -47,7 +48,16 @@ from processor.ops.dlq import open_dead_letters
 from processor.ops.errors import OperationFailedError
 from processor.ops.filters import Selection, parse_when
 from processor.ops.index import backup_now, build_graph, index_report, restore_backup
-from processor.ops.jobs import JobSelection, get_job, job_json, jobs_json, jobs_table, list_jobs
+from processor.ops.jobs import (
+    CancelReport,
+    JobSelection,
+    cancel_jobs,
+    get_job,
+    job_json,
+    jobs_json,
+    jobs_table,
+    list_jobs,
+)
 from processor.ops.render import letter_details, letters_json, letters_table
 from processor.ops.thumbnails import ThumbnailReport, run_thumbnail_backfill
 
@@ -369,6 +379,72 @@ def list_jobs_command(
 def show_job(job_id: str) -> None:
     """One job record, whole, as JSON."""
     click.echo(job_json(_run(get_job(_settings(), job_id))))
+
+
+@jobs.command("cancel", epilog=EXIT_CODES)
+@click.argument("job_ids", metavar="[ID]...", nargs=-1)
+@click.option("--type", "types", multiple=True, metavar="TYPE", help="Every queued job of this type (repeatable).")
+@click.option(
+    "--updated-before",
+    type=When(),
+    help="Every queued job last changed before WHEN: ISO-8601 (UTC if no zone) or an age (30m, 2h, 1d).",
+)
+@click.option("--all", "everything", is_flag=True, help="Every queued job.")
+@click.option("--dry-run", is_flag=True, help="Print the queued jobs that would be cancelled and change nothing.")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation (asked when filters chose the jobs).")
+def cancel_jobs_command(
+    job_ids: tuple[str, ...],
+    types: tuple[str, ...],
+    updated_before: dt.datetime | None,
+    everything: bool,
+    dry_run: bool,
+    yes: bool,
+) -> None:
+    """Cancel queued jobs, given by id or chosen by filters (or --all), as POST /v1/jobs/{id}/cancel does.
+
+    Each record says `failed`, code `cancelled`; a processor that takes a cancelled job's message acknowledges it
+    and makes nothing, answering a requester that still waits for it. A job that is running or finished (or
+    starts meanwhile) is not cancelled: it is named with why, and the rest go on.
+    """
+    filtered = bool(types or updated_before)
+    if job_ids and (filtered or everything):
+        raise click.UsageError("give job ids, or filters (--type, --updated-before, --all), not both")
+    if everything and filtered:
+        raise click.UsageError("--all cancels every queued job: give it without --type/--updated-before")
+    if not (job_ids or filtered or everything):
+        raise click.UsageError("say which jobs: their ids, --type, --updated-before, or --all for every queued one")
+    settings = _settings()
+
+    async def work() -> None:
+        chosen = list(job_ids)
+        if not chosen or dry_run:
+            if chosen:
+                records = [await get_job(settings, job_id) for job_id in chosen]
+                matching = [record for record in records if record.status == "queued"]
+            else:
+                selection = JobSelection(frozenset({"queued"}), frozenset(types), frozenset(), updated_before)
+                matching, _ = await list_jobs(settings, selection)
+            if dry_run:
+                if matching:
+                    click.echo(jobs_table(matching))
+                click.echo(f"would cancel {len(matching)} queued jobs")
+                return
+            if matching and not yes and not await asyncio.to_thread(_confirm, f"Cancel {len(matching)} queued jobs?"):
+                click.echo("cancelled 0")
+                return
+            chosen = [record.job_id for record in matching]
+        click.echo(_cancel_summary(await cancel_jobs(settings, chosen)))
+
+    _run(work())
+
+
+def _cancel_summary(report: CancelReport) -> str:
+    lines = [*report.refused, f"cancelled {len(report.cancelled)}"]
+    if report.already:
+        lines[-1] += f", {len(report.already)} cancelled already"
+    if report.refused:
+        lines[-1] += f", {len(report.refused)} not cancellable"
+    return "\n".join(lines)
 
 
 def _confirm(question: str) -> bool:

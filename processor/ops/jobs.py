@@ -1,4 +1,5 @@
-"""Job records for the operator: which jobs are where (queued, running, finished), filtered, and one job whole.
+"""Job records for the operator: which jobs are where (queued, running, finished), filtered, one job whole, and
+cancelling queued ones.
 
 They are read from the object store the server writes them to (jobs/<id>.json), one read per record: on R2 a
 listing costs a GET per job kept (records are kept JOB_RECORD_TTL_DAYS after they finish). Expired records read
@@ -9,11 +10,11 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import msgspec
 
-from contract.jobs import JobRecord, JobStore, age_seconds
+from contract.jobs import JobRecord, JobStore, NotCancellableError, age_seconds, cancel_queued
 from infra.settings import Settings
 from infra.storage import StorageError
 from processor.ops.errors import OperationFailedError
@@ -80,6 +81,33 @@ async def get_job(settings: Settings, job_id: str) -> JobRecord:
     if record is None:
         raise OperationFailedError(f"no job record with id {job_id!r}")
     return record
+
+
+@dataclass(slots=True)
+class CancelReport:
+    cancelled: list[str] = field(default_factory=list)
+    already: list[str] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)  # why each job could not be cancelled
+
+
+async def cancel_jobs(settings: Settings, job_ids: list[str]) -> CancelReport:
+    """Cancel these queued jobs (contract/jobs.py cancel_queued), one after another. A job that started meanwhile,
+    or finished, is refused and said why; an unknown id stops the run (OperationFailedError)."""
+    report = CancelReport()
+    async with opened_store(settings) as store:
+        jobs = JobStore(store, settings.job_record_ttl_days)
+        for job_id in job_ids:
+            try:
+                done = await cancel_queued(jobs, job_id)
+            except NotCancellableError as exc:
+                report.refused.append(str(exc))
+                continue
+            except StorageError as exc:
+                raise OperationFailedError(f"cannot cancel job {job_id!r}: {exc}") from None
+            if done is None:
+                raise OperationFailedError(f"no job record with id {job_id!r}")
+            (report.already if done.already else report.cancelled).append(job_id)
+    return report
 
 
 def jobs_table(records: list[JobRecord]) -> str:
