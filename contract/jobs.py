@@ -92,17 +92,24 @@ def record_key(job_id: str) -> str:
     return f"{JOBS_PREFIX}{job_id}.json"
 
 
-def withdrawn(record: JobRecord, reason: str) -> JobRecord:
-    """The record of a job the API withdrew (see WITHDRAWN): failed, saying why and that it does not run."""
+def _stopped(record: JobRecord, error: ErrorInfo) -> JobRecord:
+    """The record of a job stopped before it ran: failed now, with `error`."""
     stamp = now_iso()
-    error = ErrorInfo(
-        code=WITHDRAWN, message=f"the job was withdrawn before it was accepted and does not run: {reason}"
-    )
     return msgspec.structs.replace(record, status="failed", updated_at=stamp, finished_at=stamp, error=error)
 
 
+def _failed_with(record: JobRecord, code: str) -> bool:
+    return record.status == "failed" and record.error is not None and record.error.code == code
+
+
+def withdrawn(record: JobRecord, reason: str) -> JobRecord:
+    """The record of a job the API withdrew (see WITHDRAWN): failed, saying why and that it does not run."""
+    message = f"the job was withdrawn before it was accepted and does not run: {reason}"
+    return _stopped(record, ErrorInfo(code=WITHDRAWN, message=message))
+
+
 def is_withdrawn(record: JobRecord) -> bool:
-    return record.status == "failed" and record.error is not None and record.error.code == WITHDRAWN
+    return _failed_with(record, WITHDRAWN)
 
 
 def cancellation(job_id: str) -> ErrorInfo:
@@ -112,13 +119,11 @@ def cancellation(job_id: str) -> ErrorInfo:
 
 def cancelled(record: JobRecord) -> JobRecord:
     """The record of a queued job its client cancelled: failed, saying so."""
-    stamp = now_iso()
-    error = cancellation(record.job_id)
-    return msgspec.structs.replace(record, status="failed", updated_at=stamp, finished_at=stamp, error=error)
+    return _stopped(record, cancellation(record.job_id))
 
 
 def is_cancelled(record: JobRecord) -> bool:
-    return record.status == "failed" and record.error is not None and record.error.code == CANCELLED
+    return _failed_with(record, CANCELLED)
 
 
 def called_off(record: JobRecord) -> bool:

@@ -15,7 +15,7 @@ from contract.jobs import JobStore, job_id_for_idempotency_key, record_headers
 from contract.messages import IMAGE_GENERATE, VOICE_GENERATE
 from contract.metrics import REGISTRY
 from infra.settings import Settings
-from tests.support.amqp import publish, wait_until
+from tests.support.amqp import next_reply, publish, wait_until
 from tests.support.audio import speech_clip
 from tests.support.server import running_server
 from tests.test_processor import consuming, vhost_of
@@ -146,12 +146,7 @@ async def test_a_requester_waiting_in_another_process_gets_the_cancellation_from
         )
         async with consuming(settings):
             await wait_until(lambda: _queue_empty(rabbit, settings), timeout=30)
-            reply = None
-            for _ in range(100):
-                reply = await replies.get(no_ack=True, fail=False)
-                if reply is not None:
-                    break
-                await asyncio.sleep(0.05)
+            reply = await next_reply(replies, timeout=5)
     assert reply is not None
     body = msgspec.json.decode(reply.body)
     assert (body["status"], body["error"]["code"]) == ("failed", "cancelled")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 import uuid
@@ -14,7 +13,7 @@ import pytest
 from contract.image_ids import image_id_for_key
 from contract.messages import IMAGE_DELETE, IMAGE_EMBED, IMAGE_GENERATE, IMAGE_INDEX, VOICE_GENERATE
 from contract.schemas import schema_files, stale_files
-from tests.support.amqp import drain, publish, wait_until
+from tests.support.amqp import drain, next_reply, publish, wait_until
 from tests.support.audio import speech_clip
 from tests.support.images import encoded
 from tests.support.server import running_server
@@ -292,12 +291,7 @@ async def test_a_json_request_gets_a_json_reply(server):
             ),
             routing_key=IMAGE_GENERATE,
         )
-        reply = None
-        for _ in range(600):
-            reply = await replies.get(no_ack=True, fail=False)
-            if reply is not None:
-                break
-            await asyncio.sleep(0.05)
+        reply = await next_reply(replies, timeout=30)
     assert reply is not None and reply.correlation_id == "c-1"
     assert reply.content_type == "application/json"
     body = json.loads(reply.body)

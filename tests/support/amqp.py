@@ -100,3 +100,13 @@ async def wait_until(predicate, timeout: float = 30.0, interval: float = 0.05) -
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"condition not met within {timeout} s")
         await asyncio.sleep(interval)
+
+
+async def next_reply(queue: aio_pika.abc.AbstractQueue, timeout: float) -> aio_pika.abc.AbstractIncomingMessage | None:
+    """The first message to reach a reply queue within `timeout` seconds (taken), or None."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        reply = await queue.get(no_ack=True, fail=False)
+        if reply is not None or asyncio.get_running_loop().time() >= deadline:
+            return reply
+        await asyncio.sleep(0.05)
