@@ -27,7 +27,11 @@ async def serve(settings: Settings) -> None:
         try:
             structlog.get_logger("api").info("listening", host=settings.host, port=settings.port, processor="elsewhere")
             await serve_until_signal(
-                create_app(services), settings.host, settings.port, HttpLimits.from_settings(settings)
+                create_app(services),
+                settings.host,
+                settings.port,
+                HttpLimits.from_settings(settings),
+                stopping=services.stopping,
             )
         finally:
             await services.stop()

@@ -8,6 +8,7 @@ job it started the first time instead of starting another.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -49,6 +50,8 @@ MAX_IDEMPOTENCY_KEY_LENGTH = 255
 # a request whose Idempotency-Key found its job unfinished reads the record again after these pauses, doubling
 SETTLED_FIRST_PAUSE_SECONDS = 0.02
 SETTLED_MAX_PAUSE_SECONDS = 0.5
+# the longest long poll of GET /v1/jobs/{id}?wait_seconds=: under the read timeouts of common proxies (60 s)
+MAX_WAIT_SECONDS = 30
 
 # reply error codes that are the client's to fix, and what they answer
 _CLIENT_ERRORS = {
@@ -106,19 +109,70 @@ async def _found(jobs: JobStore, record: JobRecord, wait: bool, seconds: float) 
     return JobStart(record, None, existing=True)
 
 
-async def _settled(jobs: JobStore, record: JobRecord, seconds: float) -> JobRecord:
-    """The job's record once it is finished, or as it is after `seconds`. A job the first request's failed publish
-    removed or withdrew meanwhile is answered as that request was: 503, and the key starts the job afresh."""
+async def watch_job(
+    jobs: JobStore,
+    record: JobRecord,
+    seconds: float,
+    done: Callable[[JobRecord], bool],
+    interrupt: asyncio.Event | None = None,
+) -> JobRecord | None:
+    """The job's record once `done` holds for it, or as it is after `seconds` (or, read once more, when
+    `interrupt` is set); None once the record is gone. The record is read again after pauses of 20 ms, doubling
+    to 0.5 s: the change may come from any process."""
     pause = SETTLED_FIRST_PAUSE_SECONDS
     loop = asyncio.get_running_loop()
     deadline = loop.time() + seconds
-    while record.status not in FINISHED and loop.time() < deadline:
-        await asyncio.sleep(min(pause, max(0.0, deadline - loop.time())))
+    interrupt = interrupt or asyncio.Event()
+    while not done(record) and loop.time() < deadline and not interrupt.is_set():
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(min(pause, max(0.0, deadline - loop.time()))):
+                await interrupt.wait()
         pause = min(pause * 2, SETTLED_MAX_PAUSE_SECONDS)
         current = await jobs.get(record.job_id)
         if current is None:
-            raise _not_accepted(record.job_id, "its message could not be sent to the broker")
+            return None
         record = current
+    return record
+
+
+def finished(record: JobRecord) -> bool:
+    return record.status in FINISHED
+
+
+async def next_state(request: Request, services: Services, record: JobRecord, seconds: float) -> JobRecord | None:
+    """A job's long poll: its record once its status is no longer `record`'s (or it is finished), or as it is
+    after `seconds`; at once when the server is asked to stop, and without further reads once the client has
+    gone. None once the record is gone."""
+    status = record.status
+
+    def moved_on(current: JobRecord) -> bool:
+        return current.status != status or finished(current)
+
+    interrupt = asyncio.Event()
+    watchers = [asyncio.ensure_future(_client_gone(request)), asyncio.ensure_future(services.stopping.wait())]
+    for watcher in watchers:
+        watcher.add_done_callback(lambda _: interrupt.set())
+    try:
+        return await watch_job(job_store(services), record, seconds, moved_on, interrupt)
+    finally:
+        for watcher in watchers:
+            watcher.cancel()
+
+
+async def _client_gone(request: Request) -> None:
+    """Returns once the client has closed its connection. A request whose body has been read (a GET has none) has
+    nothing more to receive until then."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _settled(jobs: JobStore, record: JobRecord, seconds: float) -> JobRecord:
+    """The job's record once it is finished, or as it is after `seconds`. A job the first request's failed publish
+    removed or withdrew meanwhile is answered as that request was: 503, and the key starts the job afresh."""
+    current = await watch_job(jobs, record, seconds, finished)
+    if current is None:
+        raise _not_accepted(record.job_id, "its message could not be sent to the broker")
+    record = current
     if is_withdrawn(record):
         raise _not_accepted(record.job_id, record.error.message if record.error is not None else "withdrawn")
     return record

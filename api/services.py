@@ -42,6 +42,8 @@ class Services:
     queries: QueryEncoder | None = None
     thumbnails: Thumbnails | None = None
     probes: Sequence[ReadinessProbe] = ()
+    # set when the server is asked to stop: requests that wait on a job's record answer at once
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
     _owned_index: OpenedIndex | None = field(default=None, repr=False)
     _owns_plumbing: bool = field(default=True, repr=False)
 

@@ -8,6 +8,7 @@ import functools
 import signal
 import socket
 from collections.abc import Iterator
+from types import FrameType
 from typing import Any
 
 import uvicorn
@@ -18,7 +19,18 @@ from infra.http_protocol import HttpLimits, LimitedHttpToolsProtocol
 class _Server(uvicorn.Server):
     """uvicorn re-raises a SIGTERM/SIGINT it caught once it has stopped serving, which ends the process before
     the caller's clean-up runs (no graceful consumer stop, no last index backup). Here the signal only stops
-    serving; the caller closes everything and the process exits with status 0."""
+    serving; the caller closes everything and the process exits with status 0. `stopping` is set as soon as the
+    signal comes, before uvicorn waits for the requests in flight, so that requests which wait (a job's long
+    poll) answer at once instead of holding the stop up."""
+
+    def __init__(self, config: uvicorn.Config, stopping: asyncio.Event | None = None) -> None:
+        super().__init__(config)
+        self._stopping = stopping
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._stopping is not None:
+            self._stopping.set()
+        super().handle_exit(sig, frame)
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -47,9 +59,11 @@ def server_config(app: Any, host: str, port: int, limits: HttpLimits) -> uvicorn
     )
 
 
-async def serve_until_signal(app: Any, host: str, port: int, limits: HttpLimits) -> None:
-    """Serve `app` on host:port until the process is asked to stop."""
-    await _Server(server_config(app, host, port, limits)).serve()
+async def serve_until_signal(
+    app: Any, host: str, port: int, limits: HttpLimits, *, stopping: asyncio.Event | None = None
+) -> None:
+    """Serve `app` on host:port until the process is asked to stop; `stopping` is set when it is."""
+    await _Server(server_config(app, host, port, limits), stopping).serve()
 
 
 def check_port_free(host: str, port: int) -> None:

@@ -21,7 +21,11 @@ async def serve(settings: Settings) -> None:
     try:
         structlog.get_logger("launcher").info("listening", host=settings.host, port=settings.port, processor="here")
         await serve_until_signal(
-            create_app(running.services), settings.host, settings.port, HttpLimits.from_settings(settings)
+            create_app(running.services),
+            settings.host,
+            settings.port,
+            HttpLimits.from_settings(settings),
+            stopping=running.services.stopping,
         )
     finally:
         await running.stop()

@@ -17,9 +17,12 @@ import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import msgspec
 import numpy as np
 import pytest
 
+from contract.jobs import JobStore, record_key
+from contract.messages import IMAGE_GENERATE
 from infra.vectors import ImageRecord
 from infra.vectors.edge.client import EdgeIndex
 from models.tiny import clip as tiny_clip
@@ -125,7 +128,8 @@ async def test_healthz_stays_fast_while_20_clients_search_50k_points(server):
 
 async def test_sigterm_stops_the_server_gracefully_with_a_last_backup(server, s3):
     """uvicorn re-raises the signal it caught once it stops serving; the server must still close its services
-    (consumer, engine, and the backup taken at shutdown) and exit with status 0."""
+    (consumer, engine, and the backup taken at shutdown) and exit with status 0. A long poll open at that moment
+    is answered at once instead of holding the stop up for its wait."""
     response = await server.client.post("/v1/images", files={"file": ("a.png", encoded(600), "image/png")})
     assert response.status_code == 409, response.text  # IMAGE_SEARCH_MAX_ELEMENTS=50000 holds
     assert response.json()["code"] == "index_full"
@@ -133,7 +137,16 @@ async def test_sigterm_stops_the_server_gracefully_with_a_last_backup(server, s3
     assert (await server.client.delete(f"/v1/images/{newest['id']}")).status_code == 204
     bucket = server.env["R2_BUCKET_NAME"]
     assert not [key for key in s3.keys(bucket) if BACKUP.match(key)]
+    stuck = JobStore.new(str(uuid.uuid4()), IMAGE_GENERATE, {"prompt": "a job whose message never left"})
+    s3.client.put_object(Bucket=bucket, Key=record_key(stuck.job_id), Body=msgspec.json.encode(stuck))
+    poll = asyncio.create_task(server.client.get(f"/v1/jobs/{stuck.job_id}", params={"wait_seconds": 30}))
+    await asyncio.sleep(0.5)
+    assert not poll.done()
+    signalled = time.monotonic()
     server.process.send_signal(signal.SIGTERM)
+    answer = await poll
+    assert (answer.status_code, answer.json()["status"]) == (200, "queued")
+    assert time.monotonic() - signalled < 5
     assert await asyncio.to_thread(server.process.wait, 60) == 0
     assert len([key for key in s3.keys(bucket) if BACKUP.match(key)]) == 1
     assert await EdgeIndex.attach(Path(server.env["IMAGE_SEARCH_DB_PATH"]), "images") is None

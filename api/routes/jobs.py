@@ -9,12 +9,13 @@ from typing import Annotated, Any
 import msgspec
 from litestar import Request, Response, get, post
 from litestar.exceptions import ValidationException
+from litestar.params import Parameter
 from litestar.status_codes import HTTP_200_OK, HTTP_202_ACCEPTED
 
 from api.auth import READ, WRITE
 from api.errors import ApiError, error_response, validation_error
 from api.features import require_feature
-from api.jobs import accepted, cancel_job, job_store, start_job
+from api.jobs import MAX_WAIT_SECONDS, accepted, cancel_job, finished, job_store, next_state, start_job
 from api.openapi import errors
 from api.routes.generate import IDEMPOTENCY_KEY, generation_payload
 from api.routes.voice import reference_payload
@@ -108,9 +109,26 @@ def to_job_out(request: Request, services: Services, record: JobRecord, result: 
     opt=READ,
     responses=errors(404, 503),
 )
-async def get_job(request: Request, services: Services, job_id: str) -> JobOut:
+async def get_job(
+    request: Request,
+    services: Services,
+    job_id: str,
+    wait_seconds: Annotated[
+        float,
+        Parameter(
+            ge=0,
+            le=MAX_WAIT_SECONDS,
+            description=(
+                "long poll: answer as soon as the job's status changes or it is finished, or after this many seconds"
+                " with the job as it is (0: at once)"
+            ),
+        ),
+    ] = 0,
+) -> JobOut:
     job_id = _job_id(job_id)
     record = await job_store(services).get(job_id)
+    if record is not None and wait_seconds > 0 and not finished(record):
+        record = await next_state(request, services, record, wait_seconds)
     if record is None:
         raise ApiError(404, "job_not_found", f"no job with id {job_id!r}")
     result = dict(record.result) if record.result is not None else None

@@ -45,6 +45,7 @@ async def running_server(settings: Settings, *, with_processor: bool = True) -> 
         async with httpx.AsyncClient(base_url=base_url, timeout=60) as client:
             yield RunningServer(base_url, running.services, running.processor, client)
     finally:
+        running.services.stopping.set()  # as a SIGTERM does: long polls answer, so the server stops at once
         server.should_exit = True
         await task
         await running.stop()

@@ -12,7 +12,8 @@ const STATES = {
   failed: "Failed",
 };
 const ACTIVE = new Set(["uploading", "queued", "running"]);
-const POLL_MS = [400, 700, 1000, 1500, 2000];
+// each status request after the first is a long poll: the server answers when the job's status changes
+const LONG_POLL_SECONDS = 25;
 
 const jobs = [];
 const list = document.getElementById("jobs-list");
@@ -35,14 +36,17 @@ export function updateJob(entry, changes) {
 }
 
 /**
- * Poll a job's status URL until it finishes; the entry follows the server's state. Resolves with the job (its
- * `result`) when it succeeded; rejects with an ApiError carrying the job's own error when it failed.
+ * Follow a job's status URL until it finishes (long polls: `?wait_seconds=`); the entry follows the server's state.
+ * Resolves with the job (its `result`) when it succeeded; rejects with an ApiError carrying the job's own error
+ * when it failed.
  */
 export async function followJob(entry, statusUrl) {
   for (let round = 0; ; round++) {
+    const url = new URL(statusUrl, location.href);
+    if (round > 0) url.searchParams.set("wait_seconds", String(LONG_POLL_SECONDS));
     let job;
     try {
-      ({ body: job } = await call(statusUrl));
+      ({ body: job } = await call(url.href));
     } catch (error) {
       if (error.status === 0 || error.status === 503) {
         updateJob(entry, { detail: `${error.message}; still trying` });
@@ -57,7 +61,6 @@ export async function followJob(entry, statusUrl) {
       const error = job.error || { code: "failed", message: "the job failed" };
       throw new ApiError(422, error.code, error.message);
     }
-    await sleep(POLL_MS[Math.min(round, POLL_MS.length - 1)]);
   }
 }
 
