@@ -3,6 +3,7 @@
 #   scripts/local-rabbitmq.sh start   # prints nothing on success; the node listens on RABBITMQ_PORT (5672)
 #   scripts/local-rabbitmq.sh stop
 #   scripts/local-rabbitmq.sh status  # exit 0 when running
+#   scripts/local-rabbitmq.sh pid     # the running node's process id (exit 1 when none runs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -42,8 +43,11 @@ case "${1:-start}" in
   status)
     running
     ;;
+  pid)
+    running && cat "$base/pid"
+    ;;
   *)
-    echo "usage: $0 start|stop|status" >&2
+    echo "usage: $0 start|stop|status|pid" >&2
     exit 2
     ;;
 esac

@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 scripts/install.sh
 
-stop_broker=0
+started_broker=""
 if [ -z "${AMQP_URL:-}" ]; then
   port="${RABBITMQ_PORT:-5672}"
   if ! scripts/local-rabbitmq.sh status; then
@@ -16,13 +16,14 @@ if [ -z "${AMQP_URL:-}" ]; then
     else
       echo "run.sh: starting a local RabbitMQ node on port $port (data in .run/)" >&2
       scripts/local-rabbitmq.sh start
-      stop_broker=1
+      started_broker="$(scripts/local-rabbitmq.sh pid)"
     fi
   fi
   export AMQP_URL="amqp://guest:guest@localhost:$port/"
 fi
-if [ "$stop_broker" = 1 ]; then
-  trap 'scripts/local-rabbitmq.sh stop' EXIT
+if [ -n "$started_broker" ]; then
+  # stop the node this script started, not one that another run started in its place meanwhile
+  trap '[ "$(scripts/local-rabbitmq.sh pid || true)" != "$started_broker" ] || scripts/local-rabbitmq.sh stop' EXIT
 fi
 
 .venv/bin/python -m launcher
