@@ -25,6 +25,7 @@ from api.resend import Resend
 from api.schemas import JobAccepted
 from api.services import Services
 from api.urls import job_url
+from contract.events import announce_end
 from contract.jobs import (
     CANCELLED,
     FINISHED,
@@ -283,7 +284,18 @@ async def cancel_job(services: Services, job_id: str) -> JobRecord:
         raise ApiError(404, "job_not_found", f"no job with id {job_id!r}")
     if not done.already:
         services.replies.deliver(job_id, JobReply(job_id=job_id, status="failed", error=cancellation(job_id)))
+        if services.settings.job_events_enabled:
+            await _announce_cancellation(services, done.record)
     return done.record
+
+
+async def _announce_cancellation(services: Services, record: JobRecord) -> None:
+    """Announce a cancelled job's end at once. Should RabbitMQ not take the event, the processor that takes the
+    job's message announces it then (the same event), so the cancellation itself stands."""
+    try:
+        await announce_end(services.publisher, record)
+    except BrokerUnavailableError as exc:
+        log.warning("job_event_deferred", job_id=record.job_id, error=str(exc))
 
 
 async def _publish(

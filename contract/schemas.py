@@ -14,35 +14,38 @@ from pathlib import Path
 
 import msgspec
 
+from contract.events import JOB_FINISHED, JobFinishedV1
 from contract.messages import JOB_TYPES
-from infra.broker import JOBS_EXCHANGE, capability_of, queue_of
+from infra.broker import EVENTS_EXCHANGE, JOBS_EXCHANGE, capability_of, queue_of
 
 SCHEMA_DIR = Path(__file__).resolve().parent.parent / "docs" / "schemas"
 _DRAFT = "https://json-schema.org/draft/2020-12/schema"
 
 
 def schema_files() -> dict[str, str]:
-    """File name -> schema text, one per job type."""
+    """File name -> schema text, one per job type and one per event."""
     files = {}
     for message_type, struct in sorted(JOB_TYPES.items()):
-        version = next(field.default for field in msgspec.structs.fields(struct) if field.name == "version")
-        schema = msgspec.json.schema(struct)
-        for definition in schema.get("$defs", {}).values():
-            if "description" in definition:
-                definition["description"] = inspect.cleandoc(definition["description"])
-        document = {
-            "$schema": _DRAFT,
-            "title": f"{message_type} v{version}",
-            "x-amqp": {
-                "exchange": JOBS_EXCHANGE,
-                "routing_key": message_type,
-                "type": message_type,
-                "queue": queue_of(capability_of(message_type) or ""),
-            },
-            **schema,
+        amqp = {
+            "exchange": JOBS_EXCHANGE,
+            "routing_key": message_type,
+            "type": message_type,
+            "queue": queue_of(capability_of(message_type) or ""),
         }
-        files[f"{message_type}.v{version}.json"] = json.dumps(document, indent=2, ensure_ascii=False) + "\n"
+        files.update(_schema_file(message_type, struct, amqp))
+    amqp = {"exchange": EVENTS_EXCHANGE, "routing_key": "<job type>.<status>", "type": JOB_FINISHED}
+    files.update(_schema_file(JOB_FINISHED, JobFinishedV1, amqp))
     return files
+
+
+def _schema_file(message_type: str, struct: type[msgspec.Struct], amqp: dict[str, str]) -> dict[str, str]:
+    version = next(field.default for field in msgspec.structs.fields(struct) if field.name == "version")
+    schema = msgspec.json.schema(struct)
+    for definition in schema.get("$defs", {}).values():
+        if "description" in definition:
+            definition["description"] = inspect.cleandoc(definition["description"])
+    document = {"$schema": _DRAFT, "title": f"{message_type} v{version}", "x-amqp": amqp, **schema}
+    return {f"{message_type}.v{version}.json": json.dumps(document, indent=2, ensure_ascii=False) + "\n"}
 
 
 def stale_files(directory: Path = SCHEMA_DIR) -> list[str]:

@@ -19,6 +19,8 @@ Topology
               message's own routing key, so a retry lands in its capability's queue), bound by header
               ams-retry-delay (no "x-": a headers exchange leaves binding arguments named x-... out of the match;
               the bindings by x-ams-retry-delay of earlier versions matched every copy, and are removed)
+    exchange  ams.events  (topic, durable)  a job's end, routing key = "<job type>.<status>" (contract/events.py);
+              no queue of ours is bound to it: whoever wants the events binds their own
 Replies to waiting API requests go through the default exchange to each API process's own
 exclusive reply queue, matched by correlation id; a streamed job's output goes the same way in pieces first
 (type REPLY_PIECE, byte offset in OFFSET_HEADER), before its reply.
@@ -37,6 +39,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlparse, urlunparse
 
@@ -62,6 +65,9 @@ DEAD_QUEUE = "ams.dead"
 UNROUTED_EXCHANGE = "ams.unrouted"
 UNROUTED_QUEUE = "ams.unrouted"
 RETRY_EXCHANGE = "ams.retry"
+# where a job's end is announced (contract/events.py): a topic exchange with no queue of ours; whoever wants the
+# events binds a queue of their own to it
+EVENTS_EXCHANGE = "ams.events"
 # the broker policy that makes ams.unrouted the alternate exchange of ams.jobs (rabbitmqctl set_policy arguments)
 UNROUTED_POLICY = ("ams-unrouted", "^ams\\.jobs$", '{"alternate-exchange": "ams.unrouted"}')
 # capability -> (queue, the routing keys = job types it receives); a test checks every job type of the contract
@@ -148,6 +154,7 @@ class Topology:
     dead_exchange: AbstractExchange
     dead_queue: AbstractQueue
     retry_exchange: AbstractExchange
+    events_exchange: AbstractExchange
 
 
 _CAPABILITY_QUEUE_ARGUMENTS = {"x-max-priority": MAX_PRIORITY, "x-dead-letter-exchange": DEAD_EXCHANGE}
@@ -171,6 +178,7 @@ async def declare_topology(connection: AbstractConnection) -> None:
             await unrouted_queue.bind(unrouted_exchange, routing_key="")
         async with connection.channel() as channel:
             await channel.declare_exchange(JOBS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
+            await channel.declare_exchange(EVENTS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
             for name, routing_keys in CAPABILITY_QUEUES.values():
                 queue = await channel.declare_queue(name, durable=True, arguments=_CAPABILITY_QUEUE_ARGUMENTS)
                 for routing_key in routing_keys:
@@ -205,6 +213,7 @@ async def topology_on(channel: AbstractChannel) -> Topology:
         dead_exchange=await channel.declare_exchange(DEAD_EXCHANGE, aio_pika.ExchangeType.FANOUT, durable=True),
         dead_queue=await channel.declare_queue(DEAD_QUEUE, durable=True),
         retry_exchange=await channel.declare_exchange(RETRY_EXCHANGE, aio_pika.ExchangeType.HEADERS, durable=True),
+        events_exchange=await channel.declare_exchange(EVENTS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True),
     )
 
 
@@ -322,16 +331,22 @@ class _BlockWatch:
 
 
 async def _confirmed(
-    connection: AbstractRobustConnection, exchange: AbstractExchange, message: aio_pika.Message, routing_key: str
+    connection: AbstractRobustConnection,
+    exchange: AbstractExchange,
+    message: aio_pika.Message,
+    routing_key: str,
+    *,
+    mandatory: bool = True,
 ) -> None:
-    """Publish (mandatory) and wait for the confirm: TimeoutError after PUBLISH_TIMEOUT_SECONDS, or
-    PublishBlockedError as soon as RabbitMQ blocks the connection (the message may still arrive either way)."""
+    """Publish (mandatory: returned when no queue takes it) and wait for the confirm: TimeoutError after
+    PUBLISH_TIMEOUT_SECONDS, or PublishBlockedError as soon as RabbitMQ blocks the connection (the message may still
+    arrive either way)."""
     watch: _BlockWatch | None = None
     try:
         async with asyncio.timeout(PUBLISH_TIMEOUT_SECONDS) as timeout:
             watch = _BlockWatch(connection, timeout)
             try:
-                await exchange.publish(message, routing_key=routing_key, mandatory=True)
+                await exchange.publish(message, routing_key=routing_key, mandatory=mandatory)
             finally:
                 watch.stop()
     except TimeoutError as exc:
@@ -506,6 +521,23 @@ class Publisher:
             await _confirmed(self.connection, exchange, copy, routing_key)
         except BROKER_ERRORS as exc:
             raise BrokerUnavailableError(f"could not republish message {message.message_id}: {_why(exc)}") from exc
+
+    async def announce(self, *, routing_key: str, body: bytes, message_id: str, message_type: str) -> None:
+        """Publish an event (persistent JSON, confirmed) to the events exchange. Not mandatory: an event nobody
+        has bound a queue for is dropped by RabbitMQ, which is not an error."""
+        self._sendable(f"publish {message_type} event {message_id}")
+        message = aio_pika.Message(
+            body=body,
+            content_type="application/json",
+            delivery_mode=DeliveryMode.PERSISTENT,
+            message_id=message_id,
+            type=message_type,
+            timestamp=datetime.now(tz=UTC),
+        )
+        try:
+            await _confirmed(self.connection, self.topology.events_exchange, message, routing_key, mandatory=False)
+        except BROKER_ERRORS as exc:
+            raise BrokerUnavailableError(f"could not publish {message_type} event {message_id}: {_why(exc)}") from exc
 
     def receive_locally(self, reply_to: str, receiver: ReplyReceiver) -> None:
         """Hand the replies addressed to the queue `reply_to` to `receiver` in this process, not to the broker."""

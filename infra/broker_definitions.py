@@ -17,6 +17,7 @@ from infra.broker import (
     CAPABILITY_QUEUES,
     DEAD_EXCHANGE,
     DEAD_QUEUE,
+    EVENTS_EXCHANGE,
     JOBS_EXCHANGE,
     MAX_PRIORITY,
     RETRY_DELAY_HEADER,
@@ -70,6 +71,7 @@ def definitions() -> dict[str, Any]:
             _exchange(UNROUTED_EXCHANGE, "fanout"),
             _exchange(DEAD_EXCHANGE, "fanout"),
             _exchange(RETRY_EXCHANGE, "headers"),
+            _exchange(EVENTS_EXCHANGE, "topic"),
         ],
         "queues": [
             *(_queue(name, capability) for name, _ in CAPABILITY_QUEUES.values()),

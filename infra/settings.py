@@ -117,6 +117,7 @@ class Settings:
     processor_metrics_port: int
     processor_capabilities: tuple[str, ...]
     job_record_ttl_days: int
+    job_events_enabled: bool
     # HTTP server and jobs
     host: str
     port: int
@@ -361,6 +362,7 @@ def _parse(env: _Reader) -> Settings:
         processor_metrics_port=env.integer("PROCESSOR_METRICS_PORT", 9101, 0, 65535),
         processor_capabilities=(),
         job_record_ttl_days=env.integer("JOB_RECORD_TTL_DAYS", 7, 1, 3650),
+        job_events_enabled=env.flag("JOB_EVENTS_ENABLED", True),
         host=env.raw("HOST", "0.0.0.0"),
         port=env.integer("PORT", 8000, 1, 65535),
         http_max_request_line_bytes=env.integer("HTTP_MAX_REQUEST_LINE_BYTES", 8190, 256, 1024 * 1024),

@@ -20,6 +20,7 @@ from contract.jobs import RECORD_HEADER, JobStore, age_seconds, queued_record
 from contract.messages import ContractError, decode_job
 from infra.broker import Publisher, capability_of, declare_topology, topology_on
 from infra.storage import ObjectStore
+from processor.announcer import Announcer
 from processor.deliveries import attempt, first_delivery, job_id, job_type, replayed
 from processor.handlers.base import Handler, Job, MakesOutputs
 from processor.interrupted_runs import INTERRUPTED, InterruptedRuns
@@ -52,14 +53,17 @@ class Consumer:
         capabilities: Sequence[str],
         max_interrupted_runs: int,
         pipeline_depth: int = PIPELINE_DEPTH,
+        announce: bool = True,
     ) -> None:
+        """`announce`: publish job events (JOB_EVENTS_ENABLED)."""
         self._connection = connection
         self.capabilities = tuple(capabilities)
         self._handlers = dict(handlers)
         self._disabled = dict(disabled)
         self._publisher = publisher
         self._store = store
-        self._settler = Settler(publisher, jobs, store, max_attempts)
+        self._announcer = Announcer(publisher, store) if announce else None
+        self._settler = Settler(publisher, jobs, store, max_attempts, announcer=self._announcer)
         self._runs = InterruptedRuns(store, max_interrupted_runs)
         self._scheduler: Scheduler[AbstractIncomingMessage] = Scheduler(
             self._process,
@@ -82,6 +86,8 @@ class Consumer:
         full index prefetch never holds back an urgent generation), and the unrouted queue beside them."""
         await declare_topology(self._connection)
         self._scheduler.start()
+        if self._announcer is not None:
+            self._announcer.start()
         prefetches: dict[str, int] = {}
         for capability in self.capabilities:
             prefetch = self._scheduler.prefetch_for(
@@ -113,6 +119,8 @@ class Consumer:
         self._consumers.clear()
         returned = await self._scheduler.stop()
         self._settler.forget_requeues()
+        if self._announcer is not None:
+            await self._announcer.stop()
         for channel in self._channels:
             if not channel.is_closed:
                 await channel.close()

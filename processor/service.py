@@ -101,6 +101,7 @@ def build_consumer(runtime: Runtime) -> Consumer:
         store=runtime.store,
         capabilities=runtime.capabilities,
         max_interrupted_runs=runtime.settings.max_interrupted_runs,
+        announce=runtime.settings.job_events_enabled,
     )
 
 

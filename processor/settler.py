@@ -1,12 +1,18 @@
 """Settling a delivery, exactly once, after its outcome is durable:
 
     succeeded            -> record (tracked jobs; seen at once, flushed to a local disk after the reply), reply to
-                            the requester (if any), flush the record and the outputs not yet flushed, ack
-    failed, permanent    -> record, copy to the dead-letter exchange with the reason (confirmed), reply, ack
+                            the requester (if any), flush the record and the outputs not yet flushed, announce, ack
+    failed, permanent    -> record, announce, copy to the dead-letter exchange with the reason (confirmed), reply,
+                            ack
     failed, transient    -> record, copy to a delayed retry queue with attempts + 1 (confirmed), ack;
                             after MAX_ATTEMPTS, dead-lettered instead
     withdrawn            -> ack (the API withdrew the job: its record says so, and nobody waits for it)
-    cancelled            -> reply (the job's error, to a requester still waiting), ack (its client cancelled it)
+    cancelled            -> reply (the job's error, to a requester still waiting), announce, ack (its client
+                            cancelled it)
+
+"announce": a job whose record says it ended has its end published to ams.events (contract/events.py,
+JOB_EVENTS_ENABLED), confirmed, before its message is acked; owed in the object store when RabbitMQ does not take
+it (processor/announcer.py); a redelivery announces it again under the same event id.
 
 A retry waits in the retry queues, not here. When the broker refuses the copy, the delivery is handed back
 (nack, requeue) after REQUEUE_DELAY_SECONDS on a timer, so the batches behind it are not held up and a broker that
@@ -24,6 +30,7 @@ import structlog
 from aio_pika.abc import AbstractIncomingMessage
 
 from contract import metrics
+from contract.events import has_ended
 from contract.jobs import CANCELLED, RECORD_HEADER, JobRecord, JobStore, called_off
 from contract.messages import JSON, MSGPACK, ErrorInfo, JobReply, encode
 from infra.broker import (
@@ -39,6 +46,7 @@ from infra.broker import (
     retry_delay,
 )
 from infra.storage import ObjectStore
+from processor.announcer import Announcer
 from processor.deliveries import attempt, job_id, job_type
 from processor.handlers.base import Job
 from processor.outcomes import CalledOff, Failed, Settlement, Succeeded
@@ -66,8 +74,17 @@ def _now_iso() -> str:
 
 
 class Settler:
-    def __init__(self, publisher: Publisher, jobs: JobStore, store: ObjectStore, max_attempts: int) -> None:
+    def __init__(
+        self,
+        publisher: Publisher,
+        jobs: JobStore,
+        store: ObjectStore,
+        max_attempts: int,
+        *,
+        announcer: Announcer | None = None,
+    ) -> None:
         self._publisher = publisher
+        self._announcer = announcer
         self._store = store
         self.tracker = JobTracker(jobs)
         self._max_attempts = max_attempts
@@ -90,6 +107,8 @@ class Settler:
             if outcome.code == CANCELLED:
                 error = ErrorInfo(code=outcome.code, message=outcome.reason)
                 await self._reply(message, JobReply(job_id=job.message_id, status="failed", error=error))
+                if not await self._announced(message, record.record if record is not None else None):
+                    return
             await self._ack(message)
             metrics.job_settled(job.message_type, outcome.code, elapsed)
             logger.warning(f"job_{outcome.code}_not_run", reason=outcome.reason)
@@ -105,6 +124,8 @@ class Settler:
                 logger.warning("job_outcome_not_flushed", error=str(exc))
                 self._requeue_later(message)
                 return
+            if not await self._announced(message, record.record if record is not None else None):
+                return
             await self._ack(message)
             metrics.job_settled(job.message_type, "succeeded", elapsed)
             logger.info("job_succeeded", seconds=round(elapsed, 4))
@@ -117,6 +138,8 @@ class Settler:
                 logger.warning("job_record_not_updated", code=outcome.code)
         if retry:
             await self._retry(message, job, outcome, number, elapsed)
+            return
+        if not await self._announced(message, record.record if record is not None else None):
             return
         if await self.dead_letter(message, outcome.code, outcome.message, number):
             metrics.job_settled(job.message_type, "dead_lettered", elapsed)
@@ -133,9 +156,12 @@ class Settler:
         """Dead-letter a message that cannot even be started, marking its job record failed if it has one."""
         if message.message_id and (message.headers or {}).get(RECORD_HEADER):
             try:
-                await self.tracker.refused(message.message_id, Failed(code, text), attempt(message))
+                refused = await self.tracker.refused(message.message_id, Failed(code, text), attempt(message))
             except TRANSIENT_ERRORS:
                 log.warning("job_record_not_updated", message_id=message.message_id, code=code)
+            else:
+                if not await self._announced(message, refused):
+                    return
         if await self.dead_letter(message, code, text, attempt(message)):
             metrics.job_settled(job_type(message), "dead_lettered")
 
@@ -196,6 +222,21 @@ class Settler:
             reason=text,
             attempts=attempts,
         )
+        return True
+
+    async def _announced(self, message: AbstractIncomingMessage, record: JobRecord | None) -> bool:
+        """Announce the end of a job whose record says it ended (nothing for one without a record, one whose record
+        is not finished, not written or a retry, nor a withdrawn one). False when the event could neither be
+        published nor owed: the delivery is handed back, and its redelivery, finding the record settled, announces
+        it then."""
+        if self._announcer is None or record is None or not has_ended(record):
+            return True
+        try:
+            await self._announcer.announce(record)
+        except TRANSIENT_ERRORS as exc:
+            log.warning("job_event_not_published", message_id=message.message_id, error=str(exc))
+            self._requeue_later(message)
+            return False
         return True
 
     def forget_requeues(self) -> None:

@@ -108,11 +108,15 @@ class JobTracker:
 
         return await self._write(tracked, change)
 
-    async def refused(self, job_id: str, outcome: Failed, attempt: int) -> None:
-        """Mark the existing record of a job that was refused before it started (if there is one) as failed."""
+    async def refused(self, job_id: str, outcome: Failed, attempt: int) -> JobRecord | None:
+        """Mark the existing record of a job that was refused before it started (if there is one) as failed; the
+        record as stored then (None: there is none)."""
         found = await retry_transient(lambda: self._jobs.load(job_id))
-        if found is not None:
-            await self.failed(Tracked(*found), outcome, attempt, final=True)
+        if found is None:
+            return None
+        tracked = Tracked(*found)
+        await self.failed(tracked, outcome, attempt, final=True)
+        return tracked.record
 
     async def _write(self, tracked: Tracked, change: Callable[[JobRecord], None], *, durable: bool = True) -> bool:
         """Apply `change` to the record and write it conditionally; on a conflict, read the record again and

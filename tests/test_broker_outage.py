@@ -7,17 +7,20 @@ completes, once."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Awaitable, Iterator
 
+import aio_pika
 import httpx
 import pytest
 
 from contract.jobs import JOBS_PREFIX
 from contract.messages import IMAGE_GENERATE
 from contract.metrics import REGISTRY
-from infra.broker import PUBLISH_TIMEOUT_SECONDS
+from infra.broker import EVENTS_EXCHANGE, PUBLISH_TIMEOUT_SECONDS
 from infra.settings import Settings
-from tests.support.amqp import wait_until
+from processor.announcer import OWED_PREFIX
+from tests.support.amqp import next_reply, wait_until
 from tests.support.images import encoded
 from tests.support.rabbitmq import RabbitNode
 from tests.support.server import running_server
@@ -113,7 +116,8 @@ async def test_a_broker_blocking_publishers_gets_503_and_the_job_never_runs(make
     gets 503 broker_unavailable with Retry-After, the message saying RabbitMQ blocked the connection, and its job
     is withdrawn at once: the record says so. /readyz says blocked,
     and the next writes get 503 at once, leaving nothing; jobs queued before the alarm finish and are acknowledged
-    meanwhile (consuming has a connection of its own). The first message, already written to the blocked
+    meanwhile (consuming has a connection of its own), their events owed in the store and published once the alarm
+    clears. The first message, already written to the blocked
     connection, reaches its queue when the alarm clears; the processor acknowledges it without running the job
     (nothing made, nothing dead-lettered), and its Idempotency-Key starts it afresh."""
     env = {**make_env(IMAGE_ENABLED="1"), "AMQP_URL": own_broker.add_vhost("alarm")}
@@ -131,6 +135,9 @@ async def test_a_broker_blocking_publishers_gets_503_and_the_job_never_runs(make
             for n in range(4)
         ]
         records_before |= {f"{JOBS_PREFIX}{job['job_id']}.json" for job in queued}
+        subscriber = await aio_pika.connect(env["AMQP_URL"])  # consumes only: RabbitMQ does not block it
+        events = await (await subscriber.channel()).declare_queue(exclusive=True)
+        await events.bind(EVENTS_EXCHANGE, routing_key="#")
 
         async def statuses() -> list[str]:
             return [(await client.get(job["status_url"])).json()["status"] for job in queued]
@@ -153,6 +160,9 @@ async def test_a_broker_blocking_publishers_gets_503_and_the_job_never_runs(make
 
             await wait_until(all_acknowledged, timeout=60, interval=0.5)
             assert set(await statuses()) == {"succeeded"}
+            owed = [info.key async for info in server.services.store.list(OWED_PREFIX)]
+            # the events of the jobs finished during the alarm wait in the store while RabbitMQ blocks publishers
+            assert 1 <= len(owed) <= len(queued), owed
             refused, seconds = await refusing
             # the publish gave up as soon as RabbitMQ said it blocked the connection, not at the confirm's timeout
             assert seconds < PUBLISH_TIMEOUT_SECONDS / 2
@@ -184,6 +194,14 @@ async def test_a_broker_blocking_publishers_gets_503_and_the_job_never_runs(make
             return (REGISTRY.get_sample_value("ams_jobs_total", withdrawn_label) or 0) - withdrawn_before == 1
 
         await wait_until(withdrawn_settled, timeout=30)
+        announced = set()
+        while len(announced) < len(queued):
+            message = await next_reply(events, 10)
+            assert message is not None, "the owed events were not published once the alarm cleared"
+            announced.add(json.loads(message.body)["job_id"])
+        assert announced == {job["job_id"] for job in queued}  # the withdrawn job is not announced
+        await subscriber.close()
+        assert [info.key async for info in server.services.store.list(OWED_PREFIX)] == []
         assert (await client.get(f"/v1/jobs/{job_id}")).json()["error"]["code"] == "withdrawn"
         assert not await server.services.store.exists(f"images/generated/{job_id}.png")
         assert own_broker.queue_counts("alarm")["ams.dead"] == (0, 0)

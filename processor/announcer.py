@@ -1,0 +1,105 @@
+"""Announcing job ends on ams.events (contract/events.py) without making a job's acknowledgement wait for RabbitMQ.
+
+An event is published (confirmed) before the job's message is acked. When RabbitMQ does not take it (down, or
+blocking publishers under a disk or memory alarm, which it does to every connection that publishes), the event is
+owed: stored in the object store (`events/owed/<event id>.json`, durable) and the job acked as usual, so jobs keep
+being settled through an alarm. Owed events are published as soon as RabbitMQ takes messages again (tried every
+RETRY_SECONDS), then deleted; at start-up a processor publishes those that a stopped one left. Only when the store
+refuses too does the settler hand the delivery back (its redelivery announces the end then). An event may so be
+published twice (owed by two deliveries, or published and then its deletion failed): always under one event id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import msgspec
+import structlog
+
+from contract.events import JobFinishedV1, job_finished, publish_event
+from contract.jobs import JobRecord
+from infra.broker import BrokerUnavailableError, Publisher
+from infra.storage import ObjectNotFoundError, ObjectStore
+from processor.retrying import TRANSIENT_ERRORS, retry_transient
+
+log = structlog.get_logger(__name__)
+
+OWED_PREFIX = "events/owed/"
+RETRY_SECONDS = 2.0
+
+
+class OwedEvent(msgspec.Struct, kw_only=True):
+    routing_key: str
+    event: JobFinishedV1
+
+
+class Announcer:
+    def __init__(self, publisher: Publisher, store: ObjectStore, retry_seconds: float = RETRY_SECONDS) -> None:
+        self._publisher = publisher
+        self._store = store
+        self._retry_seconds = retry_seconds
+        self._owed = asyncio.Event()  # set while owed events may be waiting (and at start-up: a first look)
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._owed.set()
+        self._task = asyncio.create_task(self._publish_owed_when_possible(), name="owed-events")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def announce(self, record: JobRecord) -> None:
+        """Publish the end of a finished record, or owe it when RabbitMQ does not take it; raises the store's error
+        when it cannot be owed either."""
+        routing_key, event = job_finished(record)
+        try:
+            await publish_event(self._publisher, routing_key, event)
+            return
+        except BrokerUnavailableError as exc:
+            why = str(exc)
+        body = msgspec.json.encode(OwedEvent(routing_key=routing_key, event=event))
+        await retry_transient(lambda: self._store.put(_owed_key(event.event_id), body, "application/json"))
+        self._owed.set()
+        log.warning("job_event_owed", job_id=record.job_id, event_id=event.event_id, error=why)
+
+    async def _publish_owed_when_possible(self) -> None:
+        while True:
+            await self._owed.wait()
+            self._owed.clear()  # an event owed from here on is seen by the next round
+            try:
+                published = await self.publish_owed()
+            except (BrokerUnavailableError, *TRANSIENT_ERRORS) as exc:
+                self._owed.set()
+                log.warning("owed_job_events_waiting", error=str(exc))
+                await asyncio.sleep(self._retry_seconds)
+                continue
+            if published:
+                log.info("owed_job_events_published", count=published)
+
+    async def publish_owed(self) -> int:
+        """Publish every owed event in the store, deleting each once RabbitMQ confirmed it; how many. Raises
+        BrokerUnavailableError (or the store's error) at the first one that cannot be published: the rest wait."""
+        published = 0
+        async for info in self._store.list(OWED_PREFIX):
+            try:
+                stored = await self._store.get(info.key)
+            except ObjectNotFoundError:  # published by another processor since it was listed
+                continue
+            try:
+                owed = msgspec.json.decode(stored.data, type=OwedEvent)
+            except msgspec.DecodeError:  # not one of ours (owed events are written whole): left as it is
+                log.warning("owed_job_event_unreadable", key=info.key)
+                continue
+            await publish_event(self._publisher, owed.routing_key, owed.event)
+            await self._store.delete(info.key)
+            published += 1
+        return published
+
+
+def _owed_key(event_id: str) -> str:
+    return f"{OWED_PREFIX}{event_id}.json"

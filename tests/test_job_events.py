@@ -1,0 +1,195 @@
+"""Job events on ams.events: a job with a record announces its end once it is durable, before its message is
+acked; a cancellation is announced by the API at once and again by the processor that takes the message, under
+the same event id; an event RabbitMQ did not take is announced by the redelivery. A test queue bound to the
+exchange stands in for a subscriber. The API runs alone (python -m api), so jobs stay queued until a test starts a
+processor on the same broker and store."""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aio_pika
+import msgspec
+import pytest
+
+from contract.events import JOB_FINISHED, JobFinishedV1, job_finished
+from contract.jobs import JobStore, record_headers
+from contract.messages import IMAGE_GENERATE
+from infra.broker import EVENTS_EXCHANGE, BrokerUnavailableError
+from infra.settings import Settings
+from processor.announcer import OWED_PREFIX, OwedEvent
+from tests.support.amqp import next_reply, publish, wait_until
+from tests.support.server import running_server
+from tests.test_processor import consuming, vhost_of
+
+PARAMS = {"prompt": "a job with an audience", "width": 64, "height": 64, "steps": 2}
+
+
+@pytest.fixture(scope="module")
+def settings(make_env) -> Settings:
+    env = make_env(IMAGE_ENABLED="1", IMAGE_SEARCH_ENABLED="0", PROCESSOR_CAPABILITIES="image")
+    return Settings.from_env(env)
+
+
+@pytest.fixture(scope="module")
+async def server(settings):
+    async with running_server(settings, with_processor=False) as running:
+        yield running
+
+
+@pytest.fixture
+async def events(settings) -> AsyncIterator[aio_pika.abc.AbstractQueue]:
+    """A subscriber's queue, bound to every event."""
+    connection = await aio_pika.connect(settings.amqp_url)
+    try:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(exclusive=True)
+        await queue.bind(EVENTS_EXCHANGE, routing_key="#")
+        yield queue
+    finally:
+        await connection.close()
+
+
+async def _next_event(queue, timeout: float = 30) -> aio_pika.abc.AbstractIncomingMessage:
+    message = await next_reply(queue, timeout)
+    assert message is not None, f"no event within {timeout} s"
+    return message
+
+
+async def _nothing_more(queue, seconds: float = 1.0) -> None:
+    assert await next_reply(queue, seconds) is None
+
+
+def _event(message) -> JobFinishedV1:
+    assert (message.type, message.content_type) == (JOB_FINISHED, "application/json")
+    assert message.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+    event = msgspec.json.decode(message.body, type=JobFinishedV1)
+    assert message.message_id == event.event_id
+    return event
+
+
+def _queue_empty(rabbit, settings: Settings) -> bool:
+    return rabbit.queue_counts(vhost_of(settings))["ams.image"] == (0, 0)
+
+
+async def _queued_job(server, seed: int) -> str:
+    response = await server.client.post("/v1/jobs", json={"type": IMAGE_GENERATE, "params": {**PARAMS, "seed": seed}})
+    assert response.status_code == 202, response.text
+    return response.json()["job_id"]
+
+
+async def test_a_generation_announces_its_end_once_it_is_stored(server, settings, events):
+    job_id = await _queued_job(server, 1)
+    async with consuming(settings):
+        message = await _next_event(events)
+        event = _event(message)
+        assert message.routing_key == "image.generate.succeeded"
+        assert (event.job_id, event.type, event.status, event.attempts) == (job_id, IMAGE_GENERATE, "succeeded", 1)
+        assert event.params["prompt"] == PARAMS["prompt"] and event.error is None
+        assert event.result["key"] == f"images/generated/{job_id}.png" and event.result["seed"] == 1
+        assert await server.services.store.exists(event.result["key"])  # stored before it was announced
+        job = (await server.client.get(f"/v1/jobs/{job_id}")).json()
+        assert (job["status"], job["finished_at"], job["started_at"]) == (
+            "succeeded",
+            event.finished_at,
+            event.started_at,
+        )
+        await _nothing_more(events)
+
+
+async def test_a_refused_job_announces_its_failure(server, settings, events):
+    """A message with a record that breaks the contract is dead-lettered, its record failed, its end announced."""
+    jobs = JobStore(server.services.store, 7)
+    job_id = str(uuid.uuid4())
+    record = JobStore.new(job_id, IMAGE_GENERATE, {"prompt": ""})
+    etag = await jobs.create(record)
+    await publish(
+        settings.amqp_url, IMAGE_GENERATE, {"prompt": ""}, message_id=job_id, headers=record_headers(record, etag)
+    )
+    async with consuming(settings):
+        message = await _next_event(events)
+    event = _event(message)
+    assert message.routing_key == "image.generate.failed"
+    assert (event.job_id, event.status, event.error.code) == (job_id, "failed", "schema_violation")
+    assert (await jobs.get(job_id)).status == "failed"
+
+
+async def test_a_cancellation_is_announced_at_once_and_again_when_its_message_comes_up(server, settings, events):
+    job_id = await _queued_job(server, 2)
+    assert (await server.client.post(f"/v1/jobs/{job_id}/cancel")).status_code == 200
+    message = await _next_event(events, timeout=5)  # from the API, with no processor running
+    event = _event(message)
+    assert message.routing_key == "image.generate.failed"
+    assert (event.job_id, event.status, event.error.code) == (job_id, "failed", "cancelled")
+    assert (await server.client.post(f"/v1/jobs/{job_id}/cancel")).status_code == 200
+    await _nothing_more(events, 0.5)  # cancelling again announces nothing new
+    async with consuming(settings):
+        again = _event(await _next_event(events))  # the processor acks the message unrun, announcing it again
+    assert again == event
+
+
+async def test_an_event_rabbitmq_did_not_take_is_owed_and_published_later(
+    server, settings, events, rabbit, monkeypatch
+):
+    """The job is acknowledged as usual (nothing waits on RabbitMQ); its event waits in the store and is published
+    as soon as RabbitMQ takes it, then removed."""
+    job_id = await _queued_job(server, 3)
+    store = server.services.store
+    async with consuming(settings) as runtime:
+        publisher = runtime.plumbing.publisher
+        announce = publisher.announce
+        refused = []
+
+        async def refused_once(**kwargs) -> None:
+            if not refused:
+                refused.append(kwargs["message_id"])
+                assert [info.key async for info in store.list(OWED_PREFIX)] == []
+                raise BrokerUnavailableError("could not publish job.finished event: a test refused it")
+            assert [info.key async for info in store.list(OWED_PREFIX)] == [f"{OWED_PREFIX}{refused[0]}.json"]
+            await announce(**kwargs)
+
+        monkeypatch.setattr(publisher, "announce", refused_once)
+        event = _event(await _next_event(events))
+        assert refused == [event.event_id]
+        await wait_until(lambda: _queue_empty(rabbit, settings), timeout=10)  # acknowledged
+    assert (event.job_id, event.status, event.attempts) == (job_id, "succeeded", 1)  # run once
+    assert [info.key async for info in store.list(OWED_PREFIX)] == []
+    await _nothing_more(events, 0.5)
+
+
+async def test_events_a_stopped_processor_owed_are_published_by_the_next(server, settings, events):
+    record = JobStore.new(str(uuid.uuid4()), IMAGE_GENERATE, {"prompt": "owed"})
+    record.status, record.finished_at, record.attempts = "succeeded", record.created_at, 1
+    routing_key, event = job_finished(record)
+    owed = msgspec.json.encode(OwedEvent(routing_key=routing_key, event=event))
+    await server.services.store.put(f"{OWED_PREFIX}{event.event_id}.json", owed, "application/json")
+    async with consuming(settings):
+        message = await _next_event(events, timeout=10)
+    assert message.routing_key == "image.generate.succeeded" and _event(message) == event
+    assert [info.key async for info in server.services.store.list(OWED_PREFIX)] == []
+
+
+async def test_no_event_with_job_events_off(server, settings, events):
+    job_id = await _queued_job(server, 4)
+    async with consuming(dataclasses.replace(settings, job_events_enabled=False)):
+
+        async def done() -> bool:
+            return (await server.client.get(f"/v1/jobs/{job_id}")).json()["status"] == "succeeded"
+
+        await wait_until(done, timeout=30)
+    await _nothing_more(events, 0.5)
+
+
+def test_the_documented_event_is_one():
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "messages.md").read_text()
+    section = doc.split("## Job events", 1)[1].split("\n## ", 1)[0]
+    example = section.split("```json\n", 1)[1].split("```", 1)[0]
+    event = msgspec.json.decode(example, type=JobFinishedV1)
+    assert (event.type, event.status, event.result["key"]) == (
+        IMAGE_GENERATE,
+        "succeeded",
+        f"images/generated/{event.job_id}.png",
+    )
