@@ -78,6 +78,11 @@ class Announcer:
                 log.warning("owed_job_events_waiting", error=str(exc))
                 await asyncio.sleep(self._retry_seconds)
                 continue
+            except Exception:  # unforeseen: logged, and tried again, so owed events are never left for good
+                self._owed.set()
+                log.exception("owed_job_events_failed")
+                await asyncio.sleep(self._retry_seconds)
+                continue
             if published:
                 log.info("owed_job_events_published", count=published)
 
