@@ -14,6 +14,7 @@ import msgspec
 import pytest
 from click.testing import CliRunner, Result
 
+from contract.events import job_finished
 from contract.image_ids import image_id_for_key, thumbnail_key
 from contract.jobs import WITHDRAWN, JobRecord, JobStore
 from contract.messages import ErrorInfo
@@ -21,6 +22,7 @@ from infra.settings import Settings
 from infra.storage.local import LocalStore
 from processor.ops.__main__ import cli
 from processor.ops.backfill import plan_backfill
+from processor.ops.events import binding_keys, event_line
 from processor.ops.filters import Selection
 from processor.ops.letters import DeadLetter
 from processor.ops.render import body_text, letters_json, letters_table
@@ -110,7 +112,8 @@ def queued_ids(amqp_url: str, queue: str) -> list[str | None]:
 
 def test_every_command_has_help_and_the_exit_codes():
     commands = ([], ["dlq"], ["dlq", "list"], ["dlq", "show"], ["dlq", "replay"], ["dlq", "purge"], ["backfill"])
-    for command in (*commands, ["jobs"], ["jobs", "list"], ["jobs", "show"], ["jobs", "cancel"]):
+    jobs = (["jobs"], ["jobs", "list"], ["jobs", "show"], ["jobs", "cancel"], ["events"], ["events", "watch"])
+    for command in (*commands, *jobs):
         result = CliRunner().invoke(cli, [*command, "--help"])
         assert result.exit_code == 0, result.output
         assert "Usage:" in result.stdout
@@ -696,3 +699,51 @@ async def test_backfill_thumbnails_makes_the_missing_ones_and_the_server_own_obj
 
         plan = await plan_backfill(Settings.from_env(env), "images/")
         assert (plan.images, plan.skipped_not_image, plan.skipped_own) == ([], 0, 6)  # 3 originals, 3 thumbnails
+
+
+async def test_events_watch_prints_each_job_end_as_it_is_announced(make_env):
+    """The watch binds its own queue, sees the cancellation the API announces, and stops after --count."""
+    env = make_env(IMAGE_ENABLED="1", IMAGE_SEARCH_ENABLED="0")
+    async with running_server(Settings.from_env(env), with_processor=False) as api:
+        watch = ("events", "watch", "--type", "image.generate", "--status", "failed", "--json", "--count", "1")
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "processor.ops",
+            *watch,
+            env={**os.environ, **env},
+            cwd=ROOT,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        ready = await asyncio.wait_for(process.stderr.readline(), timeout=30)
+        assert ready.decode().startswith("watching ams.events (image.generate.failed)"), ready
+        params = {"prompt": "watched", "width": 64, "height": 64, "steps": 2}
+        job = (await api.client.post("/v1/jobs", json={"type": "image.generate", "params": params})).json()
+        assert (await api.client.post(f"/v1/jobs/{job['job_id']}/cancel")).status_code == 200
+        stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=30)
+    assert process.returncode == 0, stderr
+    (line,) = stdout.decode().splitlines()
+    event = json.loads(line)
+    assert (event["job_id"], event["status"], event["error"]["code"]) == (job["job_id"], "failed", "cancelled")
+
+
+def test_events_watch_keys_and_lines():
+    assert binding_keys([], []) == ["*.*.*"]
+    assert binding_keys(["voice.generate"], []) == ["voice.generate.*"]
+    assert binding_keys([], ["failed"]) == ["*.*.failed"]
+    assert binding_keys(["image.generate", "image.index"], ["succeeded"]) == [
+        "image.generate.succeeded",
+        "image.index.succeeded",
+    ]
+    record = JobStore.new("8a3f2c1e-4b5d-4e6f-8a9b-0c1d2e3f4a5b", "image.generate", {"prompt": "x"})
+    record.status, record.finished_at, record.attempts = "failed", "2026-12-07T15:00:00.000Z", 1
+    record.error = ErrorInfo(code="cancelled", message="cancelled while queued")
+    _, event = job_finished(record)
+    assert event_line(event).split() == [
+        "2026-12-07T15:00:00.000Z",
+        "8a3f2c1e-4b5d-4e6f-8a9b-0c1d2e3f4a5b",
+        "image.generate",
+        "failed",
+        "cancelled",
+    ]

@@ -7,6 +7,7 @@
     ams-ops jobs list [--status S] [--type T] [--code C] [--updated-before WHEN] [--json]   job records, oldest first
     ams-ops jobs show ID                         one job record, as JSON
     ams-ops jobs cancel (ID... | --type T | --updated-before WHEN | --all) [--dry-run] [--yes]   cancel queued jobs
+    ams-ops events watch [--type T] [--status S] [--json] [--count N] [--seconds S]   job ends as they happen
     ams-ops backfill --prefix P [--dry-run] [--api-url URL] [--json]   index images already in the bucket
     ams-ops backfill --thumbnails [--api-url URL] [--json]             make the missing thumbnails of indexed images
     ams-ops index stats [--json]                 the image index: points, graph, disk, backups
@@ -37,7 +38,9 @@ from typing import IO, Any, TypeVar
 import click
 import msgspec
 
-from infra.broker import DEAD_QUEUE, JOBS_EXCHANGE
+from contract.events import JobFinishedV1
+from contract.messages import JOB_TYPES
+from infra.broker import DEAD_QUEUE, EVENTS_EXCHANGE, JOBS_EXCHANGE
 from infra.logging import configure_logging
 from infra.settings import Settings, SettingsError
 from infra.storage.base import InvalidKeyError
@@ -46,6 +49,7 @@ from infra.vectors import SnapshotsUnsupportedError
 from processor.ops.backfill import plan_backfill, run_backfill
 from processor.ops.dlq import open_dead_letters
 from processor.ops.errors import OperationFailedError
+from processor.ops.events import STATUSES, binding_keys, event_line, watch_events
 from processor.ops.filters import Selection, parse_when
 from processor.ops.index import backup_now, build_graph, index_report, restore_backup
 from processor.ops.jobs import (
@@ -556,6 +560,39 @@ def _backfill_thumbnails(api_url: str, api_key: str, concurrency: int, as_json: 
         f"made {report.made}, already there {report.already_there}, skipped {report.skipped.total()}"
         + (f" ({reasons})" if reasons else "")
     )
+
+
+@cli.group(epilog=EXIT_CODES)
+def events() -> None:
+    """Job events: the end of every job with a record, as announced on the ams.events exchange."""
+
+
+@events.command("watch", epilog=EXIT_CODES)
+@click.option(
+    "--type", "types", multiple=True, type=click.Choice(sorted(JOB_TYPES)), help="Only jobs of this type (repeatable)."
+)
+@click.option(
+    "--status", "statuses", multiple=True, type=click.Choice(STATUSES), help="Only this outcome (repeatable)."
+)
+@click.option("--json", "as_json", is_flag=True, help="Each event's JSON body on a line of its own.")
+@click.option("--count", type=click.IntRange(min=1), help="Stop after this many events.")
+@click.option("--seconds", type=click.FloatRange(min=0, min_open=True), help="Stop after this many seconds.")
+def watch(
+    types: tuple[str, ...], statuses: tuple[str, ...], as_json: bool, count: int | None, seconds: float | None
+) -> None:
+    """Print job ends as they are announced, one line each (when it finished, job id, type, status, error code),
+    until Ctrl-C, --count or --seconds. Only events announced while it watches are seen."""
+    settings = _settings()
+    keys = binding_keys(types, statuses)
+
+    def show(event: JobFinishedV1) -> None:
+        click.echo(msgspec.json.encode(event).decode() if as_json else event_line(event))
+
+    def ready() -> None:
+        click.echo(f"watching {EVENTS_EXCHANGE} ({', '.join(keys)}); Ctrl-C stops", err=True)
+
+    with contextlib.suppress(KeyboardInterrupt):
+        _run(watch_events(settings, keys, show, count=count, seconds=seconds, ready=ready))
 
 
 @cli.group(epilog=EXIT_CODES)
