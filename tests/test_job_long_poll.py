@@ -38,9 +38,9 @@ async def _queued_job(server, seed: int) -> str:
     return response.json()["job_id"]
 
 
-async def _long_poll(server, job_id: str, seconds: float) -> tuple[float, dict]:
+async def _long_poll(server, job_id: str, seconds: float, **params: str) -> tuple[float, dict]:
     started = time.monotonic()
-    response = await server.client.get(f"/v1/jobs/{job_id}", params={"wait_seconds": seconds})
+    response = await server.client.get(f"/v1/jobs/{job_id}", params={"wait_seconds": seconds, **params})
     assert response.status_code == 200, response.text
     return time.monotonic() - started, response.json()
 
@@ -69,6 +69,20 @@ async def test_long_polls_follow_a_job_to_its_end_one_change_at_a_time(server, s
     assert job["result"]["url"]
     took, again = await _long_poll(server, job_id, 25)  # a finished job is answered at once
     assert took < 1 and again["status"] == "succeeded"
+
+
+async def test_a_long_poll_waits_while_the_status_the_client_last_saw_lasts(server):
+    """A client that saw `queued` and asks again after the job moved on is answered at once; one whose status is
+    still current waits for the next change."""
+    job_id = await _queued_job(server, 6)
+    took, job = await _long_poll(server, job_id, 25, while_status="running")
+    assert took < 1 and job["status"] == "queued"  # the job is not in the status the client saw: answered at once
+    poll = asyncio.create_task(_long_poll(server, job_id, 25, while_status="queued"))
+    await asyncio.sleep(0.3)
+    assert not poll.done()
+    assert (await server.client.post(f"/v1/jobs/{job_id}/cancel")).status_code == 200
+    _, job = await poll
+    assert job["status"] == "failed"
 
 
 async def test_a_cancellation_ends_a_long_poll_at_once(server):
@@ -102,14 +116,22 @@ async def test_a_client_that_gives_up_stops_the_reads(server, monkeypatch):
     assert not [at for at in reads if at > gave_up + 0.7], "the record was still read after the client left"
 
 
-@pytest.mark.parametrize(("value", "says"), [("-1", ">= 0"), ("31", "<= 30"), ("soon", "Expected `float`")])
-async def test_a_wait_out_of_bounds_is_refused(server, value, says):
+@pytest.mark.parametrize(
+    ("params", "says"),
+    [
+        ({"wait_seconds": "-1"}, "wait_seconds: Expected `float` >= 0"),
+        ({"wait_seconds": "31"}, "wait_seconds: Expected `float` <= 30"),
+        ({"wait_seconds": "soon"}, "wait_seconds: Expected `float`"),
+        ({"wait_seconds": "5", "while_status": "done"}, "while_status: Invalid enum value 'done'"),
+    ],
+)
+async def test_a_wait_out_of_bounds_is_refused(server, params, says):
     job_id = await _queued_job(server, 5)
-    response = await server.client.get(f"/v1/jobs/{job_id}", params={"wait_seconds": value})
+    response = await server.client.get(f"/v1/jobs/{job_id}", params=params)
     assert response.status_code == 400
     body = response.json()
     assert body["code"] == "invalid_request"
-    assert "wait_seconds" in body["message"] and says in body["message"]
+    assert says in body["message"], body
 
 
 async def test_a_long_poll_of_an_unknown_job_is_404_at_once(server):

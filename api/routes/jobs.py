@@ -23,7 +23,7 @@ from api.schemas import ImageJobRequest, JobAccepted, JobError, JobKind, JobOut,
 from api.services import Services
 from api.strict import json_document, strict_convert
 from api.urls import absolute, job_url
-from contract.jobs import JobRecord
+from contract.jobs import JobRecord, JobStatus
 from contract.messages import IMAGE_GENERATE, VOICE_GENERATE, ImageGenerateV1, VoiceGenerateV1
 
 
@@ -124,10 +124,19 @@ async def get_job(
             ),
         ),
     ] = 0,
+    while_status: Annotated[
+        JobStatus | None,
+        Parameter(
+            description=(
+                "with wait_seconds: wait while the job's status is this one (the one the client last saw), instead of"
+                " the one it has when the request arrives"
+            )
+        ),
+    ] = None,
 ) -> JobOut:
     job_id = _job_id(job_id)
     record = await job_store(services).get(job_id)
-    if record is not None and wait_seconds > 0 and not finished(record):
+    if record is not None and wait_seconds > 0 and not finished(record) and while_status in (None, record.status):
         record = await next_state(request, services, record, wait_seconds)
     if record is None:
         raise ApiError(404, "job_not_found", f"no job with id {job_id!r}")

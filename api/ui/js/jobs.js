@@ -41,9 +41,13 @@ export function updateJob(entry, changes) {
  * when it failed.
  */
 export async function followJob(entry, statusUrl) {
-  for (let round = 0; ; round++) {
+  let seen = null; // the status of the last answer: the next long poll waits while the job is still in it
+  for (;;) {
     const url = new URL(statusUrl, location.href);
-    if (round > 0) url.searchParams.set("wait_seconds", String(LONG_POLL_SECONDS));
+    if (seen) {
+      url.searchParams.set("wait_seconds", String(LONG_POLL_SECONDS));
+      url.searchParams.set("while_status", seen);
+    }
     let job;
     try {
       ({ body: job } = await call(url.href));
@@ -55,6 +59,7 @@ export async function followJob(entry, statusUrl) {
       }
       throw error;
     }
+    seen = job.status;
     updateJob(entry, { state: job.status, jobId: job.job_id, detail: "" });
     if (job.status === "succeeded") return job;
     if (job.status === "failed") {
