@@ -25,6 +25,7 @@ from api.resend import Resend
 from api.schemas import JobAccepted
 from api.services import Services
 from api.urls import job_url
+from contract import metrics
 from contract.events import announce_end
 from contract.jobs import (
     CANCELLED,
@@ -295,7 +296,10 @@ async def _announce_cancellation(services: Services, record: JobRecord) -> None:
     try:
         await announce_end(services.publisher, record)
     except BrokerUnavailableError as exc:
+        metrics.job_events("deferred")
         log.warning("job_event_deferred", job_id=record.job_id, error=str(exc))
+    else:
+        metrics.job_events("published")
 
 
 async def _publish(

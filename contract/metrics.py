@@ -35,6 +35,14 @@ QUEUE_MESSAGES = Gauge(
     registry=REGISTRY,
 )
 QUEUE_CONSUMERS = Gauge("ams_queue_consumers", "Consumers attached to each queue.", ["queue"], registry=REGISTRY)
+JOB_EVENTS = Counter(
+    "ams_job_events",
+    "Job ends announced on ams.events, by outcome: published (at once), owed (RabbitMQ did not take it: kept in "
+    "the object store), published_late (an owed one, once RabbitMQ took it), deferred (a cancellation the API "
+    "could not announce: the processor announces it when the job's message comes up).",
+    ["outcome"],
+    registry=REGISTRY,
+)
 BROKER_REACHABLE = Gauge(
     "ams_broker_reachable",
     "1 when this scrape read the queues from RabbitMQ; 0 when it could not (the queue gauges are then absent).",
@@ -46,6 +54,10 @@ def job_settled(job_type: str, outcome: str, seconds: float | None = None) -> No
     JOB_OUTCOMES.labels(job_type or "unknown", outcome).inc()
     if seconds is not None:
         JOB_DURATION.labels(job_type or "unknown", outcome).observe(seconds)
+
+
+def job_events(outcome: str, count: int = 1) -> None:
+    JOB_EVENTS.labels(outcome).inc(count)
 
 
 async def record_queue_depths(connection: AbstractRobustConnection) -> None:

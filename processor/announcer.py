@@ -17,6 +17,7 @@ import contextlib
 import msgspec
 import structlog
 
+from contract import metrics
 from contract.events import JobFinishedV1, job_finished, publish_event
 from contract.jobs import JobRecord
 from infra.broker import BrokerUnavailableError, Publisher
@@ -59,12 +60,14 @@ class Announcer:
         routing_key, event = job_finished(record)
         try:
             await publish_event(self._publisher, routing_key, event)
+            metrics.job_events("published")
             return
         except BrokerUnavailableError as exc:
             why = str(exc)
         body = msgspec.json.encode(OwedEvent(routing_key=routing_key, event=event))
         await retry_transient(lambda: self._store.put(_owed_key(event.event_id), body, "application/json"))
         self._owed.set()
+        metrics.job_events("owed")
         log.warning("job_event_owed", job_id=record.job_id, event_id=event.event_id, error=why)
 
     async def _publish_owed_when_possible(self) -> None:
@@ -101,6 +104,7 @@ class Announcer:
                 log.warning("owed_job_event_unreadable", key=info.key)
                 continue
             await publish_event(self._publisher, owed.routing_key, owed.event)
+            metrics.job_events("published_late")
             await self._store.delete(info.key)
             published += 1
         return published

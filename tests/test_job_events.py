@@ -18,6 +18,7 @@ import pytest
 from contract.events import JOB_FINISHED, JobFinishedV1, job_finished
 from contract.jobs import JobStore, record_headers
 from contract.messages import IMAGE_GENERATE
+from contract.metrics import REGISTRY
 from infra.broker import EVENTS_EXCHANGE, BrokerUnavailableError
 from infra.settings import Settings
 from processor.announcer import OWED_PREFIX, OwedEvent
@@ -81,8 +82,13 @@ async def _queued_job(server, seed: int) -> str:
     return response.json()["job_id"]
 
 
+def _counted(outcome: str) -> float:
+    return REGISTRY.get_sample_value("ams_job_events_total", {"outcome": outcome}) or 0
+
+
 async def test_a_generation_announces_its_end_once_it_is_stored(server, settings, events):
     job_id = await _queued_job(server, 1)
+    published = _counted("published")
     async with consuming(settings):
         message = await _next_event(events)
         event = _event(message)
@@ -98,6 +104,7 @@ async def test_a_generation_announces_its_end_once_it_is_stored(server, settings
             event.started_at,
         )
         await _nothing_more(events)
+    assert _counted("published") == published + 1
 
 
 async def test_a_refused_job_announces_its_failure(server, settings, events):
@@ -138,6 +145,7 @@ async def test_an_event_rabbitmq_did_not_take_is_owed_and_published_later(
     as soon as RabbitMQ takes it, then removed."""
     job_id = await _queued_job(server, 3)
     store = server.services.store
+    owed, late = _counted("owed"), _counted("published_late")
     async with consuming(settings) as runtime:
         publisher = runtime.plumbing.publisher
         announce = publisher.announce
@@ -157,6 +165,7 @@ async def test_an_event_rabbitmq_did_not_take_is_owed_and_published_later(
         await wait_until(lambda: _queue_empty(rabbit, settings), timeout=10)  # acknowledged
     assert (event.job_id, event.status, event.attempts) == (job_id, "succeeded", 1)  # run once
     assert [info.key async for info in store.list(OWED_PREFIX)] == []
+    assert (_counted("owed"), _counted("published_late")) == (owed + 1, late + 1)
     await _nothing_more(events, 0.5)
 
 
