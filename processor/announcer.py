@@ -4,7 +4,8 @@ An event is published (confirmed) before the job's message is acked. When Rabbit
 blocking publishers under a disk or memory alarm, which it does to every connection that publishes), the event is
 owed: stored in the object store (`events/owed/<event id>.json`, durable) and the job acked as usual, so jobs keep
 being settled through an alarm. Owed events are published as soon as RabbitMQ takes messages again (tried every
-RETRY_SECONDS), then deleted; at start-up a processor publishes those that a stopped one left. Only when the store
+RETRY_SECONDS), then deleted; a processor also looks for those that others left (a stopped processor, an operator's
+cancellation made without RabbitMQ) at start-up and every SWEEP_SECONDS. Only when the store
 refuses too does the settler hand the delivery back (its redelivery announces the end then). An event may so be
 published twice (owed by two deliveries, or published and then its deletion failed): always under one event id.
 """
@@ -28,6 +29,9 @@ log = structlog.get_logger(__name__)
 
 OWED_PREFIX = "events/owed/"
 RETRY_SECONDS = 2.0
+# how often a processor looks for events owed by others (a stopped processor, an operator's cancellation made
+# while RabbitMQ was unreachable) when it owes none itself
+SWEEP_SECONDS = 300.0
 
 
 class OwedEvent(msgspec.Struct, kw_only=True):
@@ -36,7 +40,10 @@ class OwedEvent(msgspec.Struct, kw_only=True):
 
 
 class Announcer:
-    def __init__(self, publisher: Publisher, store: ObjectStore, retry_seconds: float = RETRY_SECONDS) -> None:
+    """Announces ends through `publisher`, or owes them (None: RabbitMQ unreachable, as for an operator's command
+    that could not connect)."""
+
+    def __init__(self, publisher: Publisher | None, store: ObjectStore, retry_seconds: float = RETRY_SECONDS) -> None:
         self._publisher = publisher
         self._store = store
         self._retry_seconds = retry_seconds
@@ -54,25 +61,30 @@ class Announcer:
                 await self._task
             self._task = None
 
-    async def announce(self, record: JobRecord) -> None:
-        """Publish the end of a finished record, or owe it when RabbitMQ does not take it; raises the store's error
-        when it cannot be owed either."""
+    async def announce(self, record: JobRecord) -> bool:
+        """Publish the end of a finished record (True), or owe it when RabbitMQ does not take it (False); raises the
+        store's error when it cannot be owed either."""
         routing_key, event = job_finished(record)
-        try:
-            await publish_event(self._publisher, routing_key, event)
-            metrics.job_events("published")
-            return
-        except BrokerUnavailableError as exc:
-            why = str(exc)
+        why = "not connected to RabbitMQ"
+        if self._publisher is not None:
+            try:
+                await publish_event(self._publisher, routing_key, event)
+                metrics.job_events("published")
+                return True
+            except BrokerUnavailableError as exc:
+                why = str(exc)
         body = msgspec.json.encode(OwedEvent(routing_key=routing_key, event=event))
         await retry_transient(lambda: self._store.put(_owed_key(event.event_id), body, "application/json"))
         self._owed.set()
         metrics.job_events("owed")
         log.warning("job_event_owed", job_id=record.job_id, event_id=event.event_id, error=why)
+        return False
 
     async def _publish_owed_when_possible(self) -> None:
         while True:
-            await self._owed.wait()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(SWEEP_SECONDS):
+                    await self._owed.wait()
             self._owed.clear()  # an event owed from here on is seen by the next round
             try:
                 published = await self.publish_owed()
@@ -92,6 +104,8 @@ class Announcer:
     async def publish_owed(self) -> int:
         """Publish every owed event in the store, deleting each once RabbitMQ confirmed it; how many. Raises
         BrokerUnavailableError (or the store's error) at the first one that cannot be published: the rest wait."""
+        if self._publisher is None:
+            raise BrokerUnavailableError("not connected to RabbitMQ")
         published = 0
         async for info in self._store.list(OWED_PREFIX):
             try:

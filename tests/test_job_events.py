@@ -21,6 +21,7 @@ from contract.messages import IMAGE_GENERATE
 from contract.metrics import REGISTRY
 from infra.broker import EVENTS_EXCHANGE, BrokerUnavailableError
 from infra.settings import Settings
+from processor import announcer
 from processor.announcer import OWED_PREFIX, OwedEvent
 from tests.support.amqp import next_reply, publish, wait_until
 from tests.support.server import running_server
@@ -169,16 +170,28 @@ async def test_an_event_rabbitmq_did_not_take_is_owed_and_published_later(
     await _nothing_more(events, 0.5)
 
 
-async def test_events_a_stopped_processor_owed_are_published_by_the_next(server, settings, events):
-    record = JobStore.new(str(uuid.uuid4()), IMAGE_GENERATE, {"prompt": "owed"})
+async def _owe(store, prompt: str) -> JobFinishedV1:
+    """An event owed by someone else (a stopped processor, an operator's cancellation without RabbitMQ)."""
+    record = JobStore.new(str(uuid.uuid4()), IMAGE_GENERATE, {"prompt": prompt})
     record.status, record.finished_at, record.attempts = "succeeded", record.created_at, 1
     routing_key, event = job_finished(record)
     owed = msgspec.json.encode(OwedEvent(routing_key=routing_key, event=event))
-    await server.services.store.put(f"{OWED_PREFIX}{event.event_id}.json", owed, "application/json")
+    await store.put(f"{OWED_PREFIX}{event.event_id}.json", owed, "application/json")
+    return event
+
+
+async def test_events_others_owed_are_published_at_start_up_and_by_the_periodic_look(
+    server, settings, events, monkeypatch
+):
+    monkeypatch.setattr(announcer, "SWEEP_SECONDS", 0.5)
+    store = server.services.store
+    before = await _owe(store, "owed before the processor started")
     async with consuming(settings):
         message = await _next_event(events, timeout=10)
-    assert message.routing_key == "image.generate.succeeded" and _event(message) == event
-    assert [info.key async for info in server.services.store.list(OWED_PREFIX)] == []
+        assert message.routing_key == "image.generate.succeeded" and _event(message) == before
+        after = await _owe(store, "owed while it runs, by someone else")
+        assert _event(await _next_event(events, timeout=10)) == after
+    assert [info.key async for info in store.list(OWED_PREFIX)] == []
 
 
 async def test_no_event_with_job_events_off(server, settings, events):

@@ -8,8 +8,10 @@ import json
 import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
+import aio_pika
 import msgspec
 import pytest
 from click.testing import CliRunner, Result
@@ -18,8 +20,10 @@ from contract.events import job_finished
 from contract.image_ids import image_id_for_key, thumbnail_key
 from contract.jobs import WITHDRAWN, JobRecord, JobStore
 from contract.messages import ErrorInfo
+from infra.broker import EVENTS_EXCHANGE
 from infra.settings import Settings
 from infra.storage.local import LocalStore
+from processor.announcer import OWED_PREFIX
 from processor.ops.__main__ import cli
 from processor.ops.backfill import plan_backfill
 from processor.ops.events import binding_keys, event_line
@@ -504,6 +508,47 @@ def test_jobs_cancel_by_id_cancels_the_queued_ones_and_says_why_not_the_others(c
     assert unknown.exit_code == 1
     assert "no job record with id 'nope'" in unknown.stderr
     assert _codes(cancel_env)["stuck"] == "cancelled"  # the ids before it were cancelled
+
+
+async def _events_queue(amqp_url: str) -> str:
+    """A subscriber's durable queue bound to every job event (it outlives the connection that declared it)."""
+    name = f"test.events.{uuid.uuid4().hex[:8]}"
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        # a subscriber that may start before any server declares the exchange as they do (topic, durable)
+        exchange = await channel.declare_exchange(EVENTS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
+        queue = await channel.declare_queue(name, durable=True)
+        await queue.bind(exchange, routing_key="#")
+    return name
+
+
+def test_jobs_cancel_announces_each_cancellation(cancel_env):
+    events = asyncio.run(_events_queue(cancel_env["AMQP_URL"]))
+    result = ams_ops(cancel_env, "jobs", "cancel", "waiting", "stuck", "done")
+    assert result.exit_code == 0, result.output
+    announced = [json.loads(message.body) for message in queued(cancel_env["AMQP_URL"], events)]
+    assert sorted((event["job_id"], event["status"], event["error"]["code"]) for event in announced) == [
+        ("stuck", "failed", "cancelled"),
+        ("waiting", "failed", "cancelled"),
+    ]
+
+
+def test_jobs_cancel_without_rabbitmq_owes_the_events_to_the_store(cancel_env):
+    nowhere = f"amqp://guest:guest@127.0.0.1:{free_port()}/"
+    env = {**cancel_env, "AMQP_URL": nowhere, "AMQP_CONNECT_TIMEOUT_SECONDS": "1"}
+    result = ams_ops(env, "jobs", "cancel", "waiting")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == (
+        "cancelled 1 (1 job events owed: RabbitMQ unreachable; a processor publishes them)"
+    )
+
+    async def owed() -> list[bytes]:
+        store = LocalStore(Path(env["LOCAL_STORAGE_DIR"]))
+        return [(await store.get(info.key)).data async for info in store.list(OWED_PREFIX)]
+
+    (event,) = asyncio.run(owed())
+    assert json.loads(event)["event"]["job_id"] == "waiting"
 
 
 def test_jobs_cancel_by_filters_asks_first_and_dry_run_changes_nothing(cancel_env):

@@ -448,6 +448,8 @@ def _cancel_summary(report: CancelReport) -> str:
         lines[-1] += f", {len(report.already)} cancelled already"
     if report.refused:
         lines[-1] += f", {len(report.refused)} not cancellable"
+    if report.owed:
+        lines[-1] += f" ({report.owed} job events owed: RabbitMQ unreachable; a processor publishes them)"
     return "\n".join(lines)
 
 

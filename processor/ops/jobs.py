@@ -15,8 +15,10 @@ from dataclasses import dataclass, field
 import msgspec
 
 from contract.jobs import JobRecord, JobStore, NotCancellableError, age_seconds, cancel_queued
+from infra.broker import BROKER_ERRORS, Publisher, connect
 from infra.settings import Settings
-from infra.storage import StorageError
+from infra.storage import ObjectStore, StorageError
+from processor.announcer import Announcer
 from processor.ops.errors import OperationFailedError
 from processor.ops.render import MISSING, table
 from processor.ops.stores import opened_store
@@ -88,26 +90,58 @@ class CancelReport:
     cancelled: list[str] = field(default_factory=list)
     already: list[str] = field(default_factory=list)
     refused: list[str] = field(default_factory=list)  # why each job could not be cancelled
+    owed: int = 0  # cancellations whose events wait in the object store (RabbitMQ unreachable)
 
 
 async def cancel_jobs(settings: Settings, job_ids: list[str]) -> CancelReport:
-    """Cancel these queued jobs (contract/jobs.py cancel_queued), one after another. A job that started meanwhile,
-    or finished, is refused and said why; an unknown id stops the run (OperationFailedError)."""
+    """Cancel these queued jobs (contract/jobs.py cancel_queued), one after another, and announce their ends
+    (JOB_EVENTS_ENABLED; owed in the store when RabbitMQ cannot be reached, for a processor to publish). A job that
+    started meanwhile, or finished, is refused and said why; an unknown id stops the run (OperationFailedError)."""
     report = CancelReport()
     async with opened_store(settings) as store:
         jobs = JobStore(store, settings.job_record_ttl_days)
-        for job_id in job_ids:
-            try:
-                done = await cancel_queued(jobs, job_id)
-            except NotCancellableError as exc:
-                report.refused.append(str(exc))
-                continue
-            except StorageError as exc:
-                raise OperationFailedError(f"cannot cancel job {job_id!r}: {exc}") from None
-            if done is None:
-                raise OperationFailedError(f"no job record with id {job_id!r}")
-            (report.already if done.already else report.cancelled).append(job_id)
+        cancelled: list[JobRecord] = []
+        try:
+            for job_id in job_ids:
+                try:
+                    done = await cancel_queued(jobs, job_id)
+                except NotCancellableError as exc:
+                    report.refused.append(str(exc))
+                    continue
+                except StorageError as exc:
+                    raise OperationFailedError(f"cannot cancel job {job_id!r}: {exc}") from None
+                if done is None:
+                    raise OperationFailedError(f"no job record with id {job_id!r}")
+                (report.already if done.already else report.cancelled).append(job_id)
+                if not done.already:
+                    cancelled.append(done.record)
+        finally:
+            if cancelled and settings.job_events_enabled:
+                report.owed = await _announce(settings, store, cancelled)
     return report
+
+
+async def _announce(settings: Settings, store: ObjectStore, records: list[JobRecord]) -> int:
+    """Announce the cancellations as the API does; how many had to be owed."""
+    connection, publisher = None, None
+    try:
+        connection = await connect(settings.amqp_url, settings.amqp_connect_timeout_seconds)
+        publisher = await Publisher.open(connection)
+    except BROKER_ERRORS:  # unreachable, or it failed while opening: the events are owed
+        pass
+    owed = 0
+    try:
+        announcer = Announcer(publisher, store)
+        for record in records:
+            try:
+                if not await announcer.announce(record):
+                    owed += 1
+            except StorageError as exc:
+                raise OperationFailedError(f"cannot announce the cancellation of job {record.job_id}: {exc}") from None
+    finally:
+        if connection is not None:
+            await connection.close()
+    return owed
 
 
 def jobs_table(records: list[JobRecord]) -> str:
