@@ -30,9 +30,11 @@ from tests.test_processor import consuming, vhost_of
 PARAMS = {"prompt": "a job with an audience", "width": 64, "height": 64, "steps": 2}
 
 
-@pytest.fixture(scope="module")
-def settings(make_env) -> Settings:
-    env = make_env(IMAGE_ENABLED="1", IMAGE_SEARCH_ENABLED="0", PROCESSOR_CAPABILITIES="image")
+@pytest.fixture(scope="module", params=["embedded store", "R2"])
+def settings(request, make_env, s3) -> Settings:
+    """Owed events live in the object store: every test runs on the embedded store and on R2's API (moto)."""
+    r2 = {"r2_bucket": s3.new_bucket(), "endpoint": s3.endpoint} if request.param == "R2" else {}
+    env = make_env(IMAGE_ENABLED="1", IMAGE_SEARCH_ENABLED="0", PROCESSOR_CAPABILITIES="image", **r2)
     return Settings.from_env(env)
 
 
