@@ -81,6 +81,7 @@ class Announcer:
         return False
 
     async def _publish_owed_when_possible(self) -> None:
+        waiting = False
         while True:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(SWEEP_SECONDS):
@@ -90,7 +91,9 @@ class Announcer:
                 published = await self.publish_owed()
             except (BrokerUnavailableError, *TRANSIENT_ERRORS) as exc:
                 self._owed.set()
-                log.warning("owed_job_events_waiting", error=str(exc))
+                if not waiting:  # said once per stretch, not every few seconds through a long outage
+                    log.warning("owed_job_events_waiting", error=str(exc))
+                waiting = True
                 await asyncio.sleep(self._retry_seconds)
                 continue
             except Exception:  # unforeseen: logged, and tried again, so owed events are never left for good
@@ -98,6 +101,7 @@ class Announcer:
                 log.exception("owed_job_events_failed")
                 await asyncio.sleep(self._retry_seconds)
                 continue
+            waiting = False
             if published:
                 log.info("owed_job_events_published", count=published)
 
