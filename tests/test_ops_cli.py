@@ -590,9 +590,9 @@ def test_jobs_with_the_store_unreachable_fail_with_one_line(make_env):
     assert len(result.stderr.splitlines()) == 1
 
 
-async def ams_ops_process(env: dict[str, str], *args: str) -> tuple[int, str, str]:
-    """The CLI as its own process, so the API running in this event loop can answer it."""
-    process = await asyncio.create_subprocess_exec(
+async def ams_ops_started(env: dict[str, str], *args: str) -> asyncio.subprocess.Process:
+    """The CLI started as its own process, so the API running in this event loop can answer it."""
+    return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "processor.ops",
@@ -602,6 +602,11 @@ async def ams_ops_process(env: dict[str, str], *args: str) -> tuple[int, str, st
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
+
+
+async def ams_ops_process(env: dict[str, str], *args: str) -> tuple[int, str, str]:
+    """The CLI run to its end as its own process."""
+    process = await ams_ops_started(env, *args)
     stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=60)
     return process.returncode or 0, stdout.decode(), stderr.decode()
 
@@ -751,16 +756,7 @@ async def test_events_watch_prints_each_job_end_as_it_is_announced(make_env):
     env = make_env(IMAGE_ENABLED="1", IMAGE_SEARCH_ENABLED="0")
     async with running_server(Settings.from_env(env), with_processor=False) as api:
         watch = ("events", "watch", "--type", "image.generate", "--status", "failed", "--json", "--count", "1")
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "processor.ops",
-            *watch,
-            env={**os.environ, **env},
-            cwd=ROOT,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
+        process = await ams_ops_started(env, *watch)
         ready = await asyncio.wait_for(process.stderr.readline(), timeout=30)
         assert ready.decode().startswith("watching ams.events (image.generate.failed)"), ready
         params = {"prompt": "watched", "width": 64, "height": 64, "steps": 2}
