@@ -164,8 +164,9 @@ async def next_state(request: Request, services: Services, record: JobRecord, se
 async def _client_gone(request: Request) -> None:
     """Returns once the client has closed its connection. A request whose body has been read (a GET has none) has
     nothing more to receive until then."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
+    message = await request.receive()
+    while message["type"] != "http.disconnect":
+        message = await request.receive()
 
 
 async def _settled(jobs: JobStore, record: JobRecord, seconds: float) -> JobRecord:

@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass, field
 
 import msgspec
+from aio_pika.abc import AbstractRobustConnection
 
 from contract.jobs import JobRecord, JobStore, NotCancellableError, age_seconds, cancel_queued
 from infra.broker import BROKER_ERRORS, Publisher, connect
@@ -123,12 +124,7 @@ async def cancel_jobs(settings: Settings, job_ids: list[str]) -> CancelReport:
 
 async def _announce(settings: Settings, store: ObjectStore, records: list[JobRecord]) -> int:
     """Announce the cancellations as the API does; how many had to be owed."""
-    connection, publisher = None, None
-    try:
-        connection = await connect(settings.amqp_url, settings.amqp_connect_timeout_seconds)
-        publisher = await Publisher.open(connection)
-    except BROKER_ERRORS:  # unreachable, or it failed while opening: the events are owed
-        pass
+    connection, publisher = await _connected(settings)
     owed = 0
     try:
         announcer = Announcer(publisher, store)
@@ -168,3 +164,15 @@ def jobs_json(records: list[JobRecord]) -> str:
 
 def job_json(record: JobRecord) -> str:
     return json.dumps(msgspec.to_builtins(record), indent=2, ensure_ascii=False)
+
+
+async def _connected(settings: Settings) -> tuple[AbstractRobustConnection | None, Publisher | None]:
+    """A connection and a publisher on it; None for what could not be opened (the events are then owed)."""
+    try:
+        connection = await connect(settings.amqp_url, settings.amqp_connect_timeout_seconds)
+    except BROKER_ERRORS:
+        return None, None
+    try:
+        return connection, await Publisher.open(connection)
+    except BROKER_ERRORS:
+        return connection, None
