@@ -26,7 +26,7 @@ from api.schemas import JobAccepted
 from api.services import Services
 from api.urls import job_url
 from contract import metrics
-from contract.events import announce_end
+from contract.announcements import announce_end, to_announce
 from contract.jobs import (
     CANCELLED,
     FINISHED,
@@ -92,9 +92,9 @@ def check_idempotency_key(key: str | None) -> str | None:
     return key
 
 
-def _existing(existing: JobRecord, recorded: dict[str, Any]) -> None:
+def _existing(existing: JobRecord, recorded: dict[str, Any], callback_url: str | None) -> None:
     """Refuses a request whose Idempotency-Key already started a job that asks for something else."""
-    if existing.params != msgspec.json.decode(msgspec.json.encode(recorded)):
+    if existing.params != msgspec.json.decode(msgspec.json.encode(recorded)) or existing.callback_url != callback_url:
         raise ApiError(
             409,
             "idempotency_key_reused",
@@ -201,10 +201,12 @@ async def start_job(
     job_id: str | None = None,
     stream: bool = False,
     admit: Callable[[], Awaitable[None]] | None = None,
+    callback_url: str | None = None,
 ) -> JobStart:
     """Record and publish a job (or find the one this Idempotency-Key already started). With `stream`, the job
     is asked to send its output in pieces, and they come on the result's `events` (the caller forgets them).
-    `admit` checks what a new job needs (raising the ApiError that refuses it); a job the key found skips it."""
+    `admit` checks what a new job needs (raising the ApiError that refuses it); a job the key found skips it.
+    `callback_url`: where the job's end is POSTed (checked against CALLBACK_HOSTS by the caller)."""
     jobs = job_store(services)
     recorded = record_params(payload) if params is None else params
     key = check_idempotency_key(idempotency_key)
@@ -213,7 +215,7 @@ async def start_job(
         job_id = job_id_for_idempotency_key(job_type, key)
         found = await jobs.load(job_id)
         if found is not None and not is_withdrawn(found[0]):
-            _existing(found[0], recorded)
+            _existing(found[0], recorded, callback_url)
             if never_started(found[0]):  # its message may never have left: api/resend.py
                 priority = Priority.INTERACTIVE if wait or stream else Priority.ASYNC
                 services.resender.watch(found[0], found[1], Resend(job_type, payload, priority))
@@ -222,7 +224,7 @@ async def start_job(
     if admit is not None:
         await admit()
     job_id = job_id or str(uuid.uuid4())
-    record = JobStore.new(job_id, job_type, recorded, idempotency_key=key)
+    record = JobStore.new(job_id, job_type, recorded, idempotency_key=key, callback_url=callback_url)
     try:
         # queued: the processor makes it again if a power failure loses it
         if withdrawn_version is None:
@@ -234,7 +236,7 @@ async def start_job(
         existing = await jobs.get(job_id)
         if existing is None:
             raise
-        _existing(existing, recorded)
+        _existing(existing, recorded, callback_url)
         return await _found(jobs, existing, wait or stream, services.settings.sync_timeout_seconds)
     headers = record_headers(record, version)
     try:
@@ -286,7 +288,7 @@ async def cancel_job(services: Services, job_id: str) -> JobRecord:
         raise ApiError(404, "job_not_found", f"no job with id {job_id!r}")
     if not done.already:
         services.replies.deliver(job_id, JobReply(job_id=job_id, status="failed", error=cancellation(job_id)))
-        if services.settings.job_events_enabled:
+        if to_announce(done.record, services.settings.job_events_enabled):
             await _announce_cancellation(services, done.record)
     return done.record
 
@@ -295,7 +297,7 @@ async def _announce_cancellation(services: Services, record: JobRecord) -> None:
     """Announce a cancelled job's end at once. Should RabbitMQ not take the event, the processor that takes the
     job's message announces it then (the same event), so the cancellation itself stands."""
     try:
-        await announce_end(services.publisher, record)
+        await announce_end(services.publisher, record, events=services.settings.job_events_enabled)
     except BrokerUnavailableError as exc:
         metrics.job_events("deferred")
         log.warning("job_event_deferred", job_id=record.job_id, error=str(exc))

@@ -9,6 +9,7 @@ import msgspec
 from litestar.datastructures import UploadFile
 
 from api.filters import SearchFilter
+from contract.callbacks import CallbackUrl
 from contract.messages import IMAGE_GENERATE, MAX_REF_TEXT_CHARS, VOICE_GENERATE, VOICE_LANGUAGES, ImageGenerateFields
 
 
@@ -66,6 +67,7 @@ class JobOut(msgspec.Struct, kw_only=True):
     result: dict[str, Any] | None
     error: JobError | None
     last_error: JobError | None
+    callback_url: str | None = None
     status_url: str
 
 
@@ -139,13 +141,19 @@ class JobKind(msgspec.Struct):
     type: str
 
 
-class ImageJobRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, tag_field="type", tag=IMAGE_GENERATE):
+class _JobRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """What every job may ask for: `callback_url`, where its end is POSTed (README, Callbacks)."""
+
+    callback_url: CallbackUrl | None = None
+
+
+class ImageJobRequest(_JobRequest, kw_only=True, forbid_unknown_fields=True, tag_field="type", tag=IMAGE_GENERATE):
     """An image.generate job: the parameters of POST /v1/images/generate."""
 
     params: GenerateImageRequest
 
 
-class VoiceJobRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, tag_field="type", tag=VOICE_GENERATE):
+class VoiceJobRequest(_JobRequest, kw_only=True, forbid_unknown_fields=True, tag_field="type", tag=VOICE_GENERATE):
     """A voice.generate job: the parameters of POST /v1/r2/voice/generate (a reference clip already stored)."""
 
     params: VoiceFromKeyRequest

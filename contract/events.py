@@ -16,8 +16,8 @@ from typing import Any, Literal
 
 import msgspec
 
+from contract.errors import ErrorInfo
 from contract.jobs import FINISHED, JobRecord, is_withdrawn
-from contract.messages import ErrorInfo
 from infra.broker import Publisher
 
 JOB_FINISHED = "job.finished"
@@ -70,12 +70,6 @@ def job_finished(record: JobRecord) -> tuple[str, JobFinishedV1]:
         error=record.error,
     )
     return f"{record.type}.{record.status}", event
-
-
-async def announce_end(publisher: Publisher, record: JobRecord) -> None:
-    """Publish the end of a finished job to ams.events (confirmed); BrokerUnavailableError when RabbitMQ did not
-    take it."""
-    await publish_event(publisher, *job_finished(record))
 
 
 async def publish_event(publisher: Publisher, routing_key: str, event: JobFinishedV1) -> None:

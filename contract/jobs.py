@@ -20,7 +20,7 @@ from typing import Any, Literal
 import msgspec
 import structlog
 
-from contract.messages import ErrorInfo
+from contract.errors import ErrorInfo
 from infra.storage import ObjectNotFoundError, ObjectStore, PreconditionFailedError
 
 log = structlog.get_logger(__name__)
@@ -86,6 +86,7 @@ class JobRecord(msgspec.Struct, kw_only=True):
     error: ErrorInfo | None = None
     last_error: ErrorInfo | None = None
     idempotency_key: str | None = None
+    callback_url: str | None = None  # where the job's end is POSTed (contract/callbacks.py)
 
 
 def record_key(job_id: str) -> str:
@@ -236,7 +237,13 @@ class JobStore:
         return removed
 
     @staticmethod
-    def new(job_id: str, job_type: str, params: dict[str, Any], idempotency_key: str | None = None) -> JobRecord:
+    def new(
+        job_id: str,
+        job_type: str,
+        params: dict[str, Any],
+        idempotency_key: str | None = None,
+        callback_url: str | None = None,
+    ) -> JobRecord:
         stamp = now_iso()
         return JobRecord(
             job_id=job_id,
@@ -246,6 +253,7 @@ class JobStore:
             updated_at=stamp,
             params=params,
             idempotency_key=idempotency_key,
+            callback_url=callback_url,
         )
 
 

@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from contract.callbacks import JOB_CALLBACK, JobCallbackV1
+from contract.errors import ErrorInfo
 from infra.settings import Settings
 from infra.storage import InvalidKeyError, validate_key
 
@@ -205,6 +207,7 @@ JOB_TYPES: dict[str, type[msgspec.Struct]] = {
     VOICE_GENERATE: VoiceGenerateV1,
     IMAGE_DELETE: ImageDeleteV1,
     IMAGE_EMBED: ImageEmbedV1,
+    JOB_CALLBACK: JobCallbackV1,
 }
 
 
@@ -215,11 +218,6 @@ class ContractError(ValueError):
         super().__init__(message)
         self.code = code
         self.message = message
-
-
-class ErrorInfo(msgspec.Struct, kw_only=True):
-    code: str
-    message: str
 
 
 # A requester that sets this header (true) on a job message with reply_to and correlation_id asks for the

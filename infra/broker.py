@@ -7,6 +7,7 @@ Topology
                   ams.index   image.index, image.delete, bucket.event, image.embed
                   ams.image   image.generate
                   ams.voice   voice.generate
+                  ams.callback  job.callback (a job's end POSTed to its callback URL: contract/callbacks.py)
     exchange  ams.unrouted  (fanout, durable)  the alternate exchange of ams.jobs, set by the broker policy
               UNROUTED_POLICY (a policy, not an exchange argument: publishers such as MinIO declare ams.jobs
               themselves with no arguments, which an exchange declared with one would refuse)
@@ -76,6 +77,7 @@ CAPABILITY_QUEUES: dict[str, tuple[str, tuple[str, ...]]] = {
     "index": ("ams.index", ("image.index", "image.delete", "bucket.event", "image.embed")),
     "image": ("ams.image", ("image.generate",)),
     "voice": ("ams.voice", ("voice.generate",)),
+    "callback": ("ams.callback", ("job.callback",)),
 }
 CAPABILITIES = tuple(CAPABILITY_QUEUES)
 # The header a retry copy's delay queue is chosen by. A headers exchange leaves binding arguments whose names start

@@ -6,9 +6,13 @@ A bad value raises SettingsError with one line that names the variable and says 
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
 import hashlib
+import ipaddress
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,6 +122,10 @@ class Settings:
     processor_capabilities: tuple[str, ...]
     job_record_ttl_days: int
     job_events_enabled: bool
+    # HTTP callbacks (contract/callbacks.py)
+    callback_hosts: tuple[str, ...]
+    callback_secrets: tuple[bytes, ...]
+    callback_timeout_seconds: float
     # HTTP server and jobs
     host: str
     port: int
@@ -136,9 +144,12 @@ class Settings:
 
     def capability_enabled(self, capability: str) -> bool:
         """Whether the feature behind a processor capability (CAPABILITY_FLAGS) is switched on."""
-        return {"index": self.image_search_enabled, "image": self.image_enabled, "voice": self.voice_enabled}[
-            capability
-        ]
+        return {
+            "index": self.image_search_enabled,
+            "image": self.image_enabled,
+            "voice": self.voice_enabled,
+            "callback": bool(self.callback_hosts),
+        }[capability]
 
     @property
     def embedded_qdrant(self) -> bool:
@@ -235,6 +246,63 @@ def _list(env: _Reader, name: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in env.raw(name, "").split(",") if item.strip())
 
 
+CALLBACK_SECRET_PREFIX = "whsec_"
+CALLBACK_SECRET_BYTES = (24, 64)  # what Standard Webhooks asks of a signing secret
+_HOST_NAME = re.compile(r"^[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?)*$")
+
+
+def _callback_hosts(env: _Reader) -> tuple[str, ...]:
+    """CALLBACK_HOSTS: where callbacks may go, comma-separated: `host` (any port), `host:port`, `*.domain` (any host
+    under it, not the domain itself), `[v6 address]:port`; lowercased."""
+    hosts = []
+    for entry in _list(env, "CALLBACK_HOSTS"):
+        wildcard = entry.startswith("*.")
+        parsed = urlparse(f"//{entry.lower().removeprefix('*.')}")
+        try:
+            port = parsed.port
+        except ValueError:
+            port = None
+            parsed = urlparse("//:")
+        host = parsed.hostname or ""
+        name_ok = bool(_HOST_NAME.match(host)) or _is_address(host)
+        if not name_ok or parsed.path or parsed.username is not None or (wildcard and _is_address(host)):
+            raise SettingsError(
+                f"CALLBACK_HOSTS entry {entry!r}: expected host, host:port, *.domain or [v6 address]:port, "
+                "comma-separated (e.g. hooks.example.com,*.internal.example:8443)"
+            )
+        shown = f"[{host}]" if ":" in host else host
+        hosts.append(("*." if wildcard else "") + shown + (f":{port}" if port is not None else ""))
+    return tuple(dict.fromkeys(hosts))
+
+
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _callback_secrets(env: _Reader) -> tuple[bytes, ...]:
+    """CALLBACK_SECRET: the key(s) callbacks are signed with (Standard Webhooks: whsec_ and base64), comma-separated
+    while a key is rotated (each signs; a receiver checking either accepts)."""
+    secrets = []
+    low, high = CALLBACK_SECRET_BYTES
+    for position, entry in enumerate(_list(env, "CALLBACK_SECRET"), start=1):
+        try:
+            key = base64.b64decode(entry.removeprefix(CALLBACK_SECRET_PREFIX), validate=True)
+        except binascii.Error:
+            key = b""
+        if not entry.startswith(CALLBACK_SECRET_PREFIX) or not low <= len(key) <= high:
+            raise SettingsError(
+                f"CALLBACK_SECRET entry {position}: expected {CALLBACK_SECRET_PREFIX} followed by {low} to {high} "
+                f"random bytes in base64; make one with: "
+                f"echo {CALLBACK_SECRET_PREFIX}$(head -c 32 /dev/urandom | base64)"
+            )
+        secrets.append(key)
+    return tuple(secrets)
+
+
 def _api_keys(env: _Reader) -> tuple[ApiKey, ...]:
     """API_KEYS (`level:key`, comma-separated) and API_KEYS_FILE (lines `level sha256:<hex> [name]`)."""
     keys: list[ApiKey] = []
@@ -267,8 +335,19 @@ def _api_keys(env: _Reader) -> tuple[ApiKey, ...]:
     return tuple(keys)
 
 
-# capability (a queue of its own, see infra/broker.py) -> the feature flag that enables it
-CAPABILITY_FLAGS = {"index": "IMAGE_SEARCH_ENABLED", "image": "IMAGE_ENABLED", "voice": "VOICE_ENABLED"}
+# capability (a queue of its own, see infra/broker.py) -> the variable that switches it on
+CAPABILITY_FLAGS = {
+    "index": "IMAGE_SEARCH_ENABLED",
+    "image": "IMAGE_ENABLED",
+    "voice": "VOICE_ENABLED",
+    "callback": "CALLBACK_HOSTS",
+}
+
+
+def capability_off(capability: str) -> str:
+    """How the settings switch a capability off, as an error names it."""
+    flag = CAPABILITY_FLAGS[capability]
+    return f"{flag} is empty" if capability == "callback" else f"{flag}=0"
 
 
 def _capabilities(env: _Reader, settings: Settings) -> tuple[str, ...]:
@@ -285,7 +364,7 @@ def _capabilities(env: _Reader, settings: Settings) -> tuple[str, ...]:
         )
     off = [item for item in items if not settings.capability_enabled(item)]
     if off:
-        flags = ", ".join(f"{CAPABILITY_FLAGS[item]}=0" for item in off)
+        flags = ", ".join(capability_off(item) for item in off)
         raise SettingsError(f"PROCESSOR_CAPABILITIES={value!r} lists {', '.join(off)}, but {flags}")
     return items
 
@@ -363,6 +442,9 @@ def _parse(env: _Reader) -> Settings:
         processor_capabilities=(),
         job_record_ttl_days=env.integer("JOB_RECORD_TTL_DAYS", 7, 1, 3650),
         job_events_enabled=env.flag("JOB_EVENTS_ENABLED", True),
+        callback_hosts=_callback_hosts(env),
+        callback_secrets=_callback_secrets(env),
+        callback_timeout_seconds=env.number("CALLBACK_TIMEOUT_SECONDS", 10.0, 0.5, 120.0),
         host=env.raw("HOST", "0.0.0.0"),
         port=env.integer("PORT", 8000, 1, 65535),
         http_max_request_line_bytes=env.integer("HTTP_MAX_REQUEST_LINE_BYTES", 8190, 256, 1024 * 1024),

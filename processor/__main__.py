@@ -20,7 +20,7 @@ async def run(settings: Settings) -> None:
     if not settings.processor_capabilities:
         raise StartupError(
             "this processor has nothing to do: every feature is off (IMAGE_SEARCH_ENABLED, IMAGE_ENABLED, "
-            "VOICE_ENABLED) or PROCESSOR_CAPABILITIES lists none"
+            "VOICE_ENABLED, CALLBACK_HOSTS) or PROCESSOR_CAPABILITIES lists none"
         )
     if settings.processor_metrics_port:
         try:

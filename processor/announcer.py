@@ -1,6 +1,7 @@
-"""Announcing job ends on ams.events (contract/events.py) without making a job's acknowledgement wait for RabbitMQ.
+"""Announcing job ends (contract/announcements.py: the event on ams.events, the callback of a job with a callback URL)
+without making a job's acknowledgement wait for RabbitMQ.
 
-An event is published (confirmed) before the job's message is acked. When RabbitMQ does not take it (down, or
+An end is announced (each message confirmed) before the job's message is acked. When RabbitMQ does not take it (down, or
 blocking publishers under a disk or memory alarm, which it does to every connection that publishes), the event is
 owed: stored in the object store (`events/owed/<event id>.json`, durable) and the job acked as usual, so jobs keep
 being settled through an alarm. Owed events are published as soon as RabbitMQ takes messages again (tried every
@@ -19,7 +20,8 @@ import msgspec
 import structlog
 
 from contract import metrics
-from contract.events import JobFinishedV1, job_finished, publish_event
+from contract.announcements import announce
+from contract.events import JobFinishedV1, job_finished
 from contract.jobs import JobRecord
 from infra.broker import BrokerUnavailableError, Publisher
 from infra.storage import ObjectNotFoundError, ObjectStore
@@ -35,17 +37,30 @@ SWEEP_SECONDS = 300.0
 
 
 class OwedEvent(msgspec.Struct, kw_only=True):
+    """An end owed: its event (published when `events`) and its callback (when `callback_url`)."""
+
     routing_key: str
     event: JobFinishedV1
+    events: bool = True
+    callback_url: str | None = None
 
 
 class Announcer:
     """Announces ends through `publisher`, or owes them (None: RabbitMQ unreachable, as for an operator's command
-    that could not connect)."""
+    that could not connect). `events`: publish job events (JOB_EVENTS_ENABLED); callbacks are announced either
+    way."""
 
-    def __init__(self, publisher: Publisher | None, store: ObjectStore, retry_seconds: float = RETRY_SECONDS) -> None:
+    def __init__(
+        self,
+        publisher: Publisher | None,
+        store: ObjectStore,
+        *,
+        events: bool = True,
+        retry_seconds: float = RETRY_SECONDS,
+    ) -> None:
         self._publisher = publisher
         self._store = store
+        self.events = events
         self._retry_seconds = retry_seconds
         self._owed = asyncio.Event()  # set while owed events may be waiting (and at start-up: a first look)
         self._task: asyncio.Task[None] | None = None
@@ -62,18 +77,19 @@ class Announcer:
             self._task = None
 
     async def announce(self, record: JobRecord) -> bool:
-        """Publish the end of a finished record (True), or owe it when RabbitMQ does not take it (False); raises the
+        """Announce the end of a finished record (True), or owe it when RabbitMQ does not take it (False); raises the
         store's error when it cannot be owed either."""
         routing_key, event = job_finished(record)
+        owed = OwedEvent(routing_key=routing_key, event=event, events=self.events, callback_url=record.callback_url)
         why = "not connected to RabbitMQ"
         if self._publisher is not None:
             try:
-                await publish_event(self._publisher, routing_key, event)
+                await _announce(self._publisher, owed)
                 metrics.job_events("published")
                 return True
             except BrokerUnavailableError as exc:
                 why = str(exc)
-        body = msgspec.json.encode(OwedEvent(routing_key=routing_key, event=event))
+        body = msgspec.json.encode(owed)
         await retry_transient(lambda: self._store.put(_owed_key(event.event_id), body, "application/json"))
         self._owed.set()
         metrics.job_events("owed")
@@ -121,11 +137,15 @@ class Announcer:
             except msgspec.DecodeError:  # not one of ours (owed events are written whole): left as it is
                 log.warning("owed_job_event_unreadable", key=info.key)
                 continue
-            await publish_event(self._publisher, owed.routing_key, owed.event)
+            await _announce(self._publisher, owed)
             metrics.job_events("published_late")
             await self._store.delete(info.key)
             published += 1
         return published
+
+
+async def _announce(publisher: Publisher, owed: OwedEvent) -> None:
+    await announce(publisher, owed.routing_key, owed.event, events=owed.events, callback_url=owed.callback_url)
 
 
 def _owed_key(event_id: str) -> str:

@@ -1,9 +1,10 @@
 """The single consumer: deliveries in, outcomes settled.
 
-Each delivery goes into the scheduler (processor/scheduler.py: most urgent first, batched by type, pipelined for
-bulk indexing); a batch is decoded, run by its handler, and each message settled (processor/settler.py) after its
-outcome is durable. A crash at any point leaves the message unacked, so RabbitMQ delivers it again; handlers are
-idempotent by id.
+Each delivery goes into a scheduler (processor/scheduler.py: most urgent first, batched by type, pipelined for
+bulk indexing): model work into one, callbacks (network calls, not model work) into one of their own, so a slow
+receiver never holds up a model, nor a model a callback. A batch is decoded, run by its handler, and each message
+settled (processor/settler.py) after its outcome is durable. A crash at any point leaves the message unacked, so
+RabbitMQ delivers it again; handlers are idempotent by id.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
 
 from contract.bucket_events import BUCKET_EVENT, parse_bucket_event
+from contract.callbacks import JOB_CALLBACK
 from contract.jobs import RECORD_HEADER, JobStore, age_seconds, queued_record
 from contract.messages import ContractError, decode_job
 from infra.broker import Publisher, capability_of, declare_topology, topology_on
@@ -38,6 +40,8 @@ log = structlog.get_logger(__name__)
 # before its model starts rather than beside it: a duplicate of a job settled meanwhile, or one the API withdrew,
 # is then not run at all. A fresher one starts at once.
 MARK_BEFORE_RUN_AFTER_SECONDS = 2.0
+# job types scheduled apart from model work
+APART = frozenset({JOB_CALLBACK})
 
 
 class Consumer:
@@ -55,44 +59,59 @@ class Consumer:
         pipeline_depth: int = PIPELINE_DEPTH,
         announce: bool = True,
     ) -> None:
-        """`announce`: publish job events (JOB_EVENTS_ENABLED)."""
+        """`announce`: publish job events (JOB_EVENTS_ENABLED); callbacks are announced either way."""
         self._connection = connection
         self.capabilities = tuple(capabilities)
         self._handlers = dict(handlers)
         self._disabled = dict(disabled)
         self._publisher = publisher
         self._store = store
-        self._announcer = Announcer(publisher, store) if announce else None
+        self._announcer = Announcer(publisher, store, events=announce)
         self._settler = Settler(publisher, jobs, store, max_attempts, announcer=self._announcer)
         self._runs = InterruptedRuns(store, max_interrupted_runs)
-        self._scheduler: Scheduler[AbstractIncomingMessage] = Scheduler(
+        self._scheduler = self._new_scheduler(pipeline_depth, apart=False)
+        self._apart = self._new_scheduler(pipeline_depth, apart=True)
+        self._channels: list[AbstractChannel] = []
+        self._consumers: list[tuple[AbstractQueue, str]] = []
+
+    def _new_scheduler(self, depth: int, *, apart: bool) -> Scheduler[AbstractIncomingMessage]:
+        """A scheduler for the job types APART (apart) or the others."""
+        lanes = {
+            name: Lane(handler.batch_size, handler.pipelined)
+            for name, handler in self._handlers.items()
+            if (name in APART) == apart
+        }
+        return Scheduler(
             self._process,
-            lanes={name: Lane(handler.batch_size, handler.pipelined) for name, handler in self._handlers.items()},
+            lanes=lanes,
             type_of=job_type,
             priority_of=lambda message: message.priority or 0,
             suspect=lambda message: message.redelivered,
-            depth=pipeline_depth,
+            depth=depth,
         )
-        self._channels: list[AbstractChannel] = []
-        self._consumers: list[tuple[AbstractQueue, str]] = []
+
+    def _schedulers(self) -> tuple[Scheduler[AbstractIncomingMessage], ...]:
+        return self._scheduler, self._apart
+
+    def _scheduler_of(self, message_type: str) -> Scheduler[AbstractIncomingMessage]:
+        return self._apart if message_type in APART else self._scheduler
 
     @property
     def idle(self) -> bool:
         """No delivery waiting or being worked on."""
-        return self._scheduler.idle
+        return all(scheduler.idle for scheduler in self._schedulers())
 
     async def start(self) -> None:
         """Consume each capability's queue on a channel of its own, with a prefetch sized for its job types (so a
         full index prefetch never holds back an urgent generation), and the unrouted queue beside them."""
         await declare_topology(self._connection)
-        self._scheduler.start()
-        if self._announcer is not None:
-            self._announcer.start()
+        for scheduler in self._schedulers():
+            scheduler.start()
+        self._announcer.start()
         prefetches: dict[str, int] = {}
         for capability in self.capabilities:
-            prefetch = self._scheduler.prefetch_for(
-                name for name in self._handlers if capability_of(name) == capability
-            )
+            names = [name for name in self._handlers if capability_of(name) == capability]
+            prefetch = self._scheduler_of(names[0] if names else "").prefetch_for(names)
             queue = await self._queue_on_new_channel(prefetch, capability)
             prefetches[queue.name] = prefetch
         queue = await self._queue_on_new_channel(1, None)
@@ -117,10 +136,9 @@ class Consumer:
             if not queue.channel.is_closed:
                 await queue.cancel(tag)
         self._consumers.clear()
-        returned = await self._scheduler.stop()
+        returned = sum(await asyncio.gather(*(scheduler.stop() for scheduler in self._schedulers())))
         self._settler.forget_requeues()
-        if self._announcer is not None:
-            await self._announcer.stop()
+        await self._announcer.stop()
         for channel in self._channels:
             if not channel.is_closed:
                 await channel.close()
@@ -129,13 +147,13 @@ class Consumer:
     @property
     def is_running(self) -> bool:
         return (
-            self._scheduler.is_running
+            all(scheduler.is_running for scheduler in self._schedulers())
             and bool(self._channels)
             and not any(channel.is_closed for channel in self._channels)
         )
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        self._scheduler.push(message)
+        self._scheduler_of(job_type(message)).push(message)
 
     async def _process(self, messages: list[AbstractIncomingMessage]) -> None:
         jobs: list[tuple[AbstractIncomingMessage, Job]] = []

@@ -11,17 +11,19 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
+import httpx
 import structlog
 
 from contract.imaging import configure_pixel_limit
 from infra.readiness import Checks, loaded, probe
 from infra.settings import Settings
-from infra.startup import OpenedIndex, Plumbing, open_image_index
+from infra.startup import OpenedIndex, Plumbing, StartupError, open_image_index
 from infra.storage import ObjectStore
 from infra.vectors import VectorIndex
 from models.clip import ClipEmbedder
 from models.diffusion import ImageGenerator
 from models.voice import VoiceCloner
+from processor.handlers.job_callback import open_client
 
 log = structlog.get_logger(__name__)
 
@@ -35,6 +37,7 @@ class Runtime:
     clip: ClipEmbedder | None = None
     generator: ImageGenerator | None = None
     voice: VoiceCloner | None = None
+    callbacks: httpx.AsyncClient | None = None
     owns_plumbing: bool = field(default=True)
 
     @property
@@ -58,6 +61,11 @@ class Runtime:
         PROCESSOR_CAPABILITIES)."""
         configure_pixel_limit(settings.image_search_max_pixels)
         chosen = settings.processor_capabilities if capabilities is None else capabilities
+        if "callback" in chosen and not settings.callback_secrets:
+            raise StartupError(
+                "CALLBACK_HOSTS is set but CALLBACK_SECRET is not: callbacks are signed with it (make one with: "
+                "echo whsec_$(head -c 32 /dev/urandom | base64)), or leave callback out of PROCESSOR_CAPABILITIES"
+            )
         own = plumbing is None
         runtime = cls(settings, plumbing or await Plumbing.open(settings), chosen, owns_plumbing=own)
         try:
@@ -70,6 +78,8 @@ class Runtime:
                 runtime.generator = await asyncio.to_thread(ImageGenerator.load, settings)
             if "voice" in chosen:
                 runtime.voice = await asyncio.to_thread(VoiceCloner.load, settings)
+            if "callback" in chosen:
+                runtime.callbacks = open_client(settings)
         except BaseException:
             await runtime.close()
             raise
@@ -94,6 +104,8 @@ class Runtime:
         return checks
 
     async def close(self) -> None:
+        if self.callbacks is not None:
+            await self.callbacks.aclose()
         if self.opened_index is not None:
             await self.opened_index.close()
         if self.owns_plumbing:

@@ -8,11 +8,12 @@ from dataclasses import dataclass
 import structlog
 
 from contract.bucket_events import BUCKET_EVENT
+from contract.callbacks import JOB_CALLBACK
 from contract.clock import UniqueClock
 from contract.jobs import JobStore
 from contract.messages import IMAGE_DELETE, IMAGE_EMBED, IMAGE_GENERATE, IMAGE_INDEX, VOICE_GENERATE
 from infra.readiness import Checks
-from infra.settings import CAPABILITY_FLAGS, Settings
+from infra.settings import Settings, capability_off
 from infra.startup import Plumbing
 from processor.consumer import Consumer
 from processor.handlers.base import Handler
@@ -21,19 +22,20 @@ from processor.handlers.image_delete import ImageDeleteHandler, ImageDeleter
 from processor.handlers.image_embed import ImageEmbedHandler
 from processor.handlers.image_generate import ImageGenerateHandler
 from processor.handlers.image_index import ImageIndexHandler
+from processor.handlers.job_callback import CallbackHandler
 from processor.handlers.voice_generate import VoiceGenerateHandler
 from processor.retrying import TRANSIENT_ERRORS
 from processor.runtime import Runtime
 
 log = structlog.get_logger(__name__)
 
-_FEATURES = {"index": "image search", "image": "image generation", "voice": "voice generation"}
+_FEATURES = {"index": "image search", "image": "image generation", "voice": "voice generation", "callback": "callbacks"}
 
 
 def _refusal(runtime: Runtime, capability: str) -> str:
     """Why a job of this capability is refused here."""
     if not runtime.settings.capability_enabled(capability):
-        return f"{_FEATURES[capability]} is disabled on this processor ({CAPABILITY_FLAGS[capability]}=0)"
+        return f"{_FEATURES[capability]} is disabled on this processor ({capability_off(capability)})"
     served = ",".join(runtime.capabilities) or "none"
     return f"this processor does not serve the {capability} capability (PROCESSOR_CAPABILITIES={served})"
 
@@ -86,6 +88,12 @@ def build_handlers(runtime: Runtime) -> tuple[dict[str, Handler], dict[str, str]
         handlers[VOICE_GENERATE] = VoiceGenerateHandler(store=runtime.store, cloner=runtime.voice, settings=settings)
     else:
         disabled[VOICE_GENERATE] = _refusal(runtime, "voice")
+    if runtime.callbacks is not None:
+        handlers[JOB_CALLBACK] = CallbackHandler(
+            client=runtime.callbacks, hosts=settings.callback_hosts, secrets=settings.callback_secrets
+        )
+    else:
+        disabled[JOB_CALLBACK] = _refusal(runtime, "callback")
     return handlers, disabled
 
 

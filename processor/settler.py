@@ -11,7 +11,8 @@
                             cancelled it)
 
 "announce": a job whose record says it ended has its end published to ams.events (contract/events.py,
-JOB_EVENTS_ENABLED), confirmed, before its message is acked; owed in the object store when RabbitMQ does not take
+JOB_EVENTS_ENABLED) and, with a callback URL, its callback queued (contract/callbacks.py), confirmed, before its
+message is acked; owed in the object store when RabbitMQ does not take
 it (processor/announcer.py); a redelivery announces it again under the same event id.
 
 A retry waits in the retry queues, not here. When the broker refuses the copy, the delivery is handed back
@@ -30,9 +31,10 @@ import structlog
 from aio_pika.abc import AbstractIncomingMessage
 
 from contract import metrics
-from contract.events import has_ended
+from contract.announcements import to_announce
+from contract.errors import ErrorInfo
 from contract.jobs import CANCELLED, RECORD_HEADER, JobRecord, JobStore, called_off
-from contract.messages import JSON, MSGPACK, ErrorInfo, JobReply, encode
+from contract.messages import JSON, MSGPACK, JobReply, encode
 from infra.broker import (
     ATTEMPTS_HEADER,
     FIRST_FAILURE_HEADER,
@@ -229,7 +231,7 @@ class Settler:
         is not finished, not written or a retry, nor a withdrawn one). False when the event could neither be
         published nor owed: the delivery is handed back, and its redelivery, finding the record settled, announces
         it then."""
-        if self._announcer is None or record is None or not has_ended(record):
+        if self._announcer is None or record is None or not to_announce(record, self._announcer.events):
             return True
         try:
             await self._announcer.announce(record)

@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 import msgspec
 import structlog
 
+from contract.errors import ErrorInfo
 from contract.jobs import FINISHED, JobRecord, JobStore, called_off, now_iso, record_params
-from contract.messages import ErrorInfo
 from infra.storage import PreconditionFailedError, StorageUnavailableError
 from processor.handlers.base import Job
 from processor.outcomes import Failed, Succeeded

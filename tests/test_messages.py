@@ -10,6 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from contract.callbacks import JOB_CALLBACK
 from contract.events import JOB_FINISHED
 from contract.image_ids import image_id_for_key
 from contract.messages import IMAGE_DELETE, IMAGE_EMBED, IMAGE_GENERATE, IMAGE_INDEX, VOICE_GENERATE
@@ -31,7 +32,7 @@ def test_committed_schemas_match_the_structs():
     assert stale_files() == [], "run: python -m contract.schemas"
     assert set(schema_files()) == {
         f"{kind}.v1.json"
-        for kind in (IMAGE_INDEX, IMAGE_GENERATE, VOICE_GENERATE, IMAGE_DELETE, IMAGE_EMBED, JOB_FINISHED)
+        for kind in (IMAGE_INDEX, IMAGE_GENERATE, VOICE_GENERATE, IMAGE_DELETE, IMAGE_EMBED, JOB_CALLBACK, JOB_FINISHED)
     }
 
 

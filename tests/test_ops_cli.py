@@ -16,10 +16,10 @@ import msgspec
 import pytest
 from click.testing import CliRunner, Result
 
+from contract.errors import ErrorInfo
 from contract.events import job_finished
 from contract.image_ids import image_id_for_key, thumbnail_key
 from contract.jobs import WITHDRAWN, JobRecord, JobStore
-from contract.messages import ErrorInfo
 from infra.broker import EVENTS_EXCHANGE
 from infra.settings import Settings
 from infra.storage.local import LocalStore

@@ -15,8 +15,9 @@ import pytest
 from api.replies import ReplyListener, ReplyPiece
 from api.streaming import StreamBrokenError, accepts, stream_pieces
 from contract.audio import SAMPLE_RATE
+from contract.errors import ErrorInfo
 from contract.jobs import job_id_for_idempotency_key
-from contract.messages import VOICE_GENERATE, ErrorInfo, JobReply
+from contract.messages import VOICE_GENERATE, JobReply
 from contract.metrics import REGISTRY
 from contract.mp3 import Mp3File, Mp3Stream, encode_mp3, mp3_seconds
 from infra.broker import BrokerUnavailableError

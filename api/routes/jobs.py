@@ -23,6 +23,7 @@ from api.schemas import ImageJobRequest, JobAccepted, JobError, JobKind, JobOut,
 from api.services import Services
 from api.strict import json_document, strict_convert
 from api.urls import absolute, job_url
+from contract.callbacks import CallbackUrlError, check_callback_url
 from contract.jobs import JobRecord, JobStatus
 from contract.messages import IMAGE_GENERATE, VOICE_GENERATE, ImageGenerateV1, VoiceGenerateV1
 
@@ -76,11 +77,27 @@ async def create_job(
             400, "unknown_job_type", f"unknown job type {kind.type!r}; known types: {', '.join(sorted(_JOB_TYPES))}"
         )
     job = strict_convert(document, JobRequest)
+    callback_url = _callback_url(services, job.callback_url)
     payload = await prepare(services, job)
     started = await start_job(
-        services, job_type=kind.type, payload=payload, wait=False, idempotency_key=idempotency_key
+        services,
+        job_type=kind.type,
+        payload=payload,
+        wait=False,
+        idempotency_key=idempotency_key,
+        callback_url=callback_url,
     )
     return accepted(request, services, started.record)
+
+
+def _callback_url(services: Services, url: str | None) -> str | None:
+    """The job's callback URL, when CALLBACK_HOSTS allows it (422 callback_not_allowed otherwise)."""
+    if url is None:
+        return None
+    try:
+        return check_callback_url(url, services.settings.callback_hosts)
+    except CallbackUrlError as exc:
+        raise ApiError(422, "callback_not_allowed", str(exc)) from None
 
 
 def to_job_out(request: Request, services: Services, record: JobRecord, result: dict[str, Any] | None) -> JobOut:
@@ -99,6 +116,7 @@ def to_job_out(request: Request, services: Services, record: JobRecord, result: 
         last_error=(
             JobError(code=record.last_error.code, message=record.last_error.message) if record.last_error else None
         ),
+        callback_url=record.callback_url,
         status_url=job_url(request, services.settings, record.job_id),
     )
 

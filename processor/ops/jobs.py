@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import msgspec
 from aio_pika.abc import AbstractRobustConnection
 
+from contract.announcements import to_announce
 from contract.jobs import JobRecord, JobStore, NotCancellableError, age_seconds, cancel_queued
 from infra.broker import BROKER_ERRORS, Publisher, connect
 from infra.settings import Settings
@@ -96,8 +97,9 @@ class CancelReport:
 
 async def cancel_jobs(settings: Settings, job_ids: list[str]) -> CancelReport:
     """Cancel these queued jobs (contract/jobs.py cancel_queued), one after another, and announce their ends
-    (JOB_EVENTS_ENABLED; owed in the store when RabbitMQ cannot be reached, for a processor to publish). A job that
-    started meanwhile, or finished, is refused and said why; an unknown id stops the run (OperationFailedError)."""
+    (events when JOB_EVENTS_ENABLED, callbacks of jobs with a callback URL; owed in the store when RabbitMQ cannot
+    be reached, for a processor to publish). A job that started meanwhile, or finished, is refused and said why; an
+    unknown id stops the run (OperationFailedError)."""
     report = CancelReport()
     async with opened_store(settings) as store:
         jobs = JobStore(store, settings.job_record_ttl_days)
@@ -117,8 +119,9 @@ async def cancel_jobs(settings: Settings, job_ids: list[str]) -> CancelReport:
                 if not done.already:
                     cancelled.append(done.record)
         finally:
-            if cancelled and settings.job_events_enabled:
-                report.owed = await _announce(settings, store, cancelled)
+            announced = [record for record in cancelled if to_announce(record, settings.job_events_enabled)]
+            if announced:
+                report.owed = await _announce(settings, store, announced)
     return report
 
 
@@ -127,7 +130,7 @@ async def _announce(settings: Settings, store: ObjectStore, records: list[JobRec
     connection, publisher = await _connected(settings)
     owed = 0
     try:
-        announcer = Announcer(publisher, store)
+        announcer = Announcer(publisher, store, events=settings.job_events_enabled)
         for record in records:
             try:
                 if not await announcer.announce(record):

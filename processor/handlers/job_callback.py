@@ -1,0 +1,84 @@
+"""job.callback: POST a job's end to its callback URL (contract/callbacks.py), signed, redirects not followed.
+
+The POSTs of a batch go out side by side; the answer's body is not read. 2xx: delivered. 408, 425, 429, 5xx, a
+timeout (CALLBACK_TIMEOUT_SECONDS) or a connection failure: retried through the retry queues. Any other answer
+(a redirect included: following it could lead anywhere): dead-lettered, as is a URL CALLBACK_HOSTS does not allow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+
+import httpx
+import msgspec
+import structlog
+
+from contract.callbacks import JOB_CALLBACK, CallbackUrlError, JobCallbackV1, check_callback_url, signature_headers
+from infra.settings import Settings
+from processor.handlers.base import Job
+from processor.outcomes import Failed, Outcome, Succeeded
+
+log = structlog.get_logger(__name__)
+
+BATCH_SIZE = 16  # POSTs sent side by side by one batch (and up to PIPELINE_DEPTH batches run at once)
+RETRIED_STATUSES = frozenset({408, 425, 429})  # and every 5xx
+USER_AGENT = "ai-model-server-callbacks/1"
+
+
+def open_client(settings: Settings) -> httpx.AsyncClient:
+    """The HTTP client callbacks go out on: no redirects followed, CALLBACK_TIMEOUT_SECONDS for each phase."""
+    return httpx.AsyncClient(
+        timeout=httpx.Timeout(settings.callback_timeout_seconds),
+        follow_redirects=False,
+        headers={"user-agent": USER_AGENT},
+        limits=httpx.Limits(max_connections=64, max_keepalive_connections=16),
+    )
+
+
+class CallbackHandler:
+    message_type = JOB_CALLBACK
+    batch_size = BATCH_SIZE
+    always_record = False
+    pipelined = True
+
+    def __init__(self, *, client: httpx.AsyncClient, hosts: tuple[str, ...], secrets: tuple[bytes, ...]) -> None:
+        self._client = client
+        self._hosts = hosts
+        self._secrets = secrets
+
+    async def handle(self, jobs: Sequence[Job]) -> list[Outcome]:
+        return list(await asyncio.gather(*(self._deliver(job.payload) for job in jobs)))
+
+    async def _deliver(self, callback: JobCallbackV1) -> Outcome:
+        event = callback.event
+        bound = log.bind(job_id=event.job_id, event_id=event.event_id, url=callback.url)
+        try:
+            check_callback_url(callback.url, self._hosts)
+        except CallbackUrlError as exc:
+            bound.warning("callback_not_allowed", error=str(exc))
+            return Failed("callback_not_allowed", str(exc))
+        body = msgspec.json.encode(event)
+        headers = {
+            "content-type": "application/json",
+            **signature_headers(self._secrets, event.event_id, int(time.time()), body),
+        }
+        started = time.perf_counter()
+        try:
+            async with self._client.stream("POST", callback.url, content=body, headers=headers) as response:
+                status, reason = response.status_code, response.reason_phrase
+        except httpx.HTTPError as exc:
+            why = f"POST {callback.url} failed: {type(exc).__name__}: {exc}".rstrip(": ")
+            bound.warning("callback_failed", error=why)
+            return Failed("callback_failed", why, transient=True)
+        seconds = round(time.perf_counter() - started, 3)
+        if 200 <= status < 300:
+            bound.info("callback_delivered", status=status, seconds=seconds)
+            return Succeeded({"job_id": event.job_id, "event_id": event.event_id, "status_code": status})
+        answer = f"POST {callback.url} answered {status} {reason}".rstrip()
+        if status in RETRIED_STATUSES or status >= 500:
+            bound.warning("callback_failed", status=status, seconds=seconds)
+            return Failed("callback_failed", answer, transient=True)
+        bound.warning("callback_refused", status=status, seconds=seconds)
+        return Failed("callback_refused", f"{answer}; not retried (only 408, 425, 429 and 5xx answers are)")

@@ -1,0 +1,359 @@
+"""HTTP callbacks: a job started with a callback_url has its end POSTed there, signed (checked with the Standard
+Webhooks library), retried while the receiver fails, dead-lettered when it refuses; hosts not in CALLBACK_HOSTS are
+refused by the API and again by the processor. A real HTTP server on loopback stands in for the receiver.
+
+The server's own processor serves only callbacks (JOB_EVENTS_ENABLED=0: callbacks do not depend on events), so
+jobs stay queued until a test starts a processor for generations on the same broker and store."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import msgspec
+import pytest
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+
+from contract.callbacks import JOB_CALLBACK, CallbackUrlError, JobCallbackV1, check_callback_url
+from contract.events import JobFinishedV1, job_finished
+from contract.jobs import JobRecord, JobStore
+from contract.messages import IMAGE_GENERATE
+from infra.broker import ATTEMPTS_HEADER, REASON_CODE_HEADER, REASON_HEADER, Publisher, connect
+from infra.settings import Settings
+from infra.startup import StartupError
+from processor.announcer import OWED_PREFIX, Announcer
+from processor.runtime import Runtime
+from tests.support.amqp import drain, publish, wait_until
+from tests.support.server import running_server
+from tests.test_processor import consuming
+
+PARAMS = {"prompt": "a job with a receiver", "width": 64, "height": 64, "steps": 2}
+
+
+def _secret() -> str:
+    return "whsec_" + base64.b64encode(os.urandom(32)).decode()
+
+
+@dataclass
+class Received:
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+
+@dataclass
+class Receiver:
+    """A webhook receiver on loopback: each path answers the statuses scripted for it in turn (the last one from
+    then on; 200 by default), and every request is kept."""
+
+    port: int = 0
+    script: dict[str, list[int]] = field(default_factory=dict)
+    delays: dict[str, float] = field(default_factory=dict)
+    received: list[Received] = field(default_factory=list)
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def at(self, path: str) -> list[Received]:
+        return [request for request in self.received if request.path == path]
+
+    def answer(self, path: str) -> int:
+        statuses = self.script.get(path, [200])
+        return statuses.pop(0) if len(statuses) > 1 else statuses[0]
+
+
+@pytest.fixture(scope="module")
+def receiver() -> Iterator[Receiver]:
+    state = Receiver()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("content-length", "0")))
+            time.sleep(state.delays.get(self.path, 0))
+            state.received.append(Received(self.path, {k.lower(): v for k, v in self.headers.items()}, body))
+            status = state.answer(self.path)
+            self.send_response(status)
+            if 300 <= status < 400:
+                self.send_header("location", "/followed")
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            return None
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    state.port = server.server_address[1]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield state
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture(scope="module")
+def secrets() -> tuple[str, str]:
+    return _secret(), _secret()
+
+
+@pytest.fixture(scope="module")
+def env(make_env, receiver, secrets) -> dict[str, str]:
+    return make_env(
+        IMAGE_ENABLED="1",
+        IMAGE_SEARCH_ENABLED="0",
+        PROCESSOR_CAPABILITIES="callback",
+        CALLBACK_HOSTS=f"127.0.0.1:{receiver.port},*.example.com",
+        CALLBACK_SECRET=",".join(secrets),
+        JOB_EVENTS_ENABLED="0",
+        CALLBACK_TIMEOUT_SECONDS="2",
+    )
+
+
+@pytest.fixture(scope="module")
+def settings(env) -> Settings:
+    return Settings.from_env(env)
+
+
+@pytest.fixture(scope="module")
+def generating(env) -> Settings:
+    """A processor for generations on the same deployment."""
+    return Settings.from_env({**env, "PROCESSOR_CAPABILITIES": "image"})
+
+
+@pytest.fixture(scope="module")
+async def server(settings):
+    async with running_server(settings) as running:
+        yield running
+
+
+async def _started(server, callback_url: str | None, seed: int = 1) -> str:
+    body = {"type": IMAGE_GENERATE, "params": {**PARAMS, "seed": seed}, "callback_url": callback_url}
+    response = await server.client.post("/v1/jobs", json=body)
+    assert response.status_code == 202, response.text
+    return response.json()["job_id"]
+
+
+async def _posts(receiver: Receiver, path: str, count: int, timeout: float = 30) -> list[Received]:
+    await wait_until(lambda: len(receiver.at(path)) >= count, timeout=timeout)
+    return receiver.at(path)
+
+
+def _event(request: Received) -> JobFinishedV1:
+    return msgspec.json.decode(request.body, type=JobFinishedV1)
+
+
+async def test_a_finished_job_is_posted_to_its_callback_url_signed(server, generating, receiver, secrets):
+    """The job's end, as GET shows it, is POSTed once it is stored; every key of CALLBACK_SECRET signs it."""
+    path = f"/done/{uuid.uuid4()}"
+    job_id = await _started(server, receiver.url(path))
+    job = (await server.client.get(f"/v1/jobs/{job_id}")).json()
+    assert (job["status"], job["callback_url"]) == ("queued", receiver.url(path))
+    async with consuming(generating):
+        [request] = await _posts(receiver, path, 1)
+    event = _event(request)
+    assert (event.job_id, event.status, event.type) == (job_id, "succeeded", IMAGE_GENERATE)
+    assert await server.services.store.exists(event.result["key"])
+    assert request.headers["content-type"] == "application/json"
+    assert request.headers["webhook-id"] == event.event_id
+    assert request.headers["user-agent"].startswith("ai-model-server-callbacks/")
+    for secret in secrets:  # a receiver holding either key (a rotation) accepts it
+        assert Webhook(secret).verify(request.body, request.headers)["job_id"] == job_id
+    with pytest.raises(WebhookVerificationError):
+        Webhook(_secret()).verify(request.body, request.headers)
+    job = (await server.client.get(f"/v1/jobs/{job_id}")).json()
+    assert job["status"] == "succeeded" and job["finished_at"] == event.finished_at
+
+
+async def test_a_job_without_callback_url_posts_nothing(server, generating, receiver):
+    before = len(receiver.received)
+    job_id = await _started(server, None)
+    async with consuming(generating):
+        await wait_until(lambda: _succeeded(server, job_id))
+        await asyncio.sleep(0.5)
+    assert len(receiver.received) == before
+
+
+async def _succeeded(server, job_id: str) -> bool:
+    return (await server.client.get(f"/v1/jobs/{job_id}")).json()["status"] == "succeeded"
+
+
+async def test_a_cancelled_job_posts_its_cancellation(server, receiver):
+    path = f"/cancelled/{uuid.uuid4()}"
+    job_id = await _started(server, receiver.url(path))
+    response = await server.client.post(f"/v1/jobs/{job_id}/cancel")
+    assert response.status_code == 200, response.text
+    [request] = await _posts(receiver, path, 1)
+    event = _event(request)
+    assert (event.job_id, event.status, event.error.code) == (job_id, "failed", "cancelled")
+
+
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        ("http://10.0.0.7/hook", "not allowed"),
+        ("http://127.0.0.1:1/hook", "not allowed"),
+        ("https://example.com/hook", "not allowed"),
+        ("https://user:pw@hooks.example.com/hook", "user name, password"),
+        ("https://hooks.example.com/hook#part", "#fragment"),
+        ("https://hooks.example.com:99999/hook", "not a URL"),
+    ],
+)
+async def test_a_callback_url_not_allowed_is_refused_and_nothing_is_recorded(server, url, why):
+    body = {"type": IMAGE_GENERATE, "params": PARAMS, "callback_url": url}
+    before = [info.key async for info in server.services.store.list("jobs/")]
+    response = await server.client.post("/v1/jobs", json=body)
+    assert response.status_code == 422, response.text
+    assert response.json()["code"] == "callback_not_allowed"
+    assert why in response.json()["message"]
+    assert [info.key async for info in server.services.store.list("jobs/")] == before
+
+
+@pytest.mark.parametrize(
+    "url", ["ftp://hooks.example.com/hook", "not a url", "https://hooks.example.com/" + "a" * 2100]
+)
+async def test_a_callback_url_that_breaks_the_schema_is_a_400(server, url):
+    body = {"type": IMAGE_GENERATE, "params": PARAMS, "callback_url": url}
+    response = await server.client.post("/v1/jobs", json=body)
+    assert response.status_code == 400
+    assert "callback_url" in response.text
+
+
+def test_callback_hosts_allow_hosts_ports_and_subdomains():
+    hosts = ("hooks.example.com", "*.internal.example:8443", "[::1]:9000", "10.1.2.3")
+    assert check_callback_url("https://hooks.example.com/x?y=1", hosts)
+    assert check_callback_url("http://hooks.example.com:8080/x", hosts)  # no port listed: any port
+    assert check_callback_url("https://a.b.internal.example:8443/x", hosts)
+    assert check_callback_url("http://[::1]:9000/x", hosts)
+    assert check_callback_url("http://10.1.2.3/x", hosts)
+    for refused in (
+        "https://internal.example:8443/x",  # *.domain: not the domain itself
+        "https://a.internal.example/x",  # port 443, not 8443
+        "http://[::1]/x",
+        "https://hooks.example.com.evil.test/x",
+        "https://evilhooks.example.com/x",
+    ):
+        with pytest.raises(CallbackUrlError):
+            check_callback_url(refused, hosts)
+    with pytest.raises(CallbackUrlError, match="CALLBACK_HOSTS is empty"):
+        check_callback_url("https://hooks.example.com/x", ())
+
+
+async def test_a_failing_receiver_gets_the_callback_again(server, receiver, settings):
+    """503, then 200: delivered on the second try (through the 1 s retry queue), under the same webhook-id."""
+    path = f"/flaky/{uuid.uuid4()}"
+    receiver.script[path] = [503, 200]
+    job_id = await _direct_callback(settings, receiver.url(path))
+    requests = await _posts(receiver, path, 2, timeout=20)
+    assert len({request.headers["webhook-id"] for request in requests}) == 1
+    assert all(_event(request).job_id == job_id for request in requests)
+
+
+async def test_a_receiver_that_refuses_dead_letters_the_callback(server, receiver, settings):
+    """A 404, or a redirect (not followed), is not retried: the callback waits in ams.dead for an operator."""
+    gone, moved = f"/gone/{uuid.uuid4()}", f"/moved/{uuid.uuid4()}"
+    receiver.script[gone], receiver.script[moved] = [404], [302]
+    gone_job = await _direct_callback(settings, receiver.url(gone))
+    moved_job = await _direct_callback(settings, receiver.url(moved))
+    dead = await _dead_letters(settings, 2)
+    assert {message.headers[REASON_CODE_HEADER] for message in dead} == {"callback_refused"}
+    reasons = {_event_of(message).job_id: message.headers[REASON_HEADER] for message in dead}
+    assert "answered 404 Not Found" in reasons[gone_job] and "answered 302 Found" in reasons[moved_job]
+    assert [len(receiver.at(gone)), len(receiver.at(moved)), len(receiver.at("/followed"))] == [1, 1, 0]
+
+
+async def test_the_processor_refuses_a_callback_to_a_host_it_does_not_allow(server, receiver, settings):
+    """A job.callback from upstream naming another host is dead-lettered unsent."""
+    await _direct_callback(settings, "http://10.0.0.7/hook")
+    [dead] = await _dead_letters(settings, 1)
+    assert dead.headers[REASON_CODE_HEADER] == "callback_not_allowed"
+    assert int(dead.headers.get(ATTEMPTS_HEADER, 1)) == 1
+
+
+async def test_a_callback_owed_while_rabbitmq_refused_is_posted_later(server, receiver, settings):
+    """Announced without RabbitMQ, the callback is owed in the store; published once RabbitMQ takes messages, it is
+    delivered as usual."""
+    path = f"/owed/{uuid.uuid4()}"
+    record = _finished(receiver.url(path))
+    store = server.services.store
+    assert not await Announcer(None, store, events=False).announce(record)
+    owed = [info.key async for info in store.list(OWED_PREFIX)]
+    assert len(owed) == 1
+    assert json.loads((await store.get(owed[0])).data)["callback_url"] == receiver.url(path)
+    connection = await connect(settings.amqp_url)
+    try:
+        assert await Announcer(await Publisher.open(connection), store, events=False).publish_owed() == 1
+    finally:
+        await connection.close()
+    [request] = await _posts(receiver, path, 1)
+    assert _event(request).job_id == record.job_id
+    assert [info.key async for info in store.list(OWED_PREFIX)] == []
+
+
+async def test_a_slow_receiver_does_not_hold_up_a_generation(make_env, receiver, secrets):
+    """One processor serving generations and callbacks: a generation queued behind a callback whose receiver takes
+    4 s is done before the callback is."""
+    path = f"/slow/{uuid.uuid4()}"
+    receiver.delays[path] = 4.0
+    env = make_env(
+        IMAGE_ENABLED="1",
+        IMAGE_SEARCH_ENABLED="0",
+        PROCESSOR_CAPABILITIES="image,callback",
+        CALLBACK_HOSTS=f"127.0.0.1:{receiver.port}",
+        CALLBACK_SECRET=secrets[0],
+        CALLBACK_TIMEOUT_SECONDS="10",
+    )
+    settings = Settings.from_env(env)
+    async with consuming(settings) as runtime:
+        await _direct_callback(settings, receiver.url(path))
+        await asyncio.sleep(0.3)  # the callback is on its way
+        generation = await publish(settings.amqp_url, IMAGE_GENERATE, PARAMS)
+        key = f"images/generated/{generation}.png"
+        await wait_until(lambda: runtime.store.exists(key), timeout=20)
+        assert receiver.at(path) == []  # the receiver is still answering
+        await _posts(receiver, path, 1)
+
+
+async def test_a_processor_serving_callbacks_needs_a_secret(make_env, receiver):
+    env = make_env(IMAGE_ENABLED="0", IMAGE_SEARCH_ENABLED="0", CALLBACK_HOSTS=f"127.0.0.1:{receiver.port}")
+    settings = Settings.from_env(env)
+    assert settings.processor_capabilities == ("callback",)
+    with pytest.raises(StartupError, match="CALLBACK_SECRET"):
+        await Runtime.open(settings)
+
+
+def _finished(url: str) -> JobRecord:
+    record = JobStore.new(str(uuid.uuid4()), IMAGE_GENERATE, dict(PARAMS), callback_url=url)
+    return msgspec.structs.replace(record, status="succeeded", finished_at=record.created_at, result={"key": "k"})
+
+
+async def _direct_callback(settings: Settings, url: str) -> str:
+    """Publish a job.callback as an announcement does, for a job that ended; its job id."""
+    record = _finished(url)
+    _, event = job_finished(record)
+    body = msgspec.json.encode(JobCallbackV1(url=url, event=event))
+    await publish(settings.amqp_url, JOB_CALLBACK, body, message_id=event.event_id)
+    return record.job_id
+
+
+def _event_of(message) -> JobFinishedV1:
+    return msgspec.json.decode(message.body, type=JobCallbackV1).event
+
+
+async def _dead_letters(settings: Settings, count: int, timeout: float = 20) -> list:
+    found: list = []
+    deadline = time.monotonic() + timeout
+    while len(found) < count and time.monotonic() < deadline:
+        found += [
+            message for message in await drain(settings.amqp_url, "ams.dead", 1.0) if message.type == JOB_CALLBACK
+        ]
+    assert len(found) == count, f"{len(found)} of {count} dead letters"
+    return found
