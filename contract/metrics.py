@@ -29,7 +29,8 @@ JOB_DURATION = Histogram(
 )
 QUEUE_MESSAGES = Gauge(
     "ams_queue_messages",
-    "Messages ready in each queue (ams.index, ams.image, ams.voice: each capability's backlog; ams.dead: dead "
+    "Messages ready in each queue (ams.index, ams.image, ams.voice, ams.callback: each capability's backlog; "
+    "ams.dead: dead "
     "letters; ams.retry.*: waiting to retry).",
     ["queue"],
     registry=REGISTRY,
@@ -37,7 +38,8 @@ QUEUE_MESSAGES = Gauge(
 QUEUE_CONSUMERS = Gauge("ams_queue_consumers", "Consumers attached to each queue.", ["queue"], registry=REGISTRY)
 JOB_EVENTS = Counter(
     "ams_job_events",
-    "Job ends announced on ams.events, by outcome: published (at once), owed (RabbitMQ did not take it: kept in "
+    "Job ends announced (the event on ams.events, the callback of a job with a callback URL), by outcome: "
+    "published (at once), owed (RabbitMQ did not take it: kept in "
     "the object store), published_late (an owed one, once RabbitMQ took it), deferred (a cancellation the API "
     "could not announce: the processor announces it when the job's message comes up).",
     ["outcome"],

@@ -38,6 +38,7 @@ from typing import IO, Any, TypeVar
 import click
 import msgspec
 
+from contract.callbacks import JOB_CALLBACK
 from contract.events import JobFinishedV1
 from contract.messages import JOB_TYPES
 from infra.broker import DEAD_QUEUE, EVENTS_EXCHANGE, JOBS_EXCHANGE
@@ -571,7 +572,11 @@ def events() -> None:
 
 @events.command("watch", epilog=EXIT_CODES)
 @click.option(
-    "--type", "types", multiple=True, type=click.Choice(sorted(JOB_TYPES)), help="Only jobs of this type (repeatable)."
+    "--type",
+    "types",
+    multiple=True,
+    type=click.Choice(sorted(set(JOB_TYPES) - {JOB_CALLBACK})),  # a callback is not a job with an end of its own
+    help="Only jobs of this type (repeatable).",
 )
 @click.option(
     "--status", "statuses", multiple=True, type=click.Choice(STATUSES), help="Only this outcome (repeatable)."
