@@ -122,8 +122,9 @@ class Announcer:
                 log.info("owed_job_events_published", count=published)
 
     async def publish_owed(self) -> int:
-        """Publish every owed event in the store, deleting each once RabbitMQ confirmed it; how many. Raises
-        BrokerUnavailableError (or the store's error) at the first one that cannot be published: the rest wait."""
+        """Publish every owed event in the store (with events off, only owed callbacks: the rest wait for a processor
+        with events on), deleting each once RabbitMQ confirmed it; how many. Raises BrokerUnavailableError (or the
+        store's error) at the first one that cannot be published: the rest wait."""
         if self._publisher is None:
             raise BrokerUnavailableError("not connected to RabbitMQ")
         published = 0
@@ -136,6 +137,8 @@ class Announcer:
                 owed = msgspec.json.decode(stored.data, type=OwedEvent)
             except msgspec.DecodeError:  # not one of ours (owed events are written whole): left as it is
                 log.warning("owed_job_event_unreadable", key=info.key)
+                continue
+            if owed.events and not self.events:  # left for a processor with events on (JOB_EVENTS_ENABLED)
                 continue
             await _announce(self._publisher, owed)
             metrics.job_events("published_late")
