@@ -12,10 +12,25 @@ from typing import Any
 
 import msgspec
 from litestar import Litestar
+from litestar.enums import ParamType
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.openapi.plugins import SwaggerRenderPlugin
-from litestar.openapi.spec import Components, Parameter, Schema, SecurityRequirement, SecurityScheme
+from litestar.openapi.spec import (
+    Components,
+    OpenAPIHeader,
+    OpenAPIMediaType,
+    OpenAPIResponse,
+    OpenAPIType,
+    Operation,
+    Parameter,
+    PathItem,
+    Reference,
+    RequestBody,
+    Schema,
+    SecurityRequirement,
+    SecurityScheme,
+)
 
 from api.filters import CONTENT_TYPE, SOURCE, TIME, SearchFilter, repeatable
 from api.schemas import (
@@ -26,6 +41,7 @@ from api.schemas import (
     VoiceFromKeyRequest,
     VoiceJobRequest,
 )
+from contract.events import JobFinishedV1
 from contract.messages import MAX_REF_TEXT_CHARS, MAX_SEED, NON_BLANK, VOICE_LANGUAGES
 from infra.settings import Settings
 from infra.storage.local import MAX_SEGMENT_BYTES
@@ -153,13 +169,18 @@ def _constraints(settings: Settings) -> dict[tuple[str, str], dict[str, Any]]:
 
 def finish_document(app: Litestar, settings: Settings) -> None:
     """What only the whole app knows: strict request bodies refuse unknown fields (Litestar leaves that out), the
-    limits checked in code or set by this server's settings, and parameters that are text, never null."""
+    limits checked in code or set by this server's settings, parameters that are text, never null, response headers
+    typed, and the callback a job's callback_url gets."""
     document = app.openapi_schema
     for path in (document.paths or {}).values():
-        for operation in (path.get, path.put, path.post, path.delete, path.options, path.head, path.patch, path.trace):
-            for parameter in (operation.parameters if operation else None) or ():
+        operations = (path.get, path.put, path.post, path.delete, path.options, path.head, path.patch, path.trace)
+        for operation in filter(None, operations):
+            for parameter in operation.parameters or ():
                 if isinstance(parameter, Parameter) and isinstance(parameter.schema, Schema):
                     _not_null(parameter.schema)
+            for response in (operation.responses or {}).values():
+                for header in (response.headers or {}).values() if isinstance(response, OpenAPIResponse) else ():
+                    _typed(header)
     schemas = document.components.schemas or {}
     for struct in STRICT_BODIES:
         _schema(schemas, struct.__name__).additional_properties = False
@@ -170,6 +191,56 @@ def finish_document(app: Litestar, settings: Settings) -> None:
         aliases = field.field_aliases()
         for attribute, value in attributes.items():
             setattr(field, aliases.get(attribute, attribute), value)
+    _describe_callbacks(document.paths["/v1/jobs"].post, schemas)
+
+
+# the headers a callback carries (Standard Webhooks): name -> description
+_CALLBACK_HEADERS = {
+    "webhook-id": "the event's event_id: the same on every try of one end (drop repeats by it)",
+    "webhook-timestamp": "when this try was signed, in Unix seconds",
+    "webhook-signature": 'space-separated "v1,<base64 HMAC-SHA256 of <webhook-id>.<webhook-timestamp>.<body>>", one '
+    "per key of CALLBACK_SECRET",
+}
+
+
+def _describe_callbacks(operation: Operation | None, schemas: dict[str, Any]) -> None:
+    """The request a job's callback_url gets once the job ended (README, Callbacks), as an OpenAPI callback of the
+    operation that takes the URL, with the event's schema among the components."""
+    if operation is None:
+        raise TypeError("POST /v1/jobs is not in the OpenAPI document")
+    (event,), components = msgspec.json.schema_components([JobFinishedV1], ref_template="#/components/schemas/{name}")
+    for name, component in components.items():
+        if schemas.setdefault(name, component) is not component:
+            raise TypeError(f"the OpenAPI component {name} is already taken")
+    headers = [
+        Parameter(
+            name=name,
+            param_in=ParamType.HEADER,
+            required=True,
+            description=description,
+            schema=Schema(type=OpenAPIType.STRING),
+        )
+        for name, description in _CALLBACK_HEADERS.items()
+    ]
+    post = Operation(
+        summary="The job's end, POSTed to its callback_url, signed as Standard Webhooks sign",
+        description=(
+            "2xx delivers it; 408, 425, 429, 5xx, a timeout or a connection failure is retried (after 1, 5, 30, 120 s, "
+            "MAX_ATTEMPTS tries); other answers, redirects included, are not. At least once: drop repeats by "
+            "webhook-id."
+        ),
+        parameters=headers,
+        request_body=RequestBody(content={"application/json": OpenAPIMediaType(schema=event)}, required=True),
+        responses={"2XX": OpenAPIResponse(description="Delivered")},
+    )
+    operation.callbacks = {"jobEnded": {"{$request.body#/callback_url}": PathItem(post=post)}}
+
+
+def _typed(header: OpenAPIHeader | Reference) -> None:
+    """A response header that Litestar documents without a schema (ResponseHeader takes none), which OpenAPI does
+    not allow, as the text it is."""
+    if isinstance(header, OpenAPIHeader) and header.schema is None and header.content is None:
+        header.schema = Schema(type=OpenAPIType.STRING)
 
 
 def _not_null(schema: Schema) -> None:

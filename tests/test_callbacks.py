@@ -357,3 +357,18 @@ async def _dead_letters(settings: Settings, count: int, timeout: float = 20) -> 
         ]
     assert len(found) == count, f"{len(found)} of {count} dead letters"
     return found
+
+
+async def test_the_openapi_document_describes_the_callback(server):
+    document = (await server.client.get("/schema/openapi.json")).json()
+    callback = document["paths"]["/v1/jobs"]["post"]["callbacks"]["jobEnded"]["{$request.body#/callback_url}"]["post"]
+    assert {parameter["name"] for parameter in callback["parameters"]} == {
+        "webhook-id",
+        "webhook-timestamp",
+        "webhook-signature",
+    }
+    body = callback["requestBody"]["content"]["application/json"]["schema"]
+    assert body == {"$ref": "#/components/schemas/JobFinishedV1"}
+    event = document["components"]["schemas"]["JobFinishedV1"]
+    assert set(event["properties"]) == set(JobFinishedV1.__struct_fields__)
+    assert document["components"]["schemas"]["ErrorInfo"]["required"] == ["code", "message"]

@@ -9,6 +9,8 @@ import os
 import sys
 from pathlib import Path
 
+from openapi_spec_validator import validate
+
 from tests.support.server import running_server
 
 ST = Path(sys.executable).with_name("st")
@@ -27,6 +29,7 @@ async def test_every_operation_conforms_to_the_document(make_settings, s3, tmp_p
         API_KEYS=f"admin:{ADMIN_KEY}",
     )
     async with running_server(settings) as server:
+        validate((await server.client.get("/schema/openapi.json")).json())  # a valid OpenAPI 3.1 document
         process = await asyncio.create_subprocess_exec(
             str(ST),
             "--config-file",
