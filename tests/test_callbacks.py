@@ -52,11 +52,11 @@ class Received:
 @dataclass
 class Receiver:
     """A webhook receiver on loopback: each path answers the statuses scripted for it in turn (the last one from
-    then on; 200 by default), and every request is kept."""
+    then on; 200 by default), after the delays scripted so, and every request is kept."""
 
     port: int = 0
     script: dict[str, list[int]] = field(default_factory=dict)
-    delays: dict[str, float] = field(default_factory=dict)
+    delays: dict[str, list[float]] = field(default_factory=dict)
     received: list[Received] = field(default_factory=list)
 
     def url(self, path: str) -> str:
@@ -66,8 +66,15 @@ class Receiver:
         return [request for request in self.received if request.path == path]
 
     def answer(self, path: str) -> int:
-        statuses = self.script.get(path, [200])
-        return statuses.pop(0) if len(statuses) > 1 else statuses[0]
+        return _next(self.script.get(path, [200]))
+
+    def delay(self, path: str) -> float:
+        return _next(self.delays.get(path, [0.0]))
+
+
+def _next(script: list) -> object:
+    """The next scripted value: each in turn, the last one from then on."""
+    return script.pop(0) if len(script) > 1 else script[0]
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +84,7 @@ def receiver() -> Iterator[Receiver]:
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers.get("content-length", "0")))
-            time.sleep(state.delays.get(self.path, 0))
+            time.sleep(state.delay(self.path))
             state.received.append(Received(self.path, {k.lower(): v for k, v in self.headers.items()}, body))
             status = state.answer(self.path)
             self.send_response(status)
@@ -257,6 +264,17 @@ async def test_a_failing_receiver_gets_the_callback_again(server, receiver, sett
     assert all(_event(request).job_id == job_id for request in requests)
 
 
+async def test_a_receiver_that_answers_too_late_gets_the_callback_again(server, receiver, settings):
+    """The first try waits past CALLBACK_TIMEOUT_SECONDS (2 s here) and is retried: delivered on the second."""
+    path = f"/late/{uuid.uuid4()}"
+    receiver.delays[path] = [3.0, 0.0]
+    job_id = await _direct_callback(settings, receiver.url(path))
+    requests = await _posts(receiver, path, 2, timeout=20)
+    assert requests[0].headers["webhook-id"] == requests[1].headers["webhook-id"]
+    dead = await drain(settings.amqp_url, "ams.dead", 1.0)
+    assert [message for message in dead if message.type == JOB_CALLBACK and _event_of(message).job_id == job_id] == []
+
+
 async def test_a_receiver_that_refuses_dead_letters_the_callback(server, receiver, settings):
     """A 404, or a redirect (not followed), is not retried: the callback waits in ams.dead for an operator."""
     gone, moved = f"/gone/{uuid.uuid4()}", f"/moved/{uuid.uuid4()}"
@@ -302,7 +320,7 @@ async def test_a_slow_receiver_does_not_hold_up_a_generation(make_env, receiver,
     """One processor serving generations and callbacks: a generation queued behind a callback whose receiver takes
     4 s is done before the callback is."""
     path = f"/slow/{uuid.uuid4()}"
-    receiver.delays[path] = 4.0
+    receiver.delays[path] = [4.0]
     env = make_env(
         IMAGE_ENABLED="1",
         IMAGE_SEARCH_ENABLED="0",
