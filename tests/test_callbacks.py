@@ -30,9 +30,11 @@ from infra.broker import ATTEMPTS_HEADER, REASON_CODE_HEADER, REASON_HEADER, Pub
 from infra.settings import Settings
 from infra.startup import StartupError
 from processor.announcer import OWED_PREFIX, Announcer
+from processor.ops.callbacks import SAMPLE_PROMPT
 from processor.runtime import Runtime
 from tests.support.amqp import drain, publish, wait_until
 from tests.support.server import running_server
+from tests.test_ops_cli import ams_ops_started
 from tests.test_processor import consuming
 
 PARAMS = {"prompt": "a job with a receiver", "width": 64, "height": 64, "steps": 2}
@@ -390,3 +392,52 @@ async def test_the_openapi_document_describes_the_callback(server):
     event = document["components"]["schemas"]["JobFinishedV1"]
     assert set(event["properties"]) == set(JobFinishedV1.__struct_fields__)
     assert document["components"]["schemas"]["ErrorInfo"]["required"] == ["code", "message"]
+
+
+async def _ams_ops(env: dict[str, str], *args: str) -> tuple[int, str]:
+    process = await ams_ops_started(env, *args)
+    stdout, stderr = await process.communicate()
+    return process.returncode or 0, stdout.decode() + stderr.decode()
+
+
+async def test_ams_ops_sends_a_sample_end_to_try_a_receiver(env, receiver, secrets):
+    path = f"/try/{uuid.uuid4()}"
+    code, output = await _ams_ops(env, "callbacks", "send", receiver.url(path))
+    assert code == 0, output
+    assert output.startswith(f"delivered: {receiver.url(path)} answered 200")
+    [request] = receiver.at(path)
+    assert Webhook(secrets[1]).verify(request.body, request.headers)["params"] == {"prompt": SAMPLE_PROMPT}
+
+
+async def test_ams_ops_sends_a_jobs_end_again(server, env, receiver):
+    """A cancelled job's callback, sent again by hand: the same end, under the same webhook-id."""
+    path = f"/again/{uuid.uuid4()}"
+    job_id = await _started(server, receiver.url(path))
+    assert (await server.client.post(f"/v1/jobs/{job_id}/cancel")).status_code == 200
+    [first] = await _posts(receiver, path, 1)
+    code, output = await _ams_ops(env, "callbacks", "send", "--job-id", job_id, "--json")
+    assert code == 0, output
+    assert json.loads(output) == {
+        "url": receiver.url(path),
+        "job_id": job_id,
+        "event_id": first.headers["webhook-id"],
+        "delivered": True,
+        "detail": "answered 200",
+    }
+    [_, second] = receiver.at(path)
+    assert second.body == first.body and second.headers["webhook-id"] == first.headers["webhook-id"]
+
+
+async def test_ams_ops_says_why_a_callback_was_not_delivered(server, env, receiver):
+    gone = f"/gone/{uuid.uuid4()}"
+    receiver.script[gone] = [404]
+    code, output = await _ams_ops(env, "callbacks", "send", receiver.url(gone))
+    assert code == 1 and "not delivered" in output and "callback_refused" in output and "404" in output
+    code, output = await _ams_ops(env, "callbacks", "send", "http://10.0.0.7/hook")
+    assert code == 1 and "callback_not_allowed" in output
+    queued = await _started(server, None)
+    for job_id, why in ((queued, "has not ended (queued)"), (str(uuid.uuid4()), "no job record")):
+        code, output = await _ams_ops(env, "callbacks", "send", "--job-id", job_id)
+        assert code == 1 and why in output, output
+    code, output = await _ams_ops({**env, "CALLBACK_SECRET": ""}, "callbacks", "send", receiver.url(gone))
+    assert code == 1 and "CALLBACK_SECRET is not set" in output

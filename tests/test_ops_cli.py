@@ -117,6 +117,7 @@ def queued_ids(amqp_url: str, queue: str) -> list[str | None]:
 def test_every_command_has_help_and_the_exit_codes():
     commands = ([], ["dlq"], ["dlq", "list"], ["dlq", "show"], ["dlq", "replay"], ["dlq", "purge"], ["backfill"])
     jobs = (["jobs"], ["jobs", "list"], ["jobs", "show"], ["jobs", "cancel"], ["events"], ["events", "watch"])
+    jobs += (["callbacks"], ["callbacks", "send"])
     for command in (*commands, *jobs):
         result = CliRunner().invoke(cli, [*command, "--help"])
         assert result.exit_code == 0, result.output

@@ -49,36 +49,41 @@ class CallbackHandler:
         self._secrets = secrets
 
     async def handle(self, jobs: Sequence[Job]) -> list[Outcome]:
-        return list(await asyncio.gather(*(self._deliver(job.payload) for job in jobs)))
+        return list(
+            await asyncio.gather(
+                *(deliver(self._client, job.payload, hosts=self._hosts, secrets=self._secrets) for job in jobs)
+            )
+        )
 
-    async def _deliver(self, callback: JobCallbackV1) -> Outcome:
-        event = callback.event
-        bound = log.bind(job_id=event.job_id, event_id=event.event_id, url=callback.url)
-        try:
-            check_callback_url(callback.url, self._hosts)
-        except CallbackUrlError as exc:
-            bound.warning("callback_not_allowed", error=str(exc))
-            return Failed("callback_not_allowed", str(exc))
-        body = msgspec.json.encode(event)
-        headers = {
-            "content-type": "application/json",
-            **signature_headers(self._secrets, event.event_id, int(time.time()), body),
-        }
-        started = time.perf_counter()
-        try:
-            async with self._client.stream("POST", callback.url, content=body, headers=headers) as response:
-                status, reason = response.status_code, response.reason_phrase
-        except httpx.HTTPError as exc:
-            why = f"POST {callback.url} failed: {type(exc).__name__}: {exc}".rstrip(": ")
-            bound.warning("callback_failed", error=why)
-            return Failed("callback_failed", why, transient=True)
-        seconds = round(time.perf_counter() - started, 3)
-        if 200 <= status < 300:
-            bound.info("callback_delivered", status=status, seconds=seconds)
-            return Succeeded({"job_id": event.job_id, "event_id": event.event_id, "status_code": status})
-        answer = f"POST {callback.url} answered {status} {reason}".rstrip()
-        if status in RETRIED_STATUSES or status >= 500:
-            bound.warning("callback_failed", status=status, seconds=seconds)
-            return Failed("callback_failed", answer, transient=True)
-        bound.warning("callback_refused", status=status, seconds=seconds)
-        return Failed("callback_refused", f"{answer}; not retried (only 408, 425, 429 and 5xx answers are)")
+
+async def deliver(
+    client: httpx.AsyncClient, callback: JobCallbackV1, *, hosts: tuple[str, ...], secrets: tuple[bytes, ...]
+) -> Succeeded | Failed:
+    """POST one callback: Succeeded (2xx), a transient Failed (retried), or a permanent one, saying why."""
+    event = callback.event
+    bound = log.bind(job_id=event.job_id, event_id=event.event_id, url=callback.url)
+    try:
+        check_callback_url(callback.url, hosts)
+    except CallbackUrlError as exc:
+        bound.warning("callback_not_allowed", error=str(exc))
+        return Failed("callback_not_allowed", str(exc))
+    body = msgspec.json.encode(event)
+    headers = {"content-type": "application/json", **signature_headers(secrets, event.event_id, int(time.time()), body)}
+    started = time.perf_counter()
+    try:
+        async with client.stream("POST", callback.url, content=body, headers=headers) as response:
+            status, reason = response.status_code, response.reason_phrase
+    except httpx.HTTPError as exc:
+        why = f"POST {callback.url} failed: {type(exc).__name__}: {exc}".rstrip(": ")
+        bound.warning("callback_failed", error=why)
+        return Failed("callback_failed", why, transient=True)
+    seconds = round(time.perf_counter() - started, 3)
+    if 200 <= status < 300:
+        bound.info("callback_delivered", status=status, seconds=seconds)
+        return Succeeded({"job_id": event.job_id, "event_id": event.event_id, "status_code": status})
+    answer = f"POST {callback.url} answered {status} {reason}".rstrip()
+    if status in RETRIED_STATUSES or status >= 500:
+        bound.warning("callback_failed", status=status, seconds=seconds)
+        return Failed("callback_failed", answer, transient=True)
+    bound.warning("callback_refused", status=status, seconds=seconds)
+    return Failed("callback_refused", f"{answer}; not retried (only 408, 425, 429 and 5xx answers are)")

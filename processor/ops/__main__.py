@@ -48,6 +48,7 @@ from infra.storage.base import InvalidKeyError
 from infra.storage.keys import validate_prefix
 from infra.vectors import SnapshotsUnsupportedError
 from processor.ops.backfill import plan_backfill, run_backfill
+from processor.ops.callbacks import SendReport, send_callback
 from processor.ops.dlq import open_dead_letters
 from processor.ops.errors import OperationFailedError
 from processor.ops.events import STATUSES, binding_keys, event_line, watch_events
@@ -600,6 +601,30 @@ def watch(
 
     with contextlib.suppress(KeyboardInterrupt):
         _run(watch_events(settings, keys, show, count=count, seconds=seconds, ready=ready))
+
+
+@cli.group(epilog=EXIT_CODES)
+def callbacks() -> None:
+    """HTTP callbacks: a job's end POSTed to its callback_url (CALLBACK_HOSTS, CALLBACK_SECRET)."""
+
+
+@callbacks.command("send", epilog=EXIT_CODES)
+@click.argument("url", required=False)
+@click.option("--job-id", help="Send this finished job's end (to URL, or to the job's own callback_url).")
+@click.option("--json", "as_json", is_flag=True, help="A JSON object instead of the text.")
+def send(url: str | None, job_id: str | None, as_json: bool) -> None:
+    """POST a job's end now, signed and checked as a processor does it: a sample end of a made-up job to URL (to
+    try a receiver), or the recorded end of --job-id (to send its callback again by hand). Exit 1 when it is not
+    delivered (the answer, or the reason, is printed)."""
+    settings = _settings()
+    report: SendReport = _run(send_callback(settings, url, job_id))
+    if as_json:
+        click.echo(json.dumps(report.summary()))
+    else:
+        outcome = "delivered" if report.delivered else "not delivered"
+        click.echo(f"{outcome}: {report.url} {report.detail} (job {report.job_id}, event {report.event_id})")
+    if not report.delivered:
+        sys.exit(1)
 
 
 @cli.group(epilog=EXIT_CODES)
