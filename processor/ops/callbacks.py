@@ -8,13 +8,12 @@ from dataclasses import dataclass
 
 from contract.callbacks import JobCallbackV1
 from contract.events import JobFinishedV1, has_ended, job_finished
-from contract.jobs import JobStore, now_iso
+from contract.jobs import now_iso
 from contract.messages import IMAGE_GENERATE
 from infra.settings import Settings
-from infra.storage import StorageError
 from processor.handlers.job_callback import deliver, open_client
 from processor.ops.errors import OperationFailedError
-from processor.ops.stores import opened_store
+from processor.ops.jobs import get_job
 from processor.outcomes import Succeeded
 
 SAMPLE_PROMPT = "a sample end sent by ams-ops callbacks send"
@@ -65,13 +64,7 @@ async def send_callback(settings: Settings, url: str | None, job_id: str | None)
 
 
 async def _recorded_end(settings: Settings, job_id: str) -> tuple[JobFinishedV1, str | None]:
-    async with opened_store(settings) as store:
-        try:
-            record = await JobStore(store, settings.job_record_ttl_days).get(job_id)
-        except StorageError as exc:
-            raise OperationFailedError(f"cannot read job {job_id!r}: {exc}") from None
-    if record is None:
-        raise OperationFailedError(f"no job record with id {job_id!r}")
+    record = await get_job(settings, job_id)
     if not has_ended(record):
         raise OperationFailedError(f"job {job_id} has not ended ({record.status}); only an end is sent")
     return job_finished(record)[1], record.callback_url
