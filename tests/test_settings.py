@@ -71,6 +71,14 @@ def test_r2_endpoint_is_derived_from_the_account_id():
         ({"THUMBNAIL_MAX_SIDE": "63"}, "THUMBNAIL_MAX_SIDE=63: must be at least 64 and at most 2048"),
         ({"THUMBNAIL_MAX_SIDE": "2049"}, "THUMBNAIL_MAX_SIDE=2049: must be at least 64 and at most 2048"),
         ({"THUMBNAIL_MAX_SIDE": "large"}, "THUMBNAIL_MAX_SIDE='large': expected a whole number"),
+        ({"CALLBACK_HOSTS": "https://hooks.example.com"}, "CALLBACK_HOSTS entry 'https://hooks.example.com'"),
+        ({"CALLBACK_HOSTS": "a.example, bad host"}, "CALLBACK_HOSTS entry 'bad host'"),
+        ({"CALLBACK_HOSTS": "*.10.0.0.1"}, "CALLBACK_HOSTS entry"),
+        ({"CALLBACK_HOSTS": "hooks.example.com:99999"}, "CALLBACK_HOSTS entry"),
+        ({"CALLBACK_SECRET": "hunter2"}, "CALLBACK_SECRET entry 1: expected whsec_"),
+        ({"CALLBACK_SECRET": "whsec_c2hvcnQ="}, "CALLBACK_SECRET entry 1: expected whsec_ followed by 24 to 64"),
+        ({"CALLBACK_TIMEOUT_SECONDS": "0"}, "CALLBACK_TIMEOUT_SECONDS"),
+        ({"PROCESSOR_CAPABILITIES": "callback"}, "lists callback, but CALLBACK_HOSTS is empty"),
     ],
 )
 def test_bad_values_name_the_variable(env, variable):
@@ -82,6 +90,19 @@ def test_thumbnail_max_side_defaults_to_384_and_takes_64_to_2048():
     assert Settings.from_env({}).thumbnail_max_side == 384
     assert Settings.from_env({"THUMBNAIL_MAX_SIDE": "64"}).thumbnail_max_side == 64
     assert Settings.from_env({"THUMBNAIL_MAX_SIDE": "2048"}).thumbnail_max_side == 2048
+
+
+def test_callback_hosts_are_normalised_and_secrets_decoded():
+    settings = Settings.from_env(
+        {
+            "CALLBACK_HOSTS": "Hooks.Example.com, *.internal.example:8443,[::1]:9000, hooks.example.com",
+            "CALLBACK_SECRET": f"whsec_{'A' * 32},whsec_{'B' * 44}",
+        }
+    )
+    assert settings.callback_hosts == ("hooks.example.com", "*.internal.example:8443", "[::1]:9000")
+    assert [len(key) for key in settings.callback_secrets] == [24, 33]
+    assert "callback" in settings.processor_capabilities
+    assert "callback" not in Settings.from_env({}).processor_capabilities
 
 
 def test_watch_prefixes_are_a_comma_separated_list():
