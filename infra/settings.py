@@ -126,6 +126,7 @@ class Settings:
     callback_hosts: tuple[str, ...]
     callback_secrets: tuple[bytes, ...]
     callback_timeout_seconds: float
+    callback_allow_private_addresses: bool
     # HTTP server and jobs
     host: str
     port: int
@@ -445,6 +446,7 @@ def _parse(env: _Reader) -> Settings:
         callback_hosts=_callback_hosts(env),
         callback_secrets=_callback_secrets(env),
         callback_timeout_seconds=env.number("CALLBACK_TIMEOUT_SECONDS", 10.0, 0.5, 120.0),
+        callback_allow_private_addresses=env.flag("CALLBACK_ALLOW_PRIVATE_ADDRESSES", False),
         host=env.raw("HOST", "0.0.0.0"),
         port=env.integer("PORT", 8000, 1, 65535),
         http_max_request_line_bytes=env.integer("HTTP_MAX_REQUEST_LINE_BYTES", 8190, 256, 1024 * 1024),

@@ -23,7 +23,7 @@ from infra.vectors import VectorIndex
 from models.clip import ClipEmbedder
 from models.diffusion import ImageGenerator
 from models.voice import VoiceCloner
-from processor.handlers.job_callback import open_client
+from processor.handlers.callback_client import open_client
 
 log = structlog.get_logger(__name__)
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import json
 import os
+import socket
 import threading
 import time
 import uuid
@@ -18,6 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import httpcore
 import msgspec
 import pytest
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
@@ -30,7 +33,10 @@ from infra.broker import ATTEMPTS_HEADER, REASON_CODE_HEADER, REASON_HEADER, Pub
 from infra.settings import Settings
 from infra.startup import StartupError
 from processor.announcer import OWED_PREFIX, Announcer
+from processor.handlers.callback_client import is_public, open_client
+from processor.handlers.job_callback import deliver
 from processor.ops.callbacks import SAMPLE_PROMPT
+from processor.outcomes import Failed
 from processor.runtime import Runtime
 from tests.support.amqp import drain, publish, wait_until
 from tests.support.server import running_server
@@ -124,6 +130,7 @@ def env(make_env, receiver, secrets) -> dict[str, str]:
         CALLBACK_SECRET=",".join(secrets),
         JOB_EVENTS_ENABLED="0",
         CALLBACK_TIMEOUT_SECONDS="2",
+        CALLBACK_ALLOW_PRIVATE_ADDRESSES="1",  # the receiver is on loopback
     )
 
 
@@ -330,6 +337,7 @@ async def test_a_slow_receiver_does_not_hold_up_a_generation(make_env, receiver,
         CALLBACK_HOSTS=f"127.0.0.1:{receiver.port}",
         CALLBACK_SECRET=secrets[0],
         CALLBACK_TIMEOUT_SECONDS="10",
+        CALLBACK_ALLOW_PRIVATE_ADDRESSES="1",
     )
     settings = Settings.from_env(env)
     async with consuming(settings) as runtime:
@@ -441,3 +449,73 @@ async def test_ams_ops_says_why_a_callback_was_not_delivered(server, env, receiv
         assert code == 1 and why in output, output
     code, output = await _ams_ops({**env, "CALLBACK_SECRET": ""}, "callbacks", "send", receiver.url(gone))
     assert code == 1 and "CALLBACK_SECRET is not set" in output
+
+
+@pytest.mark.parametrize(
+    ("address", "public"),
+    [
+        ("127.0.0.1", False),
+        ("10.1.2.3", False),
+        ("172.16.0.1", False),
+        ("192.168.1.1", False),
+        ("169.254.169.254", False),  # cloud metadata
+        ("100.64.0.1", False),  # shared (carrier-grade NAT)
+        ("0.0.0.0", False),
+        ("224.0.0.1", False),
+        ("::1", False),
+        ("fe80::1%eth0", False),
+        ("fd00::1", False),
+        ("::ffff:10.0.0.1", False),
+        ("93.184.216.34", True),
+        ("2606:4700:4700::1111", True),
+        ("::ffff:93.184.216.34", True),
+    ],
+)
+def test_which_addresses_are_public(address, public):
+    assert is_public(address) is public
+
+
+async def test_a_callback_to_a_private_address_is_not_sent(env, receiver):
+    """By default a callback connects to public addresses only: the loopback receiver, allowed by CALLBACK_HOSTS by
+    address and by name, gets nothing, and the callback is refused for good."""
+    settings = Settings.from_env({**env, "CALLBACK_ALLOW_PRIVATE_ADDRESSES": "0"})
+    settings = dataclasses.replace(settings, callback_hosts=(*settings.callback_hosts, "localhost"))
+    path = f"/private/{uuid.uuid4()}"
+    for url in (receiver.url(path), f"http://localhost:{receiver.port}{path}"):
+        async with open_client(settings) as client:
+            outcome = await deliver(
+                client, _callback(url), hosts=settings.callback_hosts, secrets=settings.callback_secrets
+            )
+        assert isinstance(outcome, Failed) and not outcome.transient
+        assert outcome.code == "callback_not_allowed" and "not a public address" in outcome.message
+    assert receiver.at(path) == []
+
+
+async def test_a_callback_connects_to_the_address_it_checked(env, monkeypatch):
+    """The host is resolved once, and the connection goes to the public address found, not to whatever the name
+    resolves to a moment later (DNS rebinding)."""
+    settings = Settings.from_env({**env, "CALLBACK_ALLOW_PRIVATE_ADDRESSES": "0"})
+    settings = dataclasses.replace(settings, callback_hosts=("hooks.example.com",))
+    answers = iter([[(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.216.34", 80))]])
+
+    async def resolve(self, host, port, **kwargs):
+        return next(answers, [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))])
+
+    connected: list[tuple[str, int]] = []
+
+    async def connect(self, host, port, *args, **kwargs):
+        connected.append((host, port))
+        raise httpcore.ConnectError("no network in the test")
+
+    monkeypatch.setattr(asyncio.BaseEventLoop, "getaddrinfo", resolve)
+    monkeypatch.setattr(httpcore.AnyIOBackend, "connect_tcp", connect)
+    async with open_client(settings) as client:
+        outcome = await deliver(
+            client, _callback("http://hooks.example.com/x"), hosts=settings.callback_hosts, secrets=(b"k" * 32,)
+        )
+    assert connected == [("93.184.216.34", 80)]
+    assert isinstance(outcome, Failed) and outcome.transient and outcome.code == "callback_failed"
+
+
+def _callback(url: str) -> JobCallbackV1:
+    return JobCallbackV1(url=url, event=job_finished(_finished(url))[1])

@@ -1,8 +1,10 @@
-"""job.callback: POST a job's end to its callback URL (contract/callbacks.py), signed, redirects not followed.
+"""job.callback: POST a job's end to its callback URL (contract/callbacks.py), signed, on the client of
+processor/handlers/callback_client.py (redirects not followed, public addresses only unless allowed).
 
 The POSTs of a batch go out side by side; the answer's body is not read. 2xx: delivered. 408, 425, 429, 5xx, a
 timeout (CALLBACK_TIMEOUT_SECONDS) or a connection failure: retried through the retry queues. Any other answer
-(a redirect included: following it could lead anywhere): dead-lettered, as is a URL CALLBACK_HOSTS does not allow.
+(a redirect included: following it could lead anywhere): dead-lettered, as is a URL CALLBACK_HOSTS does not allow
+or a host that resolves to no address the client may connect to.
 """
 
 from __future__ import annotations
@@ -16,25 +18,14 @@ import msgspec
 import structlog
 
 from contract.callbacks import JOB_CALLBACK, CallbackUrlError, JobCallbackV1, check_callback_url, signature_headers
-from infra.settings import Settings
 from processor.handlers.base import Job
+from processor.handlers.callback_client import AddressNotAllowedError
 from processor.outcomes import Failed, Outcome, Succeeded
 
 log = structlog.get_logger(__name__)
 
 BATCH_SIZE = 16  # POSTs sent side by side by one batch (and up to PIPELINE_DEPTH batches run at once)
 RETRIED_STATUSES = frozenset({408, 425, 429})  # and every 5xx
-USER_AGENT = "ai-model-server-callbacks/1"
-
-
-def open_client(settings: Settings) -> httpx.AsyncClient:
-    """The HTTP client callbacks go out on: no redirects followed, CALLBACK_TIMEOUT_SECONDS for each phase."""
-    return httpx.AsyncClient(
-        timeout=httpx.Timeout(settings.callback_timeout_seconds),
-        follow_redirects=False,
-        headers={"user-agent": USER_AGENT},
-        limits=httpx.Limits(max_connections=64, max_keepalive_connections=16),
-    )
 
 
 class CallbackHandler:
@@ -73,6 +64,9 @@ async def deliver(
     try:
         async with client.stream("POST", callback.url, content=body, headers=headers) as response:
             status, reason = response.status_code, response.reason_phrase
+    except AddressNotAllowedError as exc:
+        bound.warning("callback_not_allowed", error=str(exc))
+        return Failed("callback_not_allowed", f"POST {callback.url} not sent: {exc}")
     except httpx.HTTPError as exc:
         why = f"POST {callback.url} failed: {type(exc).__name__}: {exc}".rstrip(": ")
         bound.warning("callback_failed", error=why)

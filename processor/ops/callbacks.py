@@ -11,7 +11,8 @@ from contract.events import JobFinishedV1, has_ended, job_finished
 from contract.jobs import now_iso
 from contract.messages import IMAGE_GENERATE
 from infra.settings import Settings
-from processor.handlers.job_callback import deliver, open_client
+from processor.handlers.callback_client import open_client
+from processor.handlers.job_callback import deliver
 from processor.ops.errors import OperationFailedError
 from processor.ops.jobs import get_job
 from processor.outcomes import Succeeded

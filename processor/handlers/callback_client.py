@@ -1,0 +1,106 @@
+"""The HTTP client callbacks go out on: no redirects followed, no proxy from the environment, and (unless
+CALLBACK_ALLOW_PRIVATE_ADDRESSES) connections to public addresses only.
+
+CALLBACK_HOSTS says which host names a callback may name; what a name resolves to is up to whoever runs its DNS (a
+`*.example.com` entry trusts everyone who may add names under it). So, as webhook senders such as GitLab and Gitea
+do by default, a callback does not connect to a loopback, private, link-local (cloud metadata), shared or reserved
+address. The host is resolved once, the addresses checked, and the connection made to an address that passed: a DNS
+answer that changes between the check and the connection (rebinding) cannot lead elsewhere. TLS still checks the
+certificate against the host name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+from collections.abc import Iterable
+
+import httpcore
+import httpx
+
+from infra.settings import Settings
+
+USER_AGENT = "ai-model-server-callbacks/1"
+
+
+class AddressNotAllowedError(Exception):
+    """The callback's host resolves to no public address (and private ones are not allowed)."""
+
+
+def is_public(address: str) -> bool:
+    """Whether an IP address is globally routable (an IPv4-mapped IPv6 address counts as its IPv4 address)."""
+    parsed = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(parsed, ipaddress.IPv6Address) and parsed.ipv4_mapped is not None:
+        parsed = parsed.ipv4_mapped
+    return parsed.is_global and not parsed.is_multicast
+
+
+class _PublicAddressesOnly(httpcore.AsyncNetworkBackend):
+    """Connects to a host's public addresses only, resolved and checked here."""
+
+    def __init__(self) -> None:
+        self._backend = httpcore.AnyIOBackend()
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,  # noqa: ASYNC109 (httpcore's interface)
+        local_address: str | None = None,
+        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        try:
+            async with asyncio.timeout(timeout):
+                found = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except (OSError, TimeoutError) as exc:
+            raise httpcore.ConnectError(f"cannot resolve {host}: {exc}") from exc
+        addresses = list(dict.fromkeys(str(info[4][0]) for info in found))
+        public = [address for address in addresses if is_public(address)]
+        if not public:
+            raise AddressNotAllowedError(
+                f"{host} resolves to {', '.join(addresses)}, not a public address; callbacks to private networks "
+                "are off (CALLBACK_ALLOW_PRIVATE_ADDRESSES=1 turns them on)"
+            )
+        return await self._backend.connect_tcp(public[0], port, timeout, local_address, socket_options)
+
+    async def connect_unix_socket(
+        self,
+        path: str,
+        timeout: float | None = None,  # noqa: ASYNC109 (httpcore's interface)
+        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        raise AddressNotAllowedError("callbacks do not go to Unix sockets")
+
+    async def sleep(self, seconds: float) -> None:
+        await self._backend.sleep(seconds)
+
+
+class _Transport(httpx.AsyncHTTPTransport):
+    """httpx's transport over a connection pool that connects through `_PublicAddressesOnly`. httpx does not take a
+    network backend, so the pool it builds is replaced by one built the same way with the backend (a test sends a
+    callback to a loopback receiver and sees it refused: it fails should the pool stop being this one)."""
+
+    def __init__(self, limits: httpx.Limits) -> None:
+        super().__init__(limits=limits)
+        self._pool = httpcore.AsyncConnectionPool(
+            ssl_context=httpx.create_ssl_context(),
+            max_connections=limits.max_connections,
+            max_keepalive_connections=limits.max_keepalive_connections,
+            keepalive_expiry=limits.keepalive_expiry,
+            network_backend=_PublicAddressesOnly(),
+        )
+
+
+def open_client(settings: Settings) -> httpx.AsyncClient:
+    """The client callbacks go out on: no redirects followed, CALLBACK_TIMEOUT_SECONDS for each phase, no proxy
+    from the environment (HTTP_PROXY and the like), public addresses only unless CALLBACK_ALLOW_PRIVATE_ADDRESSES."""
+    limits = httpx.Limits(max_connections=64, max_keepalive_connections=16)
+    return httpx.AsyncClient(
+        timeout=httpx.Timeout(settings.callback_timeout_seconds),
+        follow_redirects=False,
+        trust_env=False,
+        headers={"user-agent": USER_AGENT},
+        limits=limits,
+        transport=None if settings.callback_allow_private_addresses else _Transport(limits),
+    )
