@@ -27,6 +27,7 @@ from api.services import Services
 from api.urls import job_url
 from contract import metrics
 from contract.announcements import announce_end, to_announce
+from contract.callbacks import CallbackUrlError, check_callback_url
 from contract.jobs import (
     CANCELLED,
     FINISHED,
@@ -90,6 +91,16 @@ def check_idempotency_key(key: str | None) -> str | None:
             400, "invalid_idempotency_key", f"Idempotency-Key must be 1..{MAX_IDEMPOTENCY_KEY_LENGTH} characters"
         )
     return key
+
+
+def allowed_callback_url(services: Services, url: str | None) -> str | None:
+    """A job's callback URL, when CALLBACK_HOSTS allows it (422 callback_not_allowed otherwise)."""
+    if url is None:
+        return None
+    try:
+        return check_callback_url(url, services.settings.callback_hosts)
+    except CallbackUrlError as exc:
+        raise ApiError(422, "callback_not_allowed", str(exc)) from None
 
 
 def _existing(existing: JobRecord, recorded: dict[str, Any], callback_url: str | None) -> None:

@@ -27,6 +27,7 @@ from infra.broker import Priority, Publisher
 
 JOB_CALLBACK = "job.callback"
 MAX_URL_CHARS = 2048
+CALLBACK_URL_PATTERN = r"^[hH][tT][tT][pP][sS]?://"
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 CallbackUrl = Annotated[
@@ -34,7 +35,7 @@ CallbackUrl = Annotated[
     msgspec.Meta(
         min_length=1,
         max_length=MAX_URL_CHARS,
-        pattern=r"^[hH][tT][tT][pP][sS]?://",
+        pattern=CALLBACK_URL_PATTERN,
         description="an http or https URL on a host that CALLBACK_HOSTS allows",
     ),
 ]

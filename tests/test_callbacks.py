@@ -39,6 +39,7 @@ from processor.ops.callbacks import SAMPLE_PROMPT
 from processor.outcomes import Failed
 from processor.runtime import Runtime
 from tests.support.amqp import drain, publish, wait_until
+from tests.support.images import encoded
 from tests.support.server import running_server
 from tests.test_ops_cli import ams_ops_started
 from tests.test_processor import consuming
@@ -519,3 +520,30 @@ async def test_a_callback_connects_to_the_address_it_checked(env, monkeypatch):
 
 def _callback(url: str) -> JobCallbackV1:
     return JobCallbackV1(url=url, event=job_finished(_finished(url))[1])
+
+
+async def test_an_upload_that_does_not_wait_posts_its_indexing_end(make_env, receiver, secrets):
+    """POST /v1/images?wait=false&callback_url=...: the indexing job's end is POSTed once the image is searchable; a
+    callback_url not allowed is a 422 with nothing stored."""
+    env = make_env(
+        CALLBACK_HOSTS=f"127.0.0.1:{receiver.port}",
+        CALLBACK_SECRET=secrets[0],
+        CALLBACK_ALLOW_PRIVATE_ADDRESSES="1",
+    )
+    path = f"/indexed/{uuid.uuid4()}"
+    async with running_server(Settings.from_env(env)) as running:
+        files = {"file": ("cat.png", encoded(3), "image/png")}
+        refused = await running.client.post(
+            "/v1/images", params={"wait": "false", "callback_url": "http://10.0.0.7/hook"}, files=files
+        )
+        assert refused.status_code == 422 and refused.json()["code"] == "callback_not_allowed"
+        assert await running.services.index.count() == 0
+        response = await running.client.post(
+            "/v1/images", params={"wait": "false", "callback_url": receiver.url(path)}, files=files
+        )
+        assert response.status_code == 202, response.text
+        job_id = response.json()["job_id"]
+        [request] = await _posts(receiver, path, 1)
+        event = _event(request)
+        assert (event.job_id, event.type, event.status) == (job_id, "image.index", "succeeded")
+        assert await running.services.index.get(event.result["id"]) is not None

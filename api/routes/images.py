@@ -29,13 +29,14 @@ from api.filters import (
     image_filter,
     query_string,
 )
-from api.jobs import accepted, check_idempotency_key, finished_result, start_job
+from api.jobs import accepted, allowed_callback_url, check_idempotency_key, finished_result, start_job
 from api.openapi import errors
 from api.routes.generate import IDEMPOTENCY_KEY
 from api.schemas import ImageOut, ImageUploadForm, JobAccepted
 from api.services import Services
 from api.thumbnails import Thumbnails
 from api.urls import base_url, image_file_url, image_thumbnail_url
+from contract.callbacks import CALLBACK_URL_PATTERN, MAX_URL_CHARS
 from contract.image_ids import thumbnail_key
 from contract.imaging import check_image
 from contract.jobs import job_id_for_idempotency_key
@@ -116,12 +117,21 @@ async def upload_image(
         bool, Parameter(description="wait for indexing (201 with the record) or return at once (202)")
     ] = True,
     idempotency_key: Annotated[str | None, IDEMPOTENCY_KEY] = None,
+    callback_url: Annotated[
+        str | None,
+        Parameter(
+            description="where the indexing job's end is POSTed (README, Callbacks); a host CALLBACK_HOSTS allows",
+            max_length=MAX_URL_CHARS,
+            pattern=CALLBACK_URL_PATTERN,
+        ),
+    ] = None,
 ) -> Response[ImageOut | JobAccepted]:
     """With an Idempotency-Key the image's id is derived from the key, so a retried upload of the same file finds
     the image (and its job) instead of adding it twice."""
     settings = services.settings
     index = require_index(services)
     key = check_idempotency_key(idempotency_key)
+    callback = allowed_callback_url(services, callback_url)
     raw = await read_upload(data, settings.image_search_max_bytes)
     checked = await asyncio.to_thread(check_image, raw, settings.image_search_max_pixels)
 
@@ -149,6 +159,7 @@ async def upload_image(
         job_id=image_id,
         idempotency_key=key,
         admit=room_left,
+        callback_url=callback,
     )
     result = await finished_result(started)
     if result is None:

@@ -15,7 +15,16 @@ from litestar.status_codes import HTTP_200_OK, HTTP_202_ACCEPTED
 from api.auth import READ, WRITE
 from api.errors import ApiError, error_response, validation_error
 from api.features import require_feature
-from api.jobs import MAX_WAIT_SECONDS, accepted, cancel_job, finished, job_store, next_state, start_job
+from api.jobs import (
+    MAX_WAIT_SECONDS,
+    accepted,
+    allowed_callback_url,
+    cancel_job,
+    finished,
+    job_store,
+    next_state,
+    start_job,
+)
 from api.openapi import errors
 from api.routes.generate import IDEMPOTENCY_KEY, generation_payload
 from api.routes.voice import reference_payload
@@ -23,7 +32,6 @@ from api.schemas import ImageJobRequest, JobAccepted, JobError, JobKind, JobOut,
 from api.services import Services
 from api.strict import json_document, strict_convert
 from api.urls import absolute, job_url
-from contract.callbacks import CallbackUrlError, check_callback_url
 from contract.jobs import JobRecord, JobStatus
 from contract.messages import IMAGE_GENERATE, VOICE_GENERATE, ImageGenerateV1, VoiceGenerateV1
 
@@ -77,7 +85,7 @@ async def create_job(
             400, "unknown_job_type", f"unknown job type {kind.type!r}; known types: {', '.join(sorted(_JOB_TYPES))}"
         )
     job = strict_convert(document, JobRequest)
-    callback_url = _callback_url(services, job.callback_url)
+    callback_url = allowed_callback_url(services, job.callback_url)
     payload = await prepare(services, job)
     started = await start_job(
         services,
@@ -88,16 +96,6 @@ async def create_job(
         callback_url=callback_url,
     )
     return accepted(request, services, started.record)
-
-
-def _callback_url(services: Services, url: str | None) -> str | None:
-    """The job's callback URL, when CALLBACK_HOSTS allows it (422 callback_not_allowed otherwise)."""
-    if url is None:
-        return None
-    try:
-        return check_callback_url(url, services.settings.callback_hosts)
-    except CallbackUrlError as exc:
-        raise ApiError(422, "callback_not_allowed", str(exc)) from None
 
 
 def to_job_out(request: Request, services: Services, record: JobRecord, result: dict[str, Any] | None) -> JobOut:
