@@ -382,9 +382,14 @@ def retry_queue_arguments(delay_seconds: int) -> dict[str, Any]:
     return {"x-message-ttl": delay_seconds * 1000, "x-dead-letter-exchange": JOBS_EXCHANGE}
 
 
-def retry_delay(attempt: int) -> int:
-    """The delay before retry number `attempt` (1-based): 1 s, 5 s, 30 s, then 120 s."""
-    return RETRY_DELAYS_SECONDS[min(attempt, len(RETRY_DELAYS_SECONDS)) - 1]
+def retry_delay(attempt: int, at_least: float = 0.0) -> int:
+    """The delay before retry number `attempt` (1-based): 1 s, 5 s, 30 s, then 120 s; or, when the failure asks
+    for a longer wait (`at_least` seconds: a Retry-After), the shortest delay queue that waits that long (at most
+    the longest one)."""
+    delay = RETRY_DELAYS_SECONDS[min(attempt, len(RETRY_DELAYS_SECONDS)) - 1]
+    if at_least <= delay:
+        return delay
+    return next((longer for longer in RETRY_DELAYS_SECONDS if longer >= at_least), RETRY_DELAYS_SECONDS[-1])
 
 
 async def connect(url: str, timeout_seconds: float = 30.0) -> AbstractRobustConnection:

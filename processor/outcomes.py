@@ -19,11 +19,13 @@ class Succeeded:
 
 @dataclass(frozen=True, slots=True)
 class Failed:
-    """`transient` failures are retried later; the others can never succeed and are dead-lettered."""
+    """`transient` failures are retried later; the others can never succeed and are dead-lettered. `retry_after`:
+    the least wait before the retry that the failure asks for, in seconds (a callback receiver's Retry-After)."""
 
     code: str
     message: str
     transient: bool = False
+    retry_after: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

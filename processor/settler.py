@@ -4,7 +4,8 @@
                             the requester (if any), flush the record and the outputs not yet flushed, announce, ack
     failed, permanent    -> record, announce, copy to the dead-letter exchange with the reason (confirmed), reply,
                             ack
-    failed, transient    -> record, copy to a delayed retry queue with attempts + 1 (confirmed), ack;
+    failed, transient    -> record, copy to a delayed retry queue with attempts + 1 (confirmed; the queue waits at
+                            least the failure's retry_after), ack;
                             after MAX_ATTEMPTS, dead-lettered instead
     withdrawn            -> ack (the API withdrew the job: its record says so, and nobody waits for it)
     cancelled            -> reply (the job's error, to a requester still waiting), announce, ack (its client
@@ -170,7 +171,7 @@ class Settler:
     async def _retry(
         self, message: AbstractIncomingMessage, job: Job, outcome: Failed, number: int, elapsed: float
     ) -> None:
-        delay = retry_delay(number)
+        delay = retry_delay(number, outcome.retry_after or 0.0)
         try:
             await self._publisher.republish(
                 message,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
+import email.utils
 import json
 import os
 import socket
@@ -18,6 +19,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpcore
@@ -29,12 +31,12 @@ from contract.callbacks import JOB_CALLBACK, CallbackUrlError, JobCallbackV1, ch
 from contract.events import JobFinishedV1, job_finished
 from contract.jobs import JobRecord, JobStore
 from contract.messages import IMAGE_GENERATE
-from infra.broker import ATTEMPTS_HEADER, REASON_CODE_HEADER, REASON_HEADER, Publisher, connect
+from infra.broker import ATTEMPTS_HEADER, REASON_CODE_HEADER, REASON_HEADER, Publisher, connect, retry_delay
 from infra.settings import Settings
 from infra.startup import StartupError
 from processor.announcer import OWED_PREFIX, Announcer
 from processor.handlers.callback_client import is_public, open_client
-from processor.handlers.job_callback import deliver
+from processor.handlers.job_callback import deliver, retry_after_seconds
 from processor.ops.callbacks import SAMPLE_PROMPT
 from processor.outcomes import Failed
 from processor.runtime import Runtime
@@ -56,6 +58,7 @@ class Received:
     path: str
     headers: dict[str, str]
     body: bytes
+    at: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -66,6 +69,7 @@ class Receiver:
     port: int = 0
     script: dict[str, list[int]] = field(default_factory=dict)
     delays: dict[str, list[float]] = field(default_factory=dict)
+    answer_headers: dict[str, dict[str, str]] = field(default_factory=dict)
     received: list[Received] = field(default_factory=list)
 
     def url(self, path: str) -> str:
@@ -99,6 +103,8 @@ def receiver() -> Iterator[Receiver]:
             self.send_response(status)
             if 300 <= status < 400:
                 self.send_header("location", "/followed")
+            for name, value in state.answer_headers.get(self.path, {}).items():
+                self.send_header(name, value)
             self.send_header("content-length", "0")
             self.end_headers()
 
@@ -272,6 +278,15 @@ async def test_a_failing_receiver_gets_the_callback_again(server, receiver, sett
     requests = await _posts(receiver, path, 2, timeout=20)
     assert len({request.headers["webhook-id"] for request in requests}) == 1
     assert all(_event(request).job_id == job_id for request in requests)
+
+
+async def test_a_receiver_asking_to_retry_later_is_not_called_sooner(server, receiver, settings):
+    """429 with Retry-After: 3: the retry waits in the 5 s delay queue instead of the first retry's 1 s one."""
+    path = f"/busy/{uuid.uuid4()}"
+    receiver.script[path], receiver.answer_headers[path] = [429, 200], {"retry-after": "3"}
+    await _direct_callback(settings, receiver.url(path))
+    first, second = await _posts(receiver, path, 2, timeout=20)
+    assert second.at - first.at >= 4.5
 
 
 async def test_a_receiver_that_answers_too_late_gets_the_callback_again(server, receiver, settings):
@@ -547,3 +562,12 @@ async def test_an_upload_that_does_not_wait_posts_its_indexing_end(make_env, rec
         event = _event(request)
         assert (event.job_id, event.type, event.status) == (job_id, "image.index", "succeeded")
         assert await running.services.index.get(event.result["id"]) is not None
+
+
+def test_retry_after_picks_the_shortest_delay_queue_that_waits_long_enough():
+    assert [retry_delay(1, wait) for wait in (0, 1, 3, 5, 6, 31, 500)] == [1, 1, 5, 5, 30, 120, 120]
+    assert retry_delay(3, 2) == 30  # never sooner than the attempt's own delay
+    assert retry_after_seconds("7") == 7.0
+    assert retry_after_seconds("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # a date in the past: at once
+    assert 3500 < retry_after_seconds(email.utils.format_datetime(datetime.now(UTC) + timedelta(hours=1))) <= 3600
+    assert [retry_after_seconds(value) for value in (None, "", "soon", "-5")] == [None] * 4

@@ -2,16 +2,19 @@
 processor/handlers/callback_client.py (redirects not followed, public addresses only unless allowed).
 
 The POSTs of a batch go out side by side; the answer's body is not read. 2xx: delivered. 408, 425, 429, 5xx, a
-timeout (CALLBACK_TIMEOUT_SECONDS) or a connection failure: retried through the retry queues. Any other answer
-(a redirect included: following it could lead anywhere): dead-lettered, as is a URL CALLBACK_HOSTS does not allow
-or a host that resolves to no address the client may connect to.
+timeout (CALLBACK_TIMEOUT_SECONDS) or a connection failure: retried through the retry queues (no sooner than a
+Retry-After asks, up to the longest delay queue's 120 s). Any other answer (a redirect included: following it could
+lead anywhere): dead-lettered, as is a URL CALLBACK_HOSTS does not allow or a host that resolves to no address the
+client may connect to.
 """
 
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import time
 from collections.abc import Sequence
+from datetime import UTC, datetime
 
 import httpx
 import msgspec
@@ -26,6 +29,21 @@ log = structlog.get_logger(__name__)
 
 BATCH_SIZE = 16  # POSTs sent side by side by one batch (and up to PIPELINE_DEPTH batches run at once)
 RETRIED_STATUSES = frozenset({408, 425, 429})  # and every 5xx
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """A Retry-After header's wait in seconds (a number of seconds, or an HTTP date); None when absent or unreadable."""
+    if not value:
+        return None
+    if value.strip().isdigit():
+        return float(value.strip())
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
 class CallbackHandler:
@@ -64,6 +82,7 @@ async def deliver(
     try:
         async with client.stream("POST", callback.url, content=body, headers=headers) as response:
             status, reason = response.status_code, response.reason_phrase
+            retry_after = retry_after_seconds(response.headers.get("retry-after"))
     except AddressNotAllowedError as exc:
         bound.warning("callback_not_allowed", error=str(exc))
         return Failed("callback_not_allowed", f"POST {callback.url} not sent: {exc}")
@@ -77,7 +96,7 @@ async def deliver(
         return Succeeded({"job_id": event.job_id, "event_id": event.event_id, "status_code": status})
     answer = f"POST {callback.url} answered {status} {reason}".rstrip()
     if status in RETRIED_STATUSES or status >= 500:
-        bound.warning("callback_failed", status=status, seconds=seconds)
-        return Failed("callback_failed", answer, transient=True)
+        bound.warning("callback_failed", status=status, seconds=seconds, retry_after=retry_after)
+        return Failed("callback_failed", answer, transient=True, retry_after=retry_after)
     bound.warning("callback_refused", status=status, seconds=seconds)
     return Failed("callback_refused", f"{answer}; not retried (only 408, 425, 429 and 5xx answers are)")
