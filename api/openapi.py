@@ -226,8 +226,8 @@ def _describe_callbacks(operation: Operation | None, schemas: dict[str, Any]) ->
         summary="The job's end, POSTed to its callback_url, signed as Standard Webhooks sign",
         description=(
             "2xx delivers it; 408, 425, 429, 5xx, a timeout or a connection failure is retried (after 1, 5, 30, 120 s, "
-            "MAX_ATTEMPTS tries); other answers, redirects included, are not. At least once: drop repeats by "
-            "webhook-id."
+            "no sooner than a Retry-After asks, MAX_ATTEMPTS tries); other answers, redirects included, are not. At "
+            "least once: drop repeats by webhook-id."
         ),
         parameters=headers,
         request_body=RequestBody(content={"application/json": OpenAPIMediaType(schema=event)}, required=True),
