@@ -54,6 +54,17 @@ class JobError(msgspec.Struct, kw_only=True):
     message: str
 
 
+class CallbackOut(msgspec.Struct, kw_only=True):
+    """What became of the callback of a job's end (README, Callbacks): pending (the job has not ended, or its
+    callback has not been tried yet), delivered, retrying (it failed and is tried again later) or failed (not
+    delivered: dead-lettered for an operator); `answer`: what the receiver answered, or why it was not sent."""
+
+    state: Literal["pending", "delivered", "retrying", "failed"]
+    attempts: int
+    answer: str | None = None
+    at: str | None = None
+
+
 class JobOut(msgspec.Struct, kw_only=True):
     job_id: str
     type: str
@@ -68,6 +79,7 @@ class JobOut(msgspec.Struct, kw_only=True):
     error: JobError | None
     last_error: JobError | None
     callback_url: str | None = None
+    callback: CallbackOut | None = None
     status_url: str
 
 

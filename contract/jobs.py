@@ -20,6 +20,7 @@ from typing import Any, Literal
 import msgspec
 import structlog
 
+from contract.callback_states import stored_states
 from contract.errors import ErrorInfo
 from infra.storage import ObjectNotFoundError, ObjectStore, PreconditionFailedError
 
@@ -65,6 +66,14 @@ def age_seconds(stamp: str, now: datetime | None = None) -> float:
     """Seconds since an ISO stamp written by now_iso (negative when the writer's clock is ahead)."""
     then = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
     return ((now or datetime.now(tz=UTC)) - then).total_seconds()
+
+
+def _older(stamp: str, now: datetime, ttl: timedelta) -> bool:
+    """Whether an ISO stamp is older than `ttl` (a stamp that cannot be read counts as old)."""
+    try:
+        return age_seconds(stamp, now) > ttl.total_seconds()
+    except ValueError:
+        return True
 
 
 def job_id_for_idempotency_key(job_type: str, key: str) -> str:
@@ -227,13 +236,17 @@ class JobStore:
         return [found for found in await asyncio.gather(*(read(key) for key in keys)) if found is not None]
 
     async def sweep(self) -> int:
-        """Delete the expired records; returns how many."""
+        """Delete the expired records, and the states of callbacks last tried longer ago than records are kept
+        (contract/callback_states.py); returns how many records."""
         now = datetime.now(tz=UTC)
         removed = 0
         async for key, record in self.stored():
             if self.expired(record, now):
                 await self._store.delete(key)
                 removed += 1
+        async for key, state in stored_states(self._store):
+            if state is None or _older(state.at, now, self._ttl):
+                await self._store.delete(key)
         return removed
 
     @staticmethod

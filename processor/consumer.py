@@ -302,6 +302,7 @@ class Consumer:
             payload=payload,
             priority=message.priority or 0,
             pieces=pieces_for(message, self._publisher),
+            attempt=attempt(message),
         )
 
 

@@ -90,7 +90,11 @@ def build_handlers(runtime: Runtime) -> tuple[dict[str, Handler], dict[str, str]
         disabled[VOICE_GENERATE] = _refusal(runtime, "voice")
     if runtime.callbacks is not None:
         handlers[JOB_CALLBACK] = CallbackHandler(
-            client=runtime.callbacks, hosts=settings.callback_hosts, secrets=settings.callback_secrets
+            client=runtime.callbacks,
+            hosts=settings.callback_hosts,
+            secrets=settings.callback_secrets,
+            store=runtime.store,
+            max_attempts=settings.max_attempts,
         )
     else:
         disabled[JOB_CALLBACK] = _refusal(runtime, "callback")

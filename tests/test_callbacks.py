@@ -27,6 +27,7 @@ import msgspec
 import pytest
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
+from contract.callback_states import CallbackState, read_state, write_state
 from contract.callbacks import JOB_CALLBACK, CallbackUrlError, JobCallbackV1, check_callback_url
 from contract.events import JobFinishedV1, job_finished
 from contract.jobs import JobRecord, JobStore
@@ -180,6 +181,7 @@ async def test_a_finished_job_is_posted_to_its_callback_url_signed(server, gener
     job_id = await _started(server, receiver.url(path))
     job = (await server.client.get(f"/v1/jobs/{job_id}")).json()
     assert (job["status"], job["callback_url"]) == ("queued", receiver.url(path))
+    assert job["callback"] == {"state": "pending", "attempts": 0, "answer": None, "at": None}
     async with consuming(generating):
         [request] = await _posts(receiver, path, 1)
     event = _event(request)
@@ -192,8 +194,25 @@ async def test_a_finished_job_is_posted_to_its_callback_url_signed(server, gener
         assert Webhook(secret).verify(request.body, request.headers)["job_id"] == job_id
     with pytest.raises(WebhookVerificationError):
         Webhook(_secret()).verify(request.body, request.headers)
-    job = (await server.client.get(f"/v1/jobs/{job_id}")).json()
+    job = await _callback_settled(server, job_id)
     assert job["status"] == "succeeded" and job["finished_at"] == event.finished_at
+    assert (job["callback"]["state"], job["callback"]["attempts"], job["callback"]["answer"]) == (
+        "delivered",
+        1,
+        "answered 200",
+    )
+
+
+async def _callback_settled(server, job_id: str) -> dict:
+    """The job, once its callback is no longer pending."""
+    job: dict = {}
+
+    async def settled() -> bool:
+        job.update((await server.client.get(f"/v1/jobs/{job_id}")).json())
+        return job["callback"]["state"] != "pending"
+
+    await wait_until(settled, timeout=20)
+    return job
 
 
 async def test_a_job_without_callback_url_posts_nothing(server, generating, receiver):
@@ -207,6 +226,45 @@ async def test_a_job_without_callback_url_posts_nothing(server, generating, rece
 
 async def _succeeded(server, job_id: str) -> bool:
     return (await server.client.get(f"/v1/jobs/{job_id}")).json()["status"] == "succeeded"
+
+
+async def test_the_job_says_what_became_of_its_callback(server, receiver):
+    """retrying after a 503, delivered on the second try; failed (not retried) after a 404, with the answer."""
+    flaky, gone = f"/flaky-job/{uuid.uuid4()}", f"/gone-job/{uuid.uuid4()}"
+    receiver.script[flaky], receiver.script[gone] = [503, 200], [404]
+    flaky_job, gone_job = await _started(server, receiver.url(flaky)), await _started(server, receiver.url(gone))
+    for job_id in (flaky_job, gone_job):
+        assert (await server.client.post(f"/v1/jobs/{job_id}/cancel")).status_code == 200
+    store = server.services.store
+
+    async def retrying() -> bool:
+        state = await read_state(store, flaky_job)
+        return state is not None and state.state == "retrying"
+
+    await wait_until(retrying, timeout=20)
+    job = (await server.client.get(f"/v1/jobs/{flaky_job}")).json()
+    assert job["callback"]["state"] in ("retrying", "delivered")
+    await _posts(receiver, flaky, 2, timeout=20)
+    await wait_until(lambda: _callback_is(server, flaky_job, "delivered"), timeout=20)
+    assert (await server.client.get(f"/v1/jobs/{flaky_job}")).json()["callback"]["attempts"] == 2
+    job = await _callback_settled(server, gone_job)
+    assert (job["callback"]["state"], job["callback"]["attempts"]) == ("failed", 1)
+    assert "answered 404 Not Found" in job["callback"]["answer"]
+
+
+async def _callback_is(server, job_id: str, state: str) -> bool:
+    return (await server.client.get(f"/v1/jobs/{job_id}")).json()["callback"]["state"] == state
+
+
+async def test_callback_states_are_swept_with_the_records(server):
+    store = server.services.store
+    old, fresh = str(uuid.uuid4()), str(uuid.uuid4())
+    for job_id, at in ((old, "2020-01-01T00:00:00.000000Z"), (fresh, datetime.now(UTC).isoformat())):
+        state = CallbackState(event_id=str(uuid.uuid4()), state="delivered", attempts=1, answer="answered 200", at=at)
+        await write_state(store, job_id, state)
+    await JobStore(store, 7).sweep()
+    assert await read_state(store, old) is None
+    assert await read_state(store, fresh) is not None
 
 
 async def test_a_cancelled_job_posts_its_cancellation(server, receiver):

@@ -28,10 +28,21 @@ from api.jobs import (
 from api.openapi import errors
 from api.routes.generate import IDEMPOTENCY_KEY, generation_payload
 from api.routes.voice import reference_payload
-from api.schemas import ImageJobRequest, JobAccepted, JobError, JobKind, JobOut, JobRequest, VoiceJobRequest
+from api.schemas import (
+    CallbackOut,
+    ImageJobRequest,
+    JobAccepted,
+    JobError,
+    JobKind,
+    JobOut,
+    JobRequest,
+    VoiceJobRequest,
+)
 from api.services import Services
 from api.strict import json_document, strict_convert
 from api.urls import absolute, job_url
+from contract.callback_states import read_state
+from contract.events import has_ended, job_finished
 from contract.jobs import JobRecord, JobStatus
 from contract.messages import IMAGE_GENERATE, VOICE_GENERATE, ImageGenerateV1, VoiceGenerateV1
 
@@ -98,7 +109,25 @@ async def create_job(
     return accepted(request, services, started.record)
 
 
-def to_job_out(request: Request, services: Services, record: JobRecord, result: dict[str, Any] | None) -> JobOut:
+async def _callback_of(services: Services, record: JobRecord) -> CallbackOut | None:
+    """What became of the callback of the job's end (None: the job has no callback_url); pending until the end's
+    first try is recorded. A state written for an earlier end of the job (before an operator's replay) is not this
+    end's."""
+    if record.callback_url is None:
+        return None
+    state = await read_state(services.store, record.job_id) if has_ended(record) else None
+    if state is None or state.event_id != job_finished(record)[1].event_id:
+        return CallbackOut(state="pending", attempts=0)
+    return CallbackOut(state=state.state, attempts=state.attempts, answer=state.answer, at=state.at)
+
+
+def to_job_out(
+    request: Request,
+    services: Services,
+    record: JobRecord,
+    result: dict[str, Any] | None,
+    callback: CallbackOut | None,
+) -> JobOut:
     return JobOut(
         job_id=record.job_id,
         type=record.type,
@@ -115,6 +144,7 @@ def to_job_out(request: Request, services: Services, record: JobRecord, result: 
             JobError(code=record.last_error.code, message=record.last_error.message) if record.last_error else None
         ),
         callback_url=record.callback_url,
+        callback=callback,
         status_url=job_url(request, services.settings, record.job_id),
     )
 
@@ -160,7 +190,7 @@ async def get_job(
     if result is not None and isinstance(result.get("key"), str):
         url = await services.store.presigned_get_url(result["key"], services.settings.presign_ttl_seconds)
         result["url"] = absolute(request, services.settings, url)
-    return to_job_out(request, services, record, result)
+    return to_job_out(request, services, record, result, await _callback_of(services, record))
 
 
 @post(
@@ -172,7 +202,7 @@ async def get_job(
 )
 async def cancel(request: Request, services: Services, job_id: str) -> JobOut:
     record = await cancel_job(services, _job_id(job_id))
-    return to_job_out(request, services, record, None)
+    return to_job_out(request, services, record, None, await _callback_of(services, record))
 
 
 def _job_id(job_id: str) -> str:

@@ -22,7 +22,7 @@ class PieceSink(Protocol):
 class Job:
     """A decoded message: its id, type, validated payload and priority; `pieces` when the requester asked for the
     output streamed (a handler that cannot stream ignores it); `marking`: its record's running mark being written
-    (a job with a record)."""
+    (a job with a record); `attempt`: this delivery's attempt number (1 for the first)."""
 
     message_id: str
     message_type: str
@@ -30,6 +30,7 @@ class Job:
     priority: int
     pieces: PieceSink | None = None
     marking: asyncio.Task[bool] | None = None
+    attempt: int = 1
 
     async def still_wanted(self) -> bool:
         """Whether the job may make its outputs, asked before its first lasting side effect (an object stored, a

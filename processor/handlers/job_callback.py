@@ -5,7 +5,7 @@ The POSTs of a batch go out side by side; the answer's body is not read. 2xx: de
 timeout (CALLBACK_TIMEOUT_SECONDS) or a connection failure: retried through the retry queues (no sooner than a
 Retry-After asks, up to the longest delay queue's 120 s). Any other answer (a redirect included: following it could
 lead anywhere): dead-lettered, as is a URL CALLBACK_HOSTS does not allow or a host that resolves to no address the
-client may connect to.
+client may connect to. After each try, what became of it is written for GET /v1/jobs/{id} (contract/callback_states.py).
 """
 
 from __future__ import annotations
@@ -20,10 +20,14 @@ import httpx
 import msgspec
 import structlog
 
+from contract.callback_states import CallbackState, CallbackStatus, write_state
 from contract.callbacks import JOB_CALLBACK, CallbackUrlError, JobCallbackV1, check_callback_url, signature_headers
+from contract.jobs import now_iso
+from infra.storage import ObjectStore
 from processor.handlers.base import Job
 from processor.handlers.callback_client import AddressNotAllowedError
 from processor.outcomes import Failed, Outcome, Succeeded
+from processor.retrying import TRANSIENT_ERRORS, retry_transient
 
 log = structlog.get_logger(__name__)
 
@@ -52,17 +56,45 @@ class CallbackHandler:
     always_record = False
     pipelined = True
 
-    def __init__(self, *, client: httpx.AsyncClient, hosts: tuple[str, ...], secrets: tuple[bytes, ...]) -> None:
+    def __init__(
+        self,
+        *,
+        client: httpx.AsyncClient,
+        hosts: tuple[str, ...],
+        secrets: tuple[bytes, ...],
+        store: ObjectStore,
+        max_attempts: int,
+    ) -> None:
         self._client = client
         self._hosts = hosts
         self._secrets = secrets
+        self._store = store
+        self._max_attempts = max_attempts
 
     async def handle(self, jobs: Sequence[Job]) -> list[Outcome]:
-        return list(
-            await asyncio.gather(
-                *(deliver(self._client, job.payload, hosts=self._hosts, secrets=self._secrets) for job in jobs)
-            )
+        return list(await asyncio.gather(*(self._one(job) for job in jobs)))
+
+    async def _one(self, job: Job) -> Outcome:
+        callback: JobCallbackV1 = job.payload
+        outcome = await deliver(self._client, callback, hosts=self._hosts, secrets=self._secrets)
+        await self._record(job, callback, outcome)
+        return outcome
+
+    async def _record(self, job: Job, callback: JobCallbackV1, outcome: Succeeded | Failed) -> None:
+        """Write what became of this try (contract/callback_states.py), best effort: the outcome stands either way."""
+        if isinstance(outcome, Succeeded):
+            status: CallbackStatus = "delivered"
+            answer = f"answered {outcome.result['status_code']}"
+        else:
+            status = "retrying" if outcome.transient and job.attempt < self._max_attempts else "failed"
+            answer = outcome.message
+        state = CallbackState(
+            event_id=callback.event.event_id, state=status, attempts=job.attempt, answer=answer, at=now_iso()
         )
+        try:
+            await retry_transient(lambda: write_state(self._store, callback.event.job_id, state), attempts=2)
+        except TRANSIENT_ERRORS as exc:
+            log.warning("callback_state_not_written", job_id=callback.event.job_id, error=str(exc))
 
 
 async def deliver(
