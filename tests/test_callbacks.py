@@ -30,7 +30,7 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from contract.callback_states import CallbackState, read_state, write_state
 from contract.callbacks import JOB_CALLBACK, CallbackUrlError, JobCallbackV1, check_callback_url
 from contract.events import JobFinishedV1, job_finished
-from contract.jobs import JobRecord, JobStore
+from contract.jobs import JobRecord, JobStore, withdrawn
 from contract.messages import IMAGE_GENERATE
 from infra.broker import ATTEMPTS_HEADER, REASON_CODE_HEADER, REASON_HEADER, Publisher, connect, retry_delay
 from infra.settings import Settings
@@ -254,6 +254,14 @@ async def test_the_job_says_what_became_of_its_callback(server, receiver):
 
 async def _callback_is(server, job_id: str, state: str) -> bool:
     return (await server.client.get(f"/v1/jobs/{job_id}")).json()["callback"]["state"] == state
+
+
+async def test_a_withdrawn_job_has_no_callback_to_wait_for(server, receiver):
+    jobs = JobStore(server.services.store, 7)
+    record = JobStore.new(str(uuid.uuid4()), IMAGE_GENERATE, dict(PARAMS), callback_url=receiver.url("/never"))
+    await jobs.create(withdrawn(record, "RabbitMQ did not confirm it"))
+    job = (await server.client.get(f"/v1/jobs/{record.job_id}")).json()
+    assert (job["status"], job["callback_url"], job["callback"]) == ("failed", receiver.url("/never"), None)
 
 
 async def test_callback_states_are_swept_with_the_records(server):

@@ -43,7 +43,7 @@ from api.strict import json_document, strict_convert
 from api.urls import absolute, job_url
 from contract.callback_states import read_state
 from contract.events import has_ended, job_finished
-from contract.jobs import JobRecord, JobStatus
+from contract.jobs import JobRecord, JobStatus, is_withdrawn
 from contract.messages import IMAGE_GENERATE, VOICE_GENERATE, ImageGenerateV1, VoiceGenerateV1
 
 
@@ -110,10 +110,10 @@ async def create_job(
 
 
 async def _callback_of(services: Services, record: JobRecord) -> CallbackOut | None:
-    """What became of the callback of the job's end (None: the job has no callback_url); pending until the end's
-    first try is recorded. A state written for an earlier end of the job (before an operator's replay) is not this
-    end's."""
-    if record.callback_url is None:
+    """What became of the callback of the job's end (None: the job has no callback_url, or was withdrawn and so has
+    no end to announce); pending until the end's first try is recorded. A state written for an earlier end of the
+    job (before an operator's replay) is not this end's."""
+    if record.callback_url is None or is_withdrawn(record):
         return None
     state = await read_state(services.store, record.job_id) if has_ended(record) else None
     if state is None or state.event_id != job_finished(record)[1].event_id:
