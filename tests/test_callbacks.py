@@ -379,6 +379,21 @@ async def test_a_receiver_that_refuses_dead_letters_the_callback(server, receive
     assert [len(receiver.at(gone)), len(receiver.at(moved)), len(receiver.at("/followed"))] == [1, 1, 0]
 
 
+async def test_a_callback_whose_job_id_is_no_storage_key_is_delivered_all_the_same(server, receiver, settings):
+    """An upstream job.callback may name any job id: its state cannot be written under it, and the callback is
+    delivered and settled all the same (not dead-lettered as a crash)."""
+    path = f"/odd-id/{uuid.uuid4()}"
+    record = msgspec.structs.replace(_finished(receiver.url(path)), job_id="../outside")
+    _, event = job_finished(record)
+    body = msgspec.json.encode(JobCallbackV1(url=receiver.url(path), event=event))
+    await publish(settings.amqp_url, JOB_CALLBACK, body, message_id=event.event_id)
+    [request] = await _posts(receiver, path, 1)
+    assert _event(request).job_id == "../outside"
+    await asyncio.sleep(0.5)  # settled
+    dead = await drain(settings.amqp_url, "ams.dead", 1.0)
+    assert [message for message in dead if message.message_id == event.event_id] == []
+
+
 async def test_the_processor_refuses_a_callback_to_a_host_it_does_not_allow(server, receiver, settings):
     """A job.callback from upstream naming another host is dead-lettered unsent."""
     await _direct_callback(settings, "http://10.0.0.7/hook")

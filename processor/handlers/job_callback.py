@@ -23,11 +23,11 @@ import structlog
 from contract.callback_states import CallbackState, CallbackStatus, write_state
 from contract.callbacks import JOB_CALLBACK, CallbackUrlError, JobCallbackV1, check_callback_url, signature_headers
 from contract.jobs import now_iso
-from infra.storage import ObjectStore
+from infra.storage import ObjectStore, StorageError
 from processor.handlers.base import Job
 from processor.handlers.callback_client import AddressNotAllowedError
 from processor.outcomes import Failed, Outcome, Succeeded
-from processor.retrying import TRANSIENT_ERRORS, retry_transient
+from processor.retrying import retry_transient
 
 log = structlog.get_logger(__name__)
 
@@ -93,7 +93,7 @@ class CallbackHandler:
         )
         try:
             await retry_transient(lambda: write_state(self._store, callback.event.job_id, state), attempts=2)
-        except TRANSIENT_ERRORS as exc:
+        except StorageError as exc:  # unavailable, or a job id from upstream that is no key
             log.warning("callback_state_not_written", job_id=callback.event.job_id, error=str(exc))
 
 
