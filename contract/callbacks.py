@@ -24,6 +24,7 @@ import msgspec
 
 from contract.events import JobFinishedV1
 from infra.broker import Priority, Publisher
+from infra.settings import HOST_NAME
 
 JOB_CALLBACK = "job.callback"
 MAX_URL_CHARS = 2048
@@ -74,7 +75,13 @@ def check_callback_url(url: str, hosts: tuple[str, ...]) -> str:
         raise CallbackUrlError(f"callback_url {url!r}: expected an http:// or https:// URL with a host")
     if parts.username is not None or parts.password is not None or parts.fragment:
         raise CallbackUrlError(f"callback_url {url!r}: a user name, password or #fragment is not allowed")
+    if any(character <= " " or character == "\x7f" for character in url):
+        raise CallbackUrlError(
+            f"callback_url {url!r}: spaces and control characters are not allowed (percent-encode them)"
+        )
     host = parts.hostname.lower()
+    if not (HOST_NAME.match(host) or _is_address(host)):
+        raise CallbackUrlError(f"callback_url {url!r}: {host!r} is not a host name")
     effective_port = port if port is not None else _DEFAULT_PORTS[parts.scheme]
     if not any(_allows(entry, host, effective_port) for entry in hosts):
         raise CallbackUrlError(
@@ -93,6 +100,14 @@ def _allows(entry: str, host: str, port: int) -> bool:
     if entry.startswith("*."):
         return host.endswith(f".{allowed}")
     return host == allowed or _same_address(host, allowed)
+
+
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _same_address(first: str, second: str) -> bool:

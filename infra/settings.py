@@ -249,7 +249,8 @@ def _list(env: _Reader, name: str) -> tuple[str, ...]:
 
 CALLBACK_SECRET_PREFIX = "whsec_"
 CALLBACK_SECRET_BYTES = (24, 64)  # what Standard Webhooks asks of a signing secret
-_HOST_NAME = re.compile(r"^[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?)*$")
+# a host name as CALLBACK_HOSTS and callback URLs may name it (lowercase; `_` allowed, as in compose service names)
+HOST_NAME = re.compile(r"^[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?)*$")
 
 
 def _callback_hosts(env: _Reader) -> tuple[str, ...]:
@@ -265,7 +266,7 @@ def _callback_hosts(env: _Reader) -> tuple[str, ...]:
             port = None
             parsed = urlparse("//:")
         host = parsed.hostname or ""
-        name_ok = bool(_HOST_NAME.match(host)) or _is_address(host)
+        name_ok = bool(HOST_NAME.match(host)) or _is_address(host)
         if not name_ok or parsed.path or parsed.username is not None or (wildcard and _is_address(host)):
             raise SettingsError(
                 f"CALLBACK_HOSTS entry {entry!r}: expected host, host:port, *.domain or [v6 address]:port, "

@@ -329,6 +329,10 @@ def test_callback_hosts_allow_hosts_ports_and_subdomains():
         "http://[::1]/x",
         "https://hooks.example.com.evil.test/x",
         "https://evilhooks.example.com/x",
+        "https://a b.internal.example:8443/x",  # a space
+        "https://a.internal.example:8443/x\ny",  # a control character
+        "https://a..internal.example:8443/x",  # not a host name
+        "https://%41.internal.example:8443/x",
     ):
         with pytest.raises(CallbackUrlError):
             check_callback_url(refused, hosts)
@@ -652,3 +656,11 @@ def test_retry_after_picks_the_shortest_delay_queue_that_waits_long_enough():
     assert retry_after_seconds("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # a date in the past: at once
     assert 3500 < retry_after_seconds(email.utils.format_datetime(datetime.now(UTC) + timedelta(hours=1))) <= 3600
     assert [retry_after_seconds(value) for value in (None, "", "soon", "-5")] == [None] * 4
+
+
+async def test_a_host_name_idna_refuses_is_not_sent_nor_retried(settings):
+    async with open_client(settings) as client:
+        outcome = await deliver(
+            client, _callback("http://xn--zz.example.com/x"), hosts=("*.example.com",), secrets=(b"k" * 32,)
+        )
+    assert isinstance(outcome, Failed) and not outcome.transient and outcome.code == "callback_not_allowed"

@@ -75,8 +75,14 @@ class CallbackHandler:
         return list(await asyncio.gather(*(self._one(job) for job in jobs)))
 
     async def _one(self, job: Job) -> Outcome:
+        """One callback, on its own: an unforeseen error fails this one (dead-lettered, replayable), not the batch,
+        whose other POSTs have gone out."""
         callback: JobCallbackV1 = job.payload
-        outcome = await deliver(self._client, callback, hosts=self._hosts, secrets=self._secrets)
+        try:
+            outcome = await deliver(self._client, callback, hosts=self._hosts, secrets=self._secrets)
+        except Exception as exc:
+            log.exception("callback_crashed", job_id=callback.event.job_id, event_id=callback.event.event_id)
+            outcome = Failed("internal_error", f"{type(exc).__name__}: {exc}")
         await self._record(job, callback, outcome)
         return outcome
 
@@ -115,7 +121,7 @@ async def deliver(
         async with client.stream("POST", callback.url, content=body, headers=headers) as response:
             status, reason = response.status_code, response.reason_phrase
             retry_after = retry_after_seconds(response.headers.get("retry-after"))
-    except AddressNotAllowedError as exc:
+    except (AddressNotAllowedError, httpx.InvalidURL, UnicodeError) as exc:  # UnicodeError: a name IDNA refuses
         bound.warning("callback_not_allowed", error=str(exc))
         return Failed("callback_not_allowed", f"POST {callback.url} not sent: {exc}")
     except httpx.HTTPError as exc:
