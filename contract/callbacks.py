@@ -24,7 +24,7 @@ import msgspec
 
 from contract.events import JobFinishedV1
 from infra.broker import Priority, Publisher
-from infra.settings import HOST_NAME
+from infra.settings import is_host
 
 JOB_CALLBACK = "job.callback"
 MAX_URL_CHARS = 2048
@@ -80,7 +80,7 @@ def check_callback_url(url: str, hosts: tuple[str, ...]) -> str:
             f"callback_url {url!r}: spaces and control characters are not allowed (percent-encode them)"
         )
     host = parts.hostname.lower()
-    if not (HOST_NAME.match(host) or _is_address(host)):
+    if not is_host(host):
         raise CallbackUrlError(f"callback_url {url!r}: {host!r} is not a host name")
     effective_port = port if port is not None else _DEFAULT_PORTS[parts.scheme]
     if not any(_allows(entry, host, effective_port) for entry in hosts):
@@ -100,14 +100,6 @@ def _allows(entry: str, host: str, port: int) -> bool:
     if entry.startswith("*."):
         return host.endswith(f".{allowed}")
     return host == allowed or _same_address(host, allowed)
-
-
-def _is_address(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 def _same_address(first: str, second: str) -> bool:

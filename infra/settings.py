@@ -250,7 +250,7 @@ def _list(env: _Reader, name: str) -> tuple[str, ...]:
 CALLBACK_SECRET_PREFIX = "whsec_"
 CALLBACK_SECRET_BYTES = (24, 64)  # what Standard Webhooks asks of a signing secret
 # a host name as CALLBACK_HOSTS and callback URLs may name it (lowercase; `_` allowed, as in compose service names)
-HOST_NAME = re.compile(r"^[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?)*$")
+_HOST_NAME = re.compile(r"^[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?)*$")
 
 
 def _callback_hosts(env: _Reader) -> tuple[str, ...]:
@@ -266,8 +266,7 @@ def _callback_hosts(env: _Reader) -> tuple[str, ...]:
             port = None
             parsed = urlparse("//:")
         host = parsed.hostname or ""
-        name_ok = bool(HOST_NAME.match(host)) or _is_address(host)
-        if not name_ok or parsed.path or parsed.username is not None or (wildcard and _is_address(host)):
+        if not is_host(host) or parsed.path or parsed.username is not None or (wildcard and is_address(host)):
             raise SettingsError(
                 f"CALLBACK_HOSTS entry {entry!r}: expected host, host:port, *.domain or [v6 address]:port, "
                 "comma-separated (e.g. hooks.example.com,*.internal.example:8443)"
@@ -277,12 +276,18 @@ def _callback_hosts(env: _Reader) -> tuple[str, ...]:
     return tuple(dict.fromkeys(hosts))
 
 
-def _is_address(host: str) -> bool:
+def is_address(host: str) -> bool:
+    """Whether `host` is an IP address (IPv6 without brackets)."""
     try:
         ipaddress.ip_address(host)
     except ValueError:
         return False
     return True
+
+
+def is_host(host: str) -> bool:
+    """Whether `host` (lowercase) is a host name or an IP address."""
+    return bool(_HOST_NAME.match(host)) or is_address(host)
 
 
 def _callback_secrets(env: _Reader) -> tuple[bytes, ...]:
