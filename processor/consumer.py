@@ -17,7 +17,6 @@ import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
 
 from contract.bucket_events import BUCKET_EVENT, parse_bucket_event
-from contract.callbacks import JOB_CALLBACK
 from contract.jobs import RECORD_HEADER, JobStore, age_seconds, queued_record
 from contract.messages import ContractError, decode_job
 from infra.broker import Publisher, capability_of, declare_topology, topology_on
@@ -40,8 +39,6 @@ log = structlog.get_logger(__name__)
 # before its model starts rather than beside it: a duplicate of a job settled meanwhile, or one the API withdrew,
 # is then not run at all. A fresher one starts at once.
 MARK_BEFORE_RUN_AFTER_SECONDS = 2.0
-# job types scheduled apart from model work
-APART = frozenset({JOB_CALLBACK})
 
 
 class Consumer:
@@ -69,17 +66,18 @@ class Consumer:
         self._announcer = Announcer(publisher, store, events=announce)
         self._settler = Settler(publisher, jobs, store, max_attempts, announcer=self._announcer)
         self._runs = InterruptedRuns(store, max_interrupted_runs)
+        self._apart_types = frozenset(name for name, handler in self._handlers.items() if handler.apart)
         self._scheduler = self._new_scheduler(pipeline_depth, apart=False)
         self._apart = self._new_scheduler(pipeline_depth, apart=True)
         self._channels: list[AbstractChannel] = []
         self._consumers: list[tuple[AbstractQueue, str]] = []
 
     def _new_scheduler(self, depth: int, *, apart: bool) -> Scheduler[AbstractIncomingMessage]:
-        """A scheduler for the job types APART (apart) or the others."""
+        """A scheduler for the job types whose handlers run apart from the models (apart), or for the others."""
         lanes = {
             name: Lane(handler.batch_size, handler.pipelined)
             for name, handler in self._handlers.items()
-            if (name in APART) == apart
+            if handler.apart == apart
         }
         return Scheduler(
             self._process,
@@ -94,7 +92,7 @@ class Consumer:
         return self._scheduler, self._apart
 
     def _scheduler_of(self, message_type: str) -> Scheduler[AbstractIncomingMessage]:
-        return self._apart if message_type in APART else self._scheduler
+        return self._apart if message_type in self._apart_types else self._scheduler
 
     @property
     def idle(self) -> bool:

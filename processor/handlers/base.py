@@ -48,6 +48,7 @@ class Handler(Protocol):
     batch_size: int
     always_record: bool  # keep a job record even when the message does not ask for one
     pipelined: bool  # several batches may be in `handle` at once (the handler keeps its model stage in order)
+    apart: bool  # network calls, not model work: scheduled apart from the models (processor/consumer.py)
 
     async def handle(self, jobs: Sequence[Job]) -> list[Outcome]:
         """Process the jobs (one forward pass where the model allows) and return one outcome per job, in order."""

@@ -57,6 +57,7 @@ class BucketEventHandler:
     message_type = BUCKET_EVENT
     always_record = False
     pipelined = True
+    apart = False
 
     def __init__(
         self,

@@ -54,6 +54,7 @@ class ImageDeleteHandler:
     batch_size = 1
     always_record = False
     pipelined = False
+    apart = False
 
     def __init__(self, deleter: ImageDeleter) -> None:
         self._deleter = deleter

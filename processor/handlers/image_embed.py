@@ -19,6 +19,7 @@ class ImageEmbedHandler:
     message_type = IMAGE_EMBED
     always_record = False
     pipelined = False
+    apart = False
 
     def __init__(self, *, embedder: ClipEmbedder, batch_size: int, max_pixels: int) -> None:
         self._embedder = embedder

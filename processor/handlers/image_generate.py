@@ -53,6 +53,7 @@ class ImageGenerateHandler:
     always_record = True
     reports_running = True
     pipelined = False
+    apart = False
 
     def __init__(self, *, store: ObjectStore, generator: ImageGenerator, settings: Settings) -> None:
         self._store = store

@@ -134,6 +134,7 @@ class ImageIndexHandler:
     message_type = IMAGE_INDEX
     always_record = False
     pipelined = True
+    apart = False
 
     def __init__(
         self,

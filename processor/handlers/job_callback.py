@@ -55,6 +55,7 @@ class CallbackHandler:
     batch_size = BATCH_SIZE
     always_record = False
     pipelined = True
+    apart = True
 
     def __init__(
         self,

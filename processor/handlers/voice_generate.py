@@ -66,6 +66,7 @@ class VoiceGenerateHandler:
     batch_size = 1
     always_record = True
     pipelined = False
+    apart = False
 
     def __init__(self, *, store: ObjectStore, cloner: VoiceCloner, settings: Settings) -> None:
         self._store = store
