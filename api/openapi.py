@@ -172,12 +172,19 @@ def finish_document(app: Litestar, settings: Settings) -> None:
     limits checked in code or set by this server's settings, parameters that are text, never null, response headers
     typed, and the callback a job's callback_url gets."""
     document = app.openapi_schema
+    jobs = document.paths["/v1/jobs"].post
+    if jobs is None:
+        raise TypeError("POST /v1/jobs is not in the OpenAPI document")
+    # the operations that take a callback_url, each with the runtime expression that names it in their request
+    callbacks: list[tuple[Operation, str]] = [(jobs, "{$request.body#/callback_url}")]
     for path in (document.paths or {}).values():
         operations = (path.get, path.put, path.post, path.delete, path.options, path.head, path.patch, path.trace)
         for operation in filter(None, operations):
             for parameter in operation.parameters or ():
                 if isinstance(parameter, Parameter) and isinstance(parameter.schema, Schema):
                     _not_null(parameter.schema)
+                if isinstance(parameter, Parameter) and (parameter.name, parameter.param_in) == _CALLBACK_QUERY:
+                    callbacks.append((operation, "{$request.query.callback_url}"))
             for response in (operation.responses or {}).values():
                 for header in (response.headers or {}).values() if isinstance(response, OpenAPIResponse) else ():
                     _typed(header)
@@ -191,7 +198,9 @@ def finish_document(app: Litestar, settings: Settings) -> None:
         aliases = field.field_aliases()
         for attribute, value in attributes.items():
             setattr(field, aliases.get(attribute, attribute), value)
-    _describe_callbacks(document.paths["/v1/jobs"].post, schemas)
+    event = _add_event_components(schemas)
+    for operation, url in callbacks:
+        _describe_callbacks(operation, url, event)
 
 
 # the headers a callback carries (Standard Webhooks): name -> description
@@ -203,15 +212,24 @@ _CALLBACK_HEADERS = {
 }
 
 
-def _describe_callbacks(operation: Operation | None, schemas: dict[str, Any]) -> None:
-    """The request a job's callback_url gets once the job ended (README, Callbacks), as an OpenAPI callback of the
-    operation that takes the URL, with the event's schema among the components."""
-    if operation is None:
-        raise TypeError("POST /v1/jobs is not in the OpenAPI document")
+# the callback_url query parameter of the endpoints that take one beside a body of their own
+_CALLBACK_QUERY = ("callback_url", ParamType.QUERY)
+
+
+def _add_event_components(schemas: dict[str, Any]) -> dict[str, Any]:
+    """Put the schema of the event a callback carries (JobFinishedV1, and what it refers to) among the components;
+    returns a reference to it."""
     (event,), components = msgspec.json.schema_components([JobFinishedV1], ref_template="#/components/schemas/{name}")
     for name, component in components.items():
         if schemas.setdefault(name, component) is not component:
             raise TypeError(f"the OpenAPI component {name} is already taken")
+    return event
+
+
+def _describe_callbacks(operation: Operation, url: str, event: dict[str, Any]) -> None:
+    """The request a job's callback_url gets once the job ended (README, Callbacks), as an OpenAPI callback of the
+    operation that takes the URL; `url` is the runtime expression that names the URL in the operation's request,
+    `event` the schema of the body."""
     headers = [
         Parameter(
             name=name,
@@ -233,7 +251,7 @@ def _describe_callbacks(operation: Operation | None, schemas: dict[str, Any]) ->
         request_body=RequestBody(content={"application/json": OpenAPIMediaType(schema=event)}, required=True),
         responses={"2XX": OpenAPIResponse(description="Delivered")},
     )
-    operation.callbacks = {"jobEnded": {"{$request.body#/callback_url}": PathItem(post=post)}}
+    operation.callbacks = {"jobEnded": {url: PathItem(post=post)}}
 
 
 def _typed(header: OpenAPIHeader | Reference) -> None:

@@ -42,6 +42,7 @@ from processor.ops.callbacks import SAMPLE_PROMPT
 from processor.outcomes import Failed
 from processor.runtime import Runtime
 from tests.support.amqp import drain, publish, wait_until
+from tests.support.audio import speech_wav
 from tests.support.images import encoded
 from tests.support.server import running_server
 from tests.test_ops_cli import ams_ops_started
@@ -489,15 +490,28 @@ async def _dead_letters(settings: Settings, count: int, timeout: float = 20) -> 
 
 
 async def test_the_openapi_document_describes_the_callback(server):
+    """On POST /v1/jobs (the URL in the body), and on each endpoint that takes ?callback_url=."""
     document = (await server.client.get("/schema/openapi.json")).json()
-    callback = document["paths"]["/v1/jobs"]["post"]["callbacks"]["jobEnded"]["{$request.body#/callback_url}"]["post"]
-    assert {parameter["name"] for parameter in callback["parameters"]} == {
-        "webhook-id",
-        "webhook-timestamp",
-        "webhook-signature",
+    taking = {
+        "/v1/jobs": "{$request.body#/callback_url}",
+        "/v1/images": "{$request.query.callback_url}",
+        **dict.fromkeys(SEED_ENDPOINTS, "{$request.query.callback_url}"),
     }
-    body = callback["requestBody"]["content"]["application/json"]["schema"]
-    assert body == {"$ref": "#/components/schemas/JobFinishedV1"}
+    described = {
+        path: item["post"]["callbacks"]
+        for path, item in document["paths"].items()
+        if "callbacks" in item.get("post", {})
+    }
+    assert set(described) == set(taking)
+    for path, url in taking.items():
+        callback = described[path]["jobEnded"][url]["post"]
+        assert {parameter["name"] for parameter in callback["parameters"]} == {
+            "webhook-id",
+            "webhook-timestamp",
+            "webhook-signature",
+        }
+        body = callback["requestBody"]["content"]["application/json"]["schema"]
+        assert body == {"$ref": "#/components/schemas/JobFinishedV1"}
     event = document["components"]["schemas"]["JobFinishedV1"]
     assert set(event["properties"]) == set(JobFinishedV1.__struct_fields__)
     assert document["components"]["schemas"]["ErrorInfo"]["required"] == ["code", "message"]
@@ -647,6 +661,72 @@ async def test_an_upload_that_does_not_wait_posts_its_indexing_end(make_env, rec
         event = _event(request)
         assert (event.job_id, event.type, event.status) == (job_id, "image.index", "succeeded")
         assert await running.services.index.get(event.result["id"]) is not None
+
+
+async def test_a_generation_answered_at_once_posts_its_end_all_the_same(server, generating, receiver):
+    """POST /v1/images/generate?callback_url=...: the client gets the PNG, and the receiver the job's end."""
+    path = f"/answered/{uuid.uuid4()}"
+    async with consuming(generating):
+        response = await server.client.post(
+            "/v1/images/generate", params={"callback_url": receiver.url(path)}, json={**PARAMS, "seed": 7}
+        )
+        assert response.status_code == 200, response.text
+        [request] = await _posts(receiver, path, 1)
+    event = _event(request)
+    assert (event.job_id, event.status, event.result["seed"]) == (response.headers["x-job-id"], "succeeded", 7)
+
+
+SEED_ENDPOINTS = ("/v1/images/generate", "/v1/r2/images/generate", "/v1/voice/generate", "/v1/r2/voice/generate")
+
+
+def _seed_request(endpoint: str, clip: bytes) -> dict:
+    """The request arguments of one of the seed's generation endpoints."""
+    voice = {"ref_text": "Hello there.", "text": "Good morning.", "language": "English"}
+    if endpoint.endswith("/images/generate"):
+        return {"json": PARAMS}
+    if endpoint == "/v1/voice/generate":
+        return {"data": voice, "files": {"ref_audio": ("ref.wav", clip, "audio/wav")}}
+    return {"json": {**voice, "ref_audio_key": "voice/refs/ref.wav"}}
+
+
+async def test_the_seed_endpoints_take_a_callback_url(make_env, s3, receiver, secrets):
+    """?callback_url= on the seed's four generation endpoints: one not allowed is a 422 with nothing recorded; an
+    allowed one is the job's (202 past SYNC_TIMEOUT_SECONDS here: no processor generates), and the job's end, a
+    cancellation, is POSTed there."""
+    bucket = s3.new_bucket()
+    env = make_env(
+        r2_bucket=bucket,
+        endpoint=s3.endpoint,
+        IMAGE_ENABLED="1",
+        VOICE_ENABLED="1",
+        IMAGE_SEARCH_ENABLED="0",
+        PROCESSOR_CAPABILITIES="callback",
+        CALLBACK_HOSTS=f"127.0.0.1:{receiver.port}",
+        CALLBACK_SECRET=secrets[0],
+        CALLBACK_ALLOW_PRIVATE_ADDRESSES="1",
+        SYNC_TIMEOUT_SECONDS="0.2",
+    )
+    clip = speech_wav()
+    s3.client.put_object(Bucket=bucket, Key="voice/refs/ref.wav", Body=clip)
+    async with running_server(Settings.from_env(env)) as running:
+        for endpoint in SEED_ENDPOINTS:
+            before = [info.key async for info in running.services.store.list("jobs/")]
+            refused = await running.client.post(
+                endpoint, params={"callback_url": "http://10.0.0.7/hook"}, **_seed_request(endpoint, clip)
+            )
+            assert (refused.status_code, refused.json()["code"]) == (422, "callback_not_allowed"), endpoint
+            assert [info.key async for info in running.services.store.list("jobs/")] == before
+            path = f"/seed/{uuid.uuid4()}"
+            response = await running.client.post(
+                endpoint, params={"callback_url": receiver.url(path)}, **_seed_request(endpoint, clip)
+            )
+            assert response.status_code == 202, (endpoint, response.text)
+            job_id = response.json()["job_id"]
+            job = (await running.client.get(f"/v1/jobs/{job_id}")).json()
+            assert job["callback_url"] == receiver.url(path)
+            assert (await running.client.post(f"/v1/jobs/{job_id}/cancel")).status_code == 200
+            [request] = await _posts(receiver, path, 1)
+            assert (_event(request).job_id, _event(request).error.code) == (job_id, "cancelled")
 
 
 def test_retry_after_picks_the_shortest_delay_queue_that_waits_long_enough():

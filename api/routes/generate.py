@@ -6,26 +6,18 @@ from typing import Annotated, Any
 
 import msgspec
 from litestar import Request, Response, post
-from litestar.params import Parameter
 from litestar.status_codes import HTTP_200_OK
 
 from api.auth import WRITE
 from api.errors import ApiError
 from api.features import needs
-from api.jobs import MAX_IDEMPOTENCY_KEY_LENGTH, JobStart, accepted, finished_result, output_bytes, start_job
+from api.jobs import JobStart, accepted, allowed_callback_url, finished_result, output_bytes, start_job
 from api.openapi import ACCEPTED, binary, errors
+from api.parameters import CALLBACK_URL, IDEMPOTENCY_KEY
 from api.schemas import GeneratedImageKey, GenerateImageRequest, JobAccepted
 from api.services import Services
 from api.strict import strict_json
-from contract.messages import IMAGE_GENERATE, NON_BLANK, ContractError, ImageGenerateV1, check_generation_budget
-
-IDEMPOTENCY_KEY = Parameter(
-    header="Idempotency-Key",
-    required=False,
-    description="a retried request with the same key returns the same job (and its result) instead of starting "
-    "another; one that finds the job unfinished waits for it as the first does",
-    schema_extra={"minLength": 1, "maxLength": MAX_IDEMPOTENCY_KEY_LENGTH, "pattern": NON_BLANK},
-)
+from contract.messages import IMAGE_GENERATE, ContractError, ImageGenerateV1, check_generation_budget
 
 
 def generation_payload(services: Services, request: GenerateImageRequest) -> ImageGenerateV1:
@@ -39,10 +31,11 @@ def generation_payload(services: Services, request: GenerateImageRequest) -> Ima
 
 
 async def _generate(
-    request: Request, services: Services, idempotency_key: str | None
+    request: Request, services: Services, idempotency_key: str | None, callback_url: str | None
 ) -> tuple[JobStart, dict[str, Any] | None]:
     """Start (or find) the generation the request's JSON body asks for and wait for it: the job, and its result
     once finished (None past SYNC_TIMEOUT_SECONDS)."""
+    callback = allowed_callback_url(services, callback_url)
     data = await strict_json(request, GenerateImageRequest)
     started = await start_job(
         services,
@@ -50,6 +43,7 @@ async def _generate(
         payload=generation_payload(services, data),
         wait=True,
         idempotency_key=idempotency_key,
+        callback_url=callback,
     )
     return started, await finished_result(started)
 
@@ -70,8 +64,9 @@ async def generate_image(
     services: Services,
     data: GenerateImageRequest,
     idempotency_key: Annotated[str | None, IDEMPOTENCY_KEY] = None,
+    callback_url: Annotated[str | None, CALLBACK_URL] = None,
 ) -> Response[bytes | JobAccepted]:
-    started, result = await _generate(request, services, idempotency_key)
+    started, result = await _generate(request, services, idempotency_key, callback_url)
     if result is None:
         return accepted(request, services, started.record)
     return Response(
@@ -93,8 +88,9 @@ async def generate_image_to_r2(
     services: Services,
     data: GenerateImageRequest,
     idempotency_key: Annotated[str | None, IDEMPOTENCY_KEY] = None,
+    callback_url: Annotated[str | None, CALLBACK_URL] = None,
 ) -> Response[GeneratedImageKey | JobAccepted]:
-    started, result = await _generate(request, services, idempotency_key)
+    started, result = await _generate(request, services, idempotency_key, callback_url)
     if result is None:
         return accepted(request, services, started.record)
     return Response(GeneratedImageKey(key=result["key"], job_id=started.record.job_id, seed=result["seed"]))

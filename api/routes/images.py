@@ -31,12 +31,11 @@ from api.filters import (
 )
 from api.jobs import accepted, allowed_callback_url, check_idempotency_key, finished_result, start_job
 from api.openapi import errors
-from api.routes.generate import IDEMPOTENCY_KEY
+from api.parameters import CALLBACK_URL, IDEMPOTENCY_KEY
 from api.schemas import ImageOut, ImageUploadForm, JobAccepted
 from api.services import Services
 from api.thumbnails import Thumbnails
 from api.urls import base_url, image_file_url, image_thumbnail_url
-from contract.callbacks import CALLBACK_URL_PATTERN, MAX_URL_CHARS
 from contract.image_ids import thumbnail_key
 from contract.imaging import check_image
 from contract.jobs import job_id_for_idempotency_key
@@ -117,14 +116,7 @@ async def upload_image(
         bool, Parameter(description="wait for indexing (201 with the record) or return at once (202)")
     ] = True,
     idempotency_key: Annotated[str | None, IDEMPOTENCY_KEY] = None,
-    callback_url: Annotated[
-        str | None,
-        Parameter(
-            description="where the indexing job's end is POSTed (README, Callbacks); a host CALLBACK_HOSTS allows",
-            max_length=MAX_URL_CHARS,
-            pattern=CALLBACK_URL_PATTERN,
-        ),
-    ] = None,
+    callback_url: Annotated[str | None, CALLBACK_URL] = None,
 ) -> Response[ImageOut | JobAccepted]:
     """With an Idempotency-Key the image's id is derived from the key, so a retried upload of the same file finds
     the image (and its job) instead of adding it twice."""

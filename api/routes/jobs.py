@@ -26,7 +26,8 @@ from api.jobs import (
     start_job,
 )
 from api.openapi import errors
-from api.routes.generate import IDEMPOTENCY_KEY, generation_payload
+from api.parameters import IDEMPOTENCY_KEY
+from api.routes.generate import generation_payload
 from api.routes.voice import reference_payload
 from api.schemas import (
     CallbackOut,

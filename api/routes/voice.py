@@ -16,10 +16,10 @@ from litestar.status_codes import HTTP_200_OK
 from api.auth import WRITE
 from api.errors import ApiError
 from api.features import needs
-from api.jobs import JobStart, accepted, finished_result, output_bytes, start_job
+from api.jobs import JobStart, accepted, allowed_callback_url, finished_result, output_bytes, start_job
 from api.openapi import ACCEPTED, binary, errors
+from api.parameters import CALLBACK_URL, IDEMPOTENCY_KEY
 from api.replies import ReplyPiece, StreamEvent
-from api.routes.generate import IDEMPOTENCY_KEY
 from api.schemas import GeneratedVoiceKey, JobAccepted, VoiceCloneForm, VoiceFromKeyRequest
 from api.services import Services
 from api.streaming import accepts, next_event, stream_pieces
@@ -142,10 +142,12 @@ async def generate_voice(
     data: Annotated[VoiceCloneForm, Body(media_type=RequestEncodingType.MULTI_PART)],
     idempotency_key: Annotated[str | None, IDEMPOTENCY_KEY] = None,
     stream: Annotated[bool, STREAM] = False,
+    callback_url: Annotated[str | None, CALLBACK_URL] = None,
 ) -> Response[Any]:
     settings = services.settings
     if stream:
         _check_stream_accept(request)
+    callback = allowed_callback_url(services, callback_url)
     language = check_text_fields(services, text=data.text, ref_text=data.ref_text, language=data.language)
     clip = await data.ref_audio.read(settings.voice_max_ref_bytes + 1)
     await data.ref_audio.close()
@@ -176,6 +178,7 @@ async def generate_voice(
         params=params,
         idempotency_key=idempotency_key,
         stream=stream,
+        callback_url=callback,
     )
     if started.events is not None:
         return await _respond_streamed(request, services, started, started.events)
@@ -194,11 +197,18 @@ async def generate_voice_to_r2(
     services: Services,
     data: VoiceFromKeyRequest,
     idempotency_key: Annotated[str | None, IDEMPOTENCY_KEY] = None,
+    callback_url: Annotated[str | None, CALLBACK_URL] = None,
 ) -> Response[GeneratedVoiceKey | JobAccepted]:
+    callback = allowed_callback_url(services, callback_url)
     data = await strict_json(request, VoiceFromKeyRequest)
     payload = await reference_payload(services, data)
     started = await start_job(
-        services, job_type=VOICE_GENERATE, payload=payload, wait=True, idempotency_key=idempotency_key
+        services,
+        job_type=VOICE_GENERATE,
+        payload=payload,
+        wait=True,
+        idempotency_key=idempotency_key,
+        callback_url=callback,
     )
     result = await finished_result(started)
     if result is None:
