@@ -382,12 +382,25 @@ async def finished_result(started: JobStart) -> dict[str, Any] | None:
     record = started.record
     if record.status == "failed" and record.error is not None:
         raise_for_failure(record.error.code, record.error.message)
+    if record.output_expired_at is not None:
+        raise _output_expired(record)
     return record.result if record.status == "succeeded" else None
+
+
+def _output_expired(record: JobRecord) -> ApiError:
+    return ApiError(
+        410,
+        "output_expired",
+        f"the output of job {record.job_id} was deleted at {record.output_expired_at}, as this server deletes "
+        "generated outputs OUTPUT_TTL_DAYS after their job finished; send the request again with a new "
+        "Idempotency-Key to make it again",
+    )
 
 
 async def output_bytes(services: Services, started: JobStart, result: dict[str, Any]) -> bytes:
     """A finished job's output: carried by the reply when this request waited for it, else read from storage. One
-    that is missing or empty there (a power failure before it was flushed: its job is being run again) is a 503."""
+    that is missing or empty there is a 503 (a power failure before it was flushed: its job is being run again), or
+    a 410 when the sweep deleted it meanwhile (OUTPUT_TTL_DAYS)."""
     attachment = started.reply.attachment if started.reply is not None else None
     if attachment is not None:
         return attachment
@@ -396,6 +409,9 @@ async def output_bytes(services: Services, started: JobStart, result: dict[str, 
     except ObjectNotFoundError:
         data = b""
     if not data:
+        record = await job_store(services).get(started.record.job_id)
+        if record is not None and record.output_expired_at is not None:
+            raise _output_expired(record)
         raise ApiError(
             503,
             "output_unavailable",

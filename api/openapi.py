@@ -57,6 +57,7 @@ _STATUSES = {
     406: "The Accept header refuses the media type this request answers with (stream=true: audio/mpeg)",
     408: "The request body stopped arriving for HTTP_READ_TIMEOUT_SECONDS",
     409: "The index holds IMAGE_SEARCH_MAX_ELEMENTS images, or the Idempotency-Key was used for another request",
+    410: "The Idempotency-Key names a job whose generated output was deleted, OUTPUT_TTL_DAYS after it finished",
     413: "The body, a file in it, or its number of multipart parts is over this route's limit",
     422: "Well-formed, but the content cannot be used (not an image or audio clip, unsupported language, too costly)",
     414: "The request target is longer than HTTP_MAX_REQUEST_LINE_BYTES",

@@ -80,6 +80,13 @@ class JobOut(msgspec.Struct, kw_only=True):
     last_error: JobError | None
     callback_url: str | None = None
     callback: CallbackOut | None = None
+    output_expired_at: Annotated[
+        str | None,
+        msgspec.Meta(
+            description="when the generated output the result names was deleted, OUTPUT_TTL_DAYS after the job "
+            "finished (its result then has no download url)"
+        ),
+    ] = None
     status_url: str
 
 

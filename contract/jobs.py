@@ -4,7 +4,8 @@ Whoever changes a job's state writes its record: the API creates it (queued) bef
 marks it running, succeeded or failed before it acknowledges the message. Records survive restarts. Every write
 is conditional (create only if absent, update only the version read: processor/tracking.py), so two deliveries
 of one job on two processors never move a record backwards. A finished record expires JOB_RECORD_TTL_DAYS after
-it finished: it reads as absent, and processors delete expired records (`sweep`).
+it finished: it reads as absent, and processors delete expired records (`sweep`). With OUTPUT_TTL_DAYS set, the
+sweep also deletes a generation's output that long after it finished, and its record says so (output_expired_at).
 """
 
 from __future__ import annotations
@@ -36,6 +37,11 @@ _IDEMPOTENCY_NAMESPACE = uuid.UUID("0f3f3c35-7d59-4bb4-9f43-3f2f35f1f6a1")
 
 JobStatus = Literal["queued", "running", "succeeded", "failed"]
 FINISHED = ("succeeded", "failed")
+# where generations store their outputs (<prefix><job id>.png / .mp3): the only objects that expire with
+# OUTPUT_TTL_DAYS
+GENERATED_IMAGES = "images/generated/"
+GENERATED_VOICES = "voice/generated/"
+GENERATED_PREFIXES = (GENERATED_IMAGES, GENERATED_VOICES)
 
 # The error code of a job the API withdrew: its message went unconfirmed (RabbitMQ blocked or the connection lost
 # while publishing), so the client was answered 503, but the message may still reach its queue. The withdrawal is
@@ -96,6 +102,21 @@ class JobRecord(msgspec.Struct, kw_only=True):
     last_error: ErrorInfo | None = None
     idempotency_key: str | None = None
     callback_url: str | None = None  # where the job's end is POSTed (contract/callbacks.py)
+    output_expired_at: str | None = None  # when the sweep deleted its generated output (OUTPUT_TTL_DAYS)
+
+
+@dataclass(frozen=True, slots=True)
+class Swept:
+    """What a sweep deleted: expired records, and outputs past OUTPUT_TTL_DAYS (their records kept)."""
+
+    records: int
+    outputs: int
+
+
+def generated_output(record: JobRecord) -> str | None:
+    """The key of the output a succeeded generation stored (under GENERATED_PREFIXES); None for any other job."""
+    key = (record.result or {}).get("key") if record.status == "succeeded" else None
+    return key if isinstance(key, str) and key.startswith(GENERATED_PREFIXES) else None
 
 
 def record_key(job_id: str) -> str:
@@ -211,9 +232,9 @@ class JobStore:
     async def delete(self, job_id: str) -> None:
         await self._store.delete(record_key(job_id))
 
-    async def stored(self) -> AsyncIterator[tuple[str, JobRecord]]:
-        """Every readable record in the store with its key, expired ones included: one read per record, up to
-        READ_AHEAD at once (on R2 each is a GET)."""
+    async def stored(self) -> AsyncIterator[tuple[str, JobRecord, str]]:
+        """Every readable record in the store with its key and version, expired ones included: one read per record,
+        up to READ_AHEAD at once (on R2 each is a GET)."""
         keys: list[str] = []
         async for info in self._store.list(JOBS_PREFIX):
             keys.append(info.key)
@@ -224,30 +245,48 @@ class JobStore:
         for found in await self._read_many(keys):
             yield found
 
-    async def _read_many(self, keys: list[str]) -> list[tuple[str, JobRecord]]:
-        async def read(key: str) -> tuple[str, JobRecord] | None:
+    async def _read_many(self, keys: list[str]) -> list[tuple[str, JobRecord, str]]:
+        async def read(key: str) -> tuple[str, JobRecord, str] | None:
             try:
                 stored = await self._store.get(key)
             except ObjectNotFoundError:  # deleted since it was listed
                 return None
             record = _readable(stored.data, key.removeprefix(JOBS_PREFIX).removesuffix(".json"))
-            return None if record is None else (key, record)
+            return None if record is None else (key, record, stored.etag)
 
         return [found for found in await asyncio.gather(*(read(key) for key in keys)) if found is not None]
 
-    async def sweep(self) -> int:
+    async def sweep(self, output_ttl_days: float | None = None) -> Swept:
         """Delete the expired records, and the states of callbacks last tried longer ago than records are kept
-        (contract/callback_states.py); returns how many records."""
+        (contract/callback_states.py). With `output_ttl_days` (OUTPUT_TTL_DAYS), also delete the output of each
+        generation finished longer ago than that, first saying so in its record (output_expired_at: its outcome
+        stands, and a later delivery does not make the output again), and an expired record's output with it."""
         now = datetime.now(tz=UTC)
-        removed = 0
-        async for key, record in self.stored():
+        records = outputs = 0
+        async for key, record, version in self.stored():
+            output = generated_output(record) if output_ttl_days is not None else None
             if self.expired(record, now):
+                if output is not None:
+                    await self._store.delete(output)
                 await self._store.delete(key)
-                removed += 1
+                records += 1
+            elif (
+                output is not None
+                and output_ttl_days is not None
+                and record.output_expired_at is None
+                and record.finished_at is not None
+                and _older(record.finished_at, now, timedelta(days=output_ttl_days))
+            ):
+                try:
+                    await self.update(msgspec.structs.replace(record, output_expired_at=now_iso()), version)
+                except PreconditionFailedError:  # written meanwhile: the next sweep looks at it again
+                    continue
+                await self._store.delete(output)
+                outputs += 1
         async for key, state in stored_states(self._store):
             if state is None or _older(state.at, now, self._ttl):
                 await self._store.delete(key)
-        return removed
+        return Swept(records=records, outputs=outputs)
 
     @staticmethod
     def new(

@@ -121,6 +121,7 @@ class Settings:
     processor_metrics_port: int
     processor_capabilities: tuple[str, ...]
     job_record_ttl_days: int
+    output_ttl_days: float | None  # None: generated outputs are kept
     job_events_enabled: bool
     # HTTP callbacks (contract/callbacks.py)
     callback_hosts: tuple[str, ...]
@@ -448,6 +449,7 @@ def _parse(env: _Reader) -> Settings:
         processor_metrics_port=env.integer("PROCESSOR_METRICS_PORT", 9101, 0, 65535),
         processor_capabilities=(),
         job_record_ttl_days=env.integer("JOB_RECORD_TTL_DAYS", 7, 1, 3650),
+        output_ttl_days=_output_ttl_days(env),
         job_events_enabled=env.flag("JOB_EVENTS_ENABLED", True),
         callback_hosts=_callback_hosts(env),
         callback_secrets=_callback_secrets(env),
@@ -477,6 +479,22 @@ def _parse(env: _Reader) -> Settings:
             f"VOICE_MAX_REF_SECONDS={settings.voice_max_ref_seconds:g}"
         )
     return settings
+
+
+def _output_ttl_days(env: _Reader) -> float | None:
+    """OUTPUT_TTL_DAYS: unset keeps generated outputs; else how long after its job finished one is deleted, at most
+    as long as the job's record is kept (JOB_RECORD_TTL_DAYS), with which it goes at the latest."""
+    if not env.raw("OUTPUT_TTL_DAYS", ""):
+        return None
+    record_days = env.integer("JOB_RECORD_TTL_DAYS", 7, 1, 3650)
+    days = env.number("OUTPUT_TTL_DAYS", record_days, 0.01)
+    if days > record_days:
+        raise SettingsError(
+            f"OUTPUT_TTL_DAYS={env.raw('OUTPUT_TTL_DAYS', '')} is longer than JOB_RECORD_TTL_DAYS={record_days}: a "
+            "generated output is deleted with its job's record at the latest; raise JOB_RECORD_TTL_DAYS to keep "
+            "outputs longer"
+        )
+    return days
 
 
 def _check_r2(settings: Settings) -> None:

@@ -120,22 +120,25 @@ def build_consumer(runtime: Runtime) -> Consumer:
 SWEEP_INTERVAL_SECONDS = 3600
 
 
-async def _expire_job_records(jobs: JobStore) -> None:
-    """Delete expired job records (JOB_RECORD_TTL_DAYS) once an hour; any processor may, deletes are idempotent."""
+async def _expire_job_records(jobs: JobStore, output_ttl_days: float | None) -> None:
+    """Delete expired job records (JOB_RECORD_TTL_DAYS), and generated outputs past OUTPUT_TTL_DAYS, once an hour;
+    any processor may: deletes are idempotent and the records' writes conditional."""
     while True:
         await asyncio.sleep(SWEEP_INTERVAL_SECONDS)
         try:
-            removed = await jobs.sweep()
+            swept = await jobs.sweep(output_ttl_days)
         except TRANSIENT_ERRORS as exc:
             log.warning("job_record_sweep_failed", error=str(exc))
             continue
-        if removed:
-            log.info("job_records_expired", removed=removed)
+        if swept.records:
+            log.info("job_records_expired", removed=swept.records)
+        if swept.outputs:
+            log.info("job_outputs_expired", removed=swept.outputs)
 
 
 @dataclass(slots=True)
 class ProcessorService:
-    """A running processor: its runtime, its consumer, and the hourly expiry of job records."""
+    """A running processor: its runtime, its consumer, and the hourly expiry of job records and outputs."""
 
     runtime: Runtime
     consumer: Consumer
@@ -151,7 +154,11 @@ class ProcessorService:
             await runtime.close()
             raise
         jobs = JobStore(runtime.store, settings.job_record_ttl_days)
-        return cls(runtime, consumer, asyncio.create_task(_expire_job_records(jobs), name="job-record-expiry"))
+        return cls(
+            runtime,
+            consumer,
+            asyncio.create_task(_expire_job_records(jobs, settings.output_ttl_days), name="job-record-expiry"),
+        )
 
     async def readiness(self) -> Checks:
         """What the processor owns: its consumer, its models and (when it indexes) the image index."""

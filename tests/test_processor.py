@@ -194,7 +194,7 @@ async def test_every_stored_record_is_read_beyond_one_read_ahead(tmp_path):
     for job_id in ids:
         await jobs.create(JobStore.new(job_id, IMAGE_GENERATE, {}))
     await store.put(record_key("deep"), DEEP_RECORD.encode(), "application/json")
-    read = [(key, record.job_id) async for key, record in jobs.stored()]
+    read = [(key, record.job_id) async for key, record, _ in jobs.stored()]
     assert sorted(job_id for _, job_id in read) == sorted(ids)
     assert all(key == record_key(job_id) for key, job_id in read)
 

@@ -184,7 +184,7 @@ async def test_finished_job_records_expire(make_env):
             await jobs.create(record)
         assert await jobs.get(old.job_id) is None, "an expired record reads as absent"
         assert await jobs.get(recent.job_id) is not None and await jobs.get(waiting.job_id) is not None
-        assert await jobs.sweep() == 1
+        assert (await jobs.sweep()).records == 1
         assert not await store.exists(record_key(old.job_id))
         assert await store.exists(record_key(recent.job_id))
     finally:

@@ -56,7 +56,7 @@ async def _generate(
     responses={
         HTTP_200_OK: binary("image/png", "The PNG; X-Seed says the seed used, X-Job-Id the job"),
         **ACCEPTED,
-        **errors(408, 409, 413, 422, 503),
+        **errors(408, 409, 410, 413, 422, 503),
     },
 )
 async def generate_image(
@@ -81,7 +81,7 @@ async def generate_image(
     status_code=HTTP_200_OK,
     summary="Generate an image into R2; answers with its key (or 202 and a job id past SYNC_TIMEOUT_SECONDS)",
     opt={**WRITE, **needs("image", "r2", instead="POST /v1/images/generate")},
-    responses={**ACCEPTED, **errors(408, 409, 413, 422, 503)},
+    responses={**ACCEPTED, **errors(408, 409, 410, 413, 422, 503)},
 )
 async def generate_image_to_r2(
     request: Request,

@@ -146,6 +146,7 @@ def to_job_out(
         ),
         callback_url=record.callback_url,
         callback=callback,
+        output_expired_at=record.output_expired_at,
         status_url=job_url(request, services.settings, record.job_id),
     )
 
@@ -188,7 +189,7 @@ async def get_job(
     if record is None:
         raise ApiError(404, "job_not_found", f"no job with id {job_id!r}")
     result = dict(record.result) if record.result is not None else None
-    if result is not None and isinstance(result.get("key"), str):
+    if result is not None and isinstance(result.get("key"), str) and record.output_expired_at is None:
         url = await services.store.presigned_get_url(result["key"], services.settings.presign_ttl_seconds)
         result["url"] = absolute(request, services.settings, url)
     return to_job_out(request, services, record, result, await _callback_of(services, record))

@@ -133,7 +133,7 @@ def _check_stream_accept(request: Request) -> None:
             "spoken, without X-Audio-Duration",
         ),
         **ACCEPTED,
-        **errors(406, 408, 409, 413, 422, 503),
+        **errors(406, 408, 409, 410, 413, 422, 503),
     },
 )
 async def generate_voice(
@@ -190,7 +190,7 @@ async def generate_voice(
     status_code=HTTP_200_OK,
     summary="Speak text in the voice of a clip stored in R2; the MP3 goes to R2 and its key comes back",
     opt={**WRITE, **needs("voice", "r2", instead="POST /v1/voice/generate")},
-    responses={**ACCEPTED, **errors(404, 408, 409, 413, 422, 503)},
+    responses={**ACCEPTED, **errors(404, 408, 409, 410, 413, 422, 503)},
 )
 async def generate_voice_to_r2(
     request: Request,

@@ -10,6 +10,7 @@ from typing import Any
 
 import structlog
 
+from contract.jobs import GENERATED_IMAGES
 from contract.messages import IMAGE_GENERATE, MAX_SEED, ContractError, ImageGenerateV1, check_generation_budget
 from infra.settings import Settings
 from infra.storage import ObjectStore
@@ -20,11 +21,9 @@ from processor.outputs import keyed_output, store_output
 
 log = structlog.get_logger(__name__)
 
-GENERATED_PREFIX = "images/generated/"
-
 
 def generated_key(job_id: str) -> str:
-    return f"{GENERATED_PREFIX}{job_id}.png"
+    return f"{GENERATED_IMAGES}{job_id}.png"
 
 
 def seed_for_job(job_id: str) -> int:

@@ -14,6 +14,7 @@ import numpy as np
 import structlog
 
 from contract.audio import SAMPLE_RATE, DecodedAudio, InvalidAudioError, decode_audio
+from contract.jobs import GENERATED_VOICES
 from contract.messages import VOICE_GENERATE, VoiceGenerateV1, canonical_language, check_reference_key
 from contract.mp3 import Mp3File, Mp3Stream, mp3_seconds
 from infra.settings import Settings
@@ -27,11 +28,9 @@ from processor.text_chunks import split_sentences, split_text
 
 log = structlog.get_logger(__name__)
 
-GENERATED_PREFIX = "voice/generated/"
-
 
 def generated_key(job_id: str) -> str:
-    return f"{GENERATED_PREFIX}{job_id}.mp3"
+    return f"{GENERATED_VOICES}{job_id}.mp3"
 
 
 # a spoken piece is encoded and sent in slices of this many samples, so its first bytes leave after a slice's

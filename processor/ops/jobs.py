@@ -64,7 +64,7 @@ async def list_jobs(settings: Settings, selection: JobSelection) -> tuple[list[J
     async with opened_store(settings) as store:
         jobs = JobStore(store, settings.job_record_ttl_days)
         try:
-            async for _, record in jobs.stored():
+            async for _, record, _ in jobs.stored():
                 if jobs.expired(record):
                     continue
                 total += 1

@@ -1,0 +1,111 @@
+"""OUTPUT_TTL_DAYS: a processor's sweep deletes a generation's output that long after the job finished. The job's
+record stays until JOB_RECORD_TTL_DAYS, saying when its output was deleted; its Idempotency-Key answers 410, and a
+later delivery of its message does not make the output again. Originals of indexed images are never touched, and
+without OUTPUT_TTL_DAYS outputs are kept, as before."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import msgspec
+import pytest
+
+from contract.jobs import JobRecord, JobStore, record_key
+from contract.messages import IMAGE_GENERATE
+from infra.settings import Settings
+from processor import service
+from tests.support.amqp import publish, wait_until
+from tests.support.images import encoded
+from tests.support.server import running_server
+
+BODY = {"prompt": "kept for a day", "width": 64, "height": 64, "steps": 2}
+
+
+def _days_ago(days: float) -> str:
+    return (datetime.now(tz=UTC) - timedelta(days=days)).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+async def _finished_earlier(store, job_id: str, days: float) -> None:
+    """Make a finished job look as if it finished `days` ago."""
+    stored = await store.get(record_key(job_id))
+    record = msgspec.json.decode(stored.data, type=JobRecord)
+    record = msgspec.structs.replace(record, finished_at=_days_ago(days))
+    await store.put(record_key(job_id), msgspec.json.encode(record), "application/json", if_match=stored.etag)
+
+
+async def _generated(server, seed: int, key: str | None = None) -> str:
+    headers = {"Idempotency-Key": key} if key else {}
+    response = await server.client.post("/v1/images/generate", json={**BODY, "seed": seed}, headers=headers)
+    assert response.status_code == 200, response.text
+    return response.headers["x-job-id"]
+
+
+async def test_a_generated_output_is_deleted_once_past_its_time_and_its_job_says_so(make_env, monkeypatch):
+    monkeypatch.setattr(service, "SWEEP_INTERVAL_SECONDS", 0.2)
+    env = make_env(IMAGE_ENABLED="1", OUTPUT_TTL_DAYS="1", JOB_RECORD_TTL_DAYS="7")
+    async with running_server(Settings.from_env(env)) as server:
+        store = server.services.store
+        key = f"expiring-{uuid.uuid4()}"
+        old = await _generated(server, 1, key)
+        fresh = await _generated(server, 2)
+        gone = await _generated(server, 3)
+        upload = await server.client.post("/v1/images", files={"file": ("cat.png", encoded(4), "image/png")})
+        assert upload.status_code == 201, upload.text
+        image = upload.json()
+        await _finished_earlier(store, old, 2)
+        await _finished_earlier(store, image["id"], 2)  # an indexing job: its result names the original
+        await _finished_earlier(store, gone, 8)  # past JOB_RECORD_TTL_DAYS: the record goes, and its output
+
+        async def swept() -> bool:
+            job = (await server.client.get(f"/v1/jobs/{old}")).json()
+            return job["output_expired_at"] is not None and not await store.exists(record_key(gone))
+
+        await wait_until(swept, timeout=20)
+        assert not await store.exists(f"images/generated/{old}.png")
+        assert not await store.exists(f"images/generated/{gone}.png")
+        assert await store.exists(f"images/generated/{fresh}.png")
+        assert await store.exists(image["r2_key"])
+        assert (await server.client.get(f"/v1/images/{image['id']}")).status_code == 200
+
+        job = (await server.client.get(f"/v1/jobs/{old}")).json()
+        assert job["status"] == "succeeded"
+        assert job["result"]["key"] == f"images/generated/{old}.png" and "url" not in job["result"]
+        assert "url" in (await server.client.get(f"/v1/jobs/{fresh}")).json()["result"]
+
+        retried = await server.client.post(
+            "/v1/images/generate", json={**BODY, "seed": 1}, headers={"Idempotency-Key": key}
+        )
+        assert retried.status_code == 410, retried.text
+        assert retried.json()["code"] == "output_expired"
+        assert "new Idempotency-Key" in retried.json()["message"]
+
+        # a later delivery of its message (an operator's replay) leaves the job as it is and makes nothing
+        await publish(env["AMQP_URL"], IMAGE_GENERATE, {**BODY, "seed": 1}, message_id=old)
+        after = await publish(env["AMQP_URL"], IMAGE_GENERATE, BODY)
+
+        async def settled() -> bool:
+            return (await server.client.get(f"/v1/jobs/{after}")).json().get("status") == "succeeded"
+
+        await wait_until(settled, timeout=30)
+        assert (await server.client.get(f"/v1/jobs/{old}")).json() == job
+        assert not await store.exists(f"images/generated/{old}.png")
+
+
+async def test_without_output_ttl_outputs_are_kept_even_past_their_records(make_settings):
+    async with running_server(make_settings(IMAGE_ENABLED="1")) as server:
+        store = server.services.store
+        job_id = await _generated(server, 5)
+        await _finished_earlier(store, job_id, 30)
+        swept = await JobStore(store, 7).sweep(server.services.settings.output_ttl_days)
+        assert (swept.records, swept.outputs) == (1, 0)
+        assert not await store.exists(record_key(job_id))
+        assert await store.exists(f"images/generated/{job_id}.png")
+
+
+@pytest.mark.parametrize(
+    ("env", "days"),
+    [({}, None), ({"OUTPUT_TTL_DAYS": "0.5"}, 0.5), ({"OUTPUT_TTL_DAYS": "30", "JOB_RECORD_TTL_DAYS": "30"}, 30.0)],
+)
+def test_output_ttl_is_off_unless_set(make_env, env, days):
+    assert Settings.from_env(make_env(**env)).output_ttl_days == days
