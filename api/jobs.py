@@ -33,9 +33,12 @@ from contract.jobs import (
     FINISHED,
     JobRecord,
     JobStore,
+    NoOutputError,
     NotCancellableError,
+    OutputDeleted,
     cancel_queued,
     cancellation,
+    delete_job_output,
     is_withdrawn,
     job_id_for_idempotency_key,
     never_started,
@@ -304,6 +307,18 @@ async def cancel_job(services: Services, job_id: str) -> JobRecord:
     return done.record
 
 
+async def delete_output(services: Services, job_id: str) -> JobRecord:
+    """Delete a succeeded generation's output now (contract/jobs.py delete_job_output): 404 for an unknown job or one
+    without such an output, 409 for one not finished."""
+    try:
+        record = await delete_job_output(job_store(services), job_id)
+    except NoOutputError as exc:
+        raise ApiError(404 if exc.code == "no_output" else 409, exc.code, str(exc)) from None
+    if record is None:
+        raise ApiError(404, "job_not_found", f"no job with id {job_id!r}")
+    return record
+
+
 async def _announce_cancellation(services: Services, record: JobRecord) -> None:
     """Announce a cancelled job's end at once. Should RabbitMQ not take the event, the processor that takes the
     job's message announces it then (the same event), so the cancellation itself stands."""
@@ -382,17 +397,22 @@ async def finished_result(started: JobStart) -> dict[str, Any] | None:
     record = started.record
     if record.status == "failed" and record.error is not None:
         raise_for_failure(record.error.code, record.error.message)
-    if record.output_expired_at is not None:
-        raise _output_expired(record)
+    if record.output_deleted is not None:
+        raise _output_gone(record, record.output_deleted)
     return record.result if record.status == "succeeded" else None
 
 
-def _output_expired(record: JobRecord) -> ApiError:
+def _output_gone(record: JobRecord, deleted: OutputDeleted) -> ApiError:
+    """410 for a request whose Idempotency-Key names a job whose output was deleted on purpose."""
+    why = (
+        "as this server deletes generated outputs OUTPUT_TTL_DAYS after their job finished"
+        if deleted.reason == "expired"
+        else "as its client asked (DELETE /v1/jobs/{id}/output)"
+    )
     return ApiError(
         410,
-        "output_expired",
-        f"the output of job {record.job_id} was deleted at {record.output_expired_at}, as this server deletes "
-        "generated outputs OUTPUT_TTL_DAYS after their job finished; send the request again with a new "
+        f"output_{deleted.reason}",
+        f"the output of job {record.job_id} was deleted at {deleted.at}, {why}; send the request again with a new "
         "Idempotency-Key to make it again",
     )
 
@@ -410,8 +430,8 @@ async def output_bytes(services: Services, started: JobStart, result: dict[str, 
         data = b""
     if not data:
         record = await job_store(services).get(started.record.job_id)
-        if record is not None and record.output_expired_at is not None:
-            raise _output_expired(record)
+        if record is not None and record.output_deleted is not None:
+            raise _output_gone(record, record.output_deleted)
         raise ApiError(
             503,
             "output_unavailable",

@@ -10,6 +10,7 @@ from litestar.datastructures import UploadFile
 
 from api.filters import SearchFilter
 from contract.callbacks import CallbackUrl
+from contract.jobs import OutputDeleted
 from contract.messages import IMAGE_GENERATE, MAX_REF_TEXT_CHARS, VOICE_GENERATE, VOICE_LANGUAGES, ImageGenerateFields
 
 
@@ -80,11 +81,11 @@ class JobOut(msgspec.Struct, kw_only=True):
     last_error: JobError | None
     callback_url: str | None = None
     callback: CallbackOut | None = None
-    output_expired_at: Annotated[
-        str | None,
+    output_deleted: Annotated[
+        OutputDeleted | None,
         msgspec.Meta(
-            description="when the generated output the result names was deleted, OUTPUT_TTL_DAYS after the job "
-            "finished (its result then has no download url)"
+            description="the generated output the result names is gone (its result then has no download url): "
+            "when, and why: expired (OUTPUT_TTL_DAYS after the job finished) or deleted (DELETE /v1/jobs/{id}/output)"
         ),
     ] = None
     status_url: str

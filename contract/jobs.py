@@ -5,7 +5,8 @@ marks it running, succeeded or failed before it acknowledges the message. Record
 is conditional (create only if absent, update only the version read: processor/tracking.py), so two deliveries
 of one job on two processors never move a record backwards. A finished record expires JOB_RECORD_TTL_DAYS after
 it finished: it reads as absent, and processors delete expired records (`sweep`). With OUTPUT_TTL_DAYS set, the
-sweep also deletes a generation's output that long after it finished, and its record says so (output_expired_at).
+sweep also deletes a generation's output that long after it finished, as DELETE /v1/jobs/{id} does at once; the
+record says so (output_deleted).
 """
 
 from __future__ import annotations
@@ -87,6 +88,14 @@ def job_id_for_idempotency_key(job_type: str, key: str) -> str:
     return str(uuid.uuid5(_IDEMPOTENCY_NAMESPACE, f"{job_type}\n{key}"))
 
 
+class OutputDeleted(msgspec.Struct, kw_only=True):
+    """A generation's output deleted on purpose: `expired` (the sweep, OUTPUT_TTL_DAYS after the job finished) or
+    `deleted` (its client asked: DELETE /v1/jobs/{id}). The job's outcome stands; the output is not made again."""
+
+    at: str
+    reason: Literal["expired", "deleted"]
+
+
 class JobRecord(msgspec.Struct, kw_only=True):
     job_id: str
     type: str
@@ -102,7 +111,7 @@ class JobRecord(msgspec.Struct, kw_only=True):
     last_error: ErrorInfo | None = None
     idempotency_key: str | None = None
     callback_url: str | None = None  # where the job's end is POSTed (contract/callbacks.py)
-    output_expired_at: str | None = None  # when the sweep deleted its generated output (OUTPUT_TTL_DAYS)
+    output_deleted: OutputDeleted | None = None  # its generated output is gone: when, and why
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,8 +268,7 @@ class JobStore:
     async def sweep(self, output_ttl_days: float | None = None) -> Swept:
         """Delete the expired records, and the states of callbacks last tried longer ago than records are kept
         (contract/callback_states.py). With `output_ttl_days` (OUTPUT_TTL_DAYS), also delete the output of each
-        generation finished longer ago than that, first saying so in its record (output_expired_at: its outcome
-        stands, and a later delivery does not make the output again), and an expired record's output with it."""
+        generation finished longer ago than that (`delete_output`), and an expired record's output with it."""
         now = datetime.now(tz=UTC)
         records = outputs = 0
         async for key, record, version in self.stored():
@@ -273,20 +281,31 @@ class JobStore:
             elif (
                 output is not None
                 and output_ttl_days is not None
-                and record.output_expired_at is None
+                and record.output_deleted is None
                 and record.finished_at is not None
                 and _older(record.finished_at, now, timedelta(days=output_ttl_days))
             ):
                 try:
-                    await self.update(msgspec.structs.replace(record, output_expired_at=now_iso()), version)
+                    await self.delete_output(record, version, "expired")
                 except PreconditionFailedError:  # written meanwhile: the next sweep looks at it again
                     continue
-                await self._store.delete(output)
                 outputs += 1
         async for key, state in stored_states(self._store):
             if state is None or _older(state.at, now, self._ttl):
                 await self._store.delete(key)
         return Swept(records=records, outputs=outputs)
+
+    async def delete_output(self, record: JobRecord, version: str, reason: Literal["expired", "deleted"]) -> JobRecord:
+        """Delete a succeeded generation's output (generated_output), saying so in its record first (conditionally
+        on `version`: PreconditionFailedError when it changed meanwhile), so a reader never finds the record
+        naming an output that is gone without saying why. Returns the record as written."""
+        output = generated_output(record)
+        if output is None:
+            raise ValueError(f"job {record.job_id} has no generated output to delete")
+        marked = msgspec.structs.replace(record, output_deleted=OutputDeleted(at=now_iso(), reason=reason))
+        await self.update(marked, version)
+        await self._store.delete(output)
+        return marked
 
     @staticmethod
     def new(
@@ -307,6 +326,41 @@ class JobStore:
             idempotency_key=idempotency_key,
             callback_url=callback_url,
         )
+
+
+class NoOutputError(Exception):
+    """The job has no generated output to delete, `code` saying why: `job_not_finished` (not yet; or its record kept
+    changing meanwhile) or `no_output` (it failed, or is no generation)."""
+
+    def __init__(self, job_id: str, why: str, code: Literal["job_not_finished", "no_output"]) -> None:
+        super().__init__(f"job {job_id} has no output to delete: {why}")
+        self.code = code
+
+
+async def delete_job_output(jobs: JobStore, job_id: str) -> JobRecord | None:
+    """Delete a succeeded generation's output now, its record saying so (JobStore.delete_output, reason `deleted`);
+    None when there is no such job. One deleted already (or expired) is answered as it is; NoOutputError for a job
+    that is not finished, failed, or made no generated output."""
+    for _ in range(_CANCEL_ROUNDS):
+        found = await jobs.load(job_id)
+        if found is None:
+            return None
+        record, version = found
+        if record.output_deleted is not None:
+            return record
+        if record.status not in FINISHED:
+            raise NoOutputError(job_id, f"it is {record.status}; wait until it has finished", "job_not_finished")
+        if record.status == "failed":
+            raise NoOutputError(job_id, "it failed", "no_output")
+        if generated_output(record) is None:
+            raise NoOutputError(job_id, f"a {record.type} job makes no generated image or voice", "no_output")
+        try:
+            deleted = await jobs.delete_output(record, version, "deleted")
+        except PreconditionFailedError:
+            continue
+        log.info("job_output_deleted", job_id=job_id, job_type=record.type)
+        return deleted
+    raise NoOutputError(job_id, "its record kept changing meanwhile; try again", "job_not_finished")
 
 
 class NotCancellableError(Exception):

@@ -306,9 +306,9 @@ class Consumer:
 
 def _outputs(handler: Handler, tracked: Tracked) -> tuple[str, ...]:
     """The outputs a succeeded record names, for a handler whose jobs make them; () otherwise, and for a job whose
-    output expired (OUTPUT_TTL_DAYS): it is not made again."""
+    output was deleted on purpose (expired, or its client asked): it is not made again."""
     record = tracked.record
-    if record.status != "succeeded" or record.output_expired_at is not None or not isinstance(handler, MakesOutputs):
+    if record.status != "succeeded" or record.output_deleted is not None or not isinstance(handler, MakesOutputs):
         return ()
     return handler.outputs(tracked.record.result or {})
 

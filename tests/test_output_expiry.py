@@ -1,7 +1,8 @@
-"""OUTPUT_TTL_DAYS: a processor's sweep deletes a generation's output that long after the job finished. The job's
-record stays until JOB_RECORD_TTL_DAYS, saying when its output was deleted; its Idempotency-Key answers 410, and a
-later delivery of its message does not make the output again. Originals of indexed images are never touched, and
-without OUTPUT_TTL_DAYS outputs are kept, as before."""
+"""Deleting a generation's output on purpose: OUTPUT_TTL_DAYS (a processor's sweep deletes it that long after the job
+finished) and DELETE /v1/jobs/{id}/output (at once). The job's record stays until JOB_RECORD_TTL_DAYS, saying when
+and why its output was deleted; its Idempotency-Key answers 410, and a later delivery of its message does not make
+the output again. Originals of indexed images are never touched, and without OUTPUT_TTL_DAYS outputs are kept, as
+before."""
 
 from __future__ import annotations
 
@@ -59,7 +60,7 @@ async def test_a_generated_output_is_deleted_once_past_its_time_and_its_job_says
 
         async def swept() -> bool:
             job = (await server.client.get(f"/v1/jobs/{old}")).json()
-            return job["output_expired_at"] is not None and not await store.exists(record_key(gone))
+            return job["output_deleted"] is not None and not await store.exists(record_key(gone))
 
         await wait_until(swept, timeout=20)
         assert not await store.exists(f"images/generated/{old}.png")
@@ -69,7 +70,7 @@ async def test_a_generated_output_is_deleted_once_past_its_time_and_its_job_says
         assert (await server.client.get(f"/v1/images/{image['id']}")).status_code == 200
 
         job = (await server.client.get(f"/v1/jobs/{old}")).json()
-        assert job["status"] == "succeeded"
+        assert job["status"] == "succeeded" and job["output_deleted"]["reason"] == "expired"
         assert job["result"]["key"] == f"images/generated/{old}.png" and "url" not in job["result"]
         assert "url" in (await server.client.get(f"/v1/jobs/{fresh}")).json()["result"]
 
@@ -92,15 +93,64 @@ async def test_a_generated_output_is_deleted_once_past_its_time_and_its_job_says
         assert not await store.exists(f"images/generated/{old}.png")
 
 
-async def test_without_output_ttl_outputs_are_kept_even_past_their_records(make_settings):
-    async with running_server(make_settings(IMAGE_ENABLED="1")) as server:
-        store = server.services.store
-        job_id = await _generated(server, 5)
-        await _finished_earlier(store, job_id, 30)
-        swept = await JobStore(store, 7).sweep(server.services.settings.output_ttl_days)
-        assert (swept.records, swept.outputs) == (1, 0)
-        assert not await store.exists(record_key(job_id))
-        assert await store.exists(f"images/generated/{job_id}.png")
+@pytest.fixture(scope="module")
+async def server(make_settings):
+    async with running_server(make_settings(IMAGE_ENABLED="1")) as running:
+        yield running
+
+
+async def test_a_client_deletes_a_generated_output_at_once(server):
+    """DELETE /v1/jobs/{id}/output: the output is gone, the job says so, its key answers 410 output_deleted; a
+    second DELETE answers the same; jobs without a generated output are refused, and nothing is deleted."""
+    key = f"deleted-{uuid.uuid4()}"
+    job_id = await _generated(server, 6, key)
+    store = server.services.store
+    assert await store.exists(f"images/generated/{job_id}.png")
+    response = await server.client.delete(f"/v1/jobs/{job_id}/output")
+    assert response.status_code == 200, response.text
+    job = response.json()
+    assert (job["job_id"], job["status"], job["output_deleted"]["reason"]) == (job_id, "succeeded", "deleted")
+    assert "url" not in job["result"]
+    assert not await store.exists(f"images/generated/{job_id}.png")
+    assert (await server.client.get(f"/v1/jobs/{job_id}")).json() == job
+    again = await server.client.delete(f"/v1/jobs/{job_id}/output")
+    assert (again.status_code, again.json()) == (200, job)
+    retried = await server.client.post(
+        "/v1/images/generate", json={**BODY, "seed": 6}, headers={"Idempotency-Key": key}
+    )
+    assert (retried.status_code, retried.json()["code"]) == (410, "output_deleted")
+    assert "DELETE /v1/jobs/{id}/output" in retried.json()["message"]
+
+    upload = await server.client.post("/v1/images", files={"file": ("dog.png", encoded(7), "image/png")})
+    image = upload.json()
+    refused = await server.client.delete(f"/v1/jobs/{image['id']}/output")
+    assert (refused.status_code, refused.json()["code"]) == (404, "no_output")
+    assert "makes no generated image or voice" in refused.json()["message"]
+    assert await store.exists(image["r2_key"])
+    unknown = await server.client.delete(f"/v1/jobs/{uuid.uuid4()}/output")
+    assert (unknown.status_code, unknown.json()["code"]) == (404, "job_not_found")
+
+
+async def test_a_job_not_finished_or_failed_has_no_output_to_delete(server):
+    record = JobStore.new(str(uuid.uuid4()), IMAGE_GENERATE, dict(BODY))
+    await JobStore(server.services.store, 7).create(record)
+    response = await server.client.delete(f"/v1/jobs/{record.job_id}/output")
+    assert (response.status_code, response.json()["code"]) == (409, "job_not_finished")
+    assert "it is queued" in response.json()["message"]
+    assert (await server.client.post(f"/v1/jobs/{record.job_id}/cancel")).status_code == 200
+    response = await server.client.delete(f"/v1/jobs/{record.job_id}/output")
+    assert (response.status_code, response.json()["code"]) == (404, "no_output")
+    assert "it failed" in response.json()["message"]
+
+
+async def test_without_output_ttl_outputs_are_kept_even_past_their_records(server):
+    store = server.services.store
+    job_id = await _generated(server, 5)
+    await _finished_earlier(store, job_id, 30)
+    swept = await JobStore(store, 7).sweep(server.services.settings.output_ttl_days)
+    assert swept.records >= 1 and swept.outputs == 0
+    assert not await store.exists(record_key(job_id))
+    assert await store.exists(f"images/generated/{job_id}.png")
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 import msgspec
-from litestar import Request, Response, get, post
+from litestar import Request, Response, delete, get, post
 from litestar.exceptions import ValidationException
 from litestar.params import Parameter
 from litestar.status_codes import HTTP_200_OK, HTTP_202_ACCEPTED
@@ -20,6 +20,7 @@ from api.jobs import (
     accepted,
     allowed_callback_url,
     cancel_job,
+    delete_output,
     finished,
     job_store,
     next_state,
@@ -146,7 +147,7 @@ def to_job_out(
         ),
         callback_url=record.callback_url,
         callback=callback,
-        output_expired_at=record.output_expired_at,
+        output_deleted=record.output_deleted,
         status_url=job_url(request, services.settings, record.job_id),
     )
 
@@ -188,11 +189,18 @@ async def get_job(
         record = await next_state(request, services, record, wait_seconds)
     if record is None:
         raise ApiError(404, "job_not_found", f"no job with id {job_id!r}")
+    return to_job_out(
+        request, services, record, await _result_of(request, services, record), await _callback_of(services, record)
+    )
+
+
+async def _result_of(request: Request, services: Services, record: JobRecord) -> dict[str, Any] | None:
+    """The job's result as shown: with a download `url` of the output it names, unless that was deleted."""
     result = dict(record.result) if record.result is not None else None
-    if result is not None and isinstance(result.get("key"), str) and record.output_expired_at is None:
+    if result is not None and isinstance(result.get("key"), str) and record.output_deleted is None:
         url = await services.store.presigned_get_url(result["key"], services.settings.presign_ttl_seconds)
         result["url"] = absolute(request, services.settings, url)
-    return to_job_out(request, services, record, result, await _callback_of(services, record))
+    return result
 
 
 @post(
@@ -207,6 +215,21 @@ async def cancel(request: Request, services: Services, job_id: str) -> JobOut:
     return to_job_out(request, services, record, None, await _callback_of(services, record))
 
 
+@delete(
+    "/v1/jobs/{job_id:str}/output",
+    status_code=HTTP_200_OK,
+    summary="Delete a finished generation's image or voice now; answers with the job, its output_deleted saying so",
+    opt=WRITE,
+    responses=errors(404, 409, 503),
+)
+async def delete_job_output(request: Request, services: Services, job_id: str) -> JobOut:
+    """The job stays (and its Idempotency-Key answers 410 output_deleted); the output is not made again."""
+    record = await delete_output(services, _job_id(job_id))
+    return to_job_out(
+        request, services, record, await _result_of(request, services, record), await _callback_of(services, record)
+    )
+
+
 def _job_id(job_id: str) -> str:
     try:
         return str(uuid.UUID(job_id))
@@ -214,4 +237,4 @@ def _job_id(job_id: str) -> str:
         raise ApiError(404, "job_not_found", f"no job with id {job_id!r} (ids are UUIDs)") from None
 
 
-ROUTES = [create_job, get_job, cancel]
+ROUTES = [create_job, get_job, cancel, delete_job_output]
