@@ -272,7 +272,9 @@ class JobStore:
         now = datetime.now(tz=UTC)
         records = outputs = 0
         async for key, record, version in self.stored():
-            output = generated_output(record) if output_ttl_days is not None else None
+            # an output deleted on purpose is deleted again with its record: its first delete may have failed
+            deleting = output_ttl_days is not None or record.output_deleted is not None
+            output = generated_output(record) if deleting else None
             if self.expired(record, now):
                 if output is not None:
                     await self._store.delete(output)
@@ -298,12 +300,15 @@ class JobStore:
     async def delete_output(self, record: JobRecord, version: str, reason: Literal["expired", "deleted"]) -> JobRecord:
         """Delete a succeeded generation's output (generated_output), saying so in its record first (conditionally
         on `version`: PreconditionFailedError when it changed meanwhile), so a reader never finds the record
-        naming an output that is gone without saying why. Returns the record as written."""
+        naming an output that is gone without saying why. A record that says so already is left as it is, and its
+        output deleted again (the delete that followed its mark may have failed). Returns the record."""
         output = generated_output(record)
         if output is None:
             raise ValueError(f"job {record.job_id} has no generated output to delete")
-        marked = msgspec.structs.replace(record, output_deleted=OutputDeleted(at=now_iso(), reason=reason))
-        await self.update(marked, version)
+        marked = record
+        if record.output_deleted is None:
+            marked = msgspec.structs.replace(record, output_deleted=OutputDeleted(at=now_iso(), reason=reason))
+            await self.update(marked, version)
         await self._store.delete(output)
         return marked
 
@@ -339,15 +344,13 @@ class NoOutputError(Exception):
 
 async def delete_job_output(jobs: JobStore, job_id: str) -> JobRecord | None:
     """Delete a succeeded generation's output now, its record saying so (JobStore.delete_output, reason `deleted`);
-    None when there is no such job. One deleted already (or expired) is answered as it is; NoOutputError for a job
-    that is not finished, failed, or made no generated output."""
+    None when there is no such job. One deleted already (or expired) keeps its record as it is, and its output is
+    deleted again; NoOutputError for a job that is not finished, failed, or made no generated output."""
     for _ in range(_CANCEL_ROUNDS):
         found = await jobs.load(job_id)
         if found is None:
             return None
         record, version = found
-        if record.output_deleted is not None:
-            return record
         if record.status not in FINISHED:
             raise NoOutputError(job_id, f"it is {record.status}; wait until it has finished", "job_not_finished")
         if record.status == "failed":

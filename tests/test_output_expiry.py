@@ -15,6 +15,7 @@ import pytest
 from contract.jobs import JobRecord, JobStore, record_key
 from contract.messages import IMAGE_GENERATE
 from infra.settings import Settings
+from infra.storage import StorageUnavailableError
 from processor import service
 from tests.support.amqp import publish, wait_until
 from tests.support.images import encoded
@@ -141,6 +142,37 @@ async def test_a_job_not_finished_or_failed_has_no_output_to_delete(server):
     response = await server.client.delete(f"/v1/jobs/{record.job_id}/output")
     assert (response.status_code, response.json()["code"]) == (404, "no_output")
     assert "it failed" in response.json()["message"]
+
+
+async def test_a_delete_that_failed_after_its_mark_is_finished_by_a_retry_or_the_records_expiry(server, monkeypatch):
+    """The record says the output is deleted before the object goes; should the object's delete fail (503), a
+    retried DELETE deletes it, and so does the sweep that removes the expired record, with or without
+    OUTPUT_TTL_DAYS."""
+    store = server.services.store
+    retried, left = await _generated(server, 8), await _generated(server, 9)
+
+    async def unreachable(key: str) -> None:
+        raise StorageUnavailableError("the object store went away")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(store, "delete", unreachable)
+        for job_id in (retried, left):
+            failed = await server.client.delete(f"/v1/jobs/{job_id}/output")
+            assert (failed.status_code, failed.json()["code"]) == (503, "storage_unavailable")
+    for job_id in (retried, left):
+        assert (await server.client.get(f"/v1/jobs/{job_id}")).json()["output_deleted"]["reason"] == "deleted"
+        assert await store.exists(f"images/generated/{job_id}.png")
+
+    again = await server.client.delete(f"/v1/jobs/{retried}/output")
+    assert again.status_code == 200, again.text
+    assert not await store.exists(f"images/generated/{retried}.png")
+
+    await JobStore(store, 7).sweep(None)  # the record is fresh: its output is not looked at
+    assert await store.exists(f"images/generated/{left}.png")
+    await _finished_earlier(store, left, 30)
+    await JobStore(store, 7).sweep(None)
+    assert not await store.exists(record_key(left))
+    assert not await store.exists(f"images/generated/{left}.png")
 
 
 async def test_without_output_ttl_outputs_are_kept_even_past_their_records(server):
