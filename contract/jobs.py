@@ -22,6 +22,7 @@ from typing import Any, Literal
 import msgspec
 import structlog
 
+from contract import metrics
 from contract.callback_states import stored_states
 from contract.errors import ErrorInfo
 from infra.storage import ObjectNotFoundError, ObjectStore, PreconditionFailedError
@@ -309,6 +310,7 @@ class JobStore:
         if record.output_deleted is None:
             marked = msgspec.structs.replace(record, output_deleted=OutputDeleted(at=now_iso(), reason=reason))
             await self.update(marked, version)
+            metrics.output_deleted(reason)
         await self._store.delete(output)
         return marked
 

@@ -45,6 +45,13 @@ JOB_EVENTS = Counter(
     ["outcome"],
     registry=REGISTRY,
 )
+OUTPUTS_DELETED = Counter(
+    "ams_outputs_deleted",
+    "Generated images and voices deleted on purpose, by reason: expired (OUTPUT_TTL_DAYS after their job finished, "
+    "by a processor's sweep) or deleted (DELETE /v1/jobs/{id}/output).",
+    ["reason"],
+    registry=REGISTRY,
+)
 BROKER_REACHABLE = Gauge(
     "ams_broker_reachable",
     "1 when this scrape read the queues from RabbitMQ; 0 when it could not (the queue gauges are then absent).",
@@ -60,6 +67,10 @@ def job_settled(job_type: str, outcome: str, seconds: float | None = None) -> No
 
 def job_events(outcome: str, count: int = 1) -> None:
     JOB_EVENTS.labels(outcome).inc(count)
+
+
+def output_deleted(reason: str) -> None:
+    OUTPUTS_DELETED.labels(reason).inc()
 
 
 async def record_queue_depths(connection: AbstractRobustConnection) -> None:

@@ -14,6 +14,7 @@ import pytest
 
 from contract.jobs import JobRecord, JobStore, record_key
 from contract.messages import IMAGE_GENERATE
+from contract.metrics import REGISTRY
 from infra.settings import Settings
 from infra.storage import StorageUnavailableError
 from processor import service
@@ -36,6 +37,10 @@ async def _finished_earlier(store, job_id: str, days: float) -> None:
     await store.put(record_key(job_id), msgspec.json.encode(record), "application/json", if_match=stored.etag)
 
 
+def _deleted(reason: str) -> float:
+    return REGISTRY.get_sample_value("ams_outputs_deleted_total", {"reason": reason}) or 0
+
+
 async def _generated(server, seed: int, key: str | None = None) -> str:
     headers = {"Idempotency-Key": key} if key else {}
     response = await server.client.post("/v1/images/generate", json={**BODY, "seed": seed}, headers=headers)
@@ -55,6 +60,7 @@ async def test_a_generated_output_is_deleted_once_past_its_time_and_its_job_says
         upload = await server.client.post("/v1/images", files={"file": ("cat.png", encoded(4), "image/png")})
         assert upload.status_code == 201, upload.text
         image = upload.json()
+        expired_before = _deleted("expired")
         await _finished_earlier(store, old, 2)
         await _finished_earlier(store, image["id"], 2)  # an indexing job: its result names the original
         await _finished_earlier(store, gone, 8)  # past JOB_RECORD_TTL_DAYS: the record goes, and its output
@@ -64,6 +70,7 @@ async def test_a_generated_output_is_deleted_once_past_its_time_and_its_job_says
             return job["output_deleted"] is not None and not await store.exists(record_key(gone))
 
         await wait_until(swept, timeout=20)
+        assert _deleted("expired") == expired_before + 1  # the record that expired took its output unmarked
         assert not await store.exists(f"images/generated/{old}.png")
         assert not await store.exists(f"images/generated/{gone}.png")
         assert await store.exists(f"images/generated/{fresh}.png")
@@ -107,6 +114,7 @@ async def test_a_client_deletes_a_generated_output_at_once(server):
     job_id = await _generated(server, 6, key)
     store = server.services.store
     assert await store.exists(f"images/generated/{job_id}.png")
+    before = _deleted("deleted")
     response = await server.client.delete(f"/v1/jobs/{job_id}/output")
     assert response.status_code == 200, response.text
     job = response.json()
@@ -116,6 +124,7 @@ async def test_a_client_deletes_a_generated_output_at_once(server):
     assert (await server.client.get(f"/v1/jobs/{job_id}")).json() == job
     again = await server.client.delete(f"/v1/jobs/{job_id}/output")
     assert (again.status_code, again.json()) == (200, job)
+    assert _deleted("deleted") == before + 1
     retried = await server.client.post(
         "/v1/images/generate", json={**BODY, "seed": 6}, headers={"Idempotency-Key": key}
     )
