@@ -265,6 +265,29 @@ async def test_generate_shows_the_image_and_the_seed(session, server):
     await expect(page.locator("#generate-caption")).to_have_text(f"Seed {seed} · 64 × 64 · 2 steps")
 
 
+async def test_a_generated_image_is_deleted_from_the_jobs_panel(session, server):
+    """The newest job, the generation just shown: Delete… asks first, then the server deletes the PNG, the entry says
+    so without its link or button, and the Generate section no longer shows it."""
+    page = session.page
+    await page.get_by_role("link", name="Jobs").click()
+    newest = page.locator("#jobs-list .job").first
+    job_id = await newest.locator(".job-id").inner_text()
+    label = await newest.locator(".job-label").inner_text()
+    await newest.get_by_role("button", name=f"Delete the PNG of {label}").click()
+    dialog = page.locator("#confirm-output-delete")
+    await expect(dialog).to_contain_text(f"deletes the PNG of {label} now")
+    await dialog.get_by_role("button", name="Cancel").click()
+    assert (await server.client.get(f"/v1/jobs/{job_id}")).json()["output_deleted"] is None
+    await newest.get_by_role("button", name=f"Delete the PNG of {label}").click()
+    await dialog.get_by_role("button", name="Delete").click()
+    await expect(newest.locator(".job-detail")).to_have_text("PNG deleted")
+    await expect(newest.get_by_role("link")).to_have_count(0)
+    await expect(newest.get_by_role("button")).to_have_count(0)
+    assert (await server.client.get(f"/v1/jobs/{job_id}")).json()["output_deleted"]["reason"] == "deleted"
+    await page.get_by_role("link", name="Generate").click()
+    await expect(page.locator("#generate-result")).to_be_hidden()
+
+
 async def test_a_refused_generation_says_why(session):
     page = session.page
     await page.get_by_label("Width").fill("2048")

@@ -13,6 +13,12 @@ export function initGenerate() {
     event.preventDefault();
     generate(form);
   });
+  document.addEventListener("output-deleted", (event) => {
+    const figure = document.getElementById("generate-result");
+    if (figure.dataset.jobId !== event.detail.jobId) return;
+    figure.hidden = true;
+    document.getElementById("generate-image").removeAttribute("src");
+  });
 }
 
 function parameters(form) {
@@ -51,15 +57,16 @@ async function generate(form) {
     const done = await followJob(job, accepted.status_url);
     const result = done.result;
     updateJob(job, { link: { href: result.url, text: "PNG" } });
-    show(result);
+    show(result, done.job_id);
   } catch (failure) {
     updateJob(job, { state: "failed", detail: failure.message });
     showError(error, failure);
   }
 }
 
-function show(result) {
+function show(result, jobId) {
   const figure = document.getElementById("generate-result");
+  figure.dataset.jobId = jobId;
   const image = document.getElementById("generate-image");
   image.src = result.url;
   image.width = result.width;

@@ -1,5 +1,5 @@
 // The jobs panel: every job started from this page, its state as the server reports it, and a link to its result;
-// a job still queued can be cancelled.
+// a job still queued can be cancelled, and a generation's output deleted (the page then stops showing it).
 
 import { ApiError, call } from "./api.js";
 import { element } from "./dom.js";
@@ -12,6 +12,8 @@ const STATES = {
   failed: "Failed",
 };
 const ACTIVE = new Set(["uploading", "queued", "running"]);
+// the jobs whose output can be deleted (DELETE /v1/jobs/{id}/output), and what that output is called
+const OUTPUTS = { "image.generate": "PNG", "voice.generate": "MP3" };
 // each status request after the first is a long poll: the server answers when the job's status changes
 const LONG_POLL_SECONDS = 25;
 
@@ -19,10 +21,19 @@ const jobs = [];
 const list = document.getElementById("jobs-list");
 const empty = document.getElementById("jobs-empty");
 const badge = document.getElementById("jobs-badge");
+const confirmOutput = document.getElementById("confirm-output-delete");
+let deleting = null; // the entry whose output the confirmation asks about
+
+confirmOutput.addEventListener("close", () => {
+  if (confirmOutput.returnValue === "delete" && deleting) deleteOutput(deleting);
+  deleting = null;
+});
 
 /** A new entry at the top of the panel: {label, type, state}; returns it for `updateJob`. */
 export function addJob({ label, type, state = "queued" }) {
-  const entry = { label, type, state, jobId: null, detail: "", link: null, started: new Date(), node: null };
+  const entry = {
+    label, type, state, jobId: null, detail: "", link: null, outputDeleted: false, started: new Date(), node: null,
+  };
   entry.node = element("li", { className: "job" });
   jobs.unshift(entry);
   list.prepend(entry.node);
@@ -78,6 +89,28 @@ async function cancel(entry) {
   }
 }
 
+function askToDeleteOutput(entry) {
+  deleting = entry;
+  document.getElementById("confirm-output-title").textContent = `Delete the ${OUTPUTS[entry.type]}?`;
+  document.getElementById("confirm-output-text").textContent =
+    `The server deletes the ${OUTPUTS[entry.type]} of ${entry.label} now; the job stays, saying so. ` +
+    "This cannot be undone.";
+  confirmOutput.returnValue = ""; // Escape closes without a value: never the last confirmation's
+  confirmOutput.showModal();
+}
+
+/** Delete a finished generation's output on the server; the sections showing it stop (event `output-deleted`). */
+async function deleteOutput(entry) {
+  try {
+    await call(`/v1/jobs/${entry.jobId}/output`, { method: "DELETE" });
+  } catch (error) {
+    updateJob(entry, { detail: error.message });
+    return;
+  }
+  updateJob(entry, { link: null, outputDeleted: true, detail: `${OUTPUTS[entry.type]} deleted` });
+  document.dispatchEvent(new CustomEvent("output-deleted", { detail: { jobId: entry.jobId } }));
+}
+
 function sleep(ms) {
   return new Promise((resolve) => setTimeout(resolve, ms));
 }
@@ -104,6 +137,13 @@ function render(entry) {
     const onclick = () => cancel(entry);
     parts.push(
       element("button", { type: "button", className: "job-cancel", textContent: "Cancel", ariaLabel: label, onclick }),
+    );
+  }
+  if (entry.jobId && entry.state === "succeeded" && OUTPUTS[entry.type] && !entry.outputDeleted) {
+    const label = `Delete the ${OUTPUTS[entry.type]} of ${entry.label}`;
+    const onclick = () => askToDeleteOutput(entry);
+    parts.push(
+      element("button", { type: "button", className: "job-delete danger", textContent: "Delete…", ariaLabel: label, onclick }),
     );
   }
   if (entry.detail) {

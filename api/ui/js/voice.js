@@ -30,6 +30,14 @@ export function initVoice() {
     event.preventDefault();
     speak(form);
   });
+  document.addEventListener("output-deleted", (event) => {
+    const shown = document.getElementById("voice-result");
+    if (shown.dataset.jobId !== event.detail.jobId) return;
+    shown.hidden = true;
+    document.getElementById("voice-audio").removeAttribute("src");
+    if (result) URL.revokeObjectURL(result);
+    result = null;
+  });
 }
 
 function recordStatus(text) {
@@ -115,7 +123,8 @@ async function speak(form) {
   body.append("text", form.elements.text.value);
   body.append("language", form.elements.language.value);
   const said = form.elements.text.value.trim();
-  const job = addJob({ label: `Speak “${said.length > 48 ? `${said.slice(0, 47)}…` : said}”`, state: "running" });
+  const label = `Speak “${said.length > 48 ? `${said.slice(0, 47)}…` : said}”`;
+  const job = addJob({ label, type: "voice.generate", state: "running" });
   const button = form.querySelector("button[type=submit]");
   button.disabled = true;
   try {
@@ -151,5 +160,7 @@ function play(url, seconds, jobId, job) {
   document.getElementById("voice-audio").src = url;
   document.getElementById("voice-link").href = url;
   document.getElementById("voice-caption").textContent = `${seconds.toFixed(1)} s of speech`;
-  document.getElementById("voice-result").hidden = false;
+  const shown = document.getElementById("voice-result");
+  shown.dataset.jobId = jobId;
+  shown.hidden = false;
 }
