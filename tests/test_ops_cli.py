@@ -116,7 +116,8 @@ def queued_ids(amqp_url: str, queue: str) -> list[str | None]:
 
 def test_every_command_has_help_and_the_exit_codes():
     commands = ([], ["dlq"], ["dlq", "list"], ["dlq", "show"], ["dlq", "replay"], ["dlq", "purge"], ["backfill"])
-    jobs = (["jobs"], ["jobs", "list"], ["jobs", "show"], ["jobs", "cancel"], ["events"], ["events", "watch"])
+    jobs = (["jobs"], ["jobs", "list"], ["jobs", "show"], ["jobs", "cancel"], ["jobs", "delete-output"])
+    jobs += (["events"], ["events", "watch"])
     jobs += (["callbacks"], ["callbacks", "send"])
     for command in (*commands, *jobs):
         result = CliRunner().invoke(cli, [*command, "--help"])
@@ -576,6 +577,77 @@ def test_jobs_cancel_needs_ids_or_filters_not_both(cancel_env, args):
     result = ams_ops(cancel_env, "jobs", "cancel", *args)
     assert result.exit_code == 2, result.output
     assert "cancelled" not in _codes(cancel_env).values()
+
+
+def _with_outputs(env: dict[str, str]) -> LocalStore:
+    """The outputs of `done` and of a voice clone finished 2 minutes ago, in the seeded store."""
+    store = LocalStore(Path(env["LOCAL_STORAGE_DIR"]))
+    spoken = _record("spoken", "voice.generate", "succeeded", 2 * MINUTE, result={"key": "voice/generated/spoken.mp3"})
+
+    async def put() -> None:
+        await JobStore(store, 7).create(spoken)
+        await store.put("images/generated/done.png", b"png", "image/png")
+        await store.put("voice/generated/spoken.mp3", b"mp3", "audio/mpeg")
+
+    asyncio.run(put())
+    return store
+
+
+def _there(store: LocalStore, *keys: str) -> list[bool]:
+    async def check() -> list[bool]:
+        return [await store.exists(key) for key in keys]
+
+    return asyncio.run(check())
+
+
+OUTPUTS = ("images/generated/done.png", "voice/generated/spoken.mp3")
+
+
+def test_jobs_delete_output_by_id_deletes_and_says_why_not_the_others(cancel_env):
+    store = _with_outputs(cancel_env)
+    result = ams_ops(cancel_env, "jobs", "delete-output", "done", "busy", "gone")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == [
+        "job busy has no output to delete: it is running; wait until it has finished",
+        "job gone has no output to delete: it failed",
+        "deleted 1, 2 without an output",
+    ]
+    assert _there(store, *OUTPUTS) == [False, True]
+    assert json.loads(ams_ops(cancel_env, "jobs", "show", "done").stdout)["output_deleted"]["reason"] == "deleted"
+    again = ams_ops(cancel_env, "jobs", "delete-output", "done")
+    assert (again.exit_code, again.stdout.strip()) == (0, "deleted 0, 1 deleted already")
+    unknown = ams_ops(cancel_env, "jobs", "delete-output", "spoken", "nope")
+    assert unknown.exit_code == 1
+    assert "no job record with id 'nope'" in unknown.stderr
+    assert _there(store, *OUTPUTS) == [False, False]  # the ids before it were done
+
+
+def test_jobs_delete_output_by_filters_asks_first_and_dry_run_changes_nothing(cancel_env):
+    store = _with_outputs(cancel_env)
+    dry = ams_ops(cancel_env, "jobs", "delete-output", "--all", "--dry-run")
+    assert dry.exit_code == 0, dry.output
+    assert _listed(dry) == ["done", "spoken", "would"]
+    assert dry.stdout.rstrip().endswith("would delete 2 outputs")
+    declined = ams_ops(cancel_env, "jobs", "delete-output", "--updated-before", "30m", input="n\n")
+    assert (declined.exit_code, declined.stdout.strip()) == (0, "deleted 0")
+    assert "Delete the outputs of 1 jobs?" in declined.stderr
+    assert _there(store, *OUTPUTS) == [True, True]
+    voices = ams_ops(cancel_env, "jobs", "delete-output", "--type", "voice.generate", "--yes")
+    assert (voices.exit_code, voices.stdout.strip()) == (0, "deleted 1")
+    assert _there(store, *OUTPUTS) == [True, False]
+    everything = ams_ops(cancel_env, "jobs", "delete-output", "--all", "--yes")
+    assert (everything.exit_code, everything.stdout.strip()) == (0, "deleted 1")
+    assert _there(store, *OUTPUTS) == [False, False]
+    nothing = ams_ops(cancel_env, "jobs", "delete-output", "--all", "--yes")
+    assert (nothing.exit_code, nothing.stdout.strip()) == (0, "deleted 0")
+
+
+@pytest.mark.parametrize("args", [[], ["done", "--all"], ["done", "--type", "image.generate"]])
+def test_jobs_delete_output_needs_ids_or_filters_not_both(cancel_env, args):
+    store = _with_outputs(cancel_env)
+    result = ams_ops(cancel_env, "jobs", "delete-output", *args)
+    assert result.exit_code == 2, result.output
+    assert _there(store, *OUTPUTS) == [True, True]
 
 
 def test_jobs_list_with_no_records(make_env):

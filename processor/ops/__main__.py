@@ -57,8 +57,11 @@ from processor.ops.index import backup_now, build_graph, index_report, restore_b
 from processor.ops.jobs import (
     CancelReport,
     JobSelection,
+    OutputReport,
     cancel_jobs,
+    delete_outputs,
     get_job,
+    has_output,
     job_json,
     jobs_json,
     jobs_table,
@@ -442,6 +445,76 @@ def cancel_jobs_command(
         click.echo(_cancel_summary(await cancel_jobs(settings, chosen)))
 
     _run(work())
+
+
+@jobs.command("delete-output", epilog=EXIT_CODES)
+@click.argument("job_ids", metavar="[ID]...", nargs=-1)
+@click.option(
+    "--type", "types", multiple=True, metavar="TYPE", help="Every generation of this type with its output (repeatable)."
+)
+@click.option(
+    "--updated-before",
+    type=When(),
+    help="Every generation with its output finished before WHEN: ISO-8601 (UTC if no zone) or an age (30m, 2h, 1d).",
+)
+@click.option("--all", "everything", is_flag=True, help="Every generation whose output is still there.")
+@click.option("--dry-run", is_flag=True, help="Print the jobs whose outputs would be deleted and change nothing.")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation (asked when filters chose the jobs).")
+def delete_outputs_command(
+    job_ids: tuple[str, ...],
+    types: tuple[str, ...],
+    updated_before: dt.datetime | None,
+    everything: bool,
+    dry_run: bool,
+    yes: bool,
+) -> None:
+    """Delete the generated images and voices of finished jobs now, given by id or chosen by filters (or --all), as
+    DELETE /v1/jobs/{id}/output does.
+
+    Each record keeps its job, saying `output_deleted` (reason `deleted`); the job's Idempotency-Key then answers
+    410 and its message makes nothing again. A job without an output (not finished, failed, an upload's) is named
+    with why, and the rest go on.
+    """
+    filtered = bool(types or updated_before)
+    if job_ids and (filtered or everything):
+        raise click.UsageError("give job ids, or filters (--type, --updated-before, --all), not both")
+    if everything and filtered:
+        raise click.UsageError("--all deletes every output: give it without --type/--updated-before")
+    if not (job_ids or filtered or everything):
+        raise click.UsageError("say which jobs: their ids, --type, --updated-before, or --all for every output")
+    settings = _settings()
+
+    async def work() -> None:
+        chosen = list(job_ids)
+        if not chosen or dry_run:
+            if chosen:
+                records = [await get_job(settings, job_id) for job_id in chosen]
+            else:
+                selection = JobSelection(frozenset({"succeeded"}), frozenset(types), frozenset(), updated_before)
+                records, _ = await list_jobs(settings, selection)
+            matching = [record for record in records if has_output(record)]
+            if dry_run:
+                if matching:
+                    click.echo(jobs_table(matching))
+                click.echo(f"would delete {len(matching)} outputs")
+                return
+            question = f"Delete the outputs of {len(matching)} jobs?"
+            if matching and not yes and not await asyncio.to_thread(_confirm, question):
+                click.echo("deleted 0")
+                return
+            chosen = [record.job_id for record in matching]
+        click.echo(_output_summary(await delete_outputs(settings, chosen)))
+
+    _run(work())
+
+
+def _output_summary(report: OutputReport) -> str:
+    lines = [*report.refused, f"deleted {len(report.deleted)}"]
+    if report.already:
+        lines[-1] += f", {len(report.already)} deleted already"
+    if report.refused:
+        lines[-1] += f", {len(report.refused)} without an output"
+    return "\n".join(lines)
 
 
 def _cancel_summary(report: CancelReport) -> str:

@@ -1,5 +1,5 @@
-"""Job records for the operator: which jobs are where (queued, running, finished), filtered, one job whole, and
-cancelling queued ones.
+"""Job records for the operator: which jobs are where (queued, running, finished), filtered, one job whole,
+cancelling queued ones, and deleting generations' outputs.
 
 They are read from the object store the server writes them to (jobs/<id>.json), one read per record: on R2 a
 listing costs a GET per job kept (records are kept JOB_RECORD_TTL_DAYS after they finish). Expired records read
@@ -16,7 +16,16 @@ import msgspec
 from aio_pika.abc import AbstractRobustConnection
 
 from contract.announcements import to_announce
-from contract.jobs import JobRecord, JobStore, NotCancellableError, age_seconds, cancel_queued
+from contract.jobs import (
+    JobRecord,
+    JobStore,
+    NoOutputError,
+    NotCancellableError,
+    age_seconds,
+    cancel_queued,
+    delete_job_output,
+    generated_output,
+)
 from infra.broker import BROKER_ERRORS, Publisher, connect
 from infra.settings import Settings
 from infra.storage import ObjectStore, StorageError
@@ -122,6 +131,41 @@ async def cancel_jobs(settings: Settings, job_ids: list[str]) -> CancelReport:
             announced = [record for record in cancelled if to_announce(record, settings.job_events_enabled)]
             if announced:
                 report.owed = await _announce(settings, store, announced)
+    return report
+
+
+def has_output(record: JobRecord) -> bool:
+    """A succeeded generation whose output is still there to delete."""
+    return generated_output(record) is not None and record.output_deleted is None
+
+
+@dataclass(slots=True)
+class OutputReport:
+    deleted: list[str] = field(default_factory=list)
+    already: list[str] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)  # why each job has no output to delete
+
+
+async def delete_outputs(settings: Settings, job_ids: list[str]) -> OutputReport:
+    """Delete these jobs' generated outputs (contract/jobs.py delete_job_output), one after another, as DELETE
+    /v1/jobs/{id}/output does. A job without one (not finished, failed, no generation) is refused and said why; an
+    unknown id stops the run (OperationFailedError)."""
+    report = OutputReport()
+    async with opened_store(settings) as store:
+        jobs = JobStore(store, settings.job_record_ttl_days)
+        for job_id in job_ids:
+            try:
+                before = await jobs.get(job_id)
+                record = await delete_job_output(jobs, job_id)
+            except NoOutputError as exc:
+                report.refused.append(str(exc))
+                continue
+            except StorageError as exc:
+                raise OperationFailedError(f"cannot delete the output of job {job_id!r}: {exc}") from None
+            if record is None:
+                raise OperationFailedError(f"no job record with id {job_id!r}")
+            deleted_before = before is not None and before.output_deleted is not None
+            (report.already if deleted_before else report.deleted).append(job_id)
     return report
 
 
