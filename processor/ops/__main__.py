@@ -33,6 +33,7 @@ import datetime as dt
 import json
 import sys
 from collections.abc import Callable, Coroutine, Iterator
+from dataclasses import dataclass
 from typing import IO, Any, TypeVar
 
 import click
@@ -40,6 +41,7 @@ import msgspec
 
 from contract.callbacks import JOB_CALLBACK
 from contract.events import JobFinishedV1
+from contract.jobs import JobRecord
 from contract.messages import JOB_TYPES
 from infra.broker import DEAD_QUEUE, EVENTS_EXCHANGE, JOBS_EXCHANGE
 from infra.logging import configure_logging
@@ -390,17 +392,95 @@ def show_job(job_id: str) -> None:
     click.echo(job_json(_run(get_job(_settings(), job_id))))
 
 
+def _chosen_jobs(what: str, done: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The arguments of a command that acts on jobs given by id or chosen by filters (`_Choice`): `what` names the
+    jobs the filters choose among, `done` what befalls them."""
+
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        options = (
+            click.argument("job_ids", metavar="[ID]...", nargs=-1),
+            click.option(
+                "--type", "types", multiple=True, metavar="TYPE", help=f"Every {what} of this type (repeatable)."
+            ),
+            click.option(
+                "--updated-before",
+                type=When(),
+                help=f"Every {what} last changed before WHEN: ISO-8601 (UTC if no zone) or an age (30m, 2h, 1d).",
+            ),
+            click.option("--all", "everything", is_flag=True, help=f"Every {what}."),
+            click.option("--dry-run", is_flag=True, help=f"Print the {what}s that would be {done} and change nothing."),
+            click.option(
+                "--yes", "-y", is_flag=True, help="Do not ask for confirmation (asked when filters chose the jobs)."
+            ),
+        )
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return decorate
+
+
+@dataclass(frozen=True, slots=True)
+class _Wording:
+    """What a job command says when filters chose the jobs ({n}: how many): a dry run's summary, the question
+    asked, and the summary when the answer is no."""
+
+    would: str
+    ask: str
+    declined: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Choice:
+    """The jobs a command acts on: the ids given, or the records of one status the filters (or --all) choose."""
+
+    job_ids: tuple[str, ...]
+    types: tuple[str, ...]
+    updated_before: dt.datetime | None
+    everything: bool
+
+    def check(self, what: str) -> None:
+        filtered = bool(self.types or self.updated_before)
+        if self.job_ids and (filtered or self.everything):
+            raise click.UsageError("give job ids, or filters (--type, --updated-before, --all), not both")
+        if self.everything and filtered:
+            raise click.UsageError(f"--all means every {what}: give it without --type/--updated-before")
+        if not (self.job_ids or filtered or self.everything):
+            raise click.UsageError(f"say which jobs: their ids, --type, --updated-before, or --all for every {what}")
+
+    async def ids(
+        self,
+        settings: Settings,
+        status: str,
+        keep: Callable[[JobRecord], bool],
+        wording: _Wording,
+        *,
+        dry_run: bool,
+        yes: bool,
+    ) -> list[str] | None:
+        """The ids to act on: those given, or those of the records the filters choose that `keep` keeps (asked
+        first unless `yes`); None when the run ends here (a dry run, which lists them, or the answer no)."""
+        if self.job_ids and not dry_run:
+            return list(self.job_ids)
+        if self.job_ids:
+            records = [await get_job(settings, job_id) for job_id in self.job_ids]
+        else:
+            selection = JobSelection(frozenset({status}), frozenset(self.types), frozenset(), self.updated_before)
+            records, _ = await list_jobs(settings, selection)
+        matching = [record for record in records if keep(record)]
+        if dry_run:
+            if matching:
+                click.echo(jobs_table(matching))
+            click.echo(wording.would.format(n=len(matching)))
+            return None
+        if matching and not yes and not await asyncio.to_thread(_confirm, wording.ask.format(n=len(matching))):
+            click.echo(wording.declined)
+            return None
+        return [record.job_id for record in matching]
+
+
 @jobs.command("cancel", epilog=EXIT_CODES)
-@click.argument("job_ids", metavar="[ID]...", nargs=-1)
-@click.option("--type", "types", multiple=True, metavar="TYPE", help="Every queued job of this type (repeatable).")
-@click.option(
-    "--updated-before",
-    type=When(),
-    help="Every queued job last changed before WHEN: ISO-8601 (UTC if no zone) or an age (30m, 2h, 1d).",
-)
-@click.option("--all", "everything", is_flag=True, help="Every queued job.")
-@click.option("--dry-run", is_flag=True, help="Print the queued jobs that would be cancelled and change nothing.")
-@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation (asked when filters chose the jobs).")
+@_chosen_jobs("queued job", "cancelled")
 def cancel_jobs_command(
     job_ids: tuple[str, ...],
     types: tuple[str, ...],
@@ -415,51 +495,21 @@ def cancel_jobs_command(
     and makes nothing, answering a requester that still waits for it. A job that is running or finished (or
     starts meanwhile) is not cancelled: it is named with why, and the rest go on.
     """
-    filtered = bool(types or updated_before)
-    if job_ids and (filtered or everything):
-        raise click.UsageError("give job ids, or filters (--type, --updated-before, --all), not both")
-    if everything and filtered:
-        raise click.UsageError("--all cancels every queued job: give it without --type/--updated-before")
-    if not (job_ids or filtered or everything):
-        raise click.UsageError("say which jobs: their ids, --type, --updated-before, or --all for every queued one")
+    choice = _Choice(job_ids, types, updated_before, everything)
+    choice.check("queued job")
     settings = _settings()
+    wording = _Wording("would cancel {n} queued jobs", "Cancel {n} queued jobs?", "cancelled 0")
 
     async def work() -> None:
-        chosen = list(job_ids)
-        if not chosen or dry_run:
-            if chosen:
-                records = [await get_job(settings, job_id) for job_id in chosen]
-                matching = [record for record in records if record.status == "queued"]
-            else:
-                selection = JobSelection(frozenset({"queued"}), frozenset(types), frozenset(), updated_before)
-                matching, _ = await list_jobs(settings, selection)
-            if dry_run:
-                if matching:
-                    click.echo(jobs_table(matching))
-                click.echo(f"would cancel {len(matching)} queued jobs")
-                return
-            if matching and not yes and not await asyncio.to_thread(_confirm, f"Cancel {len(matching)} queued jobs?"):
-                click.echo("cancelled 0")
-                return
-            chosen = [record.job_id for record in matching]
-        click.echo(_cancel_summary(await cancel_jobs(settings, chosen)))
+        chosen = await choice.ids(settings, "queued", _is_queued, wording, dry_run=dry_run, yes=yes)
+        if chosen is not None:
+            click.echo(_cancel_summary(await cancel_jobs(settings, chosen)))
 
     _run(work())
 
 
 @jobs.command("delete-output", epilog=EXIT_CODES)
-@click.argument("job_ids", metavar="[ID]...", nargs=-1)
-@click.option(
-    "--type", "types", multiple=True, metavar="TYPE", help="Every generation of this type with its output (repeatable)."
-)
-@click.option(
-    "--updated-before",
-    type=When(),
-    help="Every generation with its output finished before WHEN: ISO-8601 (UTC if no zone) or an age (30m, 2h, 1d).",
-)
-@click.option("--all", "everything", is_flag=True, help="Every generation whose output is still there.")
-@click.option("--dry-run", is_flag=True, help="Print the jobs whose outputs would be deleted and change nothing.")
-@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation (asked when filters chose the jobs).")
+@_chosen_jobs("generation output", "deleted")
 def delete_outputs_command(
     job_ids: tuple[str, ...],
     types: tuple[str, ...],
@@ -475,37 +525,21 @@ def delete_outputs_command(
     410 and its message makes nothing again. A job without an output (not finished, failed, an upload's) is named
     with why, and the rest go on.
     """
-    filtered = bool(types or updated_before)
-    if job_ids and (filtered or everything):
-        raise click.UsageError("give job ids, or filters (--type, --updated-before, --all), not both")
-    if everything and filtered:
-        raise click.UsageError("--all deletes every output: give it without --type/--updated-before")
-    if not (job_ids or filtered or everything):
-        raise click.UsageError("say which jobs: their ids, --type, --updated-before, or --all for every output")
+    choice = _Choice(job_ids, types, updated_before, everything)
+    choice.check("generation output")
     settings = _settings()
+    wording = _Wording("would delete {n} outputs", "Delete the outputs of {n} jobs?", "deleted 0")
 
     async def work() -> None:
-        chosen = list(job_ids)
-        if not chosen or dry_run:
-            if chosen:
-                records = [await get_job(settings, job_id) for job_id in chosen]
-            else:
-                selection = JobSelection(frozenset({"succeeded"}), frozenset(types), frozenset(), updated_before)
-                records, _ = await list_jobs(settings, selection)
-            matching = [record for record in records if has_output(record)]
-            if dry_run:
-                if matching:
-                    click.echo(jobs_table(matching))
-                click.echo(f"would delete {len(matching)} outputs")
-                return
-            question = f"Delete the outputs of {len(matching)} jobs?"
-            if matching and not yes and not await asyncio.to_thread(_confirm, question):
-                click.echo("deleted 0")
-                return
-            chosen = [record.job_id for record in matching]
-        click.echo(_output_summary(await delete_outputs(settings, chosen)))
+        chosen = await choice.ids(settings, "succeeded", has_output, wording, dry_run=dry_run, yes=yes)
+        if chosen is not None:
+            click.echo(_output_summary(await delete_outputs(settings, chosen)))
 
     _run(work())
+
+
+def _is_queued(record: JobRecord) -> bool:
+    return record.status == "queued"
 
 
 def _output_summary(report: OutputReport) -> str:
