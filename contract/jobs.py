@@ -5,8 +5,8 @@ marks it running, succeeded or failed before it acknowledges the message. Record
 is conditional (create only if absent, update only the version read: processor/tracking.py), so two deliveries
 of one job on two processors never move a record backwards. A finished record expires JOB_RECORD_TTL_DAYS after
 it finished: it reads as absent, and processors delete expired records (`sweep`). With OUTPUT_TTL_DAYS set, the
-sweep also deletes a generation's output that long after it finished, as DELETE /v1/jobs/{id} does at once; the
-record says so (output_deleted).
+sweep also deletes a generation's output that long after it finished, as DELETE /v1/jobs/{id}/output does at once;
+the record says so (output_deleted).
 """
 
 from __future__ import annotations
@@ -91,7 +91,8 @@ def job_id_for_idempotency_key(job_type: str, key: str) -> str:
 
 class OutputDeleted(msgspec.Struct, kw_only=True):
     """A generation's output deleted on purpose: `expired` (the sweep, OUTPUT_TTL_DAYS after the job finished) or
-    `deleted` (its client asked: DELETE /v1/jobs/{id}). The job's outcome stands; the output is not made again."""
+    `deleted` (its client asked: DELETE /v1/jobs/{id}/output). The job's outcome stands; the output is not made
+    again."""
 
     at: str
     reason: Literal["expired", "deleted"]
