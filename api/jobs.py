@@ -420,7 +420,7 @@ def _output_gone(record: JobRecord, deleted: OutputDeleted) -> ApiError:
 async def output_bytes(services: Services, started: JobStart, result: dict[str, Any]) -> bytes:
     """A finished job's output: carried by the reply when this request waited for it, else read from storage. One
     that is missing or empty there is a 503 (a power failure before it was flushed: its job is being run again), or
-    a 410 when the sweep deleted it meanwhile (OUTPUT_TTL_DAYS)."""
+    a 410 when it was deleted on purpose meanwhile (OUTPUT_TTL_DAYS, DELETE /v1/jobs/{id}/output)."""
     attachment = started.reply.attachment if started.reply is not None else None
     if attachment is not None:
         return attachment
