@@ -6,6 +6,7 @@ whether or not its state could be written), and deleted JOB_RECORD_TTL_DAYS afte
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from datetime import datetime
 from typing import Literal
 
 import msgspec
@@ -49,9 +50,14 @@ async def write_state(store: ObjectStore, job_id: str, state: CallbackState) -> 
     await store.put(state_key(job_id), msgspec.json.encode(state), "application/json")
 
 
-async def stored_states(store: ObjectStore) -> AsyncIterator[tuple[str, CallbackState | None]]:
-    """Every state object's key and state (None: unreadable), one read each."""
+async def stored_states(
+    store: ObjectStore, written_before: datetime | None = None
+) -> AsyncIterator[tuple[str, CallbackState | None]]:
+    """Every state object's key and state (None: unreadable), one read each; with `written_before`, only those the
+    listing says were last written before then (the others are not read)."""
     async for info in store.list(STATES_PREFIX):
+        if written_before is not None and info.modified >= written_before:
+            continue
         try:
             stored = await store.get(info.key)
         except ObjectNotFoundError:

@@ -64,6 +64,9 @@ _CANCEL_ROUNDS = 5
 # is settled (its running mark finds the record settled) or runs once more, converging on the same record and
 # output.
 RESEND_AFTER_SECONDS = 15.0
+# how much earlier than due a sweep reads what the listing says was last written: the store's clock may differ from
+# this host's (R2's from this server's), and a record's last write comes a little after the finish it stamps
+SWEEP_LEEWAY = timedelta(hours=1)
 
 
 def now_iso() -> str:
@@ -243,11 +246,14 @@ class JobStore:
     async def delete(self, job_id: str) -> None:
         await self._store.delete(record_key(job_id))
 
-    async def stored(self) -> AsyncIterator[tuple[str, JobRecord, str]]:
+    async def stored(self, written_before: datetime | None = None) -> AsyncIterator[tuple[str, JobRecord, str]]:
         """Every readable record in the store with its key and version, expired ones included: one read per record,
-        up to READ_AHEAD at once (on R2 each is a GET)."""
+        up to READ_AHEAD at once (on R2 each is a GET). With `written_before`, only the records the listing says
+        were last written before then (the others are not read)."""
         keys: list[str] = []
         async for info in self._store.list(JOBS_PREFIX):
+            if written_before is not None and info.modified >= written_before:
+                continue
             keys.append(info.key)
             if len(keys) == READ_AHEAD:
                 for found in await self._read_many(keys):
@@ -270,10 +276,16 @@ class JobStore:
     async def sweep(self, output_ttl_days: float | None = None) -> Swept:
         """Delete the expired records, and the states of callbacks last tried longer ago than records are kept
         (contract/callback_states.py). With `output_ttl_days` (OUTPUT_TTL_DAYS), also delete the output of each
-        generation finished longer ago than that (`delete_output`), and an expired record's output with it."""
+        generation finished longer ago than that (`delete_output`), and an expired record's output with it.
+
+        Only what was last written long enough ago to be due is read, as the listing says (SWEEP_LEEWAY allowing
+        for the store's clock): a record is last written when its job finishes, so at steady state a sweep reads
+        the few records that came due since the last one, not every record kept. A record written again after its
+        job finished (its output's deletion marked) is read once that write is as old."""
         now = datetime.now(tz=UTC)
+        due = self._ttl if output_ttl_days is None else min(self._ttl, timedelta(days=output_ttl_days))
         records = outputs = 0
-        async for key, record, version in self.stored():
+        async for key, record, version in self.stored(written_before=now - due + SWEEP_LEEWAY):
             # an output deleted on purpose is deleted again with its record: its first delete may have failed
             deleting = output_ttl_days is not None or record.output_deleted is not None
             output = generated_output(record) if deleting else None
@@ -294,7 +306,7 @@ class JobStore:
                 except PreconditionFailedError:  # written meanwhile: the next sweep looks at it again
                     continue
                 outputs += 1
-        async for key, state in stored_states(self._store):
+        async for key, state in stored_states(self._store, written_before=now - self._ttl + SWEEP_LEEWAY):
             if state is None or _older(state.at, now, self._ttl):
                 await self._store.delete(key)
         return Swept(records=records, outputs=outputs)

@@ -27,7 +27,7 @@ import msgspec
 import pytest
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from contract.callback_states import CallbackState, read_state, write_state
+from contract.callback_states import CallbackState, read_state, state_key, write_state
 from contract.callbacks import JOB_CALLBACK, CallbackUrlError, JobCallbackV1, check_callback_url
 from contract.events import JobFinishedV1, job_finished
 from contract.jobs import JobRecord, JobStore, withdrawn
@@ -43,6 +43,7 @@ from processor.outcomes import Failed
 from processor.runtime import Runtime
 from tests.support.amqp import drain, publish, wait_until
 from tests.support.audio import speech_wav
+from tests.support.backdate import written_days_ago
 from tests.support.images import encoded
 from tests.support.server import running_server
 from tests.test_ops_cli import ams_ops_started
@@ -271,6 +272,7 @@ async def test_callback_states_are_swept_with_the_records(server):
     for job_id, at in ((old, "2020-01-01T00:00:00.000000Z"), (fresh, datetime.now(UTC).isoformat())):
         state = CallbackState(event_id=str(uuid.uuid4()), state="delivered", attempts=1, answer="answered 200", at=at)
         await write_state(store, job_id, state)
+    written_days_ago(server.services.settings.local_storage_dir, state_key(old), 2000)
     await JobStore(store, 7).sweep()
     assert await read_state(store, old) is None
     assert await read_state(store, fresh) is not None

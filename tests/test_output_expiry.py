@@ -19,6 +19,7 @@ from infra.settings import Settings
 from infra.storage import StorageUnavailableError
 from processor import service
 from tests.support.amqp import publish, wait_until
+from tests.support.backdate import written_days_ago
 from tests.support.images import encoded
 from tests.support.server import running_server
 
@@ -29,12 +30,14 @@ def _days_ago(days: float) -> str:
     return (datetime.now(tz=UTC) - timedelta(days=days)).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
-async def _finished_earlier(store, job_id: str, days: float) -> None:
-    """Make a finished job look as if it finished `days` ago."""
+async def _finished_earlier(server, job_id: str, days: float) -> None:
+    """Make a finished job look as if it finished `days` ago, its record last written then."""
+    store = server.services.store
     stored = await store.get(record_key(job_id))
     record = msgspec.json.decode(stored.data, type=JobRecord)
     record = msgspec.structs.replace(record, finished_at=_days_ago(days))
     await store.put(record_key(job_id), msgspec.json.encode(record), "application/json", if_match=stored.etag)
+    written_days_ago(server.services.settings.local_storage_dir, record_key(job_id), days)
 
 
 def _deleted(reason: str) -> float:
@@ -61,9 +64,9 @@ async def test_a_generated_output_is_deleted_once_past_its_time_and_its_job_says
         assert upload.status_code == 201, upload.text
         image = upload.json()
         expired_before = _deleted("expired")
-        await _finished_earlier(store, old, 2)
-        await _finished_earlier(store, image["id"], 2)  # an indexing job: its result names the original
-        await _finished_earlier(store, gone, 8)  # past JOB_RECORD_TTL_DAYS: the record goes, and its output
+        await _finished_earlier(server, old, 2)
+        await _finished_earlier(server, image["id"], 2)  # an indexing job: its result names the original
+        await _finished_earlier(server, gone, 8)  # past JOB_RECORD_TTL_DAYS: the record goes, and its output
 
         async def swept() -> bool:
             job = (await server.client.get(f"/v1/jobs/{old}")).json()
@@ -178,7 +181,7 @@ async def test_a_delete_that_failed_after_its_mark_is_finished_by_a_retry_or_the
 
     await JobStore(store, 7).sweep(None)  # the record is fresh: its output is not looked at
     assert await store.exists(f"images/generated/{left}.png")
-    await _finished_earlier(store, left, 30)
+    await _finished_earlier(server, left, 30)
     await JobStore(store, 7).sweep(None)
     assert not await store.exists(record_key(left))
     assert not await store.exists(f"images/generated/{left}.png")
@@ -187,7 +190,7 @@ async def test_a_delete_that_failed_after_its_mark_is_finished_by_a_retry_or_the
 async def test_without_output_ttl_outputs_are_kept_even_past_their_records(server):
     store = server.services.store
     job_id = await _generated(server, 5)
-    await _finished_earlier(store, job_id, 30)
+    await _finished_earlier(server, job_id, 30)
     swept = await JobStore(store, 7).sweep(server.services.settings.output_ttl_days)
     assert swept.records >= 1 and swept.outputs == 0
     assert not await store.exists(record_key(job_id))

@@ -23,6 +23,7 @@ from processor.health import create_health_app
 from processor.runtime import Runtime
 from processor.service import ProcessorService
 from tests.support.amqp import publish, wait_until
+from tests.support.backdate import written_days_ago
 from tests.support.images import encoded
 from tests.support.process import served_process
 from tests.support.server import running_server
@@ -182,11 +183,38 @@ async def test_finished_job_records_expire(make_env):
         waiting.created_at = two_days_ago
         for record in (old, recent, waiting):
             await jobs.create(record)
+        written_days_ago(settings.local_storage_dir, record_key(old.job_id), 2)
         assert await jobs.get(old.job_id) is None, "an expired record reads as absent"
         assert await jobs.get(recent.job_id) is not None and await jobs.get(waiting.job_id) is not None
         assert (await jobs.sweep()).records == 1
         assert not await store.exists(record_key(old.job_id))
         assert await store.exists(record_key(recent.job_id))
+    finally:
+        await store.close()
+
+
+async def test_a_sweep_reads_only_the_records_written_long_enough_ago(make_env, monkeypatch):
+    """The listing says when each record was last written: one written within JOB_RECORD_TTL_DAYS (less an hour
+    for clocks) cannot have expired, and is not read; so a sweep reads what came due, not every record kept."""
+    settings = Settings.from_env(make_env(JOB_RECORD_TTL_DAYS="1"))
+    store = await open_store(settings)
+    try:
+        jobs = JobStore(store, settings.job_record_ttl_days)
+        finished = [JobStore.new(str(uuid.uuid4()), IMAGE_GENERATE, {}) for _ in range(20)]
+        for record in finished:
+            record.status, record.finished_at = "succeeded", now_iso()
+            await jobs.create(record)
+        written_days_ago(settings.local_storage_dir, record_key(finished[0].job_id), 2)
+        read: list[str] = []
+        get = store.get
+
+        async def counted(key: str, *args, **kwargs):
+            read.append(key)
+            return await get(key, *args, **kwargs)
+
+        monkeypatch.setattr(store, "get", counted)
+        await jobs.sweep()
+        assert read == [record_key(finished[0].job_id)]
     finally:
         await store.close()
 

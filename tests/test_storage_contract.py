@@ -9,6 +9,7 @@ import itertools
 import os
 import threading
 import time
+from datetime import UTC, datetime, timedelta
 from urllib.parse import parse_qs, urlparse
 
 import httpx
@@ -156,6 +157,13 @@ async def test_list_by_prefix_in_key_order(store):
     assert listed == [("p/a.bin", 7), ("p/b.bin", 7), ("p/sub/c.bin", 11)]
     assert [info.key async for info in store.list("p")] == ["p/a.bin", "p/b.bin", "p/sub/c.bin", "pp/e.bin"]
     assert len([info async for info in store.list()]) == 5
+
+
+async def test_a_listing_says_when_each_object_was_last_written(store):
+    before = datetime.now(tz=UTC) - timedelta(seconds=2)  # S3's LastModified has whole seconds
+    await store.put("when/a.bin", b"a", "application/octet-stream")
+    [info] = [info async for info in store.list("when/")]
+    assert before <= info.modified <= datetime.now(tz=UTC) + timedelta(seconds=1)
 
 
 async def test_unicode_keys(store):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import abc
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 
@@ -67,6 +68,7 @@ class StoredObject:
 class ObjectInfo:
     key: str
     size: int
+    modified: datetime  # when the object was last written (UTC, as the store's clock says)
 
 
 class ObjectStore(abc.ABC):

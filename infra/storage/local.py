@@ -29,6 +29,7 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO, Concatenate, ParamSpec, TypeVar
 from urllib.parse import quote, urlencode
@@ -411,10 +412,11 @@ class LocalStore(ObjectStore):
                 key = full.relative_to(base).as_posix()
                 if key.startswith(prefix):
                     try:
-                        size = full.stat().st_size
+                        status = full.stat()
                     except FileNotFoundError:
                         continue  # deleted since the folder was read
-                    found.append(ObjectInfo(key=key, size=size))
+                    modified = datetime.fromtimestamp(status.st_mtime, tz=UTC)
+                    found.append(ObjectInfo(key=key, size=status.st_size, modified=modified))
         found.sort(key=lambda info: info.key)
         return found
 

@@ -238,7 +238,7 @@ class S3Store(ObjectStore):
         try:
             async for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
                 for item in page.get("Contents", []):
-                    yield ObjectInfo(key=item["Key"], size=int(item["Size"]))
+                    yield ObjectInfo(key=item["Key"], size=int(item["Size"]), modified=item["LastModified"])
         except (ClientError, BotoCoreError, OSError) as exc:
             raise self._translate(exc, prefix) from exc
 
