@@ -118,13 +118,17 @@ def build_consumer(runtime: Runtime) -> Consumer:
 
 
 SWEEP_INTERVAL_SECONDS = 3600
+# the first sweep comes soon after start, so a processor restarted more often than hourly still sweeps
+SWEEP_FIRST_AFTER_SECONDS = 60
 
 
 async def _expire_job_records(jobs: JobStore, output_ttl_days: float | None) -> None:
-    """Delete expired job records (JOB_RECORD_TTL_DAYS), and generated outputs past OUTPUT_TTL_DAYS, once an hour;
-    any processor may: deletes are idempotent and the records' writes conditional."""
+    """Delete expired job records (JOB_RECORD_TTL_DAYS), and generated outputs past OUTPUT_TTL_DAYS, a minute after
+    start and then once an hour; any processor may: deletes are idempotent and the records' writes conditional."""
+    wait = SWEEP_FIRST_AFTER_SECONDS
     while True:
-        await asyncio.sleep(SWEEP_INTERVAL_SECONDS)
+        await asyncio.sleep(wait)
+        wait = SWEEP_INTERVAL_SECONDS
         try:
             swept = await jobs.sweep(output_ttl_days)
         except TRANSIENT_ERRORS as exc:

@@ -17,6 +17,7 @@ from contract.messages import IMAGE_GENERATE
 from contract.metrics import REGISTRY
 from infra.settings import Settings
 from infra.storage import StorageUnavailableError
+from infra.storage.local import LocalStore
 from processor import service
 from tests.support.amqp import publish, wait_until
 from tests.support.backdate import written_days_ago
@@ -52,6 +53,7 @@ async def _generated(server, seed: int, key: str | None = None) -> str:
 
 
 async def test_a_generated_output_is_deleted_once_past_its_time_and_its_job_says_so(make_env, monkeypatch):
+    monkeypatch.setattr(service, "SWEEP_FIRST_AFTER_SECONDS", 0.2)
     monkeypatch.setattr(service, "SWEEP_INTERVAL_SECONDS", 0.2)
     env = make_env(IMAGE_ENABLED="1", OUTPUT_TTL_DAYS="1", JOB_RECORD_TTL_DAYS="7")
     async with running_server(Settings.from_env(env)) as server:
@@ -102,6 +104,29 @@ async def test_a_generated_output_is_deleted_once_past_its_time_and_its_job_says
         await wait_until(settled, timeout=30)
         assert (await server.client.get(f"/v1/jobs/{old}")).json() == job
         assert not await store.exists(f"images/generated/{old}.png")
+
+
+async def test_a_processor_sweeps_soon_after_it_starts(make_env, monkeypatch):
+    """A processor restarted more often than hourly still sweeps: its first sweep comes a minute after start (here
+    moments), then one an hour."""
+    monkeypatch.setattr(service, "SWEEP_FIRST_AFTER_SECONDS", 0.5)
+    env = make_env()
+    settings = Settings.from_env(env)
+    local = LocalStore(settings.local_storage_dir)
+    record = JobStore.new(str(uuid.uuid4()), IMAGE_GENERATE, dict(BODY))
+    record.status, record.finished_at = "succeeded", _days_ago(30)
+    try:
+        await JobStore(local, settings.job_record_ttl_days).create(record)
+    finally:
+        await local.close()
+    written_days_ago(settings.local_storage_dir, record_key(record.job_id), 30)
+    async with running_server(settings) as server:
+        store = server.services.store
+
+        async def swept() -> bool:
+            return not await store.exists(record_key(record.job_id))
+
+        await wait_until(swept, timeout=30)
 
 
 @pytest.fixture(scope="module")
