@@ -217,7 +217,7 @@ async def test_without_output_ttl_outputs_are_kept_even_past_their_records(serve
     job_id = await _generated(server, 5)
     await _finished_earlier(server, job_id, 30)
     swept = await JobStore(store, 7).sweep(server.services.settings.output_ttl_days)
-    assert swept.records >= 1 and swept.outputs == 0
+    assert swept.outputs == 0  # (the record may be gone already: the server sweeps a minute after it starts)
     assert not await store.exists(record_key(job_id))
     assert await store.exists(f"images/generated/{job_id}.png")
 
