@@ -311,12 +311,12 @@ async def delete_output(services: Services, job_id: str) -> JobRecord:
     """Delete a succeeded generation's output now (contract/jobs.py delete_job_output): 404 for an unknown job or one
     without such an output, 409 for one not finished."""
     try:
-        record = await delete_job_output(job_store(services), job_id)
+        done = await delete_job_output(job_store(services), job_id)
     except NoOutputError as exc:
         raise ApiError(404 if exc.code == "no_output" else 409, exc.code, str(exc)) from None
-    if record is None:
+    if done is None:
         raise ApiError(404, "job_not_found", f"no job with id {job_id!r}")
-    return record
+    return done.record
 
 
 async def _announce_cancellation(services: Services, record: JobRecord) -> None:

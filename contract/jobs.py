@@ -357,7 +357,13 @@ class NoOutputError(Exception):
         self.code = code
 
 
-async def delete_job_output(jobs: JobStore, job_id: str) -> JobRecord | None:
+@dataclass(frozen=True, slots=True)
+class OutputDeletion:
+    record: JobRecord
+    already: bool  # its output was deleted before (or expired): the record was left as it was
+
+
+async def delete_job_output(jobs: JobStore, job_id: str) -> OutputDeletion | None:
     """Delete a succeeded generation's output now, its record saying so (JobStore.delete_output, reason `deleted`);
     None when there is no such job. One deleted already (or expired) keeps its record as it is, and its output is
     deleted again; NoOutputError for a job that is not finished, failed, or made no generated output."""
@@ -377,7 +383,7 @@ async def delete_job_output(jobs: JobStore, job_id: str) -> JobRecord | None:
         except PreconditionFailedError:
             continue
         log.info("job_output_deleted", job_id=job_id, job_type=record.type)
-        return deleted
+        return OutputDeletion(deleted, already=record.output_deleted is not None)
     raise NoOutputError(job_id, "its record kept changing meanwhile; try again", "job_not_finished")
 
 

@@ -155,17 +155,15 @@ async def delete_outputs(settings: Settings, job_ids: list[str]) -> OutputReport
         jobs = JobStore(store, settings.job_record_ttl_days)
         for job_id in job_ids:
             try:
-                before = await jobs.get(job_id)
-                record = await delete_job_output(jobs, job_id)
+                done = await delete_job_output(jobs, job_id)
             except NoOutputError as exc:
                 report.refused.append(str(exc))
                 continue
             except StorageError as exc:
                 raise OperationFailedError(f"cannot delete the output of job {job_id!r}: {exc}") from None
-            if record is None:
+            if done is None:
                 raise OperationFailedError(f"no job record with id {job_id!r}")
-            deleted_before = before is not None and before.output_deleted is not None
-            (report.already if deleted_before else report.deleted).append(job_id)
+            (report.already if done.already else report.deleted).append(job_id)
     return report
 
 
