@@ -88,6 +88,14 @@ class JobOut(msgspec.Struct, kw_only=True):
             "when, and why: expired (OUTPUT_TTL_DAYS after the job finished) or deleted (DELETE /v1/jobs/{id}/output)"
         ),
     ] = None
+    output_expires_at: Annotated[
+        str | None,
+        msgspec.Meta(
+            description="when the generated output the result names comes due for deletion: OUTPUT_TTL_DAYS after "
+            "the job finished (a processor's hourly sweep deletes it within the hour after); null when this server "
+            "keeps outputs, or the output is gone"
+        ),
+    ] = None
     status_url: str
 
 

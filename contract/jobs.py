@@ -133,6 +133,21 @@ def generated_output(record: JobRecord) -> str | None:
     return key if isinstance(key, str) and key.startswith(GENERATED_PREFIXES) else None
 
 
+def output_expires_at(record: JobRecord, output_ttl_days: float | None) -> str | None:
+    """When a succeeded generation's output comes due for deletion (OUTPUT_TTL_DAYS after the job finished; the
+    sweep deletes it within the hour after); None when outputs are kept, or it has no output left."""
+    if output_ttl_days is None or generated_output(record) is None or record.output_deleted is not None:
+        return None
+    if record.finished_at is None:
+        return None
+    try:
+        finished = datetime.fromisoformat(record.finished_at.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    due = finished + timedelta(days=output_ttl_days)
+    return due.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
 def record_key(job_id: str) -> str:
     return f"{JOBS_PREFIX}{job_id}.json"
 

@@ -85,7 +85,12 @@ async def test_a_generated_output_is_deleted_once_past_its_time_and_its_job_says
         job = (await server.client.get(f"/v1/jobs/{old}")).json()
         assert job["status"] == "succeeded" and job["output_deleted"]["reason"] == "expired"
         assert job["result"]["key"] == f"images/generated/{old}.png" and "url" not in job["result"]
-        assert "url" in (await server.client.get(f"/v1/jobs/{fresh}")).json()["result"]
+        assert job["output_expires_at"] is None
+        kept = (await server.client.get(f"/v1/jobs/{fresh}")).json()
+        assert "url" in kept["result"]
+        finished = datetime.fromisoformat(kept["finished_at"].replace("Z", "+00:00"))
+        due = datetime.fromisoformat(kept["output_expires_at"].replace("Z", "+00:00"))
+        assert due - finished == timedelta(days=1)
 
         retried = await server.client.post(
             "/v1/images/generate", json={**BODY, "seed": 1}, headers={"Idempotency-Key": key}
@@ -142,6 +147,7 @@ async def test_a_client_deletes_a_generated_output_at_once(server):
     job_id = await _generated(server, 6, key)
     store = server.services.store
     assert await store.exists(f"images/generated/{job_id}.png")
+    assert (await server.client.get(f"/v1/jobs/{job_id}")).json()["output_expires_at"] is None  # outputs are kept
     before = _deleted("deleted")
     response = await server.client.delete(f"/v1/jobs/{job_id}/output")
     assert response.status_code == 200, response.text

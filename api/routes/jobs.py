@@ -45,7 +45,7 @@ from api.strict import json_document, strict_convert
 from api.urls import absolute, job_url
 from contract.callback_states import read_state
 from contract.events import has_ended, job_finished
-from contract.jobs import JobRecord, JobStatus, is_withdrawn
+from contract.jobs import JobRecord, JobStatus, is_withdrawn, output_expires_at
 from contract.messages import IMAGE_GENERATE, VOICE_GENERATE, ImageGenerateV1, VoiceGenerateV1
 
 
@@ -148,6 +148,7 @@ def to_job_out(
         callback_url=record.callback_url,
         callback=callback,
         output_deleted=record.output_deleted,
+        output_expires_at=output_expires_at(record, services.settings.output_ttl_days),
         status_url=job_url(request, services.settings, record.job_id),
     )
 
