@@ -69,14 +69,23 @@ RESEND_AFTER_SECONDS = 15.0
 SWEEP_LEEWAY = timedelta(hours=1)
 
 
+def iso_stamp(moment: datetime) -> str:
+    """A record's stamp of a moment: ISO 8601 in UTC, microseconds, `Z`."""
+    return moment.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
 def now_iso() -> str:
-    return datetime.now(tz=UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    return iso_stamp(datetime.now(tz=UTC))
+
+
+def parse_stamp(stamp: str) -> datetime:
+    """The moment of an ISO stamp written by now_iso (ValueError when it is none)."""
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00"))
 
 
 def age_seconds(stamp: str, now: datetime | None = None) -> float:
     """Seconds since an ISO stamp written by now_iso (negative when the writer's clock is ahead)."""
-    then = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
-    return ((now or datetime.now(tz=UTC)) - then).total_seconds()
+    return ((now or datetime.now(tz=UTC)) - parse_stamp(stamp)).total_seconds()
 
 
 def _older(stamp: str, now: datetime, ttl: timedelta) -> bool:
@@ -141,11 +150,9 @@ def output_expires_at(record: JobRecord, output_ttl_days: float | None) -> str |
     if record.finished_at is None:
         return None
     try:
-        finished = datetime.fromisoformat(record.finished_at.replace("Z", "+00:00"))
+        return iso_stamp(parse_stamp(record.finished_at) + timedelta(days=output_ttl_days))
     except ValueError:
         return None
-    due = finished + timedelta(days=output_ttl_days)
-    return due.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 def record_key(job_id: str) -> str:
