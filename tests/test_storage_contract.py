@@ -6,10 +6,13 @@ import asyncio
 import fcntl
 import hashlib
 import itertools
+import multiprocessing
 import os
 import threading
 import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 import httpx
@@ -252,6 +255,44 @@ async def test_local_store_leaves_no_partial_files(tmp_path):
     assert (tmp_path / "store" / "signing.key").stat().st_mode & 0o777 == 0o600
     again = LocalStore(tmp_path / "store")
     assert again.sign("a/b.bin", 10) == store.sign("a/b.bin", 10)
+
+
+def _open_store_and_send_its_key(root: str, start: Any, keys: Any) -> None:
+    start.wait()
+    try:
+        keys.put(LocalStore(Path(root))._secret)
+    except Exception as exc:  # the parent asserts on what each process got
+        keys.put(repr(exc).encode())
+
+
+def test_processes_opening_a_fresh_store_together_share_one_signing_key(tmp_path):
+    """Processes started together on an empty LOCAL_STORAGE_DIR: none fails, and all sign with the one key."""
+    context = multiprocessing.get_context("fork")
+    for round_number in range(10):
+        root = tmp_path / f"store{round_number}"
+        start, keys = context.Barrier(2), context.Queue()
+        openers = [
+            context.Process(target=_open_store_and_send_its_key, args=(str(root), start, keys)) for _ in range(2)
+        ]
+        for opener in openers:
+            opener.start()
+        got = [keys.get(timeout=30) for _ in openers]
+        for opener in openers:
+            opener.join()
+        key = (root / "signing.key").read_bytes()
+        assert got == [key, key] and len(key) == local.SECRET_LENGTH
+
+
+@pytest.mark.parametrize("left", [b"", b"\n", b"abc"])
+def test_a_signing_key_left_empty_or_short_is_replaced(tmp_path, left):
+    """A process stopped while writing the key (before writes were staged) left it empty or short: an empty HMAC
+    key would let anyone sign a link."""
+    (tmp_path / "store").mkdir()
+    (tmp_path / "store" / "signing.key").write_bytes(left)
+    store = LocalStore(tmp_path / "store")
+    key = (tmp_path / "store" / "signing.key").read_bytes()
+    assert store._secret == key and len(key) == local.SECRET_LENGTH
+    assert LocalStore(tmp_path / "store")._secret == key
 
 
 @pytest.mark.parametrize("size", [0, 1000, 11 * 1024 * 1024 + 7])

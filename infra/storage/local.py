@@ -34,6 +34,8 @@ from pathlib import Path
 from typing import BinaryIO, Concatenate, ParamSpec, TypeVar
 from urllib.parse import quote, urlencode
 
+import structlog
+
 from infra.disk import fsync_path
 from infra.storage.base import (
     InvalidKeyError,
@@ -64,6 +66,10 @@ MAX_SEGMENT_BYTES = 250  # a file name is at most 255 bytes; the meta file adds 
 # millisecond) instead of paying two thread hand-offs around them.
 INLINE_BYTES = 64 * 1024
 STALE_STAGING_SECONDS = 3600  # no write takes this long: a staging file this old was left by a stopped process
+SECRET_BYTES = 32  # of randomness in a generated signing.key
+SECRET_LENGTH = len(secrets.token_urlsafe(SECRET_BYTES))  # its length as written (URL-safe base64)
+
+log = structlog.get_logger(__name__)
 
 
 def _suffix_type(key: str) -> str:
@@ -131,14 +137,22 @@ class LocalStore(ObjectStore):
         self._public_base_url = public_base_url
 
     def _load_or_create_secret(self) -> bytes:
+        """The key in signing.key, made on first use. Processes opening the store together take turns under the
+        store's lock (flock), and a new key is staged, flushed and moved into place, so none reads it half-written;
+        a key found empty or short (left by a process stopped while writing it) is replaced."""
         path = self.root / "signing.key"
-        try:
-            return path.read_bytes().strip()
-        except FileNotFoundError:
-            secret = secrets.token_urlsafe(32).encode()
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(secret)
+        with self._conditions_lock.open("a+b") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                found = path.read_bytes().strip()
+            except FileNotFoundError:
+                found = None
+            if found is not None and len(found) >= SECRET_LENGTH:
+                return found
+            if found is not None:
+                log.warning("signing_key_replaced", path=str(path), length=len(found), expected=SECRET_LENGTH)
+            secret = secrets.token_urlsafe(SECRET_BYTES).encode()
+            self._write_atomic(path, lambda fh: fh.write(secret))
             return secret
 
     def _sweep_staging(self) -> None:
