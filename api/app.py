@@ -9,7 +9,7 @@ from litestar.middleware import DefineMiddleware
 from litestar.middleware.rate_limit import RateLimitConfig
 
 from api.auth import AccessGuard, rate_limit_identity
-from api.body_check import check_json_body
+from api.body_check import check_body
 from api.errors import EXCEPTION_HANDLERS
 from api.features import FeatureGuard
 from api.limits import RequestLimits
@@ -43,7 +43,16 @@ def _cors(settings: Settings) -> CORSConfig | None:
         allow_origins=list(settings.cors_origins),
         allow_methods=["GET", "POST", "DELETE"],
         allow_headers=["Authorization", "Content-Type", "Idempotency-Key"],
-        expose_headers=["Retry-After", "X-Seed", "X-Job-Id", "X-Next-Cursor", "Location", "Link"],
+        expose_headers=[
+            "Retry-After",
+            "X-Seed",
+            "X-Job-Id",
+            "X-Next-Cursor",
+            "X-Audio-Duration",
+            "X-Thumbnail",
+            "Location",
+            "Link",
+        ],
     )
 
 
@@ -78,7 +87,7 @@ def create_app(services: Services) -> Litestar:
             ),
             *_rate_limit(settings),
         ],
-        before_request=check_json_body,
+        before_request=check_body,
         request_max_body_size=settings.image_search_max_bytes + MULTIPART_OVERHEAD_BYTES,
         multipart_form_part_limit=32,
         openapi_config=openapi_config(bool(settings.api_keys)),

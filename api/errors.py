@@ -106,11 +106,7 @@ def _http(request: Request, exc: HTTPException) -> Response[dict[str, Any]]:
         message = f"the request body is larger than {limit} bytes" if limit else "the request body is too large"
         return error_response(413, "payload_too_large", message)
     if status == 400 and exc.detail == "Request Entity Too Large":
-        # Litestar's multipart parser past multipart_form_part_limit
-        limit = request.app.multipart_form_part_limit
-        return error_response(
-            413, "too_many_parts", f"the multipart body has more than {limit} parts; send the documented fields only"
-        )
+        return _multipart_limit(request, exc)
     if status == 400 and exc.detail == "Invalid multipart/form-data":
         content_type = request.headers.get("content-type", "none")
         return error_response(
@@ -131,6 +127,22 @@ def _http(request: Request, exc: HTTPException) -> Response[dict[str, Any]]:
         )
     return error_response(
         status, _HTTP_CODES.get(status, "error"), exc.detail or "request failed", exc.extra, headers=headers or None
+    )
+
+
+def _multipart_limit(request: Request, exc: HTTPException) -> Response[dict[str, Any]]:
+    """Litestar's multipart parser past one of its limits (the parser's own error is the context Litestar hides):
+    the number of parts (multipart_form_part_limit), or the size or number of one part's header lines."""
+    if "header" in str(exc.__context__):
+        return error_response(
+            400,
+            "invalid_request",
+            f"a part of the multipart body has a header line over 4 KiB or too many header lines ({exc.__context__}); "
+            "shorten the file name",
+        )
+    limit = request.app.multipart_form_part_limit
+    return error_response(
+        413, "too_many_parts", f"the multipart body has more than {limit} parts; send the documented fields only"
     )
 
 

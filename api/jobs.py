@@ -450,7 +450,7 @@ def require_r2(services: Services, instead: str) -> None:
 def raise_for_failure(code: str, message: str) -> None:
     """Turn a failed job's error into the HTTP error it deserves."""
     if code.endswith("_unavailable"):
-        raise ApiError(503, code, message)
+        raise ApiError(503, code, message, retry_after=RETRY_AFTER_SECONDS)
     if code == "internal_error":
         raise ApiError(500, code, message)
     raise ApiError(_CLIENT_ERRORS.get(code, 422), code, message)

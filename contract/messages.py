@@ -46,6 +46,8 @@ VOICE_LANGUAGES = (
 MAX_SEED = 2**64 - 1
 
 UUID_PATTERN = r"^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}$"
+MAX_FILENAME_CHARS = 255  # an uploaded image's file name, as kept in its record
+
 ImageId = Annotated[str, msgspec.Meta(pattern=UUID_PATTERN, description="a UUID")]
 Source = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]
 
@@ -61,7 +63,7 @@ class ImageIndexV1(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     image_id: ImageId | None = None
     data: bytes | None = None
     key: Annotated[str, msgspec.Meta(min_length=1, max_length=1024)] | None = None
-    filename: Annotated[str, msgspec.Meta(max_length=255)] | None = None
+    filename: Annotated[str, msgspec.Meta(max_length=MAX_FILENAME_CHARS)] | None = None
     source: Source = "upstream"
 
     def __post_init__(self) -> None:

@@ -9,6 +9,8 @@ import uuid
 
 import pytest
 
+from api.errors import RETRY_AFTER_SECONDS, ApiError
+from api.jobs import raise_for_failure
 from contract.messages import NON_BLANK
 from infra.storage import InvalidKeyError
 from tests.support.bombs import png_bomb, truncated_jpeg
@@ -323,3 +325,34 @@ async def test_the_document_limits_key_segments_as_the_embedded_store_does(serve
     assert not re.search(pattern, "voice/refs/" + "a" * 251)
     with pytest.raises(InvalidKeyError, match="longer than 250 bytes"):
         await server.services.store.exists("voice/refs/" + "a" * 251)
+
+
+async def test_a_long_part_header_is_a_400_that_says_so(server, nothing_written):
+    """The multipart parser's limit on one header line is not a part count: it is named as what it is."""
+    response = await server.client.post("/v1/images", files={"file": ("a" * 4300 + ".png", encoded(1), "image/png")})
+    body = assert_error(response, 400, "invalid_request")
+    assert "header line" in body["message"]
+
+
+async def test_a_file_name_over_255_characters_is_refused_before_anything_is_written(server, nothing_written):
+    response = await server.client.post("/v1/images", files={"file": ("a" * 300 + ".png", encoded(1), "image/png")})
+    body = assert_error(response, 400, "invalid_request")
+    assert "304 characters" in body["message"]
+
+
+@pytest.mark.parametrize(
+    ("field", "expected"),
+    [((None, b"\xff\xfe", None), "not valid utf-8"), ((None, b"abc", "text/plain; charset=bogus"), "charset")],
+    ids=["not-utf8", "unknown-charset"],
+)
+@pytest.mark.parametrize("path", ["/v1/images", "/v1/images/search/by-image"])
+async def test_a_form_field_that_is_not_text_in_its_charset_is_a_400(server, nothing_written, path, field, expected):
+    files = [("file", ("a.png", encoded(1), "image/png")), ("note", field)]
+    body = assert_error(await server.client.post(path, files=files), 400, "invalid_request")
+    assert expected in body["message"].lower()
+
+
+def test_a_job_that_failed_on_an_unavailable_dependency_answers_503_with_retry_after():
+    with pytest.raises(ApiError) as raised:
+        raise_for_failure("storage_unavailable", "the object store is unavailable")
+    assert (raised.value.status, raised.value.headers["Retry-After"]) == (503, str(RETRY_AFTER_SECONDS))

@@ -144,6 +144,9 @@ async def test_cors_and_allowed_hosts(make_settings):
         assert allowed.headers["access-control-allow-origin"] == "https://app.example"
         listed = await client.get("/v1/images", headers={"Origin": "https://app.example"})
         assert listed.headers["access-control-allow-origin"] == "https://app.example"
+        exposed = {name.strip().lower() for name in listed.headers["access-control-expose-headers"].split(",")}
+        documented = {"retry-after", "x-seed", "x-job-id", "x-next-cursor", "x-audio-duration", "x-thumbnail"}
+        assert documented <= exposed, documented - exposed  # a page on another origin reads what the README names
         other = await client.get("/v1/images", headers={"Origin": "https://evil.example"})
         assert "access-control-allow-origin" not in other.headers
         assert (await client.get("/v1/images", headers={"Host": "api.example"})).status_code == 200

@@ -212,6 +212,17 @@ async def test_a_body_that_is_not_multipart(server):
     assert "application/x-www-form-urlencoded" in response.json()["message"]
 
 
+async def test_a_transcript_that_is_not_utf8_is_a_400(server, s3):
+    before = set(s3.keys(server.bucket, "voice/"))
+    request = form(speech_clip("wav"))
+    del request["data"]["ref_text"]
+    request["files"]["ref_text"] = (None, "Bonjour".encode("latin-1") + b"\xe9", None)
+    response = await server.client.post("/v1/voice/generate", **request)
+    assert (response.status_code, response.json()["code"]) == (400, "invalid_request"), response.text
+    assert "utf-8" in response.json()["message"]
+    assert set(s3.keys(server.bucket, "voice/")) == before
+
+
 @pytest.mark.parametrize(
     ("clip", "fields", "status", "code"),
     [
@@ -318,6 +329,12 @@ async def test_idempotency_key_on_the_voice_endpoints(server, s3):
     assert first.status_code == again.status_code == 200
     assert first.headers["x-job-id"] == again.headers["x-job-id"]
     assert first.content == again.content
+    other_clip = bytearray(speech_clip("wav"))
+    other_clip[1000:1200] = bytes(sample ^ 1 for sample in other_clip[1000:1200])  # same name and size
+    other = await server.client.post(
+        "/v1/voice/generate", **form(bytes(other_clip), text="Only once, please."), headers={"Idempotency-Key": key}
+    )
+    assert (other.status_code, other.json()["code"]) == (409, "idempotency_key_reused")
 
     put_reference(s3, server.bucket, "voice/refs/once.wav", speech_clip("wav"))
     by_key = {"ref_audio_key": "voice/refs/once.wav", "ref_text": REF_TEXT, "text": "stored once", "language": "auto"}

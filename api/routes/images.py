@@ -39,7 +39,7 @@ from api.urls import base_url, image_file_url, image_thumbnail_url
 from contract.image_ids import thumbnail_key
 from contract.imaging import check_image
 from contract.jobs import job_id_for_idempotency_key
-from contract.messages import IMAGE_INDEX, ImageIndexV1
+from contract.messages import IMAGE_INDEX, MAX_FILENAME_CHARS, ImageIndexV1
 from infra.vectors import ImageRecord, VectorIndex
 
 # a page cursor: the creation time (microseconds since the epoch) that the next page starts before
@@ -138,6 +138,12 @@ async def upload_image(
 
     image_id = str(uuid.uuid4()) if key is None else job_id_for_idempotency_key(IMAGE_INDEX, key)
     filename = data.file.filename or None
+    if filename is not None and len(filename) > MAX_FILENAME_CHARS:
+        raise ApiError(
+            400,
+            "invalid_request",
+            f"the file's name is {len(filename)} characters; the limit is {MAX_FILENAME_CHARS}: rename it",
+        )
     payload = ImageIndexV1(image_id=image_id, data=raw, filename=filename, source="upload")
     params: dict[str, object] = {"filename": filename, "size": len(raw), "content_type": checked.content_type}
     if key is not None:  # the same key with another file of the same name and size is another request

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 from typing import Annotated, Any
 
 from litestar import Request, Response, post
@@ -170,6 +171,8 @@ async def generate_voice(
         "text": data.text,
         "language": language,
     }
+    if idempotency_key is not None:  # the same key with another clip of the same name and size is another request
+        params["sha256"] = hashlib.sha256(clip).hexdigest()
     started = await start_job(
         services,
         job_type=VOICE_GENERATE,
