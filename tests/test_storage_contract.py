@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import hashlib
 import itertools
@@ -18,6 +19,7 @@ from urllib.parse import parse_qs, urlparse
 import httpx
 import numpy as np
 import pytest
+from botocore.exceptions import ClientError
 
 from contract.jobs import JobStore, record_key
 from infra.storage import (
@@ -25,6 +27,7 @@ from infra.storage import (
     ObjectNotFoundError,
     ObjectTooLargeError,
     PreconditionFailedError,
+    StorageError,
     StorageUnavailableError,
     local,
     validate_key,
@@ -448,6 +451,47 @@ async def test_a_full_disk_is_the_local_store_being_unavailable_and_leaves_nothi
         filler.unlink()
         await store.put("jobs/a.json", b'"running"', "application/json", if_match=etag, durable=False)
         assert (await store.get("jobs/a.json")).data == b'"running"'
+
+
+class _Failing:
+    """An S3 client every call of which fails with one error."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    async def put_object(self, **_params: Any) -> None:
+        raise self.error
+
+
+@pytest.mark.parametrize(
+    ("code", "status"),
+    [
+        ("RequestTimeout", 400),
+        ("RequestTimeoutException", 400),
+        ("PriorRequestNotComplete", 400),
+        ("SlowDown", 503),
+        ("OperationAborted", 409),
+    ],
+)
+async def test_a_transient_s3_error_is_the_store_being_unavailable_whatever_its_status(code, status):
+    """Retried by the processor and a 503 from the API, as a 5xx is, even on a conditional write."""
+    error = ClientError(
+        {"Error": {"Code": code, "Message": "try again"}, "ResponseMetadata": {"HTTPStatusCode": status}}, "PutObject"
+    )
+    assert isinstance(S3Store._translate(error, "jobs/a.json"), StorageUnavailableError)
+    store = S3Store(_Failing(error), "bucket", contextlib.AsyncExitStack())
+    for conditions in ({}, {"if_none_match": True}, {"if_match": _md5(b"{}")}):
+        with pytest.raises(StorageUnavailableError, match=code):
+            await store.put("jobs/a.json", b"{}", "application/json", **conditions)
+
+
+def test_a_refusal_from_s3_is_not_retried():
+    error = ClientError(
+        {"Error": {"Code": "RequestTimeTooSkewed", "Message": "clock"}, "ResponseMetadata": {"HTTPStatusCode": 403}},
+        "PutObject",
+    )
+    translated = S3Store._translate(error, "jobs/a.json")
+    assert type(translated) is StorageError
 
 
 async def test_a_job_record_left_empty_reads_as_absent_and_is_replaced(store):

@@ -28,6 +28,9 @@ _NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
 # S3 and R2 answer a failed condition with 412 PreconditionFailed; S3 with 409 ConditionalRequestConflict when
 # two conditional writes race
 _CONDITION_FAILED = {"PreconditionFailed", "ConditionalRequestConflict", "412"}
+# transient whatever their HTTP status: S3 answers a slow upload with 400 RequestTimeout, and a conflicting
+# operation still in progress with 409 OperationAborted
+_TRANSIENT = {"RequestTimeout", "RequestTimeoutException", "PriorRequestNotComplete", "SlowDown", "OperationAborted"}
 
 
 def _refused_condition(exc: Exception, translated: Exception) -> bool:
@@ -37,7 +40,7 @@ def _refused_condition(exc: Exception, translated: Exception) -> bool:
     if not isinstance(exc, ClientError):
         return False
     code = str(exc.response.get("Error", {}).get("Code", ""))
-    return code in _CONDITION_FAILED or _status(exc) in (409, 412)
+    return code in _CONDITION_FAILED or (code not in _TRANSIENT and _status(exc) in (409, 412))
 
 
 def _status(exc: ClientError) -> int:
@@ -103,7 +106,7 @@ class S3Store(ObjectStore):
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
             if code == "NoSuchBucket":
                 return StorageUnavailableError(f"bucket does not exist: {exc}")
-            if status >= 500 or status in (408, 429):
+            if code in _TRANSIENT or status >= 500 or status in (408, 429):
                 return StorageUnavailableError(f"object store error on {key!r}: {exc}")
             return StorageError(f"object store refused {key!r}: {exc}")
         return StorageUnavailableError(f"object store unreachable ({type(exc).__name__}: {exc})")
