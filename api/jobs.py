@@ -224,27 +224,28 @@ async def start_job(
     jobs = job_store(services)
     recorded = record_params(payload) if params is None else params
     key = check_idempotency_key(idempotency_key)
-    withdrawn_version: str | None = None
+    restarted_version: str | None = None
     if key is not None:
         job_id = job_id_for_idempotency_key(job_type, key)
         found = await jobs.load(job_id)
-        if found is not None and not is_withdrawn(found[0]):
+        if found is not None:
             _existing(found[0], recorded, callback_url)
-            if never_started(found[0]):  # its message may never have left: api/resend.py
-                priority = Priority.INTERACTIVE if wait or stream else Priority.ASYNC
-                services.resender.watch(found[0], found[1], Resend(job_type, payload, priority))
-            return await _found(jobs, found[0], wait or stream, services.settings.sync_timeout_seconds)
-        withdrawn_version = found[1] if found is not None else None  # a withdrawn job's key starts it again
+            if not _starts_again(found[0]):
+                if never_started(found[0]):  # its message may never have left: api/resend.py
+                    priority = Priority.INTERACTIVE if wait or stream else Priority.ASYNC
+                    services.resender.watch(found[0], found[1], Resend(job_type, payload, priority))
+                return await _found(jobs, found[0], wait or stream, services.settings.sync_timeout_seconds)
+            restarted_version = found[1]
     if admit is not None:
         await admit()
     job_id = job_id or str(uuid.uuid4())
     record = JobStore.new(job_id, job_type, recorded, idempotency_key=key, callback_url=callback_url)
     try:
         # queued: the processor makes it again if a power failure loses it
-        if withdrawn_version is None:
+        if restarted_version is None:
             version = await jobs.create(record, durable=False)
         else:
-            version = await jobs.update(record, withdrawn_version, durable=False)
+            version = await jobs.update(record, restarted_version, durable=False)
     except PreconditionFailedError:
         # a concurrent request with the same Idempotency-Key created it first
         existing = await jobs.get(job_id)
@@ -265,6 +266,15 @@ async def start_job(
             raise
         return JobStart(taken, None)
     return JobStart(record, reply)
+
+
+def _starts_again(record: JobRecord) -> bool:
+    """Whether a request with the Idempotency-Key of this job starts it afresh: its client was told to retry (503
+    with Retry-After), because the job was withdrawn (never accepted), or because it failed on a dependency that
+    stayed down past its attempts (a `*_unavailable` code: the object store, the index)."""
+    if is_withdrawn(record):
+        return True
+    return record.status == "failed" and record.error is not None and record.error.code.endswith("_unavailable")
 
 
 async def _withdraw(

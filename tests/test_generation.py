@@ -438,3 +438,40 @@ async def test_the_answer_leaves_before_the_output_and_record_are_flushed_and_th
         assert {("jobs", True), ("images", True)} <= set(flushes)
         job = (await server.client.get(f"/v1/jobs/{job_id}")).json()
         assert job["status"] == "succeeded" and job["attempts"] == 1
+
+
+async def test_a_job_failed_on_a_store_that_stayed_down_is_started_afresh_by_its_key(make_settings, monkeypatch):
+    """A generation whose output could not be stored through all its attempts fails with storage_unavailable: the
+    waiting client gets 503 with Retry-After, and retrying with the same Idempotency-Key, as told, runs the job
+    again under its id (a retry with other parameters is still a 409)."""
+    settings = make_settings(IMAGE_ENABLED="1", MAX_ATTEMPTS="1")
+    async with running_server(settings) as server:
+        store = server.processor.runtime.store
+        real_put, down = store.put, True
+
+        async def put(key: str, *args: object, **options: object) -> str:
+            if down and key.startswith("images/generated/"):
+                raise StorageUnavailableError("the disk is gone for this test")
+            return await real_put(key, *args, **options)
+
+        monkeypatch.setattr(store, "put", put)
+        key = {"Idempotency-Key": f"store-down-{uuid.uuid4()}"}
+        body = {"prompt": "kept trying", "seed": 3, "width": 64, "height": 64, "steps": 1}
+        failed = await generate_with(server, body, key)
+        assert (failed.status_code, failed.json()["code"]) == (503, "storage_unavailable"), failed.text
+        assert int(failed.headers["retry-after"]) > 0
+        job_id = job_id_for_idempotency_key("image.generate", key["Idempotency-Key"])
+        assert (await server.client.get(f"/v1/jobs/{job_id}")).json()["status"] == "failed"
+
+        other = await generate_with(server, {**body, "seed": 4}, key)
+        assert (other.status_code, other.json()["code"]) == (409, "idempotency_key_reused")
+        down = False
+        retried = await generate_with(server, body, key)
+        assert retried.status_code == 200, retried.text
+        assert retried.headers["x-job-id"] == job_id
+        assert png_size(retried.content) == (64, 64)
+        assert (await server.client.get(f"/v1/jobs/{job_id}")).json()["status"] == "succeeded"
+
+
+async def generate_with(server, body: dict, headers: dict) -> httpx.Response:
+    return await server.client.post("/v1/images/generate", json=body, headers=headers)
