@@ -3,7 +3,7 @@
     succeeded            -> record (tracked jobs; seen at once, flushed to a local disk after the reply), reply to
                             the requester (if any), flush the record and the outputs not yet flushed, announce, ack
     failed, permanent    -> record, announce, copy to the dead-letter exchange with the reason (confirmed), reply,
-                            ack
+                            ack; a record that cannot be written: handed back (below), the next delivery writes it
     failed, transient    -> record, copy to a delayed retry queue with attempts + 1 (confirmed; the queue waits at
                             least the failure's retry_after), ack;
                             after MAX_ATTEMPTS, dead-lettered instead
@@ -16,10 +16,10 @@ JOB_EVENTS_ENABLED) and, with a callback URL, its callback queued (contract/call
 message is acked; owed in the object store when RabbitMQ does not take
 it (processor/announcer.py); a redelivery announces it again under the same event id.
 
-A retry waits in the retry queues, not here. When the broker refuses the copy, the delivery is handed back
-(nack, requeue) after REQUEUE_DELAY_SECONDS on a timer, so the batches behind it are not held up and a broker that
-keeps refusing does not get the same message back in a tight loop; a stop hands such deliveries back at once (the
-channel's close returns them).
+A retry waits in the retry queues, not here. When the broker refuses the copy, or the store a final failure's
+record, the delivery is handed back (nack, requeue) after REQUEUE_DELAY_SECONDS on a timer, so the batches behind it
+are not held up and a broker that keeps refusing does not get the same message back in a tight loop; a stop hands
+such deliveries back at once (the channel's close returns them).
 """
 
 from __future__ import annotations
@@ -139,6 +139,9 @@ class Settler:
                 await self.tracker.failed(record, outcome, number, final=not retry)
             except TRANSIENT_ERRORS:
                 logger.warning("job_record_not_updated", code=outcome.code)
+                if not retry:  # its end must be recorded before it leaves the queue: the next delivery writes it
+                    self._requeue_later(message)
+                    return
         if retry:
             await self._retry(message, job, outcome, number, elapsed)
             return
@@ -156,15 +159,17 @@ class Settler:
         await asyncio.gather(*flushes)
 
     async def refuse(self, message: AbstractIncomingMessage, code: str, text: str) -> None:
-        """Dead-letter a message that cannot even be started, marking its job record failed if it has one."""
+        """Dead-letter a message that cannot even be started, marking its job record failed if it has one (a record
+        that cannot be written: the delivery is handed back, and the next one writes it)."""
         if message.message_id and (message.headers or {}).get(RECORD_HEADER):
             try:
                 refused = await self.tracker.refused(message.message_id, Failed(code, text), attempt(message))
             except TRANSIENT_ERRORS:
                 log.warning("job_record_not_updated", message_id=message.message_id, code=code)
-            else:
-                if not await self._announced(message, refused):
-                    return
+                self._requeue_later(message)
+                return
+            if not await self._announced(message, refused):
+                return
         if await self.dead_letter(message, code, text, attempt(message)):
             metrics.job_settled(job_type(message), "dead_lettered")
 

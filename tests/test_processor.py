@@ -30,7 +30,7 @@ from contract.jobs import (
 )
 from contract.messages import IMAGE_GENERATE, IMAGE_INDEX, ImageGenerateV1
 from infra.settings import Settings
-from infra.storage import open_store
+from infra.storage import StorageUnavailableError, open_store
 from infra.storage.local import LocalStore
 from infra.vectors.edge.client import EdgeIndex
 from processor.handlers.base import Job
@@ -169,6 +169,44 @@ async def test_an_unforeseen_failure_dead_letters_the_message_instead_of_leaving
         assert (dead.message_id, dead.headers["x-ams-reason-code"]) == (message_id, "internal_error")
         assert "a bug" in dead.headers["x-ams-reason"]
         assert rabbit.queue_counts(vhost_of(settings))["ams.index"] == (0, 0)
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        ({"data": "JVBERi0xLjQKJcOkw7zDtsOf"}, "not_an_image"),
+        ({"source": "no image at all"}, "schema_violation"),
+    ],
+    ids=["failed-by-its-handler", "refused-before-it-ran"],
+)
+async def test_a_final_failure_whose_record_cannot_be_written_comes_again_and_is_recorded(
+    make_settings, rabbit, monkeypatch, body, code
+):
+    """The store refuses the failed record for longer than the in-process retries: the message is neither
+    dead-lettered nor acked with its record left unfinished; it is handed back, and its next delivery records the
+    failure, then dead-letters it."""
+    refused: list[str] = []
+    real_update = JobStore.update
+
+    async def update(self: JobStore, record, etag: str, **options: bool) -> str:
+        if record.status == "failed" and len(refused) < 4:  # every try of one delivery's write
+            refused.append(record.job_id)
+            raise StorageUnavailableError("the store blinked")
+        return await real_update(self, record, etag, **options)
+
+    monkeypatch.setattr(JobStore, "update", update)
+    settings = make_settings()
+    async with consuming(settings) as runtime:
+        jobs = JobStore(runtime.store, ttl_days=1)
+        job_id = str(uuid.uuid4())
+        await jobs.create(JobStore.new(job_id, IMAGE_INDEX, {}))
+        await publish(settings.amqp_url, IMAGE_INDEX, body, message_id=job_id, headers={RECORD_HEADER: True})
+        await wait_until(lambda: rabbit.queue_counts(vhost_of(settings)).get("ams.dead", (0, 0))[0] == 1)
+        [dead] = await drain(settings.amqp_url, "ams.dead")
+        assert (dead.message_id, dead.headers["x-ams-reason-code"]) == (job_id, code)
+        assert refused == [job_id] * 4
+        record = await jobs.get(job_id)
+        assert record is not None and (record.status, record.error and record.error.code) == ("failed", code)
 
 
 DEEP_RECORD = (
