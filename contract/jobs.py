@@ -303,7 +303,10 @@ class JobStore:
         Only what was last written long enough ago to be due is read, as the listing says (SWEEP_LEEWAY allowing
         for the store's clock): a record is last written when its job finishes, so at steady state a sweep reads
         the few records that came due since the last one, not every record kept. A record written again after its
-        job finished (its output's deletion marked) is read once that write is as old."""
+        job finished (its output's deletion marked) is read once that write is as old.
+
+        An expired record is deleted only at the version read, and its output after it: a create replacing it
+        meanwhile (its Idempotency-Key used again) keeps the new record and the output the new job makes."""
         now = datetime.now(tz=UTC)
         due = self._ttl if output_ttl_days is None else min(self._ttl, timedelta(days=output_ttl_days))
         records = outputs = 0
@@ -312,9 +315,12 @@ class JobStore:
             deleting = output_ttl_days is not None or record.output_deleted is not None
             output = generated_output(record) if deleting else None
             if self.expired(record, now):
+                try:
+                    await self._store.delete(key, if_match=version)
+                except PreconditionFailedError:  # replaced meanwhile (create): the new record, and its output, stay
+                    continue
                 if output is not None:
                     await self._store.delete(output)
-                await self._store.delete(key)
                 records += 1
             elif (
                 output is not None

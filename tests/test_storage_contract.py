@@ -43,16 +43,19 @@ async def store(request, tmp_path, s3):
     if request.param == "local":
         yield LocalStore(tmp_path / "store")
         return
-    bucket = s3.new_bucket()
-    s3_store = await S3Store.connect(
+    s3_store = await _s3_store(s3)
+    yield s3_store
+    await s3_store.close()
+
+
+async def _s3_store(s3) -> S3Store:
+    return await S3Store.connect(
         endpoint_url=s3.endpoint,
-        bucket=bucket,
+        bucket=s3.new_bucket(),
         access_key_id=ACCESS_KEY,
         secret_access_key=SECRET_KEY,
         region="us-east-1",
     )
-    yield s3_store
-    await s3_store.close()
 
 
 async def test_put_get_round_trip(store):
@@ -110,6 +113,40 @@ async def test_conditional_update_writes_only_the_version_read(store):
     with pytest.raises(PreconditionFailedError):
         await store.put("jobs/u.json", b"gone", "application/json", if_match=second)
     assert not await store.exists("jobs/u.json")
+
+
+async def test_conditional_delete_deletes_only_the_version_read(store):
+    first = await store.put("jobs/d.json", b"v1", "application/json")
+    second = await store.put("jobs/d.json", b"v2", "application/json", if_match=first)
+    with pytest.raises(PreconditionFailedError):
+        await store.delete("jobs/d.json", if_match=first)
+    assert (await store.get("jobs/d.json")).data == b"v2"
+    assert await store.delete("jobs/d.json", if_match=second) is True
+    assert not await store.exists("jobs/d.json")
+    with pytest.raises(PreconditionFailedError):
+        await store.delete("jobs/d.json", if_match=second)
+
+
+async def test_an_s3_conditional_delete_is_refused_by_the_store_for_a_write_after_its_look(s3, monkeypatch):
+    """The version is looked at (HEAD) before the delete; one written in between is kept by S3 itself (If-Match).
+    The embedded store checks and deletes under one lock."""
+    store = await _s3_store(s3)
+    try:
+        first = await store.put("jobs/w.json", b"v1", "application/json")
+        head = store._client.head_object
+
+        async def looked_then_written(**params: Any) -> dict[str, Any]:
+            found = await head(**params)
+            await store.put("jobs/w.json", b"v2", "application/json")
+            return found
+
+        monkeypatch.setattr(store._client, "head_object", looked_then_written)
+        with pytest.raises(PreconditionFailedError):
+            await store.delete("jobs/w.json", if_match=first)
+        monkeypatch.undo()
+        assert (await store.get("jobs/w.json")).data == b"v2"
+    finally:
+        await store.close()
 
 
 async def test_of_racing_conditional_creates_exactly_one_wins(store):

@@ -29,7 +29,7 @@ class ObjectNotFoundError(StorageError, KeyError):
 
 
 class PreconditionFailedError(StorageError):
-    """A conditional write found the object not as expected: present (create) or changed or gone (update)."""
+    """A conditional write found the object not as expected: present (create) or changed or gone (update, delete)."""
 
     def __init__(self, key: str, condition: str) -> None:
         super().__init__(key, condition)
@@ -123,8 +123,11 @@ class ObjectStore(abc.ABC):
         for, such as a video under an image prefix, is never held in memory whole)."""
 
     @abc.abstractmethod
-    async def delete(self, key: str) -> bool:
-        """Remove an object; returns whether it existed. Deleting an absent key is not an error."""
+    async def delete(self, key: str, *, if_match: str | None = None) -> bool:
+        """Remove an object; returns whether it existed. Deleting an absent key is not an error.
+
+        With if_match (S3 `If-Match` on DeleteObject), only when the object is still at that ETag; otherwise
+        PreconditionFailedError (an object gone meanwhile included), and nothing is deleted."""
 
     @abc.abstractmethod
     async def exists(self, key: str) -> bool:

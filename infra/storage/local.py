@@ -296,16 +296,20 @@ class LocalStore(ObjectStore):
     def _check_and_put(
         self, key: str, data: bytes, content_type: str, if_none_match: bool, if_match: str | None, durable: bool
     ) -> str:
-        path = self._object_path(key)
-        try:
-            current: str | None = _etag(path.read_bytes())
-        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-            current = None
+        current = self._current_etag(self._object_path(key))
         if if_none_match and current is not None:
             raise PreconditionFailedError(key, "If-None-Match: *")
         if if_match is not None and current != if_match:
             raise PreconditionFailedError(key, f"If-Match: {if_match}")
         return self._put_bytes_sync(key, data, content_type, durable)
+
+    @staticmethod
+    def _current_etag(path: Path) -> str | None:
+        """The ETag of the object at `path`; None when there is none."""
+        try:
+            return _etag(path.read_bytes())
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            return None
 
     def _flush_sync(self, key: str) -> None:
         path = self._object_path(key)
@@ -371,8 +375,17 @@ class LocalStore(ObjectStore):
             return self._get_sync(key, max_bytes)
         return await asyncio.to_thread(self._get_sync, key, max_bytes)
 
-    def _delete_sync(self, key: str) -> bool:
+    def _delete_sync(self, key: str, if_match: str | None) -> bool:
         path = self._object_path(key)
+        if if_match is not None:
+            with self._conditions_lock.open("a+b") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                if self._current_etag(path) != if_match:
+                    raise PreconditionFailedError(key, f"If-Match: {if_match}")
+                return self._unlink_object(key, path)
+        return self._unlink_object(key, path)
+
+    def _unlink_object(self, key: str, path: Path) -> bool:
         try:
             path.unlink()
             existed = True
@@ -392,9 +405,11 @@ class LocalStore(ObjectStore):
             directory = directory.parent
 
     @_disk_errors
-    async def delete(self, key: str) -> bool:
+    async def delete(self, key: str, *, if_match: str | None = None) -> bool:
+        """As ObjectStore.delete; a conditional one checks and deletes under the store's lock, as a conditional
+        put does."""
         validate_key(key)
-        return await asyncio.to_thread(self._delete_sync, key)
+        return await asyncio.to_thread(self._delete_sync, key, if_match)
 
     @_disk_errors
     async def exists(self, key: str) -> bool:

@@ -227,13 +227,29 @@ class S3Store(ObjectStore):
             raise translated from exc
         return int(head["ContentLength"])
 
-    async def delete(self, key: str) -> bool:
-        existed = await self.exists(key)
+    async def delete(self, key: str, *, if_match: str | None = None) -> bool:
+        """As ObjectStore.delete. A conditional one sends If-Match, and is refused here already when the HEAD made
+        first finds another version: a store that ignores If-Match on a delete then leaves only the moment between
+        the two requests for a write to be lost."""
+        validate_key(key)
         try:
-            await self._client.delete_object(Bucket=self.bucket, Key=key)
+            head = await self._client.head_object(Bucket=self.bucket, Key=key)
         except (ClientError, BotoCoreError, OSError) as exc:
-            raise self._translate(exc, key) from exc
-        return existed
+            translated = self._translate(exc, key)
+            if not isinstance(translated, ObjectNotFoundError):
+                raise translated from exc
+            head = None
+        condition = {} if if_match is None else {"IfMatch": f'"{if_match}"'}
+        if condition and (head is None or str(head.get("ETag", "")).strip('"') != if_match):
+            raise PreconditionFailedError(key, f"If-Match: {if_match}")
+        try:
+            await self._client.delete_object(Bucket=self.bucket, Key=key, **condition)
+        except (ClientError, BotoCoreError, OSError) as exc:
+            translated = self._translate(exc, key)
+            if condition and _refused_condition(exc, translated):
+                raise PreconditionFailedError(key, f"If-Match: {if_match}") from exc
+            raise translated from exc
+        return head is not None
 
     async def list(self, prefix: str = "") -> AsyncIterator[ObjectInfo]:
         validate_prefix(prefix)
