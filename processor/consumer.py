@@ -4,14 +4,16 @@ Each delivery goes into a scheduler (processor/scheduler.py: most urgent first, 
 bulk indexing): model work into one, callbacks (network calls, not model work) into one of their own, so a slow
 receiver never holds up a model, nor a model a callback. A batch is decoded, run by its handler, and each message
 settled (processor/settler.py) after its outcome is durable. A crash at any point leaves the message unacked, so
-RabbitMQ delivers it again; handlers are idempotent by id.
+RabbitMQ delivers it again; handlers are idempotent by id. An exception that escapes one message's settlement hands
+that message back (nack, requeue, after a moment) and spares its batch-mates; one that escapes a batch's run hands
+back whatever the batch left unsettled.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
@@ -86,6 +88,7 @@ class Consumer:
             priority_of=lambda message: message.priority or 0,
             suspect=lambda message: message.redelivered,
             depth=depth,
+            crashed=self._settler.hand_back,
         )
 
     def _schedulers(self) -> tuple[Scheduler[AbstractIncomingMessage], ...]:
@@ -160,7 +163,8 @@ class Consumer:
                 job = await self._admit(message)
             except Exception as exc:  # reading it failed unforeseen: dead-lettered (replayable), not left unacked
                 log.exception("message_not_admitted", message_id=message.message_id)
-                await self._settler.refuse(message, "internal_error", f"the message could not be read: {exc!r}")
+                text = f"the message could not be read: {exc!r}"
+                await self._settled(message, self._settler.refuse(message, "internal_error", text))
                 continue
             if job is not None:
                 jobs.append((message, job))
@@ -180,12 +184,25 @@ class Consumer:
             structlog.contextvars.unbind_contextvars("message_ids")
         elapsed = asyncio.get_running_loop().time() - started
         for (message, job), outcome in zip(jobs, outcomes, strict=True):
-            await self._settler.settle(message, job, outcome, elapsed, records.get(job.message_id))
+            settling = self._settler.settle(message, job, outcome, elapsed, records.get(job.message_id))
+            if not await self._settled(message, settling):
+                interrupted.pop(job.message_id, None)  # not settled: its interrupted runs still count
         for message_id in interrupted:
             try:
                 await self._runs.clear(message_id)
             except TRANSIENT_ERRORS as exc:
                 log.warning("interrupted_runs_not_cleared", message_id=message_id, error=str(exc))
+
+    async def _settled(self, message: AbstractIncomingMessage, settling: Awaitable[None]) -> bool:
+        """Await one message's settlement; one that fails unforeseen is handed back (on the settler's timer) rather
+        than left unacked, and its batch-mates are settled all the same (False)."""
+        try:
+            await settling
+        except Exception:
+            log.exception("message_not_settled", message_id=message.message_id)
+            self._settler.hand_back([message])
+            return False
+        return True
 
     async def _interrupted(self, jobs: Sequence[tuple[AbstractIncomingMessage, Job]]) -> dict[str, int]:
         """A suspect's runs so far that no processor lived to settle (processor/interrupted_runs.py), this one

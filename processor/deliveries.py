@@ -10,8 +10,14 @@ from processor.ops.headers import REPLAYED_AT_HEADER
 
 
 def attempt(message: AbstractIncomingMessage) -> int:
-    """This delivery's attempt number (1 for the first)."""
-    return int((message.headers or {}).get(ATTEMPTS_HEADER, 0) or 0) + 1
+    """This delivery's attempt number (1 for the first): one more than the attempts its `x-ams-attempts` header says
+    were made. The header is the processor's own (on the retries it publishes); one that a publisher set to
+    something that is not a whole number of at least 0 counts as none made."""
+    made = (message.headers or {}).get(ATTEMPTS_HEADER)
+    try:
+        return max(int(made or 0), 0) + 1
+    except (TypeError, ValueError, OverflowError):
+        return 1
 
 
 def job_type(message: AbstractIncomingMessage) -> str:

@@ -12,6 +12,9 @@ ones finish. So a high-priority job waits for at most the batches in hand, and n
 
 A suspect (a delivery that an earlier processor did not live to settle: processor/interrupted_runs.py) runs alone
 and with nothing beside it, so that if it stops this processor too, nothing else is interrupted with it.
+
+A batch whose run raises is logged and given to `crashed` (the consumer hands back the deliveries it left
+unsettled); the scheduler goes on.
 """
 
 from __future__ import annotations
@@ -51,8 +54,11 @@ class Scheduler(Generic[Item]):
         priority_of: Callable[[Item], int],
         suspect: Callable[[Item], bool] = lambda _: False,
         depth: int = PIPELINE_DEPTH,
+        crashed: Callable[[list[Item]], None] = lambda _: None,
     ) -> None:
+        """`crashed`: given the batch whose run raised (the consumer hands back what it left unsettled)."""
         self._run_batch = run_batch
+        self._crashed = crashed
         self._lanes = dict(lanes)
         self._type_of = type_of
         self._priority_of = priority_of
@@ -149,6 +155,7 @@ class Scheduler(Generic[Item]):
             await self._run_batch(batch)
         except Exception:
             log.exception("batch_crashed", size=len(batch), job_type=self._type_of(batch[0]))
+            self._crashed(batch)
         finally:
             self._running.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
             self._wakeup.set()

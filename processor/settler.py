@@ -25,6 +25,7 @@ such deliveries back at once (the channel's close returns them).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable
 from datetime import UTC, datetime
 
 import aio_pika
@@ -246,6 +247,13 @@ class Settler:
             self._requeue_later(message)
             return False
         return True
+
+    def hand_back(self, messages: Iterable[AbstractIncomingMessage]) -> None:
+        """Hand back (nack, requeue, on the timer) those of `messages` that are neither settled nor on their way back
+        already: what a settlement or a batch that failed unforeseen left unsettled."""
+        for message in messages:
+            if not message.processed and id(message) not in self._requeues:
+                self._requeue_later(message)
 
     def forget_requeues(self) -> None:
         """On stop: drop the pending hand-backs (closing the channel returns those deliveries)."""

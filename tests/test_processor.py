@@ -37,6 +37,7 @@ from processor.handlers.base import Job
 from processor.outcomes import Succeeded
 from processor.runtime import Runtime
 from processor.service import build_consumer
+from processor.settler import Settler
 from processor.tracking import JobTracker
 from tests.support.amqp import drain, publish, wait_until
 from tests.support.images import encoded
@@ -169,6 +170,58 @@ async def test_an_unforeseen_failure_dead_letters_the_message_instead_of_leaving
         assert (dead.message_id, dead.headers["x-ams-reason-code"]) == (message_id, "internal_error")
         assert "a bug" in dead.headers["x-ams-reason"]
         assert rabbit.queue_counts(vhost_of(settings))["ams.index"] == (0, 0)
+
+
+async def test_a_malformed_attempts_header_counts_as_a_first_attempt_and_holds_up_no_batch_mate(make_settings, rabbit):
+    """`x-ams-attempts` is the processor's own header; a publisher that sets it to something that is not a whole
+    number gets its job run as a first attempt, and the messages batched with it are settled as ever."""
+    settings = make_settings()
+    runtime = await Runtime.open(settings)
+    try:
+        ids = [
+            await publish(settings.amqp_url, IMAGE_INDEX, index_message(20 + seed), headers=headers)
+            for seed, headers in enumerate([{}, {"x-ams-attempts": "two"}, {}])
+        ]
+        consumer = build_consumer(runtime)
+        await consumer.start()
+        try:
+            await wait_until(lambda: rabbit.queue_counts(vhost_of(settings))["ams.index"] == (0, 0), timeout=20)
+        finally:
+            await consumer.stop()
+        assert set(await runtime.index.get_many(ids)) == set(ids)
+        assert rabbit.queue_counts(vhost_of(settings)).get("ams.dead", (0, 0))[0] == 0
+    finally:
+        await runtime.close()
+
+
+async def test_a_message_whose_settling_fails_unforeseen_is_handed_back_and_spares_its_batch_mates(
+    make_settings, rabbit, monkeypatch
+):
+    settings = make_settings()
+    runtime = await Runtime.open(settings)
+    try:
+        ids = [await publish(settings.amqp_url, IMAGE_INDEX, index_message(30 + seed)) for seed in range(3)]
+        settled: list[str] = []
+        real_settle = Settler.settle
+
+        async def settle(self: Settler, message, job, *args: object) -> None:
+            settled.append(job.message_id)
+            if settled.count(ids[0]) == 1 and job.message_id == ids[0]:
+                raise RuntimeError("a bug")
+            await real_settle(self, message, job, *args)
+
+        monkeypatch.setattr(Settler, "settle", settle)
+        consumer = build_consumer(runtime)
+        await consumer.start()
+        try:
+            await wait_until(lambda: rabbit.queue_counts(vhost_of(settings))["ams.index"] == (0, 0), timeout=20)
+        finally:
+            await consumer.stop()
+        assert sorted(settled) == sorted([ids[0], *ids])  # the first twice: handed back, then settled
+        assert set(await runtime.index.get_many(ids)) == set(ids)
+        assert rabbit.queue_counts(vhost_of(settings)).get("ams.dead", (0, 0))[0] == 0
+    finally:
+        await runtime.close()
 
 
 @pytest.mark.parametrize(

@@ -140,8 +140,9 @@ async def test_stop_lets_running_batches_finish_and_starts_nothing_more():
     assert work.idle
 
 
-async def test_a_failing_batch_does_not_stop_the_scheduler():
+async def test_a_failing_batch_does_not_stop_the_scheduler_and_is_handed_to_crashed():
     done: list[str] = []
+    crashed: list[list[str]] = []
 
     async def run(batch: list[Item]) -> None:
         if batch[0].name == "bad":
@@ -149,7 +150,11 @@ async def test_a_failing_batch_does_not_stop_the_scheduler():
         done.append(batch[0].name)
 
     work: Scheduler[Item] = Scheduler(
-        run, lanes={}, type_of=lambda item: item.kind, priority_of=lambda item: item.priority
+        run,
+        lanes={},
+        type_of=lambda item: item.kind,
+        priority_of=lambda item: item.priority,
+        crashed=lambda batch: crashed.append([item.name for item in batch]),
     )
     work.push(Item("x", priority=1, name="bad"))
     work.push(Item("x", name="good"))
@@ -157,6 +162,7 @@ async def test_a_failing_batch_does_not_stop_the_scheduler():
     await settle()
     await work.stop()
     assert done == ["good"]
+    assert crashed == [["bad"]]
 
 
 async def test_batches_that_remove_keep_their_place_among_batches_side_by_side():
