@@ -6,8 +6,10 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator
 
+import httpx
 import numpy as np
 import pytest
+from qdrant_client.http.exceptions import UnexpectedResponse
 
 from infra.vectors import EmbeddingModelMismatchError, ImageFilter, ImageRecord, VectorIndex
 from infra.vectors.edge.client import EdgeIndex
@@ -148,6 +150,35 @@ async def test_a_collection_built_with_another_model_is_refused(index):
         await index.ensure_collection("model-b", DIM)
     with pytest.raises(EmbeddingModelMismatchError):
         await index.ensure_collection("model-a", DIM * 2)
+
+
+@pytest.mark.parametrize(("model_id", "dim", "refused"), [("model-a", DIM, False), ("model-b", DIM, True)])
+async def test_a_process_that_loses_the_race_to_create_the_collection_checks_the_winners(
+    tmp_path, monkeypatch, model_id, dim, refused
+):
+    """Processes starting together on an empty Qdrant server: each finds no collection, one creates it, and the
+    others' creates are answered 409; they check the collection as if they had found it."""
+    index = QdrantServerIndex.local(str(tmp_path / "local"), "images")
+    await index.ensure_collection("model-a", DIM)  # the winner, made between the loser's look and its create
+
+    async def not_yet(name: str) -> bool:
+        return False
+
+    async def conflict(name: str, **config: object) -> None:
+        content = b'{"status":{"error":"Wrong input: Collection `images` already exists!"}}'
+        raise UnexpectedResponse(409, "Conflict", content, httpx.Headers())
+
+    monkeypatch.setattr(index._client, "collection_exists", not_yet)
+    monkeypatch.setattr(index._client, "create_collection", conflict)
+    try:
+        if refused:
+            with pytest.raises(EmbeddingModelMismatchError, match="model-a"):
+                await index.ensure_collection(model_id, dim)
+        else:
+            await index.ensure_collection(model_id, dim)
+            assert (await index.stats()).model_id == "model-a"
+    finally:
+        await index.close()
 
 
 async def test_stats(index):

@@ -100,14 +100,10 @@ class QdrantServerIndex(VectorIndex):
 
     @_translated
     async def ensure_collection(self, model_id: str, dim: int) -> None:
+        """Create the collection, or check that the one there was built with this model; of processes starting
+        together on an empty server, the ones that lose the race to create it check the winner's."""
         self._model_id, self._dim = model_id, dim
-        if not await self._client.collection_exists(self.collection):
-            await self._client.create_collection(
-                self.collection,
-                vectors_config=models.VectorParams(size=dim, distance=models.Distance.COSINE),
-                metadata={MODEL_KEY: model_id, DIM_KEY: dim},
-            )
-        else:
+        if await self._client.collection_exists(self.collection) or not await self._created(model_id, dim):
             info = await self._client.get_collection(self.collection)
             metadata = info.config.metadata or {}
             params = info.config.params.vectors
@@ -122,6 +118,21 @@ class QdrantServerIndex(VectorIndex):
         if self.engine == "qdrant-server":  # the local mode has no payload indexes (and warns)
             for field, schema in _PAYLOAD_INDEXES.items():
                 await self._client.create_payload_index(self.collection, field, field_schema=schema)
+
+    async def _created(self, model_id: str, dim: int) -> bool:
+        """Create the collection; False when it exists already (Qdrant answers 409, or a 400 saying it "already
+        exists"): another process created it since this one looked."""
+        try:
+            await self._client.create_collection(
+                self.collection,
+                vectors_config=models.VectorParams(size=dim, distance=models.Distance.COSINE),
+                metadata={MODEL_KEY: model_id, DIM_KEY: dim},
+            )
+        except UnexpectedResponse as exc:
+            if exc.status_code == 409 or b"already exists" in exc.content:
+                return False
+            raise
+        return True
 
     @_translated
     async def upsert(self, items: Sequence[tuple[ImageRecord, Sequence[float]]]) -> None:
