@@ -18,9 +18,10 @@ from PIL import Image
 
 from contract.bucket_events import BUCKET_EVENT, ObjectEvent
 from contract.clock import UniqueClock
-from contract.image_ids import thumbnail_key
+from contract.image_ids import image_id_for_key, thumbnail_key
 from contract.messages import IMAGE_INDEX, ImageIndexV1
 from infra.startup import open_image_index
+from infra.storage import StorageError
 from infra.storage.factory import open_store
 from models.clip import ClipEmbedder
 from models.tiny import clip as tiny_clip
@@ -234,3 +235,45 @@ async def test_an_object_larger_than_the_limit_is_refused_without_being_read_who
     event = ObjectEvent(action="created", name="PutObject", bucket="test", key="photos/big.png")  # no size given
     [outcome] = await events.handle([Job(str(uuid.uuid4()), BUCKET_EVENT, [event], 0)])
     assert isinstance(outcome, Succeeded) and "IMAGE_SEARCH_MAX_BYTES" in outcome.result["events"][0]["skipped"]
+
+
+async def test_an_object_the_store_refuses_fails_alone(parts, monkeypatch):
+    """A plain StorageError (S3's 403 AccessDenied, say: not transient) on one image's object fails that image
+    alone: the object a message names refused to this server is `object_refused` (a bucket event skips it), its
+    thumbnail's write refused is `storage_refused` (dead-lettered, a bucket event's too: replayed once the store
+    lets this server write)."""
+    store, index, _ = parts
+    names = ("denied", "unwritable", "fine")
+    for number, name in enumerate(names):
+        await store.put(f"photos/{name}.png", encoded(40 + number, "PNG"), "image/png")
+    unwritable = thumbnail_key(image_id_for_key("test", "photos/unwritable.png"))
+    real_get, real_put = store.get, store.put
+
+    async def get(key: str, **options: int | None) -> object:
+        if key == "photos/denied.png":
+            raise StorageError(f"object store refused {key!r}: AccessDenied (403)")
+        return await real_get(key, **options)
+
+    async def put(key: str, data: bytes, content_type: str, **options: object) -> object:
+        if key == unwritable:
+            raise StorageError(f"object store refused {key!r}: AccessDenied (403)")
+        return await real_put(key, data, content_type, **options)
+
+    monkeypatch.setattr(store, "get", get)
+    monkeypatch.setattr(store, "put", put)
+    indexer = handler(parts)
+    by_key = [Job(str(uuid.uuid4()), IMAGE_INDEX, ImageIndexV1(key=f"photos/{name}.png"), 0) for name in names]
+    denied, unwritten, indexed = await indexer.handle(by_key)
+    assert isinstance(denied, Failed) and denied.code == "object_refused" and "AccessDenied" in denied.message
+    assert isinstance(unwritten, Failed) and unwritten.code == "storage_refused", unwritten
+    assert isinstance(indexed, Succeeded), indexed
+    assert await index.count() == 1
+    deleter = ImageDeleter(store=store, index=index, bucket="test")
+    events = BucketEventHandler(indexer=indexer, deleter=deleter, bucket="test", prefixes=["photos/"], max_bytes=10**7)
+    created = [
+        Job(str(uuid.uuid4()), BUCKET_EVENT, [ObjectEvent("created", "PutObject", "test", f"photos/{name}.png")], 0)
+        for name in names[:2]
+    ]
+    skipped, failed = await events.handle(created)
+    assert isinstance(skipped, Succeeded) and "AccessDenied" in skipped.result["events"][0]["skipped"]
+    assert isinstance(failed, Failed) and failed.code == "storage_refused", failed

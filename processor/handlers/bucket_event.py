@@ -24,6 +24,8 @@ log = structlog.get_logger(__name__)
 
 # index failures that mean "this object is not an image we can index": skipped, not dead-lettered
 _NOT_INDEXABLE = {"empty_file", "not_an_image", "unsupported_format", "corrupt_image", "too_many_pixels"}
+# nor are objects this server cannot read: gone, too large, or refused to it (S3's 403 AccessDenied, say)
+_NOT_READABLE = {"object_not_found", "object_too_large", "object_refused"}
 
 
 class BatchOrder:
@@ -118,7 +120,7 @@ class BucketEventHandler:
 
     def _indexed(self, job: Job, event: ObjectEvent, outcome: Outcome) -> Outcome:
         logger = self._log(job, event)
-        if isinstance(outcome, Failed) and outcome.code in (*_NOT_INDEXABLE, "object_not_found", "object_too_large"):
+        if isinstance(outcome, Failed) and outcome.code in _NOT_INDEXABLE | _NOT_READABLE:
             logger.info("bucket_event_skipped", reason=outcome.message, code=outcome.code)
             return Succeeded({"key": event.key, "event": event.name, "skipped": outcome.message})
         if isinstance(outcome, Succeeded):

@@ -19,7 +19,7 @@ from contract.image_ids import image_id_for_key, original_key, thumbnail_key
 from contract.imaging import ImageInfo, InvalidImageError, check_image, decode_image, inspect_image
 from contract.messages import IMAGE_INDEX, ImageIndexV1
 from contract.thumbnails import THUMBNAIL_CONTENT_TYPE, make_thumbnail, thumbnail_from_pixels, thumbnail_size
-from infra.storage import InvalidKeyError, ObjectNotFoundError, ObjectStore, ObjectTooLargeError
+from infra.storage import InvalidKeyError, ObjectNotFoundError, ObjectStore, ObjectTooLargeError, StorageError
 from infra.vectors import ImageRecord, VectorIndex
 from models.clip import ClipEmbedder
 from models.clip_inputs import EncodedJpeg
@@ -267,6 +267,8 @@ class ImageIndexHandler:
             return Failed("missing_image_id", str(exc))
         except TRANSIENT_ERRORS as exc:
             return Failed("storage_unavailable", str(exc), transient=True)
+        except StorageError as exc:  # refused for good (S3's 403 AccessDenied, say): this image alone fails
+            return Failed("object_refused", str(exc))
 
     async def _prepare(self, position: int, job: Job, image_id: str | None) -> _Prepared:
         """Fetch (by key), decode and make the model's input; `image_id` is `_image_id(job)`."""
@@ -324,6 +326,8 @@ class ImageIndexHandler:
                 return Failed("storage_unavailable", str(result), transient=True)
             if isinstance(result, InvalidImageError):
                 return Failed(result.code, result.message)
+            if isinstance(result, StorageError):  # a write refused for good: this image alone fails
+                return Failed("storage_refused", str(result))
             if isinstance(result, BaseException):
                 raise result
         return None
