@@ -19,7 +19,7 @@ from aio_pika.abc import AbstractRobustConnection
 
 from infra import broker
 from infra.settings import Settings
-from infra.storage import ObjectStore, StorageError, open_store
+from infra.storage import ObjectStore, StorageError, StorageUnavailableError, open_store
 from infra.vectors import (
     EmbeddingModelMismatchError,
     IndexInUseError,
@@ -103,6 +103,8 @@ def _startup_error(exc: BaseException, where: str) -> StartupError | None:
         return StartupError(f"{exc} (or set IMAGE_SEARCH_DB_BACKUP_ENABLED=0 to start without restoring a backup)")
     if isinstance(exc, VectorIndexUnavailableError):
         return StartupError(f"{exc} ({where})")
+    if isinstance(exc, StorageUnavailableError):
+        return StartupError(f"object store not usable: {exc} (reading the index backup; nothing was restored)")
     return None
 
 

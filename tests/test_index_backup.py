@@ -22,6 +22,8 @@ from PIL import Image
 from contract.messages import IMAGE_INDEX
 from infra.settings import Settings
 from infra.startup import StartupError
+from infra.storage import StorageUnavailableError
+from infra.storage.s3 import S3Store
 from infra.vectors.backup import IndexBackups
 from infra.vectors.edge.layout import EngineLayout
 from models.tiny import clip as tiny_clip
@@ -157,6 +159,32 @@ async def test_a_damaged_backup_stops_start_up_instead_of_an_empty_index(env, s3
         await Runtime.open(Settings.from_env(env))
     assert EngineLayout.under(Path(env["IMAGE_SEARCH_DB_PATH"]), "images").read_meta() is None
     assert _backups(s3, env["R2_BUCKET_NAME"]) == [key]
+
+
+async def test_a_store_that_does_not_answer_at_start_up_is_no_damaged_backup(env, s3, monkeypatch):
+    """The backup cannot be read because the store did not answer (a connection reset): start-up stops as for any
+    store outage, without calling the backup damaged or advising to delete it, and the next start restores it."""
+    first = await Runtime.open(Settings.from_env(env))
+    await _index(first, range(2))
+    await first.close()
+    [key] = _backups(s3, env["R2_BUCKET_NAME"])
+    shutil.rmtree(env["IMAGE_SEARCH_DB_PATH"])
+
+    async def reset(store: S3Store, key: str, path: Path) -> int:
+        raise StorageUnavailableError("object store unreachable (ClientOSError: Connection reset by peer)")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(S3Store, "get_file", reset)
+        with pytest.raises(StartupError, match=r"^object store not usable: .*Connection reset by peer") as stopped:
+            await Runtime.open(Settings.from_env(env))
+    assert "delete" not in str(stopped.value) and "could not be read" not in str(stopped.value)
+    assert EngineLayout.under(Path(env["IMAGE_SEARCH_DB_PATH"]), "images").read_meta() is None
+    again = await Runtime.open(Settings.from_env(env))
+    try:
+        assert await again.index.count() == 2
+    finally:
+        await again.close()
+    assert key in s3.keys(env["R2_BUCKET_NAME"])
 
 
 class _OldPoint(msgspec.Struct):

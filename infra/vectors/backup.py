@@ -33,7 +33,7 @@ import msgspec
 import numpy as np
 import structlog
 
-from infra.storage import ObjectNotFoundError, ObjectStore, StorageError
+from infra.storage import ObjectStore, StorageError, StorageUnavailableError
 from infra.vectors.base import ImageRecord, SnapshotInfo, VectorIndex, record_of
 
 if TYPE_CHECKING:
@@ -258,7 +258,8 @@ class IndexBackups:
 
     async def restore(self, key: str | None = None, *, replace: bool = False) -> RestoreReport | None:
         """Restore the newest backup (or `key`); None when there is none. Replaces an existing index only
-        with `replace`. Raises IndexBackupError when the backup is unusable."""
+        with `replace`. Raises IndexBackupError when the backup is unusable, StorageUnavailableError when the store
+        did not answer (nothing replaced: try again)."""
         backups = await self.list()
         if key is None:
             if not backups:
@@ -299,7 +300,9 @@ class IndexBackups:
             archive = staging / "backup.tar.gz"
             try:
                 await self._store.get_file(key, archive)
-            except (ObjectNotFoundError, StorageError) as exc:
+            except StorageUnavailableError:
+                raise  # the store did not answer: the backup may be sound, and a later try may read it
+            except StorageError as exc:
                 raise IndexBackupError(f"index backup {key!r} could not be read: {exc}") from exc
             manifest = await asyncio.to_thread(read_archive, archive, staging / "files", key)
             archive.unlink()
@@ -321,6 +324,8 @@ class IndexBackups:
             raise IndexBackupError(f"{key!r} is an old-format backup: it can only be restored into a new index")
         try:
             stored = await self._store.get(key)
+        except StorageUnavailableError:
+            raise
         except StorageError as exc:
             raise IndexBackupError(f"index backup {key!r} could not be read: {exc}") from exc
         try:
