@@ -5,7 +5,8 @@ is still the version this processor read (its ETag). When another delivery of th
 processor) wrote in between, the record is read again and the change applied to that, unless it is finished:
 a record only moves forward. The one way back is an operator's replay (`ams-ops dlq replay`), which may run a
 failed job again; a succeeded job is never run again, unless the output its record names is lost (a power failure
-before the output was flushed, while the message was not yet acked: processor/outputs.py).
+before the output was flushed, while the message was not yet acked: processor/outputs.py), and a failure of that run
+leaves the record succeeded.
 
 The running mark is written beside the work, not before it (`mark_running`): the model starts at once, and the
 job waits for the mark only before its first lasting side effect (an output stored, a point written), so a job
@@ -96,6 +97,11 @@ class JobTracker:
         await retry_transient(lambda: self._jobs.flush(tracked.record.job_id))
 
     async def failed(self, tracked: Tracked, outcome: Failed, attempt: int, *, final: bool) -> bool:
+        """Record a failure: final (`failed`), or to be retried (`queued` again). False when nothing was written: the
+        record is settled, or it says succeeded and the job runs again only to remake its lost output (the record
+        stays succeeded; the message is retried or dead-lettered all the same)."""
+        if tracked.remaking:
+            return False
         error = ErrorInfo(code=outcome.code, message=outcome.message)
 
         def change(record: JobRecord) -> None:

@@ -9,7 +9,12 @@ import uuid
 
 import pytest
 
-from contract.messages import IMAGE_GENERATE, STREAM_HEADER, VOICE_GENERATE
+from contract.jobs import JobStore
+from contract.messages import IMAGE_GENERATE, STREAM_HEADER, VOICE_GENERATE, ImageGenerateV1
+from infra.storage.local import LocalStore
+from processor.handlers.base import Job
+from processor.outcomes import Failed, Succeeded
+from processor.tracking import JobTracker
 from tests.support.amqp import publish, wait_until
 from tests.support.audio import speech_clip
 from tests.support.server import running_server
@@ -106,3 +111,22 @@ async def test_a_retried_request_whose_output_was_lost_gets_a_503_until_it_is_ma
     again = await server.client.post("/v1/images/generate", json=body, headers=headers)
     assert again.status_code == 200
     assert again.content == first.content
+
+
+async def test_a_remake_that_fails_leaves_the_record_succeeded(tmp_path):
+    """The job whose output was lost runs again; if that run fails, whether it is retried or dead-lettered, the
+    record still says succeeded (a record only moves forward): not queued again, nor failed."""
+    jobs = JobStore(LocalStore(tmp_path), ttl_days=1)
+    tracker = JobTracker(jobs)
+    job = Job(message_id="j", message_type=IMAGE_GENERATE, payload=ImageGenerateV1(prompt="p"), priority=9)
+    tracked = await tracker.load(job)
+    await tracker.mark_running(tracked, 1)
+    assert await tracker.succeeded(tracked, Succeeded({"key": "images/generated/j.png"}), 1)
+    first = await jobs.get("j")
+    for attempt, final in ((1, False), (5, True)):
+        again = await tracker.load(job)
+        again.remaking = True  # what the consumer does when the output is lost
+        failure = Failed("storage_unavailable", "a blip", transient=True)
+        written = await tracker.failed(again, failure, attempt, final=final)
+        assert await jobs.get("j") == first
+        assert not written
