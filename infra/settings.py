@@ -377,6 +377,16 @@ def _capabilities(env: _Reader, settings: Settings) -> tuple[str, ...]:
     return items
 
 
+MAX_DECODE_THREADS = 256
+
+
+def _usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity: a container's cpuset, taskset), else the machine's."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 2
+
+
 def _side(env: _Reader, name: str, default: int) -> int:
     value = env.integer(name, default, 64, 2048)
     if value % 16:
@@ -398,7 +408,9 @@ def _parse(env: _Reader) -> Settings:
         image_search_max_bytes=env.integer("IMAGE_SEARCH_MAX_BYTES", 20971520, 1024, 512 * 1024 * 1024),
         image_search_max_pixels=env.integer("IMAGE_SEARCH_MAX_PIXELS", 50_000_000, 1024),
         image_search_batch_size=env.integer("IMAGE_SEARCH_BATCH_SIZE", 8, 1, 256),
-        image_decode_threads=env.integer("IMAGE_DECODE_THREADS", os.cpu_count() or 2, 1, 256),
+        image_decode_threads=env.integer(
+            "IMAGE_DECODE_THREADS", min(MAX_DECODE_THREADS, _usable_cpus()), 1, MAX_DECODE_THREADS
+        ),
         thumbnail_max_side=env.integer("THUMBNAIL_MAX_SIDE", 384, 64, 2048),
         thumbnails_at_index=env.flag("THUMBNAILS_AT_INDEX", True),
         image_search_db_r2_key=env.raw("IMAGE_SEARCH_DB_R2_KEY", "image_search.db"),

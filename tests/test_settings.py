@@ -95,6 +95,17 @@ def test_thumbnail_max_side_defaults_to_384_and_takes_64_to_2048():
     assert Settings.from_env({"THUMBNAIL_MAX_SIDE": "2048"}).thumbnail_max_side == 2048
 
 
+def test_image_decode_threads_default_to_the_cpus_the_process_may_use_at_most_256(monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 384)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(384)))
+    assert Settings.from_env({}).image_decode_threads == 256
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2})  # a container's cpuset, taskset
+    assert Settings.from_env({}).image_decode_threads == 3
+    assert Settings.from_env({"IMAGE_DECODE_THREADS": "256"}).image_decode_threads == 256
+    with pytest.raises(SettingsError, match="IMAGE_DECODE_THREADS=257: must be at least 1 and at most 256"):
+        Settings.from_env({"IMAGE_DECODE_THREADS": "257"})
+
+
 def test_callback_hosts_are_normalised_and_secrets_decoded():
     settings = Settings.from_env(
         {
