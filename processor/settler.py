@@ -34,9 +34,10 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from contract import metrics
 from contract.announcements import to_announce
+from contract.bucket_events import BUCKET_EVENT
 from contract.errors import ErrorInfo
 from contract.jobs import CANCELLED, RECORD_HEADER, JobRecord, JobStore, called_off
-from contract.messages import JSON, MSGPACK, JobReply, encode
+from contract.messages import JOB_TYPES, JSON, MSGPACK, JobReply, encode
 from infra.broker import (
     ATTEMPTS_HEADER,
     FIRST_FAILURE_HEADER,
@@ -172,7 +173,7 @@ class Settler:
             if not await self._announced(message, refused):
                 return
         if await self.dead_letter(message, code, text, attempt(message)):
-            metrics.job_settled(job_type(message), "dead_lettered")
+            metrics.job_settled(_counted_type(job_type(message)), "dead_lettered")
 
     async def _retry(
         self, message: AbstractIncomingMessage, job: Job, outcome: Failed, number: int, elapsed: float
@@ -292,6 +293,12 @@ async def _nack(message: AbstractIncomingMessage) -> None:
         await message.nack(requeue=True)
     except (aio_pika.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
         log.warning("nack_lost_redelivery_expected", message_id=message.message_id, error=str(exc))
+
+
+def _counted_type(message_type: str) -> str:
+    """A refused message's type as a metric label: a known job type (or bucket.event), else "unknown" (the type is
+    whatever its publisher set, and each would be a series of its own)."""
+    return message_type if message_type in JOB_TYPES or message_type == BUCKET_EVENT else "unknown"
 
 
 def _failure_headers(message: AbstractIncomingMessage, outcome: Failed, attempts: int) -> dict[str, str | int]:

@@ -29,6 +29,7 @@ from contract.jobs import (
     record_key,
 )
 from contract.messages import IMAGE_GENERATE, IMAGE_INDEX, ImageGenerateV1
+from contract.metrics import REGISTRY
 from infra.settings import Settings
 from infra.storage import StorageUnavailableError, open_store
 from infra.storage.local import LocalStore
@@ -135,9 +136,14 @@ async def test_redelivered_message_creates_one_object_and_one_point(make_setting
     ids=["not-json", "unknown-type", "schema", "not-an-image", "text-plain", "outside-key", "not-utf8", "deep-event"],
 )
 async def test_poison_messages_are_dead_lettered_at_once(make_settings, rabbit, body, content_type, message_type, code):
+    """Counted under their type, or `unknown` for a type no processor knows (a publisher's every typo would be a
+    metric series of its own)."""
     settings = make_settings()
+    label = {"type": "unknown" if code == "unknown_type" else message_type, "outcome": "dead_lettered"}
+    before = REGISTRY.get_sample_value("ams_jobs_total", label) or 0
     async with consuming(settings) as runtime:
         message_id = await publish(settings.amqp_url, message_type, body, content_type=content_type)
+        await wait_until(lambda: (REGISTRY.get_sample_value("ams_jobs_total", label) or 0) == before + 1, timeout=10)
         await wait_until(lambda: rabbit.queue_counts(vhost_of(settings)).get("ams.dead", (0, 0))[0] == 1)
         [dead] = await drain(settings.amqp_url, "ams.dead")
         assert dead.message_id == message_id
