@@ -222,7 +222,24 @@ class _Reader:
         parsed = urlparse(value)
         if parsed.scheme not in schemes or not parsed.hostname:
             raise SettingsError(f"{name}={value!r}: expected a URL starting with {' or '.join(schemes)}://")
+        try:
+            port = parsed.port
+        except ValueError:  # not a number, or past 65535
+            port = 0
+        if port == 0:
+            given = parsed.netloc.rpartition("@")[2].rpartition(":")[2]  # not the whole URL: it may hold a password
+            raise SettingsError(f"{name}: expected a port from 1 to 65535 after the host, not {given!r}")
         return value.rstrip("/")
+
+    def key(self, name: str, default: str) -> str:
+        """An object key, as every store takes it (infra/storage/keys.py)."""
+        from infra.storage.keys import validate_key  # here: infra.storage imports these settings
+
+        value = self.raw(name, default)
+        try:
+            return validate_key(value)
+        except ValueError as exc:
+            raise SettingsError(f"{name}={value!r}: expected an object key like {default!r} ({exc})") from None
 
 
 def _prefix(env: _Reader, name: str, default: str) -> str:
@@ -413,7 +430,7 @@ def _parse(env: _Reader) -> Settings:
         ),
         thumbnail_max_side=env.integer("THUMBNAIL_MAX_SIDE", 384, 64, 2048),
         thumbnails_at_index=env.flag("THUMBNAILS_AT_INDEX", True),
-        image_search_db_r2_key=env.raw("IMAGE_SEARCH_DB_R2_KEY", "image_search.db"),
+        image_search_db_r2_key=env.key("IMAGE_SEARCH_DB_R2_KEY", "image_search.db"),
         image_search_db_backup_enabled=env.flag("IMAGE_SEARCH_DB_BACKUP_ENABLED", True),
         image_search_db_backup_interval_seconds=env.integer("IMAGE_SEARCH_DB_BACKUP_INTERVAL_SECONDS", 1800, 10),
         image_search_db_backup_generations=env.integer("IMAGE_SEARCH_DB_BACKUP_GENERATIONS", 3, 1, 1000),

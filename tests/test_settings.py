@@ -58,6 +58,12 @@ def test_r2_endpoint_is_derived_from_the_account_id():
         ({"MODEL_PROFILE": "small"}, "MODEL_PROFILE"),
         ({"AMQP_URL": "http://localhost"}, "AMQP_URL"),
         ({"QDRANT_URL": "localhost:6333"}, "QDRANT_URL"),
+        ({"QDRANT_URL": "http://qdrant:abc"}, "QDRANT_URL: expected a port from 1 to 65535 after the host, not 'abc'"),
+        ({"R2_ENDPOINT_URL": "https://example.com:99999"}, "R2_ENDPOINT_URL: expected a port from 1 to 65535"),
+        ({"PUBLIC_BASE_URL": "https://api.example.com:0"}, "PUBLIC_BASE_URL: expected a port from 1 to 65535"),
+        ({"IMAGE_SEARCH_DB_R2_KEY": "/abs/key"}, "IMAGE_SEARCH_DB_R2_KEY='/abs/key': expected an object key"),
+        ({"IMAGE_SEARCH_DB_R2_KEY": "backups/../index"}, "IMAGE_SEARCH_DB_R2_KEY='backups/../index': expected an"),
+        ({"IMAGE_SEARCH_DB_R2_KEY": ""}, "IMAGE_SEARCH_DB_R2_KEY='': expected an object key"),
         ({"SYNC_TIMEOUT_SECONDS": "-1"}, "SYNC_TIMEOUT_SECONDS"),
         ({"R2_ENABLED": "1"}, "R2_BUCKET_NAME"),
         ({"WATCH_PREFIXES": "/abs/"}, "WATCH_PREFIXES"),
@@ -87,6 +93,14 @@ def test_r2_endpoint_is_derived_from_the_account_id():
 def test_bad_values_name_the_variable(env, variable):
     with pytest.raises(SettingsError, match=variable):
         Settings.from_env(env)
+
+
+def test_a_bad_port_in_a_url_does_not_show_the_url_which_may_hold_a_password():
+    with pytest.raises(SettingsError) as refused:
+        Settings.from_env({"AMQP_URL": "amqp://guest:hunter2@rabbit:5672x/"})
+    assert "AMQP_URL" in str(refused.value) and "hunter2" not in str(refused.value)
+    assert Settings.from_env({"QDRANT_URL": "http://[::1]:6333/"}).qdrant_url == "http://[::1]:6333"
+    assert Settings.from_env({"IMAGE_SEARCH_DB_R2_KEY": "backups/index"}).image_search_db_r2_key == "backups/index"
 
 
 def test_thumbnail_max_side_defaults_to_384_and_takes_64_to_2048():
