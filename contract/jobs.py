@@ -305,8 +305,9 @@ class JobStore:
         the few records that came due since the last one, not every record kept. A record written again after its
         job finished (its output's deletion marked) is read once that write is as old.
 
-        An expired record is deleted only at the version read, and its output after it: a create replacing it
-        meanwhile (its Idempotency-Key used again) keeps the new record and the output the new job makes."""
+        An expired record's output is deleted first, then the record, only at the version read: a failed delete
+        leaves the record for the next sweep, and a create replacing it meanwhile (its Idempotency-Key used again)
+        keeps the new record, whose job makes its own output."""
         now = datetime.now(tz=UTC)
         due = self._ttl if output_ttl_days is None else min(self._ttl, timedelta(days=output_ttl_days))
         records = outputs = 0
@@ -315,12 +316,12 @@ class JobStore:
             deleting = output_ttl_days is not None or record.output_deleted is not None
             output = generated_output(record) if deleting else None
             if self.expired(record, now):
-                try:
-                    await self._store.delete(key, if_match=version)
-                except PreconditionFailedError:  # replaced meanwhile (create): the new record, and its output, stay
-                    continue
                 if output is not None:
                     await self._store.delete(output)
+                try:
+                    await self._store.delete(key, if_match=version)
+                except PreconditionFailedError:  # replaced meanwhile (create): the new record stays
+                    continue
                 records += 1
             elif (
                 output is not None
