@@ -46,7 +46,7 @@ from contract.jobs import (
     record_params,
     withdrawn,
 )
-from contract.messages import MSGPACK, STREAM_HEADER, JobReply, encode, is_blank
+from contract.messages import MSGPACK, STREAM_HEADER, JobReply, encode, is_blank, output_key
 from infra.broker import BrokerUnavailableError, Priority
 from infra.storage import ObjectNotFoundError, PreconditionFailedError, StorageUnavailableError
 
@@ -253,6 +253,8 @@ async def start_job(
             raise
         _existing(existing, recorded, callback_url)
         return await _found(jobs, existing, wait or stream, services.settings.sync_timeout_seconds)
+    if key is not None:
+        await _clear_earlier_output(services, jobs, record)
     headers = record_headers(record, version)
     try:
         if stream:
@@ -266,6 +268,24 @@ async def start_job(
             raise
         return JobStart(taken, None)
     return JobStart(record, reply)
+
+
+async def _clear_earlier_output(services: Services, jobs: JobStore, record: JobRecord) -> None:
+    """Delete the output an earlier job of this Idempotency-Key left, before the new job's message leaves: the key
+    names the job id, so the output's key too, and a generation keeps an output it finds under its key (a
+    redelivery's), which would answer this request with the earlier one's image or voice. An output outlives its
+    record without OUTPUT_TTL_DAYS, so the key's record having expired or gone says nothing of it. When the store
+    does not answer, the new record goes too (nothing left behind) and the client gets the store's 503."""
+    output = output_key(record.type, record.job_id)
+    if output is None:
+        return
+    try:
+        if await services.store.delete(output):
+            log.info("earlier_output_deleted", job_id=record.job_id, key=output)
+    except StorageUnavailableError:
+        with contextlib.suppress(StorageUnavailableError):
+            await jobs.delete(record.job_id)
+        raise
 
 
 def _starts_again(record: JobRecord) -> bool:

@@ -15,6 +15,7 @@ import msgspec
 
 from contract.callbacks import JOB_CALLBACK, JobCallbackV1
 from contract.errors import ErrorInfo
+from contract.jobs import GENERATED_IMAGES, GENERATED_VOICES
 from infra.settings import Settings
 from infra.storage import InvalidKeyError, validate_key
 
@@ -211,6 +212,15 @@ JOB_TYPES: dict[str, type[msgspec.Struct]] = {
     IMAGE_EMBED: ImageEmbedV1,
     JOB_CALLBACK: JobCallbackV1,
 }
+
+# where a generation stores its output, named by its job id
+_OUTPUT_KEYS = {IMAGE_GENERATE: f"{GENERATED_IMAGES}{{}}.png", VOICE_GENERATE: f"{GENERATED_VOICES}{{}}.mp3"}
+
+
+def output_key(job_type: str, job_id: str) -> str | None:
+    """The key a generation of this job id stores its output under; None for a job type that stores none."""
+    template = _OUTPUT_KEYS.get(job_type)
+    return None if template is None else template.format(job_id)
 
 
 class ContractError(ValueError):

@@ -475,3 +475,22 @@ async def test_a_job_failed_on_a_store_that_stayed_down_is_started_afresh_by_its
 
 async def generate_with(server, body: dict, headers: dict) -> httpx.Response:
     return await server.client.post("/v1/images/generate", json=body, headers=headers)
+
+
+async def test_an_idempotency_key_used_again_after_its_record_went_makes_a_new_output(server, s3):
+    """Without OUTPUT_TTL_DAYS an output outlives its job's record, and the job id (so the output's key) comes from
+    the Idempotency-Key: a request that uses the key again once the record is gone (the sweep deleted it) gets the
+    image of its own parameters, not the one the key's earlier job left."""
+    key = {"Idempotency-Key": f"used-again-{uuid.uuid4()}"}
+    first = await generate_with(server, {"prompt": "a red square", "seed": 5, "steps": 1}, key)
+    assert first.status_code == 200, first.text
+    job_id = first.headers["x-job-id"]
+    await JobStore(server.services.store, 1).delete(job_id)  # as the sweep does once the record expired
+
+    second = await generate_with(server, {"prompt": "a blue circle", "seed": 6, "steps": 1}, key)
+    assert second.status_code == 200, second.text
+    assert second.headers["x-job-id"] == job_id
+    fresh = await generate(server, prompt="a blue circle", seed=6, steps=1)
+    assert second.content == fresh.content != first.content
+    stored = await server.services.store.get(f"images/generated/{job_id}.png")
+    assert stored.data == second.content

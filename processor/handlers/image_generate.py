@@ -10,8 +10,14 @@ from typing import Any
 
 import structlog
 
-from contract.jobs import GENERATED_IMAGES
-from contract.messages import IMAGE_GENERATE, MAX_SEED, ContractError, ImageGenerateV1, check_generation_budget
+from contract.messages import (
+    IMAGE_GENERATE,
+    MAX_SEED,
+    ContractError,
+    ImageGenerateV1,
+    check_generation_budget,
+    output_key,
+)
 from infra.settings import Settings
 from infra.storage import ObjectStore
 from models.diffusion import GenerationParams, ImageGenerator, UnsupportedParameterError
@@ -20,10 +26,6 @@ from processor.outcomes import Failed, Outcome, Succeeded
 from processor.outputs import keyed_output, store_output
 
 log = structlog.get_logger(__name__)
-
-
-def generated_key(job_id: str) -> str:
-    return f"{GENERATED_IMAGES}{job_id}.png"
 
 
 def seed_for_job(job_id: str) -> int:
@@ -75,7 +77,7 @@ class ImageGenerateHandler:
             png = await asyncio.to_thread(self._generator.generate, params)
         except UnsupportedParameterError as exc:
             return Failed("unsupported_parameter", str(exc))
-        key = generated_key(job.message_id)
+        key = output_key(IMAGE_GENERATE, job.message_id)
         stored = await store_output(job, self._store, key, png, "image/png")
         if not isinstance(stored, bytes):
             return stored

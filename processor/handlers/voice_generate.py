@@ -14,8 +14,7 @@ import numpy as np
 import structlog
 
 from contract.audio import SAMPLE_RATE, DecodedAudio, InvalidAudioError, decode_audio
-from contract.jobs import GENERATED_VOICES
-from contract.messages import VOICE_GENERATE, VoiceGenerateV1, canonical_language, check_reference_key
+from contract.messages import VOICE_GENERATE, VoiceGenerateV1, canonical_language, check_reference_key, output_key
 from contract.mp3 import Mp3File, Mp3Stream, mp3_seconds
 from infra.settings import Settings
 from infra.storage import InvalidKeyError, ObjectNotFoundError, ObjectStore, ObjectTooLargeError
@@ -27,10 +26,6 @@ from processor.retrying import TRANSIENT_ERRORS, retry_transient
 from processor.text_chunks import split_sentences, split_text
 
 log = structlog.get_logger(__name__)
-
-
-def generated_key(job_id: str) -> str:
-    return f"{GENERATED_VOICES}{job_id}.mp3"
 
 
 # a spoken piece is encoded and sent in slices of this many samples, so its first bytes leave after a slice's
@@ -97,7 +92,7 @@ class VoiceGenerateHandler:
             )
         if job.pieces is not None:
             try:
-                stored = await self._stored(generated_key(job.message_id))
+                stored = await self._stored(output_key(VOICE_GENERATE, job.message_id))
             except TRANSIENT_ERRORS as exc:
                 return Failed("storage_unavailable", str(exc), transient=True)
             if stored is not None:
@@ -141,7 +136,7 @@ class VoiceGenerateHandler:
         language = canonical_language(payload.language) or "auto"
         pieces = split_text(payload.text, self._settings.voice_chunk_chars)
         mp3, samples = await asyncio.to_thread(self._speak_whole, reference, payload.ref_text, pieces, language)
-        key = generated_key(job.message_id)
+        key = output_key(VOICE_GENERATE, job.message_id)
         stored = await store_output(job, self._store, key, mp3, "audio/mpeg")
         if not isinstance(stored, bytes):
             return stored
@@ -170,7 +165,7 @@ class VoiceGenerateHandler:
         language = canonical_language(payload.language) or "auto"
         pieces = split_sentences(payload.text, self._settings.voice_chunk_chars)
         mp3, samples = await self._speak_streamed(sink, reference, payload.ref_text, pieces, language)
-        key = generated_key(job.message_id)
+        key = output_key(VOICE_GENERATE, job.message_id)
         stored = await store_output(job, self._store, key, mp3, "audio/mpeg")
         if not isinstance(stored, bytes):
             return stored
@@ -229,7 +224,7 @@ class VoiceGenerateHandler:
         """A redelivery after the output was stored: stream the stored MP3 as one piece, and succeed with it. Its
         duration is measured from the MP3 (the waveform is gone), LAME's delay and padding included."""
         payload: VoiceGenerateV1 = job.payload
-        key = generated_key(job.message_id)
+        key = output_key(VOICE_GENERATE, job.message_id)
         log.info("output_already_stored", key=key)
         await sink.send(stored)
         seconds = round(await asyncio.to_thread(mp3_seconds, stored), 3)
