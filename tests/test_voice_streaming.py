@@ -155,17 +155,24 @@ async def test_a_job_that_fails_mid_stream_truncates_the_body(server, s3, monkey
 
 async def test_a_redelivered_job_streams_the_stored_output(server, s3, monkeypatch):
     """The output is already stored (a delivery stored it, then the processor died before recording the result):
-    the stored MP3 is sent as one piece and the model is not run again."""
+    the stored MP3 is sent as one piece and the model is not run again. (The output is put as the job's message
+    leaves: one there before the request would be an earlier job's of the same key, which the API deletes.)"""
     key = f"stream-{uuid.uuid4()}"
     job_id = job_id_for_idempotency_key(VOICE_GENERATE, key)
     earlier = encode_mp3(np.zeros(SAMPLE_RATE, dtype=np.float32), SAMPLE_RATE)
-    s3.client.put_object(
-        Bucket=server.bucket, Key=f"voice/generated/{job_id}.mp3", Body=earlier, ContentType="audio/mpeg"
-    )
+    publisher = server.services.publisher
+    real_publish = publisher.publish
+
+    async def stored_by_an_earlier_delivery(**kwargs):
+        s3.client.put_object(
+            Bucket=server.bucket, Key=f"voice/generated/{job_id}.mp3", Body=earlier, ContentType="audio/mpeg"
+        )
+        return await real_publish(**kwargs)
 
     def no_model(**_):
         raise AssertionError("the model ran again")
 
+    monkeypatch.setattr(publisher, "publish", stored_by_an_earlier_delivery)
     monkeypatch.setattr(server.processor.runtime.voice, "clone", no_model)
     idempotent = {"Idempotency-Key": key, **STREAMED["headers"]}
     headers, body, _ = await stream_voice(server, THREE_SENTENCES, headers=idempotent)
