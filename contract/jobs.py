@@ -79,8 +79,9 @@ def now_iso() -> str:
 
 
 def parse_stamp(stamp: str) -> datetime:
-    """The moment of an ISO stamp written by now_iso (ValueError when it is none)."""
-    return datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    """The moment of an ISO stamp written by now_iso (ValueError when it is none; UTC when it names no offset)."""
+    moment = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 def age_seconds(stamp: str, now: datetime | None = None) -> float:
@@ -214,10 +215,11 @@ class JobStore:
         self._ttl = timedelta(days=ttl_days)
 
     def expired(self, record: JobRecord, now: datetime | None = None) -> bool:
-        """Whether a finished record is past its time to live."""
+        """Whether a finished record is past its time to live (one whose finish cannot be read counts as past it,
+        as a record that cannot be read counts as absent)."""
         if record.status not in FINISHED or record.finished_at is None:
             return False
-        return age_seconds(record.finished_at, now) > self._ttl.total_seconds()
+        return _older(record.finished_at, now or datetime.now(tz=UTC), self._ttl)
 
     async def load(self, job_id: str) -> tuple[JobRecord, str] | None:
         """The record and its version (ETag), or None when there is none (or it expired, or cannot be read)."""

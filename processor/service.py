@@ -134,6 +134,9 @@ async def _expire_job_records(jobs: JobStore, output_ttl_days: float | None) -> 
         except TRANSIENT_ERRORS as exc:
             log.warning("job_record_sweep_failed", error=str(exc))
             continue
+        except Exception:  # a bug must not stop expiry for good: logged, and the next sweep tries again
+            log.exception("job_record_sweep_crashed")
+            continue
         if swept.records:
             log.info("job_records_expired", removed=swept.records)
         if swept.outputs:

@@ -260,3 +260,19 @@ async def test_a_sweep_keeps_a_record_that_replaced_the_expired_one_it_read(tmp_
 )
 def test_output_ttl_is_off_unless_set(make_env, env, days):
     assert Settings.from_env(make_env(**env)).output_ttl_days == days
+
+
+async def test_a_record_whose_finish_cannot_be_read_is_swept_not_a_stop_to_the_sweep(tmp_path):
+    """A record whose `finished_at` is no time (written by hand, or by another tool) reads as absent and is deleted
+    like an expired one; one without an offset counts as UTC; neither stops the sweep of the records after it."""
+    store = LocalStore(tmp_path / "store")
+    jobs = JobStore(store, 1)
+    finishes = {"a-not-a-time": "yesterday", "b-no-offset": _days_ago(3).removesuffix("Z"), "c-expired": _days_ago(3)}
+    for name, finished_at in finishes.items():
+        job_id = str(uuid.uuid5(uuid.NAMESPACE_URL, name))
+        record = JobStore.new(job_id, IMAGE_GENERATE, {"prompt": "p"})
+        await jobs.create(msgspec.structs.replace(record, status="failed", finished_at=finished_at))
+        written_days_ago(tmp_path / "store", record_key(job_id), 3)
+        assert await jobs.load(job_id) is None
+    assert await jobs.sweep() == Swept(records=3, outputs=0)
+    assert [info async for info in store.list("jobs/")] == []
