@@ -23,6 +23,7 @@ case "${1:-start}" in
     if running; then exit 0; fi
     mkdir -p "$base/mnesia" "$base/log"
     [ -f "$base/enabled_plugins" ] || echo '[].' > "$base/enabled_plugins"
+    cp infra/rabbitmq/rabbitmq.conf "$base/rabbitmq.conf"
     setsid "$bin/rabbitmq-server" > "$base/server.log" 2>&1 < /dev/null &
     for _ in $(seq 1 90); do
       if "$bin/rabbitmqctl" -q -n "$node" await_startup --timeout 5 >/dev/null 2>&1; then

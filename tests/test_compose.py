@@ -87,6 +87,17 @@ def test_health_checks_and_start_order():
     assert SERVICES["rabbitmq-init"]["depends_on"]["rabbitmq"]["condition"] == "service_healthy"
 
 
+def test_the_broker_lets_a_long_job_run_past_rabbitmqs_default_consumer_timeout(rabbit):
+    """A processor acks a job once it is done and durable; RabbitMQ closes a channel whose delivery stays
+    unacknowledged past consumer_timeout (30 min by default). Our brokers read infra/rabbitmq/rabbitmq.conf: the
+    compose stack's, scripts/local-rabbitmq.sh's node and the test harness's, which reads it here for real."""
+    conf = "./infra/rabbitmq/rabbitmq.conf:/etc/rabbitmq/conf.d/20-ams.conf:ro"
+    assert conf in SERVICES["rabbitmq"]["volumes"]
+    assert "infra/rabbitmq/rabbitmq.conf" in (ROOT / "scripts" / "local-rabbitmq.sh").read_text()
+    timeout = rabbit.ctl("eval", "application:get_env(rabbit, consumer_timeout).").stdout.strip()
+    assert timeout == "{ok,14400000}"  # 4 hours
+
+
 def test_named_volumes_are_declared_and_models_are_cached_in_one():
     declared = set(COMPOSE["volumes"])
     for name, service in SERVICES.items():

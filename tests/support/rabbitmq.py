@@ -14,6 +14,7 @@ from pathlib import Path
 from infra.broker import UNROUTED_POLICY
 
 BIN = Path("/usr/lib/rabbitmq/bin")
+BROKER_CONFIG = Path(__file__).resolve().parents[2] / "infra" / "rabbitmq" / "rabbitmq.conf"
 
 
 def free_port() -> int:
@@ -44,6 +45,7 @@ class RabbitNode:
 
     def start(self) -> None:
         (self.workdir / "enabled_plugins").write_text("[].")
+        shutil.copyfile(BROKER_CONFIG, self.workdir / "rabbitmq.conf")  # as every broker we ship is configured
         log = (self.workdir / "server.log").open("wb")
         self._process = subprocess.Popen(
             [str(BIN / "rabbitmq-server")], env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
