@@ -63,6 +63,16 @@ async def consuming(settings: Settings) -> AsyncIterator[Runtime]:
         await runtime.close()
 
 
+async def drain_index_queue(runtime: Runtime, rabbit, settings: Settings) -> None:
+    """Start a consumer on what is queued (so that it is batched together), stop it once ams.index is empty."""
+    consumer = build_consumer(runtime)
+    await consumer.start()
+    try:
+        await wait_until(lambda: rabbit.queue_counts(vhost_of(settings))["ams.index"] == (0, 0), timeout=20)
+    finally:
+        await consumer.stop()
+
+
 def index_message(seed: int, image_id: str | None = None) -> dict:
     body = {"data": base64.b64encode(encoded(seed)).decode(), "source": "test"}
     if image_id:
@@ -188,12 +198,7 @@ async def test_a_malformed_attempts_header_counts_as_a_first_attempt_and_holds_u
             await publish(settings.amqp_url, IMAGE_INDEX, index_message(20 + seed), headers=headers)
             for seed, headers in enumerate([{}, {"x-ams-attempts": "two"}, {}])
         ]
-        consumer = build_consumer(runtime)
-        await consumer.start()
-        try:
-            await wait_until(lambda: rabbit.queue_counts(vhost_of(settings))["ams.index"] == (0, 0), timeout=20)
-        finally:
-            await consumer.stop()
+        await drain_index_queue(runtime, rabbit, settings)
         assert set(await runtime.index.get_many(ids)) == set(ids)
         assert rabbit.queue_counts(vhost_of(settings)).get("ams.dead", (0, 0))[0] == 0
     finally:
@@ -217,12 +222,7 @@ async def test_a_message_whose_settling_fails_unforeseen_is_handed_back_and_spar
             await real_settle(self, message, job, *args)
 
         monkeypatch.setattr(Settler, "settle", settle)
-        consumer = build_consumer(runtime)
-        await consumer.start()
-        try:
-            await wait_until(lambda: rabbit.queue_counts(vhost_of(settings))["ams.index"] == (0, 0), timeout=20)
-        finally:
-            await consumer.stop()
+        await drain_index_queue(runtime, rabbit, settings)
         assert sorted(settled) == sorted([ids[0], *ids])  # the first twice: handed back, then settled
         assert set(await runtime.index.get_many(ids)) == set(ids)
         assert rabbit.queue_counts(vhost_of(settings)).get("ams.dead", (0, 0))[0] == 0
