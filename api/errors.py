@@ -18,6 +18,7 @@ from contract.imaging import InvalidImageError
 from infra.broker import BrokerUnavailableError
 from infra.storage import InvalidKeyError, ObjectNotFoundError, StorageError, StorageUnavailableError
 from infra.vectors import VectorIndexUnavailableError
+from models.errors import DeviceMemoryError
 
 log = structlog.get_logger(__name__)
 
@@ -192,6 +193,7 @@ EXCEPTION_HANDLERS: dict[type[Exception], Any] = {
     StorageUnavailableError: _unavailable("storage_unavailable", "the object store"),
     VectorIndexUnavailableError: _unavailable("index_unavailable", "the vector index"),
     BrokerUnavailableError: _unavailable("broker_unavailable", "the message broker"),
+    DeviceMemoryError: _unavailable(DeviceMemoryError.code, "the model's device memory"),
     StorageError: _storage,
     Exception: _unexpected,
 }

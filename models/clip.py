@@ -19,8 +19,9 @@ from PIL import Image
 
 from infra.settings import Settings
 from models.clip_inputs import DeviceInputs
+from models.errors import DeviceMemoryError
 from models.hub import route_library_output
-from models.runner import ModelSource, Placement
+from models.runner import ModelSource, Placement, on_device
 
 log = structlog.get_logger(__name__)
 
@@ -39,6 +40,8 @@ class ClipSpec:
 
 
 _SETTING = "CLIP_MODEL (local-dir:/path)"
+# logged when a batch is embedded in halves: each such batch first fails whole
+_SPLIT_HINT = "a lower IMAGE_SEARCH_BATCH_SIZE spares the failed whole-batch attempt"
 
 
 def clip_spec(settings: Settings) -> ClipSpec:
@@ -155,14 +158,27 @@ class ClipEmbedder:
         return self._device_inputs
 
     def embed_prepared(self, inputs: Sequence[torch.Tensor]) -> np.ndarray:
-        """One batched forward pass of the image tower over `prepare`d inputs; one row per image."""
+        """One batched forward pass of the image tower over `prepare`d inputs; one row per image. A batch the
+        device has no memory for is embedded in halves (each halved again as needed); DeviceMemoryError when one
+        image alone does not fit."""
         if not self.image_tower:
             raise RuntimeError("this CLIP embedder holds the text tower only (loaded with image_tower=False)")
+        inputs = list(inputs)
+        try:
+            return on_device("the CLIP image tower", self.device, lambda: self._embed_batch(inputs))
+        except DeviceMemoryError as exc:
+            if len(inputs) == 1:
+                raise
+            log.warning("clip_batch_split", images=len(inputs), error=str(exc), hint=_SPLIT_HINT)
+        half = len(inputs) // 2
+        return np.concatenate([self.embed_prepared(inputs[:half]), self.embed_prepared(inputs[half:])])
+
+    def _embed_batch(self, inputs: list[torch.Tensor]) -> np.ndarray:
         with self._lock, torch.inference_mode():
             if self._device_inputs is not None:
                 batch = self._device_inputs.batch(inputs, self.device, self.dtype)
             else:
-                batch = torch.stack(list(inputs)).to(self.device, dtype=self.dtype)
+                batch = torch.stack(inputs).to(self.device, dtype=self.dtype)
             features = self._model.encode_image(batch)
         return _normalise(features)
 
@@ -170,6 +186,9 @@ class ClipEmbedder:
         return self.embed_prepared([self.prepare(image) for image in images])
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        return on_device("the CLIP text tower", self.device, lambda: self._embed_texts(texts))
+
+    def _embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         tokens = self._tokenizer(list(texts)).to(self.device)
         with self._lock, torch.inference_mode():
             features = self._model.encode_text(tokens)

@@ -13,7 +13,7 @@ import torch
 
 from infra.settings import Settings
 from models.hub import route_library_output
-from models.runner import ModelSource, Placement
+from models.runner import ModelSource, Placement, on_device
 
 log = structlog.get_logger(__name__)
 
@@ -64,7 +64,8 @@ class ImageGenerator:
         return cls(pipeline, source.model_id, placement)
 
     def generate(self, params: GenerationParams) -> bytes:
-        """One image as PNG bytes. Same parameters and seed on the same model and device give the same bytes."""
+        """One image as PNG bytes. Same parameters and seed on the same model and device give the same bytes;
+        DeviceMemoryError when the device has no memory for it."""
         kwargs: dict[str, Any] = {
             "prompt": params.prompt,
             "width": params.width,
@@ -76,9 +77,12 @@ class ImageGenerator:
             if "negative_prompt" not in self._accepts:
                 raise UnsupportedParameterError(f"model {self.model_id!r} does not take a negative_prompt")
             kwargs["negative_prompt"] = params.negative_prompt
-        with self._lock, torch.inference_mode():
-            kwargs["generator"] = torch.Generator(device=self.device).manual_seed(params.seed)
-            image = self._pipeline(**kwargs).images[0]
+        image = on_device("the image model", self.device, lambda: self._run(kwargs, params.seed))
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
         return buffer.getvalue()
+
+    def _run(self, kwargs: dict[str, Any], seed: int) -> Any:
+        with self._lock, torch.inference_mode():
+            generator = torch.Generator(device=self.device).manual_seed(seed)
+            return self._pipeline(**kwargs, generator=generator).images[0]

@@ -4,7 +4,8 @@ A runner is loaded once per process from the settings (`load`), says which model
 with what it produces), where it runs (`device`, `dtype`), and has predict methods of its own (`embed_*`,
 `generate`, `clone`), called from a worker thread. Where the weights come from (the tiny profile's random-weight
 builders in models/tiny/, a local folder, or the Hugging Face hub, offline when it cannot be reached), the device
-and dtype choice, and the error a failed load gives are decided here, once for all three. A runner imports its
+and dtype choice, the error a failed load gives, and the one a predict call that runs out of device memory gives
+(`on_device`: DeviceMemoryError) are decided here, once for all three. A runner imports its
 model library (open_clip, diffusers, qwen_tts) when it loads, so a process imports only the libraries of the models
 it serves.
 """
@@ -20,10 +21,11 @@ from typing import Protocol, Self, TypeVar
 import torch
 
 from infra.settings import Settings
-from models.errors import ModelLoadError
+from models.errors import DeviceMemoryError, ModelLoadError
 from models.hub import hub_reachable, offline_hint, prefer_local_cache
 
 Loaded = TypeVar("Loaded")
+Result = TypeVar("Result")
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -42,6 +44,20 @@ def pick_device(requested: str) -> torch.device:
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(requested)
+
+
+def on_device(what: str, device: torch.device, call: Callable[[], Result]) -> Result:
+    """Run a model call; torch's out-of-memory error leaves as DeviceMemoryError, raised once the failed call's
+    tensors are unreferenced and the allocator's cached blocks released, so a smaller call (or another process on
+    the device) can have the memory at once."""
+    try:
+        return call()
+    except torch.OutOfMemoryError as exc:
+        failure = str(exc).splitlines()[0] if str(exc) else "out of memory"
+    # out of the except block: its traceback, and the tensors its frames held, are gone
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    raise DeviceMemoryError(f"{what} ran out of memory on {device}: {failure}")
 
 
 class ModelRunner(Protocol):

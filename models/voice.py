@@ -16,7 +16,7 @@ from infra.settings import Settings
 from models.errors import ModelLoadError
 from models.hub import route_library_output
 from models.qwen_tts_import import fill_config_defaults, qwen_tts, restore_rotary_frequencies
-from models.runner import ModelSource, Placement
+from models.runner import ModelSource, Placement, on_device
 
 log = structlog.get_logger(__name__)
 
@@ -75,11 +75,27 @@ class VoiceCloner:
 
         The pieces are spoken a few per model call, or one per call with `one_by_one` (the first is heard sooner).
         With `on_piece`, each is handed to on_piece (in this thread) as soon as its call returns, with the 0.2 s
-        pause before it (all but the first): what on_piece gets, joined, is the returned waveform."""
+        pause before it (all but the first): what on_piece gets, joined, is the returned waveform.
+        DeviceMemoryError when the device has no memory for a call (pieces handed over before it stand)."""
         if reference.sample_rate != SAMPLE_RATE:
             raise ValueError(f"the reference must be resampled to {SAMPLE_RATE} Hz first")
-        gap = np.zeros(int(_GAP_SECONDS * SAMPLE_RATE), dtype=np.float32)
         batch = 1 if one_by_one else _BATCH
+        joined = on_device(
+            "the voice model", self.device, lambda: self._clone(reference, ref_text, pieces, language, batch, on_piece)
+        )
+        return np.concatenate(joined) if joined else np.zeros(0, dtype=np.float32)
+
+    def _clone(
+        self,
+        reference: DecodedAudio,
+        ref_text: str,
+        pieces: Sequence[str],
+        language: str,
+        batch: int,
+        on_piece: Callable[[np.ndarray], None] | None,
+    ) -> list[np.ndarray]:
+        """The spoken pieces, `batch` per model call, each but the first with the pause before it."""
+        gap = np.zeros(int(_GAP_SECONDS * SAMPLE_RATE), dtype=np.float32)
         joined: list[np.ndarray] = []
         with self._lock, torch.inference_mode(), warnings.catch_warnings():
             # qwen_tts generates from embeddings; transformers notes that the penalty then covers new tokens only
@@ -93,7 +109,7 @@ class VoiceCloner:
                     joined.append(part)
                     if on_piece is not None:
                         on_piece(part)
-        return np.concatenate(joined) if joined else np.zeros(0, dtype=np.float32)
+        return joined
 
     def _speak(self, prompt: Any, texts: Sequence[str], language: str) -> list[np.ndarray]:
         """One model call: the texts spoken in the prompt's voice, one waveform each."""

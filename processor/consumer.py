@@ -23,6 +23,7 @@ from contract.jobs import RECORD_HEADER, JobStore, age_seconds, queued_record
 from contract.messages import ContractError, decode_job
 from infra.broker import Publisher, capability_of, declare_topology, topology_on
 from infra.storage import ObjectStore
+from models.errors import DeviceMemoryError
 from processor.announcer import Announcer
 from processor.deliveries import attempt, first_delivery, job_id, job_type, replayed
 from processor.handlers.base import Handler, Job, MakesOutputs
@@ -276,6 +277,9 @@ class Consumer:
         if to_run:
             try:
                 results: Sequence[Outcome] = await handler.handle(to_run)
+            except DeviceMemoryError as exc:  # the device was short of memory this time: retried, as for a store down
+                log.warning("device_out_of_memory", job_type=handler.message_type, error=str(exc))
+                results = [Failed(exc.code, str(exc), transient=True)] * len(to_run)
             except Exception as exc:
                 log.exception("handler_crashed", job_type=handler.message_type)
                 results = [Failed("internal_error", f"{type(exc).__name__}: {exc}")] * len(to_run)

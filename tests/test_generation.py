@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
+import torch
 from PIL import Image
 
 from contract.jobs import JobStore, job_id_for_idempotency_key, record_headers
@@ -471,6 +472,43 @@ async def test_a_job_failed_on_a_store_that_stayed_down_is_started_afresh_by_its
         assert retried.headers["x-job-id"] == job_id
         assert png_size(retried.content) == (64, 64)
         assert (await server.client.get(f"/v1/jobs/{job_id}")).json()["status"] == "succeeded"
+
+
+async def test_a_generation_the_device_has_no_memory_for_is_retried_then_a_503(make_settings, monkeypatch):
+    """The model running out of device memory is a transient failure (device_memory_unavailable), not a crash:
+    the job is retried through the delay queue and succeeds once it fits; when it never fits in its attempts, the
+    waiting client gets 503 with Retry-After, and its Idempotency-Key starts the job afresh."""
+    settings = make_settings(IMAGE_ENABLED="1", MAX_ATTEMPTS="2")
+    async with running_server(settings) as server:
+        generator = server.processor.runtime.generator
+        pipeline, short = generator._pipeline, [1]
+
+        def short_of_memory(**kwargs: object) -> object:
+            if short[0]:
+                short[0] -= 1
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return pipeline(**kwargs)
+
+        monkeypatch.setattr(generator, "_pipeline", short_of_memory)
+        body = {"prompt": "fits the second time", "seed": 8, "width": 64, "height": 64, "steps": 1}
+        fitted = await generate_with(server, body, {})
+        assert fitted.status_code == 200, fitted.text
+        assert png_size(fitted.content) == (64, 64)
+        job = (await server.client.get(f"/v1/jobs/{fitted.headers['x-job-id']}")).json()
+        assert (job["status"], job["attempts"]) == ("succeeded", 2)
+
+        short[0] = 2
+        key = {"Idempotency-Key": f"no-memory-{uuid.uuid4()}"}
+        failed = await generate_with(server, {**body, "prompt": "never fits"}, key)
+        assert (failed.status_code, failed.json()["code"]) == (503, "device_memory_unavailable"), failed.text
+        assert "ran out of memory" in failed.json()["message"]
+        assert int(failed.headers["retry-after"]) > 0
+        job_id = job_id_for_idempotency_key("image.generate", key["Idempotency-Key"])
+        job = (await server.client.get(f"/v1/jobs/{job_id}")).json()
+        assert (job["status"], job["error"]["code"], job["attempts"]) == ("failed", "device_memory_unavailable", 2)
+        again = await generate_with(server, {**body, "prompt": "never fits"}, key)
+        assert again.status_code == 200, again.text
+        assert again.headers["x-job-id"] == job_id
 
 
 async def generate_with(server, body: dict, headers: dict) -> httpx.Response:

@@ -6,6 +6,7 @@ import base64
 from urllib.parse import parse_qs, urlparse
 
 import pytest
+import torch
 
 from contract.messages import IMAGE_INDEX
 from tests.support.amqp import publish, wait_until
@@ -145,3 +146,16 @@ async def test_the_document_gives_each_filter_form_its_own_schema(server):
                 assert "oneOf" not in parameter["schema"], (method, path, parameter)
     body = document["components"]["schemas"]["SearchFilter"]["properties"]["source"]
     assert {choice["type"] for choice in body["oneOf"]} == {"string", "array", "null"}
+
+
+async def test_a_query_the_device_has_no_memory_for_is_a_503_with_retry_after(server, monkeypatch):
+    """The text tower running out of device memory is a dependency out of capacity, not a server bug."""
+
+    def no_memory(tokens: torch.Tensor) -> torch.Tensor:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
+
+    monkeypatch.setattr(server.services.queries._clip._model, "encode_text", no_memory)
+    response = await server.client.post("/v1/images/search", json={"query": "anything"})
+    assert (response.status_code, response.json()["code"]) == (503, "device_memory_unavailable"), response.text
+    assert "CLIP text tower ran out of memory" in response.json()["message"]
+    assert int(response.headers["retry-after"]) > 0
