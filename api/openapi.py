@@ -63,8 +63,8 @@ _STATUSES = {
     414: "The request target is longer than HTTP_MAX_REQUEST_LINE_BYTES",
     429: "RATE_LIMIT_PER_MINUTE reached; Retry-After says when to come back",
     431: "Too many headers, or too many header bytes (HTTP_MAX_HEADERS, HTTP_MAX_HEADER_BYTES)",
-    503: "A dependency (broker, storage, index) is unreachable, or the feature is off on this server; Retry-After "
-    "is set when waiting helps",
+    503: "A dependency (broker, storage, index, the model's device memory) is unavailable, or the feature is off on "
+    "this server; Retry-After is set when waiting helps",
 }
 # what any route can answer before its own code runs (Host check, request-head limits); guarded routes add
 # 401/403/429
