@@ -42,16 +42,25 @@ class Thumbnails:
             try:
                 original = await self._store.get(record.r2_key)
             except ObjectNotFoundError:
-                raise ApiError(
-                    404,
-                    "original_not_found",
-                    f"image {record.id} is indexed but its original {record.r2_key!r} is gone from the store, so "
-                    "no thumbnail can be made; delete the image, or put the original back",
-                ) from None
+                raise _original_gone(record) from None
             data = await asyncio.to_thread(thumbnail_from_bytes, original.data, self._max_pixels, self._max_side)
         try:
             await self._store.put(key, data, THUMBNAIL_CONTENT_TYPE, if_none_match=True)
         except PreconditionFailedError:
             return key, False  # another process made it meanwhile
+        if not await self._store.exists(record.r2_key):
+            # the image was deleted while its thumbnail was made: a delete removes the original before the
+            # thumbnail, so one written after the delete's removal of it would be left behind for good
+            await self._store.delete(key)
+            raise _original_gone(record)
         log.info("thumbnail_made", image_id=record.id, bytes=len(data))
         return key, True
+
+
+def _original_gone(record: ImageRecord) -> ApiError:
+    return ApiError(
+        404,
+        "original_not_found",
+        f"image {record.id} is indexed but its original {record.r2_key!r} is gone from the store, so no thumbnail "
+        "can be made; delete the image, or put the original back",
+    )

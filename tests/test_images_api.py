@@ -174,6 +174,26 @@ async def test_thumbnail_of_an_unknown_image_or_a_lost_original_is_a_404(server,
     assert created["r2_key"] in response.json()["message"]
 
 
+async def test_an_image_deleted_while_its_thumbnail_is_made_keeps_no_thumbnail(server, s3, monkeypatch):
+    """DELETE removes the original, the thumbnail, then the point; a thumbnail made from an original read just
+    before would be written after it all and never removed: it is removed again, and the request is a 404."""
+    created = (await upload(server.client, encoded(37, "PNG"), "going.png")).json()
+    await without_thumbnail(server, s3, created["id"])
+    store, real_get = server.services.store, server.services.store.get
+
+    async def get_then_delete(key: str, *args: object, **options: object) -> object:
+        found = await real_get(key, *args, **options)
+        if key == created["r2_key"]:
+            deleted = await server.client.delete(f"/v1/images/{created['id']}")
+            assert deleted.status_code == 204, deleted.text
+        return found
+
+    monkeypatch.setattr(store, "get", get_then_delete)
+    response = await server.client.get(f"/v1/images/{created['id']}/thumbnail")
+    assert (response.status_code, response.json()["code"]) == (404, "original_not_found"), response.text
+    assert thumbnail_key(created["id"]) not in s3.keys(server.bucket, "images/thumbs/")
+
+
 async def test_similar_ranks_other_images_and_leaves_the_image_out(server, uploaded):
     picture = Image.open(io.BytesIO(encoded(36, "PNG", (320, 240))))
     twin_bytes = io.BytesIO()
