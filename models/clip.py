@@ -149,8 +149,10 @@ class ClipEmbedder:
 
     def shrink(self, decoded: Sequence[torch.Tensor], sizes: Sequence[tuple[int, int]]) -> list[np.ndarray]:
         """Images `decode_jpegs` gave, scaled on the device to the (width, height) of each in `sizes`, as uint8 RGB
-        arrays (rows first) on the CPU: what their thumbnails are encoded from. Call from a worker thread."""
-        return self._jpeg_device().shrink(decoded, sizes)
+        arrays (rows first) on the CPU: what their thumbnails are encoded from. Call from a worker thread;
+        DeviceMemoryError when the device has no memory for it."""
+        scaler = self._jpeg_device()
+        return on_device("the thumbnail scaler", self.device, lambda: scaler.shrink(decoded, sizes))
 
     def _jpeg_device(self) -> DeviceInputs:
         if self._device_inputs is None or not self.decodes_jpeg:
