@@ -6,21 +6,26 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import uuid
 from pathlib import Path
 
+import msgspec
 import numpy as np
 import pytest
 
 from infra.settings import Settings
 from infra.startup import StartupError
 from infra.vectors import EmbeddingModelMismatchError, ImageRecord, IndexInUseError
-from infra.vectors.edge.client import EdgeIndex
+from infra.vectors.edge import protocol
+from infra.vectors.edge.client import EdgeIndex, upsert_operation
+from infra.vectors.edge.engine import Engine
 from infra.vectors.edge.layout import EngineLayout
 from infra.vectors.server import QdrantServerIndex
 from processor.runtime import Runtime
@@ -245,6 +250,94 @@ async def test_leftovers_of_an_interrupted_build_are_removed_at_start(tmp_path):
         assert list(layout.scratch.iterdir()) == []
     finally:
         await index.close()
+
+
+async def _engine(path: Path, records: list[ImageRecord], vectors: np.ndarray) -> Engine:
+    """An engine run in this process (so a test can step into it), holding these points."""
+    layout = EngineLayout.under(path, "images")
+    layout.root.mkdir(parents=True)
+    engine = Engine(layout, build_points=0)
+    engine.open()
+    await engine.handle(protocol.Create("model-a", DIM))
+    payloads = [msgspec.to_builtins(record) for record in records]
+    await engine.handle(upsert_operation([record.id for record in records], vectors, payloads))
+    return engine
+
+
+async def _wait_for_build(engine: Engine) -> None:
+    while engine.build is not None:
+        await asyncio.wait_for(engine.build.done.wait(), 60)
+
+
+async def test_a_stop_while_the_old_shard_is_removed_after_a_build_keeps_the_new_one(tmp_path, monkeypatch):
+    records, vectors = _points(300, seed=4)
+    engine = await _engine(tmp_path, records, vectors)
+    layout = engine.layout
+    old = layout.shard_path(layout.read_meta().shard)
+    loop = asyncio.get_running_loop()
+    removing = asyncio.Event()
+    release = threading.Event()
+    rmtree = shutil.rmtree
+
+    def slow_rmtree(path, *args, **kwargs):  # a large old shard: its removal takes a while
+        if Path(path) == old:
+            loop.call_soon_threadsafe(removing.set)
+            release.wait(60)
+        rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", slow_rmtree)
+    try:
+        await engine.handle(protocol.Build(False))
+        await asyncio.wait_for(removing.wait(), 60)
+        assert layout.read_meta().shard != old.name  # swapped in
+        await engine.close()  # the server stops meanwhile
+    finally:
+        release.set()
+
+    async def old_gone() -> bool:
+        return not old.exists()
+
+    await wait_until(old_gone, timeout=30)
+    live = layout.read_meta().shard
+    assert layout.shard_names() == [live]
+    reopened = await _open(tmp_path, build_points=0)
+    try:
+        assert await reopened.count() == 300
+        assert (await reopened.stats()).indexed_points == 300
+    finally:
+        await reopened.close()
+
+
+async def test_a_build_started_during_a_restore_does_not_take_the_restored_shard_s_name(tmp_path, monkeypatch):
+    records, vectors = _points(310, seed=5)
+    engine = await _engine(tmp_path, records[:300], vectors[:300])
+    try:
+        snapshot = await engine.handle(protocol.Snapshot())  # what `ams-ops index restore --force` installs
+        payloads = [msgspec.to_builtins(record) for record in records[300:]]
+        await engine.handle(upsert_operation([record.id for record in records[300:]], vectors[300:], payloads))
+        loop = asyncio.get_running_loop()
+        move = shutil.move
+
+        def move_while_a_build_starts(source, target):  # the engine's tick comes while the files move
+            asyncio.run_coroutine_threadsafe(engine.handle(protocol.Build(False)), loop).result(30)
+            return move(source, target)
+
+        monkeypatch.setattr(shutil, "move", move_while_a_build_starts)
+        await engine.handle(protocol.Install(snapshot["path"], "model-a", DIM, replace=True))
+        monkeypatch.setattr(shutil, "move", move)
+        await _wait_for_build(engine)
+        assert "error" not in engine.last_build
+        assert await engine.handle(protocol.Count()) == 300
+    finally:
+        await engine.close()
+    layout = EngineLayout.under(tmp_path, "images")
+    assert layout.shard_names() == [layout.read_meta().shard]
+    reopened = await _open(tmp_path, build_points=0)
+    try:
+        assert await reopened.count() == 300
+        assert (await reopened.stats()).indexed_points == 300
+    finally:
+        await reopened.close()
 
 
 async def _legacy_directory(path: Path, model_id: str, count: int) -> tuple[list[ImageRecord], np.ndarray]:

@@ -364,12 +364,16 @@ class Engine:
     async def _run_build(self, reason: str) -> None:
         if self.build is not None or self.meta is None:
             return
-        name = next_shard_name(self.meta.shard)
-        target = self.layout.shard_path(name)
-        build = _Build(name=name, reason=reason, started=time.monotonic(), points_at_start=0)
+        build = _Build(name="", reason=reason, started=time.monotonic(), points_at_start=0)
         self.build = build
+        target: Path | None = None
         try:
             async with self.write_lock:
+                # named under the lock: a restore that held it has made its shard live by now, and a build named
+                # before it would have taken that shard's name (copying the restored shard into itself, then
+                # removing it as a failed build's copy)
+                build.name = next_shard_name(self.meta.shard)
+                target = self.layout.shard_path(build.name)
                 await self._copy_live(target)
                 build.copy_seconds = time.monotonic() - build.started
                 build.points_at_start = self._live().count(CountRequest(exact=True))
@@ -392,10 +396,10 @@ class Engine:
             report = msgspec.json.decode(out.strip().splitlines()[-1])
             await self._swap_in(build, target, report)
         except asyncio.CancelledError:
-            shutil.rmtree(target, ignore_errors=True)
+            self._discard(target)
             raise
         except Exception as exc:
-            shutil.rmtree(target, ignore_errors=True)
+            self._discard(target)
             if build.cancelled:
                 log.info("index_build_cancelled", reason=reason)
                 return
@@ -407,27 +411,39 @@ class Engine:
             build.done.set()
         self._consider_build(idle=False)
 
+    def _discard(self, target: Path | None) -> None:
+        """Remove a build's copy, unless it is the live shard (swapped in before the build was stopped): a shard
+        that index.json names, on disk or in memory, is never removed (an unreadable index.json keeps it too)."""
+        if target is None or (self.meta is not None and self.meta.shard == target.name):
+            return
+        try:
+            meta = self.layout.read_meta()
+        except (OSError, msgspec.DecodeError):
+            log.warning("index_build_copy_kept", directory=target.name, reason="index.json unreadable")
+            return
+        if meta is None or meta.shard != target.name:
+            shutil.rmtree(target, ignore_errors=True)
+
     async def _swap_in(self, build: _Build, target: Path, report: dict[str, Any]) -> None:
         async with self.write_lock:
             paused = time.monotonic()
             built = load_shard(target)
+            assert self.meta is not None
+            swapped = msgspec.structs.replace(self.meta, shard=build.name)
             try:
                 for operation in build.oplog:
                     built.update(operation)
                 built.flush()
+                self.layout.write_meta(swapped)
             except BaseException:
                 built.close()
                 raise
-            assert self.meta is not None
             old_name, old_shard = self.meta.shard, self.shard
-            self.meta = msgspec.structs.replace(self.meta, shard=build.name)
-            self.layout.write_meta(self.meta)
-            self.shard = built
+            self.meta, self.shard = swapped, built
             if old_shard is not None:
                 old_shard.close()
             swap_seconds = time.monotonic() - paused
             info = built.info()
-        await asyncio.to_thread(shutil.rmtree, self.layout.shard_path(old_name), True)
         self.last_build = {
             "finished_at": _now(),
             "reason": build.reason,
@@ -440,6 +456,9 @@ class Engine:
             "replayed_writes": len(build.oplog),
         }
         log.info("index_build_finished", **self.last_build)
+        # last, and in a thread that finishes even when the engine is stopped meanwhile (asyncio.run waits for
+        # it); a directory left by a killed engine is not the one index.json names, so the next start removes it
+        await asyncio.to_thread(shutil.rmtree, self.layout.shard_path(old_name), True)
 
     async def _cancel_build(self) -> None:
         build = self.build
