@@ -861,3 +861,14 @@ def test_events_watch_keys_and_lines():
         "failed",
         "cancelled",
     ]
+
+
+@pytest.mark.parametrize("command", [["backup"], ["restore"], ["restore", "--force"]])
+def test_index_backup_and_restore_with_a_qdrant_server_exit_2_and_touch_nothing(make_env, command):
+    """A Qdrant server keeps its own data: refused before the server (here unreachable) or the embedded index's
+    path is looked at."""
+    env = make_env(QDRANT_URL=f"http://127.0.0.1:{free_port()}")
+    result = ams_ops(env, "index", *command)
+    assert result.exit_code == 2, result.output
+    assert result.stderr == "ams-ops: QDRANT_URL is set: the Qdrant server keeps its own data; use its snapshot API\n"
+    assert not Path(env["IMAGE_SEARCH_DB_PATH"]).exists()

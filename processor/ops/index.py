@@ -18,6 +18,7 @@ from infra.vectors import (
     IndexExistsError,
     IndexInUseError,
     IndexStats,
+    SnapshotsUnsupportedError,
     VectorIndex,
     VectorIndexUnavailableError,
     attach_index,
@@ -59,6 +60,12 @@ async def reach_index(settings: Settings, *, exclusive: bool = False) -> AsyncIt
         await index.close()
 
 
+def _refuse_a_qdrant_server(settings: Settings) -> None:
+    """Backups and restores are of the embedded index; a Qdrant server's are refused before anything is reached."""
+    if settings.qdrant_url:
+        raise SnapshotsUnsupportedError("QDRANT_URL is set: the Qdrant server keeps its own data; use its snapshot API")
+
+
 def _backups(settings: Settings, index: VectorIndex, store: ObjectStore) -> IndexBackups:
     return IndexBackups(
         index,
@@ -82,6 +89,7 @@ async def index_report(settings: Settings) -> IndexReport:
 
 
 async def backup_now(settings: Settings) -> BackupInfo:
+    _refuse_a_qdrant_server(settings)
     async with reach_index(settings) as (index, _attached), opened_store(settings) as store:
         if (await index.stats()).model_id is None:
             raise OperationFailedError("there is no index to back up yet")
@@ -92,6 +100,7 @@ async def backup_now(settings: Settings) -> BackupInfo:
 
 
 async def restore_backup(settings: Settings, key: str | None, *, replace: bool) -> RestoreReport:
+    _refuse_a_qdrant_server(settings)
     async with reach_index(settings, exclusive=True) as (index, _attached), opened_store(settings) as store:
         try:
             report = await _backups(settings, index, store).restore(key, replace=replace)
