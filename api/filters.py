@@ -11,11 +11,12 @@ import msgspec
 from litestar.params import Parameter
 
 from api.errors import ApiError
+from contract.messages import END
 from infra.vectors import ImageFilter
 
 MAX_VALUES = 20
-SOURCE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
-CONTENT_TYPE = re.compile(r"^[A-Za-z0-9!#$&^_.+-]{1,63}/[A-Za-z0-9!#$&^_.+-]{1,63}$")
+SOURCE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}" + END)
+CONTENT_TYPE = re.compile(r"^[A-Za-z0-9!#$&^_.+-]{1,63}/[A-Za-z0-9!#$&^_.+-]{1,63}" + END)
 
 SOURCE_DOC = "only images with this `source` (upload, bucket, backfill, or what an upstream message set); repeatable"
 CONTENT_TYPE_DOC = "only images of this detected content type, e.g. image/png; repeatable"

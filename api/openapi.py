@@ -42,7 +42,7 @@ from api.schemas import (
     VoiceJobRequest,
 )
 from contract.events import JobFinishedV1
-from contract.messages import MAX_REF_TEXT_CHARS, MAX_SEED, NON_BLANK, VOICE_LANGUAGES
+from contract.messages import END, MAX_REF_TEXT_CHARS, MAX_SEED, NON_BLANK, VOICE_LANGUAGES
 from infra.settings import Settings
 from infra.storage.local import MAX_SEGMENT_BYTES
 
@@ -135,7 +135,7 @@ def _key_rest(max_segment: int | None) -> str:
     limit is in bytes, which a pattern cannot count beyond ASCII)."""
     tail = "*" if max_segment is None else f"{{0,{max_segment - 1}}}"
     segment = rf"[^./\\\x00-\x1f\x7f][^/\\\x00-\x1f\x7f]{tail}"
-    return f"(?:{segment}/)*{segment}$"
+    return f"(?:{segment}/)*{segment}{END}"
 
 
 def _constraints(settings: Settings) -> dict[tuple[str, str], dict[str, Any]]:

@@ -46,11 +46,15 @@ VOICE_LANGUAGES = (
 
 MAX_SEED = 2**64 - 1
 
-UUID_PATTERN = r"^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}$"
+# the end of the text as both Python's re (msgspec checks a `pattern` with re.search, whose `$` also matches before a
+# final "\n") and JSON Schema's ECMAScript regexes read it: a pattern anchored with END takes no trailing newline
+END = r"(?!\n)$"
+
+UUID_PATTERN = r"^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}" + END
 MAX_FILENAME_CHARS = 255  # an uploaded image's file name, as kept in its record
 
 ImageId = Annotated[str, msgspec.Meta(pattern=UUID_PATTERN, description="a UUID")]
-Source = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]
+Source = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+" + END)]
 
 
 class ImageIndexV1(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

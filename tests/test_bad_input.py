@@ -192,6 +192,29 @@ async def test_bad_cursor(server):
     assert_error(response, 400, "invalid_cursor")
 
 
+@pytest.mark.parametrize(
+    ("path", "params", "body", "code"),
+    [
+        ("/v1/images", {"cursor": "1700000000000000\n"}, None, "invalid_cursor"),
+        ("/v1/images", {"source": "upload\n"}, None, "invalid_request"),
+        ("/v1/images", {"content_type": "image/png\n"}, None, "invalid_request"),
+        ("/v1/images/search", None, {"query": "cat", "filter": {"source": "upload\n"}}, "invalid_request"),
+        ("/v1/images/search", None, {"query": "cat", "filter": {"content_type": ["image/png\n"]}}, "invalid_request"),
+    ],
+)
+async def test_a_value_with_a_trailing_newline_is_a_400(server, path, params, body, code):
+    """Python's `$` also matches before a final newline: a cursor or filter value followed by "\\n" is refused as
+    a malformed one is, and the document's pattern for it refuses it too."""
+    if body is None:
+        response = await server.client.get(path, params=params)
+    else:
+        response = await server.client.post(path, json=body)
+    assert_error(response, 400, code)
+    document = (await server.client.get("/schema/openapi.json")).json()
+    source = document["components"]["schemas"]["SearchFilter"]["properties"]["source"]["pattern"]
+    assert re.search(source, "upload") and not re.search(source, "upload\n")
+
+
 async def test_bad_limit_on_listing(server):
     assert_error(await server.client.get("/v1/images", params={"limit": 0}), 400)
     assert_error(await server.client.get("/v1/images", params={"limit": "ten"}), 400)

@@ -2,20 +2,31 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import uuid
 from pathlib import Path
 
 import httpx
+import jsonschema
 import pytest
 
 from contract.callbacks import JOB_CALLBACK
 from contract.events import JOB_FINISHED
 from contract.image_ids import image_id_for_key
-from contract.messages import IMAGE_DELETE, IMAGE_EMBED, IMAGE_GENERATE, IMAGE_INDEX, VOICE_GENERATE
+from contract.messages import (
+    END,
+    IMAGE_DELETE,
+    IMAGE_EMBED,
+    IMAGE_GENERATE,
+    IMAGE_INDEX,
+    VOICE_GENERATE,
+    ContractError,
+    decode_job,
+)
 from contract.schemas import schema_files, stale_files
-from tests.support.amqp import drain, next_reply, publish, wait_until
+from tests.support.amqp import drain, next_reply, publish, publish_many, wait_until
 from tests.support.audio import speech_clip
 from tests.support.images import encoded
 from tests.support.server import running_server
@@ -39,6 +50,51 @@ def test_committed_schemas_match_the_structs():
 def test_every_job_type_has_a_documented_example():
     kinds = {kind for kind, _ in documented_examples()}
     assert kinds == {IMAGE_INDEX, IMAGE_GENERATE, VOICE_GENERATE, IMAGE_DELETE, "bucket.event"}
+
+
+_IMAGE_ID = "0d8f0b8e-5b5e-4a4e-9a43-2c6f8e1c7b21"
+_KEY = "images/incoming/a.png"
+
+
+def _patterns(schema: object) -> list[str]:
+    """Every `pattern` anywhere in a JSON Schema."""
+    if isinstance(schema, dict):
+        found = [schema["pattern"]] if isinstance(schema.get("pattern"), str) else []
+        return found + [pattern for value in schema.values() for pattern in _patterns(value)]
+    if isinstance(schema, list):
+        return [pattern for value in schema for pattern in _patterns(value)]
+    return []
+
+
+@pytest.mark.parametrize(
+    ("kind", "body"),
+    [
+        (IMAGE_INDEX, {"image_id": _IMAGE_ID + "\n", "key": _KEY}),
+        (IMAGE_INDEX, {"key": _KEY, "source": "crm-sync\n"}),
+        (IMAGE_DELETE, {"image_id": _IMAGE_ID + "\n"}),
+    ],
+)
+def test_a_value_with_a_trailing_newline_is_a_schema_violation(kind, body):
+    """msgspec checks a `pattern` with Python's re.search, whose `$` also matches before a final newline: a UUID or a
+    source followed by "\n" must break the contract (and its committed JSON Schema) all the same."""
+    schema = jsonschema.Draft202012Validator(json.loads(schema_files()[f"{kind}.v1.json"]))
+    with pytest.raises(ContractError) as refused:
+        decode_job(kind, "application/json", json.dumps(body).encode())
+    assert refused.value.code == "schema_violation"
+    assert not schema.is_valid(body)
+    trimmed = {name: value.rstrip("\n") for name, value in body.items()}
+    decode_job(kind, "application/json", json.dumps(trimmed).encode())
+    assert schema.is_valid(trimmed)
+
+
+def test_every_pattern_of_the_contract_that_ends_the_text_ends_it_in_python_too():
+    """A pattern anchored with a bare `$` takes a trailing newline in Python (msgspec, jsonschema), not in
+    JSON Schema's ECMAScript: each one the Structs have ends with END, which both read as the end of the text."""
+    patterns = [pattern for text in schema_files().values() for pattern in _patterns(json.loads(text))]
+    anchored = [pattern for pattern in patterns if pattern.endswith("$")]
+    assert anchored, patterns
+    for pattern in anchored:
+        assert pattern.endswith(END), pattern
 
 
 @pytest.fixture(scope="module")
@@ -263,6 +319,28 @@ async def test_a_malformed_event_is_dead_lettered_with_its_reason(server):
     assert dead.headers["x-ams-routing-key"] == "bucket.event"
     assert dead.type == "bucket.event"
     uuid.UUID(dead.message_id)
+
+
+async def test_a_uuid_with_a_trailing_newline_is_dead_lettered_alone(server):
+    """An image.index whose image_id ends in "\\n", published with a backlog of good ones (so batched with them): it
+    alone is dead-lettered, as a schema_violation, and the good ones are indexed."""
+    await _dead_letters(server)
+    data = base64.b64encode(encoded(4100, "PNG")).decode()
+    bad_id = str(uuid.uuid4())
+    bodies: list[dict] = [{"data": data} for _ in range(12)]
+    bodies.insert(6, {"image_id": bad_id + "\n", "data": data})
+    ids = await publish_many(server.services.settings.amqp_url, IMAGE_INDEX, bodies)
+    good = ids[:6] + ids[7:]
+
+    async def all_indexed() -> bool:
+        return len(await server.services.index.get_many(good)) == len(good)
+
+    await wait_until(lambda: _dead_count(server, 1), timeout=30)
+    await wait_until(all_indexed, timeout=30)
+    [dead] = await _dead_letters(server)
+    assert (dead.message_id, dead.headers["x-ams-reason-code"]) == (ids[6], "schema_violation")
+    assert "image_id" in dead.headers["x-ams-reason"]
+    assert await server.services.index.get(bad_id) is None
 
 
 async def _dead_count(server, count: int) -> bool:

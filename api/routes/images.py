@@ -39,11 +39,11 @@ from api.urls import base_url, image_file_url, image_thumbnail_url
 from contract.image_ids import thumbnail_key
 from contract.imaging import check_image
 from contract.jobs import job_id_for_idempotency_key
-from contract.messages import IMAGE_INDEX, MAX_FILENAME_CHARS, ImageIndexV1
+from contract.messages import END, IMAGE_INDEX, MAX_FILENAME_CHARS, ImageIndexV1
 from infra.vectors import ImageRecord, VectorIndex
 
 # a page cursor: the creation time (microseconds since the epoch) that the next page starts before
-_CURSOR = re.compile(r"^[0-9]{1,18}$")
+_CURSOR = re.compile(r"^[0-9]{1,18}" + END)
 
 
 def require_index(services: Services) -> VectorIndex:
