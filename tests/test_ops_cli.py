@@ -6,9 +6,13 @@ import asyncio
 import datetime as dt
 import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
+import tempfile
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import aio_pika
@@ -23,6 +27,7 @@ from contract.jobs import WITHDRAWN, JobRecord, JobStore
 from infra.broker import EVENTS_EXCHANGE
 from infra.settings import Settings
 from infra.storage.local import LocalStore
+from infra.vectors.edge.layout import EngineLayout
 from processor.announcer import OWED_PREFIX
 from processor.ops.__main__ import cli
 from processor.ops.backfill import plan_backfill
@@ -872,3 +877,58 @@ def test_index_backup_and_restore_with_a_qdrant_server_exit_2_and_touch_nothing(
     assert result.exit_code == 2, result.output
     assert result.stderr == "ams-ops: QDRANT_URL is set: the Qdrant server keeps its own data; use its snapshot API\n"
     assert not Path(env["IMAGE_SEARCH_DB_PATH"]).exists()
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A directory short enough for its engine's socket to lie in it (pytest's tmp_path is too long: the socket of
+    an index there is put in the temp dir)."""
+    path = Path(tempfile.mkdtemp(prefix="ams-ops-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.mark.parametrize("command", [["stats"], ["backup"], ["restore"], ["build"]])
+def test_index_with_a_database_path_that_is_a_file_fails_with_one_line(make_env, short_tmp, command):
+    path = short_tmp / "image_search.db"
+    path.write_text("not a directory")
+    env = make_env(IMAGE_SEARCH_DB_PATH=str(path))
+    socket_path = EngineLayout.under(path, "images").socket_path
+    assert socket_path.is_relative_to(path)
+    result = ams_ops(env, "index", *command)
+    assert result.exit_code == 1, result.output
+    assert result.stderr == (
+        f"ams-ops: cannot reach the image index: its engine's socket {socket_path} "
+        f"(IMAGE_SEARCH_DB_PATH={path}): Not a directory\n"
+    )
+
+
+def test_index_with_an_engine_socket_it_may_not_open_fails_with_one_line(make_env, short_tmp):
+    """The running server's engine socket is its user's alone (0600): an operator who is someone else is told which
+    socket, and why, in one line. Run as root, the command runs without root's power to open any file."""
+    path = short_tmp / "image_search.db"
+    env = make_env(IMAGE_SEARCH_DB_PATH=str(path))
+    socket_path = EngineLayout.under(path, "images").socket_path
+    socket_path.parent.mkdir(parents=True)
+    without_privileges: list[str] = []
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("run as root without setpriv (util-linux) to drop root's capabilities")
+        without_privileges = ["setpriv", "--inh-caps=-all", "--bounding-set=-all"]
+    with socket.socket(socket.AF_UNIX) as engine:
+        engine.bind(str(socket_path))
+        engine.listen()
+        socket_path.chmod(0)
+        result = subprocess.run(
+            [*without_privileges, sys.executable, "-m", "processor.ops", "index", "stats"],
+            env={**os.environ, **env},
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 1, result.stderr
+    assert result.stderr == (
+        f"ams-ops: cannot reach the image index: its engine's socket {socket_path} "
+        f"(IMAGE_SEARCH_DB_PATH={path}): Permission denied\n"
+    )

@@ -25,6 +25,7 @@ from infra.vectors import (
     open_index,
 )
 from infra.vectors.backup import BackupInfo, IndexBackupError, IndexBackups, RestoreReport
+from infra.vectors.edge.layout import EngineLayout
 from processor.ops.errors import OperationFailedError
 from processor.ops.stores import opened_store
 
@@ -52,12 +53,23 @@ async def reach_index(settings: Settings, *, exclusive: bool = False) -> AsyncIt
             index = await open_index(settings)
     except (VectorIndexUnavailableError, IndexInUseError) as exc:
         raise OperationFailedError(f"cannot reach the image index: {exc}") from None
+    except OSError as exc:  # not the engine's answer: its socket is another user's, or the path is not a directory
+        why = f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror or str(exc)
+        raise OperationFailedError(f"cannot reach the image index: {_where(settings)}: {why}") from None
     try:
         yield index, attached
     except VectorIndexUnavailableError as exc:
         raise OperationFailedError(f"the image index failed: {exc}") from None
     finally:
         await index.close()
+
+
+def _where(settings: Settings) -> str:
+    """Where the index is reached, for an error message."""
+    if settings.qdrant_url:
+        return f"the Qdrant server at {settings.qdrant_url} (QDRANT_URL)"
+    socket_path = EngineLayout.under(settings.image_search_db_path, settings.qdrant_collection).socket_path
+    return f"its engine's socket {socket_path} (IMAGE_SEARCH_DB_PATH={settings.image_search_db_path})"
 
 
 def _refuse_a_qdrant_server(settings: Settings) -> None:
