@@ -137,8 +137,10 @@ async def open_image_index(
         )
     backups = None if attach else automatic_backups(settings, index, store, model_id)
     try:
-        if backups is not None and index.fresh:
-            await backups.restore()
+        if backups is not None:
+            await backups.assume_saved()
+            if index.fresh:
+                await backups.restore()
         await index.ensure_collection(model_id, dim)
     except BaseException as exc:
         await index.close()

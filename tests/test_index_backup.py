@@ -24,6 +24,7 @@ from infra.settings import Settings
 from infra.startup import StartupError
 from infra.storage import StorageUnavailableError
 from infra.storage.s3 import S3Store
+from infra.vectors import attach_index
 from infra.vectors.backup import IndexBackups
 from infra.vectors.edge.layout import EngineLayout
 from models.tiny import clip as tiny_clip
@@ -104,6 +105,36 @@ async def test_an_existing_index_is_not_replaced_by_a_backup(env, s3):
     assert len(_backups(s3, env["R2_BUCKET_NAME"])) == 2
 
 
+async def test_a_delete_made_by_an_api_attached_to_the_processor_s_index_is_backed_up(env, s3):
+    """Split mode: the processor owns the index and backs it up, `python -m api` deletes through the engine it
+    attaches to. The backup at stop holds the delete: a restore does not bring the image back."""
+    first = await Runtime.open(Settings.from_env(env))
+    ids = await _index(first, range(3))
+    await first.close()
+    [taken] = _backups(s3, env["R2_BUCKET_NAME"])
+
+    processor = await Runtime.open(Settings.from_env(env))
+    try:
+        api = await attach_index(Settings.from_env(env))
+        assert api is not None
+        try:
+            await api.delete(ids[0])  # DELETE /v1/images/{id}
+        finally:
+            await api.close()
+    finally:
+        await processor.close()
+    [_, newest] = _backups(s3, env["R2_BUCKET_NAME"])
+    assert newest > taken
+
+    shutil.rmtree(env["IMAGE_SEARCH_DB_PATH"])
+    restored = await Runtime.open(Settings.from_env(env))
+    try:
+        assert await restored.index.count() == 2
+        assert await restored.index.get(ids[0]) is None
+    finally:
+        await restored.close()
+
+
 async def test_generations_rotate(make_env, s3):
     env = make_env(r2_bucket=s3.new_bucket(), endpoint=s3.endpoint, IMAGE_SEARCH_DB_BACKUP_GENERATIONS="2")
     runtime = await Runtime.open(Settings.from_env(env))
@@ -115,7 +146,7 @@ async def test_generations_rotate(make_env, s3):
             saved.append((await backups.save()).key)
         assert _backups(s3, env["R2_BUCKET_NAME"]) == saved[1:]
         assert [backup.key for backup in await backups.list()] == saved[:0:-1]
-        assert not backups.changed
+        assert not await backups.changed()
     finally:
         await runtime.close()
 

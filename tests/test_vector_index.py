@@ -188,3 +188,40 @@ async def test_stats(index):
     assert stats.model_id == "model-a"
     assert stats.dim == DIM
     assert stats.engine in {"qdrant-edge", "qdrant-client-local"}
+
+
+async def test_the_revision_changes_with_every_write_and_only_then(index):
+    first = await index.revision()
+    image = record(1)
+    await index.upsert([(image, unit(1))])
+    upserted = await index.revision()
+    assert upserted != first
+    await index.search(unit(1), 1)
+    await index.get(image.id)
+    await index.count()
+    await index.stats()
+    assert await index.revision() == upserted
+    await index.delete(image.id)
+    assert await index.revision() not in {first, upserted}
+
+
+async def test_the_embedded_revision_counts_the_writes_of_attached_processes(tmp_path):
+    """What the processor's backups compare: an API attached to its engine writes too (DELETE /v1/images/{id})."""
+    owner = await EdgeIndex.open(tmp_path / "db", "images", build_points=0, log_format="console")
+    try:
+        await owner.ensure_collection("model-a", DIM)
+        api = await EdgeIndex.attach(tmp_path / "db", "images")
+        assert api is not None
+        try:
+            image = record(1)
+            before = await owner.revision()
+            await api.upsert([(image, unit(1))])
+            upserted = await owner.revision()
+            assert upserted != before
+            await api.delete(image.id)
+            assert await owner.revision() not in {before, upserted}
+            assert await api.revision() == await owner.revision()
+        finally:
+            await api.close()
+    finally:
+        await owner.close()

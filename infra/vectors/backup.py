@@ -204,11 +204,17 @@ class IndexBackups:
         self._generations = generations
         self._model_id = model_id
         self._pattern = re.compile(rf"^{re.escape(key)}\.(\d{{8}}T\d{{12}}Z)\.tar\.gz$")
-        self.saved_revision = index.revision
+        self._saved_revision: str | None = None
 
-    @property
-    def changed(self) -> bool:
-        return self._index.revision != self.saved_revision
+    async def changed(self) -> bool:
+        """Whether the index changed (through any process using it) since the last backup or restore, or since
+        `assume_saved`; True before any of them."""
+        return await self._index.revision() != self._saved_revision
+
+    async def assume_saved(self) -> None:
+        """Count the index as it is now as backed up: at start-up, an index that was backed up when it last
+        stopped."""
+        self._saved_revision = await self._index.revision()
 
     async def list(self) -> list[BackupInfo]:
         """Newest first; a backup in the old format (if any) last."""
@@ -225,7 +231,7 @@ class IndexBackups:
 
     async def save(self) -> BackupInfo:
         """Back the index up now; then keep only the newest generations."""
-        revision = self._index.revision
+        revision = await self._index.revision()
         snapshot = await self._index.snapshot()
         archive = Path(f"{snapshot.path}.tar.gz")
         try:
@@ -237,7 +243,7 @@ class IndexBackups:
         finally:
             await asyncio.to_thread(shutil.rmtree, snapshot.path, True)
             await asyncio.to_thread(archive.unlink, True)
-        self.saved_revision = revision
+        self._saved_revision = revision
         log.info(
             "index_backed_up",
             key=key,
@@ -284,7 +290,7 @@ class IndexBackups:
             )
             raise IndexBackupError(f"{exc}{hint}") from exc
         log.info("index_restored", key=report.key, points=report.points, model=report.model_id)
-        self.saved_revision = self._index.revision
+        self._saved_revision = await self._index.revision()
         return report
 
     def _check_model(self, key: str, model_id: str) -> None:
@@ -364,9 +370,9 @@ class BackupSchedule:
             await self._save_if_changed()
 
     async def _save_if_changed(self) -> None:
-        if not self._backups.changed:
-            return
         try:
+            if not await self._backups.changed():
+                return
             await self._backups.save()
         except Exception:
             log.exception("index_backup_failed", key=self._backups.key)

@@ -118,10 +118,13 @@ class VectorIndex(abc.ABC):
         """True when this index had no data at all when opened (a restore from backup may fill it)."""
         return False
 
-    @property
     @abc.abstractmethod
-    def revision(self) -> int:
-        """A number that changes with every write made through this object."""
+    async def revision(self) -> str:
+        """A value that changes with every write to the index (what backups compare to know whether it changed).
+
+        The embedded engine counts the writes of every process attached to it (an API beside the processor that
+        owns it included), and gives a new value once it restarted; a Qdrant server's index counts the writes made
+        through this object (the server keeps and backs up its own data)."""
 
     @abc.abstractmethod
     async def ensure_collection(self, model_id: str, dim: int) -> None:

@@ -94,9 +94,8 @@ class QdrantServerIndex(VectorIndex):
         index.engine = "qdrant-client-local"
         return index
 
-    @property
-    def revision(self) -> int:
-        return self._revision
+    async def revision(self) -> str:
+        return str(self._revision)
 
     @_translated
     async def ensure_collection(self, model_id: str, dim: int) -> None:

@@ -85,7 +85,6 @@ class EdgeIndex(VectorIndex):
         self._start_lock = asyncio.Lock()
         self._pending: dict[int, asyncio.Future[p.Reply]] = {}
         self._ids = itertools.count(1)
-        self._revision = 0
         self._fresh = False
         self._closed = False
         self._last_start = 0.0
@@ -258,9 +257,10 @@ class EdgeIndex(VectorIndex):
     def fresh(self) -> bool:
         return self._fresh
 
-    @property
-    def revision(self) -> int:
-        return self._revision
+    async def revision(self) -> str:
+        """The engine's own count of writes (by any client), with the identity of the engine process."""
+        described = await self._call(p.Describe())
+        return f"{described['engine_id']}:{described['revision']}"
 
     async def ensure_collection(self, model_id: str, dim: int) -> None:
         legacy = LegacyLocalMode.find(self._db_path, self._collection)
@@ -282,7 +282,6 @@ class EdgeIndex(VectorIndex):
 
             await import_legacy(legacy, model_id, dim, create=create, sink=sink)
             await self._call(p.MarkMigrated(str(legacy.db_path)), WRITE_TIMEOUT_SECONDS)
-            self._revision += 1
         moved_to = await asyncio.to_thread(legacy.move_aside)
         log.info("index_migration_finished", old_files=str(moved_to))
 
@@ -293,7 +292,6 @@ class EdgeIndex(VectorIndex):
             [msgspec.to_builtins(record) for record, _ in items],
         )
         await self._call(operation, WRITE_TIMEOUT_SECONDS)
-        self._revision += 1
 
     async def search(
         self, vector: Sequence[float], limit: int, image_filter: ImageFilter | None = None
@@ -311,7 +309,6 @@ class EdgeIndex(VectorIndex):
 
     async def delete(self, image_id: str) -> None:
         await self._call(p.Delete([image_id]), WRITE_TIMEOUT_SECONDS)
-        self._revision += 1
 
     async def newest(
         self, limit: int, before_us: int | None = None, image_filter: ImageFilter | None = None
@@ -352,7 +349,6 @@ class EdgeIndex(VectorIndex):
     async def install(self, source: Path, *, model_id: str, dim: int, replace: bool = False) -> None:
         await self._call(p.Install(str(source), model_id, dim, replace), LONG_TIMEOUT_SECONDS)
         self._fresh = False
-        self._revision += 1
 
     async def close(self) -> None:
         if self._closed:

@@ -87,7 +87,8 @@ class Engine:
         self.write_lock = asyncio.Lock()
         self.build: _Build | None = None
         self.last_build: dict[str, Any] | None = None
-        self.revision = 0
+        self.revision = 0  # every write, by any client; with engine_id, tells a backup whether the index changed
+        self.engine_id = uuid.uuid4().hex  # a restarted engine counts from 0 again
         self.last_write = time.monotonic()
         self.last_flush = time.monotonic()
         self.unflushed = False
@@ -233,6 +234,7 @@ class Engine:
             "building": self.build is not None,
             "last_build": self.last_build,
             "revision": self.revision,
+            "engine_id": self.engine_id,
             "build_points": self.build_points,
         }
 
