@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 _ORIENTATION = 0x0112  # the EXIF tag
@@ -22,6 +23,10 @@ _UPRIGHT = {
     7: Image.Transpose.TRANSVERSE,
     8: Image.Transpose.ROTATE_90,
 }
+
+# Pillow's modes of greyscale with more than 8 bits a sample, which its convert("RGB") clips at 255
+_SIXTEEN_BIT = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
+_HIGH_BIT_DEPTH = _SIXTEEN_BIT | {"I", "F"}
 
 # format name (Pillow) -> (content type, file extension)
 FORMATS: dict[str, tuple[str, str]] = {
@@ -148,14 +153,16 @@ def decode_image(
     With `min_side` (and/or `min_longest`), a JPEG is decoded at the smallest of its DCT scales (1/2, 1/4, 1/8)
     that keeps both sides at `min_side` or more and the longest side at `min_longest` or more (never upsampled),
     which is what an embedding or a thumbnail needs and several times cheaper; width and height still describe the
-    original. The image is RGB, or RGBA with `keep_alpha` when it has transparency."""
+    original. The image is RGB, or RGBA with `keep_alpha` when it has transparency; greyscale of more than 8 bits a
+    sample (16-bit, 32-bit integer, float) is scaled to 8 bits on the way, as `_eight_bit` says, not clipped."""
     with _opened(data, max_pixels) as (opened, fmt):
         width, height = opened.size
         if (min_side is not None or min_longest is not None) and fmt == "JPEG":
             opened.draft("RGB", draft_request(width, height, min_side or 1, min_longest or 1))
         opened.load()
         alpha = keep_alpha and opened.has_transparency_data
-        image = _upright(opened).convert("RGBA" if alpha else "RGB")
+        image = _eight_bit(_upright(opened), opened.info.get("transparency") if alpha else None)
+        image = image.convert("RGBA" if alpha else "RGB")
     content_type, extension = FORMATS[fmt]
     return DecodedImage(
         image=image,
@@ -165,6 +172,51 @@ def decode_image(
         height=height,
         size=len(data),
     )
+
+
+def _eight_bit(image: Image.Image, transparent: object = None) -> Image.Image:
+    """A greyscale image of more than 8 bits a sample as 8-bit greyscale (L), its values scaled where Pillow's
+    convert would clip them at 255 (a 16-bit image came out nearly white, a float one in 0..1 black); any other
+    image as it is.
+
+    - 16-bit (I;16, I;16B, ...): the top 8 bits of each value.
+    - I (32-bit signed): the same when every value is within 0..65535 (a 16-bit image held in 32 bits); otherwise
+      its own minimum..maximum stretched over 0..255.
+    - F (float): 0..1 onto 0..255 when every finite value is within 0..1; otherwise its own finite minimum..maximum
+      stretched over 0..255. Not-a-number comes out as the low end, an infinity as the nearer end.
+
+    A flat image outside those ranges comes out black. With `transparent` (the transparent value a PNG's tRNS gives,
+    an int), the result is LA, the pixels of that value transparent."""
+    if image.mode not in _HIGH_BIT_DEPTH:
+        return image
+    values = np.asarray(image)
+    sixteen = image.mode in _SIXTEEN_BIT or (image.mode == "I" and values.min() >= 0 and values.max() <= 0xFFFF)
+    if sixteen:
+        grey = (values.astype(np.uint16) >> 8).astype(np.uint8)
+    else:
+        grey = _stretched(values.astype(np.float32), nominal=(0.0, 1.0) if image.mode == "F" else None)
+    if not isinstance(transparent, int):
+        return Image.fromarray(grey, "L")
+    alpha = np.where(values == transparent, 0, 255).astype(np.uint8)
+    return Image.fromarray(np.dstack((grey, alpha)), "LA")
+
+
+def _stretched(values: np.ndarray, nominal: tuple[float, float] | None) -> np.ndarray:
+    """Float `values` (changed in place) mapped linearly onto 0..255 as uint8: from `nominal` when every finite value
+    is within it, else from their own finite minimum..maximum; not-a-number as the low end, an infinity as the
+    nearer end; all 0 when that range is empty."""
+    finite = np.isfinite(values)
+    low = float(values.min(initial=np.inf, where=finite))
+    high = float(values.max(initial=-np.inf, where=finite))
+    if nominal is not None and nominal[0] <= low and high <= nominal[1]:
+        low, high = nominal
+    if not high > low:
+        return np.zeros(values.shape, np.uint8)
+    np.nan_to_num(values, copy=False, nan=low, posinf=high, neginf=low)
+    np.clip(values, low, high, out=values)
+    values -= low
+    values *= 255.0 / (high - low)
+    return np.rint(values, out=values).astype(np.uint8)
 
 
 def _upright(image: Image.Image) -> Image.Image:

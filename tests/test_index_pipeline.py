@@ -11,6 +11,7 @@ import io
 import threading
 import uuid
 
+import numpy as np
 import open_clip
 import pytest
 import torch
@@ -154,20 +155,24 @@ async def test_a_batch_that_asked_the_index_before_another_wrote_asks_again(part
     assert await parts[1].count() == 10
 
 
-async def test_with_jpegs_decoded_on_the_device_a_broken_one_fails_alone(parts, model_cache):
+def device_embedder(model_cache) -> ClipEmbedder:
+    """The tiny CLIP set up as on CUDA (inputs made and JPEGs decoded on the device), here on the CPU."""
     folder = tiny_clip.ensure(model_cache)
     model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{folder}", pretrained=None)
-    cpu = torch.device("cpu")
-    on_device = ClipEmbedder(
+    return ClipEmbedder(
         model.eval(),
         preprocess,
         None,
         tiny_clip.MODEL_ID,
-        cpu,
+        torch.device("cpu"),
         image_tower=True,
         inputs_on_device=True,
         jpeg_on_device=True,
     )
+
+
+async def test_with_jpegs_decoded_on_the_device_a_broken_one_fails_alone(parts, model_cache):
+    on_device = device_embedder(model_cache)
     batch = [index_job(encoded(500 + n, "JPEG", size=(640, 480))) for n in range(6)]
     broken = index_job(encoded(600, "JPEG", size=(640, 480))[:1500])
     refused_by_device = batch[4].payload.data
@@ -200,6 +205,26 @@ async def test_with_jpegs_decoded_on_the_device_a_broken_one_fails_alone(parts, 
         stored = await parts[0].get(thumbnail_key(outcome.result["id"]))
         with Image.open(io.BytesIO(stored.data)) as thumbnail:
             assert (thumbnail.format, thumbnail.size) == ("WEBP", (384, 288))
+
+
+@pytest.mark.parametrize("path", ["cpu", "device"])
+async def test_a_16_bit_greyscale_image_is_indexed_as_its_8_bit_twin(parts, model_cache, path):
+    """A 16-bit greyscale PNG (Pillow's I;16) gets the vector and the thumbnail of the same picture in 8 bits, with
+    the inputs made on the CPU or on the device (DeviceInputs.pixels): Pillow's convert alone clipped it to white."""
+    picture = np.asarray(Image.open(io.BytesIO(encoded(700, "PNG", size=(320, 240)))).convert("L"))
+    sixteen, eight = io.BytesIO(), io.BytesIO()
+    Image.fromarray(picture.astype(np.uint16) * 257).save(sixteen, format="PNG")
+    Image.fromarray(picture).save(eight, format="PNG")
+    embedder = device_embedder(model_cache) if path == "device" else None
+    outcomes = await handler(parts, embedder=embedder).handle(
+        [index_job(sixteen.getvalue()), index_job(eight.getvalue())]
+    )
+    assert all(isinstance(outcome, Succeeded) for outcome in outcomes), outcomes
+    ids = [outcome.result["id"] for outcome in outcomes]
+    vectors = [np.array(await parts[1].vector(image_id)) for image_id in ids]
+    assert np.allclose(vectors[0], vectors[1], atol=1e-5)
+    thumbnails = [(await parts[0].get(thumbnail_key(image_id))).data for image_id in ids]
+    assert thumbnails[0] == thumbnails[1]
 
 
 async def test_an_object_larger_than_the_limit_is_refused_without_being_read_whole(parts, monkeypatch):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import uuid
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -63,6 +64,49 @@ def test_a_jpeg_is_decoded_at_the_smallest_scale_that_keeps_the_longest_side():
     assert decode_image(photo, MAX_PIXELS, min_side=256, min_longest=SIDE).image.size == (500, 375)
     assert decode_image(photo, MAX_PIXELS, min_side=256, min_longest=1001).image.size == (2000, 1500)
     assert opened(thumbnail_from_bytes(photo, MAX_PIXELS, SIDE)).size == (384, 288)
+
+
+# the 8-bit picture each high-bit-depth image below holds: black to white, left to right
+GRADIENT = np.tile(np.arange(256, dtype=np.uint8), (32, 1))
+
+
+def saved(image: Image.Image, fmt: str, **options: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        saved(Image.fromarray(GRADIENT.astype(np.uint16) * 257), "PNG"),
+        saved(Image.fromarray(GRADIENT.astype(np.uint16) * 257), "TIFF"),
+        saved(Image.fromarray((GRADIENT.astype(np.uint16) * 257).astype(">u2")), "TIFF"),
+        saved(Image.fromarray(GRADIENT.astype(np.int32) * 257), "TIFF"),
+        saved(Image.fromarray(GRADIENT.astype(np.int32) * 1000 - 100_000), "TIFF"),
+        saved(Image.fromarray(GRADIENT.astype(np.float32) / 255), "TIFF"),
+        saved(Image.fromarray(GRADIENT.astype(np.float32) * 4 - 300), "TIFF"),
+    ],
+    ids=["png-I;16", "tiff-I;16", "tiff-I;16B", "tiff-I-16-bit-values", "tiff-I-signed", "tiff-F-0..1", "tiff-F-any"],
+)
+def test_a_high_bit_depth_greyscale_image_is_scaled_to_8_bits_not_clipped(data):
+    """Pillow's convert clips 16-bit, 32-bit and float samples at 255: a 16-bit image came out nearly white, a float
+    one in 0..1 black, and so did its thumbnail and its vector. They are scaled to 8 bits first."""
+    assert Image.open(io.BytesIO(data)).mode in ("I;16", "I;16B", "I", "F")
+    pixels = np.asarray(decode_image(data, MAX_PIXELS).image)
+    assert pixels.shape == (*GRADIENT.shape, 3)
+    assert np.abs(pixels.astype(int) - GRADIENT[..., None]).max() <= 1
+    thumbnail = np.asarray(opened(thumbnail_from_bytes(data, MAX_PIXELS, SIDE)).convert("L"), dtype=float)
+    twin = np.asarray(opened(thumbnail_from_bytes(saved(Image.fromarray(GRADIENT), "PNG"), MAX_PIXELS, SIDE)))
+    assert np.abs(thumbnail - np.asarray(Image.fromarray(twin).convert("L"), dtype=float)).mean() < 2
+
+
+def test_the_transparent_value_of_a_16_bit_greyscale_image_stays_transparent():
+    data = saved(Image.fromarray(GRADIENT.astype(np.uint16) * 257), "PNG", transparency=100 * 257)
+    pixels = np.asarray(decode_image(data, MAX_PIXELS, keep_alpha=True).image)
+    assert pixels.shape == (*GRADIENT.shape, 4)
+    assert (pixels[..., 3] == np.where(GRADIENT == 100, 0, 255)).all()
+    assert np.abs(pixels[..., 0].astype(int) - GRADIENT).max() <= 1
 
 
 @pytest.fixture(scope="module")
