@@ -23,6 +23,7 @@ _UPRIGHT = {
     7: Image.Transpose.TRANSVERSE,
     8: Image.Transpose.ROTATE_90,
 }
+_TURNED = frozenset({5, 6, 7, 8})  # the orientations whose transpose swaps width and height
 
 # Pillow's modes of greyscale with more than 8 bits a sample, which its convert("RGB") clips at 255
 _SIXTEEN_BIT = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
@@ -50,7 +51,8 @@ class InvalidImageError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class ImageInfo:
-    """What an image is, from its header, checked as `decode_image` checks it."""
+    """What an image is, from its header, checked as `decode_image` checks it. `width` and `height` are the size it
+    is shown at: its EXIF orientation applied (the stored raster's sides swapped for orientations 5 to 8)."""
 
     content_type: str
     extension: str
@@ -134,11 +136,22 @@ def check_image(data: bytes, max_pixels: int) -> ImageInfo:
 
 
 def _header_info(opened: Image.Image, fmt: str, size: int) -> ImageInfo:
-    orientation = opened.getexif().get(_ORIENTATION, 1)
+    orientation = _orientation(opened)
     plain = fmt == "JPEG" and opened.mode in ("RGB", "L") and orientation in (0, 1)
     content_type, extension = FORMATS[fmt]
-    width, height = opened.size
+    width, height = _shown_size(opened.size, orientation)
     return ImageInfo(content_type, extension, width, height, size, plain_jpeg=plain)
+
+
+def _orientation(image: Image.Image) -> object:
+    """The EXIF orientation tag's value (1, upright, when there is none); any type a file put there."""
+    return image.getexif().get(_ORIENTATION, 1)
+
+
+def _shown_size(size: tuple[int, int], orientation: object) -> tuple[int, int]:
+    """The (width, height) an image of this stored size is shown at once its EXIF orientation is applied."""
+    width, height = size
+    return (height, width) if orientation in _TURNED else (width, height)
 
 
 def decode_image(
@@ -153,17 +166,20 @@ def decode_image(
     With `min_side` (and/or `min_longest`), a JPEG is decoded at the smallest of its DCT scales (1/2, 1/4, 1/8)
     that keeps both sides at `min_side` or more and the longest side at `min_longest` or more (never upsampled),
     which is what an embedding or a thumbnail needs and several times cheaper; width and height still describe the
-    original. The image is RGB, or RGBA with `keep_alpha` when it has transparency; greyscale of more than 8 bits a
-    sample (16-bit, 32-bit integer, float) is scaled to 8 bits on the way, as `_eight_bit` says, not clipped."""
+    original as it is shown (EXIF orientation applied, as to the image). The image is RGB, or RGBA with
+    `keep_alpha` when it has transparency; greyscale of more than 8 bits a sample (16-bit, 32-bit integer, float) is
+    scaled to 8 bits on the way, as `_eight_bit` says, not clipped."""
     with _opened(data, max_pixels) as (opened, fmt):
-        width, height = opened.size
+        stored_width, stored_height = opened.size
+        orientation = _orientation(opened)
         if (min_side is not None or min_longest is not None) and fmt == "JPEG":
-            opened.draft("RGB", draft_request(width, height, min_side or 1, min_longest or 1))
+            opened.draft("RGB", draft_request(stored_width, stored_height, min_side or 1, min_longest or 1))
         opened.load()
         alpha = keep_alpha and opened.has_transparency_data
-        image = _eight_bit(_upright(opened), opened.info.get("transparency") if alpha else None)
+        image = _eight_bit(_upright(opened, orientation), opened.info.get("transparency") if alpha else None)
         image = image.convert("RGBA" if alpha else "RGB")
     content_type, extension = FORMATS[fmt]
+    width, height = _shown_size((stored_width, stored_height), orientation)
     return DecodedImage(
         image=image,
         content_type=content_type,
@@ -219,10 +235,10 @@ def _stretched(values: np.ndarray, nominal: tuple[float, float] | None) -> np.nd
     return np.rint(values, out=values).astype(np.uint8)
 
 
-def _upright(image: Image.Image) -> Image.Image:
-    """The image turned as its EXIF orientation says. Unlike ImageOps.exif_transpose it does not write the EXIF
+def _upright(image: Image.Image, orientation: object) -> Image.Image:
+    """The image turned as its EXIF `orientation` says. Unlike ImageOps.exif_transpose it does not write the EXIF
     back (nothing downstream keeps it), which failed on a tag value of the wrong type in an image that decodes."""
-    transpose = _UPRIGHT.get(image.getexif().get(_ORIENTATION, 1))
+    transpose = _UPRIGHT.get(orientation)
     return image if transpose is None else image.transpose(transpose)
 
 

@@ -14,7 +14,7 @@ from PIL import Image
 from contract.bucket_events import ObjectEvent
 from contract.clock import UniqueClock
 from contract.image_ids import image_id_for_key, thumbnail_key
-from contract.imaging import decode_image
+from contract.imaging import check_image, decode_image, inspect_image
 from contract.messages import IMAGE_DELETE, IMAGE_INDEX, ImageDeleteV1, ImageIndexV1
 from contract.thumbnails import make_thumbnail, thumbnail_from_bytes
 from infra.startup import open_image_index
@@ -56,6 +56,21 @@ def test_exif_orientation_is_applied_and_transparency_kept():
     made = opened(thumbnail_from_bytes(buffer.getvalue(), MAX_PIXELS, SIDE))
     assert (made.mode, made.size) == ("RGBA", (384, 192))
     assert made.getpixel((300, 100))[3] == 0 and made.getpixel((50, 100))[3] == 255
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_width_and_height_are_the_displayed_size(orientation):
+    """An image's width and height are those it is shown at, EXIF orientation applied, as its thumbnail is: a JPEG
+    stored 200x100 and turned by its orientation (5 to 8) is 100x200 (they were the stored raster's)."""
+    data = oriented_jpeg(5, (200, 100), orientation)
+    shown = (100, 200) if orientation >= 5 else (200, 100)
+    decoded = decode_image(data, MAX_PIXELS)
+    assert decoded.image.size == (decoded.width, decoded.height) == shown
+    drafted = decode_image(data, MAX_PIXELS, min_side=16)
+    assert (drafted.width, drafted.height) == shown
+    for info in (inspect_image(data, MAX_PIXELS), check_image(data, MAX_PIXELS), decoded.info()):
+        assert (info.width, info.height) == shown
+    assert opened(thumbnail_from_bytes(data, MAX_PIXELS, SIDE)).size == shown
 
 
 def test_a_jpeg_is_decoded_at_the_smallest_scale_that_keeps_the_longest_side():
@@ -169,6 +184,15 @@ async def test_an_image_indexed_in_place_gets_a_thumbnail_and_loses_it_with_its_
     assert await index.get(image_id) is None
     assert not await store.exists(thumbnail_key(image_id))
     assert await store.exists(key)
+
+
+async def test_the_record_of_a_turned_jpeg_has_the_size_it_is_shown_at(parts):
+    store, index, _ = parts
+    [outcome] = await indexer(parts).handle([job(IMAGE_INDEX, ImageIndexV1(data=oriented_jpeg(6, (1024, 768), 6)))])
+    assert isinstance(outcome, Succeeded), outcome
+    record = await index.get(outcome.result["id"])
+    assert (record.width, record.height) == (768, 1024)
+    assert opened((await store.get(thumbnail_key(record.id))).data).size == (288, 384)
 
 
 async def test_bucket_events_for_thumbnails_are_skipped_even_when_their_prefix_is_watched(parts):
