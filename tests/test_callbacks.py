@@ -565,7 +565,7 @@ async def test_ams_ops_says_why_a_callback_was_not_delivered(server, env, receiv
         code, output = await _ams_ops(env, "callbacks", "send", "--job-id", job_id)
         assert code == 1 and why in output, output
     code, output = await _ams_ops({**env, "CALLBACK_SECRET": ""}, "callbacks", "send", receiver.url(gone))
-    assert code == 1 and "CALLBACK_SECRET is not set" in output
+    assert code == 2 and "CALLBACK_SECRET is not set" in output
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import datetime as dt
 import json
 import os
@@ -932,3 +933,15 @@ def test_index_with_an_engine_socket_it_may_not_open_fails_with_one_line(make_en
         f"ams-ops: cannot reach the image index: its engine's socket {socket_path} "
         f"(IMAGE_SEARCH_DB_PATH={path}): Permission denied\n"
     )
+
+
+def test_callbacks_send_without_a_url_or_a_secret_is_a_usage_or_configuration_error(make_env):
+    secret = "whsec_" + base64.b64encode(bytes(32)).decode()
+    env = make_env(CALLBACK_SECRET=secret, CALLBACK_HOSTS="hooks.example.com")
+    nowhere = ams_ops(env, "callbacks", "send")
+    assert nowhere.exit_code == 2, nowhere.output
+    assert "Error: give a URL, a --job-id, or both" in nowhere.stderr
+
+    unsigned = ams_ops({**env, "CALLBACK_SECRET": ""}, "callbacks", "send", "https://hooks.example.com/ams")
+    assert unsigned.exit_code == 2, unsigned.output
+    assert unsigned.stderr == "ams-ops: configuration error: CALLBACK_SECRET is not set: callbacks are signed with it\n"

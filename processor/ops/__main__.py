@@ -125,6 +125,8 @@ def _run(work: Coroutine[Any, Any, T]) -> T:
         raise CommandFailed(str(exc)) from None
     except SnapshotsUnsupportedError as exc:
         raise BadConfiguration(str(exc)) from None
+    except SettingsError as exc:  # a setting only this command needs
+        raise BadConfiguration(f"configuration error: {exc}") from None
 
 
 @contextlib.contextmanager
@@ -723,6 +725,8 @@ def send(url: str | None, job_id: str | None, as_json: bool) -> None:
     """POST a job's end now, signed and checked as a processor does it: a sample end of a made-up job to URL (to
     try a receiver), or the recorded end of --job-id (to send its callback again by hand). Exit 1 when it is not
     delivered (the answer, or the reason, is printed)."""
+    if url is None and job_id is None:
+        raise click.UsageError("give a URL, a --job-id, or both")
     settings = _settings()
     report: SendReport = _run(send_callback(settings, url, job_id))
     if as_json:

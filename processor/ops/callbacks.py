@@ -10,7 +10,7 @@ from contract.callbacks import JobCallbackV1
 from contract.events import JobFinishedV1, has_ended, job_finished
 from contract.jobs import now_iso
 from contract.messages import IMAGE_GENERATE
-from infra.settings import Settings
+from infra.settings import Settings, SettingsError
 from processor.handlers.callback_client import open_client
 from processor.handlers.job_callback import deliver
 from processor.ops.errors import OperationFailedError
@@ -39,16 +39,17 @@ class SendReport:
 
 
 async def send_callback(settings: Settings, url: str | None, job_id: str | None) -> SendReport:
-    """POST the end of job `job_id` (to `url`, or to the job's own callback URL), or a sample end to `url`."""
+    """POST the end of job `job_id` (to `url`, or to the job's own callback URL), or a sample end to `url` (one of
+    them is given). SettingsError when CALLBACK_SECRET is not set."""
     if not settings.callback_secrets:
-        raise OperationFailedError("CALLBACK_SECRET is not set: callbacks are signed with it")
+        raise SettingsError("CALLBACK_SECRET is not set: callbacks are signed with it")
     if job_id is not None:
         event, recorded_url = await _recorded_end(settings, job_id)
         url = url or recorded_url
         if url is None:
             raise OperationFailedError(f"job {job_id} has no callback_url; give a URL to send its end to")
     elif url is None:
-        raise OperationFailedError("give a URL, a --job-id, or both")
+        raise ValueError("send_callback needs a URL, a job id, or both")
     else:
         event = _sample_end()
     async with open_client(settings) as client:
