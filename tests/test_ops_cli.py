@@ -7,6 +7,7 @@ import base64
 import datetime as dt
 import json
 import os
+import select
 import shutil
 import socket
 import subprocess
@@ -22,7 +23,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from contract.errors import ErrorInfo
-from contract.events import job_finished
+from contract.events import JobFinishedV1, job_finished
 from contract.image_ids import image_id_for_key, thumbnail_key
 from contract.jobs import WITHDRAWN, JobRecord, JobStore
 from infra.broker import EVENTS_EXCHANGE
@@ -945,3 +946,62 @@ def test_callbacks_send_without_a_url_or_a_secret_is_a_usage_or_configuration_er
     unsigned = ams_ops({**env, "CALLBACK_SECRET": ""}, "callbacks", "send", "https://hooks.example.com/ams")
     assert unsigned.exit_code == 2, unsigned.output
     assert unsigned.stderr == "ams-ops: configuration error: CALLBACK_SECRET is not set: callbacks are signed with it\n"
+
+
+def _many_letters(count: int) -> list[Letter]:
+    return [
+        Letter(f"many-{n:04d}", "image.index", "storage_unavailable", 5, MINUTE, {"key": f"images/incoming/{n}.png"})
+        for n in range(count)
+    ]
+
+
+def test_dlq_list_into_a_reader_that_stops_early_ends_quietly(env):
+    """`ams-ops dlq list | head -2`: the closed pipe ends the command without a word (it is no RabbitMQ failure), and
+    every dead letter stays."""
+    asyncio.run(reset_and_seed(env["AMQP_URL"], _many_letters(1000), dt.datetime.now(tz=dt.UTC)))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "processor.ops", "dlq", "list"],
+        env={**os.environ, **env},
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert process.stdout is not None and process.stderr is not None
+    assert len(process.stdout.read(100)) == 100  # far less than the listing (over 100 KiB), the rest never read
+    process.stdout.close()
+    stderr = process.stderr.read().decode()
+    assert process.wait(timeout=60) == 1
+    assert stderr == ""
+    assert asyncio.run(depth(env["AMQP_URL"], "ams.dead")) == 1000
+
+
+def test_events_watch_into_a_reader_that_stops_early_ends_quietly(make_env):
+    """`ams-ops events watch --json | head -1`: the event that finds the pipe closed ends the watch without a word."""
+    env = make_env()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "processor.ops", "events", "watch", "--json"],
+        env={**os.environ, **env},
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert process.stdout is not None and process.stderr is not None
+    try:
+        assert select.select([process.stderr], [], [], 30)[0], "the watch did not start"
+        assert process.stderr.readline().decode().startswith("watching ams.events")
+        process.stdout.close()  # the reader goes away before any event
+        record = JobStore.new(str(uuid.uuid4()), "image.generate", {"prompt": "x"})
+        record.status, record.finished_at, record.attempts = "succeeded", record.created_at, 1
+        asyncio.run(_announce(env["AMQP_URL"], *job_finished(record)))
+        assert process.wait(timeout=30) == 1
+    finally:
+        process.kill()
+    assert process.stderr.read().decode() == ""
+
+
+async def _announce(amqp_url: str, routing_key: str, event: JobFinishedV1) -> None:
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        exchange = await channel.get_exchange(EVENTS_EXCHANGE)
+        await exchange.publish(aio_pika.Message(msgspec.json.encode(event)), routing_key=routing_key)

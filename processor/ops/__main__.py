@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import json
+import os
 import sys
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
@@ -97,6 +98,19 @@ class BadConfiguration(CommandFailed):
     """Exit 2: the environment holds a value the server could not start with either."""
 
     exit_code = 2
+
+
+class OutputClosed(Exception):
+    """Whoever read the standard output stopped reading (`ams-ops dlq list | head -2`). No OSError, so the handlers
+    of RabbitMQ's, the store's or the index's failures let it through, to `main`."""
+
+
+def _echo(message: str) -> None:
+    """`click.echo` to the standard output; a closed pipe there is OutputClosed."""
+    try:
+        click.echo(message)
+    except BrokenPipeError:
+        raise OutputClosed from None
 
 
 class When(click.ParamType):
@@ -216,14 +230,14 @@ def list_letters(
         async with open_dead_letters(settings.amqp_url, settings.amqp_connect_timeout_seconds) as queue:
             matching = selection.apply(queue.letters)
             if as_json:
-                click.echo(letters_json(matching))
+                _echo(letters_json(matching))
             elif not queue.letters:
-                click.echo(f"{DEAD_QUEUE} is empty")
+                _echo(f"{DEAD_QUEUE} is empty")
             elif not matching:
-                click.echo(f"no dead letters match ({len(queue.letters)} in {DEAD_QUEUE})")
+                _echo(f"no dead letters match ({len(queue.letters)} in {DEAD_QUEUE})")
             else:
-                click.echo(letters_table(matching))
-                click.echo(f"\n{len(matching)} of {len(queue.letters)} dead letters in {DEAD_QUEUE}")
+                _echo(letters_table(matching))
+                _echo(f"\n{len(matching)} of {len(queue.letters)} dead letters in {DEAD_QUEUE}")
 
     _run(work())
 
@@ -245,7 +259,7 @@ def show(message_id: str) -> None:
                 raise OperationFailedError(
                     f"no dead letter with message id {message_id!r} ({len(queue.letters)} in {DEAD_QUEUE})"
                 )
-            click.echo("\n\n".join(letter_details(letter) for letter in found))
+            _echo("\n\n".join(letter_details(letter) for letter in found))
 
     _run(work())
 
@@ -278,8 +292,8 @@ def replay(
             matching = selection.apply(queue.letters)
             if dry_run:
                 if matching:
-                    click.echo(letters_table(matching))
-                click.echo(f"would replay {len(matching)}, leave {queue.remaining - len(matching)} in {DEAD_QUEUE}")
+                    _echo(letters_table(matching))
+                _echo(f"would replay {len(matching)}, leave {queue.remaining - len(matching)} in {DEAD_QUEUE}")
                 return
             replayed = 0
             try:
@@ -290,7 +304,7 @@ def replay(
                         advance(1)
             except OperationFailedError as exc:
                 raise OperationFailedError(f"{exc} (replayed {replayed} of {len(matching)} before that)") from None
-            click.echo(f"replayed {replayed}, left {queue.remaining} in {DEAD_QUEUE}")
+            _echo(f"replayed {replayed}, left {queue.remaining} in {DEAD_QUEUE}")
 
     _run(work())
 
@@ -318,18 +332,18 @@ def purge(
             matching = selection.apply(queue.letters)
             if dry_run:
                 if matching:
-                    click.echo(letters_table(matching))
-                click.echo(f"would delete {len(matching)}, leave {queue.remaining - len(matching)} in {DEAD_QUEUE}")
+                    _echo(letters_table(matching))
+                _echo(f"would delete {len(matching)}, leave {queue.remaining - len(matching)} in {DEAD_QUEUE}")
                 return
             # asked off the event loop, so the connection keeps its heartbeats while the operator thinks
             if matching and not yes and not await asyncio.to_thread(_confirm, f"Delete {len(matching)} dead letters?"):
-                click.echo(f"deleted 0, left {queue.remaining} in {DEAD_QUEUE}")
+                _echo(f"deleted 0, left {queue.remaining} in {DEAD_QUEUE}")
                 return
             with _progress(len(matching), f"deleting from {DEAD_QUEUE}", visible=True) as advance:
                 for letter in matching:
                     await queue.delete(letter)
                     advance(1)
-            click.echo(f"deleted {len(matching)}, left {queue.remaining} in {DEAD_QUEUE}")
+            _echo(f"deleted {len(matching)}, left {queue.remaining} in {DEAD_QUEUE}")
 
     _run(work())
 
@@ -377,21 +391,21 @@ def list_jobs_command(
     selection = JobSelection(frozenset(statuses), frozenset(types), frozenset(codes), updated_before)
     matching, total = _run(list_jobs(_settings(), selection))
     if as_json:
-        click.echo(jobs_json(matching))
+        _echo(jobs_json(matching))
     elif not total:
-        click.echo("no job records")
+        _echo("no job records")
     elif not matching:
-        click.echo(f"no job records match ({total} in all)")
+        _echo(f"no job records match ({total} in all)")
     else:
-        click.echo(jobs_table(matching))
-        click.echo(f"\n{len(matching)} of {total} job records")
+        _echo(jobs_table(matching))
+        _echo(f"\n{len(matching)} of {total} job records")
 
 
 @jobs.command("show", epilog=EXIT_CODES)
 @click.argument("job_id", metavar="ID")
 def show_job(job_id: str) -> None:
     """One job record, whole, as JSON."""
-    click.echo(job_json(_run(get_job(_settings(), job_id))))
+    _echo(job_json(_run(get_job(_settings(), job_id))))
 
 
 def _chosen_jobs(what: str, done: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -472,11 +486,11 @@ class _Choice:
         matching = [record for record in records if keep(record)]
         if dry_run:
             if matching:
-                click.echo(jobs_table(matching))
-            click.echo(wording.would.format(n=len(matching)))
+                _echo(jobs_table(matching))
+            _echo(wording.would.format(n=len(matching)))
             return None
         if matching and not yes and not await asyncio.to_thread(_confirm, wording.ask.format(n=len(matching))):
-            click.echo(wording.declined)
+            _echo(wording.declined)
             return None
         return [record.job_id for record in matching]
 
@@ -505,7 +519,7 @@ def cancel_jobs_command(
     async def work() -> None:
         chosen = await choice.ids(settings, "queued", _is_queued, wording, dry_run=dry_run, yes=yes)
         if chosen is not None:
-            click.echo(_cancel_summary(await cancel_jobs(settings, chosen)))
+            _echo(_cancel_summary(await cancel_jobs(settings, chosen)))
 
     _run(work())
 
@@ -535,7 +549,7 @@ def delete_outputs_command(
     async def work() -> None:
         chosen = await choice.ids(settings, "succeeded", has_output, wording, dry_run=dry_run, yes=yes)
         if chosen is not None:
-            click.echo(_output_summary(await delete_outputs(settings, chosen)))
+            _echo(_output_summary(await delete_outputs(settings, chosen)))
 
     _run(work())
 
@@ -649,13 +663,13 @@ def backfill(
                 advance=advance,
             )
         if as_json:
-            click.echo(json.dumps(report.summary()))
+            _echo(json.dumps(report.summary()))
             return
         verb = "would publish" if dry_run else "published"
         own = f", skipped (this server's own) {report.skipped_own}" if report.skipped_own else ""
         refused = report.skipped_not_indexable
         unindexable = f", skipped (a key not indexed or over IMAGE_SEARCH_MAX_BYTES) {refused}" if refused else ""
-        click.echo(
+        _echo(
             f"{verb} {report.published}, already indexed {report.already_indexed}, "
             f"skipped (not images) {report.skipped_not_image}{own}{unindexable}"
         )
@@ -666,10 +680,10 @@ def backfill(
 def _backfill_thumbnails(api_url: str, api_key: str, concurrency: int, as_json: bool) -> None:
     report: ThumbnailReport = _run(run_thumbnail_backfill(api_url=api_url, api_key=api_key, concurrency=concurrency))
     if as_json:
-        click.echo(json.dumps(report.summary()))
+        _echo(json.dumps(report.summary()))
         return
     reasons = ", ".join(f"{code} {count}" for code, count in sorted(report.skipped.items()))
-    click.echo(
+    _echo(
         f"made {report.made}, already there {report.already_there}, skipped {report.skipped.total()}"
         + (f" ({reasons})" if reasons else "")
     )
@@ -703,7 +717,7 @@ def watch(
     keys = binding_keys(types, statuses)
 
     def show(event: JobFinishedV1) -> None:
-        click.echo(msgspec.json.encode(event).decode() if as_json else event_line(event))
+        _echo(msgspec.json.encode(event).decode() if as_json else event_line(event))
 
     def ready() -> None:
         click.echo(f"watching {EVENTS_EXCHANGE} ({', '.join(keys)}); Ctrl-C stops", err=True)
@@ -730,10 +744,10 @@ def send(url: str | None, job_id: str | None, as_json: bool) -> None:
     settings = _settings()
     report: SendReport = _run(send_callback(settings, url, job_id))
     if as_json:
-        click.echo(json.dumps(report.summary()))
+        _echo(json.dumps(report.summary()))
     else:
         outcome = "delivered" if report.delivered else "not delivered"
-        click.echo(f"{outcome}: {report.url} {report.detail} (job {report.job_id}, event {report.event_id})")
+        _echo(f"{outcome}: {report.url} {report.detail} (job {report.job_id}, event {report.event_id})")
     if not report.delivered:
         sys.exit(1)
 
@@ -766,7 +780,7 @@ def stats(as_json: bool) -> None:
     report = _run(index_report(settings))
     figures = report.stats
     if as_json:
-        click.echo(
+        _echo(
             json.dumps(
                 {
                     "index": msgspec.to_builtins(figures),
@@ -797,7 +811,7 @@ def stats(as_json: bool) -> None:
     elif report.backups is not None:
         lines.append(f"backups          {len(report.backups)} under {settings.image_search_db_r2_key}")
         lines += [f"  {b.key}  {_size(b.size)}  {b.taken_at or 'old format'}" for b in report.backups]
-    click.echo("\n".join(lines))
+    _echo("\n".join(lines))
 
 
 @index.command(epilog=EXIT_CODES)
@@ -806,7 +820,7 @@ def backup() -> None:
     IMAGE_SEARCH_DB_BACKUP_GENERATIONS."""
     settings = _settings()
     info = _run(backup_now(settings))
-    click.echo(f"backed up to {info.key} ({_size(info.size)})")
+    _echo(f"backed up to {info.key} ({_size(info.size)})")
 
 
 @index.command(epilog=EXIT_CODES)
@@ -817,7 +831,7 @@ def restore(key: str | None, force: bool) -> None:
     the backup's manifest before anything is replaced."""
     settings = _settings()
     report = _run(restore_backup(settings, key, replace=force))
-    click.echo(f"restored {report.points} points from {report.key} (model {report.model_id})")
+    _echo(f"restored {report.points} points from {report.key} (model {report.model_id})")
 
 
 @index.command(epilog=EXIT_CODES)
@@ -827,14 +841,20 @@ def build(wait: bool) -> None:
     settings = _settings()
     result = _run(build_graph(settings, wait=wait))
     if wait and result:
-        click.echo(json.dumps(result))
+        _echo(json.dumps(result))
     else:
-        click.echo("graph build started" if settings.qdrant_url == "" else "a Qdrant server builds its own graph")
+        _echo("graph build started" if settings.qdrant_url == "" else "a Qdrant server builds its own graph")
 
 
 def main() -> None:
     configure_logging("critical", "console")  # failures are reported as one line each, not logged
-    cli(prog_name="ams-ops")
+    try:
+        cli(prog_name="ams-ops")
+    except OutputClosed:
+        # the reader went away (`| head`): end without a word, as click does for its own output, and with what is
+        # still buffered for the standard output going nowhere, not to an error at the interpreter's exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
 
 
 if __name__ == "__main__":
