@@ -7,12 +7,15 @@ import base64
 import datetime as dt
 import json
 import os
+import pty
 import select
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -1005,3 +1008,80 @@ async def _announce(amqp_url: str, routing_key: str, event: JobFinishedV1) -> No
         channel = await connection.channel()
         exchange = await channel.get_exchange(EVENTS_EXCHANGE)
         await exchange.publish(aio_pika.Message(msgspec.json.encode(event)), routing_key=routing_key)
+
+
+def _read_terminal(controller: int, until: str | None, seconds: float) -> str:
+    """What the command wrote to its terminal: until `until` appears, or all there is (`until` None), within
+    `seconds`."""
+    output, deadline = "", time.monotonic() + seconds
+    while time.monotonic() < deadline and (until is None or until not in output):
+        if not select.select([controller], [], [], 0.1)[0]:
+            if until is None:
+                break
+            continue
+        try:
+            chunk = os.read(controller, 4096)
+        except OSError:  # the command ended and its side of the terminal closed
+            break
+        if not chunk:
+            break
+        output += chunk.decode(errors="replace")
+    return output
+
+
+def _at_the_question(env: dict[str, str], *args: str, answer: bytes | None = None) -> tuple[int | None, str]:
+    """The command run on a terminal, its question answered (`answer` typed, or Ctrl-C pressed when None): its status
+    (None: still running 5 s later) and what it wrote."""
+    controller, terminal = pty.openpty()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "processor.ops", *args],
+        stdin=terminal,
+        stdout=terminal,
+        stderr=terminal,
+        env={**os.environ, **env},
+        cwd=ROOT,
+        start_new_session=True,
+    )
+    os.close(terminal)
+    try:
+        output = _read_terminal(controller, "[y/N]", 30)
+        assert "[y/N]" in output, output
+        if answer is None:
+            process.send_signal(signal.SIGINT)
+        else:
+            os.write(controller, answer)
+        try:
+            code: int | None = process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            code = None
+        return code, output + _read_terminal(controller, None, 1)
+    finally:
+        process.kill()
+        process.wait()
+        os.close(controller)
+
+
+def test_ctrl_c_at_the_purge_question_ends_it_at_once_and_deletes_nothing(env, amqp_url):
+    code, output = _at_the_question(env, "dlq", "purge", "--all")
+    assert code == 1, output
+    assert "Delete 5 dead letters? [y/N]" in output and "Aborted!" in output
+    assert queued_ids(amqp_url, "ams.dead") == ALL_IDS
+
+
+def test_the_purge_question_answered_on_a_terminal(env, amqp_url):
+    code, output = _at_the_question(env, "dlq", "purge", "--type", "image.generate", answer=b"maybe\nn\n")
+    assert code == 0, output
+    assert "Error: invalid input" in output and output.rstrip().endswith("deleted 0, left 5 in ams.dead")
+    code, output = _at_the_question(env, "dlq", "purge", "--type", "image.generate", answer=b"yes\n")
+    assert code == 0, output
+    assert output.rstrip().endswith("deleted 1, left 4 in ams.dead")
+    assert "gen-1" not in queued_ids(amqp_url, "ams.dead")
+
+
+@pytest.mark.parametrize("command", ["cancel", "delete-output"])
+def test_ctrl_c_at_a_jobs_question_ends_it_at_once_and_changes_nothing(cancel_env, command):
+    before = ams_ops(cancel_env, "jobs", "list", "--json").stdout
+    code, output = _at_the_question(cancel_env, "jobs", command, "--all")
+    assert code == 1, output
+    assert "? [y/N]" in output and "Aborted!" in output
+    assert ams_ops(cancel_env, "jobs", "list", "--json").stdout == before

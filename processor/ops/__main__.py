@@ -33,6 +33,7 @@ import datetime as dt
 import json
 import os
 import sys
+import threading
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from typing import IO, Any, TypeVar
@@ -335,8 +336,7 @@ def purge(
                     _echo(letters_table(matching))
                 _echo(f"would delete {len(matching)}, leave {queue.remaining - len(matching)} in {DEAD_QUEUE}")
                 return
-            # asked off the event loop, so the connection keeps its heartbeats while the operator thinks
-            if matching and not yes and not await asyncio.to_thread(_confirm, f"Delete {len(matching)} dead letters?"):
+            if matching and not yes and not await _ask(f"Delete {len(matching)} dead letters?"):
                 _echo(f"deleted 0, left {queue.remaining} in {DEAD_QUEUE}")
                 return
             with _progress(len(matching), f"deleting from {DEAD_QUEUE}", visible=True) as advance:
@@ -489,7 +489,7 @@ class _Choice:
                 _echo(jobs_table(matching))
             _echo(wording.would.format(n=len(matching)))
             return None
-        if matching and not yes and not await asyncio.to_thread(_confirm, wording.ask.format(n=len(matching))):
+        if matching and not yes and not await _ask(wording.ask.format(n=len(matching))):
             _echo(wording.declined)
             return None
         return [record.job_id for record in matching]
@@ -578,11 +578,60 @@ def _cancel_summary(report: CancelReport) -> str:
     return "\n".join(lines)
 
 
+async def _ask(question: str) -> bool:
+    """The operator's yes or no, asked off the event loop, so a connection keeps its heartbeats while they think.
+
+    Asked in a daemon thread of its own, not asyncio's executor: Ctrl-C cancels the command at once (nothing done,
+    click's "Aborted!"), where asyncio.run would first wait for an executor thread blocked in input() until Enter.
+    """
+    loop = asyncio.get_running_loop()
+    answer: asyncio.Future[bool] = loop.create_future()
+
+    def settle(value: bool) -> None:
+        if not answer.done():  # not when the command was cancelled meanwhile
+            answer.set_result(value)
+
+    def confirm() -> None:
+        value = _confirm(question)
+        with contextlib.suppress(RuntimeError):  # the event loop is closed: the command ended meanwhile
+            loop.call_soon_threadsafe(settle, value)
+
+    threading.Thread(target=confirm, name="ams-ops-question", daemon=True).start()
+    return await answer
+
+
 def _confirm(question: str) -> bool:
+    """click.confirm's question and answers on stderr (default no; the end of the input: no), the answer read
+    straight from the standard input's file descriptor: not through sys.stdin, whose lock the thread blocked in it
+    would hold while the interpreter ends after a Ctrl-C (a fatal error)."""
+    while True:
+        click.echo(f"{question} [y/N]: ", nl=False, err=True)
+        line = _answer()
+        if line is None:
+            return False
+        value = line.strip().lower()
+        if value in ("y", "yes"):
+            return True
+        if value in ("n", "no", ""):
+            return False
+        click.echo("Error: invalid input", err=True)
+
+
+def _answer() -> str | None:
+    """One line of the standard input; None at its end."""
+    if sys.stdin is None:  # closed when the command was started
+        return None
     try:
-        return click.confirm(question, default=False, err=True)
-    except click.Abort:  # end of input
-        return False
+        fd = sys.stdin.fileno()
+    except (OSError, ValueError):  # no file behind it (click's test runner)
+        return sys.stdin.readline() or None
+    line = bytearray()
+    try:
+        while not line.endswith(b"\n") and (byte := os.read(fd, 1)):
+            line += byte
+    except OSError:  # the terminal went away: no answer, as at the end of the input
+        return None
+    return line.decode(errors="replace") if line else None
 
 
 def _prefix(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
