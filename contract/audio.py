@@ -99,10 +99,16 @@ def _decoded(data: bytes, min_seconds: float, max_seconds: float) -> tuple[np.nd
     container = _open(data)
     with container:
         fmt = CONTAINERS.get(container.format.name)
-        if fmt is None or not container.streams.audio:
+        if not container.streams.audio:  # an image, or a video without sound: FFmpeg opens it, but there is no audio
+            raise InvalidAudioError(
+                "not_audio",
+                f"the file is not audio: it has no sound in it (FFmpeg reads it as {_format_name(container)}); send "
+                f"a clip in {ACCEPTED}",
+            )
+        if fmt is None:
             raise InvalidAudioError(
                 "unsupported_audio_format",
-                f"audio format {container.format.long_name or container.format.name!r} is not accepted; use {ACCEPTED}",
+                f"audio format {_format_name(container)} is not accepted; use {ACCEPTED}",
             )
         stream = container.streams.audio[0]
         if stream.codec_context is None:  # FFmpeg has no decoder for what the header describes
@@ -123,6 +129,10 @@ def _decoded(data: bytes, min_seconds: float, max_seconds: float) -> tuple[np.nd
             raise InvalidAudioError("corrupt_audio", f"the audio could not be decoded: {exc}") from None
     waveform = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, dtype=np.float32)
     return _long_enough(waveform, native_rate, min_seconds), native_rate, fmt
+
+
+def _format_name(container: av.container.InputContainer) -> str:
+    return repr(container.format.long_name or container.format.name)
 
 
 def _mono(frames: Iterator[av.AudioFrame], rate: int) -> Iterator[np.ndarray]:

@@ -18,6 +18,7 @@ from contract import audio
 from contract.audio import InvalidAudioError, check_audio, decode_audio
 from processor.text_chunks import split_text
 from tests.support.audio import CLIP_FORMATS, pyav_convert, speech_clip, speech_wav, tone_wav
+from tests.support.images import encoded
 
 RATE = 24000
 ROOT = Path(__file__).resolve().parent.parent
@@ -119,12 +120,36 @@ def test_a_long_clip_is_refused_with_the_limit_named():
     assert "VOICE_MAX_REF_SECONDS" in caught.value.message
 
 
-def test_an_image_is_not_an_accepted_audio_format():
-    from tests.support.images import encoded
+def silent_video() -> bytes:
+    """An MP4 with a video stream and no audio one."""
+    out = io.BytesIO()
+    with av.open(out, "w", format="mp4") as container:
+        stream = container.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        for _ in range(5):
+            frame = av.VideoFrame.from_ndarray(np.zeros((32, 32, 3), dtype=np.uint8), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return out.getvalue()
 
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda: encoded(1, "PNG"), lambda: encoded(1, "JPEG"), lambda: encoded(1, "GIF"), silent_video],
+    ids=["png", "jpeg", "gif", "video-only-mp4"],
+)
+def test_an_image_or_a_video_without_sound_is_not_audio(make):
+    """FFmpeg opens them (as an image sequence, a movie): what is wrong is that there is no sound, not its format."""
+    clip = make()
     with pytest.raises(InvalidAudioError) as caught:
-        decode_audio(encoded(1, "PNG"), sample_rate=RATE, min_seconds=1.0, max_seconds=30.0)
-    assert caught.value.code in ("unsupported_audio_format", "not_audio")
+        decode_audio(clip, sample_rate=RATE, min_seconds=1.0, max_seconds=30.0)
+    assert caught.value.code == "not_audio"
+    assert caught.value.message.startswith("the file is not audio: it has no sound in it")
+    with pytest.raises(InvalidAudioError) as checked:
+        check_audio(clip, min_seconds=1.0, max_seconds=30.0)
+    assert (checked.value.code, checked.value.message) == (caught.value.code, caught.value.message)
 
 
 ODD_RATES = textwrap.dedent(

@@ -22,6 +22,7 @@ from processor.handlers.voice_generate import VoiceGenerateHandler
 from processor.outcomes import Succeeded
 from processor.text_chunks import split_text
 from tests.support.audio import CLIP_FORMATS, mp3_info, speech_clip, tone_wav
+from tests.support.images import encoded
 from tests.support.server import running_server
 from tests.test_generation import poll_statuses
 
@@ -233,6 +234,7 @@ async def test_a_transcript_that_is_not_utf8_is_a_400(server, s3):
         (lambda: speech_clip("wav"), {"text": "x" * 5001}, 400, "text_too_long"),
         (lambda: speech_clip("wav"), {"language": "Klingon"}, 422, "unsupported_language"),
         (lambda: b"these are the meeting notes, not a recording\n" * 50, {}, 422, "not_audio"),
+        (lambda: encoded(1, "PNG"), {}, 422, "not_audio"),  # FFmpeg opens it, as an image sequence without sound
         (lambda: b"", {}, 422, "empty_file"),
         (lambda: tone_wav(0.1), {}, 422, "audio_too_short"),
         (lambda: tone_wav(31), {}, 422, "audio_too_long"),
