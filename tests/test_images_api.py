@@ -246,6 +246,7 @@ async def test_async_upload_is_accepted_then_indexed(server):
     assert job["params"]["filename"] == "later.png"
     record = await server.client.get(f"/v1/images/{body['job_id']}")
     assert record.status_code == 200
+    assert job["result"] == record.json(), "the job's result is the image record, as GET /v1/images/{id} shows it"
 
 
 async def test_delete_removes_object_and_point(server, s3):

@@ -29,6 +29,7 @@ from api.jobs import (
 from api.openapi import errors
 from api.parameters import IDEMPOTENCY_KEY
 from api.routes.generate import generation_payload
+from api.routes.images import to_image_out
 from api.routes.voice import reference_payload
 from api.schemas import (
     CallbackOut,
@@ -46,7 +47,8 @@ from api.urls import absolute, job_url
 from contract.callback_states import read_state
 from contract.events import has_ended, job_finished
 from contract.jobs import JobRecord, JobStatus, is_withdrawn, output_expires_at
-from contract.messages import IMAGE_GENERATE, VOICE_GENERATE, ImageGenerateV1, VoiceGenerateV1
+from contract.messages import IMAGE_GENERATE, IMAGE_INDEX, VOICE_GENERATE, ImageGenerateV1, VoiceGenerateV1
+from infra.vectors import ImageRecord
 
 
 async def _image_job(services: Services, request: ImageJobRequest) -> ImageGenerateV1:
@@ -196,7 +198,14 @@ async def get_job(
 
 
 async def _result_of(request: Request, services: Services, record: JobRecord) -> dict[str, Any] | None:
-    """The job's result as shown: with a download `url` of the output it names, unless that was deleted."""
+    """The job's result as shown: an upload's (image.index) as `GET /v1/images/{id}` shows the image; another's
+    with a download `url` of the output it names, unless that was deleted."""
+    if record.type == IMAGE_INDEX and record.result is not None:
+        try:
+            image = msgspec.convert(record.result, ImageRecord)
+        except msgspec.ValidationError:  # not a record of an image (never written so): shown as it is
+            return dict(record.result)
+        return msgspec.to_builtins(to_image_out(request, services, image))
     result = dict(record.result) if record.result is not None else None
     if result is not None and isinstance(result.get("key"), str) and record.output_deleted is None:
         url = await services.store.presigned_get_url(result["key"], services.settings.presign_ttl_seconds)
