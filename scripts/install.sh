@@ -37,11 +37,34 @@ if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null
 fi
 "$python" -c 'import ensurepip, venv' 2>/dev/null || packages+=(python3-venv)
 
+# Debian's rabbitmq-server enables and starts its system service on 5672 when installed; scripts/run.sh runs a node
+# of its own under .run/ (with infra/rabbitmq/rabbitmq.conf and the ams-unrouted policy), so the service that this
+# install started is stopped and disabled. A rabbitmq-server installed before is never touched.
+stop_system_rabbitmq() {
+  local stopped=""
+  if [ -d /run/systemd/system ] && systemctl cat rabbitmq-server.service >/dev/null 2>&1; then
+    "${sudo_cmd[@]}" systemctl disable --now --quiet rabbitmq-server.service && stopped=1
+  elif [ -s /var/run/rabbitmq/pid ] && [ -x /etc/init.d/rabbitmq-server ]; then  # started by its init script
+    "${sudo_cmd[@]}" /etc/init.d/rabbitmq-server stop >/dev/null && stopped=1
+    "${sudo_cmd[@]}" update-rc.d rabbitmq-server disable >/dev/null 2>&1 || true
+  else
+    return 0  # no service was started (no systemd, or a policy-rc.d that forbids it, as in containers)
+  fi
+  if [ -n "$stopped" ]; then
+    echo "install.sh: stopped and disabled the rabbitmq-server system service that its package started" \
+      "(scripts/run.sh runs a node of its own)"
+  else
+    echo "install.sh: could not stop the rabbitmq-server system service that its package started; scripts/run.sh" \
+      "would use it on 5672 instead of a node of its own: stop and disable it" >&2
+  fi
+}
+
 if [ "${#packages[@]}" -gt 0 ]; then
   echo "install.sh: installing Debian packages: ${packages[*]}"
   "${sudo_cmd[@]}" apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends "${packages[@]}" \
-    >/dev/null
+  "${sudo_cmd[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+    "${packages[@]}" >/dev/null
+  if [[ " ${packages[*]} " == *" rabbitmq-server "* ]]; then stop_system_rabbitmq; fi
 fi
 
 extras="[processor]"
