@@ -23,13 +23,14 @@ MULTIPART_OVERHEAD_BYTES = 1024 * 1024
 
 
 def _rate_limit(settings: Settings) -> list[DefineMiddleware]:
-    """RATE_LIMIT_PER_MINUTE per API key (or per client address without one); health checks and the web page's own
-    files are not counted."""
+    """RATE_LIMIT_PER_MINUTE per API key (or per client address without one); health checks, the web page's own
+    files and the embedded store's signed links (the download a redirect of the API already counted leads to: its
+    signature is its credential) are not counted."""
     if not settings.rate_limit_per_minute:
         return []
     config = RateLimitConfig(
         rate_limit=("minute", settings.rate_limit_per_minute),
-        exclude=["^/healthz$", "^/readyz$", "^/$", "^/ui/"],
+        exclude=["^/healthz$", "^/readyz$", "^/$", "^/ui/", "^/v1/files/"],
         identifier_for_request=rate_limit_identity(settings.api_keys),
     )
     return [config.middleware]

@@ -9,6 +9,7 @@ import json
 
 import pytest
 
+from tests.support.images import encoded
 from tests.support.server import running_server
 
 
@@ -132,6 +133,20 @@ async def test_rate_limit_per_key_and_per_address_answers_429_with_retry_after(m
             for n in range(4)
         ]
         assert bogus == [401, 401, 401, 429], "invalid keys share their address's allowance"
+
+
+async def test_the_page_and_signed_links_are_not_counted_by_the_rate_limit(make_settings):
+    """A gallery's thumbnails cost their redirects only: the signed download each leads to is not counted."""
+    async with running_server(make_settings(RATE_LIMIT_PER_MINUTE="3")) as running:
+        client = running.client
+        uploaded = await client.post("/v1/images", files={"file": ("a.png", encoded(1), "image/png")})
+        assert uploaded.status_code == 201, uploaded.text
+        redirect = await client.get(uploaded.json()["thumbnail_url"])
+        assert redirect.status_code == 307
+        assert [(await client.get(redirect.headers["location"])).status_code for _ in range(5)] == [200] * 5
+        assert [(await client.get("/")).status_code for _ in range(3)] == [200] * 3
+        assert (await client.get("/v1/images")).status_code == 200, "the third counted request"
+        assert (await client.get("/v1/images")).status_code == 429
 
 
 async def test_cors_and_allowed_hosts(make_settings):
