@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from urllib.parse import urlsplit
+
 from litestar import Request
 
 from infra.settings import Settings
+from infra.storage.local import FILES_ROUTE
 
 
 def base_url(request: Request, settings: Settings) -> str:
@@ -24,6 +27,17 @@ def image_thumbnail_url(request: Request, settings: Settings, image_id: str) -> 
 
 def job_url(request: Request, settings: Settings, job_id: str) -> str:
     return f"{base_url(request, settings)}/v1/jobs/{job_id}"
+
+
+def redirect_target(settings: Settings, url: str) -> str:
+    """Where a download redirect sends the client. A signed link of the embedded store is a route of this server:
+    it is given as a path (PUBLIC_BASE_URL's path, if it has one, and the route), so the client follows it at the
+    address it called, which need not be PUBLIC_BASE_URL's (a browser, or this server's own page, may not reach
+    that one, or may not load from it). R2's presigned URLs stay as they are."""
+    base = settings.public_base_url
+    if base and url.startswith(f"{base}{FILES_ROUTE}"):
+        return urlsplit(base).path + url[len(base) :]
+    return url
 
 
 def absolute(request: Request, settings: Settings, url: str) -> str:

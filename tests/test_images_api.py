@@ -11,6 +11,7 @@ import msgspec
 import pytest
 from PIL import Image
 
+from api.urls import redirect_target
 from contract.image_ids import thumbnail_key
 from tests.support.images import encoded, oriented_jpeg
 from tests.support.server import running_server
@@ -126,6 +127,24 @@ async def test_file_redirect_downloads_the_original(server, uploaded):
         download = await plain.get(location)
     assert download.status_code == 200
     assert download.content == data
+
+
+async def test_the_embedded_stores_signed_links_are_followed_on_the_address_called(make_settings):
+    """Links name PUBLIC_BASE_URL; a redirect to the embedded store's signed link (a route of this server) is a path,
+    so a client that called another address (this server's page opened there) is not sent away from it."""
+    async with running_server(make_settings(PUBLIC_BASE_URL="http://ams.invalid:8000")) as running:
+        created = (await upload(running.client, encoded(36, "PNG"), "here.png")).json()
+        assert created["file_url"] == f"http://ams.invalid:8000/v1/images/{created['id']}/file"
+        for route, key in (("file", created["r2_key"]), ("thumbnail", thumbnail_key(created["id"]))):
+            redirect = await running.client.get(f"/v1/images/{created['id']}/{route}")
+            assert redirect.status_code == 307
+            assert redirect.headers["location"].startswith(f"/v1/files/{key}?expires=")
+            assert (await running.client.get(redirect.headers["location"])).status_code == 200
+    behind_a_prefix = make_settings(PUBLIC_BASE_URL="https://ams.example/api")
+    signed = "https://ams.example/api/v1/files/images/originals/x.png?expires=1&signature=s"
+    assert redirect_target(behind_a_prefix, signed) == "/api/v1/files/images/originals/x.png?expires=1&signature=s"
+    presigned = "https://bucket.r2.example/v1/files/x.png?X-Amz-Signature=s"
+    assert redirect_target(behind_a_prefix, presigned) == presigned
 
 
 async def test_thumbnail_redirect_downloads_the_stored_thumbnail(server, s3, uploaded):

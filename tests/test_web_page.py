@@ -90,7 +90,7 @@ async def screenshot_on_failure(request) -> AsyncIterator[None]:
     report = getattr(request.node, "report_call", None)
     if report is None or not report.failed:
         return
-    for name in ("session", "keyed_page"):
+    for name in ("session", "keyed_page", "elsewhere"):
         if name in request.fixturenames:
             found = request.getfixturevalue(name)
             page = found.page if isinstance(found, Session) else found
@@ -473,3 +473,63 @@ async def test_the_gallery_loads_more_as_it_scrolls(keyed_page, keyed_server):
     await page.mouse.wheel(0, 100_000)
     await expect(page.locator("#gallery .card")).to_have_count(61)
     await expect(page.locator("#gallery-status")).to_have_text("61 images, newest first")
+
+
+# a PUBLIC_BASE_URL that is not where the page is opened (nor reachable): the API's links name it
+ELSEWHERE = "http://ams.invalid:8000"
+
+
+@pytest.fixture(scope="module")
+async def elsewhere_server(make_settings) -> AsyncIterator[RunningServer]:
+    settings = make_settings(
+        PUBLIC_BASE_URL=ELSEWHERE,
+        IMAGE_ENABLED="1",
+        IMAGE_DEFAULT_WIDTH="64",
+        IMAGE_DEFAULT_HEIGHT="64",
+        IMAGE_DEFAULT_STEPS="2",
+    )
+    async with running_server(settings) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+async def elsewhere(browser, elsewhere_server) -> AsyncIterator[Session]:
+    context = await browser.new_context(base_url=elsewhere_server.base_url, viewport={"width": 1280, "height": 900})
+    yield Session(await context.new_page())
+    await context.close()
+
+
+async def upload_to(server: RunningServer, name: str, data: bytes, content_type: str) -> dict:
+    stored = await server.client.post("/v1/images", files={"file": (name, data, content_type)})
+    assert stored.status_code == 201, stored.text
+    return stored.json()
+
+
+async def test_the_page_works_opened_at_another_address_than_public_base_url(elsewhere, elsewhere_server):
+    """Thumbnails, the viewer, a generation followed to its end: every API link names PUBLIC_BASE_URL, and the page
+    uses them as paths on the server it was opened at (its Content-Security-Policy refuses the other address)."""
+    record = await upload_to(elsewhere_server, "far.png", encoded(51, size=(320, 240)), "image/png")
+    assert record["thumbnail_url"].startswith(ELSEWHERE)
+    page = elsewhere.page
+    await page.goto("/")
+    card = page.locator("#gallery .card img")
+    await expect(card).to_have_count(1)
+    await expect(card).to_have_js_property("complete", True)
+    assert await card.evaluate("image => image.naturalWidth") > 0
+    await page.locator("#gallery .tile").click()
+    await expect(page.locator("#viewer-image")).to_have_js_property("naturalWidth", 320)
+    assert await page.locator("#viewer-original").get_attribute("href") == f"/v1/images/{record['id']}/file"
+    await page.keyboard.press("Escape")
+
+    await page.get_by_role("link", name="Generate").click()
+    await page.get_by_label("Prompt", exact=True).fill("a harbour at night")
+    await page.get_by_label(re.compile("^Seed")).fill("5")
+    await page.get_by_role("button", name="Generate").click()
+    await expect(page.locator("#generate-caption")).to_have_text("Seed 5 · 64 × 64 · 2 steps")
+    await expect(page.locator("#generate-image")).to_have_js_property("naturalWidth", 64)
+    await page.get_by_role("link", name=re.compile("^Jobs")).click()
+    newest = page.locator("#jobs-list .job").first
+    await expect(newest).to_have_class(re.compile("state-succeeded"))
+    assert (await newest.get_by_role("link", name="PNG").get_attribute("href")).startswith("/v1/files/")
+    assert all(url.startswith(elsewhere_server.base_url) for url in elsewhere.requests), elsewhere.requests
+    assert elsewhere.errors == []

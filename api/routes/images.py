@@ -35,7 +35,7 @@ from api.parameters import CALLBACK_URL, IDEMPOTENCY_KEY
 from api.schemas import ImageOut, ImageUploadForm, JobAccepted
 from api.services import Services
 from api.thumbnails import Thumbnails
-from api.urls import base_url, image_file_url, image_thumbnail_url
+from api.urls import base_url, image_file_url, image_thumbnail_url, redirect_target
 from contract.image_ids import thumbnail_key
 from contract.imaging import check_image
 from contract.jobs import job_id_for_idempotency_key
@@ -223,7 +223,7 @@ async def get_image(request: Request, services: Services, image_id: str) -> Imag
 async def image_file(services: Services, image_id: str) -> Redirect:
     record = await find_image(require_index(services), image_id)
     url = await services.store.presigned_get_url(record.r2_key, services.settings.presign_ttl_seconds)
-    return Redirect(url, status_code=HTTP_307_TEMPORARY_REDIRECT)
+    return Redirect(redirect_target(services.settings, url), status_code=HTTP_307_TEMPORARY_REDIRECT)
 
 
 @get(
@@ -247,7 +247,11 @@ async def image_thumbnail(services: Services, image_id: str) -> Redirect:
     record = await find_image(require_index(services), image_id)
     key, made = await _thumbnails(services).key(record)
     url = await services.store.presigned_get_url(key, services.settings.presign_ttl_seconds)
-    return Redirect(url, status_code=HTTP_307_TEMPORARY_REDIRECT, headers={"X-Thumbnail": "made" if made else "stored"})
+    return Redirect(
+        redirect_target(services.settings, url),
+        status_code=HTTP_307_TEMPORARY_REDIRECT,
+        headers={"X-Thumbnail": "made" if made else "stored"},
+    )
 
 
 def _thumbnails(services: Services) -> Thumbnails:

@@ -106,13 +106,28 @@ export function postJson(path, body) {
   });
 }
 
+// paths of this server's API in the links it returns (never those of a bucket's presigned URL: its bucket name or key)
+const API_PATHS = ["/v1/images/", "/v1/jobs/", "/v1/files/"];
+
+/**
+ * A link the API returned, as this page may load it. The API builds its links on PUBLIC_BASE_URL (or the address a
+ * request named), which need not be the address this page was opened at: the page's own rules (its
+ * Content-Security-Policy, same-origin fetches) would block such a link, so it is used as a path on this page's
+ * server. A bucket's presigned URL (R2) is kept as it is.
+ */
+export function pageUrl(link) {
+  const url = new URL(link, location.href);
+  if (url.origin === location.origin || !API_PATHS.some((path) => url.pathname.startsWith(path))) return link;
+  return url.pathname + url.search;
+}
+
 /**
  * A URL an <img> or <audio> element can load for an API link that redirects to the object. Without keys that is
  * the link itself; with a key the element cannot send it, so the object is fetched here and shown from memory.
  */
 export async function mediaUrl(link) {
-  if (!config.keys) return { url: link, release() {} };
-  const response = await send(link);
+  if (!config.keys) return { url: pageUrl(link), release() {} };
+  const response = await send(pageUrl(link));
   if (!response.ok) throw await errorFrom(response);
   const url = URL.createObjectURL(await response.blob());
   return { url, release: () => URL.revokeObjectURL(url) };

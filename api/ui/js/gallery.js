@@ -1,6 +1,6 @@
 // The gallery (newest first, more as you scroll), text search, find similar, the full-size viewer and delete.
 
-import { call, mediaUrl, postJson, send, errorFrom } from "./api.js";
+import { call, errorFrom, mediaUrl, pageUrl, postJson, send } from "./api.js";
 import { element, formatBytes, showError } from "./dom.js";
 
 const PAGE_SIZE = 48;
@@ -218,7 +218,7 @@ async function view(image) {
   const picture = document.getElementById("viewer-image");
   picture.alt = describe(image);
   const original = document.getElementById("viewer-original");
-  original.href = image.file_url;
+  original.href = pageUrl(image.file_url);
   viewer.showModal();
   try {
     const { url, release } = await mediaUrl(image.file_url);

@@ -1,6 +1,6 @@
 // The generate form: an image.generate job, followed in the jobs panel; the PNG and the seed used shown here.
 
-import { config, postJson, seedValue } from "./api.js";
+import { config, pageUrl, postJson, seedValue } from "./api.js";
 import { showError } from "./dom.js";
 import { addJob, followJob, updateJob } from "./jobs.js";
 
@@ -55,7 +55,7 @@ async function generate(form) {
   updateJob(job, { jobId: accepted.job_id });
   try {
     const done = await followJob(job, accepted.status_url);
-    const result = done.result;
+    const result = { ...done.result, url: pageUrl(done.result.url) };
     updateJob(job, { link: { href: result.url, text: "PNG" } });
     show(result, done.job_id);
   } catch (failure) {

@@ -1,7 +1,7 @@
 // The jobs panel: every job started from this page, its state as the server reports it, and a link to its result;
 // a job still queued can be cancelled, and a generation's output deleted (the page then stops showing it).
 
-import { ApiError, call } from "./api.js";
+import { ApiError, call, pageUrl } from "./api.js";
 import { element } from "./dom.js";
 
 const STATES = {
@@ -54,7 +54,7 @@ export function updateJob(entry, changes) {
 export async function followJob(entry, statusUrl) {
   let seen = null; // the status of the last answer: the next long poll waits while the job is still in it
   for (;;) {
-    const url = new URL(statusUrl, location.href);
+    const url = new URL(pageUrl(statusUrl), location.href);
     if (seen) {
       url.searchParams.set("wait_seconds", String(LONG_POLL_SECONDS));
       url.searchParams.set("while_status", seen);

@@ -1,6 +1,6 @@
 // Uploads: many files at once (picked or dropped), each with its own progress and its own error in words.
 
-import { call, config, keyRefused, upload } from "./api.js";
+import { call, config, keyRefused, pageUrl, upload } from "./api.js";
 import { element, formatBytes } from "./dom.js";
 import { addImage } from "./gallery.js";
 import { addJob, followJob, updateJob } from "./jobs.js";
@@ -75,7 +75,7 @@ async function send(file, row) {
       ({ body: image } = await call(`/v1/images/${done.job_id}`));
     }
     // an API link opens in a new tab only when the server asks for no key
-    const link = config.keys ? null : { href: image.file_url, text: "original" };
+    const link = config.keys ? null : { href: pageUrl(image.file_url), text: "original" };
     updateJob(job, { state: "succeeded", jobId: image.id, link });
     row.done();
     addImage(image);

@@ -1,6 +1,6 @@
 // The voice form: a reference clip (a file, or recorded here and sent as WAV), its transcript, the text to speak.
 
-import { ApiError, config, errorFrom, parseJson, send } from "./api.js";
+import { ApiError, config, errorFrom, pageUrl, parseJson, send } from "./api.js";
 import { element, formatBytes, newId, showError } from "./dom.js";
 import { addJob, followJob, updateJob } from "./jobs.js";
 
@@ -139,7 +139,7 @@ async function speak(form) {
       const accepted = parseJson(await response.text());
       updateJob(job, { jobId: accepted.job_id, state: accepted.status });
       const done = await followJob(job, accepted.status_url);
-      play(done.result.url, done.result.duration_seconds, done.job_id, job);
+      play(pageUrl(done.result.url), done.result.duration_seconds, done.job_id, job);
     } else {
       const url = URL.createObjectURL(await response.blob());
       if (result) URL.revokeObjectURL(result);
