@@ -475,6 +475,21 @@ async def test_the_gallery_loads_more_as_it_scrolls(keyed_page, keyed_server):
     await expect(page.locator("#gallery-status")).to_have_text("61 images, newest first")
 
 
+async def test_a_window_taller_than_a_page_of_images_loads_the_next_ones_at_once(browser, keyed_server):
+    """The 61 images of the test before: 48 cards leave the gallery's end in view, so the page loads the rest
+    without waiting for a scroll that would never come."""
+    context = await browser.new_context(base_url=keyed_server.base_url, viewport={"width": 1440, "height": 2600})
+    page = await context.new_page()
+    try:
+        await page.goto("/")
+        await page.locator("#key-dialog").get_by_label("Key").fill(KEY)
+        await page.locator("#key-dialog").get_by_role("button", name="Use this key").click()
+        await expect(page.locator("#gallery .card")).to_have_count(61)
+        await expect(page.locator("#gallery-status")).to_have_text("61 images, newest first")
+    finally:
+        await context.close()
+
+
 # a PUBLIC_BASE_URL that is not where the page is opened (nor reachable): the API's links name it
 ELSEWHERE = "http://ams.invalid:8000"
 

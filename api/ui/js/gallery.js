@@ -20,6 +20,10 @@ let loading = false;
 let generation = 0; // a new listing or search makes older answers stale
 let opened = null; // the image shown in the viewer
 const releases = new Map(); // image id -> frees its thumbnail's memory (key mode)
+// loads the next page while the end of the gallery is within reach of the view
+const nearEnd = new IntersectionObserver((entries) => {
+  if (entries.some((entry) => entry.isIntersecting) && more && !loading) loadPage();
+}, { rootMargin: "600px" });
 
 export function initGallery() {
   document.getElementById("search-form").addEventListener("submit", (event) => {
@@ -32,9 +36,7 @@ export function initGallery() {
     document.getElementById("search-query").value = "";
     listAll();
   });
-  new IntersectionObserver((entries) => {
-    if (entries.some((entry) => entry.isIntersecting) && more && !loading) loadPage();
-  }, { rootMargin: "600px" }).observe(sentinel);
+  nearEnd.observe(sentinel);
   document.getElementById("viewer-similar").addEventListener("click", () => {
     const image = opened;
     viewer.close();
@@ -113,6 +115,13 @@ async function loadPage() {
     cursor = response.headers.get("X-Next-Cursor");
     more = Boolean(cursor);
     setStatus();
+    loading = false;
+    if (more) {
+      // the observer speaks only when the end moves into or out of reach: a page that left it in reach (a tall
+      // window) would be the last one. Observed afresh, it says where the end is now, and so loads the next page.
+      nearEnd.unobserve(sentinel);
+      nearEnd.observe(sentinel);
+    }
   } catch (error) {
     if (mine === generation) status.textContent = `The images could not be listed: ${error.message}`;
   } finally {
