@@ -548,3 +548,15 @@ async def test_the_page_works_opened_at_another_address_than_public_base_url(els
     assert (await newest.get_by_role("link", name="PNG").get_attribute("href")).startswith("/v1/files/")
     assert all(url.startswith(elsewhere_server.base_url) for url in elsewhere.requests), elsewhere.requests
     assert elsewhere.errors == []
+
+
+async def test_the_skip_link_keeps_the_section_shown(elsewhere):
+    page = elsewhere.page
+    await page.goto("/#voice")
+    await expect(page.locator("#voice")).to_be_visible()
+    await page.get_by_role("link", name="Skip to content").focus()
+    await page.keyboard.press("Enter")
+    await expect(page).to_have_url(re.compile("#main$"))
+    await expect(page.locator("#main")).to_be_focused()
+    await expect(page.locator("#voice")).to_be_visible()
+    await expect(page.locator("#images")).to_be_hidden()

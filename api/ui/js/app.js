@@ -8,9 +8,13 @@ import { initVoice } from "./voice.js";
 
 const SECTIONS = ["images", "generate", "voice", "jobs"];
 
+let current = null;
+
+/** Show the section the #hash names. Another #hash (the skip link's #main) keeps the section shown. */
 function showSection() {
   const wanted = location.hash.slice(1);
-  const current = SECTIONS.includes(wanted) ? wanted : "images";
+  if (SECTIONS.includes(wanted)) current = wanted;
+  else if (!current || !wanted) current = "images";
   for (const name of SECTIONS) {
     document.getElementById(name).hidden = name !== current;
     const tab = document.querySelector(`[data-tab="${name}"]`);
