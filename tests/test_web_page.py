@@ -514,6 +514,13 @@ async def elsewhere(browser, elsewhere_server) -> AsyncIterator[Session]:
     await context.close()
 
 
+@pytest.fixture
+async def answers(elsewhere) -> AsyncIterator[Page]:
+    """The page, whose test puts its own answers in place of some of the server's (page.route) for its span."""
+    yield elsewhere.page
+    await elsewhere.page.unroute_all()
+
+
 async def upload_to(server: RunningServer, name: str, data: bytes, content_type: str) -> dict:
     stored = await server.client.post("/v1/images", files={"file": (name, data, content_type)})
     assert stored.status_code == 201, stored.text
@@ -548,6 +555,41 @@ async def test_the_page_works_opened_at_another_address_than_public_base_url(els
     assert (await newest.get_by_role("link", name="PNG").get_attribute("href")).startswith("/v1/files/")
     assert all(url.startswith(elsewhere_server.base_url) for url in elsewhere.requests), elsewhere.requests
     assert elsewhere.errors == []
+
+
+async def test_a_tiff_is_shown_by_its_preview_and_an_image_that_fails_says_so(elsewhere_server, answers):
+    """Browsers do not show TIFF: the viewer shows its thumbnail, says why, and offers the original as a download.
+    An original the browser cannot show after all gets a message, not a broken picture."""
+    tiff = await upload_to(elsewhere_server, "scan.tiff", encoded(52, "TIFF", size=(320, 240)), "image/tiff")
+    await upload_to(elsewhere_server, "near.png", encoded(53), "image/png")
+    page = answers
+    await page.goto("/")
+    await page.get_by_role("button", name="Open scan.tiff").click()
+    viewer = page.locator("#viewer")
+    await expect(viewer.locator("#viewer-note")).to_have_text(
+        "Browsers do not show TIFF images: this is its preview. Open the original to download it."
+    )
+    await expect(viewer.locator("#viewer-image")).to_have_js_property("complete", True)
+    assert await viewer.locator("#viewer-image").evaluate("image => image.naturalWidth") > 0
+    assert await viewer.locator("#viewer-image").get_attribute("src") == f"/v1/images/{tiff['id']}/thumbnail"
+    original = viewer.get_by_role("link", name="Open the original")
+    assert await original.get_attribute("download") == "scan.tiff"
+    await expect(viewer.locator("#viewer-error")).to_be_hidden()
+    await page.keyboard.press("Escape")
+    await expect(viewer).to_be_hidden()
+
+    await page.route(
+        re.compile(r"/v1/images/[0-9a-f-]{36}/file$"),
+        lambda route: route.fulfill(status=200, content_type="image/png", body=b"not a picture after all"),
+    )
+    await page.get_by_role("button", name="Open near.png").click()
+    await expect(viewer.locator("#viewer-error")).to_have_text(
+        "This browser cannot show the image: open the original to see it in another program"
+    )
+    await expect(viewer.locator("#viewer-note")).to_be_hidden()
+    assert await original.get_attribute("download") is None
+    await page.keyboard.press("Escape")
+    await expect(viewer).to_be_hidden()
 
 
 async def test_the_skip_link_keeps_the_section_shown(elsewhere):

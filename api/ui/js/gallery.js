@@ -5,6 +5,8 @@ import { element, formatBytes, showError } from "./dom.js";
 
 const PAGE_SIZE = 48;
 const RESULTS = 48;
+// the formats browsers show in an <img>; the viewer shows an image of another (TIFF) by its thumbnail, a WebP
+const SHOWN = new Set(["image/jpeg", "image/png", "image/webp", "image/gif", "image/bmp"]);
 
 const gallery = document.getElementById("gallery");
 const status = document.getElementById("gallery-status");
@@ -48,6 +50,11 @@ export function initGallery() {
   });
   confirmDelete.addEventListener("close", () => {
     if (confirmDelete.returnValue === "delete") remove(opened);
+  });
+  document.getElementById("viewer-image").addEventListener("error", (event) => {
+    if (!viewer.open || !event.currentTarget.getAttribute("src")) return;
+    const reason = "This browser cannot show the image: open the original to see it in another program";
+    showError(document.getElementById("viewer-error"), new Error(reason));
   });
   viewer.addEventListener("close", () => {
     const image = document.getElementById("viewer-image");
@@ -224,18 +231,34 @@ async function view(image) {
     `${image.width} × ${image.height} · ${image.content_type}` +
     (image.size ? ` · ${formatBytes(image.size)}` : "") +
     ` · added ${new Date(image.created_at).toLocaleString()}`;
+  const shown = SHOWN.has(image.content_type);
+  const note = document.getElementById("viewer-note");
+  const format = image.content_type.replace("image/", "").toUpperCase();
+  note.textContent = shown
+    ? ""
+    : `Browsers do not show ${format} images: this is its preview. Open the original to download it.`;
+  note.hidden = shown;
   const picture = document.getElementById("viewer-image");
-  picture.alt = describe(image);
+  picture.alt = shown ? describe(image) : `Preview of ${describe(image)}`;
   const original = document.getElementById("viewer-original");
   original.href = pageUrl(image.file_url);
+  // an original the browser would not show is saved under its own name
+  if (shown) original.removeAttribute("download");
+  else original.download = image.filename || "";
   viewer.showModal();
+  const held = [];
+  const release = () => held.forEach((media) => media.release());
   try {
-    const { url, release } = await mediaUrl(image.file_url);
+    const full = await mediaUrl(image.file_url);
+    held.push(full);
+    const preview = shown ? full : await mediaUrl(image.thumbnail_url);
+    if (preview !== full) held.push(preview);
     if (opened !== image) return release();
-    picture.src = url;
-    original.href = url;
+    picture.src = preview.url;
+    original.href = full.url;
     image.releaseFull = release;
   } catch (failure) {
+    release();
     showError(error, failure);
   }
 }
