@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from playwright.async_api import Browser, ConsoleMessage, Page, async_playwright, expect
+from playwright.async_api import Browser, ConsoleMessage, Page, Route, async_playwright, expect
 
 from contract.clock import iso_from_us
 from infra.vectors import ImageRecord
@@ -602,3 +602,42 @@ async def test_the_skip_link_keeps_the_section_shown(elsewhere):
     await expect(page.locator("#main")).to_be_focused()
     await expect(page.locator("#voice")).to_be_visible()
     await expect(page.locator("#images")).to_be_hidden()
+
+
+BUSY = {"status": 503, "code": "broker_unavailable", "message": "the broker is unavailable right now; retry shortly"}
+SLOW_DOWN = {"status": 429, "code": "too_many_requests", "message": "rate limit reached (RATE_LIMIT_PER_MINUTE)"}
+
+
+async def test_an_upload_refused_for_now_says_when_to_try_again(answers):
+    page = answers
+    await page.goto("/")
+    await page.route(
+        re.compile(r"/v1/images\?wait=true$"),
+        lambda route: route.fulfill(status=503, headers={"Retry-After": "5"}, json=BUSY),
+    )
+    await page.locator("#upload-input").set_input_files(image_files()[:1])
+    failed = page.locator("#uploads .upload.failed")
+    await expect(failed).to_contain_text(f"Not added: {BUSY['message']} (try again in 5 s)")
+
+
+async def test_a_429_while_following_a_job_waits_and_follows_on(answers):
+    """The job runs on whatever the page was told: after the Retry-After, the page asks again and sees it end."""
+    page = answers
+    await page.goto("/#generate")
+    refused: list[str] = []
+
+    async def slow_down_once(route: Route) -> None:
+        if refused:
+            await route.continue_()
+            return
+        refused.append(route.request.url)
+        await route.fulfill(status=429, headers={"Retry-After": "1"}, json=SLOW_DOWN)
+
+    await page.route(re.compile(r"/v1/jobs/[0-9a-f-]{36}(\?.*)?$"), slow_down_once)
+    await page.get_by_label("Prompt", exact=True).fill("a job told to slow down")
+    await page.get_by_role("button", name="Generate").click()
+    await expect(page.locator("#generate-caption")).to_have_text(re.compile(r"^Seed \d+ · 64 × 64 · 2 steps$"))
+    assert len(refused) == 1
+    await expect(page.locator("#generate-error")).to_be_hidden()
+    await page.get_by_role("link", name=re.compile("^Jobs")).click()
+    await expect(page.locator("#jobs-list .job").first).to_have_class(re.compile("state-succeeded"))

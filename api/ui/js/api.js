@@ -48,11 +48,13 @@ export async function errorFrom(response) {
   } catch {
     // not the API's JSON error body: keep the status line
   }
-  const retryAfter = response.headers.get("Retry-After");
-  if (response.status === 503 && retryAfter) {
-    message += ` (try again in ${retryAfter} s)`;
-  }
-  return new ApiError(response.status, code, message, retryAfter);
+  return answered(response.status, code, message, response.headers.get("Retry-After"));
+}
+
+/** The ApiError of an answer; a 503's message says when to try again (its Retry-After). */
+function answered(status, code, message, retryAfter) {
+  const note = status === 503 && retryAfter ? ` (try again in ${retryAfter} s)` : "";
+  return new ApiError(status, code, message + note, retryAfter);
 }
 
 /** The key was refused or is missing: ask for one and say whether to try again. */
@@ -154,7 +156,8 @@ export function upload(path, form, onProgress) {
         return;
       }
       const message = body && typeof body.message === "string" ? body.message : `${request.status} ${request.statusText}`;
-      reject(new ApiError(request.status, body?.code || `http_${request.status}`, message));
+      const code = body?.code || `http_${request.status}`;
+      reject(answered(request.status, code, message, request.getResponseHeader("Retry-After")));
     };
     request.onerror = () => reject(new ApiError(0, "network", "the upload was cut off: the server could not be reached"));
     request.send(form);

@@ -63,9 +63,10 @@ export async function followJob(entry, statusUrl) {
     try {
       ({ body: job } = await call(url.href));
     } catch (error) {
-      if (error.status === 0 || error.status === 503) {
+      // the server unreachable, busy or asking this page to slow down (429): the job runs on; ask again later
+      if (error.status === 0 || error.status === 503 || error.status === 429) {
         updateJob(entry, { detail: `${error.message}; still trying` });
-        await sleep(2000);
+        await sleep(retryDelay(error.retryAfter));
         continue;
       }
       throw error;
@@ -109,6 +110,12 @@ async function deleteOutput(entry) {
   }
   updateJob(entry, { link: null, outputDeleted: true, detail: `${OUTPUTS[entry.type]} deleted` });
   document.dispatchEvent(new CustomEvent("output-deleted", { detail: { jobId: entry.jobId } }));
+}
+
+/** Milliseconds to wait before asking again: the answer's Retry-After (seconds), else 2 s. */
+function retryDelay(retryAfter) {
+  const seconds = Number(retryAfter);
+  return Number.isFinite(seconds) && seconds > 0 ? Math.min(seconds, 120) * 1000 : 2000;
 }
 
 function sleep(ms) {
