@@ -300,12 +300,7 @@ async def test_a_stop_while_the_old_shard_is_removed_after_a_build_keeps_the_new
     await wait_until(old_gone, timeout=30)
     live = layout.read_meta().shard
     assert layout.shard_names() == [live]
-    reopened = await _open(tmp_path, build_points=0)
-    try:
-        assert await reopened.count() == 300
-        assert (await reopened.stats()).indexed_points == 300
-    finally:
-        await reopened.close()
+    await _reopens_with_all_indexed(tmp_path, 300)
 
 
 async def test_a_build_started_during_a_restore_does_not_take_the_restored_shard_s_name(tmp_path, monkeypatch):
@@ -332,10 +327,14 @@ async def test_a_build_started_during_a_restore_does_not_take_the_restored_shard
         await engine.close()
     layout = EngineLayout.under(tmp_path, "images")
     assert layout.shard_names() == [layout.read_meta().shard]
-    reopened = await _open(tmp_path, build_points=0)
+    await _reopens_with_all_indexed(tmp_path, 300)
+
+
+async def _reopens_with_all_indexed(path: Path, count: int) -> None:
+    reopened = await _open(path, build_points=0)
     try:
-        assert await reopened.count() == 300
-        assert (await reopened.stats()).indexed_points == 300
+        assert await reopened.count() == count
+        assert (await reopened.stats()).indexed_points == count
     finally:
         await reopened.close()
 

@@ -32,19 +32,20 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 KEY = "admin-key-for-the-page-test"
 REF_TEXT = "Hello there. This is the reference voice, speaking clearly for a few seconds."
 
+# generation on, at the smallest size and fewest steps the page's tests need
+SMALL_IMAGES = {
+    "IMAGE_ENABLED": "1",
+    "IMAGE_DEFAULT_WIDTH": "64",
+    "IMAGE_DEFAULT_HEIGHT": "64",
+    "IMAGE_DEFAULT_STEPS": "2",
+}
+
 expect.set_options(timeout=30_000)
 
 
 @pytest.fixture(scope="module")
 async def server(make_settings) -> AsyncIterator[RunningServer]:
-    settings = make_settings(
-        IMAGE_ENABLED="1",
-        VOICE_ENABLED="1",
-        IMAGE_DEFAULT_WIDTH="64",
-        IMAGE_DEFAULT_HEIGHT="64",
-        IMAGE_DEFAULT_STEPS="2",
-    )
-    async with running_server(settings) as running:
+    async with running_server(make_settings(VOICE_ENABLED="1", **SMALL_IMAGES)) as running:
         yield running
 
 
@@ -496,14 +497,7 @@ ELSEWHERE = "http://ams.invalid:8000"
 
 @pytest.fixture(scope="module")
 async def elsewhere_server(make_settings) -> AsyncIterator[RunningServer]:
-    settings = make_settings(
-        PUBLIC_BASE_URL=ELSEWHERE,
-        IMAGE_ENABLED="1",
-        IMAGE_DEFAULT_WIDTH="64",
-        IMAGE_DEFAULT_HEIGHT="64",
-        IMAGE_DEFAULT_STEPS="2",
-    )
-    async with running_server(settings) as running:
+    async with running_server(make_settings(PUBLIC_BASE_URL=ELSEWHERE, **SMALL_IMAGES)) as running:
         yield running
 
 
