@@ -54,8 +54,10 @@ class OneProcess:
     async def stop(self) -> None:
         """Stop the processor first (it finishes its batch), then the API, then close the plumbing."""
         try:
-            if self.processor is not None:
-                await self.processor.stop()
-            await self.services.stop()
+            try:
+                if self.processor is not None:
+                    await self.processor.stop()
+            finally:  # the API's own stop (its resender, its reply queue, an index it owns) runs all the same
+                await self.services.stop()
         finally:
             await self.plumbing.close()

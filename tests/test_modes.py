@@ -8,6 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from api.services import Services
+from launcher import OneProcess
 from tests.support.images import encoded
 from tests.support.rabbitmq import free_port
 from tests.support.s3 import S3Process
@@ -90,3 +94,28 @@ def test_model_libraries_are_imported_only_by_the_processes_that_load_those_mode
     api, both = (set(modules) for modules in json.loads(result.stdout))
     assert not api & {"diffusers", "qwen_tts", "processor", "launcher"}
     assert not both & {"open_clip", "diffusers", "qwen_tts"}
+
+
+async def test_a_processor_that_fails_to_stop_still_lets_the_api_stop(make_settings, monkeypatch):
+    """One process: the API's stop (its resender, its reply queue) and the plumbing's close run even when the
+    processor's stop raises."""
+    running = await OneProcess.start(make_settings(), with_processor=True)
+    processor, stopped = running.processor, []
+    api_stop = Services.stop
+
+    class Unstoppable:
+        async def stop(self) -> None:
+            raise RuntimeError("the processor could not stop")
+
+    async def api_stops(services: Services) -> None:
+        stopped.append("api")
+        await api_stop(services)
+
+    monkeypatch.setattr(running, "processor", Unstoppable())
+    monkeypatch.setattr(Services, "stop", api_stops)
+    try:
+        with pytest.raises(RuntimeError, match="could not stop"):
+            await running.stop()
+        assert stopped == ["api"]
+    finally:
+        await processor.stop()
