@@ -17,6 +17,7 @@ from typing import Any, Literal
 import msgspec
 
 from contract.errors import ErrorInfo
+from contract.job_types import IMAGE_INDEX
 from contract.jobs import FINISHED, JobRecord, is_withdrawn
 from infra.broker import Publisher
 
@@ -66,10 +67,22 @@ def job_finished(record: JobRecord) -> tuple[str, JobFinishedV1]:
         finished_at=record.finished_at,
         attempts=record.attempts,
         params=record.params,
-        result=record.result,
+        result=_shown_result(record),
         error=record.error,
     )
     return f"{record.type}.{record.status}", event
+
+
+# what an image.index job's result (the index's record of the image) holds for the index alone, not shown
+_INDEX_ONLY_FIELDS = ("created_us", "thumbnail")
+
+
+def _shown_result(record: JobRecord) -> dict[str, Any] | None:
+    """The result as `GET /v1/jobs/{id}` shows it, without links: an upload's is the image as `GET /v1/images/{id}`
+    shows it (the index's own fields left out)."""
+    if record.type != IMAGE_INDEX or record.result is None:
+        return record.result
+    return {name: value for name, value in record.result.items() if name not in _INDEX_ONLY_FIELDS}
 
 
 async def publish_event(publisher: Publisher, routing_key: str, event: JobFinishedV1) -> None:

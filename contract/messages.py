@@ -15,6 +15,7 @@ import msgspec
 
 from contract.callbacks import JOB_CALLBACK, JobCallbackV1
 from contract.errors import ErrorInfo
+from contract.job_types import IMAGE_DELETE, IMAGE_EMBED, IMAGE_GENERATE, IMAGE_INDEX, VOICE_GENERATE
 from contract.jobs import GENERATED_IMAGES, GENERATED_VOICES
 from infra.settings import Settings
 from infra.storage import InvalidKeyError, validate_key
@@ -22,12 +23,6 @@ from infra.storage import InvalidKeyError, validate_key
 JSON = "application/json"
 MSGPACK = "application/msgpack"
 CONTENT_TYPES = (JSON, MSGPACK)
-
-IMAGE_INDEX = "image.index"
-IMAGE_GENERATE = "image.generate"
-VOICE_GENERATE = "voice.generate"
-IMAGE_DELETE = "image.delete"
-IMAGE_EMBED = "image.embed"
 
 # the languages Qwen3-TTS speaks, by the names its API takes; "auto" lets the model decide
 VOICE_LANGUAGES = (

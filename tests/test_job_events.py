@@ -15,12 +15,14 @@ import aio_pika
 import msgspec
 import pytest
 
+from api.schemas import ImageOut
 from contract.events import JOB_FINISHED, JobFinishedV1, job_finished
 from contract.jobs import JobStore, record_headers
-from contract.messages import IMAGE_GENERATE
+from contract.messages import IMAGE_GENERATE, IMAGE_INDEX
 from contract.metrics import REGISTRY
 from infra.broker import EVENTS_EXCHANGE, BrokerUnavailableError
 from infra.settings import Settings
+from infra.vectors import ImageRecord
 from processor import announcer
 from processor.announcer import OWED_PREFIX, OwedEvent
 from tests.support.amqp import next_reply, publish, wait_until
@@ -226,3 +228,31 @@ def test_the_documented_event_is_one():
         "succeeded",
         f"images/generated/{event.job_id}.png",
     )
+
+
+def test_an_uploads_end_shows_the_image_as_the_api_does_without_links():
+    """An image.index job's result is the index's record of the image; its end shows it as `GET /v1/jobs/{id}`
+    and `GET /v1/images/{id}` do, without links: the index's own fields (created_us, thumbnail) left out."""
+    image_id = str(uuid.uuid4())
+    image = ImageRecord(
+        id=image_id,
+        r2_key=f"images/originals/{image_id}.png",
+        content_type="image/png",
+        size=1234,
+        width=64,
+        height=48,
+        created_at="2026-12-07T23:00:00Z",
+        created_us=1_796_684_400_000_000,
+        source="upload",
+        filename="cat.png",
+        thumbnail=True,
+    )
+    record = msgspec.structs.replace(
+        JobStore.new(image_id, IMAGE_INDEX, {"source": "upload"}),
+        status="succeeded",
+        finished_at="2026-12-07T23:00:01Z",
+        result=msgspec.to_builtins(image),
+    )
+    _, event = job_finished(record)
+    shown = set(ImageOut.__struct_fields__) - {"file_url", "thumbnail_url"}
+    assert event.result == {name: value for name, value in msgspec.to_builtins(image).items() if name in shown}
