@@ -309,7 +309,11 @@ class JobStore:
 
         An expired record's output is deleted first, then the record, only at the version read: a failed delete
         leaves the record for the next sweep, and a create replacing it meanwhile (its Idempotency-Key used again)
-        keeps the new record, whose job makes its own output."""
+        keeps the new record. The output shares its key with the new job's (the job id comes from the Idempotency-Key),
+        so it is deleted only once the record is read again still at that version, just before: a new record found
+        then (the API deleted the earlier output itself when it created it) keeps the new job's output too. Records
+        are read in pages, long before some are swept; what is left is the one round trip between that read and the
+        delete, in which a whole new job would have to run."""
         now = datetime.now(tz=UTC)
         due = self._ttl if output_ttl_days is None else min(self._ttl, timedelta(days=output_ttl_days))
         records = outputs = 0
@@ -319,6 +323,8 @@ class JobStore:
             output = generated_output(record) if deleting else None
             if self.expired(record, now):
                 if output is not None:
+                    if not await self._still_at(key, version):  # replaced since it was read: see above
+                        continue
                     await self._store.delete(output)
                 try:
                     await self._store.delete(key, if_match=version)
@@ -341,6 +347,12 @@ class JobStore:
             if state is None or _older(state.at, now, self._ttl):
                 await self._store.delete(key)
         return Swept(records=records, outputs=outputs)
+
+    async def _still_at(self, key: str, version: str) -> bool:
+        try:
+            return (await self._store.get(key)).etag == version
+        except ObjectNotFoundError:  # deleted meanwhile (another sweep): whoever did so took its output
+            return False
 
     async def delete_output(self, record: JobRecord, version: str, reason: Literal["expired", "deleted"]) -> JobRecord:
         """Delete a succeeded generation's output (generated_output), saying so in its record first (conditionally

@@ -229,9 +229,9 @@ async def test_without_output_ttl_outputs_are_kept_even_past_their_records(serve
 
 
 async def test_a_sweep_keeps_a_record_that_replaced_the_expired_one_it_read(tmp_path, monkeypatch):
-    """An Idempotency-Key used again after its record expired replaces that record (create). Should the new record
-    land between the sweep's read of the expired one and its delete, the new record stays; the old job's output
-    goes, so the new job makes its own under the same key."""
+    """An Idempotency-Key used again after its record expired replaces that record (create), and its new job stores
+    its output under the same key. Should both land between the sweep's read of the expired record and its
+    deletes, the new record and the new job's output stay (the API deleted the old output when it replaced it)."""
     store = LocalStore(tmp_path / "store")
     jobs = JobStore(store, 1)
     job_id = job_id_for_idempotency_key(IMAGE_GENERATE, "used again")
@@ -246,12 +246,13 @@ async def test_a_sweep_keeps_a_record_that_replaced_the_expired_one_it_read(tmp_
     async def read_then_replaced(keys: list[str]) -> list[tuple[str, JobRecord, str]]:
         found = await read_many(keys)
         await jobs.create(JobStore.new(job_id, IMAGE_GENERATE, {"prompt": "p"}, idempotency_key="used again"))
+        await store.put(output, b"the new job's png", "image/png")
         return found
 
     monkeypatch.setattr(jobs, "_read_many", read_then_replaced)
     assert await jobs.sweep(1) == Swept(records=0, outputs=0)
     assert (await jobs.get(job_id)).status == "queued"
-    assert not await store.exists(output)
+    assert (await store.get(output)).data == b"the new job's png"
 
 
 @pytest.mark.parametrize(
