@@ -3,10 +3,11 @@
 Every write is conditional: a new record is created only if none exists, an existing one is replaced only if it
 is still the version this processor read (its ETag). When another delivery of the same job (on another
 processor) wrote in between, the record is read again and the change applied to that, unless it is finished:
-a record only moves forward. The one way back is an operator's replay (`ams-ops dlq replay`), which may run a
-failed job again; a succeeded job is never run again, unless the output its record names is lost (a power failure
-before the output was flushed, while the message was not yet acked: processor/outputs.py), and a failure of that run
-leaves the record succeeded.
+a record only moves forward. Nor is a failure applied to another delivery's running mark found so (a duplicate run
+at once): that delivery settles the record. The one way back is an operator's replay (`ams-ops dlq replay`), which
+may run a failed job again; a succeeded job is never run again, unless the output its record names is lost (a power
+failure before the output was flushed, while the message was not yet acked: processor/outputs.py), and a failure of
+that run leaves the record succeeded.
 
 The running mark is written beside the work, not before it (`mark_running`): the model starts at once, and the
 job waits for the mark only before its first lasting side effect (an output stored, a point written), so a job
@@ -47,6 +48,7 @@ class Tracked:
     replayed: bool = False  # the delivery is an operator's replay: a failed record (not a called-off one) reopens
     remaking: bool = False  # the record says succeeded but its output was lost: the job runs and is recorded again
     marking: asyncio.Task[bool] | None = field(default=None, repr=False)  # the running mark being written
+    marked: str | None = None  # the version this delivery's running mark wrote (None: none written)
 
     @property
     def settled(self) -> bool:
@@ -73,11 +75,14 @@ class JobTracker:
         the job before its first lasting side effect (Job.still_wanted). The task's result: True when written,
         False when the stored record turned out settled (withdrawn by the API, or finished by another delivery:
         then `tracked` holds that and nothing was written)."""
-        tracked.marking = asyncio.create_task(
-            self._apply(tracked, _running(attempt), durable=False, background=True),
-            name=f"running-{tracked.record.job_id}",
-        )
+        tracked.marking = asyncio.create_task(self._mark(tracked, attempt), name=f"running-{tracked.record.job_id}")
         return tracked.marking
+
+    async def _mark(self, tracked: Tracked, attempt: int) -> bool:
+        wrote = await self._apply(tracked, _running(attempt), durable=False, background=True)
+        if wrote:
+            tracked.marked = tracked.etag
+        return wrote
 
     async def succeeded(self, tracked: Tracked, outcome: Succeeded, attempt: int) -> bool:
         """Write the succeeded record where readers see it at once, not yet flushed to a local disk: the requester
@@ -99,7 +104,10 @@ class JobTracker:
     async def failed(self, tracked: Tracked, outcome: Failed, attempt: int, *, final: bool) -> bool:
         """Record a failure: final (`failed`), or to be retried (`queued` again). False when nothing was written: the
         record is settled, or it says succeeded and the job runs again only to remake its lost output (the record
-        stays succeeded; the message is retried or dead-lettered all the same)."""
+        stays succeeded), or it changed meanwhile to another delivery's running mark (a duplicate of the job, run at
+        once: that delivery settles the record, or its message comes again should its processor die; a `queued`
+        written over its mark would let the job be cancelled while it runs). The message is retried or dead-lettered
+        all the same."""
         if tracked.remaking:
             return False
         error = ErrorInfo(code=outcome.code, message=outcome.message)
@@ -112,7 +120,7 @@ class JobTracker:
             else:
                 record.status = "queued"
 
-        return await self._write(tracked, change)
+        return await self._write(tracked, change, yield_to_runner=True)
 
     async def refused(self, job_id: str, outcome: Failed, attempt: int) -> JobRecord | None:
         """Mark the existing record of a job that was refused before it started (if there is one) as failed; the
@@ -124,17 +132,31 @@ class JobTracker:
         await self.failed(tracked, outcome, attempt, final=True)
         return tracked.record
 
-    async def _write(self, tracked: Tracked, change: Callable[[JobRecord], None], *, durable: bool = True) -> bool:
+    async def _write(
+        self,
+        tracked: Tracked,
+        change: Callable[[JobRecord], None],
+        *,
+        durable: bool = True,
+        yield_to_runner: bool = False,
+    ) -> bool:
         """Apply `change` to the record and write it conditionally; on a conflict, read the record again and
-        apply the change to that, unless it is settled (then False, nothing written)."""
+        apply the change to that, unless it is settled (then False, nothing written). `yield_to_runner`: nor when
+        what was read is another delivery's running mark."""
         marking, tracked.marking = tracked.marking, None
         if marking is not None:
             with contextlib.suppress(Exception):  # a mark that could not be written changes nothing below
                 await marking
-        return await self._apply(tracked, change, durable=durable)
+        return await self._apply(tracked, change, durable=durable, yield_to_runner=yield_to_runner)
 
     async def _apply(
-        self, tracked: Tracked, change: Callable[[JobRecord], None], *, durable: bool = True, background: bool = False
+        self,
+        tracked: Tracked,
+        change: Callable[[JobRecord], None],
+        *,
+        durable: bool = True,
+        background: bool = False,
+        yield_to_runner: bool = False,
     ) -> bool:
         for _ in range(_CONFLICT_ROUNDS):
             if tracked.settled:
@@ -159,6 +181,9 @@ class JobTracker:
                     tracked.etag = None
                 else:
                     tracked.record, tracked.etag = found
+                    if yield_to_runner and tracked.record.status == "running" and tracked.etag != tracked.marked:
+                        log.info("job_record_left_to_running_delivery", job_id=candidate.job_id)
+                        return False
                 continue
             tracked.record, tracked.etag, tracked.replayed, tracked.remaking = candidate, etag, False, False
             return True

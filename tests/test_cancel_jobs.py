@@ -11,10 +11,14 @@ import aio_pika
 import msgspec
 import pytest
 
-from contract.jobs import JobStore, job_id_for_idempotency_key, record_headers
+from contract.jobs import JobStore, NotCancellableError, cancel_queued, job_id_for_idempotency_key, record_headers
 from contract.messages import IMAGE_GENERATE, VOICE_GENERATE
 from contract.metrics import REGISTRY
 from infra.settings import Settings
+from infra.storage.local import LocalStore
+from processor.handlers.base import Job
+from processor.outcomes import Failed, Succeeded
+from processor.tracking import JobTracker, Tracked
 from tests.support.amqp import next_reply, publish, wait_until
 from tests.support.audio import speech_clip
 from tests.support.server import running_server
@@ -187,3 +191,42 @@ async def test_a_processor_that_marks_the_job_running_first_wins(server, monkeyp
     assert refused.status_code == 409, refused.text
     assert "it is running" in refused.json()["message"]
     assert marked and await jobs.get(record.job_id) == running
+
+
+@pytest.mark.parametrize("final", [False, True])
+async def test_a_duplicates_failure_leaves_the_job_running_under_the_other_delivery(tmp_path, final):
+    """Two deliveries of one job run at once (a resend, a redelivery after a lost channel), each marked running,
+    the second mark the newer. The first one's failure (retried, or final) is not written over the second one's
+    mark: the job stays running, so a cancellation is still a 409, and the other delivery's success is recorded."""
+    jobs = JobStore(LocalStore(tmp_path / "store"), 7)
+    tracker = JobTracker(jobs)
+    record = JobStore.new(str(uuid.uuid4()), IMAGE_GENERATE, {**PARAMS, "seed": 6})
+    first = Tracked(record, await jobs.create(record))
+    job = Job(message_id=record.job_id, message_type=IMAGE_GENERATE, payload=None, priority=9)
+    assert await tracker.mark_running(first, 1)
+    second = await tracker.load(job)
+    assert await tracker.mark_running(second, 1)
+
+    failure = Failed("device_memory_unavailable", "out of device memory", transient=not final)
+    assert not await tracker.failed(first, failure, 1, final=final)
+    assert (await jobs.get(record.job_id)).status == "running"
+    with pytest.raises(NotCancellableError):
+        await cancel_queued(jobs, record.job_id)
+
+    assert await tracker.succeeded(second, Succeeded({"key": f"images/generated/{record.job_id}.png"}), 1)
+    assert (await jobs.get(record.job_id)).status == "succeeded"
+
+
+async def test_a_failure_is_still_written_over_a_running_mark_of_its_own_delivery(tmp_path):
+    """A delivery's own mark, and a record that changed meanwhile to something other than another delivery's mark,
+    still take its failure: the retry's record says queued."""
+    jobs = JobStore(LocalStore(tmp_path / "store"), 7)
+    tracker = JobTracker(jobs)
+    record = JobStore.new(str(uuid.uuid4()), IMAGE_GENERATE, {**PARAMS, "seed": 7})
+    tracked = Tracked(record, await jobs.create(record))
+    assert await tracker.mark_running(tracked, 1)
+    stored, version = await jobs.load(record.job_id)
+    await jobs.update(msgspec.structs.replace(stored, callback_url=None), version)  # another write, not a mark
+    failure = Failed("device_memory_unavailable", "out of device memory", transient=True)
+    assert await tracker.failed(tracked, failure, 1, final=False)
+    assert (await jobs.get(record.job_id)).status == "queued"
