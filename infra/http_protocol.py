@@ -6,10 +6,16 @@ gets a plain-text 400. This protocol counts the bytes of each request head as th
 API's JSON error body and `Connection: close`:
 414 `uri_too_long` past HTTP_MAX_REQUEST_LINE_BYTES of request target, 431 `headers_too_large` past
 HTTP_MAX_HEADERS headers or HTTP_MAX_HEADER_BYTES of head, 400 `bad_request` for what is not HTTP/1.1.
+
+Nor does it time a request head: a connection that sends nothing, or a head a byte at a time, was held for good (a
+few hundred such sockets took the server's file descriptors). Here a head must be whole within
+HTTP_READ_TIMEOUT_SECONDS of its first byte, else 408 `request_timeout`; a new connection that sends nothing for
+HTTP_KEEPALIVE_SECONDS is closed, as an idle keep-alive connection is.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -33,6 +39,7 @@ class HttpLimits:
     max_headers: int = 100
     max_header_bytes: int = 32 * 1024
     keepalive_seconds: int = 5
+    head_timeout_seconds: float = 30.0
 
     @classmethod
     def from_settings(cls, settings: Settings) -> HttpLimits:
@@ -41,6 +48,7 @@ class HttpLimits:
             max_headers=settings.http_max_headers,
             max_header_bytes=settings.http_max_header_bytes,
             keepalive_seconds=settings.http_keepalive_seconds,
+            head_timeout_seconds=settings.http_read_timeout_seconds,
         )
 
 
@@ -59,6 +67,15 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._header_bytes = 0
         self._refusal: tuple[int, str, str] | None = None
         self._discarding = False
+        self._head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._time_head(self._limits.keepalive_seconds)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_timing_head()
+        super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         if self._discarding:
@@ -85,6 +102,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._header_bytes = 0
+        self._time_head(self._limits.head_timeout_seconds)
 
     def on_url(self, url: bytes) -> None:
         super().on_url(url)
@@ -106,12 +124,41 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._reading_head = False
+        self._stop_timing_head()
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
         self._reading_head = True
         self._head_bytes = 0
+
+    def _time_head(self, seconds: float) -> None:
+        self._stop_timing_head()
+        self._head_timer = self.loop.call_later(seconds, self._head_timed_out)
+
+    def _stop_timing_head(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self.transport.is_closing() or self._discarding or not self._reading_head:
+            return
+        if self.cycle is not None and not self.cycle.response_complete:
+            # a pipelined request's head, read while the one before is answered: timed once that answer is out
+            self._time_head(self._limits.head_timeout_seconds)
+        elif self._head_bytes == 0:  # not a byte of a request yet: idle, closed as an idle keep-alive one is
+            self.transport.close()
+        else:
+            self._send_refusal(
+                (
+                    408,
+                    "request_timeout",
+                    f"the request head did not arrive whole within {self._limits.head_timeout_seconds:g} s "
+                    "(HTTP_READ_TIMEOUT_SECONDS)",
+                )
+            )
 
     def _too_large(self) -> tuple[int, str, str]:
         return (
