@@ -10,11 +10,14 @@ from typing import Any
 class Succeeded:
     """`result` goes into the job record and the reply; `attachment` (e.g. the PNG) only into the reply;
     `unflushed`: the keys of outputs stored but not yet flushed to a local disk, which the settler flushes after
-    the reply and before the ack (processor/outputs.py)."""
+    the reply and before the ack (processor/outputs.py); `created`: the outputs this delivery created (key ->
+    version), deleted again should the record turn out settled by another delivery without them
+    (processor/outputs.py, drop_unrecorded)."""
 
     result: dict[str, Any] = field(default_factory=dict)
     attachment: bytes | None = None
     unflushed: tuple[str, ...] = ()
+    created: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

@@ -55,6 +55,7 @@ from processor.announcer import Announcer
 from processor.deliveries import attempt, job_id, job_type
 from processor.handlers.base import Job
 from processor.outcomes import CalledOff, Failed, Settlement, Succeeded
+from processor.outputs import drop_unrecorded
 from processor.retrying import TRANSIENT_ERRORS, retry_transient
 from processor.tracking import JobTracker, Tracked
 
@@ -105,6 +106,8 @@ class Settler:
         if isinstance(outcome, Succeeded) and record is not None and not record.settled:
             try:
                 if not await self.tracker.succeeded(record, outcome, number):
+                    # settled by another delivery: an output this one made that its record does not name goes
+                    await drop_unrecorded(self._store, outcome.created, record.record)
                     outcome = recorded_outcome(record.record)
             except TRANSIENT_ERRORS as exc:
                 outcome = Failed("storage_unavailable", f"could not record the result: {exc}", transient=True)

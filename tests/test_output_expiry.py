@@ -6,19 +6,25 @@ before."""
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from datetime import UTC, datetime, timedelta
 
 import msgspec
 import pytest
 
-from contract.jobs import JobRecord, JobStore, Swept, job_id_for_idempotency_key, record_key
-from contract.messages import IMAGE_GENERATE
+from contract.jobs import JobRecord, JobStore, Swept, delete_job_output, job_id_for_idempotency_key, record_key
+from contract.messages import IMAGE_GENERATE, VOICE_GENERATE
 from contract.metrics import REGISTRY
 from infra.settings import Settings
 from infra.storage import StorageUnavailableError
 from infra.storage.local import LocalStore
 from processor import service
+from processor.handlers.base import Job
+from processor.outcomes import Succeeded
+from processor.outputs import StoredOutput, store_output
+from processor.settler import Settler
+from processor.tracking import JobTracker, Tracked
 from tests.support.amqp import publish, wait_until
 from tests.support.backdate import written_days_ago
 from tests.support.images import encoded
@@ -277,3 +283,82 @@ async def test_a_record_whose_finish_cannot_be_read_is_swept_not_a_stop_to_the_s
         assert await jobs.load(job_id) is None
     assert await jobs.sweep() == Swept(records=3, outputs=0)
     assert [info async for info in store.list("jobs/")] == []
+
+
+class _Delivery:
+    """As much of an incoming message as a settled success without a requester uses."""
+
+    def __init__(self, message_id: str) -> None:
+        self.message_id, self.headers, self.reply_to, self.correlation_id = message_id, {}, None, None
+        self.acked = False
+
+    async def ack(self) -> None:
+        self.acked = True
+
+
+async def _two_running_deliveries(jobs: JobStore, job_id: str) -> tuple[Job, Tracked, Job, Tracked]:
+    """A job delivered twice at once (a resend, a redelivery after a lost channel): both marked running."""
+    record = JobStore.new(job_id, VOICE_GENERATE, {"text": "said twice"})
+    tracker = JobTracker(jobs)
+    first = Tracked(record, await jobs.create(record))
+    job = Job(message_id=job_id, message_type=VOICE_GENERATE, payload=None, priority=9)
+    first_mark = tracker.mark_running(first, 1)
+    assert await first_mark
+    second = await tracker.load(job)
+    second_mark = tracker.mark_running(second, 1)
+    assert await second_mark
+    return (
+        dataclasses.replace(job, marking=first_mark),
+        first,
+        dataclasses.replace(job, marking=second_mark),
+        second,
+    )
+
+
+async def _settled(settler: Settler, job: Job, tracked: Tracked, stored: StoredOutput) -> None:
+    delivery = _Delivery(job.message_id)
+    outcome = Succeeded({"key": stored.key}, unflushed=(stored.key,), created=stored.created)
+    await settler.settle(delivery, job, outcome, 0.1, tracked)
+    assert delivery.acked
+
+
+async def test_an_output_deleted_while_a_duplicate_ran_does_not_come_back(tmp_path):
+    """Two deliveries of a job run at once. The first stores the voice and succeeds, and its client deletes the
+    output; the second then stores it again and finds the record settled: it deletes what it stored, so the
+    record saying the output was deleted stays true."""
+    store = LocalStore(tmp_path / "store")
+    jobs = JobStore(store, 7)
+    settler = Settler(None, jobs, store, 3)  # a success without a requester publishes nothing
+    job_id = str(uuid.uuid4())
+    key = f"voice/generated/{job_id}.mp3"
+    first_job, first, second_job, second = await _two_running_deliveries(jobs, job_id)
+    stored = await store_output(first_job, store, key, b"the first delivery's mp3", "audio/mpeg")
+    assert isinstance(stored, StoredOutput) and stored.created
+    await _settled(settler, first_job, first, stored)
+    deleted = await delete_job_output(jobs, job_id)
+    assert deleted is not None and not await store.exists(key)
+
+    again = await store_output(second_job, store, key, b"the second delivery's mp3", "audio/mpeg")
+    assert isinstance(again, StoredOutput) and again.created
+    await _settled(settler, second_job, second, again)
+    assert (await jobs.get(job_id)).output_deleted is not None
+    assert not await store.exists(key)
+
+
+async def test_a_duplicates_output_that_the_record_names_is_kept(tmp_path):
+    """The second delivery stored the output first, and the first one, finding it, recorded the job's success: the
+    output is the one the record names, and stays when the second finds the record settled."""
+    store = LocalStore(tmp_path / "store")
+    jobs = JobStore(store, 7)
+    settler = Settler(None, jobs, store, 3)
+    job_id = str(uuid.uuid4())
+    key = f"voice/generated/{job_id}.mp3"
+    first_job, first, second_job, second = await _two_running_deliveries(jobs, job_id)
+    made = await store_output(second_job, store, key, b"the second delivery's mp3", "audio/mpeg")
+    found = await store_output(first_job, store, key, b"the first delivery's mp3", "audio/mpeg")
+    assert isinstance(made, StoredOutput) and made.created
+    assert isinstance(found, StoredOutput) and not found.created
+    await _settled(settler, first_job, first, found)
+    await _settled(settler, second_job, second, made)
+    assert (await jobs.get(job_id)).status == "succeeded"
+    assert (await store.get(key)).data == b"the second delivery's mp3"

@@ -23,7 +23,7 @@ from infra.storage import ObjectStore
 from models.diffusion import GenerationParams, ImageGenerator, UnsupportedParameterError
 from processor.handlers.base import Job
 from processor.outcomes import Failed, Outcome, Succeeded
-from processor.outputs import keyed_output, store_output
+from processor.outputs import StoredOutput, keyed_output, store_output
 
 log = structlog.get_logger(__name__)
 
@@ -79,9 +79,9 @@ class ImageGenerateHandler:
             return Failed("unsupported_parameter", str(exc))
         key = output_key(IMAGE_GENERATE, job.message_id)
         stored = await store_output(job, self._store, key, png, "image/png")
-        if not isinstance(stored, bytes):
+        if not isinstance(stored, StoredOutput):
             return stored
-        png = stored
+        png = stored.data
         log.info(
             "image_generated",
             job_id=job.message_id,
@@ -102,4 +102,4 @@ class ImageGenerateHandler:
             "guidance_scale": params.guidance_scale,
             "model": self._generator.model_id,
         }
-        return Succeeded(result, attachment=png, unflushed=(key,))
+        return Succeeded(result, attachment=png, unflushed=(key,), created=stored.created)

@@ -21,7 +21,7 @@ from infra.storage import InvalidKeyError, ObjectNotFoundError, ObjectStore, Obj
 from models.voice import VoiceCloner
 from processor.handlers.base import Job, PieceSink
 from processor.outcomes import Failed, Outcome, Succeeded
-from processor.outputs import keyed_output, store_output
+from processor.outputs import StoredOutput, keyed_output, store_output
 from processor.retrying import TRANSIENT_ERRORS, retry_transient
 from processor.text_chunks import split_sentences, split_text
 
@@ -138,12 +138,13 @@ class VoiceGenerateHandler:
         mp3, samples = await asyncio.to_thread(self._speak_whole, reference, payload.ref_text, pieces, language)
         key = output_key(VOICE_GENERATE, job.message_id)
         stored = await store_output(job, self._store, key, mp3, "audio/mpeg")
-        if not isinstance(stored, bytes):
+        if not isinstance(stored, StoredOutput):
             return stored
-        mp3 = stored
+        mp3 = stored.data
         seconds = round(samples / SAMPLE_RATE, 3)
         self._log(job, key, seconds, len(pieces), language, reference)
-        return Succeeded(self._result(key, mp3, seconds, len(pieces), language), attachment=mp3, unflushed=(key,))
+        result = self._result(key, mp3, seconds, len(pieces), language)
+        return Succeeded(result, attachment=mp3, unflushed=(key,), created=stored.created)
 
     def _speak_whole(
         self, reference: DecodedAudio, ref_text: str, pieces: list[str], language: str
@@ -167,13 +168,14 @@ class VoiceGenerateHandler:
         mp3, samples = await self._speak_streamed(sink, reference, payload.ref_text, pieces, language)
         key = output_key(VOICE_GENERATE, job.message_id)
         stored = await store_output(job, self._store, key, mp3, "audio/mpeg")
-        if not isinstance(stored, bytes):
+        if not isinstance(stored, StoredOutput):
             return stored
-        if stored != mp3:
+        if stored.data != mp3:
             log.warning("voice_stream_differs_from_stored", job_id=job.message_id, key=key)
         seconds = round(samples / SAMPLE_RATE, 3)
         self._log(job, key, seconds, len(pieces), language, reference)
-        return Succeeded(self._result(key, stored, seconds, len(pieces), language), unflushed=(key,))
+        result = self._result(key, stored.data, seconds, len(pieces), language)
+        return Succeeded(result, unflushed=(key,), created=stored.created)
 
     async def _speak_streamed(
         self, sink: PieceSink, reference: DecodedAudio, ref_text: str, pieces: list[str], language: str
