@@ -116,12 +116,15 @@ def _existing(existing: JobRecord, recorded: dict[str, Any], callback_url: str |
         )
 
 
-async def _found(jobs: JobStore, record: JobRecord, wait: bool, seconds: float) -> JobStart:
+async def _found(
+    jobs: JobStore, record: JobRecord, wait: bool, seconds: float, gone: asyncio.Future[None] | None
+) -> JobStart:
     """The job an Idempotency-Key already started. A request that waits for its result (a retry after a lost
     connection, or the same request sent twice at once) waits for the job as the first one does, up to `seconds`
-    (SYNC_TIMEOUT_SECONDS), reading its record: the reply goes to the first request, perhaps in another process."""
+    (SYNC_TIMEOUT_SECONDS) or until its client has `gone`, reading its record: the reply goes to the first request,
+    perhaps in another process."""
     if wait:
-        record = await _settled(jobs, record, seconds)
+        record = await _settled(jobs, record, seconds, gone)
     return JobStart(record, None, existing=True)
 
 
@@ -183,10 +186,14 @@ async def _client_gone(request: Request) -> None:
         message = await request.receive()
 
 
-async def _settled(jobs: JobStore, record: JobRecord, seconds: float) -> JobRecord:
-    """The job's record once it is finished, or as it is after `seconds`. A job the first request's failed publish
-    removed or withdrew meanwhile is answered as that request was: 503, and the key starts the job afresh."""
-    current = await watch_job(jobs, record, seconds, finished)
+async def _settled(jobs: JobStore, record: JobRecord, seconds: float, gone: asyncio.Future[None] | None) -> JobRecord:
+    """The job's record once it is finished, or as it is after `seconds` (or once the client has `gone`). A job the
+    first request's failed publish removed or withdrew meanwhile is answered as that request was: 503, and the key
+    starts the job afresh."""
+    interrupt = asyncio.Event()
+    if gone is not None:
+        gone.add_done_callback(lambda _: interrupt.set())
+    current = await watch_job(jobs, record, seconds, finished, interrupt)
     if current is None:
         raise _not_accepted(record.job_id, "its message could not be sent to the broker")
     record = current
@@ -216,11 +223,48 @@ async def start_job(
     stream: bool = False,
     admit: Callable[[], Awaitable[None]] | None = None,
     callback_url: str | None = None,
+    request: Request | None = None,
 ) -> JobStart:
     """Record and publish a job (or find the one this Idempotency-Key already started). With `stream`, the job
     is asked to send its output in pieces, and they come on the result's `events` (the caller forgets them).
     `admit` checks what a new job needs (raising the ApiError that refuses it); a job the key found skips it.
-    `callback_url`: where the job's end is POSTed (checked against CALLBACK_HOSTS by the caller)."""
+    `callback_url`: where the job's end is POSTed (checked against CALLBACK_HOSTS by the caller). `request`: the
+    waiting client's, whose body has been read; a wait ends once that client has gone (the job goes on, and its
+    record and output are kept), as it would past SYNC_TIMEOUT_SECONDS."""
+    gone = asyncio.ensure_future(_client_gone(request)) if request is not None and (wait or stream) else None
+    try:
+        return await _start_job(
+            services,
+            job_type=job_type,
+            payload=payload,
+            wait=wait,
+            idempotency_key=idempotency_key,
+            params=params,
+            job_id=job_id,
+            stream=stream,
+            admit=admit,
+            callback_url=callback_url,
+            gone=gone,
+        )
+    finally:
+        if gone is not None:
+            gone.cancel()
+
+
+async def _start_job(
+    services: Services,
+    *,
+    job_type: str,
+    payload: msgspec.Struct,
+    wait: bool,
+    idempotency_key: str | None,
+    params: dict[str, Any] | None,
+    job_id: str | None,
+    stream: bool,
+    admit: Callable[[], Awaitable[None]] | None,
+    callback_url: str | None,
+    gone: asyncio.Future[None] | None,
+) -> JobStart:
     jobs = job_store(services)
     recorded = record_params(payload) if params is None else params
     key = check_idempotency_key(idempotency_key)
@@ -234,7 +278,7 @@ async def start_job(
                 if never_started(found[0]):  # its message may never have left: api/resend.py
                     priority = Priority.INTERACTIVE if wait or stream else Priority.ASYNC
                     services.resender.watch(found[0], found[1], Resend(job_type, payload, priority))
-                return await _found(jobs, found[0], wait or stream, services.settings.sync_timeout_seconds)
+                return await _found(jobs, found[0], wait or stream, services.settings.sync_timeout_seconds, gone)
             restarted_version = found[1]
     if admit is not None:
         await admit()
@@ -252,7 +296,7 @@ async def start_job(
         if existing is None:
             raise
         _existing(existing, recorded, callback_url)
-        return await _found(jobs, existing, wait or stream, services.settings.sync_timeout_seconds)
+        return await _found(jobs, existing, wait or stream, services.settings.sync_timeout_seconds, gone)
     if key is not None:
         await _clear_earlier_output(services, jobs, record)
     headers = record_headers(record, version)
@@ -260,7 +304,7 @@ async def start_job(
         if stream:
             events = await _publish_streamed(services, job_type, payload, job_id, headers)
             return JobStart(record, None, events=events)
-        reply = await _publish(services, job_type, payload, job_id, wait, headers)
+        reply = await _publish(services, job_type, payload, job_id, wait, headers, gone)
     except BrokerUnavailableError as exc:
         # shielded: the withdrawal is written (or the job found accepted) even if the client leaves meanwhile
         taken = await asyncio.shield(_withdraw(jobs, record, version, exc))
@@ -362,7 +406,13 @@ async def _announce_cancellation(services: Services, record: JobRecord) -> None:
 
 
 async def _publish(
-    services: Services, job_type: str, payload: msgspec.Struct, job_id: str, wait: bool, headers: dict[str, object]
+    services: Services,
+    job_type: str,
+    payload: msgspec.Struct,
+    job_id: str,
+    wait: bool,
+    headers: dict[str, object],
+    gone: asyncio.Future[None] | None,
 ) -> JobReply | None:
     body = encode(payload, MSGPACK)
     publisher = services.publisher
@@ -392,7 +442,10 @@ async def _publish(
     except BaseException:
         replies.forget(job_id)
         raise
-    return await replies.wait(job_id, future, services.settings.sync_timeout_seconds)
+    reply = await replies.wait(job_id, future, services.settings.sync_timeout_seconds, gone)
+    if reply is None and gone is not None and gone.done():
+        log.info("client_disconnected", job_id=job_id, waited_for=job_type)
+    return reply
 
 
 async def _publish_streamed(

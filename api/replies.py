@@ -64,11 +64,21 @@ class ReplyListener:
         self._pending.pop(correlation_id, None)
         self._streams.pop(correlation_id, None)
 
-    async def wait(self, correlation_id: str, future: asyncio.Future[JobReply], seconds: float) -> JobReply | None:
-        """The reply, or None if it did not come within `seconds`."""
+    async def wait(
+        self,
+        correlation_id: str,
+        future: asyncio.Future[JobReply],
+        seconds: float,
+        gone: asyncio.Future[None] | None = None,
+    ) -> JobReply | None:
+        """The reply, or None if it did not come within `seconds` or `gone` (the waiting client left) came first.
+        Either way the correlation id is forgotten: a reply that comes later is dropped."""
         try:
             async with asyncio.timeout(seconds):
-                return await future
+                if gone is None:
+                    return await future
+                await asyncio.wait({future, gone}, return_when=asyncio.FIRST_COMPLETED)
+                return future.result() if future.done() else None
         except TimeoutError:
             return None
         finally:

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 
 import httpx
 import pytest
 
-from contract.jobs import record_key
+from contract.jobs import job_id_for_idempotency_key, record_key
 from contract.messages import IMAGE_GENERATE
 from infra.settings import Settings
 from tests.support.server import running_server
@@ -114,6 +115,39 @@ async def test_a_client_that_gives_up_stops_the_reads(server, monkeypatch):
     await asyncio.sleep(2.5)  # the record is read every 0.5 s while somebody waits
     assert len(reads) >= 3, "the long poll did not read the record while the client waited"
     assert not [at for at in reads if at > gave_up + 0.7], "the record was still read after the client left"
+
+
+async def test_a_sync_request_whose_client_gives_up_stops_waiting_and_the_job_stays(server, monkeypatch):
+    """A generation's client that leaves before SYNC_TIMEOUT_SECONDS (30 s here; nobody runs the job) ends its
+    request's wait at once: its reply is no longer expected, and the job stays queued. Its retry with the same
+    Idempotency-Key, which waits reading the record, stops reading once that client leaves too."""
+    key = f"gives-up-{uuid.uuid4()}"
+    job_id = job_id_for_idempotency_key(IMAGE_GENERATE, key)
+    replies = server.services.replies
+    body = {**PARAMS, "seed": 6}
+    with pytest.raises(httpx.ReadTimeout):
+        await server.client.post("/v1/images/generate", json=body, headers={"Idempotency-Key": key}, timeout=1)
+    await asyncio.sleep(0.5)
+    assert job_id not in replies._pending, "the reply is still awaited for a client that has gone"
+    store = server.services.store
+    reads = []
+    read = store.get
+
+    async def counted(key: str, *args, **kwargs):
+        if key == record_key(job_id):
+            reads.append(time.monotonic())
+        return await read(key, *args, **kwargs)
+
+    monkeypatch.setattr(store, "get", counted)
+    with pytest.raises(httpx.ReadTimeout):
+        await server.client.post("/v1/images/generate", json=body, headers={"Idempotency-Key": key}, timeout=1.5)
+    gave_up = time.monotonic()
+    await asyncio.sleep(2)
+    assert len(reads) >= 3, "the retry did not read the record while its client waited"
+    assert not [at for at in reads if at > gave_up + 0.7], "the record was still read after the client left"
+    job = (await server.client.get(f"/v1/jobs/{job_id}")).json()
+    assert job["status"] == "queued", job
+    assert (await server.client.post(f"/v1/jobs/{job_id}/cancel")).status_code == 200
 
 
 @pytest.mark.parametrize(

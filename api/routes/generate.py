@@ -44,6 +44,7 @@ async def _generate(
         wait=True,
         idempotency_key=idempotency_key,
         callback_url=callback,
+        request=request,
     )
     return started, await finished_result(started)
 

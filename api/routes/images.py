@@ -158,6 +158,7 @@ async def upload_image(
         idempotency_key=key,
         admit=room_left,
         callback_url=callback,
+        request=request,
     )
     result = await finished_result(started)
     if result is None:

@@ -182,6 +182,7 @@ async def generate_voice(
         idempotency_key=idempotency_key,
         stream=stream,
         callback_url=callback,
+        request=request,
     )
     if started.events is not None:
         return await _respond_streamed(request, services, started, started.events)
@@ -212,6 +213,7 @@ async def generate_voice_to_r2(
         wait=True,
         idempotency_key=idempotency_key,
         callback_url=callback,
+        request=request,
     )
     result = await finished_result(started)
     if result is None:
