@@ -19,7 +19,7 @@ from urllib.parse import parse_qs, urlparse
 import httpx
 import numpy as np
 import pytest
-from botocore.exceptions import ClientError
+from botocore.exceptions import ClientError, ConnectionClosedError
 
 from contract.jobs import JobStore, record_key
 from infra.storage import (
@@ -547,3 +547,16 @@ async def test_a_job_record_left_empty_reads_as_absent_and_is_replaced(store):
 
 def _md5(data: bytes) -> str:
     return hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+
+async def test_a_dropped_connection_makes_the_s3_ping_say_so():
+    """Readiness names the store's own failure: a connection the S3 server dropped (botocore's error without a
+    response) is the store unavailable, not an AttributeError of the check."""
+
+    class Dropping:
+        async def head_bucket(self, **_: object) -> None:
+            raise ConnectionClosedError(endpoint_url="http://s3.invalid/bucket")
+
+    store = S3Store(Dropping(), "bucket", contextlib.AsyncExitStack())
+    with pytest.raises(StorageUnavailableError, match="ConnectionClosedError"):
+        await store.ping()

@@ -271,7 +271,8 @@ class S3Store(ObjectStore):
         try:
             await self._client.head_bucket(Bucket=self.bucket)
         except (ClientError, BotoCoreError, OSError) as exc:
-            code = str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
+            # a ClientError has a response; a dropped connection's error (ConnectionClosedError) has None
+            code = str(((getattr(exc, "response", None) or {}).get("Error") or {}).get("Code", ""))
             if code in _NOT_FOUND | {"NoSuchBucket"}:
                 raise StorageUnavailableError(f"bucket {self.bucket!r} does not exist") from exc
             raise self._translate(exc, self.bucket) from exc
