@@ -62,6 +62,9 @@ def error_response(
     return Response(body, status_code=status, media_type="application/json", headers=headers or None)
 
 
+# Litestar's words (an InternalServerException) for a client that closed its connection while its body was read
+_CLIENT_DISCONNECTED = "client disconnected prematurely"
+
 _HTTP_CODES = {
     400: "bad_request",
     401: "unauthorized",
@@ -117,6 +120,8 @@ def _http(request: Request, exc: HTTPException) -> Response[dict[str, Any]]:
         )
     if isinstance(exc.__cause__, SerializationException):
         return error_response(400, "malformed_json", f"the request body is not valid JSON: {exc.detail}")
+    if status == 500 and exc.detail == _CLIENT_DISCONNECTED:
+        return _client_disconnected(request)
     if status >= 500:
         log.error("http_error", status=status, detail=exc.detail)
     headers = dict(exc.headers or {})
@@ -129,6 +134,13 @@ def _http(request: Request, exc: HTTPException) -> Response[dict[str, Any]]:
     return error_response(
         status, _HTTP_CODES.get(status, "error"), exc.detail or "request failed", exc.extra, headers=headers or None
     )
+
+
+def _client_disconnected(request: Request) -> Response[dict[str, Any]]:
+    """The client closed its connection before its request body had arrived (Litestar raises a 500 for it): no
+    fault of the server's, and the answer reaches nobody."""
+    log.info("client_disconnected", method=request.method, path=request.url.path)
+    return error_response(400, "client_disconnected", "the connection closed before the request body arrived")
 
 
 def _multipart_limit(request: Request, exc: HTTPException) -> Response[dict[str, Any]]:

@@ -8,6 +8,7 @@ import asyncio
 import json
 
 import pytest
+import structlog
 
 from tests.support.images import encoded
 from tests.support.server import running_server
@@ -112,6 +113,29 @@ async def test_a_stalled_body_is_408_not_a_hung_connection(server):
         assert "HTTP_READ_TIMEOUT_SECONDS" in body["message"]
     finally:
         writer.close()
+
+
+async def test_a_client_that_leaves_mid_upload_is_logged_as_gone_not_as_a_server_error(server):
+    host, port = server.base_url.removeprefix("http://").split(":")
+    boundary = b"b0undary"
+    head = (
+        b"POST /v1/images HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=" + boundary + b"\r\n"
+        b"Content-Length: 1000000\r\n\r\n--" + boundary + b"\r\n"
+        b'Content-Disposition: form-data; name="file"; filename="a.png"\r\nContent-Type: image/png\r\n\r\n'
+    )
+    with structlog.testing.capture_logs() as logs:
+        _, writer = await asyncio.open_connection(host, int(port))
+        writer.write(head + b"\0" * 100_000)
+        await writer.drain()
+        await asyncio.sleep(0.2)
+        writer.transport.abort()
+        for _ in range(50):
+            if any(entry["event"] == "client_disconnected" for entry in logs):
+                break
+            await asyncio.sleep(0.05)
+    gone = [entry for entry in logs if entry["event"] == "client_disconnected"]
+    assert [(entry["log_level"], entry["path"]) for entry in gone] == [("info", "/v1/images")], logs
+    assert not [entry for entry in logs if entry["log_level"] in ("error", "critical")], logs
 
 
 async def test_rate_limit_per_key_and_per_address_answers_429_with_retry_after(make_settings):
