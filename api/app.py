@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import time
+from datetime import timedelta
+
 from litestar import Litestar, Router
 from litestar.config.cors import CORSConfig
 from litestar.di import Provide
 from litestar.middleware import DefineMiddleware
 from litestar.middleware.rate_limit import RateLimitConfig
+from litestar.stores.memory import MemoryStore
 
 from api.auth import AccessGuard, rate_limit_identity
 from api.body_check import check_body
@@ -20,6 +24,33 @@ from api.services import Services
 from infra.settings import Settings
 
 MULTIPART_OVERHEAD_BYTES = 1024 * 1024
+# how often the rate limit's expired buckets are deleted (its window is a minute)
+RATE_LIMIT_SWEEP_SECONDS = 60.0
+
+
+class RateLimitStore(MemoryStore):
+    """The rate limit's buckets, one per API key or client address. Litestar's MemoryStore deletes an expired entry
+    only when its key is read again, so each client seen once kept its bucket for good (memory growing with the
+    distinct addresses, which an IPv6 client can rotate): this one also deletes every expired entry on the first
+    write `sweep_seconds` after its last sweep. The server runs without an ASGI lifespan (the caller opens and
+    closes), so the writes, one per counted request, drive the sweep rather than a task of its own."""
+
+    def __init__(self, sweep_seconds: float) -> None:
+        super().__init__()
+        self._sweep_seconds = sweep_seconds
+        self._next_sweep = time.monotonic() + sweep_seconds
+
+    async def set(self, key: str, value: str | bytes, expires_in: int | timedelta | None = None) -> None:
+        await super().set(key, value, expires_in)
+        await self.sweep()
+
+    async def sweep(self) -> None:
+        """Delete the expired entries, unless the last sweep was less than `sweep_seconds` ago."""
+        now = time.monotonic()
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + self._sweep_seconds
+        await self.delete_expired()
 
 
 def _rate_limit(settings: Settings) -> list[DefineMiddleware]:
@@ -80,6 +111,7 @@ def create_app(services: Services) -> Litestar:
         ],
         dependencies={"services": Provide(lambda: services, use_cache=True, sync_to_thread=False)},
         exception_handlers=EXCEPTION_HANDLERS,
+        stores={"rate_limit": RateLimitStore(RATE_LIMIT_SWEEP_SECONDS)},
         middleware=[
             DefineMiddleware(
                 RequestLimits,

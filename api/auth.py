@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 from collections.abc import Callable
 
 import structlog
@@ -45,15 +46,29 @@ def _matching(keys: tuple[ApiKey, ...], presented: str) -> ApiKey | None:
 
 def rate_limit_identity(keys: tuple[ApiKey, ...]) -> Callable[[Request], str]:
     """Who a request counts against for RATE_LIMIT_PER_MINUTE: its API key when it presents a valid one, else its
-    client address (an invalid key does not buy a fresh allowance)."""
+    client address (an invalid key does not buy a fresh allowance), an IPv6 one by its /64."""
 
     def identify(request: Request) -> str:
         scheme, _, presented = request.headers.get("authorization", "").partition(" ")
         if keys and scheme.lower() == "bearer" and (key := _matching(keys, presented.strip())) is not None:
             return f"key:{key.name}"
-        return f"address:{get_remote_address(request)}"
+        return f"address:{client_network(get_remote_address(request))}"
 
     return identify
+
+
+def client_network(address: str) -> str:
+    """The network a client address counts as: an IPv6 client's /64 (a host gets a /64 and may take any address in
+    it), an IPv4-mapped IPv6 address's IPv4 address, any other address itself."""
+    try:
+        parsed = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(parsed, ipaddress.IPv6Address):
+        if parsed.ipv4_mapped is not None:
+            return str(parsed.ipv4_mapped)
+        return str(ipaddress.IPv6Network((parsed, 64), strict=False))
+    return str(parsed)
 
 
 class AccessGuard:

@@ -7,9 +7,13 @@ from __future__ import annotations
 import asyncio
 import json
 
+import httpx
 import pytest
 import structlog
+from litestar.middleware import rate_limit
 
+import api.app
+from api.app import create_app
 from tests.support.images import encoded
 from tests.support.server import running_server
 
@@ -157,6 +161,39 @@ async def test_rate_limit_per_key_and_per_address_answers_429_with_retry_after(m
             for n in range(4)
         ]
         assert bogus == [401, 401, 401, 429], "invalid keys share their address's allowance"
+
+
+async def _status_from(app, address: str) -> int:
+    """GET /v1/images as a client at `address`, through the app itself (ASGI)."""
+    transport = httpx.ASGITransport(app=app, client=(address, 40000))
+    async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
+        return (await client.get("/v1/images")).status_code
+
+
+async def test_rate_limit_buckets_of_clients_gone_quiet_are_deleted(make_settings, monkeypatch):
+    """A client seen once has its bucket deleted by the sweep after its window, though it never comes back (the
+    window and RATE_LIMIT_SWEEP_SECONDS are a minute; two seconds here)."""
+    monkeypatch.setitem(rate_limit.DURATION_VALUES, "minute", 2)
+    monkeypatch.setattr(api.app, "RATE_LIMIT_SWEEP_SECONDS", 2.0)
+    async with running_server(make_settings(RATE_LIMIT_PER_MINUTE="5")) as running:
+        app = create_app(running.services)
+        buckets = app.stores.get("rate_limit")
+        assert [await _status_from(app, f"10.0.{n // 256}.{n % 256}") for n in range(100)] == [200] * 100
+        assert len(buckets._store) == 100
+        await asyncio.sleep(2.2)
+        assert await _status_from(app, "10.1.0.1") == 200
+        assert len(buckets._store) == 1, "the buckets of clients whose window has passed are still there"
+
+
+async def test_an_ipv6_client_is_rate_limited_by_its_64(make_settings):
+    """A host holds a whole /64 and may take any address in it: its addresses share one allowance."""
+    async with running_server(make_settings(RATE_LIMIT_PER_MINUTE="3")) as running:
+        app = create_app(running.services)
+        same = ["2001:db8:1:2::1", "2001:db8:1:2::2", "2001:db8:1:2:ffff:ffff:ffff:ffff", "2001:db8:1:2::3"]
+        assert [await _status_from(app, address) for address in same] == [200, 200, 200, 429]
+        assert await _status_from(app, "2001:db8:1:3::1") == 200, "another /64 has its own allowance"
+        mapped = ["::ffff:10.0.0.1", "::ffff:10.0.0.2", "::ffff:10.0.0.3", "::ffff:10.0.0.4"]
+        assert [await _status_from(app, address) for address in mapped] == [200] * 4, "IPv4 clients, each its own"
 
 
 async def test_the_page_and_signed_links_are_not_counted_by_the_rate_limit(make_settings):
