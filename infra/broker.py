@@ -423,10 +423,15 @@ ReplyReceiver = Callable[[Reply], None]
 
 
 class Publisher:
-    """Publishes persistent job messages with publisher confirms on one channel, and replies to waiting
-    requesters on a second channel without confirms: a reply is transient (the job record is the durable truth),
-    so it goes out without a round trip to the broker, and the pieces and final reply of one job, all sent on
-    that channel, reach the requester in order.
+    """Publishes persistent job messages with publisher confirms on one channel, job events (confirmed too) on a
+    channel of their own, and replies to waiting requesters on a third channel without confirms: a reply is transient
+    (the job record is the durable truth), so it goes out without a round trip to the broker, and the pieces and final
+    reply of one job, all sent on that channel, reach the requester in order.
+
+    RabbitMQ closes a channel on a channel-level error (an event published to a deleted ams.events exchange:
+    NOT_FOUND), and aio-pika does not always reopen it. A channel so closed while the connection is up is replaced
+    (the topology declared again first), as soon as it closes and before the next publish on it; events have their
+    own channel so that a missing events exchange cannot fail a job's publish.
 
     A requester in the same process (the one-process mode, where the API and the processor share this
     publisher) registers its reply queue with `receive_locally`: its replies are then handed over in memory, in
@@ -439,22 +444,32 @@ class Publisher:
         channel: AbstractChannel,
         topology: Topology,
         reply_channel: AbstractChannel,
+        events_channel: AbstractChannel,
+        events_exchange: AbstractExchange,
     ) -> None:
         self.connection = connection
         self.channel = channel
         self.topology = topology
         self.reply_channel = reply_channel
+        self.events_channel = events_channel
+        self.events_exchange = events_exchange
         self._local_receivers: dict[str, ReplyReceiver] = {}
+        self._replacing = asyncio.Lock()
+        self._replacements: set[asyncio.Task[None]] = set()
+        for each in (channel, reply_channel, events_channel):
+            self._watch(each)
 
     @classmethod
     async def open(cls, connection: AbstractRobustConnection) -> Publisher:
         await declare_topology(connection)
         channel = await connection.channel(publisher_confirms=True)
         reply_channel = await connection.channel(publisher_confirms=False)
-        return cls(connection, channel, await topology_on(channel), reply_channel)
+        events_channel, events_exchange = await _events_channel(connection)
+        return cls(connection, channel, await topology_on(channel), reply_channel, events_channel, events_exchange)
 
     @property
     def is_connected(self) -> bool:
+        """Whether job messages and replies can be sent (the events channel, replaced on its own, is left out)."""
         return not self.connection.is_closed and not self.channel.is_closed and not self.reply_channel.is_closed
 
     def state(self) -> str:
@@ -472,6 +487,63 @@ class Publisher:
             why = "not connected to RabbitMQ" if state == "disconnected" else _BLOCKED
             raise BrokerUnavailableError(f"could not {what}: {why}", unsent=True)
 
+    def _watch(self, channel: AbstractChannel) -> None:
+        channel.close_callbacks.add(self._on_channel_close)
+
+    def _on_channel_close(self, _channel: object, _exc: BaseException | None) -> None:
+        """A channel closed: replace it at once if the connection is still up (a channel-level error), so that
+        /readyz and the next publish find it open again; a lost connection is left to aio-pika's reconnect."""
+        if self.connection.is_closed:
+            return
+        task = asyncio.get_running_loop().create_task(self.replace_closed_channels(), name="replace-channels")
+        self._replacements.add(task)
+        task.add_done_callback(self._replacements.discard)
+
+    async def replace_closed_channels(self) -> None:
+        """Open a new channel for each of ours RabbitMQ closed while the connection stays up, declaring the
+        topology again first (what closed it may have been a deleted exchange). Failures are logged: the channel
+        stays closed, writes answer 503, and the next publish tries again."""
+        if not _connection_up(self.connection) or not self._closed_channels():
+            return
+        async with self._replacing:
+            closed = self._closed_channels()
+            if not closed or not _connection_up(self.connection):
+                return
+            try:
+                await declare_topology(self.connection)
+                if self.channel.is_closed:
+                    channel = await self.connection.channel(publisher_confirms=True)
+                    topology = await topology_on(channel)
+                    self._retire(self.channel)
+                    self.channel, self.topology = channel, topology
+                    self._watch(channel)
+                if self.events_channel.is_closed:
+                    events_channel, self.events_exchange = await _events_channel(self.connection)
+                    self._retire(self.events_channel)
+                    self.events_channel = events_channel
+                    self._watch(events_channel)
+                if self.reply_channel.is_closed:
+                    reply_channel = await self.connection.channel(publisher_confirms=False)
+                    self._retire(self.reply_channel)
+                    self.reply_channel = reply_channel
+                    self._watch(reply_channel)
+            except BROKER_ERRORS as exc:
+                log.warning("broker_channel_reopen_failed", channels=closed, error=str(exc))
+                return
+            log.warning("broker_channel_reopened", channels=closed)
+
+    def _closed_channels(self) -> list[str]:
+        named = {"jobs": self.channel, "events": self.events_channel, "replies": self.reply_channel}
+        return [name for name, channel in named.items() if channel.is_closed]
+
+    def _retire(self, channel: AbstractChannel) -> None:
+        """Stop watching a replaced channel and close it for good, so that aio-pika does not reopen it beside its
+        replacement."""
+        channel.close_callbacks.discard(self._on_channel_close)
+        task = asyncio.get_running_loop().create_task(_close_quietly(channel), name="retire-channel")
+        self._replacements.add(task)
+        task.add_done_callback(self._replacements.discard)
+
     async def publish(
         self,
         *,
@@ -484,6 +556,7 @@ class Publisher:
         correlation_id: str | None = None,
         headers: Mapping[str, Any] | None = None,
     ) -> None:
+        await self.replace_closed_channels()
         self._sendable(f"publish {message_type} message {message_id}")
         message = aio_pika.Message(
             body=body,
@@ -520,6 +593,7 @@ class Publisher:
         the original routing key, so a retried or replayed message is the same job. `message_id` and
         `message_type` fill in what a notification arrived without (the id and type it was processed under).
         """
+        await self.replace_closed_channels()
         self._sendable(f"republish message {message.message_id}")
         copy = _copy(message, headers, message_id=message_id, message_type=message_type)
         exchange = self.topology.dead_exchange if to_dead_letters else self.topology.retry_exchange
@@ -530,21 +604,33 @@ class Publisher:
             raise BrokerUnavailableError(f"could not republish message {message.message_id}: {_why(exc)}") from exc
 
     async def announce(self, *, routing_key: str, body: bytes, message_id: str, message_type: str) -> None:
-        """Publish an event (persistent JSON, confirmed) to the events exchange. Not mandatory: an event nobody
-        has bound a queue for is dropped by RabbitMQ, which is not an error."""
-        self._sendable(f"publish {message_type} event {message_id}")
-        message = aio_pika.Message(
-            body=body,
-            content_type="application/json",
-            delivery_mode=DeliveryMode.PERSISTENT,
-            message_id=message_id,
-            type=message_type,
-            timestamp=datetime.now(tz=UTC),
-        )
-        try:
-            await _confirmed(self.connection, self.topology.events_exchange, message, routing_key, mandatory=False)
-        except BROKER_ERRORS as exc:
-            raise BrokerUnavailableError(f"could not publish {message_type} event {message_id}: {_why(exc)}") from exc
+        """Publish an event (persistent JSON, confirmed) to the events exchange, on the events channel. Not mandatory:
+        an event nobody has bound a queue for is dropped by RabbitMQ, which is not an error. When the exchange is
+        gone (deleted under us: NOT_FOUND, which closes the events channel), the topology is declared again on a new
+        channel and the event published once more."""
+        what = f"publish {message_type} event {message_id}"
+        for last in (False, True):
+            await self.replace_closed_channels()
+            self._sendable(what)
+            if self.events_channel.is_closed:
+                raise BrokerUnavailableError(f"could not {what}: the events channel is closed", unsent=True)
+            message = aio_pika.Message(
+                body=body,
+                content_type="application/json",
+                delivery_mode=DeliveryMode.PERSISTENT,
+                message_id=message_id,
+                type=message_type,
+                timestamp=datetime.now(tz=UTC),
+            )
+            try:
+                await _confirmed(self.connection, self.events_exchange, message, routing_key, mandatory=False)
+                return
+            except aio_pika.exceptions.ChannelNotFoundEntity as exc:
+                if last:
+                    raise BrokerUnavailableError(f"could not {what}: {_why(exc)}", unsent=True) from exc
+                log.warning("events_exchange_missing", exchange=EVENTS_EXCHANGE, error=str(exc))
+            except BROKER_ERRORS as exc:
+                raise BrokerUnavailableError(f"could not {what}: {_why(exc)}") from exc
 
     def receive_locally(self, reply_to: str, receiver: ReplyReceiver) -> None:
         """Hand the replies addressed to the queue `reply_to` to `receiver` in this process, not to the broker."""
@@ -561,6 +647,7 @@ class Publisher:
             return
         if self._dropped_while_blocked("reply_dropped", correlation_id):
             return
+        await self.replace_closed_channels()
         message = aio_pika.Message(
             body=body,
             content_type=content_type,
@@ -590,6 +677,7 @@ class Publisher:
             return
         if self._dropped_while_blocked("reply_piece_dropped", correlation_id):
             return
+        await self.replace_closed_channels()
         message = aio_pika.Message(
             body=data,
             type=REPLY_PIECE,
@@ -603,6 +691,29 @@ class Publisher:
             log.warning(
                 "reply_piece_failed", reply_to=reply_to, correlation_id=correlation_id, offset=offset, error=str(exc)
             )
+
+
+def _connection_up(connection: AbstractRobustConnection) -> bool:
+    """Whether the connection itself is open now (not closed, not lost and waiting for aio-pika's reconnect)."""
+    transport = connection.transport
+    reconnecting = getattr(connection, "reconnecting", False)
+    if connection.is_closed or reconnecting or transport is None:
+        return False
+    return not transport.connection.is_closed
+
+
+async def _events_channel(connection: AbstractRobustConnection) -> tuple[AbstractChannel, AbstractExchange]:
+    """A confirm channel for job events, with the events exchange declared on it (idempotent)."""
+    channel = await connection.channel(publisher_confirms=True)
+    exchange = await channel.declare_exchange(EVENTS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
+    return channel, exchange
+
+
+async def _close_quietly(channel: AbstractChannel) -> None:
+    try:
+        await channel.close()
+    except BROKER_ERRORS as exc:
+        log.debug("retired_channel_close_failed", error=str(exc))
 
 
 def _copy(

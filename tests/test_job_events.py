@@ -20,7 +20,7 @@ from contract.events import JOB_FINISHED, JobFinishedV1, job_finished
 from contract.jobs import JobStore, record_headers
 from contract.messages import IMAGE_GENERATE, IMAGE_INDEX
 from contract.metrics import REGISTRY
-from infra.broker import EVENTS_EXCHANGE, BrokerUnavailableError
+from infra.broker import EVENTS_EXCHANGE, JOBS_EXCHANGE, BrokerUnavailableError, Publisher, connect
 from infra.settings import Settings
 from infra.vectors import ImageRecord
 from processor import announcer
@@ -256,3 +256,43 @@ def test_an_uploads_end_shows_the_image_as_the_api_does_without_links():
     _, event = job_finished(record)
     shown = set(ImageOut.__struct_fields__) - {"file_url", "thumbnail_url"}
     assert event.result == {name: value for name, value in msgspec.to_builtins(image).items() if name in shown}
+
+
+async def test_a_deleted_events_exchange_is_declared_again_and_no_channel_stays_closed(settings):
+    """ams.events deleted under a running publisher (an operator, a definitions reset): the next event, whose
+    publish RabbitMQ answers NOT_FOUND by closing its channel, is published all the same (the exchange declared
+    again on a new channel), and job publishing is not taken down with it. A channel RabbitMQ closes on an error
+    while the connection stays up is replaced: the publisher does not say "disconnected" for good."""
+    connection = await connect(settings.amqp_url)
+    admin = await aio_pika.connect(settings.amqp_url)
+    try:
+        publisher = await Publisher.open(connection)
+        await (await admin.channel()).exchange_delete(EVENTS_EXCHANGE)
+
+        event_id = str(uuid.uuid4())
+        await publisher.announce(
+            routing_key="image.generate.succeeded", body=b"{}", message_id=event_id, message_type=JOB_FINISHED
+        )
+        assert publisher.state() == "ok"
+        channel = await admin.channel()
+        subscriber = await channel.declare_queue(exclusive=True)
+        await subscriber.bind(await channel.get_exchange(EVENTS_EXCHANGE, ensure=True), routing_key="#")
+        await publisher.announce(
+            routing_key="image.generate.succeeded", body=b"{}", message_id=event_id, message_type=JOB_FINISHED
+        )
+        assert (await _next_event(subscriber, timeout=5)).message_id == event_id
+
+        with pytest.raises(aio_pika.exceptions.ChannelPreconditionFailed):  # closes the job publishing channel
+            await publisher.channel.declare_exchange(JOBS_EXCHANGE, aio_pika.ExchangeType.FANOUT, durable=True)
+        await wait_until(lambda: publisher.state() == "ok", timeout=10)
+        await publisher.channel.get_exchange(JOBS_EXCHANGE, ensure=True)
+
+        with pytest.raises(aio_pika.exceptions.ChannelPreconditionFailed):  # closes the reply channel
+            await publisher.reply_channel.declare_exchange(JOBS_EXCHANGE, aio_pika.ExchangeType.FANOUT, durable=True)
+        replies = await channel.declare_queue(exclusive=True)
+        await publisher.reply(replies.name, "the-correlation-id", b"done", "text/plain")
+        reply = await next_reply(replies, 5)
+        assert reply is not None and reply.correlation_id == "the-correlation-id"
+    finally:
+        await admin.close()
+        await connection.close()
