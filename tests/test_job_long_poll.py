@@ -97,10 +97,9 @@ async def test_a_cancellation_ends_a_long_poll_at_once(server):
     assert time.monotonic() - started < 2
 
 
-async def test_a_client_that_gives_up_stops_the_reads(server, monkeypatch):
-    job_id = await _queued_job(server, 4)
-    store = server.services.store
-    reads = []
+def _count_record_reads(server, monkeypatch, job_id: str) -> list[float]:
+    """When each read of the job's record starts, from now on."""
+    store, reads = server.services.store, []
     read = store.get
 
     async def counted(key: str, *args, **kwargs):
@@ -109,6 +108,12 @@ async def test_a_client_that_gives_up_stops_the_reads(server, monkeypatch):
         return await read(key, *args, **kwargs)
 
     monkeypatch.setattr(store, "get", counted)
+    return reads
+
+
+async def test_a_client_that_gives_up_stops_the_reads(server, monkeypatch):
+    job_id = await _queued_job(server, 4)
+    reads = _count_record_reads(server, monkeypatch, job_id)
     with pytest.raises(httpx.ReadTimeout):
         await server.client.get(f"/v1/jobs/{job_id}", params={"wait_seconds": 20}, timeout=1.5)
     gave_up = time.monotonic()
@@ -129,16 +134,7 @@ async def test_a_sync_request_whose_client_gives_up_stops_waiting_and_the_job_st
         await server.client.post("/v1/images/generate", json=body, headers={"Idempotency-Key": key}, timeout=1)
     await asyncio.sleep(0.5)
     assert job_id not in replies._pending, "the reply is still awaited for a client that has gone"
-    store = server.services.store
-    reads = []
-    read = store.get
-
-    async def counted(key: str, *args, **kwargs):
-        if key == record_key(job_id):
-            reads.append(time.monotonic())
-        return await read(key, *args, **kwargs)
-
-    monkeypatch.setattr(store, "get", counted)
+    reads = _count_record_reads(server, monkeypatch, job_id)
     with pytest.raises(httpx.ReadTimeout):
         await server.client.post("/v1/images/generate", json=body, headers={"Idempotency-Key": key}, timeout=1.5)
     gave_up = time.monotonic()
