@@ -156,7 +156,6 @@ class Topology:
     dead_exchange: AbstractExchange
     dead_queue: AbstractQueue
     retry_exchange: AbstractExchange
-    events_exchange: AbstractExchange
 
 
 _CAPABILITY_QUEUE_ARGUMENTS = {"x-max-priority": MAX_PRIORITY, "x-dead-letter-exchange": DEAD_EXCHANGE}
@@ -215,7 +214,6 @@ async def topology_on(channel: AbstractChannel) -> Topology:
         dead_exchange=await channel.declare_exchange(DEAD_EXCHANGE, aio_pika.ExchangeType.FANOUT, durable=True),
         dead_queue=await channel.declare_queue(DEAD_QUEUE, durable=True),
         retry_exchange=await channel.declare_exchange(RETRY_EXCHANGE, aio_pika.ExchangeType.HEADERS, durable=True),
-        events_exchange=await channel.declare_exchange(EVENTS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True),
     )
 
 
