@@ -129,7 +129,9 @@ async def test_a_broker_blocking_publishers_gets_503_and_the_job_never_runs(make
         withdrawn_before = REGISTRY.get_sample_value("ams_jobs_total", withdrawn_label) or 0
         key = {"Idempotency-Key": "tried-during-the-alarm"}
         body = {"type": IMAGE_GENERATE, "params": {"prompt": "during", "seed": 2}}
-        slow = {"prompt": "slow", "width": 256, "height": 256, "steps": 2}
+        # slow enough that none finishes (and publishes its event, which would meet the alarm first) while
+        # rabbitmqctl sets the alarm
+        slow = {"prompt": "slow", "width": 256, "height": 256, "steps": 4}
         queued = [
             (await client.post("/v1/jobs", json={"type": IMAGE_GENERATE, "params": {**slow, "seed": n}})).json()
             for n in range(4)
