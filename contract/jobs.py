@@ -127,6 +127,9 @@ class JobRecord(msgspec.Struct, kw_only=True):
     idempotency_key: str | None = None
     callback_url: str | None = None  # where the job's end is POSTed (contract/callbacks.py)
     output_deleted: OutputDeleted | None = None  # its generated output is gone: when, and why
+    # the running marks of the deliveries running the job, oldest first (processor/tracking.py); a record written
+    # before they were listed reads as listing none
+    marks: list[str] = msgspec.field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)

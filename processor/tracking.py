@@ -3,11 +3,20 @@
 Every write is conditional: a new record is created only if none exists, an existing one is replaced only if it
 is still the version this processor read (its ETag). When another delivery of the same job (on another
 processor) wrote in between, the record is read again and the change applied to that, unless it is finished:
-a record only moves forward. Nor is a failure applied to another delivery's running mark found so (a duplicate run
-at once): that delivery settles the record. The one way back is an operator's replay (`ams-ops dlq replay`), which
-may run a failed job again; a succeeded job is never run again, unless the output its record names is lost (a power
-failure before the output was flushed, while the message was not yet acked: processor/outputs.py), and a failure of
-that run leaves the record succeeded.
+a record only moves forward. The one way back is an operator's replay (`ams-ops dlq replay`), which may run a
+failed job again; a succeeded job is never run again, unless the output its record names is lost (a power failure
+before the output was flushed, while the message was not yet acked: processor/outputs.py), and a failure of that run
+leaves the record succeeded.
+
+Two deliveries of a job may run at once (a resend, a redelivery after a lost channel): the record lists the running
+mark of each (`JobRecord.marks`, oldest first), and a failure takes only its own delivery's mark off. The job goes
+back to `queued` (or to `failed`) only when no other mark is left; else it stays `running`, and the delivery still
+running settles the record. Nothing tells a mark whose processor died from one whose delivery still runs, so a final
+failure also takes off the marks older than its own: their deliveries ended, or are taken for dead as RabbitMQ takes
+them (it delivered the message again), and a job is never left `running` for good by a processor that died. The
+price: a retry whose record still lists a dead processor's mark waits as `running`, not `queued`, until it runs; and
+a final failure of the newer of two deliveries running at once fails the job, whose other run's output is then
+dropped (processor/outputs.py, drop_unrecorded).
 
 The running mark is written beside the work, not before it (`mark_running`): the model starts at once, and the
 job waits for the mark only before its first lasting side effect (an output stored, a point written), so a job
@@ -21,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -48,7 +58,7 @@ class Tracked:
     replayed: bool = False  # the delivery is an operator's replay: a failed record (not a called-off one) reopens
     remaking: bool = False  # the record says succeeded but its output was lost: the job runs and is recorded again
     marking: asyncio.Task[bool] | None = field(default=None, repr=False)  # the running mark being written
-    marked: str | None = None  # the version this delivery's running mark wrote (None: none written)
+    mark: str | None = None  # this delivery's running mark, as the record lists it once written (None: none made)
 
     @property
     def settled(self) -> bool:
@@ -74,15 +84,13 @@ class JobTracker:
         """Start writing the running mark beside the work; the next write of this record waits for it, and so does
         the job before its first lasting side effect (Job.still_wanted). The task's result: True when written,
         False when the stored record turned out settled (withdrawn by the API, or finished by another delivery:
-        then `tracked` holds that and nothing was written)."""
-        tracked.marking = asyncio.create_task(self._mark(tracked, attempt), name=f"running-{tracked.record.job_id}")
+        then `tracked` holds that and nothing was written). The mark is added to those the record lists."""
+        tracked.mark = uuid.uuid4().hex
+        tracked.marking = asyncio.create_task(
+            self._apply(tracked, _running(attempt, tracked.mark), durable=False, background=True),
+            name=f"running-{tracked.record.job_id}",
+        )
         return tracked.marking
-
-    async def _mark(self, tracked: Tracked, attempt: int) -> bool:
-        wrote = await self._apply(tracked, _running(attempt), durable=False, background=True)
-        if wrote:
-            tracked.marked = tracked.etag
-        return wrote
 
     async def succeeded(self, tracked: Tracked, outcome: Succeeded, attempt: int) -> bool:
         """Write the succeeded record where readers see it at once, not yet flushed to a local disk: the requester
@@ -93,7 +101,7 @@ class JobTracker:
         def change(record: JobRecord) -> None:
             stamp = now_iso()
             record.status, record.updated_at, record.finished_at = "succeeded", stamp, stamp
-            record.attempts, record.result, record.error = attempt, outcome.result, None
+            record.attempts, record.result, record.error, record.marks = attempt, outcome.result, None, []
 
         return await self._write(tracked, change, durable=False)
 
@@ -102,11 +110,12 @@ class JobTracker:
         await retry_transient(lambda: self._jobs.flush(tracked.record.job_id))
 
     async def failed(self, tracked: Tracked, outcome: Failed, attempt: int, *, final: bool) -> bool:
-        """Record a failure: final (`failed`), or to be retried (`queued` again). False when nothing was written: the
+        """Record a failure: final (`failed`), or to be retried (`queued` again). False when it was not recorded: the
         record is settled, or it says succeeded and the job runs again only to remake its lost output (the record
-        stays succeeded), or it changed meanwhile to another delivery's running mark (a duplicate of the job, run at
-        once: that delivery settles the record, or its message comes again should its processor die; a `queued`
-        written over its mark would let the job be cancelled while it runs). The message is retried or dead-lettered
+        stays succeeded), or another delivery's running mark is left on it (a duplicate of the job, run at once:
+        `_marks_left`). Then only this delivery's mark is taken off, and the job stays `running`: a `queued`
+        written under the other run would let the job be cancelled while it runs; the delivery that runs it settles
+        the record, or its message comes again should its processor die. The message is retried or dead-lettered
         all the same."""
         if tracked.remaking:
             return False
@@ -114,13 +123,16 @@ class JobTracker:
 
         def change(record: JobRecord) -> None:
             stamp = now_iso()
-            record.updated_at, record.attempts, record.last_error = stamp, attempt, error
+            record.updated_at, record.marks = stamp, _marks_left(record.marks, tracked.mark, final=final)
+            if record.marks:
+                return
+            record.attempts, record.last_error = attempt, error
             if final:
                 record.status, record.finished_at, record.error = "failed", stamp, error
             else:
                 record.status = "queued"
 
-        return await self._write(tracked, change, yield_to_runner=True)
+        return await self._write(tracked, change) and not tracked.record.marks
 
     async def refused(self, job_id: str, outcome: Failed, attempt: int) -> JobRecord | None:
         """Mark the existing record of a job that was refused before it started (if there is one) as failed; the
@@ -132,31 +144,17 @@ class JobTracker:
         await self.failed(tracked, outcome, attempt, final=True)
         return tracked.record
 
-    async def _write(
-        self,
-        tracked: Tracked,
-        change: Callable[[JobRecord], None],
-        *,
-        durable: bool = True,
-        yield_to_runner: bool = False,
-    ) -> bool:
+    async def _write(self, tracked: Tracked, change: Callable[[JobRecord], None], *, durable: bool = True) -> bool:
         """Apply `change` to the record and write it conditionally; on a conflict, read the record again and
-        apply the change to that, unless it is settled (then False, nothing written). `yield_to_runner`: nor when
-        what was read is another delivery's running mark."""
+        apply the change to that, unless it is settled (then False, nothing written)."""
         marking, tracked.marking = tracked.marking, None
         if marking is not None:
             with contextlib.suppress(Exception):  # a mark that could not be written changes nothing below
                 await marking
-        return await self._apply(tracked, change, durable=durable, yield_to_runner=yield_to_runner)
+        return await self._apply(tracked, change, durable=durable)
 
     async def _apply(
-        self,
-        tracked: Tracked,
-        change: Callable[[JobRecord], None],
-        *,
-        durable: bool = True,
-        background: bool = False,
-        yield_to_runner: bool = False,
+        self, tracked: Tracked, change: Callable[[JobRecord], None], *, durable: bool = True, background: bool = False
     ) -> bool:
         for _ in range(_CONFLICT_ROUNDS):
             if tracked.settled:
@@ -181,20 +179,28 @@ class JobTracker:
                     tracked.etag = None
                 else:
                     tracked.record, tracked.etag = found
-                    if yield_to_runner and tracked.record.status == "running" and tracked.etag != tracked.marked:
-                        log.info("job_record_left_to_running_delivery", job_id=candidate.job_id)
-                        return False
                 continue
             tracked.record, tracked.etag, tracked.replayed, tracked.remaking = candidate, etag, False, False
             return True
         raise StorageUnavailableError(f"the record of job {tracked.record.job_id} kept changing; will retry")
 
 
-def _running(attempt: int) -> Callable[[JobRecord], None]:
+def _marks_left(marks: list[str], mark: str | None, *, final: bool) -> list[str]:
+    """The running marks a record keeps when the delivery whose mark is `mark` fails: the others; after a final
+    failure only those newer than its own (all older ones go: see the module's docstring), none when its own is not
+    listed (it made none, or it was never written: a job refused, or interrupted too often, ends)."""
+    if mark not in marks:
+        return [] if final else list(marks)
+    at = marks.index(mark)
+    return marks[at + 1 :] if final else marks[:at] + marks[at + 1 :]
+
+
+def _running(attempt: int, mark: str) -> Callable[[JobRecord], None]:
     def change(record: JobRecord) -> None:
         stamp = now_iso()
         record.status, record.updated_at, record.attempts = "running", stamp, attempt
         record.started_at = record.started_at or stamp
         record.finished_at, record.error = None, None
+        record.marks = [*(listed for listed in record.marks if listed != mark), mark]
 
     return change

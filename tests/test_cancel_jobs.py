@@ -230,3 +230,78 @@ async def test_a_failure_is_still_written_over_a_running_mark_of_its_own_deliver
     failure = Failed("device_memory_unavailable", "out of device memory", transient=True)
     assert await tracker.failed(tracked, failure, 1, final=False)
     assert (await jobs.get(record.job_id)).status == "queued"
+
+
+async def _marked_twice(tmp_path, seed: int) -> tuple[JobStore, JobTracker, Job, Tracked, Tracked]:
+    """A job delivered twice at once (a resend, a redelivery after a lost channel), the first delivery's running mark
+    written before the second's."""
+    jobs = JobStore(LocalStore(tmp_path / "store"), 7)
+    tracker = JobTracker(jobs)
+    record = JobStore.new(str(uuid.uuid4()), IMAGE_GENERATE, {**PARAMS, "seed": seed})
+    first = Tracked(record, await jobs.create(record))
+    job = Job(message_id=record.job_id, message_type=IMAGE_GENERATE, payload=None, priority=9)
+    assert await tracker.mark_running(first, 1)
+    second = await tracker.load(job)
+    assert await tracker.mark_running(second, 1)
+    return jobs, tracker, job, first, second
+
+
+async def test_the_newest_deliverys_retry_leaves_the_job_running_under_the_older_one(tmp_path):
+    """The delivery whose running mark is the newer one fails and is retried while the older delivery still runs:
+    the job is not put back to queued (and cancellable) under the older run, whose success is then recorded."""
+    jobs, tracker, _, first, second = await _marked_twice(tmp_path, 8)
+    failure = Failed("device_memory_unavailable", "out of device memory", transient=True)
+    assert not await tracker.failed(second, failure, 1, final=False)
+    assert (await jobs.get(first.record.job_id)).status == "running"
+    with pytest.raises(NotCancellableError):
+        await cancel_queued(jobs, first.record.job_id)
+
+    assert await tracker.succeeded(first, Succeeded({"key": f"images/generated/{first.record.job_id}.png"}), 1)
+    stored = await jobs.get(first.record.job_id)
+    assert (stored.status, stored.marks) == ("succeeded", [])
+
+
+async def test_the_last_running_delivery_to_fail_puts_the_job_back_to_queued(tmp_path):
+    """Each failure takes only its own delivery's mark off the record: once none is left the job is queued for its
+    retry again, and can be cancelled."""
+    jobs, tracker, _, first, second = await _marked_twice(tmp_path, 9)
+    failure = Failed("device_memory_unavailable", "out of device memory", transient=True)
+    assert not await tracker.failed(second, failure, 1, final=False)
+    assert await tracker.failed(first, failure, 1, final=False)
+    stored = await jobs.get(first.record.job_id)
+    assert (stored.status, stored.marks, stored.last_error.code) == ("queued", [], "device_memory_unavailable")
+    assert (await cancel_queued(jobs, first.record.job_id)).record.status == "failed"
+
+
+async def test_a_dead_deliverys_mark_does_not_keep_the_job_running_for_ever(tmp_path):
+    """A processor died running the job: its mark stays on the record, and nothing tells it from a duplicate still
+    running. Its message comes again, and that delivery's retry leaves the job running under the dead mark; but a
+    final failure takes the older marks off with its own (their deliveries are past or taken for dead, as RabbitMQ
+    takes them): the job ends failed, not running for good."""
+    jobs, tracker, job, _dead, redelivered = await _marked_twice(tmp_path, 10)
+    failure = Failed("device_memory_unavailable", "out of device memory", transient=True)
+    assert not await tracker.failed(redelivered, failure, 1, final=False)
+    assert (await jobs.get(job.message_id)).status == "running"
+
+    retried = await tracker.load(job)
+    assert await tracker.mark_running(retried, 2)
+    assert await tracker.failed(retried, failure, 2, final=True)
+    stored = await jobs.get(job.message_id)
+    assert (stored.status, stored.marks, stored.error.code) == ("failed", [], "device_memory_unavailable")
+
+
+async def test_a_running_record_stored_before_marks_were_listed_is_read(tmp_path):
+    """A record written in the form without `marks` (by an earlier version) reads as one with none listed: a
+    delivery marks it, and its retry puts it back to queued."""
+    store = LocalStore(tmp_path / "store")
+    jobs, job_id = JobStore(store, 7), str(uuid.uuid4())
+    old = msgspec.to_builtins(msgspec.structs.replace(JobStore.new(job_id, IMAGE_GENERATE, PARAMS), status="running"))
+    old.pop("marks", None)
+    await store.put(f"jobs/{job_id}.json", msgspec.json.encode(old), "application/json")
+    tracker = JobTracker(jobs)
+    tracked = await tracker.load(Job(message_id=job_id, message_type=IMAGE_GENERATE, payload=None, priority=9))
+    assert (tracked.record.status, tracked.record.marks) == ("running", [])
+    assert await tracker.mark_running(tracked, 2)
+    failure = Failed("device_memory_unavailable", "out of device memory", transient=True)
+    assert await tracker.failed(tracked, failure, 2, final=False)
+    assert (await jobs.get(job_id)).status == "queued"
