@@ -187,9 +187,39 @@ async def test_unknown_image_ids(server, method, image_id):
     assert_error(response, 404, "image_not_found")
 
 
-async def test_bad_cursor(server):
-    response = await server.client.get("/v1/images", params={"cursor": "garbage!"})
+TIED_ID = uuid.UUID("6f1e2d3c-4b5a-4978-8695-a4b3c2d1e0f9")
+TIED_CURSOR = f"1700000000000000.{TIED_ID.hex}"
+
+
+@pytest.mark.parametrize(
+    "cursor",
+    [
+        "garbage!",
+        "",
+        "-1",
+        "1700000000000000.",
+        TIED_CURSOR[:-1],
+        TIED_CURSOR.upper(),
+        f"1700000000000000.{TIED_ID}",
+        TIED_CURSOR + ".1",
+        TIED_CURSOR + "\n",
+        "1" * 19,
+    ],
+)
+async def test_bad_cursor(server, cursor):
+    response = await server.client.get("/v1/images", params={"cursor": cursor})
     assert_error(response, 400, "invalid_cursor")
+
+
+@pytest.mark.parametrize("cursor", [TIED_CURSOR, "1700000000000000"])
+async def test_a_cursor_of_either_form_is_taken_and_the_documents_pattern_says_so(server, cursor):
+    """The cursor a page gives (a time and an id) and the earlier form (a time alone), which clients may hold."""
+    response = await server.client.get("/v1/images", params={"cursor": cursor})
+    assert response.status_code == 200, response.text
+    document = (await server.client.get("/schema/openapi.json")).json()
+    parameters = {p["name"]: p["schema"] for p in document["paths"]["/v1/images"]["get"]["parameters"]}
+    pattern = parameters["cursor"]["pattern"]
+    assert re.search(pattern, cursor) and not re.search(pattern, cursor + "\n")
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import io
+import uuid
+from collections.abc import AsyncIterator
+from urllib.parse import parse_qsl, urlparse
 
 import httpx
 import msgspec
@@ -12,7 +15,9 @@ import pytest
 from PIL import Image
 
 from api.urls import redirect_target
+from contract.clock import iso_from_us
 from contract.image_ids import thumbnail_key
+from infra.vectors import ImageRecord
 from tests.support.images import encoded, oriented_jpeg
 from tests.support.server import running_server
 
@@ -90,6 +95,71 @@ async def test_listing_is_newest_first_and_pages_with_a_cursor(server, uploaded)
     upload_order = list(uploaded)
     listed = [image_id for image_id in seen if image_id in uploaded]
     assert listed == list(reversed(upload_order))
+
+
+TIED_US = 1_900_000_000_000_000  # after every upload of this module: these records list first
+
+
+@pytest.fixture
+async def tied(server) -> AsyncIterator[list[str]]:
+    """Seven records of their own source written straight into the index, five of them created in the same
+    microsecond (as by processors with their own clocks on one Qdrant server), one before and one after them; the
+    ids in listing order: newest first, the same microsecond by id."""
+    index = server.services.index
+    dim = (await index.stats()).dim
+    times = [TIED_US + 1, *[TIED_US] * 5, TIED_US - 1]
+    records = [
+        ImageRecord(
+            id=str(uuid.uuid4()),
+            r2_key="images/originals/tied.png",
+            content_type="image/png",
+            size=1,
+            width=1,
+            height=1,
+            created_at=iso_from_us(created_us),
+            created_us=created_us,
+            source="tied-clocks",
+        )
+        for created_us in times
+    ]
+    await index.upsert([(record, [1.0] * dim) for record in records])
+    try:
+        yield [r.id for r in sorted(records, key=lambda r: (-r.created_us, uuid.UUID(r.id)))]
+    finally:
+        for record in records:
+            await index.delete(record.id)
+
+
+async def follow_links(client: httpx.AsyncClient, params: dict[str, str]) -> tuple[list[str], int]:
+    """Every id the listing gives, following its Link header page by page; and the number of pages."""
+    seen: list[str] = []
+    pages = 0
+    while True:
+        response = await client.get("/v1/images", params=params)
+        assert response.status_code == 200, response.text
+        seen += [item["id"] for item in response.json()]
+        pages += 1
+        if "Link" not in response.headers:
+            return seen, pages
+        params = dict(parse_qsl(urlparse(response.headers["Link"].split(">")[0].lstrip("<")).query))
+        assert params["cursor"] == response.headers["X-Next-Cursor"]
+
+
+@pytest.mark.parametrize("limit", [1, 2, 3, 4])
+async def test_images_created_in_the_same_microsecond_are_each_listed_once(server, tied, limit):
+    seen, pages = await follow_links(server.client, {"limit": str(limit), "source": "tied-clocks"})
+    assert seen == tied
+    assert pages == -(-len(tied) // limit)
+
+
+async def test_a_cursor_of_the_earlier_form_still_pages_before_its_time(server, tied):
+    """Cursors handed out before the listing's order broke ties (a creation time alone) still work, as they did:
+    the next page starts before that microsecond."""
+    response = await server.client.get("/v1/images", params={"source": "tied-clocks", "cursor": str(TIED_US)})
+    assert response.status_code == 200, response.text
+    assert [item["id"] for item in response.json()] == tied[-1:]
+    response = await server.client.get("/v1/images", params={"source": "tied-clocks", "cursor": str(TIED_US + 1)})
+    assert [item["id"] for item in response.json()] == tied[1:]
 
 
 async def test_search_by_each_image_returns_itself_first(server, uploaded):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from qdrant_client.http.exceptions import UnexpectedResponse
 
-from infra.vectors import EmbeddingModelMismatchError, ImageFilter, ImageRecord, VectorIndex
+from infra.vectors import EmbeddingModelMismatchError, ImageFilter, ImageRecord, ListingPosition, VectorIndex
 from infra.vectors.edge.client import EdgeIndex
 from infra.vectors.server import QdrantServerIndex
 
@@ -135,13 +135,77 @@ async def test_listing_newest_first_with_a_cursor(index):
     newest_first = [item.id for item in reversed(records)]
     page = await index.newest(3)
     assert [item.id for item in page] == newest_first[:3]
-    page = await index.newest(3, before_us=page[-1].created_us)
+    page = await index.newest(3, after=ListingPosition.of(page[-1]))
     assert [item.id for item in page] == newest_first[3:6]
-    page = await index.newest(3, before_us=page[-1].created_us)
+    page = await index.newest(3, after=ListingPosition.of(page[-1]))
     assert [item.id for item in page] == newest_first[6:]
-    assert await index.newest(3, before_us=page[-1].created_us) == []
+    assert await index.newest(3, after=ListingPosition.of(page[-1])) == []
     narrowed = ImageFilter(created_before_us=1005)
-    assert [item.id for item in await index.newest(2, before_us=1006, image_filter=narrowed)] == newest_first[2:4]
+    after = ListingPosition(created_us=1006)
+    assert [item.id for item in await index.newest(2, after=after, image_filter=narrowed)] == newest_first[2:4]
+
+
+def listing_order(records: list[ImageRecord]) -> list[str]:
+    """Newest first; records created in the same microsecond by id (as UUIDs, which is also their text's order)."""
+    return [item.id for item in sorted(records, key=lambda item: (-item.created_us, uuid.UUID(item.id)))]
+
+
+async def all_pages(index: VectorIndex, limit: int, image_filter: ImageFilter | None = None) -> list[str]:
+    seen: list[str] = []
+    after = None
+    while page := await index.newest(limit, after=after, image_filter=image_filter):
+        assert len(page) <= limit
+        seen += [item.id for item in page]
+        after = ListingPosition.of(page[-1])
+    return seen
+
+
+@pytest.mark.parametrize("limit", [1, 2, 3, 4, 9])
+async def test_pages_list_records_created_in_the_same_microsecond_each_once(index, limit):
+    """Processors with their own clocks on one Qdrant server can give images the same created_us; a page that ends
+    among them is followed by one that starts right after its last record."""
+    times = [1003, 1002, 1002, 1002, 1002, 1001, 1001, 1000]
+    records = [record(created_us) for created_us in times]
+    await index.upsert([(item, unit(1, step)) for step, item in enumerate(records)])
+    assert await all_pages(index, limit) == listing_order(records)
+
+
+async def test_a_filtered_listing_pages_through_records_of_one_microsecond(index):
+    tied = [record(2000, source="bucket" if step % 3 else "upload") for step in range(9)]
+    others = [record(2001, source="bucket"), record(1999, source="bucket"), record(2002, source="upload")]
+    await index.upsert([(item, unit(1, step)) for step, item in enumerate(tied + others)])
+    buckets = [item for item in tied + others if item.source == "bucket"]
+    assert await all_pages(index, 2, ImageFilter(sources=("bucket",))) == listing_order(buckets)
+    window = ImageFilter(created_after_us=1999, created_before_us=2001)
+    assert await all_pages(index, 4, window) == listing_order(tied)
+
+
+async def test_many_records_of_one_microsecond_written_in_several_batches_page_in_id_order(index):
+    records = [record(5000) for _ in range(240)]
+    for start in range(0, len(records), 60):
+        await index.upsert([(item, unit(1, step)) for step, item in enumerate(records[start : start + 60])])
+    assert await all_pages(index, 25) == listing_order(records)
+
+
+async def test_a_page_goes_on_after_a_cursor_whose_record_was_deleted(index):
+    records = [record(3000) for _ in range(5)] + [record(2999)]
+    await index.upsert([(item, unit(1, step)) for step, item in enumerate(records)])
+    ordered = listing_order(records)
+    first = await index.newest(2)
+    assert [item.id for item in first] == ordered[:2]
+    await index.delete(first[-1].id)
+    page = await index.newest(3, after=ListingPosition.of(first[-1]))
+    assert [item.id for item in page] == ordered[2:5]
+
+
+async def test_a_position_without_an_id_starts_before_its_microsecond(index):
+    """What a listing cursor of the earlier form (a creation time alone) decodes to: the records created before it."""
+    records = [record(4001), record(4000), record(4000), record(3999), record(3998)]
+    await index.upsert([(item, unit(1, step)) for step, item in enumerate(records)])
+    page = await index.newest(5, after=ListingPosition(created_us=4000))
+    assert [item.id for item in page] == [records[3].id, records[4].id]
+    page = await index.newest(5, after=ListingPosition(created_us=4001))
+    assert [item.id for item in page] == listing_order(records[1:])
 
 
 async def test_a_collection_built_with_another_model_is_refused(index):

@@ -40,10 +40,12 @@ from contract.image_ids import thumbnail_key
 from contract.imaging import check_image
 from contract.jobs import job_id_for_idempotency_key
 from contract.messages import END, IMAGE_INDEX, MAX_FILENAME_CHARS, ImageIndexV1
-from infra.vectors import ImageRecord, VectorIndex
+from infra.vectors import ImageRecord, ListingPosition, VectorIndex
 
-# a page cursor: the creation time (microseconds since the epoch) that the next page starts before
-_CURSOR = re.compile(r"^[0-9]{1,18}" + END)
+# a page cursor: the listing position of the page's last record, its creation time (microseconds since the epoch)
+# and its id (32 hex digits), the next page starting strictly after it; a time alone is a cursor of the earlier
+# form, which servers handed out before ties were broken: the next page starts before that microsecond
+_CURSOR = re.compile(r"^([0-9]{1,18})(?:\.([0-9a-f]{32}))?" + END)
 
 
 def require_index(services: Services) -> VectorIndex:
@@ -92,10 +94,17 @@ async def read_upload(form: ImageUploadForm, limit: int) -> bytes:
     return data
 
 
-def _decode_cursor(cursor: str) -> int:
-    if not _CURSOR.match(cursor):
+def _encode_cursor(record: ImageRecord) -> str:
+    return f"{record.created_us}.{uuid.UUID(record.id).hex}"
+
+
+def _decode_cursor(cursor: str) -> ListingPosition:
+    matched = _CURSOR.match(cursor)
+    if matched is None:
         raise ApiError(400, "invalid_cursor", "cursor is not one this server returned; start again without it")
-    return int(cursor)
+    created_us, image_hex = matched.groups()
+    image_id = None if image_hex is None else str(uuid.UUID(hex=image_hex))
+    return ListingPosition(created_us=int(created_us), image_id=image_id)
 
 
 @post(
@@ -181,23 +190,28 @@ async def list_images(
     limit: Annotated[int, Parameter(ge=1, le=1000, description="page size")] = 100,
     cursor: Annotated[
         str | None,
-        Parameter(description="X-Next-Cursor of the previous page", schema_extra={"pattern": _CURSOR.pattern}),
+        Parameter(
+            description="X-Next-Cursor of the previous page, as it was given (its form may change)",
+            schema_extra={"pattern": _CURSOR.pattern},
+        ),
     ] = None,
     source: SourceParam = None,
     content_type: ContentTypeParam = None,
     created_after: CreatedAfterParam = None,
     created_before: CreatedBeforeParam = None,
 ) -> Response[list[ImageOut]]:
-    """A JSON array of image records. When more remain, the `X-Next-Cursor` header (and a `Link: rel="next"`
-    header) give the cursor for the next page; pass the same filters with it."""
+    """A JSON array of image records, newest first; images created in the same microsecond come in the order of
+    their ids. When more remain, the `X-Next-Cursor` header (and a `Link: rel="next"` header) give the cursor for
+    the next page, which starts right after this page's last image (none is left out or listed twice, whatever the
+    images share); pass the same filters with it."""
     index = require_index(services)
     conditions = image_filter(source, content_type, created_after, created_before)
-    before = _decode_cursor(cursor) if cursor is not None else None
-    records = await index.newest(limit + 1, before_us=before, image_filter=conditions)
+    after = _decode_cursor(cursor) if cursor is not None else None
+    records = await index.newest(limit + 1, after=after, image_filter=conditions)
     page, more = records[:limit], len(records) > limit
     headers: dict[str, str] = {}
     if more:
-        next_cursor = str(page[-1].created_us)
+        next_cursor = _encode_cursor(page[-1])
         headers["X-Next-Cursor"] = next_cursor
         query = [("limit", str(limit)), ("cursor", next_cursor)]
         query += query_string(source, content_type, created_after, created_before)

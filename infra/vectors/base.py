@@ -70,12 +70,30 @@ class ImageFilter(msgspec.Struct, frozen=True, kw_only=True):
             and (self.created_before_us is None)
         )
 
-    def before(self, created_us: int | None) -> ImageFilter:
+    def before(self, created_us: int) -> ImageFilter:
         """This filter narrowed to records created strictly before `created_us` (listing pages)."""
-        if created_us is None:
-            return self
         bound = created_us if self.created_before_us is None else min(created_us, self.created_before_us)
         return msgspec.structs.replace(self, created_before_us=bound)
+
+    def at(self, created_us: int) -> ImageFilter:
+        """This filter narrowed to records created in the microsecond `created_us` (the ties of a listing page)."""
+        after = created_us - 1 if self.created_after_us is None else max(created_us - 1, self.created_after_us)
+        before = created_us + 1 if self.created_before_us is None else min(created_us + 1, self.created_before_us)
+        return msgspec.structs.replace(self, created_after_us=after, created_before_us=before)
+
+
+class ListingPosition(msgspec.Struct, frozen=True, kw_only=True):
+    """A place in the listing's order, newest first (`created_us` descending), records created in the same
+    microsecond by id (ascending, as UUIDs compare): a page starts strictly after it. Without `image_id` it stands
+    after every record created at `created_us` (what a listing cursor named before ties were broken)."""
+
+    created_us: int
+    image_id: str | None = None
+
+    @classmethod
+    def of(cls, record: ImageRecord) -> ListingPosition:
+        """The position of a record: the next page starts with the record after it."""
+        return cls(created_us=record.created_us, image_id=record.id)
 
 
 class IndexStats(msgspec.Struct, kw_only=True):
@@ -157,9 +175,10 @@ class VectorIndex(abc.ABC):
 
     @abc.abstractmethod
     async def newest(
-        self, limit: int, before_us: int | None = None, image_filter: ImageFilter | None = None
+        self, limit: int, after: ListingPosition | None = None, image_filter: ImageFilter | None = None
     ) -> list[ImageRecord]:
-        """Records newest first; with before_us, only those created strictly before it."""
+        """Records in the listing's order (newest first, then by id: see ListingPosition); with `after`, only
+        those strictly after that position."""
 
     @abc.abstractmethod
     async def count(self, image_filter: ImageFilter | None = None) -> int:

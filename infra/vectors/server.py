@@ -21,10 +21,12 @@ from infra.vectors.base import (
     ImageFilter,
     ImageRecord,
     IndexStats,
+    ListingPosition,
     VectorIndex,
     VectorIndexUnavailableError,
     record_of,
 )
+from infra.vectors.listing import listing_page
 
 MODEL_KEY = "embedding_model"
 DIM_KEY = "embedding_dim"
@@ -175,15 +177,26 @@ class QdrantServerIndex(VectorIndex):
 
     @_translated
     async def newest(
-        self, limit: int, before_us: int | None = None, image_filter: ImageFilter | None = None
+        self, limit: int, after: ListingPosition | None = None, image_filter: ImageFilter | None = None
     ) -> list[ImageRecord]:
-        narrowed = (image_filter or ImageFilter()).before(before_us)
+        return await listing_page(
+            limit, after, image_filter, newest_first=self._newest_first, in_id_order=self._in_id_order
+        )
+
+    async def _newest_first(self, limit: int, image_filter: ImageFilter) -> list[ImageRecord]:
         points, _ = await self._client.scroll(
             self.collection,
-            scroll_filter=server_filter(narrowed),
+            scroll_filter=server_filter(image_filter),
             limit=limit,
             with_payload=True,
             order_by=models.OrderBy(key=FIELD_CREATED, direction=models.Direction.DESC),
+        )
+        return [record_of(point.payload) for point in points]
+
+    async def _in_id_order(self, limit: int, start_id: str | None, image_filter: ImageFilter) -> list[ImageRecord]:
+        """A scroll without order_by is in id order, and its offset is the first id it returns."""
+        points, _ = await self._client.scroll(
+            self.collection, scroll_filter=server_filter(image_filter), limit=limit, offset=start_id, with_payload=True
         )
         return [record_of(point.payload) for point in points]
 

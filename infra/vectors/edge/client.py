@@ -29,6 +29,7 @@ from infra.vectors.base import (
     IndexExistsError,
     IndexInUseError,
     IndexStats,
+    ListingPosition,
     SnapshotInfo,
     VectorIndex,
     VectorIndexUnavailableError,
@@ -37,6 +38,7 @@ from infra.vectors.base import (
 from infra.vectors.edge import protocol as p
 from infra.vectors.edge.layout import EngineLayout
 from infra.vectors.edge.migrate import LegacyLocalMode, import_legacy
+from infra.vectors.listing import listing_page
 
 log = structlog.get_logger(__name__)
 
@@ -311,10 +313,18 @@ class EdgeIndex(VectorIndex):
         await self._call(p.Delete([image_id]), WRITE_TIMEOUT_SECONDS)
 
     async def newest(
-        self, limit: int, before_us: int | None = None, image_filter: ImageFilter | None = None
+        self, limit: int, after: ListingPosition | None = None, image_filter: ImageFilter | None = None
     ) -> list[ImageRecord]:
-        narrowed = (image_filter or ImageFilter()).before(before_us)
-        return [record_of(payload) for payload in await self._call(p.Newest(limit, _wire(narrowed)))]
+        return await listing_page(
+            limit, after, image_filter, newest_first=self._newest_first, in_id_order=self._in_id_order
+        )
+
+    async def _newest_first(self, limit: int, image_filter: ImageFilter) -> list[ImageRecord]:
+        return [record_of(payload) for payload in await self._call(p.Newest(limit, _wire(image_filter)))]
+
+    async def _in_id_order(self, limit: int, start_id: str | None, image_filter: ImageFilter) -> list[ImageRecord]:
+        found = await self._call(p.InIdOrder(limit, start_id, _wire(image_filter)))
+        return [record_of(payload) for payload in found]
 
     async def count(self, image_filter: ImageFilter | None = None) -> int:
         return int(await self._call(p.Count(_wire(image_filter))))

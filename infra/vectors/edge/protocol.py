@@ -48,7 +48,17 @@ class Search(msgspec.Struct, tag="search"):
 
 
 class Newest(msgspec.Struct, tag="newest"):
+    """Points newest first (created_us descending; those of one microsecond in no set order)."""
+
     limit: int
+    filter: ImageFilter | None = None
+
+
+class InIdOrder(msgspec.Struct, tag="in_id_order"):
+    """Points in id order, from `start_id` (inclusive) when given."""
+
+    limit: int
+    start_id: str | None = None
     filter: ImageFilter | None = None
 
 
@@ -91,6 +101,7 @@ Operation = (
     | Vector
     | Search
     | Newest
+    | InIdOrder
     | Count
     | Describe
     | Snapshot
