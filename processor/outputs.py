@@ -9,7 +9,8 @@ in between can lose the output or leave it empty while the message stays unacked
 Two deliveries of a job may run at once (a resend, a redelivery after a lost channel), both marked running. When
 the one that created the output finds the record settled by the other (`drop_unrecorded`), and the record does not
 name the output as its live one (the client deleted it meanwhile, or the job failed or was cancelled), it deletes
-the object it created: an output deleted on purpose does not come back.
+the object it created: an output deleted on purpose does not come back. So does a delivery remaking a lost output
+whose client deleted it meanwhile (its record then says so, and the remake's success is not written).
 """
 
 from __future__ import annotations
@@ -90,11 +91,11 @@ async def store_output(
 
 
 async def drop_unrecorded(store: ObjectStore, created: Mapping[str, str], record: JobRecord) -> None:
-    """Delete the outputs a delivery created (key -> version) that the job's record, settled by another delivery,
-    does not name as its live output: the client deleted it (or it expired) after the other delivery stored it, or
-    the job failed or was called off. Each delete is conditional on the version created, so a version written since
-    stays. One that fails is logged: a repeated DELETE of the output, or the sweep that removes the record, deletes
-    it."""
+    """Delete the outputs a delivery created (key -> version) that the job's record, settled by another delivery
+    (or by its client, for a remake of a lost output), does not name as its live output: the client deleted it (or
+    it expired) after the other delivery stored it, or while it was remade, or the job failed or was called off.
+    Each delete is conditional on the version created, so a version written since stays. One that fails is logged:
+    a repeated DELETE of the output, or the sweep that removes the record, deletes it."""
     live = generated_output(record) if record.output_deleted is None else None
     for key, etag in created.items():
         if key == live:

@@ -106,7 +106,8 @@ class Settler:
         if isinstance(outcome, Succeeded) and record is not None and not record.settled:
             try:
                 if not await self.tracker.succeeded(record, outcome, number):
-                    # settled by another delivery: an output this one made that its record does not name goes
+                    # settled by another delivery (or a remade output deleted by its client meanwhile): an output
+                    # this one made that its record does not name goes
                     await drop_unrecorded(self._store, outcome.created, record.record)
                     outcome = recorded_outcome(record.record)
             except TRANSIENT_ERRORS as exc:

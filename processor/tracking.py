@@ -6,7 +6,8 @@ processor) wrote in between, the record is read again and the change applied to 
 a record only moves forward. The one way back is an operator's replay (`ams-ops dlq replay`), which may run a
 failed job again; a succeeded job is never run again, unless the output its record names is lost (a power failure
 before the output was flushed, while the message was not yet acked: processor/outputs.py), and a failure of that run
-leaves the record succeeded.
+leaves the record succeeded, as does its success when the output was deleted on purpose meanwhile (the client's
+DELETE, conditional on the version it read, wins over the remake's, and the remade output is deleted again).
 
 Two deliveries of a job may run at once (a resend, a redelivery after a lost channel): the record lists the running
 mark of each (`JobRecord.marks`, oldest first), and a failure takes only its own delivery's mark off. The job goes
@@ -62,10 +63,11 @@ class Tracked:
 
     @property
     def settled(self) -> bool:
-        """Finished for good: succeeded (its output not lost), withdrawn by the API or cancelled by its client
-        (told it does not run: not even a replay runs it), or failed and not being replayed."""
+        """Finished for good: succeeded (its output not lost, or deleted on purpose since it was found lost: a
+        remake's success is then not written, and its output is deleted again), withdrawn by the API or cancelled by
+        its client (told it does not run: not even a replay runs it), or failed and not being replayed."""
         if self.record.status == "succeeded":
-            return not self.remaking
+            return not self.remaking or self.record.output_deleted is not None
         return self.record.status in FINISHED and (not self.replayed or called_off(self.record))
 
 

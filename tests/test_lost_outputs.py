@@ -9,12 +9,14 @@ import uuid
 
 import pytest
 
-from contract.jobs import JobStore
+from contract.jobs import JobStore, delete_job_output
 from contract.messages import IMAGE_GENERATE, STREAM_HEADER, VOICE_GENERATE, ImageGenerateV1
 from infra.storage.local import LocalStore
 from processor.handlers.base import Job
 from processor.outcomes import Failed, Succeeded
-from processor.tracking import JobTracker
+from processor.outputs import StoredOutput, store_output
+from processor.settler import Settler
+from processor.tracking import JobTracker, Tracked
 from tests.support.amqp import publish, wait_until
 from tests.support.audio import speech_clip
 from tests.support.server import running_server
@@ -130,3 +132,47 @@ async def test_a_remake_that_fails_leaves_the_record_succeeded(tmp_path):
         written = await tracker.failed(again, failure, attempt, final=final)
         assert await jobs.get("j") == first
         assert not written
+
+
+class _Delivery:
+    """As much of an incoming message as a settled success without a requester uses."""
+
+    def __init__(self, message_id: str) -> None:
+        self.message_id, self.headers, self.reply_to, self.correlation_id = message_id, {}, None, None
+        self.acked = False
+
+    async def ack(self) -> None:
+        self.acked = True
+
+
+@pytest.mark.parametrize("deleted", ["before the remake stores it", "after the remake stored it"])
+async def test_an_output_deleted_while_it_is_remade_stays_deleted(tmp_path, deleted):
+    """The voice a succeeded record names was lost, and its job runs again to remake it; meanwhile the client
+    deletes the output (DELETE /v1/jobs/{id}/output). The remake's success is not written over the record saying
+    so, and the voice it stored is deleted again: an output deleted on purpose does not come back."""
+    store = LocalStore(tmp_path / "store")
+    jobs = JobStore(store, 7)
+    settler = Settler(None, jobs, store, 3)  # a success without a requester publishes nothing
+    job_id = str(uuid.uuid4())
+    key = f"voice/generated/{job_id}.mp3"
+    job = Job(message_id=job_id, message_type=VOICE_GENERATE, payload=None, priority=9)
+    record = JobStore.new(job_id, VOICE_GENERATE, {"text": "said once"})
+    first = Tracked(record, await jobs.create(record))
+    await settler.tracker.mark_running(first, 1)
+    assert await settler.tracker.succeeded(first, Succeeded({"key": key}), 1)  # its voice then lost: never stored
+
+    remake = await settler.tracker.load(job)
+    remake.remaking = True  # what the consumer does when the output is lost
+    if deleted.startswith("before"):
+        deletion = await delete_job_output(jobs, job_id)
+    stored = await store_output(job, store, key, b"the remade mp3", "audio/mpeg")
+    assert isinstance(stored, StoredOutput) and stored.created
+    if deleted.startswith("after"):
+        deletion = await delete_job_output(jobs, job_id)
+    delivery = _Delivery(job_id)
+    outcome = Succeeded({"key": key}, unflushed=(key,), created=stored.created)
+    await settler.settle(delivery, job, outcome, 0.1, remake)
+
+    assert delivery.acked
+    assert await jobs.get(job_id) == deletion.record
+    assert not await store.exists(key)
