@@ -80,6 +80,7 @@ class Settings:
     r2_secret_access_key: str
     r2_bucket_name: str
     r2_region: str
+    r2_timeout_seconds: float
     # embedded object store and presigned URLs
     local_storage_dir: Path
     presign_ttl_seconds: int
@@ -441,6 +442,7 @@ def _parse(env: _Reader) -> Settings:
         r2_secret_access_key=env.raw("R2_SECRET_ACCESS_KEY", ""),
         r2_bucket_name=env.raw("R2_BUCKET_NAME", ""),
         r2_region=env.raw("R2_REGION", "auto"),
+        r2_timeout_seconds=env.number("R2_TIMEOUT_SECONDS", 10.0, 0.5, 600.0),
         local_storage_dir=Path(env.raw("LOCAL_STORAGE_DIR", "app/storage")),
         presign_ttl_seconds=env.integer("PRESIGN_TTL_SECONDS", 3600, 1, 7 * 24 * 3600),
         public_base_url=env.url("PUBLIC_BASE_URL", "", ("http", "https")),

@@ -9,8 +9,9 @@ import base64
 import contextlib
 import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 
+import httpx
 from click.testing import CliRunner
 
 from contract.image_ids import thumbnail_key
@@ -51,6 +52,18 @@ async def processor_with_s3(make_env, **overrides: str) -> AsyncIterator[tuple[d
         await runtime.close()
         for server in servers:
             server.stop()
+
+
+HUNG_TIMEOUT_SECONDS = 1.0  # R2_TIMEOUT_SECONDS in the hung-store tests
+
+
+async def answered_within(seconds: float, request: Awaitable[httpx.Response]) -> httpx.Response:
+    """The response, which must come within `seconds`."""
+    try:
+        async with asyncio.timeout(seconds):
+            return await request
+    except TimeoutError:
+        raise AssertionError(f"no answer within {seconds} s") from None
 
 
 def bring_back(servers: list[S3Process]) -> S3Process:
@@ -117,6 +130,72 @@ async def test_past_max_attempts_jobs_dead_letter_and_replay_processes_each_once
 
 def generation(prompt: str) -> dict:
     return {"prompt": prompt, "width": 64, "height": 64, "steps": 1}
+
+
+async def test_a_job_meeting_a_hung_store_is_retried_and_succeeds_once_it_answers(make_env, rabbit):
+    """The S3 server stops answering while a job runs: each store call gives up after R2_TIMEOUT_SECONDS, the job
+    is retried through the delay queues, and once the server answers again it succeeds, once: one original, one
+    thumbnail, one point, though the server makes the writes it took while frozen when it thaws."""
+    async with processor_with_s3(make_env, MAX_ATTEMPTS="10", R2_TIMEOUT_SECONDS=str(HUNG_TIMEOUT_SECONDS)) as (
+        env,
+        runtime,
+        servers,
+    ):
+        image_id = str(uuid.uuid4())
+        before = retried()
+        with servers[0].frozen():
+            await publish(env["AMQP_URL"], IMAGE_INDEX, index_body(2, image_id), message_id=image_id)
+            await wait_until(lambda: retried() > before, timeout=15)
+
+        async def indexed() -> bool:
+            return await runtime.index.get(image_id) is not None
+
+        await wait_until(indexed, timeout=60)
+        assert servers[0].keys(BUCKET) == [f"images/originals/{image_id}.png", thumbnail_key(image_id)]
+        assert await runtime.index.count() == 1
+        assert rabbit.queue_counts(env["VHOST"])["ams.dead"] == (0, 0)
+
+
+async def test_a_hung_store_is_a_503_within_its_timeout_and_the_server_recovers_when_it_answers(make_env, rabbit):
+    """An S3 server that takes connections and never answers: a sync generation, a job's status and /readyz each
+    answer 503 within a few seconds (R2_TIMEOUT_SECONDS per store call), however many requests wait at once (more
+    than the client's pool of connections); nothing is published. Thawed, the same requests go through."""
+    s3 = S3Process(free_port())
+    try:
+        s3.create_bucket(BUCKET)
+        env = make_env(
+            r2_bucket=BUCKET, endpoint=s3.endpoint, IMAGE_ENABLED="1", R2_TIMEOUT_SECONDS=str(HUNG_TIMEOUT_SECONDS)
+        )
+        async with running_server(Settings.from_env(env)) as server:
+            assert (await server.client.get("/readyz")).status_code == 200
+            bound = 3 * HUNG_TIMEOUT_SECONDS + 1  # a request fails at its first store call that gets no answer
+            with s3.frozen():
+                refused = await answered_within(
+                    bound, server.client.post("/v1/images/generate", json=generation("hung"))
+                )
+                assert refused.status_code == 503, refused.text
+                assert refused.json()["code"] == "storage_unavailable"
+                assert int(refused.headers["retry-after"]) > 0
+
+                statuses = await asyncio.gather(
+                    *(answered_within(bound, server.client.get(f"/v1/jobs/{uuid.uuid4()}")) for _ in range(60))
+                )
+                assert {response.status_code for response in statuses} == {503}
+
+                ready = await answered_within(bound, server.client.get("/readyz"))
+                assert ready.status_code == 503
+                assert ready.json()["failing"] == ["storage"]
+                assert rabbit.queue_counts(env["VHOST"])["ams.image"] == (0, 0)  # nothing published
+
+            async def ready() -> bool:
+                return (await server.client.get("/readyz")).status_code == 200
+
+            await wait_until(ready, timeout=10)
+            again = await server.client.post("/v1/images/generate", json=generation("hung"))
+            assert again.status_code == 200, again.text
+            assert rabbit.queue_counts(env["VHOST"])["ams.dead"] == (0, 0)
+    finally:
+        s3.stop()
 
 
 async def test_a_full_disk_under_the_embedded_store_is_a_503_and_jobs_wait_it_out(make_env, rabbit, tmp_path):

@@ -84,6 +84,8 @@ def test_r2_endpoint_is_derived_from_the_account_id():
         ({"CALLBACK_SECRET": "hunter2"}, "CALLBACK_SECRET entry 1: expected whsec_"),
         ({"CALLBACK_SECRET": "whsec_c2hvcnQ="}, "CALLBACK_SECRET entry 1: expected whsec_ followed by 24 to 64"),
         ({"CALLBACK_TIMEOUT_SECONDS": "0"}, "CALLBACK_TIMEOUT_SECONDS"),
+        ({"R2_TIMEOUT_SECONDS": "0"}, "R2_TIMEOUT_SECONDS"),
+        ({"R2_TIMEOUT_SECONDS": "soon"}, "R2_TIMEOUT_SECONDS"),
         ({"PROCESSOR_CAPABILITIES": "callback"}, "lists callback, but CALLBACK_HOSTS is empty"),
         ({"OUTPUT_TTL_DAYS": "0"}, "OUTPUT_TTL_DAYS=0: must be at least 0.01"),
         ({"OUTPUT_TTL_DAYS": "a week"}, "OUTPUT_TTL_DAYS='a week': expected a number"),

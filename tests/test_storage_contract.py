@@ -11,6 +11,7 @@ import multiprocessing
 import os
 import threading
 import time
+from collections.abc import Awaitable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ import pytest
 from botocore.exceptions import ClientError, ConnectionClosedError
 
 from contract.jobs import JobStore, record_key
+from infra.settings import Settings
 from infra.storage import (
     InvalidKeyError,
     ObjectNotFoundError,
@@ -35,7 +37,8 @@ from infra.storage import (
 from infra.storage.local import LocalStore
 from infra.storage.s3 import S3Store
 from tests.support.disk import fill, small_disk
-from tests.support.s3 import ACCESS_KEY, SECRET_KEY
+from tests.support.rabbitmq import free_port
+from tests.support.s3 import ACCESS_KEY, SECRET_KEY, S3Process, trickling
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -49,12 +52,18 @@ async def store(request, tmp_path, s3):
 
 
 async def _s3_store(s3) -> S3Store:
+    return await _connect(s3.endpoint, s3.new_bucket())
+
+
+async def _connect(endpoint: str, bucket: str, timeout_seconds: float | None = None) -> S3Store:
+    """An S3 store as R2_TIMEOUT_SECONDS (its default unless given) makes it."""
     return await S3Store.connect(
-        endpoint_url=s3.endpoint,
-        bucket=s3.new_bucket(),
+        endpoint_url=endpoint,
+        bucket=bucket,
         access_key_id=ACCESS_KEY,
         secret_access_key=SECRET_KEY,
         region="us-east-1",
+        timeout_seconds=timeout_seconds or Settings.from_env({}).r2_timeout_seconds,
     )
 
 
@@ -560,3 +569,71 @@ async def test_a_dropped_connection_makes_the_s3_ping_say_so():
     store = S3Store(Dropping(), "bucket", contextlib.AsyncExitStack())
     with pytest.raises(StorageUnavailableError, match="ConnectionClosedError"):
         await store.ping()
+
+
+STALL_SECONDS = 1.0  # R2_TIMEOUT_SECONDS in the tests of a store that stops answering
+
+
+async def _unavailable_within(seconds: float, *calls: Awaitable[object]) -> None:
+    """Each call must fail as the store being unavailable, all within `seconds`."""
+    try:
+        async with asyncio.timeout(seconds):
+            failures = await asyncio.gather(*calls, return_exceptions=True)
+    except TimeoutError:
+        raise AssertionError(f"still waiting on the store after {seconds} s") from None
+    assert all(isinstance(failure, StorageUnavailableError) for failure in failures), failures
+
+
+async def test_every_s3_call_to_a_store_that_stops_answering_is_unavailable_within_its_timeout(tmp_path):
+    """A frozen S3 server (connections accepted, nothing answered): each call gives up after R2_TIMEOUT_SECONDS,
+    a write too (botocore's "Expect: 100-continue" had aiohttp wait for good before sending the body), and an
+    upload larger than the kernel's buffers, which the server stops taking; thawed, the same client works again."""
+    s3 = S3Process(free_port())
+    try:
+        s3.create_bucket("stalls")
+        store = await _connect(s3.endpoint, "stalls", STALL_SECONDS)
+        try:
+            await store.put("jobs/a.json", b"{}", "application/json")
+            large = tmp_path / "large.bin"
+            large.write_bytes(os.urandom(64 * 1024 * 1024))
+            with s3.frozen():
+                await _unavailable_within(
+                    STALL_SECONDS + 1,  # one try each: botocore's own retry would double it
+                    store.put("jobs/b.json", b"{}", "application/json"),
+                    store.put("jobs/c.json", b"{}", "application/json", if_none_match=True),
+                    store.get("jobs/a.json"),
+                    store.size("jobs/a.json"),
+                    store.delete("jobs/a.json"),
+                    store.ping(),
+                    _listed(store, "jobs/"),
+                )
+                # the kernel takes a few MiB, then the server's window stays shut: TCP_USER_TIMEOUT drops it
+                await _unavailable_within(10 * STALL_SECONDS, store.put_file("backups/large.bin", large, "x/y"))
+            await store.put("jobs/d.json", b"{}", "application/json")
+            assert (await store.get("jobs/d.json")).data == b"{}"
+        finally:
+            await store.close()
+    finally:
+        s3.stop()
+
+
+async def _listed(store: S3Store, prefix: str) -> list[str]:
+    return [info.key async for info in store.list(prefix)]
+
+
+async def test_an_s3_download_longer_than_the_timeout_goes_through_while_bytes_flow(s3, tmp_path):
+    """R2_TIMEOUT_SECONDS bounds each silence, not a whole transfer: over a link passing the store's answers 256 KiB
+    every 0.1 s, a 4 MiB download takes well over the timeout, and goes through, streamed to a file or read whole."""
+    data = os.urandom(4 * 1024 * 1024)
+    async with trickling(s3.endpoint, 256 * 1024, 0.1) as endpoint:
+        store = await _connect(endpoint, s3.new_bucket(), STALL_SECONDS)
+        try:
+            await store.put("images/originals/slow.png", data, "image/png")
+            started = time.monotonic()
+            assert await store.get_file("images/originals/slow.png", tmp_path / "slow.png") == len(data)
+            streamed = time.monotonic()
+            assert (await store.get("images/originals/slow.png")).data == data
+            assert min(streamed - started, time.monotonic() - streamed) > STALL_SECONDS
+        finally:
+            await store.close()
+    assert (tmp_path / "slow.png").read_bytes() == data

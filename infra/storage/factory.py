@@ -17,6 +17,7 @@ async def open_store(settings: Settings) -> ObjectStore:
             access_key_id=settings.r2_access_key_id,
             secret_access_key=settings.r2_secret_access_key,
             region=settings.r2_region,
+            timeout_seconds=settings.r2_timeout_seconds,
         )
     return LocalStore(
         settings.local_storage_dir,

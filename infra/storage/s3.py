@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import socket
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 from aiobotocore.config import AioConfig
+from aiobotocore.httpsession import AIOHTTPSession
 from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError
+from botocore.handlers import add_expect_header
 
 from infra.storage.base import (
     ObjectInfo,
@@ -56,6 +60,35 @@ def _total_size(content_range: str | None) -> int | None:
 PART_BYTES = 64 * 1024 * 1024
 
 
+class _PoolBoundedSession(AIOHTTPSession):
+    """aiobotocore's HTTP session, whose wait for a free connection of its pool counts towards the connect timeout
+    (aiohttp's `connect`: aiobotocore sets only the socket's), so a call queued behind a pool of calls to a store
+    that does not answer gives up within the timeout too, instead of waiting for each of them in turn."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        timeout = self._timeout
+        self._timeout = aiohttp.ClientTimeout(
+            connect=timeout.sock_connect, sock_connect=timeout.sock_connect, sock_read=timeout.sock_read
+        )
+
+
+def _stall_bounded(timeout_seconds: float) -> Callable[[tuple[Any, ...]], socket.socket]:
+    """A socket factory for the store's connections: bytes sent may go unacknowledged (a server that stopped
+    reading, a network that drops them) at most `timeout_seconds` before the kernel drops the connection
+    (TCP_USER_TIMEOUT, Linux), so an upload to a hung store fails instead of waiting for good, while one of any
+    size goes on as long as the store takes its bytes."""
+
+    def make(addr_info: tuple[Any, ...]) -> socket.socket:
+        family, kind, proto = addr_info[:3]
+        sock = socket.socket(family=family, type=kind, proto=proto)
+        if hasattr(socket, "TCP_USER_TIMEOUT"):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, round(timeout_seconds * 1000))
+        return sock
+
+    return make
+
+
 class S3Store(ObjectStore):
     name = "r2"
     part_bytes = PART_BYTES  # files larger than this go up in parts of this size (S3's minimum part: 5 MiB)
@@ -74,15 +107,22 @@ class S3Store(ObjectStore):
         access_key_id: str,
         secret_access_key: str,
         region: str = "auto",
+        timeout_seconds: float,
     ) -> S3Store:
+        """A client for the bucket. A store that does not answer for `timeout_seconds` (R2_TIMEOUT_SECONDS) is
+        unavailable: to connect (a free pooled connection included), to start its answer or send its next part,
+        or to take the next bytes of an upload; a transfer of any size takes as long as it needs while bytes flow."""
         config = AioConfig(
-            connect_timeout=5,
-            read_timeout=60,
-            # one try per call: the processor retries transient failures itself (processor/retrying.py) and
-            # the API answers 503 with Retry-After; retries at both levels multiplied into 13 s per job attempt
-            retries={"max_attempts": 1, "mode": "standard"},
+            connect_timeout=timeout_seconds,
+            read_timeout=timeout_seconds,
+            # one try per call (botocore's max_attempts would count the retries after it): the processor retries
+            # transient failures itself (processor/retrying.py) and the API answers 503 with Retry-After; retries
+            # at both levels multiplied into 13 s per job attempt
+            retries={"total_max_attempts": 1, "mode": "standard"},
             signature_version="s3v4",
             s3={"addressing_style": "path"},
+            http_session_cls=_PoolBoundedSession,
+            connector_args={"socket_factory": _stall_bounded(timeout_seconds)},
         )
         stack = contextlib.AsyncExitStack()
         client = await stack.enter_async_context(
@@ -95,6 +135,9 @@ class S3Store(ObjectStore):
                 config=config,
             )
         )
+        # botocore asks for "100 Continue" before the body of each PUT, and aiohttp waits for it with no timeout
+        # (its read timeout starts once the body is sent): a hung store held every write for good
+        client.meta.events.unregister("before-call.s3", add_expect_header)
         return cls(client, bucket, stack)
 
     @staticmethod

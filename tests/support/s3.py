@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -9,6 +11,8 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import AsyncIterator, Iterator
+from urllib.parse import urlparse
 
 import boto3
 from moto.server import ThreadedMotoServer
@@ -85,9 +89,48 @@ class S3Process:
     def thaw(self) -> None:
         os.kill(self._process.pid, signal.SIGCONT)
 
+    @contextlib.contextmanager
+    def frozen(self) -> Iterator[None]:
+        """Frozen for the block: the kernel still accepts connections and takes what is sent, but nothing answers,
+        as from a hung server or a network that black-holes the replies; thawed again whatever the block does."""
+        self.freeze()
+        try:
+            yield
+        finally:
+            self.thaw()
+
     def stop(self) -> None:
         if self._process.poll() is not None:
             return
         self.thaw()
         self._process.terminate()
         self._process.wait()
+
+
+@contextlib.asynccontextmanager
+async def trickling(endpoint: str, chunk_bytes: int, pause_seconds: float) -> AsyncIterator[str]:
+    """A proxy in front of an S3 server that passes its answers on at most `chunk_bytes` every `pause_seconds` (the
+    requests at once): a slow link, on which a download takes long while bytes keep coming. Yields its endpoint."""
+    upstream = urlparse(endpoint)
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, pause: float) -> None:
+        try:
+            while data := await reader.read(chunk_bytes):
+                writer.write(data)
+                await writer.drain()
+                await asyncio.sleep(pause)
+        finally:
+            writer.close()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        upstream_reader, upstream_writer = await asyncio.open_connection(upstream.hostname, upstream.port)
+        await asyncio.gather(
+            pipe(reader, upstream_writer, 0), pipe(upstream_reader, writer, pause_seconds), return_exceptions=True
+        )
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        server.close()
+        await server.wait_closed()
