@@ -186,27 +186,38 @@ class Consumer:
         elapsed = asyncio.get_running_loop().time() - started
         for (message, job), outcome in zip(jobs, outcomes, strict=True):
             settling = self._settler.settle(message, job, outcome, elapsed, records.get(job.message_id))
-            if not await self._settled(message, settling):
-                interrupted.pop(job.message_id, None)  # not settled: its interrupted runs still count
-        for message_id in interrupted:
-            try:
-                await self._runs.clear(message_id)
-            except TRANSIENT_ERRORS as exc:
-                log.warning("interrupted_runs_not_cleared", message_id=message_id, error=str(exc))
+            await self._settled(message, settling)
+        await asyncio.gather(
+            *(self._ended(message, job.message_id, interrupted.get(job.message_id)) for message, job in jobs)
+        )
 
-    async def _settled(self, message: AbstractIncomingMessage, settling: Awaitable[None]) -> bool:
+    async def _settled(self, message: AbstractIncomingMessage, settling: Awaitable[None]) -> None:
         """Await one message's settlement; one that fails unforeseen is handed back (on the settler's timer) rather
-        than left unacked, and its batch-mates are settled all the same (False)."""
+        than left unacked, and its batch-mates are settled all the same."""
         try:
             await settling
         except Exception:
             log.exception("message_not_settled", message_id=message.message_id)
             self._settler.hand_back([message])
-            return False
-        return True
+
+    async def _ended(self, message: AbstractIncomingMessage, message_id: str, interrupted: int | None) -> None:
+        """A run that ended here was not interrupted (processor/interrupted_runs.py), acknowledged or not: a counted
+        suspect whose message is acknowledged has its count removed; a delivery not acknowledged (its ack lost with
+        the connection, or handed back) takes its own part of the count back, as its message comes again.
+        `interrupted`: the suspect's runs as counted (None: not counted, or not a suspect)."""
+        try:
+            if message.processed:
+                if interrupted is not None:
+                    await self._runs.clear(message_id)
+            elif not message.redelivered:
+                await self._runs.finished(message_id, first=True)
+            elif interrupted is not None and interrupted < self._runs.limit:
+                await self._runs.finished(message_id, first=False)
+        except TRANSIENT_ERRORS as exc:
+            log.warning("interrupted_runs_not_updated", message_id=message_id, error=str(exc))
 
     async def _interrupted(self, jobs: Sequence[tuple[AbstractIncomingMessage, Job]]) -> dict[str, int]:
-        """A suspect's runs so far that no processor lived to settle (processor/interrupted_runs.py), this one
+        """A suspect's runs so far that no processor lived to finish (processor/interrupted_runs.py), this one
         counted unless it is not to run; {} for other deliveries (a suspect runs alone) or when the store is down."""
         message, job = jobs[0]
         if len(jobs) != 1 or not message.redelivered:

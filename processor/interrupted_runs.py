@@ -1,4 +1,4 @@
-"""Counting the runs of a message that no processor lived to settle, so that a message that kills processors (out of
+"""Counting the runs of a message that no processor lived to finish, so that a message that kills processors (out of
 memory, a crash in native code, a fatal device error) is dead-lettered after MAX_INTERRUPTED_RUNS instead of
 stopping every processor that takes it, one after the other, for ever.
 
@@ -6,16 +6,23 @@ RabbitMQ marks a delivery `redelivered` when an earlier delivery of the message 
 died, lost its connection, or handed back what it had prefetched when it stopped. Such a delivery is a suspect: it
 runs alone, with nothing beside it (processor/scheduler.py), so that if it kills this processor too, nothing else
 goes down with it, and its count is raised in the object store before it runs (`processor/runs/<sha256 of the
-message id>.json`, so every processor of a fleet sees it). A suspect that is settled has its count removed. The
-first delivery is never counted (it may have died with the message, or only held it), so a suspect's interrupted
-runs are its stored count plus one, and one that reaches MAX_INTERRUPTED_RUNS is dead-lettered without running
-(code `interrupted`); an operator's replay (`ams-ops dlq replay`) runs it again once the cause is fixed.
+message id>.json`, so every processor of a fleet sees it). The first delivery is never counted (it may have died
+with the message, or only held it), so a suspect's interrupted runs are its stored count plus one, and one that
+reaches MAX_INTERRUPTED_RUNS is dead-lettered without running (code `interrupted`); an operator's replay
+(`ams-ops dlq replay`) runs it again once the cause is fixed.
+
+A run that ends on a processor that lives on was not interrupted, whether or not its acknowledgement reached RabbitMQ
+(a broker restart or a lost connection during a long job loses it, and the message comes again): once its message
+is acknowledged its count is removed; when it is not, the run takes its own part of the count back (`finished`): a
+suspect the run it added, a first delivery the one it is counted as without a write, down to -1 (then the next
+suspect counts none).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 
 import structlog
 
@@ -26,6 +33,7 @@ log = structlog.get_logger(__name__)
 RUNS_PREFIX = "processor/runs/"
 INTERRUPTED = "interrupted"
 _CONFLICT_ROUNDS = 5
+_FIRST_FINISHED = -1  # the stored count once a first delivery ended unacknowledged, before any suspect counted
 
 
 def runs_key(message_id: str) -> str:
@@ -40,28 +48,43 @@ class InterruptedRuns:
     async def start(self, message_id: str) -> int:
         """Count a suspect's run before it starts; returns its interrupted runs so far. At `limit` or more nothing
         is written: the message is not to run again."""
+        interrupted = 0
+
+        def counted(runs: int | None) -> int | None:
+            nonlocal interrupted
+            interrupted = (runs or 0) + 1
+            return None if interrupted >= self.limit else interrupted
+
+        await self._change(message_id, counted)
+        return interrupted
+
+    async def finished(self, message_id: str, *, first: bool) -> None:
+        """A run of the message ended on this processor, which lived, but its acknowledgement did not reach RabbitMQ
+        (the connection was lost, or the delivery was handed back): the message comes again, and this run is not to
+        count as interrupted. A suspect takes back the run it counted (nothing when the count is gone: another
+        delivery was acknowledged); a first delivery, counted as one without a write, takes the count one below
+        what is stored, down to -1."""
+
+        def taken_back(runs: int | None) -> int | None:
+            if runs is None and not first:
+                return None
+            return max((runs or 0) - 1, _FIRST_FINISHED)
+
+        await self._change(message_id, taken_back)
+
+    async def clear(self, message_id: str) -> None:
+        """The message is acknowledged: forget its count. The delete is conditional on the count read, so that the
+        end of another delivery of it (whose ack was lost) taking back its run meanwhile is not written after it."""
         key = runs_key(message_id)
         for _ in range(_CONFLICT_ROUNDS):
             try:
                 stored = await self._store.get(key)
+                await self._store.delete(key, if_match=stored.etag)
             except ObjectNotFoundError:
-                counted, etag = 0, None
-            else:
-                counted, etag = _runs(stored.data), stored.etag
-            interrupted = counted + 1
-            if interrupted >= self.limit:
-                return interrupted
-            body = json.dumps({"message_id": message_id, "runs": counted + 1}).encode()
-            try:
-                await self._store.put(key, body, "application/json", if_none_match=etag is None, if_match=etag)
+                return
             except PreconditionFailedError:
                 continue
-            return interrupted
-        return interrupted
-
-    async def clear(self, message_id: str) -> None:
-        """The message is settled: forget its count."""
-        await self._store.delete(runs_key(message_id))
+            return
 
     def message(self, interrupted: int) -> str:
         return (
@@ -70,10 +93,31 @@ class InterruptedRuns:
             "processors; `ams-ops dlq replay` runs it again once the cause is fixed"
         )
 
+    async def _change(self, message_id: str, change: Callable[[int | None], int | None]) -> None:
+        """Write `change` of the stored count (None: there is none) conditionally on the count read, again on a
+        conflict; a change to None writes nothing."""
+        key = runs_key(message_id)
+        for _ in range(_CONFLICT_ROUNDS):
+            try:
+                stored = await self._store.get(key)
+            except ObjectNotFoundError:
+                runs, etag = None, None
+            else:
+                runs, etag = _runs(stored.data), stored.etag
+            changed = change(runs)
+            if changed is None:
+                return
+            body = json.dumps({"message_id": message_id, "runs": changed}).encode()
+            try:
+                await self._store.put(key, body, "application/json", if_none_match=etag is None, if_match=etag)
+            except PreconditionFailedError:
+                continue
+            return
+
 
 def _runs(data: bytes) -> int:
     """The stored count; one that cannot be read (a write a power failure cut short) counts as none."""
     try:
-        return max(0, int(json.loads(data)["runs"]))
+        return max(_FIRST_FINISHED, int(json.loads(data)["runs"]))
     except (ValueError, KeyError, TypeError):
         return 0
