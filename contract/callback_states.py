@@ -1,6 +1,7 @@
 """What became of a job's callback (contract/callbacks.py), as `GET /v1/jobs/{id}` shows it: `callbacks/<job id>.json`,
 written by the processor after each try of the callback of the job's latest end (best effort: a callback is sent
-whether or not its state could be written), and deleted JOB_RECORD_TTL_DAYS after its last try.
+whether or not its state could be written), and deleted JOB_RECORD_TTL_DAYS after its last try (conditionally on
+the state read: a try that writes a fresh one meanwhile keeps it).
 """
 
 from __future__ import annotations
@@ -52,9 +53,10 @@ async def write_state(store: ObjectStore, job_id: str, state: CallbackState) -> 
 
 async def stored_states(
     store: ObjectStore, written_before: datetime | None = None
-) -> AsyncIterator[tuple[str, CallbackState | None]]:
-    """Every state object's key and state (None: unreadable), one read each; with `written_before`, only those the
-    listing says were last written before then (the others are not read)."""
+) -> AsyncIterator[tuple[str, CallbackState | None, str]]:
+    """Every state object's key, state (None: unreadable) and version (ETag, for a delete conditional on it), one
+    read each; with `written_before`, only those the listing says were last written before then (the others are not
+    read)."""
     async for info in store.list(STATES_PREFIX):
         if written_before is not None and info.modified >= written_before:
             continue
@@ -63,6 +65,7 @@ async def stored_states(
         except ObjectNotFoundError:
             continue
         try:
-            yield info.key, msgspec.json.decode(stored.data, type=CallbackState)
+            state: CallbackState | None = msgspec.json.decode(stored.data, type=CallbackState)
         except (msgspec.DecodeError, msgspec.ValidationError):
-            yield info.key, None
+            state = None
+        yield info.key, state, stored.etag

@@ -12,6 +12,7 @@ the record says so (output_deleted).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import uuid
 from collections.abc import AsyncIterator, Mapping
@@ -316,7 +317,8 @@ class JobStore:
         so it is deleted only once the record is read again still at that version, just before: a new record found
         then (the API deleted the earlier output itself when it created it) keeps the new job's output too. Records
         are read in pages, long before some are swept; what is left is the one round trip between that read and the
-        delete, in which a whole new job would have to run."""
+        delete, in which a whole new job would have to run. A callback state is deleted only at the version read,
+        too: a try of the callback that writes a fresh state meanwhile keeps it."""
         now = datetime.now(tz=UTC)
         due = self._ttl if output_ttl_days is None else min(self._ttl, timedelta(days=output_ttl_days))
         records = outputs = 0
@@ -346,9 +348,10 @@ class JobStore:
                 except PreconditionFailedError:  # written meanwhile: the next sweep looks at it again
                     continue
                 outputs += 1
-        async for key, state in stored_states(self._store, written_before=now - self._ttl + SWEEP_LEEWAY):
+        async for key, state, version in stored_states(self._store, written_before=now - self._ttl + SWEEP_LEEWAY):
             if state is None or _older(state.at, now, self._ttl):
-                await self._store.delete(key)
+                with contextlib.suppress(PreconditionFailedError):  # a try wrote a fresh one since: it stays
+                    await self._store.delete(key, if_match=version)
         return Swept(records=records, outputs=outputs)
 
     async def _still_at(self, key: str, version: str) -> bool:

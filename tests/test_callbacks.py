@@ -30,11 +30,13 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from contract.callback_states import CallbackState, read_state, state_key, write_state
 from contract.callbacks import JOB_CALLBACK, CallbackUrlError, JobCallbackV1, check_callback_url
 from contract.events import JobFinishedV1, job_finished
-from contract.jobs import JobRecord, JobStore, withdrawn
+from contract.jobs import JobRecord, JobStore, now_iso, withdrawn
 from contract.messages import IMAGE_GENERATE
 from infra.broker import ATTEMPTS_HEADER, REASON_CODE_HEADER, REASON_HEADER, Publisher, connect, retry_delay
 from infra.settings import Settings
 from infra.startup import StartupError
+from infra.storage import StoredObject
+from infra.storage.local import LocalStore
 from processor.announcer import OWED_PREFIX, Announcer
 from processor.handlers.callback_client import is_public, open_client
 from processor.handlers.job_callback import deliver, retry_after_seconds
@@ -276,6 +278,28 @@ async def test_callback_states_are_swept_with_the_records(server):
     await JobStore(store, 7).sweep()
     assert await read_state(store, old) is None
     assert await read_state(store, fresh) is not None
+
+
+async def test_a_callback_state_written_while_the_sweep_reads_the_old_one_is_kept(tmp_path, monkeypatch):
+    """A callback tried again just as the sweep reads its old state (last tried long ago) writes a fresh one between
+    that read and the sweep's delete: the fresh state stays."""
+    store = LocalStore(tmp_path / "store")
+    job_id = str(uuid.uuid4())
+    old = CallbackState(event_id="e", state="failed", attempts=5, answer="answered 500", at="2020-01-01T00:00:00Z")
+    fresh = CallbackState(event_id="e", state="delivered", attempts=6, answer="answered 200", at=now_iso())
+    await write_state(store, job_id, old)
+    written_days_ago(tmp_path / "store", state_key(job_id), 2000)
+    read = store.get
+
+    async def read_then_tried_again(key: str, **kwargs: object) -> StoredObject:
+        found = await read(key, **kwargs)
+        if key == state_key(job_id):
+            await write_state(store, job_id, fresh)
+        return found
+
+    monkeypatch.setattr(store, "get", read_then_tried_again)
+    await JobStore(store, 7).sweep()
+    assert await read_state(store, job_id) == fresh
 
 
 async def test_a_cancelled_job_posts_its_cancellation(server, receiver):
