@@ -7,6 +7,7 @@ import contextlib
 import fcntl
 import hashlib
 import itertools
+import json
 import multiprocessing
 import os
 import threading
@@ -101,6 +102,44 @@ async def test_each_write_keeps_the_content_type_it_was_given(store, key, types)
     for content_type in types:
         await store.put(key, b"bytes", content_type)
         assert (await store.get(key)).content_type == content_type
+
+
+@pytest.mark.parametrize("keys", [("t/a", "t/a.json/b"), ("t/a.json/b", "t/a")])
+async def test_a_key_and_one_under_it_with_json_added_each_keep_their_type(store, keys):
+    """The local store's type file of `t/a` was once `meta/t/a.json`, the folder that of `t/a.json/b` needed."""
+    for number, key in enumerate(keys):
+        await store.put(key, f"object {number}".encode(), "text/plain")
+    for number, key in enumerate(keys):
+        stored = await store.get(key)
+        assert (stored.data, stored.content_type) == (f"object {number}".encode(), "text/plain")
+    await store.delete(keys[0])
+    await store.put(keys[1], b"again", "text/markdown")
+    assert (await store.get(keys[1])).content_type == "text/markdown"
+    assert not await store.exists(keys[0])
+
+
+async def test_a_local_store_of_the_earlier_layout_keeps_its_types(tmp_path):
+    """Stores written before types/ kept an object's type in `meta/<key>.json`: it is read from there until the
+    object is written again or deleted; a folder there (of a type file under `<key>.json/`) is no type file."""
+    root = tmp_path / "store"
+    earlier = {"t/a": "text/markdown", "u/c.png": "image/gif", "v/e.json/f": "text/csv", "v/e": None}
+    for key, content_type in earlier.items():
+        (root / "objects" / key).parent.mkdir(parents=True, exist_ok=True)
+        (root / "objects" / key).write_bytes(b"bytes")
+        if content_type is not None:
+            (root / "meta" / f"{key}.json").parent.mkdir(parents=True, exist_ok=True)
+            (root / "meta" / f"{key}.json").write_text(json.dumps({"content_type": content_type}))
+    store = LocalStore(root)
+    for key, content_type in earlier.items():
+        assert (await store.get(key)).content_type == (content_type or "application/octet-stream")
+    await store.put("v/e", b"new", "text/plain")
+    assert [(await store.get(key)).content_type for key in ("v/e", "v/e.json/f")] == ["text/plain", "text/csv"]
+    await store.put("t/a", b"new", "application/octet-stream")
+    await store.delete("u/c.png")
+    assert (await store.get("t/a")).content_type == "application/octet-stream"
+    assert not (root / "meta" / "t").exists() and not (root / "meta" / "u").exists()
+    await store.put("u/c.png", b"new", "image/png")
+    assert (await store.get("u/c.png")).content_type == "image/png"
 
 
 async def test_conditional_create_writes_only_when_absent(store):
@@ -386,12 +425,18 @@ async def test_local_writes_flush_what_durability_needs(tmp_path, monkeypatch):
     flushed.clear()
     await store.put("jobs/d.bin", b"x", "text/plain")  # its type file (in a new folder), then the object
     staged = ["staged" if path.startswith(str(store.root / "tmp")) else path for path in flushed]
-    meta = store.root / "meta"
-    assert staged == [str(meta), "staged", str(meta / "jobs"), "staged", str(objects / "jobs")]
+    types = store.root / "types"
+    shard = types / hashlib.sha256(b"jobs/d.bin").hexdigest()[:2]
+    assert staged == [str(types), "staged", str(shard), "staged", str(objects / "jobs")]
     flushed.clear()
     await store.flush("elsewhere/none.json")  # nothing there: nothing to keep
     assert flushed == []
+    await store.put("jobs/d.bin", b"y", "text/csv", durable=False)
+    await store.flush("jobs/d.bin")  # the object, its type file and that one's folder, the object's folder
+    typed = shard / f"{hashlib.sha256(b'jobs/d.bin').hexdigest()}.json"
+    assert flushed == [str(objects / "jobs" / "d.bin"), str(typed), str(shard), str(objects / "jobs")]
     assert (await store.get("jobs/a.json")).data == b"{ }"
+    assert (await store.get("jobs/d.bin")).content_type == "text/csv"
 
 
 async def test_small_unflushed_local_writes_are_made_on_the_event_loop(tmp_path, monkeypatch):

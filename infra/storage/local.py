@@ -2,8 +2,13 @@
 
 Layout under the root directory:
     objects/<key>        the bytes
-    meta/<key>.json      {"content_type": ...}, unless it is the usual type for the key's suffix (SUFFIX_TYPES):
-                         job records, PNGs, MP3s, WebP thumbnails and JPEGs are written without one
+    types/<xx>/<h>.json  {"key": ..., "content_type": ...}, unless it is the usual type for the key's suffix
+                         (SUFFIX_TYPES): job records, PNGs, MP3s, WebP thumbnails and JPEGs are written without one.
+                         h is the SHA-256 of the key, xx its first two digits: no key's type file is in the way of
+                         another's
+    meta/<key>.json      a type file of the layout before types/, read first (a process of an earlier version may
+                         still write one) and removed when its object is written again or deleted. That layout could
+                         not keep both `a` and `a.json/b`: the type file of the one was the folder the other's needed
     tmp/                 staging for atomic writes (same filesystem, then os.replace), and the replaced versions
                          of objects until they are unlinked; what a stopped process left there is removed an hour on
     signing.key          HMAC secret for presigned URLs when URL_SIGNING_KEY is not set
@@ -60,7 +65,9 @@ SUFFIX_TYPES = {
     ".jpeg": "image/jpeg",
 }
 DEFAULT_TYPE = "application/octet-stream"
-MAX_SEGMENT_BYTES = 250  # a file name is at most 255 bytes; the meta file adds ".json"
+# a file name is at most 255 bytes; the layout before types/ added ".json" to a segment, and servers' OpenAPI
+# documents publish this limit, so it stays
+MAX_SEGMENT_BYTES = 250
 # An unflushed write up to this size, into a folder that exists, only reaches the page cache, and a read of an object
 # this small (or of one that is not there) is served from it: both are made on the event loop (tenths of a
 # millisecond) instead of paying two thread hand-offs around them.
@@ -78,8 +85,8 @@ def _suffix_type(key: str) -> str:
 
 
 def _file_key(key: str) -> str:
-    """A valid key whose segments can be file names here (with room for the meta file's ".json"); InvalidKeyError
-    for a segment longer than that, which an object store over HTTP would take."""
+    """A valid key whose segments can be file names here (MAX_SEGMENT_BYTES); InvalidKeyError for a segment longer
+    than that, which an object store over HTTP would take."""
     validate_key(key)
     if any(len(os.fsencode(segment)) > MAX_SEGMENT_BYTES for segment in key.split("/")):
         raise InvalidKeyError(
@@ -125,10 +132,11 @@ class LocalStore(ObjectStore):
     def __init__(self, root: Path, signing_key: str = "", public_base_url: str = "") -> None:
         self.root = root
         self._objects = root / "objects"
-        self._meta = root / "meta"
+        self._types = root / "types"
+        self._earlier_types = root / "meta"
         self._tmp = root / "tmp"
         self._conditions_lock = root / "conditional-writes.lock"
-        for path in (self._objects, self._meta, self._tmp):
+        for path in (self._objects, self._types, self._tmp):
             path.mkdir(parents=True, exist_ok=True)
         self._sweep_staging()
         # unlinks the versions that writes replaced, after the writes (see _set_aside)
@@ -166,8 +174,33 @@ class LocalStore(ObjectStore):
     def _object_path(self, key: str) -> Path:
         return self._objects / _file_key(key)
 
-    def _meta_path(self, key: str) -> Path:
-        return self._meta / f"{_file_key(key)}.json"
+    def _type_path(self, key: str) -> Path:
+        digest = hashlib.sha256(os.fsencode(_file_key(key))).hexdigest()
+        return self._types / digest[:2] / f"{digest}.json"
+
+    def _earlier_type_path(self, key: str) -> Path:
+        return self._earlier_types / f"{_file_key(key)}.json"
+
+    def _content_type(self, key: str) -> str:
+        """What the key's type file says (one of the layout before types/ first: only a process of an earlier
+        version writes one now), else the usual type of its suffix."""
+        for path in (self._earlier_type_path(key), self._type_path(key)):
+            try:
+                return json.loads(path.read_bytes())["content_type"]
+            except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+                continue  # a folder there is another key's, in the layout before types/
+            except (ValueError, KeyError, TypeError):
+                return DEFAULT_TYPE
+        return _suffix_type(key)
+
+    def _remove_earlier_type(self, key: str) -> None:
+        """Remove the key's type file of the layout before types/, if there is one, and the folders it leaves empty."""
+        path = self._earlier_type_path(key)
+        try:
+            path.unlink()
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            return
+        self._prune_empty_parents(path.parent, self._earlier_types)
 
     def _write_atomic(self, target: Path, fill: Callable[[BinaryIO], object], durable: bool = True) -> None:
         """Write through `fill(file)` into a staging file, then move it into place. When durable, the file is
@@ -233,10 +266,11 @@ class LocalStore(ObjectStore):
         if path.is_dir():
             raise StorageUnavailableError(f"cannot store {key!r}: a key prefix of that name exists")
         if content_type == _suffix_type(key):
-            self._meta_path(key).unlink(missing_ok=True)  # one an earlier write of another type left
+            self._type_path(key).unlink(missing_ok=True)  # one an earlier write of another type left
         else:
-            meta = json.dumps({"content_type": content_type}).encode()
-            self._write_atomic(self._meta_path(key), lambda fh: fh.write(meta), durable)
+            meta = json.dumps({"key": key, "content_type": content_type}).encode()
+            self._write_atomic(self._type_path(key), lambda fh: fh.write(meta), durable)
+        self._remove_earlier_type(key)
         self._write_atomic(path, fill, durable)
 
     def _put_bytes_sync(self, key: str, data: bytes, content_type: str, durable: bool) -> str:
@@ -312,11 +346,13 @@ class LocalStore(ObjectStore):
             return None
 
     def _flush_sync(self, key: str) -> None:
-        path = self._object_path(key)
+        path, typed = self._object_path(key), self._type_path(key)
         try:
-            for written in (path, self._meta_path(key)):
-                if written.is_file():
-                    fsync_path(written)
+            if path.is_file():
+                fsync_path(path)
+            if typed.is_file():
+                fsync_path(typed)
+                fsync_path(typed.parent)
             fsync_path(path.parent)
         except FileNotFoundError:
             return  # deleted since: nothing of it to keep (any other OSError: _disk_errors on flush)
@@ -356,13 +392,7 @@ class LocalStore(ObjectStore):
             raise ObjectNotFoundError(key) from None
         if max_bytes is not None and len(data) > max_bytes:
             raise ObjectTooLargeError(key, max_bytes, self._size_sync(key))
-        try:
-            content_type = json.loads(self._meta_path(key).read_bytes())["content_type"]
-        except FileNotFoundError:
-            content_type = _suffix_type(key)
-        except (ValueError, KeyError):
-            content_type = DEFAULT_TYPE
-        return StoredObject(key=key, data=data, content_type=content_type, etag=_etag(data))
+        return StoredObject(key=key, data=data, content_type=self._content_type(key), etag=_etag(data))
 
     @_disk_errors
     async def get(self, key: str, *, max_bytes: int | None = None) -> StoredObject:
@@ -391,7 +421,8 @@ class LocalStore(ObjectStore):
             existed = True
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             existed = False
-        self._meta_path(key).unlink(missing_ok=True)
+        self._type_path(key).unlink(missing_ok=True)
+        self._remove_earlier_type(key)
         self._prune_empty_parents(path.parent, self._objects)
         return existed
 
