@@ -170,15 +170,29 @@ class Settings:
         return _parse(_Reader(os.environ if environ is None else environ))
 
 
+@dataclass(frozen=True, slots=True)
+class Variable:
+    """How the settings read one variable: its default as text ("" when unset means something else, or when it is
+    computed), the least and most a number may be, the values a choice may take."""
+
+    default: str
+    minimum: float | None = None
+    maximum: float | None = None
+    choices: tuple[str, ...] = ()
+
+
 class _Reader:
     def __init__(self, environ: Mapping[str, str]) -> None:
         self._env = environ
-        self.names: set[str] = set()
+        self.variables: dict[str, Variable] = {}
 
     def raw(self, name: str, default: str) -> str:
-        self.names.add(name)
+        self.variables.setdefault(name, Variable(default))
         value = self._env.get(name)
         return default if value is None else value.strip()
+
+    def _bounded(self, name: str, minimum: float, maximum: float | None) -> None:
+        self.variables[name] = dataclasses.replace(self.variables[name], minimum=minimum, maximum=maximum)
 
     def flag(self, name: str, default: bool) -> bool:
         value = self.raw(name, "1" if default else "0").lower()
@@ -190,6 +204,7 @@ class _Reader:
 
     def integer(self, name: str, default: int, minimum: int, maximum: int | None = None) -> int:
         value = self.raw(name, str(default))
+        self._bounded(name, minimum, maximum)
         try:
             number = int(value)
         except ValueError:
@@ -201,6 +216,7 @@ class _Reader:
 
     def number(self, name: str, default: float, minimum: float, maximum: float | None = None) -> float:
         value = self.raw(name, str(default))
+        self._bounded(name, minimum, maximum)
         try:
             number = float(value)
         except ValueError:
@@ -212,6 +228,7 @@ class _Reader:
 
     def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
         value = self.raw(name, default).lower()
+        self.variables[name] = dataclasses.replace(self.variables[name], choices=choices)
         if value not in choices:
             raise SettingsError(f"{name}={value!r}: expected one of {', '.join(choices)}")
         return value
@@ -548,6 +565,11 @@ def _check_r2(settings: Settings) -> None:
 
 def known_variables() -> frozenset[str]:
     """Every environment variable the settings read."""
+    return frozenset(variables())
+
+
+def variables() -> dict[str, Variable]:
+    """Every environment variable the settings read, and how (README.md's tables document each)."""
     reader = _Reader({})
     _parse(reader)
-    return frozenset(reader.names)
+    return reader.variables

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from infra.settings import Settings, SettingsError, known_variables
+from infra.settings import Settings, SettingsError, variables
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -198,7 +199,50 @@ def test_processor_metrics_port_in_use_fails_start_up_with_one_line():
     assert "PROCESSOR_METRICS_PORT" in line
 
 
-def test_every_variable_the_settings_read_is_documented_in_the_readme():
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    undocumented = sorted(name for name in known_variables() if f"`{name}`" not in readme)
-    assert not undocumented
+# defaults the settings compute (the README says how) rather than give as text
+COMPUTED_DEFAULTS = {"IMAGE_DECODE_THREADS"}
+
+
+def _readme_settings() -> dict[str, tuple[str, str]]:
+    """README's Configuration tables: each variable -> (its default as the table gives it, its whole row)."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
+    documented: dict[str, tuple[str, str]] = {}
+    for row in section.splitlines():
+        if not row.startswith("| `"):
+            continue
+        cells = [cell.strip() for cell in row.strip().strip("|").split("|")]
+        assert len(cells) == 3, row
+        names = re.findall(r"`([A-Z][A-Z0-9_]+)`", cells[0])
+        defaults = re.split(r"(?<=`), (?=`)", cells[1])  # one each (`a`, `b`), or one for all
+        for position, name in enumerate(names):
+            documented[name] = (defaults[position] if len(defaults) == len(names) else cells[1], row)
+    return documented
+
+
+def _shown(number: float) -> str:
+    return str(int(number)) if float(number).is_integer() else str(number)
+
+
+def test_every_variable_the_settings_read_is_documented_in_the_readme_with_its_default_and_range():
+    """Each variable read is in README's Configuration tables and each one there is read; its row gives the
+    default the code uses, its range (`low..high`, or `at least low`) and every value a choice may take."""
+    documented = _readme_settings()
+    read = variables()
+    assert sorted(read.keys() - documented.keys()) == [], "read but not documented"
+    assert sorted(documented.keys() - read.keys()) == [], "documented but not read"
+    for name, variable in read.items():
+        default, row = documented[name]
+        given = re.findall(r"`([^`]*)`", default)
+        if not given:
+            assert variable.default == "" or name in COMPUTED_DEFAULTS, (name, variable.default, default)
+        elif variable.minimum is not None:
+            assert float(given[0]) == float(variable.default), (name, variable.default, default)
+        else:
+            assert given[0] == variable.default, (name, variable.default, default)
+        if variable.maximum is not None:
+            assert f"{_shown(variable.minimum)}..{_shown(variable.maximum)}" in row, (name, variable)
+        elif variable.minimum is not None:
+            assert f"at least {_shown(variable.minimum)}" in row, (name, variable)
+        for choice in variable.choices:
+            assert re.search(rf"\b{re.escape(choice)}\b", row.split("|")[3]), (name, choice)
