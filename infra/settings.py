@@ -81,6 +81,7 @@ class Settings:
     r2_bucket_name: str
     r2_region: str
     r2_timeout_seconds: float
+    r2_max_connections: int
     # embedded object store and presigned URLs
     local_storage_dir: Path
     presign_ttl_seconds: int
@@ -460,6 +461,10 @@ def _parse(env: _Reader) -> Settings:
         r2_bucket_name=env.raw("R2_BUCKET_NAME", ""),
         r2_region=env.raw("R2_REGION", "auto"),
         r2_timeout_seconds=env.number("R2_TIMEOUT_SECONDS", 10.0, 0.5, 600.0),
+        # what a process may ask of the store at once: an indexing processor's 8 uploads and 16 downloads
+        # (processor/handlers/image_index.py), a sweep's or listing's 32 record reads (contract/jobs.py READ_AHEAD),
+        # and the API's requests beside them in the one-process mode
+        r2_max_connections=env.integer("R2_MAX_CONNECTIONS", 64, 1, 1000),
         local_storage_dir=Path(env.raw("LOCAL_STORAGE_DIR", "app/storage")),
         presign_ttl_seconds=env.integer("PRESIGN_TTL_SECONDS", 3600, 1, 7 * 24 * 3600),
         public_base_url=env.url("PUBLIC_BASE_URL", "", ("http", "https")),

@@ -159,12 +159,17 @@ async def test_a_job_meeting_a_hung_store_is_retried_and_succeeds_once_it_answer
 async def test_a_hung_store_is_a_503_within_its_timeout_and_the_server_recovers_when_it_answers(make_env, rabbit):
     """An S3 server that takes connections and never answers: a sync generation, a job's status and /readyz each
     answer 503 within a few seconds (R2_TIMEOUT_SECONDS per store call), however many requests wait at once (more
-    than the client's pool of connections); nothing is published. Thawed, the same requests go through."""
+    than the client's pool of connections, R2_MAX_CONNECTIONS); nothing is published. Thawed, the same requests go
+    through."""
     s3 = S3Process(free_port())
     try:
         s3.create_bucket(BUCKET)
         env = make_env(
-            r2_bucket=BUCKET, endpoint=s3.endpoint, IMAGE_ENABLED="1", R2_TIMEOUT_SECONDS=str(HUNG_TIMEOUT_SECONDS)
+            r2_bucket=BUCKET,
+            endpoint=s3.endpoint,
+            IMAGE_ENABLED="1",
+            R2_TIMEOUT_SECONDS=str(HUNG_TIMEOUT_SECONDS),
+            R2_MAX_CONNECTIONS="10",
         )
         async with running_server(Settings.from_env(env)) as server:
             assert (await server.client.get("/readyz")).status_code == 200

@@ -57,14 +57,16 @@ async def _s3_store(s3) -> S3Store:
 
 
 async def _connect(endpoint: str, bucket: str, timeout_seconds: float | None = None) -> S3Store:
-    """An S3 store as R2_TIMEOUT_SECONDS (its default unless given) makes it."""
+    """An S3 store as R2_TIMEOUT_SECONDS (its default unless given) and R2_MAX_CONNECTIONS make it."""
+    defaults = Settings.from_env({})
     return await S3Store.connect(
         endpoint_url=endpoint,
         bucket=bucket,
         access_key_id=ACCESS_KEY,
         secret_access_key=SECRET_KEY,
         region="us-east-1",
-        timeout_seconds=timeout_seconds or Settings.from_env({}).r2_timeout_seconds,
+        timeout_seconds=timeout_seconds or defaults.r2_timeout_seconds,
+        max_connections=defaults.r2_max_connections,
     )
 
 
@@ -682,3 +684,29 @@ async def test_an_s3_download_longer_than_the_timeout_goes_through_while_bytes_f
         finally:
             await store.close()
     assert (tmp_path / "slow.png").read_bytes() == data
+
+
+async def test_as_many_s3_calls_as_an_indexing_processor_makes_at_once_go_through_together(s3):
+    """R2_MAX_CONNECTIONS' default holds a process's concurrent calls: an indexing processor's 8 uploads and 16
+    downloads at once, each longer than R2_TIMEOUT_SECONDS over a slow link, all go through in about one's time.
+    With botocore's pool of 10, the others waited for a free connection, and failed as the store unavailable once
+    that wait reached the timeout, though the store answered."""
+    bucket = s3.new_bucket()
+    data = os.urandom(1024 * 1024)
+    keys = [f"images/originals/{number}.png" for number in range(8 + 16)]
+    for key in keys:
+        s3.client.put_object(Bucket=bucket, Key=key, Body=data)
+    async with trickling(s3.endpoint, 64 * 1024, 0.1) as endpoint:
+        store = await _connect(endpoint, bucket, STALL_SECONDS)
+        try:
+            started = time.monotonic()
+            await store.get(keys[0])
+            one = time.monotonic() - started
+            started = time.monotonic()
+            results = await asyncio.gather(*(store.get(key) for key in keys))
+            together = time.monotonic() - started
+        finally:
+            await store.close()
+    assert one > STALL_SECONDS
+    assert all(result.data == data for result in results)
+    assert together < 2 * one

@@ -18,6 +18,7 @@ async def open_store(settings: Settings) -> ObjectStore:
             secret_access_key=settings.r2_secret_access_key,
             region=settings.r2_region,
             timeout_seconds=settings.r2_timeout_seconds,
+            max_connections=settings.r2_max_connections,
         )
     return LocalStore(
         settings.local_storage_dir,

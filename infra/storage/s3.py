@@ -108,11 +108,16 @@ class S3Store(ObjectStore):
         secret_access_key: str,
         region: str = "auto",
         timeout_seconds: float,
+        max_connections: int,
     ) -> S3Store:
         """A client for the bucket. A store that does not answer for `timeout_seconds` (R2_TIMEOUT_SECONDS) is
         unavailable: to connect (a free pooled connection included), to start its answer or send its next part,
-        or to take the next bytes of an upload; a transfer of any size takes as long as it needs while bytes flow."""
+        or to take the next bytes of an upload; a transfer of any size takes as long as it needs while bytes flow.
+        At most `max_connections` (R2_MAX_CONNECTIONS) calls are in flight at once; a further one waits for one of
+        them to end, and that wait counts towards the connect timeout, so the pool must hold what a process runs
+        at once (botocore's 10 failed healthy calls queued behind long transfers)."""
         config = AioConfig(
+            max_pool_connections=max_connections,
             connect_timeout=timeout_seconds,
             read_timeout=timeout_seconds,
             # one try per call (botocore's max_attempts would count the retries after it): the processor retries
