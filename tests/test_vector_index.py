@@ -208,6 +208,24 @@ async def test_a_position_without_an_id_starts_before_its_microsecond(index):
     assert [item.id for item in page] == listing_order(records[1:])
 
 
+async def test_a_page_goes_on_past_tied_records_deleted_while_it_is_read(index, monkeypatch):
+    """A page whose end cuts through a microsecond reads it again; images of it deleted in between leave the page
+    short of them, so it goes on with the older ones: a short page would tell the API the listing ended there."""
+    newer, older = record(6001), record(5999)
+    tied = [record(6000), record(6000)]
+    await index.upsert([(item, unit(1, step)) for step, item in enumerate([newer, *tied, older])])
+    newest_first = index._newest_first
+
+    async def then_tied_deleted(limit: int, image_filter: ImageFilter) -> list[ImageRecord]:
+        found = await newest_first(limit, image_filter)
+        for item in tied:
+            await index.delete(item.id)
+        return found
+
+    monkeypatch.setattr(index, "_newest_first", then_tied_deleted)
+    assert [item.id for item in await index.newest(2)] == [newer.id, older.id]
+
+
 async def test_a_collection_built_with_another_model_is_refused(index):
     await index.ensure_collection("model-a", DIM)
     with pytest.raises(EmbeddingModelMismatchError, match="model-a"):

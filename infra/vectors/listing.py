@@ -4,7 +4,9 @@ Qdrant (the server and Edge alike) orders a scroll by `created_us` but leaves re
 order, and such a scroll cannot start after one of them. Its plain scroll is in id order and starts at a given id,
 so a page is put together from the two: the records after the cursor's own in its microsecond (a plain scroll of
 that microsecond), then the older ones newest first; a microsecond that the page's end cuts through is read again in
-id order, so that the next page takes up exactly where this one stops.
+id order, so that the next page takes up exactly where this one stops. Should fewer be left of it than the page
+needs (deleted between the two scrolls), the page goes on with the older ones: a page short of its limit is the
+listing's end.
 """
 
 from __future__ import annotations
@@ -42,12 +44,13 @@ async def listing_page(
             tied = await in_id_order(limit + 1, str(start), conditions.at(after.created_us))
             page = [record for record in tied if uuid.UUID(record.id) > start][:limit]
         conditions = conditions.before(after.created_us)
-    wanted = limit - len(page)
-    if wanted == 0:
-        return page
-    older = await newest_first(wanted + 1, conditions)
-    if len(older) > wanted and older[wanted].created_us == older[wanted - 1].created_us:
+    while len(page) < limit:
+        wanted = limit - len(page)
+        older = await newest_first(wanted + 1, conditions)
+        if len(older) <= wanted or older[wanted].created_us != older[wanted - 1].created_us:
+            return page + sorted(older[:wanted], key=listing_key)
         cut = older[wanted - 1].created_us
-        whole = [record for record in older if record.created_us != cut]
-        older = whole + await in_id_order(wanted - len(whole), None, conditions.at(cut))
-    return page + sorted(older[:wanted], key=listing_key)
+        whole = sorted((record for record in older if record.created_us != cut), key=listing_key)
+        page += whole + await in_id_order(wanted - len(whole), None, conditions.at(cut))
+        conditions = conditions.before(cut)
+    return page
