@@ -73,6 +73,11 @@ def test_our_services_set_only_variables_the_settings_know():
     assert "PROCESSOR_CAPABILITIES" in known
 
 
+def test_every_setting_in_dot_env_reaches_our_services():
+    for name, service in OURS.items():
+        assert service["env_file"] == ".env", name
+
+
 def test_health_checks_and_start_order():
     for name, service in SERVICES.items():
         if service.get("restart") == "no":
