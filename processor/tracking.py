@@ -17,7 +17,10 @@ failure also takes off the marks older than its own: their deliveries ended, or 
 them (it delivered the message again), and a job is never left `running` for good by a processor that died. The
 price: a retry whose record still lists a dead processor's mark waits as `running`, not `queued`, until it runs; and
 a final failure of the newer of two deliveries running at once fails the job, whose other run's output is then
-dropped (processor/outputs.py, drop_unrecorded).
+dropped (processor/outputs.py, drop_unrecorded). A delivery taken for dead that was not (its mark taken off, its
+processor alive) records no failure of its own: the record is another run's by then (a newer delivery's, or that of
+a replay or of a request starting the job afresh with its Idempotency-Key), which its late failure must not fail or
+put back to `queued`.
 
 The running mark is written beside the work, not before it (`mark_running`): the model starts at once, and the
 job waits for the mark only before its first lasting side effect (an output stored, a point written), so a job
@@ -60,6 +63,7 @@ class Tracked:
     remaking: bool = False  # the record says succeeded but its output was lost: the job runs and is recorded again
     marking: asyncio.Task[bool] | None = field(default=None, repr=False)  # the running mark being written
     mark: str | None = None  # this delivery's running mark, as the record lists it once written (None: none made)
+    marked: bool = False  # the mark was written: listed, unless another delivery took it off (taken for dead)
 
     @property
     def settled(self) -> bool:
@@ -87,12 +91,15 @@ class JobTracker:
         the job before its first lasting side effect (Job.still_wanted). The task's result: True when written,
         False when the stored record turned out settled (withdrawn by the API, or finished by another delivery:
         then `tracked` holds that and nothing was written). The mark is added to those the record lists."""
-        tracked.mark = uuid.uuid4().hex
+        mark = tracked.mark = uuid.uuid4().hex
         tracked.marking = asyncio.create_task(
-            self._apply(tracked, _running(attempt, tracked.mark), durable=False, background=True),
-            name=f"running-{tracked.record.job_id}",
+            self._mark(tracked, _running(attempt, mark)), name=f"running-{tracked.record.job_id}"
         )
         return tracked.marking
+
+    async def _mark(self, tracked: Tracked, change: Callable[[JobRecord], bool]) -> bool:
+        tracked.marked = await self._apply(tracked, change, durable=False, background=True)
+        return tracked.marked
 
     async def succeeded(self, tracked: Tracked, outcome: Succeeded, attempt: int) -> bool:
         """Write the succeeded record where readers see it at once, not yet flushed to a local disk: the requester
@@ -100,10 +107,11 @@ class JobTracker:
         flushed yet either: the settler flushes both before the ack, and a power failure in between leaves the
         message unacked; its redelivery finds the record as it was, or finds the output lost and makes it again.)"""
 
-        def change(record: JobRecord) -> None:
+        def change(record: JobRecord) -> bool:
             stamp = now_iso()
             record.status, record.updated_at, record.finished_at = "succeeded", stamp, stamp
             record.attempts, record.result, record.error, record.marks = attempt, outcome.result, None, []
+            return True
 
         return await self._write(tracked, change, durable=False)
 
@@ -117,22 +125,26 @@ class JobTracker:
         stays succeeded), or another delivery's running mark is left on it (a duplicate of the job, run at once:
         `_marks_left`). Then only this delivery's mark is taken off, and the job stays `running`: a `queued`
         written under the other run would let the job be cancelled while it runs; the delivery that runs it settles
-        the record, or its message comes again should its processor die. The message is retried or dead-lettered
-        all the same."""
+        the record, or its message comes again should its processor die. Nor is anything written when this
+        delivery's mark, once written, is no longer listed: another delivery took it for dead, and the record is
+        another run's now (see the module's docstring). The message is retried or dead-lettered all the same."""
         if tracked.remaking:
             return False
         error = ErrorInfo(code=outcome.code, message=outcome.message)
 
-        def change(record: JobRecord) -> None:
+        def change(record: JobRecord) -> bool:
+            if tracked.marked and tracked.mark not in record.marks:
+                return False
             stamp = now_iso()
             record.updated_at, record.marks = stamp, _marks_left(record.marks, tracked.mark, final=final)
             if record.marks:
-                return
+                return True
             record.attempts, record.last_error = attempt, error
             if final:
                 record.status, record.finished_at, record.error = "failed", stamp, error
             else:
                 record.status = "queued"
+            return True
 
         return await self._write(tracked, change) and not tracked.record.marks
 
@@ -146,9 +158,10 @@ class JobTracker:
         await self.failed(tracked, outcome, attempt, final=True)
         return tracked.record
 
-    async def _write(self, tracked: Tracked, change: Callable[[JobRecord], None], *, durable: bool = True) -> bool:
+    async def _write(self, tracked: Tracked, change: Callable[[JobRecord], bool], *, durable: bool = True) -> bool:
         """Apply `change` to the record and write it conditionally; on a conflict, read the record again and
-        apply the change to that, unless it is settled (then False, nothing written)."""
+        apply the change to that, unless it is settled (then False, nothing written). A change that says there is
+        nothing to write (False) writes nothing either."""
         marking, tracked.marking = tracked.marking, None
         if marking is not None:
             with contextlib.suppress(Exception):  # a mark that could not be written changes nothing below
@@ -156,13 +169,14 @@ class JobTracker:
         return await self._apply(tracked, change, durable=durable)
 
     async def _apply(
-        self, tracked: Tracked, change: Callable[[JobRecord], None], *, durable: bool = True, background: bool = False
+        self, tracked: Tracked, change: Callable[[JobRecord], bool], *, durable: bool = True, background: bool = False
     ) -> bool:
         for _ in range(_CONFLICT_ROUNDS):
             if tracked.settled:
                 return False
             candidate = msgspec.structs.replace(tracked.record)
-            change(candidate)
+            if not change(candidate):
+                return False
             try:
                 if tracked.etag is None:
                     etag = await retry_transient(
@@ -190,19 +204,21 @@ class JobTracker:
 def _marks_left(marks: list[str], mark: str | None, *, final: bool) -> list[str]:
     """The running marks a record keeps when the delivery whose mark is `mark` fails: the others; after a final
     failure only those newer than its own (all older ones go: see the module's docstring), none when its own is not
-    listed (it made none, or it was never written: a job refused, or interrupted too often, ends)."""
+    listed because it made none or its write failed (a job refused, or interrupted too often, ends; one whose mark was
+    written and taken off records nothing: `failed`)."""
     if mark not in marks:
         return [] if final else list(marks)
     at = marks.index(mark)
     return marks[at + 1 :] if final else marks[:at] + marks[at + 1 :]
 
 
-def _running(attempt: int, mark: str) -> Callable[[JobRecord], None]:
-    def change(record: JobRecord) -> None:
+def _running(attempt: int, mark: str) -> Callable[[JobRecord], bool]:
+    def change(record: JobRecord) -> bool:
         stamp = now_iso()
         record.status, record.updated_at, record.attempts = "running", stamp, attempt
         record.started_at = record.started_at or stamp
         record.finished_at, record.error = None, None
         record.marks = [*(listed for listed in record.marks if listed != mark), mark]
+        return True
 
     return change

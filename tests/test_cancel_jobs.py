@@ -305,3 +305,33 @@ async def test_a_running_record_stored_before_marks_were_listed_is_read(tmp_path
     failure = Failed("device_memory_unavailable", "out of device memory", transient=True)
     assert await tracker.failed(tracked, failure, 2, final=False)
     assert (await jobs.get(job_id)).status == "queued"
+
+
+@pytest.mark.parametrize("reopened", ["replay", "restart"])
+async def test_a_delivery_taken_for_dead_does_not_fail_the_job_run_anew(tmp_path, reopened):
+    """The newer of two deliveries fails for good and takes the older one's mark off with its own (taken for dead),
+    but the older one still runs. The job is then run anew: an operator's replay (running under its own mark), or a
+    request with its Idempotency-Key starting it afresh (queued). The older delivery's failure, coming last, is not
+    recorded (its mark is no longer listed): the new run is neither failed nor put back to queued under it, and its
+    success is recorded."""
+    jobs, tracker, job, older, newer = await _marked_twice(tmp_path, 11)
+    failure = Failed("storage_unavailable", "the object store did not answer", transient=True)
+    assert await tracker.failed(newer, failure, 5, final=True)
+    assert (await jobs.get(job.message_id)).status == "failed"
+
+    if reopened == "replay":
+        again = await tracker.load(job, replayed=True)
+        assert await tracker.mark_running(again, 1)
+        expected = ("running", [again.mark])
+    else:
+        stored, version = await jobs.load(job.message_id)
+        fresh = JobStore.new(job.message_id, IMAGE_GENERATE, stored.params)
+        again = Tracked(fresh, await jobs.update(fresh, version))
+        expected = ("queued", [])
+    for final in (False, True):
+        assert not await tracker.failed(older, failure, 5, final=final)
+        stored = await jobs.get(job.message_id)
+        assert (stored.status, stored.marks, stored.attempts, stored.error) == (*expected, again.record.attempts, None)
+
+    assert await tracker.succeeded(again, Succeeded({"key": f"images/generated/{job.message_id}.png"}), 1)
+    assert (await jobs.get(job.message_id)).status == "succeeded"
