@@ -16,6 +16,11 @@ A run that ends on a processor that lives on was not interrupted, whether or not
 is acknowledged its count is removed; when it is not, the run takes its own part of the count back (`finished`): a
 suspect the run it added, a first delivery the one it is counted as without a write, down to -1 (then the next
 suspect counts none).
+
+A count can be left behind: a take-back lands after another delivery's acknowledgement removed the count (a first
+delivery's -1), or a removal the store did not take. Nothing reads it unless the message comes again, so the
+processors' hourly sweep deletes a count last written longer ago than job records are kept (JOB_RECORD_TTL_DAYS):
+a message whose runs stop processors comes again within moments, not days.
 """
 
 from __future__ import annotations
@@ -23,9 +28,11 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 
 import structlog
 
+from contract.jobs import SWEEP_LEEWAY, age_seconds, now_iso
 from infra.storage import ObjectNotFoundError, ObjectStore, PreconditionFailedError
 
 log = structlog.get_logger(__name__)
@@ -86,6 +93,26 @@ class InterruptedRuns:
                 continue
             return
 
+    async def sweep(self, kept: timedelta) -> int:
+        """Delete the counts last written longer ago than `kept`; returns how many. Only those the listing says are
+        that old (SWEEP_LEEWAY allowing for the store's clock) are read, and each is deleted only if the time written
+        in it is that old too (one without it, of an earlier version, by the listing alone), at the version read: a
+        count written again meanwhile stays."""
+        now = datetime.now(tz=UTC)
+        removed = 0
+        async for info in self._store.list(RUNS_PREFIX):
+            if info.modified >= now - kept + SWEEP_LEEWAY:
+                continue
+            try:
+                stored = await self._store.get(info.key)
+                if not _written_before(stored.data, now - kept):
+                    continue
+                await self._store.delete(info.key, if_match=stored.etag)
+            except (ObjectNotFoundError, PreconditionFailedError):  # removed, or written again, meanwhile
+                continue
+            removed += 1
+        return removed
+
     def message(self, interrupted: int) -> str:
         return (
             f"a processor stopped while running this message {interrupted} times (killed, out of memory, or a crash "
@@ -107,7 +134,7 @@ class InterruptedRuns:
             changed = change(runs)
             if changed is None:
                 return
-            body = json.dumps({"message_id": message_id, "runs": changed}).encode()
+            body = json.dumps({"message_id": message_id, "runs": changed, "at": now_iso()}).encode()
             try:
                 await self._store.put(key, body, "application/json", if_none_match=etag is None, if_match=etag)
             except PreconditionFailedError:
@@ -121,3 +148,16 @@ def _runs(data: bytes) -> int:
         return max(_FIRST_FINISHED, int(json.loads(data)["runs"]))
     except (ValueError, KeyError, TypeError):
         return 0
+
+
+def _written_before(data: bytes, moment: datetime) -> bool:
+    """Whether the time a count says it was written is before `moment` (a count that says none, or cannot be read,
+    counts as written then)."""
+    try:
+        at = json.loads(data)["at"]
+    except (ValueError, KeyError, TypeError):
+        return True
+    try:
+        return not isinstance(at, str) or age_seconds(at, moment) > 0
+    except ValueError:
+        return True

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from datetime import timedelta
 
 import structlog
 
@@ -24,6 +25,7 @@ from processor.handlers.image_generate import ImageGenerateHandler
 from processor.handlers.image_index import ImageIndexHandler
 from processor.handlers.job_callback import CallbackHandler
 from processor.handlers.voice_generate import VoiceGenerateHandler
+from processor.interrupted_runs import InterruptedRuns
 from processor.retrying import TRANSIENT_ERRORS
 from processor.runtime import Runtime
 
@@ -122,15 +124,19 @@ SWEEP_INTERVAL_SECONDS = 3600
 SWEEP_FIRST_AFTER_SECONDS = 60
 
 
-async def _expire_job_records(jobs: JobStore, output_ttl_days: float | None) -> None:
-    """Delete expired job records (JOB_RECORD_TTL_DAYS), and generated outputs past OUTPUT_TTL_DAYS, a minute after
-    start and then once an hour; any processor may: deletes are idempotent and the records' writes conditional."""
+async def _expire_job_records(
+    jobs: JobStore, output_ttl_days: float | None, runs: InterruptedRuns, kept: timedelta
+) -> None:
+    """Delete expired job records (JOB_RECORD_TTL_DAYS, `kept`), generated outputs past OUTPUT_TTL_DAYS, and counts of
+    interrupted runs left behind longer than `kept` (processor/interrupted_runs.py), a minute after start and then
+    once an hour; any processor may: deletes are idempotent and the records' writes conditional."""
     wait = SWEEP_FIRST_AFTER_SECONDS
     while True:
         await asyncio.sleep(wait)
         wait = SWEEP_INTERVAL_SECONDS
         try:
             swept = await jobs.sweep(output_ttl_days)
+            counts = await runs.sweep(kept)
         except TRANSIENT_ERRORS as exc:
             log.warning("job_record_sweep_failed", error=str(exc))
             continue
@@ -141,6 +147,8 @@ async def _expire_job_records(jobs: JobStore, output_ttl_days: float | None) -> 
             log.info("job_records_expired", removed=swept.records)
         if swept.outputs:
             log.info("job_outputs_expired", removed=swept.outputs)
+        if counts:
+            log.info("interrupted_runs_expired", removed=counts)
 
 
 @dataclass(slots=True)
@@ -161,10 +169,14 @@ class ProcessorService:
             await runtime.close()
             raise
         jobs = JobStore(runtime.store, settings.job_record_ttl_days)
+        runs = InterruptedRuns(runtime.store, settings.max_interrupted_runs)
+        kept = timedelta(days=settings.job_record_ttl_days)
         return cls(
             runtime,
             consumer,
-            asyncio.create_task(_expire_job_records(jobs, settings.output_ttl_days), name="job-record-expiry"),
+            asyncio.create_task(
+                _expire_job_records(jobs, settings.output_ttl_days, runs, kept), name="job-record-expiry"
+            ),
         )
 
     async def readiness(self) -> Checks:

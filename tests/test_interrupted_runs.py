@@ -6,18 +6,23 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import aio_pika
 
-from contract.jobs import JobStore
+from contract.jobs import JobStore, iso_stamp
 from contract.messages import IMAGE_GENERATE
 from infra.settings import Settings
-from infra.storage import open_store
+from infra.storage import ObjectStore, StoredObject, open_store
 from infra.storage.local import LocalStore
+from processor import service
 from processor.interrupted_runs import InterruptedRuns, runs_key
 from processor.runtime import Runtime
 from processor.service import build_consumer
 from tests.support.amqp import drain, publish, wait_until
+from tests.support.backdate import written_days_ago
+from tests.support.server import running_server
 from tests.test_processor import _start_processor, vhost_of
 
 BODY = {"prompt": "a message that stops processors", "width": 64, "height": 64, "steps": 2, "seed": 3}
@@ -26,8 +31,8 @@ BODY = {"prompt": "a message that stops processors", "width": 64, "height": 64, 
 async def test_runs_are_counted_until_the_limit(tmp_path):
     runs = InterruptedRuns(LocalStore(tmp_path / "store"), limit=3)
     assert [await runs.start("m-1"), await runs.start("m-1")] == [1, 2]
-    stored = await runs._store.get(runs_key("m-1"))
-    assert json.loads(stored.data) == {"message_id": "m-1", "runs": 2}
+    stored = json.loads((await runs._store.get(runs_key("m-1"))).data)
+    assert (stored["message_id"], stored["runs"]) == ("m-1", 2)
     assert await runs.start("m-1") == 3  # not to run: nothing written
     assert json.loads((await runs._store.get(runs_key("m-1"))).data)["runs"] == 2
     await runs.clear("m-1")
@@ -128,3 +133,53 @@ async def test_a_message_whose_processor_is_killed_each_time_is_dead_lettered_at
         assert not await store.exists(runs_key(stopping))
     finally:
         await store.close()
+
+
+async def _left_behind(store: ObjectStore, root: Path, message_id: str, days: float) -> None:
+    """A first delivery's -1 in the embedded store at `root`, written `days` ago (by its content and by the store's
+    listing)."""
+    at = iso_stamp(datetime.now(tz=UTC) - timedelta(days=days))
+    body = json.dumps({"message_id": message_id, "runs": -1, "at": at}).encode()
+    await store.put(runs_key(message_id), body, "application/json")
+    written_days_ago(root, runs_key(message_id), days)
+
+
+async def test_counts_left_behind_are_swept_once_past_the_job_record_ttl(tmp_path, monkeypatch):
+    """A count can be left behind (a first delivery's -1 taken back after another delivery's ack removed the count, a
+    removal the store did not take): the sweep deletes one last written longer ago than it keeps job records, not a
+    fresher one, nor one written again between the listing and the sweep's read of it (its content stamped then)."""
+    store = LocalStore(tmp_path / "store")
+    runs = InterruptedRuns(store, limit=3)
+    for message_id in ("left", "written-again"):
+        await _left_behind(store, tmp_path / "store", message_id, 8)
+    await runs.finished("fresh", first=True)
+    await store.put(runs_key("earlier-form"), b'{"message_id": "earlier-form", "runs": 1}', "application/json")
+    written_days_ago(tmp_path / "store", runs_key("earlier-form"), 8)
+    read, rewrites = store.get, [runs_key("written-again")]
+
+    async def read_as_written_again(key: str, **kwargs: object) -> StoredObject:
+        if key in rewrites:
+            rewrites.remove(key)
+            await runs.start("written-again")
+        return await read(key, **kwargs)
+
+    monkeypatch.setattr(store, "get", read_as_written_again)
+    assert await runs.sweep(timedelta(days=7)) == 2
+    assert not await store.exists(runs_key("left"))
+    assert not await store.exists(runs_key("earlier-form"))
+    assert await store.exists(runs_key("fresh"))
+    assert json.loads((await read(runs_key("written-again"))).data)["runs"] == 0
+
+
+async def test_a_processor_sweeps_the_counts_left_behind(make_env, monkeypatch):
+    monkeypatch.setattr(service, "SWEEP_FIRST_AFTER_SECONDS", 0.5)
+    env = make_env(JOB_RECORD_TTL_DAYS="7")
+    settings = Settings.from_env(env)
+    async with running_server(settings) as server:
+        store = server.services.store
+        await _left_behind(store, settings.local_storage_dir, "left-behind", 8)
+
+        async def swept() -> bool:
+            return not await store.exists(runs_key("left-behind"))
+
+        await wait_until(swept, timeout=30)
