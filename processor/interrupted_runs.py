@@ -15,7 +15,10 @@ A run that ends on a processor that lives on was not interrupted, whether or not
 (a broker restart or a lost connection during a long job loses it, and the message comes again): once its message
 is acknowledged its count is removed; when it is not, the run takes its own part of the count back (`finished`): a
 suspect the run it added, a first delivery the one it is counted as without a write, down to -1 (then the next
-suspect counts none).
+suspect counts none). A run still going on another processor (which lost its connection) has not ended, and nothing
+tells it from a dead one: a suspect counts it. Once MAX_INTERRUPTED_RUNS such runs go on at once the next delivery
+is refused, and its final failure takes their marks off (processor/tracking.py): the job ends failed `interrupted`,
+as the client is told everywhere, and a run that ends later finds it so and drops its output.
 
 A count can be left behind: a take-back lands after another delivery's acknowledgement removed the count (a first
 delivery's -1), or a removal the store did not take. Nothing reads it unless the message comes again, so the
