@@ -19,6 +19,7 @@ from processor.settler import Settler
 from processor.tracking import JobTracker, Tracked
 from tests.support.amqp import publish, wait_until
 from tests.support.audio import speech_clip
+from tests.support.deliveries import Delivery
 from tests.support.server import running_server
 from tests.test_voice import REF_TEXT
 
@@ -134,17 +135,6 @@ async def test_a_remake_that_fails_leaves_the_record_succeeded(tmp_path):
         assert not written
 
 
-class _Delivery:
-    """As much of an incoming message as a settled success without a requester uses."""
-
-    def __init__(self, message_id: str) -> None:
-        self.message_id, self.headers, self.reply_to, self.correlation_id = message_id, {}, None, None
-        self.acked = False
-
-    async def ack(self) -> None:
-        self.acked = True
-
-
 @pytest.mark.parametrize("deleted", ["before the remake stores it", "after the remake stored it"])
 async def test_an_output_deleted_while_it_is_remade_stays_deleted(tmp_path, deleted):
     """The voice a succeeded record names was lost, and its job runs again to remake it; meanwhile the client
@@ -169,7 +159,7 @@ async def test_an_output_deleted_while_it_is_remade_stays_deleted(tmp_path, dele
     assert isinstance(stored, StoredOutput) and stored.created
     if deleted.startswith("after"):
         deletion = await delete_job_output(jobs, job_id)
-    delivery = _Delivery(job_id)
+    delivery = Delivery(job_id)
     outcome = Succeeded({"key": key}, unflushed=(key,), created=stored.created)
     await settler.settle(delivery, job, outcome, 0.1, remake)
 

@@ -27,6 +27,7 @@ from processor.settler import Settler
 from processor.tracking import JobTracker, Tracked
 from tests.support.amqp import publish, wait_until
 from tests.support.backdate import written_days_ago
+from tests.support.deliveries import Delivery
 from tests.support.images import encoded
 from tests.support.server import running_server
 
@@ -285,17 +286,6 @@ async def test_a_record_whose_finish_cannot_be_read_is_swept_not_a_stop_to_the_s
     assert [info async for info in store.list("jobs/")] == []
 
 
-class _Delivery:
-    """As much of an incoming message as a settled success without a requester uses."""
-
-    def __init__(self, message_id: str) -> None:
-        self.message_id, self.headers, self.reply_to, self.correlation_id = message_id, {}, None, None
-        self.acked = False
-
-    async def ack(self) -> None:
-        self.acked = True
-
-
 async def _two_running_deliveries(jobs: JobStore, job_id: str) -> tuple[Job, Tracked, Job, Tracked]:
     """A job delivered twice at once (a resend, a redelivery after a lost channel): both marked running."""
     record = JobStore.new(job_id, VOICE_GENERATE, {"text": "said twice"})
@@ -316,7 +306,7 @@ async def _two_running_deliveries(jobs: JobStore, job_id: str) -> tuple[Job, Tra
 
 
 async def _settled(settler: Settler, job: Job, tracked: Tracked, stored: StoredOutput) -> None:
-    delivery = _Delivery(job.message_id)
+    delivery = Delivery(job.message_id)
     outcome = Succeeded({"key": stored.key}, unflushed=(stored.key,), created=stored.created)
     await settler.settle(delivery, job, outcome, 0.1, tracked)
     assert delivery.acked
