@@ -607,6 +607,16 @@ async def test_ams_ops_says_why_a_callback_was_not_delivered(server, env, receiv
         ("fe80::1%eth0", False),
         ("fd00::1", False),
         ("::ffff:10.0.0.1", False),
+        # IPv6 forms of an IPv4 address, reached through a translator where there is one, count as the IPv4 address
+        ("64:ff9b::a00:7", False),  # NAT64 (DNS64 answers so in IPv6-only networks): 10.0.0.7
+        ("64:ff9b::a9fe:a9fe", False),  # NAT64: 169.254.169.254
+        ("64:ff9b::5db8:d822", True),  # NAT64: 93.184.216.34
+        ("64:ff9b:1::a00:7", False),  # the local-use NAT64 prefix
+        ("2002:a9fe:a9fe::1", False),  # 6to4: 169.254.169.254
+        ("2002:5db8:d822::1", True),  # 6to4: 93.184.216.34
+        ("::7f00:1", False),  # IPv4-compatible: 127.0.0.1
+        ("::ffff:0:a00:1", False),  # IPv4-translated (SIIT): 10.0.0.1
+        ("fec0::1", False),  # site-local
         ("93.184.216.34", True),
         ("2606:4700:4700::1111", True),
         ("::ffff:93.184.216.34", True),
@@ -656,6 +666,31 @@ async def test_a_callback_connects_to_the_address_it_checked(env, monkeypatch):
         )
     assert connected == [("93.184.216.34", 80)]
     assert isinstance(outcome, Failed) and outcome.transient and outcome.code == "callback_failed"
+
+
+async def test_a_callback_does_not_reach_a_private_address_through_nat64(env, monkeypatch):
+    """In an IPv6-only network DNS64 answers for an IPv4 address with 64:ff9b::<that address>, and the network's
+    NAT64 gateway connects to it: a name answered so for a private address is refused unsent, as the address is."""
+    settings = Settings.from_env({**env, "CALLBACK_ALLOW_PRIVATE_ADDRESSES": "0"})
+    settings = dataclasses.replace(settings, callback_hosts=("hooks.example.com",))
+
+    async def resolve(self, host, port, **kwargs):
+        return [(socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("64:ff9b::a9fe:a9fe", port, 0, 0))]
+
+    connected: list[tuple[str, int]] = []
+
+    async def connect(self, host, port, *args, **kwargs):
+        connected.append((host, port))
+        raise httpcore.ConnectError("no network in the test")
+
+    monkeypatch.setattr(asyncio.BaseEventLoop, "getaddrinfo", resolve)
+    monkeypatch.setattr(httpcore.AnyIOBackend, "connect_tcp", connect)
+    async with open_client(settings) as client:
+        outcome = await deliver(
+            client, _callback("http://hooks.example.com/x"), hosts=settings.callback_hosts, secrets=(b"k" * 32,)
+        )
+    assert connected == []
+    assert isinstance(outcome, Failed) and not outcome.transient and outcome.code == "callback_not_allowed"
 
 
 def _callback(url: str) -> JobCallbackV1:

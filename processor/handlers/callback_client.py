@@ -4,9 +4,9 @@ CALLBACK_ALLOW_PRIVATE_ADDRESSES) connections to public addresses only.
 CALLBACK_HOSTS says which host names a callback may name; what a name resolves to is up to whoever runs its DNS (a
 `*.example.com` entry trusts everyone who may add names under it). So, as webhook senders such as GitLab and Gitea
 do by default, a callback does not connect to a loopback, private, link-local (cloud metadata), shared or reserved
-address. The host is resolved once, the addresses checked, and the connection made to an address that passed: a DNS
-answer that changes between the check and the connection (rebinding) cannot lead elsewhere. TLS still checks the
-certificate against the host name.
+address, nor to an IPv6 address carrying one (NAT64 and the like: is_public). The host is resolved once, the
+addresses checked, and the connection made to an address that passed: a DNS answer that changes between the check
+and the connection (rebinding) cannot lead elsewhere. TLS still checks the certificate against the host name.
 """
 
 from __future__ import annotations
@@ -28,11 +28,28 @@ class AddressNotAllowedError(Exception):
     """The callback's host resolves to no public address (and private ones are not allowed)."""
 
 
+# IPv6 addresses that carry an IPv4 address in their last 32 bits, and lead to it where a translator or the host
+# takes them so: IPv4-mapped, IPv4-translated (SIIT), IPv4-compatible, and NAT64's well-known prefix, which DNS64
+# answers with in IPv6-only networks (their NAT64 gateway then connects to the IPv4 address, a private one included)
+_CARRYING_IPV4 = tuple(
+    ipaddress.IPv6Network(network) for network in ("::ffff:0:0/96", "::ffff:0:0:0/96", "::/96", "64:ff9b::/96")
+)
+# not globally reachable, though ipaddress's is_global says so on some Python versions: the local-use NAT64 prefix
+# (whatever IPv4 address its operator maps into it, private ones included) and the deprecated site-local addresses
+_NOT_PUBLIC = tuple(ipaddress.IPv6Network(network) for network in ("64:ff9b:1::/48", "fec0::/10"))
+
+
 def is_public(address: str) -> bool:
-    """Whether an IP address is globally routable (an IPv4-mapped IPv6 address counts as its IPv4 address)."""
-    parsed = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(parsed, ipaddress.IPv6Address) and parsed.ipv4_mapped is not None:
-        parsed = parsed.ipv4_mapped
+    """Whether an IP address is globally routable. An IPv6 address carrying an IPv4 address (IPv4-mapped, NAT64,
+    6to4 and the like) counts as that IPv4 address."""
+    parsed: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(parsed, ipaddress.IPv6Address):
+        if any(parsed in network for network in _NOT_PUBLIC):
+            return False
+        if parsed.sixtofour is not None:
+            parsed = parsed.sixtofour
+        elif any(parsed in network for network in _CARRYING_IPV4):
+            parsed = ipaddress.IPv4Address(int(parsed) & 0xFFFFFFFF)
     return parsed.is_global and not parsed.is_multicast
 
 
