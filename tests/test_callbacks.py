@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import email.utils
 import json
@@ -691,6 +692,45 @@ async def test_a_callback_does_not_reach_a_private_address_through_nat64(env, mo
         )
     assert connected == []
     assert isinstance(outcome, Failed) and not outcome.transient and outcome.code == "callback_not_allowed"
+
+
+@pytest.mark.parametrize(
+    "trickle",
+    [
+        b"HTTP/1.1 102 Processing\r\n\r\n",  # interim answers, each whole, without end
+        b"x",  # a header's bytes, one at a time
+    ],
+    ids=["interim answers", "header bytes"],
+)
+async def test_a_receiver_that_keeps_answering_slowly_is_cut_off(env, trickle):
+    """Each read of the answer waits at most CALLBACK_TIMEOUT_SECONDS, and a receiver sending a little more before
+    each wait ends would hold the POST for good: the whole POST is cut off at twice the timeout, and retried."""
+    settings = Settings.from_env({**env, "CALLBACK_TIMEOUT_SECONDS": "0.5"})
+    stop = asyncio.Event()
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"" if trickle.startswith(b"HTTP") else b"HTTP/1.1 200 OK\r\nx-slow: ")
+        with contextlib.suppress(ConnectionError):
+            while not stop.is_set():
+                writer.write(trickle)
+                await writer.drain()
+                await asyncio.sleep(0.2)
+        writer.close()
+
+    listening = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = listening.sockets[0].getsockname()[1]
+    url = f"http://127.0.0.1:{port}/slow"
+    started = time.monotonic()
+    try:
+        async with open_client(settings) as client, asyncio.timeout(10):
+            outcome = await deliver(client, _callback(url), hosts=(f"127.0.0.1:{port}",), secrets=(b"k" * 32,))
+    finally:
+        stop.set()
+        listening.close()
+    assert time.monotonic() - started < 3
+    assert isinstance(outcome, Failed) and outcome.transient and outcome.code == "callback_failed"
+    assert "within 1 s" in outcome.message
 
 
 def _callback(url: str) -> JobCallbackV1:

@@ -94,24 +94,38 @@ class _PublicAddressesOnly(httpcore.AsyncNetworkBackend):
 
 
 class _Transport(httpx.AsyncHTTPTransport):
-    """httpx's transport over a connection pool that connects through `_PublicAddressesOnly`. httpx does not take a
-    network backend, so the pool it builds is replaced by one built the same way with the backend (a test sends a
-    callback to a loopback receiver and sees it refused: it fails should the pool stop being this one)."""
+    """httpx's transport, each answer awaited `deadline` seconds at most in all, over a connection pool that
+    connects through `_PublicAddressesOnly` when `public_only`. httpx does not take a network backend, so the pool it
+    builds is then replaced by one built the same way with the backend (a test sends a callback to a loopback
+    receiver and sees it refused: it fails should the pool stop being this one)."""
 
-    def __init__(self, limits: httpx.Limits) -> None:
+    def __init__(self, limits: httpx.Limits, *, deadline: float, public_only: bool) -> None:
         super().__init__(limits=limits)
-        self._pool = httpcore.AsyncConnectionPool(
-            ssl_context=httpx.create_ssl_context(),
-            max_connections=limits.max_connections,
-            max_keepalive_connections=limits.max_keepalive_connections,
-            keepalive_expiry=limits.keepalive_expiry,
-            network_backend=_PublicAddressesOnly(),
-        )
+        self._deadline = deadline
+        if public_only:
+            self._pool = httpcore.AsyncConnectionPool(
+                ssl_context=httpx.create_ssl_context(),
+                max_connections=limits.max_connections,
+                max_keepalive_connections=limits.max_keepalive_connections,
+                keepalive_expiry=limits.keepalive_expiry,
+                network_backend=_PublicAddressesOnly(),
+            )
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        """The answer's status and headers (its body is left unread). httpx's timeouts bound each read only, and a
+        receiver that sends a little before each ends (interim 1xx answers, a header a byte at a time) would hold
+        the POST, and a place in the callbacks' batches, for good."""
+        try:
+            async with asyncio.timeout(self._deadline):
+                return await super().handle_async_request(request)
+        except TimeoutError:
+            raise httpx.ReadTimeout(f"no answer within {self._deadline:g} s", request=request) from None
 
 
 def open_client(settings: Settings) -> httpx.AsyncClient:
-    """The client callbacks go out on: no redirects followed, CALLBACK_TIMEOUT_SECONDS for each phase, no proxy
-    from the environment (HTTP_PROXY and the like), public addresses only unless CALLBACK_ALLOW_PRIVATE_ADDRESSES."""
+    """The client callbacks go out on: no redirects followed, CALLBACK_TIMEOUT_SECONDS for each phase and twice that
+    for the whole POST (up to the answer's headers), no proxy from the environment (HTTP_PROXY and the like), public
+    addresses only unless CALLBACK_ALLOW_PRIVATE_ADDRESSES."""
     limits = httpx.Limits(max_connections=64, max_keepalive_connections=16)
     return httpx.AsyncClient(
         timeout=httpx.Timeout(settings.callback_timeout_seconds),
@@ -119,5 +133,9 @@ def open_client(settings: Settings) -> httpx.AsyncClient:
         trust_env=False,
         headers={"user-agent": USER_AGENT},
         limits=limits,
-        transport=None if settings.callback_allow_private_addresses else _Transport(limits),
+        transport=_Transport(
+            limits,
+            deadline=2 * settings.callback_timeout_seconds,
+            public_only=not settings.callback_allow_private_addresses,
+        ),
     )
