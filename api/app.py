@@ -105,7 +105,7 @@ def create_app(services: Services) -> Litestar:
     app = Litestar(
         route_handlers=[
             Router("/", route_handlers=[*options_handlers(OPEN_ROUTES), *OPEN_ROUTES], guards=guards),
-            Router("/", route_handlers=PAGE_ROUTES, guards=guards),
+            Router("/", route_handlers=[*options_handlers(PAGE_ROUTES), *PAGE_ROUTES], guards=guards),
             Router("/", route_handlers=[*options_handlers(ROUTES), *ROUTES], guards=guards, security=keyed),
             voice_uploads,
         ],

@@ -7,7 +7,9 @@ import hashlib
 
 import pytest
 
-from api.auth import ACCESS
+from api.app import create_app
+from api.auth import ACCESS, AccessGuard
+from api.page import page_files
 from api.routes import ROUTES, VOICE_UPLOAD_ROUTES
 from infra.settings import Settings, SettingsError
 from tests.support.images import encoded
@@ -75,6 +77,20 @@ async def test_health_docs_and_signed_links_stay_open(server):
 def test_every_route_says_what_access_it_needs():
     for handler in [*ROUTES, *VOICE_UPLOAD_ROUTES]:
         assert handler.opt.get(ACCESS) in ("open", "read", "write", "admin"), handler
+
+
+async def test_every_guarded_route_of_the_app_says_what_access_it_needs(server):
+    """The routes Litestar adds (an OPTIONS handler for a path that has none) included: the guard refuses one that
+    does not say with a 500."""
+    app = create_app(server.services)
+    for route in app.routes:
+        for handler in getattr(route, "route_handlers", []):
+            if any(isinstance(guard, AccessGuard) for guard in handler.resolve_guards()):
+                assert handler.opt.get(ACCESS) in ("open", "read", "write", "admin"), (route.path, handler)
+    version = page_files().version
+    for path in ("/", f"/ui/{version}/styles.css"):
+        answer = await server.client.options(path)
+        assert answer.status_code == 204 and answer.headers["allow"] == "GET, OPTIONS", (path, answer.text)
 
 
 @pytest.mark.parametrize(
