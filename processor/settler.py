@@ -10,6 +10,9 @@
     withdrawn            -> ack (the API withdrew the job: its record says so, and nobody waits for it)
     cancelled            -> reply (the job's error, to a requester still waiting), announce, ack (its client
                             cancelled it)
+    superseded failure   -> a failure (transient or final) of a delivery whose job's record another delivery finished
+                            meanwhile (a duplicate run at once): settled as that record says, as a success that finds
+                            the record settled is (its own error neither recorded, retried nor dead-lettered)
 
 "announce": a job whose record says it ended has its end published to ams.events (contract/events.py,
 JOB_EVENTS_ENABLED) and, with a callback URL, its callback queued (contract/callbacks.py), confirmed, before its
@@ -103,15 +106,11 @@ class Settler:
         """Record the outcome (tracked jobs), then reply, then ack; or schedule a retry; or dead-letter."""
         logger = log.bind(message_id=job.message_id, job_type=job.message_type)
         number = attempt(message)
-        if isinstance(outcome, Succeeded) and record is not None and not record.settled:
-            try:
-                if not await self.tracker.succeeded(record, outcome, number):
-                    # settled by another delivery (or a remade output deleted by its client meanwhile): an output
-                    # this one made that its record does not name goes
-                    await drop_unrecorded(self._store, outcome.created, record.record)
-                    outcome = recorded_outcome(record.record)
-            except TRANSIENT_ERRORS as exc:
-                outcome = Failed("storage_unavailable", f"could not record the result: {exc}", transient=True)
+        if record is not None:
+            recorded = await self._recorded(message, job, outcome, number, record)
+            if recorded is None:
+                return
+            outcome = recorded
         if isinstance(outcome, CalledOff):
             if outcome.code == CANCELLED:
                 error = ErrorInfo(code=outcome.code, message=outcome.reason)
@@ -139,22 +138,70 @@ class Settler:
             metrics.job_settled(job.message_type, "succeeded", elapsed)
             logger.info("job_succeeded", seconds=round(elapsed, 4))
             return
-        retry = outcome.transient and number < self._max_attempts
-        if record is not None and not record.settled:
-            try:
-                await self.tracker.failed(record, outcome, number, final=not retry)
-            except TRANSIENT_ERRORS:
-                logger.warning("job_record_not_updated", code=outcome.code)
-                if not retry:  # its end must be recorded before it leaves the queue: the next delivery writes it
-                    self._requeue_later(message)
-                    return
-        if retry:
+        if self._retried(outcome, number):
             await self._retry(message, job, outcome, number, elapsed)
             return
         if not await self._announced(message, record.record if record is not None else None):
             return
         if await self.dead_letter(message, outcome.code, outcome.message, number):
             metrics.job_settled(job.message_type, "dead_lettered", elapsed)
+
+    def _retried(self, outcome: Failed, number: int) -> bool:
+        """Whether a failure at attempt `number` is retried (else it is final)."""
+        return outcome.transient and number < self._max_attempts
+
+    async def _recorded(
+        self, message: AbstractIncomingMessage, job: Job, outcome: Settlement, number: int, record: Tracked
+    ) -> Settlement | None:
+        """Record a tracked job's outcome; the outcome to settle then (None: the delivery was handed back). A job whose
+        record another delivery settled meanwhile settles as that record says: a success drops the output it made
+        that the record does not name, and a failure is superseded (`_record_failure`)."""
+        if isinstance(outcome, Succeeded) and not record.settled:
+            try:
+                if not await self.tracker.succeeded(record, outcome, number):
+                    # settled by another delivery (or a remade output deleted by its client meanwhile): an output
+                    # this one made that its record does not name goes
+                    await drop_unrecorded(self._store, outcome.created, record.record)
+                    outcome = recorded_outcome(record.record)
+            except TRANSIENT_ERRORS as exc:
+                outcome = Failed("storage_unavailable", f"could not record the result: {exc}", transient=True)
+        if isinstance(outcome, Failed):
+            return await self._record_failure(message, job, outcome, number, record)
+        return outcome
+
+    async def _record_failure(
+        self, message: AbstractIncomingMessage, job: Job, outcome: Failed, number: int, record: Tracked
+    ) -> Settlement | None:
+        """Record a failure, final or to be retried; the outcome to settle then (None: a final failure whose record
+        could not be written, handed back: the next delivery writes it). A failure whose job's record another
+        delivery finished (found so before its write, or by it: succeeded, failed, or called off) is superseded: it
+        settles as the record says, as any delivery that finds it finished does (not retried, and a dead letter
+        only for a failed record, under the recorded reason). A remake of a lost output is not superseded (its record
+        says succeeded, but the output is still missing), nor a failure whose record is not finished (a job run
+        anew under another delivery: tracking.py, `failed`)."""
+        logger = log.bind(message_id=job.message_id, job_type=job.message_type)
+        if not record.settled:
+            try:
+                if await self.tracker.failed(record, outcome, number, final=not self._retried(outcome, number)):
+                    return outcome
+            except TRANSIENT_ERRORS:
+                logger.warning("job_record_not_updated", code=outcome.code)
+                if not self._retried(outcome, number):  # its end must be recorded before it leaves the queue
+                    self._requeue_later(message)
+                    return None
+                return outcome
+            if not record.settled:
+                return outcome
+        ended = recorded_outcome(record.record)
+        if ended != outcome:
+            recorded_error = record.record.error
+            logger.warning(
+                "job_failure_superseded",
+                code=outcome.code,
+                recorded_status=record.record.status,
+                recorded_code=recorded_error.code if recorded_error is not None else None,
+            )
+        return ended
 
     async def _flush(self, outputs: tuple[str, ...], record: Tracked | None) -> None:
         """Flush a success's outputs and its record to a local disk, side by side: whichever a power failure

@@ -127,7 +127,8 @@ class JobTracker:
         written under the other run would let the job be cancelled while it runs; the delivery that runs it settles
         the record, or its message comes again should its processor die. Nor is anything written when this
         delivery's mark, once written, is no longer listed: another delivery took it for dead, and the record is
-        another run's now (see the module's docstring). The message is retried or dead-lettered all the same."""
+        another run's now (see the module's docstring). The settler settles the message as the record says when it
+        is finished (by another delivery: the failure is superseded), else retries or dead-letters it."""
         if tracked.remaking:
             return False
         error = ErrorInfo(code=outcome.code, message=outcome.message)
