@@ -40,6 +40,7 @@ class SettingsError(ValueError):
 
 ACCESS_LEVELS = ("read", "write", "admin")  # each includes the ones before it
 MIN_API_KEY_CHARS = 16
+MIN_SIGNING_KEY_CHARS = 32  # a signed link's HMAC can be guessed at offline: a key of at least 128 bits as hex
 
 
 @dataclass(frozen=True, slots=True)
@@ -347,6 +348,17 @@ def _callback_secrets(env: _Reader) -> tuple[bytes, ...]:
     return tuple(secrets)
 
 
+def _url_signing_key(env: _Reader) -> str:
+    """URL_SIGNING_KEY: unset (a random key kept in the local store), or one long enough not to be guessed."""
+    key = env.raw("URL_SIGNING_KEY", "")
+    if key and len(key) < MIN_SIGNING_KEY_CHARS:
+        raise SettingsError(
+            f"URL_SIGNING_KEY: expected at least {MIN_SIGNING_KEY_CHARS} characters (e.g. $(openssl rand -hex 32)), "
+            f"not {len(key)}; unset, a random key is kept in LOCAL_STORAGE_DIR/signing.key"
+        )
+    return key
+
+
 def _api_keys(env: _Reader) -> tuple[ApiKey, ...]:
     """API_KEYS (`level:key`, comma-separated) and API_KEYS_FILE (lines `level sha256:<hex> [name]`)."""
     keys: list[ApiKey] = []
@@ -468,7 +480,7 @@ def _parse(env: _Reader) -> Settings:
         local_storage_dir=Path(env.raw("LOCAL_STORAGE_DIR", "app/storage")),
         presign_ttl_seconds=env.integer("PRESIGN_TTL_SECONDS", 3600, 1, 7 * 24 * 3600),
         public_base_url=env.url("PUBLIC_BASE_URL", "", ("http", "https")),
-        url_signing_key=env.raw("URL_SIGNING_KEY", ""),
+        url_signing_key=_url_signing_key(env),
         amqp_url=env.url("AMQP_URL", "amqp://guest:guest@localhost:5672/", ("amqp", "amqps")),
         amqp_connect_timeout_seconds=env.number("AMQP_CONNECT_TIMEOUT_SECONDS", 30.0, 0.0),
         max_attempts=env.integer("MAX_ATTEMPTS", 5, 1, 100),

@@ -209,7 +209,9 @@ async def test_the_embedded_stores_signed_links_are_followed_on_the_address_call
             redirect = await running.client.get(f"/v1/images/{created['id']}/{route}")
             assert redirect.status_code == 307
             assert redirect.headers["location"].startswith(f"/v1/files/{key}?expires=")
-            assert (await running.client.get(redirect.headers["location"])).status_code == 200
+            served = await running.client.get(redirect.headers["location"])
+            assert served.status_code == 200
+            assert served.headers["x-content-type-options"] == "nosniff"
     behind_a_prefix = make_settings(PUBLIC_BASE_URL="https://ams.example/api")
     signed = "https://ams.example/api/v1/files/images/originals/x.png?expires=1&signature=s"
     assert redirect_target(behind_a_prefix, signed) == "/api/v1/files/images/originals/x.png?expires=1&signature=s"

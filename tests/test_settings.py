@@ -88,6 +88,7 @@ def test_r2_endpoint_is_derived_from_the_account_id():
         ({"R2_TIMEOUT_SECONDS": "0"}, "R2_TIMEOUT_SECONDS"),
         ({"R2_TIMEOUT_SECONDS": "soon"}, "R2_TIMEOUT_SECONDS"),
         ({"R2_MAX_CONNECTIONS": "0"}, "R2_MAX_CONNECTIONS=0: must be at least 1 and at most 1000"),
+        ({"URL_SIGNING_KEY": "secret"}, "URL_SIGNING_KEY: expected at least 32 characters"),
         ({"PROCESSOR_CAPABILITIES": "callback"}, "lists callback, but CALLBACK_HOSTS is empty"),
         ({"OUTPUT_TTL_DAYS": "0"}, "OUTPUT_TTL_DAYS=0: must be at least 0.01"),
         ({"OUTPUT_TTL_DAYS": "a week"}, "OUTPUT_TTL_DAYS='a week': expected a number"),

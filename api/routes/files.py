@@ -40,7 +40,8 @@ async def signed_file(
     return Response(
         stored.data,
         media_type=stored.content_type,
-        headers={"Cache-Control": "private, max-age=60"},
+        # served as stored, never as what a browser would guess from the bytes
+        headers={"Cache-Control": "private, max-age=60", "X-Content-Type-Options": "nosniff"},
     )
 
 
