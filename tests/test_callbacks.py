@@ -643,16 +643,11 @@ async def test_a_callback_to_a_private_address_is_not_sent(env, receiver):
     assert receiver.at(path) == []
 
 
-async def test_a_callback_connects_to_the_address_it_checked(env, monkeypatch):
-    """The host is resolved once, and the connection goes to the public address found, not to whatever the name
-    resolves to a moment later (DNS rebinding)."""
+async def _deliver_resolving(env, monkeypatch, resolve) -> tuple[object, list[tuple[str, int]]]:
+    """Deliver a callback to hooks.example.com (private addresses refused), its name answered by `resolve`
+    and no connection made: the outcome, and where it tried to connect."""
     settings = Settings.from_env({**env, "CALLBACK_ALLOW_PRIVATE_ADDRESSES": "0"})
     settings = dataclasses.replace(settings, callback_hosts=("hooks.example.com",))
-    answers = iter([[(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.216.34", 80))]])
-
-    async def resolve(self, host, port, **kwargs):
-        return next(answers, [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))])
-
     connected: list[tuple[str, int]] = []
 
     async def connect(self, host, port, *args, **kwargs):
@@ -665,6 +660,18 @@ async def test_a_callback_connects_to_the_address_it_checked(env, monkeypatch):
         outcome = await deliver(
             client, _callback("http://hooks.example.com/x"), hosts=settings.callback_hosts, secrets=(b"k" * 32,)
         )
+    return outcome, connected
+
+
+async def test_a_callback_connects_to_the_address_it_checked(env, monkeypatch):
+    """The host is resolved once, and the connection goes to the public address found, not to whatever the name
+    resolves to a moment later (DNS rebinding)."""
+    answers = iter([[(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.216.34", 80))]])
+
+    async def resolve(self, host, port, **kwargs):
+        return next(answers, [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))])
+
+    outcome, connected = await _deliver_resolving(env, monkeypatch, resolve)
     assert connected == [("93.184.216.34", 80)]
     assert isinstance(outcome, Failed) and outcome.transient and outcome.code == "callback_failed"
 
@@ -672,24 +679,11 @@ async def test_a_callback_connects_to_the_address_it_checked(env, monkeypatch):
 async def test_a_callback_does_not_reach_a_private_address_through_nat64(env, monkeypatch):
     """In an IPv6-only network DNS64 answers for an IPv4 address with 64:ff9b::<that address>, and the network's
     NAT64 gateway connects to it: a name answered so for a private address is refused unsent, as the address is."""
-    settings = Settings.from_env({**env, "CALLBACK_ALLOW_PRIVATE_ADDRESSES": "0"})
-    settings = dataclasses.replace(settings, callback_hosts=("hooks.example.com",))
 
     async def resolve(self, host, port, **kwargs):
         return [(socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("64:ff9b::a9fe:a9fe", port, 0, 0))]
 
-    connected: list[tuple[str, int]] = []
-
-    async def connect(self, host, port, *args, **kwargs):
-        connected.append((host, port))
-        raise httpcore.ConnectError("no network in the test")
-
-    monkeypatch.setattr(asyncio.BaseEventLoop, "getaddrinfo", resolve)
-    monkeypatch.setattr(httpcore.AnyIOBackend, "connect_tcp", connect)
-    async with open_client(settings) as client:
-        outcome = await deliver(
-            client, _callback("http://hooks.example.com/x"), hosts=settings.callback_hosts, secrets=(b"k" * 32,)
-        )
+    outcome, connected = await _deliver_resolving(env, monkeypatch, resolve)
     assert connected == []
     assert isinstance(outcome, Failed) and not outcome.transient and outcome.code == "callback_not_allowed"
 
