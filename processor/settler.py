@@ -13,6 +13,8 @@
     superseded failure   -> a failure (transient or final) of a delivery whose job's record another delivery finished
                             meanwhile (a duplicate run at once): settled as that record says, as a success that finds
                             the record settled is (its own error neither recorded, retried nor dead-lettered)
+    refused              -> a message that cannot even be started (`refuse`): with a job record, a final failure as
+                            above (superseded too); without one, dead-lettered
 
 "announce": a job whose record says it ended has its end published to ams.events (contract/events.py,
 JOB_EVENTS_ENABLED) and, with a callback URL, its callback queued (contract/callbacks.py), confirmed, before its
@@ -55,7 +57,7 @@ from infra.broker import (
 )
 from infra.storage import ObjectStore
 from processor.announcer import Announcer
-from processor.deliveries import attempt, job_id, job_type
+from processor.deliveries import attempt, job_id, job_type, replayed
 from processor.handlers.base import Job
 from processor.outcomes import CalledOff, Failed, Settlement, Succeeded
 from processor.outputs import drop_unrecorded
@@ -101,9 +103,15 @@ class Settler:
         self._nacks: set[asyncio.Task[None]] = set()
 
     async def settle(
-        self, message: AbstractIncomingMessage, job: Job, outcome: Settlement, elapsed: float, record: Tracked | None
+        self,
+        message: AbstractIncomingMessage,
+        job: Job,
+        outcome: Settlement,
+        elapsed: float | None,
+        record: Tracked | None,
     ) -> None:
-        """Record the outcome (tracked jobs), then reply, then ack; or schedule a retry; or dead-letter."""
+        """Record the outcome (tracked jobs), then reply, then ack; or schedule a retry; or dead-letter. `elapsed`:
+        the run's seconds (None: it did not run, a refusal)."""
         logger = log.bind(message_id=job.message_id, job_type=job.message_type)
         number = attempt(message)
         if record is not None:
@@ -136,7 +144,7 @@ class Settler:
                 return
             await self._ack(message)
             metrics.job_settled(job.message_type, "succeeded", elapsed)
-            logger.info("job_succeeded", seconds=round(elapsed, 4))
+            logger.info("job_succeeded", seconds=None if elapsed is None else round(elapsed, 4))
             return
         if self._retried(outcome, number):
             await self._retry(message, job, outcome, number, elapsed)
@@ -212,22 +220,26 @@ class Settler:
         await asyncio.gather(*flushes)
 
     async def refuse(self, message: AbstractIncomingMessage, code: str, text: str) -> None:
-        """Dead-letter a message that cannot even be started, marking its job record failed if it has one (a record
-        that cannot be written: the delivery is handed back, and the next one writes it)."""
+        """Dead-letter a message that cannot even be started. One whose job has a record is settled as a final
+        failure of that job (`settle`): recorded failed, or, when another delivery finished the record, superseded
+        by its recorded end (a record that cannot be read or written: the delivery is handed back, and the next one
+        writes it)."""
         if message.message_id and (message.headers or {}).get(RECORD_HEADER):
             try:
-                refused = await self.tracker.refused(message.message_id, Failed(code, text), attempt(message))
+                tracked = await self.tracker.stored(message.message_id, replayed=replayed(message))
             except TRANSIENT_ERRORS:
                 log.warning("job_record_not_updated", message_id=message.message_id, code=code)
                 self._requeue_later(message)
                 return
-            if not await self._announced(message, refused):
+            if tracked is not None:
+                job = Job(message.message_id, _counted_type(job_type(message)), None, message.priority or 0)
+                await self.settle(message, job, Failed(code, text), None, tracked)
                 return
         if await self.dead_letter(message, code, text, attempt(message)):
             metrics.job_settled(_counted_type(job_type(message)), "dead_lettered")
 
     async def _retry(
-        self, message: AbstractIncomingMessage, job: Job, outcome: Failed, number: int, elapsed: float
+        self, message: AbstractIncomingMessage, job: Job, outcome: Failed, number: int, elapsed: float | None
     ) -> None:
         delay = retry_delay(number, outcome.retry_after or 0.0)
         try:

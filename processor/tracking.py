@@ -149,15 +149,10 @@ class JobTracker:
 
         return await self._write(tracked, change) and not tracked.record.marks
 
-    async def refused(self, job_id: str, outcome: Failed, attempt: int) -> JobRecord | None:
-        """Mark the existing record of a job that was refused before it started (if there is one) as failed; the
-        record as stored then (None: there is none)."""
+    async def stored(self, job_id: str, *, replayed: bool) -> Tracked | None:
+        """The job's record as stored (None: there is none, and none is made)."""
         found = await retry_transient(lambda: self._jobs.load(job_id))
-        if found is None:
-            return None
-        tracked = Tracked(*found)
-        await self.failed(tracked, outcome, attempt, final=True)
-        return tracked.record
+        return None if found is None else Tracked(*found, replayed)
 
     async def _write(self, tracked: Tracked, change: Callable[[JobRecord], bool], *, durable: bool = True) -> bool:
         """Apply `change` to the record and write it conditionally; on a conflict, read the record again and

@@ -255,3 +255,50 @@ async def test_a_run_taken_for_dead_fails_as_before_while_the_job_runs_anew(deli
         assert [dead.headers["x-ams-reason-code"] for dead in await deliveries.dead_letters()] == [OWN]
     else:
         assert deliveries.retries_waiting() == 1
+
+
+@pytest.mark.parametrize("ended", ["succeeded", "failed"])
+async def test_a_refusal_after_a_duplicates_end_settles_as_that_end(deliveries, ended):
+    """The other delivery ends the job; this one is then refused before it runs (its feature is disabled on this
+    processor). It settles as the recorded end, as a failure that finds it does: the record is left as it is, its
+    requester gets the recorded outcome, and there is a dead letter only for a job that ended failed, under the
+    recorded reason; nothing but that end is announced."""
+    job = await deliveries.job()
+    winner_message, refused_message = await deliveries.delivered(job), await deliveries.delivered(job)
+    winner = await deliveries.running(job)
+    result = {"key": f"images/generated/{job.message_id}.png", "seed": 5}
+    outcome = Succeeded(result) if ended == "succeeded" else Failed("too_expensive", "over the pixel-step budget")
+    await deliveries.settle(winner_message, job, outcome, winner)
+    assert (await deliveries.reply()).status == ended
+
+    await deliveries.settler.refuse(refused_message, "feature_disabled", "image generation is disabled here")
+
+    stored = await deliveries.jobs.get(job.message_id)
+    await deliveries.all_acknowledged()
+    reply = await deliveries.reply()
+    dead = {message.headers["x-ams-reason-code"] for message in await deliveries.dead_letters()}
+    if ended == "succeeded":
+        assert (stored.status, stored.result, stored.error) == ("succeeded", result, None)
+        assert dead == set()
+        assert (reply.status, reply.result, reply.error) == ("succeeded", result, None)
+    else:
+        assert (stored.status, stored.error.code) == ("failed", "too_expensive")
+        assert dead == {"too_expensive"}
+        assert (reply.status, reply.error.code) == ("failed", "too_expensive")
+    announced = await deliveries.announced()
+    assert {(event.status, event.event_id) for event in announced} == {(ended, announced[0].event_id)}
+
+
+async def test_a_refusal_of_an_unfinished_job_is_recorded_and_dead_lettered_as_before(deliveries):
+    """A job whose record has not ended: the refusal is its end, recorded, dead-lettered and replied under its own
+    code."""
+    job = await deliveries.job()
+    message = await deliveries.delivered(job)
+
+    await deliveries.settler.refuse(message, "feature_disabled", "image generation is disabled here")
+
+    stored = await deliveries.jobs.get(job.message_id)
+    assert (stored.status, stored.error.code) == ("failed", "feature_disabled")
+    await deliveries.all_acknowledged()
+    assert [dead.headers["x-ams-reason-code"] for dead in await deliveries.dead_letters()] == ["feature_disabled"]
+    assert (await deliveries.reply()).error.code == "feature_disabled"
