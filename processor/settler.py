@@ -41,7 +41,7 @@ from contract import metrics
 from contract.announcements import to_announce
 from contract.bucket_events import BUCKET_EVENT
 from contract.errors import ErrorInfo
-from contract.jobs import CANCELLED, RECORD_HEADER, JobRecord, JobStore, called_off
+from contract.jobs import CANCELLED, RECORD_HEADER, JobRecord, JobStore, called_off, generated_output
 from contract.messages import JOB_TYPES, JSON, MSGPACK, JobReply, encode
 from infra.broker import (
     ATTEMPTS_HEADER,
@@ -60,7 +60,7 @@ from processor.announcer import Announcer
 from processor.deliveries import attempt, job_id, job_type, replayed
 from processor.handlers.base import Job
 from processor.outcomes import CalledOff, Failed, Settlement, Succeeded
-from processor.outputs import drop_unrecorded
+from processor.outputs import drop_unrecorded, output_lost
 from processor.retrying import TRANSIENT_ERRORS, retry_transient
 from processor.tracking import JobTracker, Tracked
 
@@ -222,11 +222,14 @@ class Settler:
     async def refuse(self, message: AbstractIncomingMessage, code: str, text: str) -> None:
         """Dead-letter a message that cannot even be started. One whose job has a record is settled as a final
         failure of that job (`settle`): recorded failed, or, when another delivery finished the record, superseded
-        by its recorded end (a record that cannot be read or written: the delivery is handed back, and the next one
-        writes it)."""
+        by its recorded end, unless that is a success whose output was lost (then dead-lettered under its own code:
+        a replay remakes the output). A record that cannot be read or written: the delivery is handed back, and the
+        next one writes it."""
         if message.message_id and (message.headers or {}).get(RECORD_HEADER):
             try:
                 tracked = await self.tracker.stored(message.message_id, replayed=replayed(message))
+                if tracked is not None:
+                    tracked.remaking = await self._output_lost(tracked.record)
             except TRANSIENT_ERRORS:
                 log.warning("job_record_not_updated", message_id=message.message_id, code=code)
                 self._requeue_later(message)
@@ -237,6 +240,12 @@ class Settler:
                 return
         if await self.dead_letter(message, code, text, attempt(message)):
             metrics.job_settled(_counted_type(job_type(message)), "dead_lettered")
+
+    async def _output_lost(self, record: JobRecord) -> bool:
+        """Whether the output a succeeded generation's record names is lost: a refusal of its job then fails as a
+        remake's run does, not superseded by the success (the output is still missing; a replay remakes it)."""
+        key = generated_output(record)
+        return key is not None and record.output_deleted is None and await output_lost(self._store, key)
 
     async def _retry(
         self, message: AbstractIncomingMessage, job: Job, outcome: Failed, number: int, elapsed: float | None

@@ -47,6 +47,7 @@ class Deliveries:
     channel: aio_pika.abc.AbstractChannel
     events: aio_pika.abc.AbstractQueue
     replies: aio_pika.abc.AbstractQueue
+    store: LocalStore
 
     async def job(self) -> Job:
         """A tracked generation whose record the API wrote (queued)."""
@@ -122,7 +123,7 @@ async def deliveries(make_env, rabbit, tmp_path) -> AsyncIterator[Deliveries]:
         events = await channel.declare_queue(exclusive=True)
         await events.bind(EVENTS_EXCHANGE, routing_key="#")
         replies = await channel.declare_queue(exclusive=True)
-        yield Deliveries(rabbit, env["VHOST"], env["AMQP_URL"], settler, jobs, channel, events, replies)
+        yield Deliveries(rabbit, env["VHOST"], env["AMQP_URL"], settler, jobs, channel, events, replies, store)
 
 
 def _failure(final: bool) -> Failed:
@@ -270,6 +271,7 @@ async def test_a_refusal_after_a_duplicates_end_settles_as_that_end(deliveries, 
     outcome = Succeeded(result) if ended == "succeeded" else Failed("too_expensive", "over the pixel-step budget")
     await deliveries.settle(winner_message, job, outcome, winner)
     assert (await deliveries.reply()).status == ended
+    await deliveries.store.put(result["key"], b"the generated image", "image/png")
 
     await deliveries.settler.refuse(refused_message, "feature_disabled", "image generation is disabled here")
 
@@ -299,6 +301,26 @@ async def test_a_refusal_of_an_unfinished_job_is_recorded_and_dead_lettered_as_b
 
     stored = await deliveries.jobs.get(job.message_id)
     assert (stored.status, stored.error.code) == ("failed", "feature_disabled")
+    await deliveries.all_acknowledged()
+    assert [dead.headers["x-ams-reason-code"] for dead in await deliveries.dead_letters()] == ["feature_disabled"]
+    assert (await deliveries.reply()).error.code == "feature_disabled"
+
+
+async def test_a_refusal_of_a_job_whose_output_was_lost_is_dead_lettered_under_its_own_code(deliveries):
+    """The other delivery succeeded, but the output its record names was lost (a power failure before it was
+    flushed); this one, which would remake it, is refused. It is not superseded by the success: the output is still
+    missing, so it is dead-lettered under its own code (a replay remakes the output), and the record stays."""
+    job = await deliveries.job()
+    winner_message, refused_message = await deliveries.delivered(job), await deliveries.delivered(job)
+    winner = await deliveries.running(job)
+    result = {"key": f"images/generated/{job.message_id}.png", "seed": 5}
+    await deliveries.settle(winner_message, job, Succeeded(result), winner)
+    assert (await deliveries.reply()).status == "succeeded"
+
+    await deliveries.settler.refuse(refused_message, "feature_disabled", "image generation is disabled here")
+
+    stored = await deliveries.jobs.get(job.message_id)
+    assert (stored.status, stored.result) == ("succeeded", result)
     await deliveries.all_acknowledged()
     assert [dead.headers["x-ams-reason-code"] for dead in await deliveries.dead_letters()] == ["feature_disabled"]
     assert (await deliveries.reply()).error.code == "feature_disabled"
