@@ -1031,7 +1031,7 @@ def _read_terminal(controller: int, until: str | None, seconds: float) -> str:
 
 def _at_the_question(env: dict[str, str], *args: str, answer: bytes | None = None) -> tuple[int | None, str]:
     """The command run on a terminal, its question answered (`answer` typed, or Ctrl-C pressed when None): its status
-    (None: still running 5 s later) and what it wrote."""
+    (None: still running 20 s later: what it guards against is waiting for Enter for good) and what it wrote."""
     controller, terminal = pty.openpty()
     process = subprocess.Popen(
         [sys.executable, "-m", "processor.ops", *args],
@@ -1051,7 +1051,7 @@ def _at_the_question(env: dict[str, str], *args: str, answer: bytes | None = Non
         else:
             os.write(controller, answer)
         try:
-            code: int | None = process.wait(timeout=5)
+            code: int | None = process.wait(timeout=20)
         except subprocess.TimeoutExpired:
             code = None
         return code, output + _read_terminal(controller, None, 1)
