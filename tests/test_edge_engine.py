@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import os
+import re
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
@@ -22,7 +24,13 @@ import pytest
 
 from infra.settings import Settings
 from infra.startup import StartupError
-from infra.vectors import EmbeddingModelMismatchError, ImageRecord, IndexInUseError
+from infra.vectors import (
+    EmbeddingModelMismatchError,
+    ImageRecord,
+    IndexInUseError,
+    ListingPosition,
+    VectorIndexUnavailableError,
+)
 from infra.vectors.edge import protocol
 from infra.vectors.edge.client import EdgeIndex, upsert_operation
 from infra.vectors.edge.engine import Engine
@@ -167,6 +175,105 @@ async def test_a_new_owner_waits_for_an_engine_that_is_flushing_on_its_way_out(t
         os.close(fd)
     reopened = await asyncio.wait_for(opening, 30)
     await reopened.close()
+
+
+# The ops an engine knew before the protocol had a version (and before InIdOrder)
+_PRE_VERSION_OPERATIONS = (
+    protocol.Create
+    | protocol.Upsert
+    | protocol.Delete
+    | protocol.Retrieve
+    | protocol.Vector
+    | protocol.Search
+    | protocol.Newest
+    | protocol.Count
+    | protocol.Describe
+    | protocol.Snapshot
+    | protocol.Install
+    | protocol.MarkMigrated
+    | protocol.Build
+    | protocol.Shutdown
+)
+
+
+class _PreVersionRequest(msgspec.Struct, array_like=True):
+    id: int
+    op: _PRE_VERSION_OPERATIONS
+
+
+async def _pre_version_engine(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """An engine's connection as it was before the protocol had a version: a request it cannot decode (an op it
+    does not know) ends the connection, without a reply."""
+    decoder = msgspec.msgpack.Decoder(_PreVersionRequest)
+    try:
+        while True:
+            (length,) = struct.unpack(">I", await reader.readexactly(4))
+            request = decoder.decode(await reader.readexactly(length))
+            writer.write(protocol.frame(protocol.Reply(request.id, result=0)))
+    except (asyncio.IncompleteReadError, msgspec.DecodeError):
+        pass
+    finally:
+        writer.close()
+
+
+async def test_attach_names_an_engine_from_before_protocol_versions(tmp_path):
+    """`ams-ops` upgraded while the server (and its engine) still runs the code from before versions: attach says
+    so, instead of the connection dropping at the first op that engine does not know."""
+    layout = EngineLayout.under(tmp_path, "images")
+    layout.root.mkdir(parents=True)
+    engine = await asyncio.start_unix_server(_pre_version_engine, path=str(layout.socket_path))
+    try:
+        with pytest.raises(
+            VectorIndexUnavailableError,
+            match=rf"at {re.escape(str(layout.root))} speaks index protocol 0 \(from before.*this code speaks"
+            ".*restart the server that owns the index",
+        ):
+            attached = await EdgeIndex.attach(tmp_path, "images")
+            await attached.newest(5, ListingPosition(created_us=1, image_id=str(uuid.uuid4())))
+    finally:
+        engine.close()
+        await engine.wait_closed()
+
+
+async def test_attach_names_both_versions_when_the_running_engine_speaks_another(tmp_path, monkeypatch):
+    index = await _open(tmp_path, build_points=0)
+    try:
+        spoken = protocol.PROTOCOL_VERSION
+        monkeypatch.setattr(protocol, "PROTOCOL_VERSION", spoken + 1)  # this code is newer than the running engine
+        with pytest.raises(
+            VectorIndexUnavailableError,
+            match=rf"speaks index protocol {spoken}, this code speaks index protocol {spoken + 1}: .*restart the "
+            "server that owns the index",
+        ):
+            await EdgeIndex.attach(tmp_path, "images")
+        monkeypatch.undo()
+        assert await index.count() == 0  # the owner's engine is untouched
+    finally:
+        await index.close()
+
+
+async def test_an_owner_refuses_an_engine_started_from_code_of_another_version(tmp_path, monkeypatch):
+    """The code on disk changed under a running server, then its engine crashed: the engine restarted from that
+    code is stopped, and every later call says why, without starting another."""
+    index = await _open(tmp_path, build_points=0)
+    try:
+        spoken = protocol.PROTOCOL_VERSION
+        monkeypatch.setattr(protocol, "PROTOCOL_VERSION", spoken + 1)
+        os.kill(index.engine_pid, signal.SIGKILL)
+        await asyncio.sleep(0.3)
+        for _ in range(2):
+            with pytest.raises(
+                VectorIndexUnavailableError,
+                match=rf"speaks index protocol {spoken}, this server speaks index protocol {spoken + 1}: .*restart",
+            ):
+                await index.count()
+            assert index.engine_pid is None
+    finally:
+        await index.close()
+    assert await EdgeIndex.attach(tmp_path, "images") is None
+    with pytest.raises(VectorIndexUnavailableError, match=rf"speaks index protocol {spoken}, this server speaks"):
+        await EdgeIndex.open(tmp_path, "images")
+    assert await EdgeIndex.attach(tmp_path, "images") is None
 
 
 async def test_graph_builds_keep_results_exact_and_writes_made_meanwhile(tmp_path):

@@ -3,6 +3,10 @@
 The owner (the server process) starts the engine, talks to it over its Unix socket and restarts it if it dies
 (calls in flight then fail with VectorIndexUnavailableError, which callers treat as transient). `attach()`
 connects to an engine another process owns (how `ams-ops` reaches a running server's index).
+
+Every connection starts with a handshake: an engine that speaks another protocol version than this code (one
+still running the code from before an upgrade, or one restarted from code changed on disk under its server) is
+refused with EngineProtocolMismatchError, which names both versions and says to restart the server.
 """
 
 from __future__ import annotations
@@ -50,6 +54,11 @@ _RESTART_PAUSE_SECONDS = 1.0
 _PROJECT = str(Path(infra.__file__).resolve().parent.parent)
 
 
+class EngineProtocolMismatchError(VectorIndexUnavailableError):
+    """The engine speaks another protocol version than this code: it answers again once the server that owns the
+    index is restarted (its engine then runs the code installed now)."""
+
+
 def _vector_bytes(vector: Sequence[float]) -> bytes:
     return np.asarray(vector, dtype=np.float32).tobytes()
 
@@ -90,6 +99,7 @@ class EdgeIndex(VectorIndex):
         self._fresh = False
         self._closed = False
         self._last_start = 0.0
+        self._refusal: str | None = None
 
     @classmethod
     async def open(
@@ -117,11 +127,15 @@ class EdgeIndex(VectorIndex):
 
     @classmethod
     async def attach(cls, db_path: Path, collection: str) -> EdgeIndex | None:
-        """Connect to the engine another process runs on this directory; None when none answers."""
+        """Connect to the engine another process runs on this directory; None when none answers.
+
+        Raises EngineProtocolMismatchError when that engine speaks another protocol version."""
         layout = EngineLayout.under(db_path, collection)
         index = cls(layout, owner=False, db_path=db_path, collection=collection)
         try:
             await index._connect()
+        except VectorIndexUnavailableError:
+            raise
         except (ConnectionError, FileNotFoundError):
             return None
         return index
@@ -169,13 +183,71 @@ class EdgeIndex(VectorIndex):
                 )
             raise VectorIndexUnavailableError(hello.error or "the vector engine could not start")
         self._process = process
-        await self._connect()
+        try:
+            await self._connect()
+        except EngineProtocolMismatchError as exc:
+            # the code on disk is not this process's: every engine started from it would be refused alike
+            await self._stop_process()
+            self._refusal = str(exc)
+            raise
         return hello
 
     async def _connect(self) -> None:
         reader, writer = await asyncio.open_unix_connection(str(self.layout.socket_path))
+        try:
+            spoken = await self._handshake(reader, writer)
+        except BaseException:
+            writer.close()
+            raise
+        if spoken != p.PROTOCOL_VERSION:
+            writer.close()
+            raise EngineProtocolMismatchError(self._mismatch(spoken))
         self._writer = writer
         self._reader_task = asyncio.create_task(self._read_replies(reader, writer), name="vector-engine-replies")
+
+    async def _handshake(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> int:
+        """The protocol version the engine speaks: 0 for an engine from before versions."""
+        reply = await self._ask(reader, writer, p.Handshake(p.PROTOCOL_VERSION))
+        if reply is not None:
+            if reply.error is not None:
+                raise _translated(reply.error)
+            return msgspec.convert(reply.result, p.Greeting).protocol
+        # An engine from before versions drops a connection on an op it does not know; one that then answers an op
+        # it has always known, on a connection of its own, is such an engine (else it went away meanwhile).
+        reader, writer = await asyncio.open_unix_connection(str(self.layout.socket_path))
+        try:
+            if await self._ask(reader, writer, p.Count()) is None:
+                raise ConnectionResetError("the vector engine closed the connection")
+        finally:
+            writer.close()
+        return 0
+
+    async def _ask(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, op: p.Operation) -> p.Reply | None:
+        """One request and its reply, on a connection no reader task serves; None when the engine closes it instead."""
+        try:
+            writer.write(p.frame(p.Request(next(self._ids), op)))
+            await writer.drain()
+            return await asyncio.wait_for(p.read_reply(reader), READ_TIMEOUT_SECONDS)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            return None
+        except TimeoutError:
+            raise VectorIndexUnavailableError(
+                f"the vector engine did not answer within {READ_TIMEOUT_SECONDS:.0f} s"
+            ) from None
+
+    def _mismatch(self, spoken: int) -> str:
+        theirs = f"{spoken} (from before the protocol had versions)" if spoken == 0 else str(spoken)
+        if self._owner:
+            return (
+                f"the vector engine started for the embedded index at {self.layout.root} speaks index protocol "
+                f"{theirs}, this server speaks index protocol {p.PROTOCOL_VERSION}: the code on disk was changed "
+                "while the server ran; restart the server"
+            )
+        return (
+            f"the vector engine running the embedded index at {self.layout.root} speaks index protocol {theirs}, "
+            f"this code speaks index protocol {p.PROTOCOL_VERSION}: the code was changed while that engine ran; "
+            "restart the server that owns the index (its engine then runs the code installed now)"
+        )
 
     async def _read_replies(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -206,6 +278,8 @@ class EdgeIndex(VectorIndex):
         async with self._start_lock:
             if self._writer is not None and not self._writer.is_closing():
                 return self._writer
+            if self._refusal is not None:
+                raise EngineProtocolMismatchError(self._refusal)
             await self._stop_process()
             wait = self._last_start + _RESTART_PAUSE_SECONDS - time.monotonic()
             if wait > 0:

@@ -142,6 +142,10 @@ class Engine:
 
     async def handle(self, op: p.Operation) -> Any:
         match op:
+            case p.Handshake():
+                if op.protocol != p.PROTOCOL_VERSION:
+                    log.warning("index_client_of_another_protocol", client=op.protocol, engine=p.PROTOCOL_VERSION)
+                return p.Greeting(p.PROTOCOL_VERSION)
             case p.Search():
                 return self._search(op)
             case p.Retrieve():

@@ -13,6 +13,22 @@ from infra.vectors.base import ImageFilter
 _LENGTH = struct.Struct(">I")
 MAX_FRAME = 1 << 30
 
+# The version of the ops below: bump it whenever an op is added, removed or changed (its fields, its reply or what
+# it does), so that a client and an engine of different code tell each other apart at the handshake.
+PROTOCOL_VERSION = 1
+
+
+class Handshake(msgspec.Struct, tag="handshake"):
+    """A client's first request, with its PROTOCOL_VERSION; the reply is a Greeting. Never changed, so that code
+    of any version can ask it. An engine from before versions drops the connection instead (as on any request it
+    cannot decode): that engine speaks version 0."""
+
+    protocol: int
+
+
+class Greeting(msgspec.Struct):
+    protocol: int
+
 
 class Create(msgspec.Struct, tag="create"):
     model_id: str
@@ -94,7 +110,8 @@ class Shutdown(msgspec.Struct, tag="shutdown"):
 
 
 Operation = (
-    Create
+    Handshake
+    | Create
     | Upsert
     | Delete
     | Retrieve
