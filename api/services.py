@@ -22,7 +22,7 @@ from api.thumbnails import Thumbnails
 from contract.imaging import configure_pixel_limit
 from contract.jobs import JobStore
 from infra.broker import Publisher
-from infra.readiness import Checks, ReadinessProbe, loaded, probe
+from infra.readiness import Checks, ReadinessLog, ReadinessProbe, loaded, probe
 from infra.settings import Settings
 from infra.startup import OpenedIndex, Plumbing, open_image_index
 from infra.storage import ObjectStore
@@ -42,6 +42,8 @@ class Services:
     queries: QueryEncoder | None = None
     thumbnails: Thumbnails | None = None
     probes: Sequence[ReadinessProbe] = ()
+    # what /readyz logs of its checks (their states' changes, a failure's error)
+    readiness_log: ReadinessLog = field(default_factory=ReadinessLog)
     # set when the server is asked to stop: requests that wait on a job's record answer at once
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     _owned_index: OpenedIndex | None = field(default=None, repr=False)

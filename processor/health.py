@@ -9,12 +9,13 @@ from litestar import Litestar, Response, get
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from contract.metrics import REGISTRY, record_queue_depths
-from infra.readiness import Checks, probe, readiness_body
+from infra.readiness import Checks, ReadinessLog, probe, readiness_body
 from processor.service import ProcessorService
 
 
 def create_health_app(service: ProcessorService) -> Litestar:
     plumbing = service.runtime.plumbing
+    readiness_log = ReadinessLog()
 
     @get("/healthz", summary="The processor is up")
     async def healthz() -> dict[str, str]:
@@ -27,6 +28,7 @@ def create_health_app(service: ProcessorService) -> Litestar:
             "storage": await probe(plumbing.store.ping()),
             **await service.readiness(),
         }
+        readiness_log.record(checks)
         body, status = readiness_body(checks)
         return Response(body, status_code=status)
 

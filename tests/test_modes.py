@@ -8,10 +8,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
+import structlog
 
 from api.services import Services
+from infra import readiness
+from infra.readiness import Failed, ReadinessLog, probe
+from infra.storage import StorageError, StorageUnavailableError
+from infra.vectors import VectorIndexUnavailableError
 from launcher import OneProcess
+from processor.health import create_health_app
 from tests.support.images import encoded
 from tests.support.rabbitmq import free_port
 from tests.support.s3 import S3Process
@@ -53,6 +60,66 @@ async def test_readyz_names_the_failing_part(make_settings):
             assert (await server.client.get("/readyz")).status_code == 200
     finally:
         s3.stop()
+
+
+async def test_readyz_says_a_failing_checks_state_and_logs_its_error_once(make_settings, tmp_path):
+    """/readyz is open: a failing check's error (local storage's names its directory) is logged, once while its
+    state holds, and the body says only the state; the same on the processor's port. Its recovery is logged once."""
+    storage = tmp_path / "secret-internal-7f3a" / "storage"
+    async with running_server(make_settings(LOCAL_STORAGE_DIR=str(storage))) as server:
+        health = create_health_app(server.processor)
+        transport = httpx.ASGITransport(app=health)
+        async with httpx.AsyncClient(transport=transport, base_url="http://processor") as processor:
+            with structlog.testing.capture_logs() as logs:
+                (storage / "objects").rename(storage / "away")
+                try:
+                    answers = [await client.get("/readyz") for client in (server.client, processor) * 3]
+                finally:
+                    (storage / "away").rename(storage / "objects")
+                recovered = await server.client.get("/readyz")
+
+    for answer in answers:
+        assert answer.status_code == 503
+        assert "secret-internal-7f3a" not in answer.text
+        body = answer.json()
+        assert (body["status"], body["failing"], body["checks"]["storage"]) == ("not_ready", ["storage"], "unavailable")
+    assert recovered.status_code == 200
+    failing = [entry for entry in logs if entry["event"] == "readiness_check_failing"]
+    assert [(entry["check"], entry["state"]) for entry in failing] == [("storage", "unavailable")] * 2, logs
+    assert all("secret-internal-7f3a" in entry["error"] for entry in failing), failing
+    ok = [entry for entry in logs if entry["event"] == "readiness_check_ok"]
+    assert [(entry["check"], entry["was"]) for entry in ok] == [("storage", "unavailable")], logs
+
+
+@pytest.mark.parametrize(
+    ("error", "state"),
+    [
+        (StorageUnavailableError("bucket 'internal-bucket' does not exist"), "unavailable"),
+        (VectorIndexUnavailableError("qdrant at http://10.0.0.7:6333 is unreachable"), "unavailable"),
+        (StorageError("object store refused 'internal-bucket': AccessDenied (403)"), "refused"),
+        (RuntimeError("unexpected at /srv/internal"), "error"),
+    ],
+)
+async def test_a_failed_probe_says_what_kind_of_failure_and_keeps_the_error_for_the_log(error, state):
+    async def failing() -> None:
+        raise error
+
+    found = await probe(failing())
+    assert (str(found), found.error) == (state, f"{type(error).__name__}: {error}")
+
+
+def test_a_failing_checks_changed_error_is_logged_again_at_most_once_per_interval(monkeypatch):
+    states = ReadinessLog()
+    with structlog.testing.capture_logs() as logs:
+        for attempt in range(3):
+            states.record({"storage": Failed("unavailable", f"cause {attempt}")})
+        monkeypatch.setattr(readiness, "ERROR_LOG_INTERVAL_SECONDS", 0.0)
+        states.record({"storage": Failed("unavailable", "cause 3")})
+        states.record({"storage": Failed("unavailable", "cause 3")})
+    assert [(entry["event"], entry["error"]) for entry in logs] == [
+        ("readiness_check_failing", "cause 0"),
+        ("readiness_check_failing", "cause 3"),
+    ]
 
 
 def _imports(package: str) -> set[str]:

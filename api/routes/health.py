@@ -25,13 +25,17 @@ async def healthz() -> dict[str, str]:
     opt=OPEN,
     responses={
         HTTP_503_SERVICE_UNAVAILABLE: ResponseSpec(
-            dict[str, Any], description="Not ready: `failing` names the checks that are not ok"
+            dict[str, Any],
+            description="Not ready: `failing` names the checks that are not ok, `checks` gives each one's state "
+            "(the error behind it is logged, not shown)",
         ),
         **errors(open_route=True),
     },
 )
 async def readyz(services: Services) -> Response[dict[str, Any]]:
-    body, status = readiness_body(await services.readiness())
+    checks = await services.readiness()
+    services.readiness_log.record(checks)
+    body, status = readiness_body(checks)
     return Response(body, status_code=status)
 
 
