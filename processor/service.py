@@ -16,6 +16,8 @@ from contract.messages import IMAGE_DELETE, IMAGE_EMBED, IMAGE_GENERATE, IMAGE_I
 from infra.readiness import Checks
 from infra.settings import Settings, capability_off
 from infra.startup import Plumbing
+from infra.storage import ObjectStore, StorageError
+from infra.vectors.backup import archive_prefix
 from processor.consumer import Consumer
 from processor.handlers.base import Handler
 from processor.handlers.bucket_event import BucketEventHandler
@@ -125,15 +127,23 @@ SWEEP_FIRST_AFTER_SECONDS = 60
 
 
 async def _expire_job_records(
-    jobs: JobStore, output_ttl_days: float | None, runs: InterruptedRuns, kept: timedelta
+    jobs: JobStore,
+    output_ttl_days: float | None,
+    runs: InterruptedRuns,
+    kept: timedelta,
+    store: ObjectStore,
+    uploads: str,
 ) -> None:
     """Delete expired job records (JOB_RECORD_TTL_DAYS, `kept`), generated outputs past OUTPUT_TTL_DAYS, and counts of
-    interrupted runs left behind longer than `kept` (processor/interrupted_runs.py), a minute after start and then
-    once an hour; any processor may: deletes are idempotent and the records' writes conditional."""
+    interrupted runs left behind longer than `kept` (processor/interrupted_runs.py), and remove what writes under
+    `uploads` (the index backups' keys) left in the store when they never ended (ObjectStore.remove_abandoned_writes),
+    a minute after start and then once an hour; any processor may: deletes and aborts are idempotent and the records'
+    writes conditional."""
     wait = SWEEP_FIRST_AFTER_SECONDS
     while True:
         await asyncio.sleep(wait)
         wait = SWEEP_INTERVAL_SECONDS
+        await _remove_abandoned_writes(store, uploads)
         try:
             swept = await jobs.sweep(output_ttl_days)
             counts = await runs.sweep(kept)
@@ -149,6 +159,21 @@ async def _expire_job_records(
             log.info("job_outputs_expired", removed=swept.outputs)
         if counts:
             log.info("interrupted_runs_expired", removed=counts)
+
+
+async def _remove_abandoned_writes(store: ObjectStore, prefix: str) -> None:
+    """One sweep's ObjectStore.remove_abandoned_writes under `prefix`; a failure is logged (a store that is down, or
+    that refuses to list uploads in parts to these credentials), and the next sweep tries again."""
+    try:
+        removed = await store.remove_abandoned_writes(prefix)
+    except StorageError as exc:
+        log.warning("abandoned_writes_sweep_failed", error=str(exc))
+        return
+    except Exception:  # a bug must not stop the sweeps for good
+        log.exception("abandoned_writes_sweep_crashed")
+        return
+    if removed:
+        log.info("abandoned_writes_removed", removed=removed)
 
 
 @dataclass(slots=True)
@@ -175,7 +200,15 @@ class ProcessorService:
             runtime,
             consumer,
             asyncio.create_task(
-                _expire_job_records(jobs, settings.output_ttl_days, runs, kept), name="job-record-expiry"
+                _expire_job_records(
+                    jobs,
+                    settings.output_ttl_days,
+                    runs,
+                    kept,
+                    runtime.store,
+                    archive_prefix(settings.image_search_db_r2_key),
+                ),
+                name="job-record-expiry",
             ),
         )
 

@@ -28,8 +28,9 @@ from infra.vectors import attach_index
 from infra.vectors.backup import IndexBackups
 from infra.vectors.edge.layout import EngineLayout
 from models.tiny import clip as tiny_clip
+from processor import service
 from processor.runtime import Runtime
-from processor.service import build_consumer
+from processor.service import ProcessorService, build_consumer
 from tests.support.amqp import publish, wait_until
 from tests.support.images import encoded
 
@@ -263,6 +264,32 @@ async def test_an_old_single_object_backup_is_restored_then_superseded(env, s3):
         await runtime.close()
     assert "image_search.db" not in s3.keys(env["R2_BUCKET_NAME"])
     assert len(_backups(s3, env["R2_BUCKET_NAME"])) == 1
+
+
+async def test_a_processor_s_sweep_aborts_a_backup_upload_left_behind(env, s3, monkeypatch):
+    """A backup's upload in parts whose process stopped, or whose abort the store never answered, stays in the
+    bucket, billed. A processor's hourly sweep (its first a minute after start, here at once) aborts one under
+    IMAGE_SEARCH_DB_R2_KEY that has done nothing for S3Store.abandoned_after (moto dates every upload's start 2010:
+    one that never sent a part); it keeps one that just sent a part, and one under another prefix."""
+    bucket = env["R2_BUCKET_NAME"]
+    begun = {
+        key: s3.client.create_multipart_upload(Bucket=bucket, Key=key)["UploadId"]
+        for key in ("image_search.db.20260101T000000000000Z.tar.gz", "image_search.db.20260102T000000000000Z.tar.gz")
+    }
+    left, going = begun
+    s3.client.upload_part(Bucket=bucket, Key=going, PartNumber=1, UploadId=begun[going], Body=b"part")
+    s3.client.create_multipart_upload(Bucket=bucket, Key="elsewhere/idle.bin")
+
+    def uploads() -> set[str]:
+        return {upload["Key"] for upload in s3.client.list_multipart_uploads(Bucket=bucket).get("Uploads", [])}
+
+    monkeypatch.setattr(service, "SWEEP_FIRST_AFTER_SECONDS", 0)
+    processor = await ProcessorService.start(Settings.from_env(env))
+    try:
+        await wait_until(lambda: left not in uploads())
+    finally:
+        await processor.stop()
+    assert uploads() == {going, "elsewhere/idle.bin"}
 
 
 async def test_no_backup_when_backups_are_disabled(make_env, s3):

@@ -39,7 +39,7 @@ from infra.storage.local import LocalStore
 from infra.storage.s3 import S3Store
 from tests.support.disk import fill, small_disk
 from tests.support.rabbitmq import free_port
-from tests.support.s3 import ACCESS_KEY, SECRET_KEY, S3Process, trickling
+from tests.support.s3 import ACCESS_KEY, SECRET_KEY, S3Process, cuttable, trickling
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -666,6 +666,129 @@ async def test_every_s3_call_to_a_store_that_stops_answering_is_unavailable_with
 
 async def _listed(store: S3Store, prefix: str) -> list[str]:
     return [info.key async for info in store.list(prefix)]
+
+
+def _uploads(s3, bucket: str) -> set[str]:
+    """The keys of the bucket's incomplete uploads in parts."""
+    return {upload["Key"] for upload in s3.client.list_multipart_uploads(Bucket=bucket).get("Uploads", [])}
+
+
+def _parted(store: S3Store, tmp_path: Path) -> Path:
+    """A file that goes up in 3 parts (5 MiB, S3's least, with the store's part size set so)."""
+    store.part_bytes = 5 * 1024 * 1024
+    source = tmp_path / "index.tar.gz"
+    source.write_bytes(os.urandom(11 * 1024 * 1024))
+    return source
+
+
+async def test_an_upload_in_parts_whose_abort_never_reached_the_store_is_aborted_by_a_later_sweep(
+    s3, tmp_path, monkeypatch
+):
+    """The link to the store goes dead (every packet dropped) while a backup goes up in parts: its next part
+    fails after R2_TIMEOUT_SECONDS, and so does the abort, which the store never gets; the part already sent stays
+    in the bucket (billed, and no object ever made of it). Once that upload has done nothing for
+    `abandoned_after`, the sweep (remove_abandoned_writes) aborts it."""
+    bucket = s3.new_bucket()
+    async with cuttable(s3.endpoint) as link:
+        store = await _connect(link.endpoint, bucket, STALL_SECONDS)
+        try:
+            source = _parted(store, tmp_path)
+            upload_part = store._client.upload_part
+
+            async def cut_before_the_second(**kwargs: Any) -> Any:
+                link.cut = kwargs["PartNumber"] == 2
+                return await upload_part(**kwargs)
+
+            monkeypatch.setattr(store._client, "upload_part", cut_before_the_second)
+            await _unavailable_within(10 * STALL_SECONDS, store.put_file("backups/index.tar.gz", source, "x/y"))
+            link.cut = False
+            assert _uploads(s3, bucket) == {"backups/index.tar.gz"}
+            store.abandoned_after = timedelta(seconds=1)  # its part went up two timeouts ago (part 2, abort)
+            assert await store.remove_abandoned_writes("backups/") == 1
+        finally:
+            await store.close()
+    assert _uploads(s3, bucket) == set()
+    assert s3.keys(bucket) == []
+
+
+async def test_the_sweep_keeps_an_upload_in_parts_that_goes_on_and_one_outside_its_prefix(s3, tmp_path, monkeypatch):
+    """An upload is abandoned when it has done nothing for `abandoned_after`: neither begun nor sent a part since.
+    moto dates every upload's start 2010, so what keeps one that goes on here is the part it just sent (an upload
+    begun and never sent a part is aborted, as one that began long ago). An upload under another prefix is not the
+    sweep's, however idle."""
+    bucket = s3.new_bucket()
+    store = await _connect(s3.endpoint, bucket)
+    try:
+        source = _parted(store, tmp_path)
+        store.abandoned_after = timedelta(seconds=2)
+        s3.client.create_multipart_upload(Bucket=bucket, Key="elsewhere/idle.bin")
+        s3.client.create_multipart_upload(Bucket=bucket, Key="backups/begun.tar.gz")
+        idle = s3.client.create_multipart_upload(Bucket=bucket, Key="backups/idle.tar.gz")["UploadId"]
+        s3.client.upload_part(Bucket=bucket, Key="backups/idle.tar.gz", PartNumber=1, UploadId=idle, Body=b"part")
+        await asyncio.sleep(3)  # its part is older than abandoned_after (moto dates it to the second)
+        first_sent, go_on = asyncio.Event(), asyncio.Event()
+        upload_part = store._client.upload_part
+
+        async def paused_after_the_first(**kwargs: Any) -> Any:
+            if kwargs["PartNumber"] == 2:
+                first_sent.set()
+                await go_on.wait()
+            return await upload_part(**kwargs)
+
+        monkeypatch.setattr(store._client, "upload_part", paused_after_the_first)
+        live = asyncio.create_task(store.put_file("backups/index.tar.gz", source, "application/gzip"))
+        await first_sent.wait()
+        assert await store.remove_abandoned_writes("backups/") == 2
+        assert _uploads(s3, bucket) == {"elsewhere/idle.bin", "backups/index.tar.gz"}
+        assert await store.remove_abandoned_writes("backups/") == 0  # again, as another processor's sweep
+        go_on.set()
+        await live
+        assert await store.size("backups/index.tar.gz") == source.stat().st_size
+        assert _uploads(s3, bucket) == {"elsewhere/idle.bin"}
+    finally:
+        await store.close()
+
+
+async def test_an_upload_in_parts_gives_up_on_a_call_that_takes_longer_than_part_seconds(s3, tmp_path, monkeypatch):
+    """What keeps the sweep off an upload that goes on: each of its calls (a part, the completion) ends within
+    `part_seconds` of the last one, or the upload fails as the store being unavailable and is aborted, however
+    slowly the bytes still flow."""
+    bucket = s3.new_bucket()
+    store = await _connect(s3.endpoint, bucket)
+    try:
+        source = _parted(store, tmp_path)
+        store.part_seconds = 0.5
+        upload_part = store._client.upload_part
+
+        async def slow_second(**kwargs: Any) -> Any:
+            if kwargs["PartNumber"] == 2:
+                await asyncio.sleep(30)
+            return await upload_part(**kwargs)
+
+        monkeypatch.setattr(store._client, "upload_part", slow_second)
+        started = time.monotonic()
+        with pytest.raises(StorageUnavailableError, match=r"took over 0\.5 s"):
+            await store.put_file("backups/index.tar.gz", source, "application/gzip")
+        assert time.monotonic() - started < 5
+    finally:
+        await store.close()
+    assert _uploads(s3, bucket) == set()
+    assert s3.keys(bucket) == []
+
+
+async def test_the_local_store_s_sweep_removes_what_a_stopped_writer_left_in_staging(tmp_path, monkeypatch):
+    """The embedded store's leftovers of an interrupted write are its staging files: removed when a store is opened
+    (above), and by the sweep too, for a process that runs on."""
+    store = LocalStore(tmp_path / "store")
+    left = tmp_path / "store" / "tmp" / "tmpk2j3h4"
+    left.write_bytes(b"half a backup")
+    assert await store.remove_abandoned_writes("backups/") == 0
+    assert left.exists()  # recent: perhaps another process's write in progress
+    await asyncio.sleep(0.05)
+    monkeypatch.setattr(local, "STALE_STAGING_SECONDS", 0)
+    assert await store.remove_abandoned_writes("backups/") == 1
+    assert not left.exists()
+    await store.close()
 
 
 async def test_an_s3_download_longer_than_the_timeout_goes_through_while_bytes_flow(s3, tmp_path):

@@ -142,6 +142,12 @@ class ObjectStore(abc.ABC):
         """Objects whose key starts with prefix, in key order."""
 
     @abc.abstractmethod
+    async def remove_abandoned_writes(self, prefix: str) -> int:
+        """Remove what writes that never ended left in the store (an upload in parts under `prefix` whose process
+        stopped, or whose abort the store did not answer), never a write still going on; returns how many it
+        removed. Any process may run it at any time, several at once."""
+
+    @abc.abstractmethod
     async def presigned_get_url(self, key: str, ttl_seconds: int) -> str:
         """A URL that downloads the object without credentials until it expires."""
 

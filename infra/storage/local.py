@@ -11,6 +11,7 @@ Layout under the root directory:
                          not keep both `a` and `a.json/b`: the type file of the one was the folder the other's needed
     tmp/                 staging for atomic writes (same filesystem, then os.replace), and the replaced versions
                          of objects until they are unlinked; what a stopped process left there is removed an hour on
+                         (when a store opens, and by remove_abandoned_writes: the processors' hourly sweep)
     signing.key          HMAC secret for presigned URLs when URL_SIGNING_KEY is not set
 
 "Presigned" URLs are HMAC-signed, expiring paths that the API serves itself (GET /v1/files/<key>).
@@ -163,13 +164,24 @@ class LocalStore(ObjectStore):
             self._write_atomic(path, lambda fh: fh.write(secret))
             return secret
 
-    def _sweep_staging(self) -> None:
-        """Remove the staging files and set-aside versions that a process stopped mid-write left behind."""
+    def _sweep_staging(self) -> int:
+        """Remove the staging files and set-aside versions that a process stopped mid-write left behind; returns how
+        many."""
         cutoff = time.time() - STALE_STAGING_SECONDS
+        removed = 0
         for entry in os.scandir(self._tmp):
             with contextlib.suppress(OSError):  # gone meanwhile, or another process's: left as it is
                 if entry.is_file(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_ctime < cutoff:
                     os.unlink(entry.path)
+                    removed += 1
+        return removed
+
+    @_disk_errors
+    async def remove_abandoned_writes(self, prefix: str) -> int:
+        """As ObjectStore.remove_abandoned_writes: the staging files a process stopped mid-write left (as when a store
+        is opened), whatever their key; a staging file carries none, so `prefix` is only checked."""
+        validate_prefix(prefix)
+        return await asyncio.to_thread(self._sweep_staging)
 
     def _object_path(self, key: str) -> Path:
         return self._objects / _file_key(key)

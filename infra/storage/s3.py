@@ -6,10 +6,12 @@ import asyncio
 import contextlib
 import socket
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import structlog
 from aiobotocore.config import AioConfig
 from aiobotocore.httpsession import AIOHTTPSession
 from aiobotocore.session import get_session
@@ -58,6 +60,17 @@ def _total_size(content_range: str | None) -> int | None:
 
 
 PART_BYTES = 64 * 1024 * 1024
+# Each call of an upload in parts (its start, a part, its completion) ends within this long after the one before
+# ended, else the upload fails and is aborted: 64 MiB in an hour is 18 KiB/s, slower than any uplink a backup is
+# sent over. So an upload that goes on has begun or sent a part within the last two of these (a part's time may be
+# when its call began).
+PART_SECONDS = 3600.0
+# An incomplete upload in parts that has done nothing for this long, as the store's clock dates its start and parts,
+# is abandoned (its process stopped, or its abort went unanswered): two PART_SECONDS, and an hour for the store's
+# clock against this host's.
+ABANDONED_AFTER = timedelta(seconds=2 * PART_SECONDS) + timedelta(hours=1)
+
+log = structlog.get_logger(__name__)
 
 
 class _PoolBoundedSession(AIOHTTPSession):
@@ -92,6 +105,8 @@ def _stall_bounded(timeout_seconds: float) -> Callable[[tuple[Any, ...]], socket
 class S3Store(ObjectStore):
     name = "r2"
     part_bytes = PART_BYTES  # files larger than this go up in parts of this size (S3's minimum part: 5 MiB)
+    part_seconds = PART_SECONDS
+    abandoned_after = ABANDONED_AFTER
 
     def __init__(self, client: Any, bucket: str, stack: contextlib.AsyncExitStack) -> None:
         self._client = client
@@ -201,25 +216,97 @@ class S3Store(ObjectStore):
             raise self._translate(exc, key) from exc
 
     async def _put_parts(self, key: str, path: Path, content_type: str) -> None:
-        """A multipart upload: the object appears only when complete_multipart_upload succeeds."""
-        upload = await self._client.create_multipart_upload(Bucket=self.bucket, Key=key, ContentType=content_type)
+        """A multipart upload: the object appears only when complete_multipart_upload succeeds. Each call ends within
+        `part_seconds` of the one before, else the upload fails (StorageUnavailableError); a failed upload is aborted,
+        and one whose abort fails too (the store not answering) is left to remove_abandoned_writes."""
+        loop = asyncio.get_running_loop()
+        async with self._call_of(key, loop.time() + self.part_seconds):
+            upload = await self._client.create_multipart_upload(Bucket=self.bucket, Key=key, ContentType=content_type)
         upload_id = upload["UploadId"]
         try:
             parts = []
+            deadline = loop.time() + self.part_seconds
             with path.open("rb") as fh:
                 while chunk := await asyncio.to_thread(fh.read, self.part_bytes):
                     number = len(parts) + 1
-                    sent = await self._client.upload_part(
-                        Bucket=self.bucket, Key=key, PartNumber=number, UploadId=upload_id, Body=chunk
-                    )
+                    async with self._call_of(key, deadline):
+                        sent = await self._client.upload_part(
+                            Bucket=self.bucket, Key=key, PartNumber=number, UploadId=upload_id, Body=chunk
+                        )
                     parts.append({"ETag": sent["ETag"], "PartNumber": number})
-            await self._client.complete_multipart_upload(
-                Bucket=self.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
-            )
+                    deadline = loop.time() + self.part_seconds
+            async with self._call_of(key, deadline):
+                await self._client.complete_multipart_upload(
+                    Bucket=self.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
+                )
         except BaseException:
-            with contextlib.suppress(ClientError, BotoCoreError, OSError):
+            try:
                 await self._client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+            except (ClientError, BotoCoreError, OSError) as exc:
+                # its parts stay in the bucket until remove_abandoned_writes aborts it
+                log.warning("multipart_upload_left", key=key, upload_id=upload_id, error=str(self._translate(exc, key)))
             raise
+
+    @contextlib.asynccontextmanager
+    async def _call_of(self, key: str, deadline: float) -> AsyncIterator[None]:
+        """One call of an upload in parts, which must end by `deadline` (the event loop's clock), else the upload
+        fails: remove_abandoned_writes counts on it."""
+        try:
+            async with asyncio.timeout_at(deadline) as call:
+                yield
+        except TimeoutError as exc:
+            if not call.expired():
+                raise
+            raise StorageUnavailableError(
+                f"object store took over {self.part_seconds:g} s for a call of the upload in parts of {key!r}"
+            ) from exc
+
+    async def remove_abandoned_writes(self, prefix: str) -> int:
+        """Abort the incomplete uploads in parts under `prefix` that have done nothing for `abandoned_after`: neither
+        begun nor sent a part since, as the store dates them (ListMultipartUploads, ListParts). An upload that goes on
+        has begun or sent a part within two `part_seconds` (_put_parts), so it is never one of them; returns how many
+        it aborted."""
+        validate_prefix(prefix)
+        idle_since = datetime.now(tz=UTC) - self.abandoned_after
+        removed = 0
+        try:
+            uploads = self._client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=prefix)
+            abandoned = [
+                upload
+                async for page in uploads
+                for upload in page.get("Uploads", [])
+                if upload["Initiated"] < idle_since
+            ]
+            for upload in abandoned:
+                key, upload_id = upload["Key"], upload["UploadId"]
+                if await self._sent_a_part_since(key, upload_id, idle_since):
+                    continue
+                try:
+                    await self._client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+                except ClientError as exc:
+                    if str(exc.response.get("Error", {}).get("Code", "")) != "NoSuchUpload":
+                        raise
+                    continue  # aborted or completed meanwhile (another processor's sweep)
+                removed += 1
+                log.info(
+                    "multipart_upload_aborted", key=key, upload_id=upload_id, begun=upload["Initiated"].isoformat()
+                )
+        except (ClientError, BotoCoreError, OSError) as exc:
+            raise self._translate(exc, prefix) from exc
+        return removed
+
+    async def _sent_a_part_since(self, key: str, upload_id: str, since: datetime) -> bool:
+        """Whether the upload sent a part at or after `since`, as the store dates it (ListParts); False when it is
+        gone."""
+        pages = self._client.get_paginator("list_parts").paginate(Bucket=self.bucket, Key=key, UploadId=upload_id)
+        try:
+            async for page in pages:
+                if any(part["LastModified"] >= since for part in page.get("Parts", [])):
+                    return True
+        except ClientError as exc:
+            if str(exc.response.get("Error", {}).get("Code", "")) != "NoSuchUpload":
+                raise
+        return False
 
     async def get_file(self, key: str, path: Path) -> int:
         validate_key(key)

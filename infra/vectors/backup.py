@@ -49,6 +49,12 @@ _CHUNK = 1 << 20
 _ZEROS = bytes(_CHUNK)
 
 
+def archive_prefix(key: str) -> str:
+    """What the keys of the backups under `key` (IMAGE_SEARCH_DB_R2_KEY) begin with, the only objects this server
+    uploads in parts."""
+    return f"{key}."
+
+
 class IndexBackupError(RuntimeError):
     """A backup could not be made or restored; the message names the object and what to do."""
 

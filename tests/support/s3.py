@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -131,6 +132,41 @@ async def trickling(endpoint: str, chunk_bytes: int, pause_seconds: float) -> As
     server = await asyncio.start_server(serve, "127.0.0.1", 0)
     try:
         yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+@dataclasses.dataclass
+class Link:
+    endpoint: str = ""
+    cut: bool = False  # while set, nothing passes either way
+
+
+@contextlib.asynccontextmanager
+async def cuttable(endpoint: str) -> AsyncIterator[Link]:
+    """A proxy in front of an S3 server whose link can be cut: a network that drops every packet, so that a request
+    sent meanwhile never reaches the server (a frozen server still answers it once thawed). Yields the link."""
+    upstream = urlparse(endpoint)
+    link = Link()
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(1 << 16):
+                if not link.cut:
+                    writer.write(data)
+                    await writer.drain()
+        finally:
+            writer.close()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        upstream_reader, upstream_writer = await asyncio.open_connection(upstream.hostname, upstream.port)
+        await asyncio.gather(pipe(reader, upstream_writer), pipe(upstream_reader, writer), return_exceptions=True)
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    link.endpoint = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    try:
+        yield link
     finally:
         server.close()
         await server.wait_closed()
