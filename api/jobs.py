@@ -297,6 +297,9 @@ async def _start_job(
             raise
         _existing(existing, recorded, callback_url)
         return await _found(jobs, existing, wait or stream, services.settings.sync_timeout_seconds, gone)
+    except StorageUnavailableError as exc:  # the store may have taken the write without answering
+        services.withdrawals.owe(record, str(exc), remove=True)
+        raise
     if key is not None:
         await _clear_earlier_output(services, jobs, record)
     headers = record_headers(record, version)
@@ -307,7 +310,7 @@ async def _start_job(
         reply = await _publish(services, job_type, payload, job_id, wait, headers, gone)
     except BrokerUnavailableError as exc:
         # shielded: the withdrawal is written (or the job found accepted) even if the client leaves meanwhile
-        taken = await asyncio.shield(_withdraw(jobs, record, version, exc))
+        taken = await asyncio.shield(_withdraw(services, jobs, record, version, exc))
         if taken is None:
             raise
         return JobStart(taken, None)
@@ -326,9 +329,11 @@ async def _clear_earlier_output(services: Services, jobs: JobStore, record: JobR
     try:
         if await services.store.delete(output):
             log.info("earlier_output_deleted", job_id=record.job_id, key=output)
-    except StorageUnavailableError:
-        with contextlib.suppress(StorageUnavailableError):
+    except StorageUnavailableError as exc:
+        try:
             await jobs.delete(record.job_id)
+        except StorageUnavailableError:
+            services.withdrawals.owe(record, str(exc), remove=True)
         raise
 
 
@@ -342,13 +347,14 @@ def _starts_again(record: JobRecord) -> bool:
 
 
 async def _withdraw(
-    jobs: JobStore, record: JobRecord, version: str, failure: BrokerUnavailableError
+    services: Services, jobs: JobStore, record: JobRecord, version: str, failure: BrokerUnavailableError
 ) -> JobRecord | None:
     """After a failed publish: remove the record of a message that never left (nothing is left behind), or mark
     the job withdrawn when the message may still reach its queue (a processor then makes nothing of it), so the
     503 the client gets stays true. Both the mark and a processor's running mark are conditional on the version
     written before the publish: a processor that took the job first means it was accepted after all, and its
-    record comes back, to be answered as a job still running."""
+    record comes back, to be answered as a job still running. When the store does not answer, the withdrawal is
+    owed (api/withdrawals.py)."""
     try:
         if failure.unsent:
             await jobs.delete(record.job_id)
@@ -362,6 +368,7 @@ async def _withdraw(
             return taken
     except StorageUnavailableError as exc:  # the client still gets the broker's 503
         log.warning("job_not_withdrawn", job_id=record.job_id, error=str(exc))
+        services.withdrawals.owe(record, str(failure), remove=failure.unsent)
     return None
 
 

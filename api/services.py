@@ -19,6 +19,7 @@ from api.queries import QueryEncoder
 from api.replies import ReplyListener
 from api.resend import Resender
 from api.thumbnails import Thumbnails
+from api.withdrawals import Withdrawals
 from contract.imaging import configure_pixel_limit
 from contract.jobs import JobStore
 from infra.broker import Publisher
@@ -38,6 +39,7 @@ class Services:
     plumbing: Plumbing
     replies: ReplyListener
     resender: Resender
+    withdrawals: Withdrawals
     index: VectorIndex | None = None
     queries: QueryEncoder | None = None
     thumbnails: Thumbnails | None = None
@@ -83,6 +85,7 @@ class Services:
             plumbing,
             ReplyListener(plumbing.connection, plumbing.publisher),
             Resender(JobStore(plumbing.store, settings.job_record_ttl_days), plumbing.publisher),
+            Withdrawals(JobStore(plumbing.store, settings.job_record_ttl_days)),
             probes=probes,
             _owns_plumbing=own,
         )
@@ -126,6 +129,7 @@ class Services:
 
     async def stop(self) -> None:
         await self.resender.close()
+        await self.withdrawals.close()
         await self.replies.close()
         if self._owned_index is not None:
             await self._owned_index.close()

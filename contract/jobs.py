@@ -271,8 +271,9 @@ class JobStore:
         """Make the record's last write durable (one written with durable=False: see ObjectStore.flush)."""
         await self._store.flush(record_key(job_id))
 
-    async def delete(self, job_id: str) -> None:
-        await self._store.delete(record_key(job_id))
+    async def delete(self, job_id: str, *, if_match: str | None = None) -> None:
+        """Delete the record (only if still at version `if_match`, when given: else PreconditionFailedError)."""
+        await self._store.delete(record_key(job_id), if_match=if_match)
 
     async def stored(self, written_before: datetime | None = None) -> AsyncIterator[tuple[str, JobRecord, str]]:
         """Every readable record in the store with its key and version, expired ones included: one read per record,

@@ -15,6 +15,7 @@ import httpx
 from click.testing import CliRunner
 
 from contract.image_ids import thumbnail_key
+from contract.jobs import JOBS_PREFIX
 from contract.messages import IMAGE_GENERATE, IMAGE_INDEX
 from contract.metrics import REGISTRY
 from infra.settings import Settings
@@ -196,6 +197,13 @@ async def test_a_hung_store_is_a_503_within_its_timeout_and_the_server_recovers_
                 return (await server.client.get("/readyz")).status_code == 200
 
             await wait_until(ready, timeout=10)
+
+            def records() -> list[str]:
+                return [key for key in s3.keys(BUCKET) if key.startswith(JOBS_PREFIX)]
+
+            # the refused generation's queued record, which the frozen store took and wrote once thawed (the client
+            # had its 503, no message left): the API withdraws it once the store answers, and nothing is left
+            await wait_until(lambda: not records(), timeout=30, interval=0.5)
             again = await server.client.post("/v1/images/generate", json=generation("hung"))
             assert again.status_code == 200, again.text
             assert rabbit.queue_counts(env["VHOST"])["ams.dead"] == (0, 0)
