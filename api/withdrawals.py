@@ -83,6 +83,9 @@ class Withdrawals:
                     done = await self._withdraw(owed)
                 except StorageUnavailableError:
                     break  # still down: the next round tries again, from the first
+                except Exception:  # a store refusing for good (credentials, a policy): kept, and tried again
+                    log.exception("job_withdrawal_failed", job_id=job_id)
+                    break
                 if done and self._owed.get(job_id) is owed:
                     del self._owed[job_id]
 
