@@ -7,7 +7,10 @@
     ams-ops jobs list [--status S] [--type T] [--code C] [--updated-before WHEN] [--json]   job records, oldest first
     ams-ops jobs show ID                         one job record, as JSON
     ams-ops jobs cancel (ID... | --type T | --updated-before WHEN | --all) [--dry-run] [--yes]   cancel queued jobs
+    ams-ops jobs delete-output (ID... | --type T | --updated-before WHEN | --all) [--dry-run] [--yes]
+                                                 delete finished generations' outputs now
     ams-ops events watch [--type T] [--status S] [--json] [--count N] [--seconds S]   job ends as they happen
+    ams-ops callbacks send [URL] [--job-id ID] [--json]   POST a sample end to URL, or a finished job's end again
     ams-ops backfill --prefix P [--dry-run] [--api-url URL] [--json]   index images already in the bucket
     ams-ops backfill --thumbnails [--api-url URL] [--json]             make the missing thumbnails of indexed images
     ams-ops index stats [--json]                 the image index: points, graph, disk, backups
@@ -48,8 +51,8 @@ from processor.ops.cli.jobs import jobs
     commands=[dlq, jobs, backfill, events, callbacks, index],
 )
 def cli() -> None:
-    """Operate an AI model server deployment: inspect, replay and purge dead letters; list job records;
-    backfill, back up and restore the image index.
+    """Operate an AI model server deployment: inspect, replay and purge dead letters; list and cancel jobs,
+    delete their outputs; watch job events; send callbacks; backfill, back up and restore the image index.
 
     Settings come from the same environment as the server (AMQP_URL, AMQP_CONNECT_TIMEOUT_SECONDS,
     R2_*, LOCAL_STORAGE_DIR, ...).
