@@ -8,9 +8,12 @@ hangs writes when it answers again, and whose client, told 503, retries with a n
 which finds it). So such a record is owed a withdrawal: this process looks for it every ROUND_SECONDS, one store
 call per owed job while the store answers, and deletes it (or marks it withdrawn) conditionally on the version it
 read, as long as it is still the queued record the request wrote. One that changed meanwhile is left as it is: a
-processor took the job after all, or a retry with its Idempotency-Key made it its own. A record not there is looked
-for until the store has answered for ABSENT_FOR_SECONDS with it absent: a write the store took is made by then, or
-never.
+processor took the job after all, or a request made it its own. A record not there is looked for until the store has
+answered for ABSENT_FOR_SECONDS on end with it absent: a write the store took is made by then, or never.
+
+A job with an Idempotency-Key is not owed a withdrawal: it is its key's. The retry the 503 asked for finds its
+record, and sends its message if it never started (api/resend.py) or starts it afresh if it was withdrawn; a
+withdrawal racing that retry would take back a job the retry had just answered 202 for.
 
 What is owed lives in this process: one stopped meanwhile leaves its owed records queued, as one stopped between a
 record's write and its publish does (a retry with the Idempotency-Key sends such a job: api/resend.py; `ams-ops
@@ -50,10 +53,17 @@ class Withdrawals:
         self._jobs = jobs
         self._owed: dict[str, _Owed] = {}
         self._task: asyncio.Task[None] | None = None
+        self._closed = False
 
     def owe(self, record: JobRecord, reason: str, *, remove: bool) -> None:
         """Withdraw the queued `record` once the store answers: delete it (`remove`: its message never left) or mark
-        it withdrawn (its message may still reach its queue, where a processor then makes nothing of it)."""
+        it withdrawn (its message may still reach its queue, where a processor then makes nothing of it). A record
+        with an Idempotency-Key is left to its key's retries (see the module)."""
+        if record.idempotency_key is not None:
+            return
+        if self._closed:  # a request's shielded withdrawal that ended after the server stopped
+            log.warning("job_withdrawals_left", job_ids=[record.job_id])
+            return
         if len(self._owed) >= MAX_OWED:
             given_up = next(iter(self._owed))
             del self._owed[given_up]
@@ -69,6 +79,7 @@ class Withdrawals:
 
     async def close(self) -> None:
         """Stop; what is still owed is left (logged)."""
+        self._closed = True
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -81,11 +92,15 @@ class Withdrawals:
             for job_id, owed in list(self._owed.items()):
                 try:
                     done = await self._withdraw(owed)
-                except StorageUnavailableError:
-                    break  # still down: the next round tries again, from the first
-                except Exception:  # a store refusing for good (credentials, a policy): kept, and tried again
-                    log.exception("job_withdrawal_failed", job_id=job_id)
+                except (
+                    StorageUnavailableError
+                ):  # the next round tries again, and the store must answer a while on end anew
+                    for waiting in self._owed.values():
+                        waiting.absent_since = None
                     break
+                except Exception:  # a store refusing for good (credentials, a policy): given up, once
+                    log.exception("job_withdrawal_failed", job_id=job_id)
+                    done = True
                 if done and self._owed.get(job_id) is owed:
                     del self._owed[job_id]
 
