@@ -38,6 +38,7 @@ from infra.vectors.edge.layout import EngineLayout
 from infra.vectors.server import QdrantServerIndex
 from processor.runtime import Runtime
 from tests.support.amqp import wait_until
+from tests.support.server import running_server
 
 DIM = 16
 ROOT = Path(__file__).resolve().parent.parent
@@ -274,6 +275,79 @@ async def test_an_owner_refuses_an_engine_started_from_code_of_another_version(t
     with pytest.raises(VectorIndexUnavailableError, match=rf"speaks index protocol {spoken}, this server speaks"):
         await EdgeIndex.open(tmp_path, "images")
     assert await EdgeIndex.attach(tmp_path, "images") is None
+
+
+async def _killed_as_it_is_greeted(index: EdgeIndex) -> None:
+    """The engine dies (out of memory, a crash in native code) once it is ready, as the handshake begins."""
+    index._process.kill()
+    await index._process.wait()
+
+
+async def _gone_with_its_socket(index: EdgeIndex) -> None:
+    """The engine is gone, its socket too (it removes it when it stops on an error of its own)."""
+    await _killed_as_it_is_greeted(index)
+    index.layout.socket_path.unlink()
+
+
+async def _dropping_every_request(index: EdgeIndex) -> None:
+    """The engine runs, but drops the connection of the handshake and the one that asks it for a count."""
+
+    async def dropped(reader, writer, op):
+        return None
+
+    index._ask = dropped
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [_killed_as_it_is_greeted, _gone_with_its_socket, _dropping_every_request],
+    ids=["killed as it is greeted", "gone with its socket", "dropping every request"],
+)
+async def test_an_engine_that_fails_as_it_is_restarted_leaves_the_index_unavailable(tmp_path, monkeypatch, failure):
+    """The engine restarted after a crash dies (or drops the connection) before the handshake ends: the call fails
+    as the index being unavailable (a 503, a job retried), not as a bare connection error; the next call starts
+    another engine."""
+    records, vectors = _points(5)
+    index = await _open(tmp_path, build_points=0)
+    try:
+        await _fill(index, records, vectors)
+        handshake = EdgeIndex._handshake
+
+        async def failing(self, reader, writer):
+            monkeypatch.undo()
+            await failure(self)
+            return await handshake(self, reader, writer)
+
+        monkeypatch.setattr(EdgeIndex, "_handshake", failing)
+        os.kill(index.engine_pid, signal.SIGKILL)
+        await asyncio.sleep(0.3)
+        with pytest.raises(VectorIndexUnavailableError, match="as it started"):
+            await index.count()
+        vars(index).pop("_ask", None)  # the engine answers again
+        assert await index.count() == 5
+    finally:
+        await index.close()
+
+
+async def test_the_api_answers_503_when_the_restarted_engine_dies_at_the_handshake(make_settings, monkeypatch):
+    """Not a 500: the request is answered as the index being unavailable, and the next one restarts the engine."""
+    async with running_server(make_settings()) as server:
+        index = server.services.index
+        assert (await server.client.get("/v1/images")).status_code == 200
+        handshake = EdgeIndex._handshake
+
+        async def dying(self, reader, writer):
+            await _killed_as_it_is_greeted(self)
+            return await handshake(self, reader, writer)
+
+        monkeypatch.setattr(EdgeIndex, "_handshake", dying)
+        os.kill(index.engine_pid, signal.SIGKILL)
+        await asyncio.sleep(0.3)
+        response = await server.client.get("/v1/images")
+        monkeypatch.undo()
+        assert response.status_code == 503, response.text
+        assert response.json()["code"] == "index_unavailable"
+        assert (await server.client.get("/v1/images")).status_code == 200
 
 
 async def test_graph_builds_keep_results_exact_and_writes_made_meanwhile(tmp_path):

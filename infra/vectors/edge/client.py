@@ -1,8 +1,9 @@
 """The embedded index as seen by the server: a client of the engine process, which it starts and supervises.
 
 The owner (the server process) starts the engine, talks to it over its Unix socket and restarts it if it dies
-(calls in flight then fail with VectorIndexUnavailableError, which callers treat as transient). `attach()`
-connects to an engine another process owns (how `ams-ops` reaches a running server's index).
+(calls in flight then fail with VectorIndexUnavailableError, which callers treat as transient, as does a call whose
+restart fails: the next call starts another). `attach()` connects to an engine another process owns (how `ams-ops`
+reaches a running server's index).
 
 Every connection starts with a handshake: an engine that speaks another protocol version than this code (one
 still running the code from before an upgrade, or one restarted from code changed on disk under its server) is
@@ -190,6 +191,13 @@ class EdgeIndex(VectorIndex):
             await self._stop_process()
             self._refusal = str(exc)
             raise
+        except VectorIndexUnavailableError:
+            raise  # the handshake timed out: the next call stops this engine and starts another
+        except OSError as exc:
+            # it died, or dropped the connection, before the handshake ended: the next call starts another
+            raise VectorIndexUnavailableError(
+                f"the vector engine for {self.layout.root} stopped answering as it started: {exc}"
+            ) from exc
         return hello
 
     async def _connect(self) -> None:
