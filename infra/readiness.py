@@ -1,8 +1,8 @@
 """Readiness checks, shared by the API's and the processor's /readyz: each part answers "ok" or says what is wrong.
 
-/readyz is open (no API key), so what it says of a failing part is a short state ("unavailable", "refused", "no
-answer within 3 s", "not loaded"); the error behind a failed probe, which may name storage paths, buckets or hosts,
-goes to the log only (ReadinessLog).
+/readyz is open (no API key), so what it says of a failing part is a short state ("unavailable", "refused",
+"restart needed", "no answer within 3 s", "not loaded"); the error behind a failed probe, which may name storage
+paths, buckets or hosts, goes to the log only (ReadinessLog).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Any
 import structlog
 
 from infra.storage.base import StorageError, StorageUnavailableError
+from infra.vectors.base import EngineProtocolMismatchError
 
 log = structlog.get_logger(__name__)
 
@@ -41,13 +42,16 @@ class Failed(str):
 async def probe(check: Awaitable[None]) -> str:
     """ "ok" when `check` completes within the probe timeout, else a Failed state: "no answer within 3 s",
     "unavailable" (the part is down or unreachable; retrying may help), "refused" (the object store refuses this
-    server's requests for good: credentials, a bucket policy) or "error" (anything else)."""
+    server's requests for good: credentials, a bucket policy), "restart needed" (the embedded index's engine speaks
+    another protocol version: only restarting the server that owns the index helps) or "error" (anything else)."""
     try:
         async with asyncio.timeout(PROBE_TIMEOUT_SECONDS):
             await check
     except TimeoutError:
         waited = f"no answer within {PROBE_TIMEOUT_SECONDS} s"
         return Failed(waited, waited)
+    except EngineProtocolMismatchError as exc:
+        return Failed("restart needed", _described(exc))
     except (StorageUnavailableError, ConnectionError, OSError) as exc:
         return Failed("unavailable", _described(exc))
     except StorageError as exc:

@@ -350,6 +350,19 @@ async def test_the_api_answers_503_when_the_restarted_engine_dies_at_the_handsha
         assert (await server.client.get("/v1/images")).status_code == 200
 
 
+async def test_readyz_says_a_restart_is_needed_when_the_engine_speaks_another_protocol(make_settings, monkeypatch):
+    """Retrying does not help an owner that refuses its engine's protocol: /readyz says so by its own state."""
+    async with running_server(make_settings()) as server:
+        spoken = protocol.PROTOCOL_VERSION
+        monkeypatch.setattr(protocol, "PROTOCOL_VERSION", spoken + 1)
+        os.kill(server.services.index.engine_pid, signal.SIGKILL)
+        await asyncio.sleep(0.3)
+        ready = await server.client.get("/readyz")
+        monkeypatch.undo()
+        assert ready.status_code == 503
+        assert ready.json()["checks"]["qdrant"] == "restart needed"
+
+
 async def test_graph_builds_keep_results_exact_and_writes_made_meanwhile(tmp_path):
     records, vectors = _points(600, seed=1)
     index = await _open(tmp_path, build_points=0)

@@ -16,7 +16,7 @@ from api.services import Services
 from infra import readiness
 from infra.readiness import Failed, ReadinessLog, probe
 from infra.storage import StorageError, StorageUnavailableError
-from infra.vectors import VectorIndexUnavailableError
+from infra.vectors import EngineProtocolMismatchError, VectorIndexUnavailableError
 from launcher import OneProcess
 from processor.health import create_health_app
 from tests.support.images import encoded
@@ -96,6 +96,7 @@ async def test_readyz_says_a_failing_checks_state_and_logs_its_error_once(make_s
     [
         (StorageUnavailableError("bucket 'internal-bucket' does not exist"), "unavailable"),
         (VectorIndexUnavailableError("qdrant at http://10.0.0.7:6333 is unreachable"), "unavailable"),
+        (EngineProtocolMismatchError("the engine at /srv/index speaks index protocol 1, this 2"), "restart needed"),
         (StorageError("object store refused 'internal-bucket': AccessDenied (403)"), "refused"),
         (RuntimeError("unexpected at /srv/internal"), "error"),
     ],

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from infra.vectors.base import (
     EmbeddingModelMismatchError,
+    EngineProtocolMismatchError,
     ImageFilter,
     ImageRecord,
     IndexExistsError,
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "EmbeddingModelMismatchError",
+    "EngineProtocolMismatchError",
     "ImageFilter",
     "ImageRecord",
     "IndexExistsError",

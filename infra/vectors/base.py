@@ -18,6 +18,11 @@ class VectorIndexUnavailableError(ConnectionError):
     """The vector engine did not answer or failed; retrying may help."""
 
 
+class EngineProtocolMismatchError(VectorIndexUnavailableError):
+    """The embedded index's engine speaks another protocol version than this code: it answers again once the server
+    that owns the index is restarted (its engine then runs the code installed now); retrying does not help."""
+
+
 class EmbeddingModelMismatchError(RuntimeError):
     """The index was built with another embedding model; searching it would return garbage."""
 

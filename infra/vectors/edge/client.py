@@ -29,6 +29,7 @@ import structlog
 import infra
 from infra.vectors.base import (
     EmbeddingModelMismatchError,
+    EngineProtocolMismatchError,
     ImageFilter,
     ImageRecord,
     IndexExistsError,
@@ -53,11 +54,6 @@ WRITE_TIMEOUT_SECONDS = 120.0
 LONG_TIMEOUT_SECONDS = 24 * 3600.0
 _RESTART_PAUSE_SECONDS = 1.0
 _PROJECT = str(Path(infra.__file__).resolve().parent.parent)
-
-
-class EngineProtocolMismatchError(VectorIndexUnavailableError):
-    """The engine speaks another protocol version than this code: it answers again once the server that owns the
-    index is restarted (its engine then runs the code installed now)."""
 
 
 def _vector_bytes(vector: Sequence[float]) -> bytes:
