@@ -4,6 +4,7 @@ graph builds that keep results consistent, and the one-time import of a qdrant-c
 from __future__ import annotations
 
 import asyncio
+import errno
 import fcntl
 import os
 import re
@@ -601,3 +602,26 @@ async def test_a_second_server_on_the_same_directory_fails_start_up_with_one_lin
         assert await first.index.count() == 0
     finally:
         await first.close()
+
+
+async def test_an_engine_that_cannot_be_spawned_leaves_the_index_unavailable(tmp_path, monkeypatch):
+    """No process can be made for the restarted engine (EAGAIN: the host's process limit): the call fails as the
+    index being unavailable, and the next call starts one."""
+    records, vectors = _points(3)
+    index = await _open(tmp_path, build_points=0)
+    try:
+        await _fill(index, records, vectors)
+
+        async def no_process(*args, **kwargs):
+            raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
+
+        monkeypatch.setattr("infra.vectors.edge.client.asyncio.create_subprocess_exec", no_process)
+        os.kill(index.engine_pid, signal.SIGKILL)
+        await asyncio.sleep(0.3)
+        with pytest.raises(VectorIndexUnavailableError, match="could not be started"):
+            await index.count()
+        monkeypatch.undo()
+        await asyncio.sleep(1.0)  # past the pause between restarts
+        assert await index.count() == 3
+    finally:
+        await index.close()

@@ -142,19 +142,22 @@ class EdgeIndex(VectorIndex):
     async def _start_engine(self) -> p.Hello:
         self._last_start = time.monotonic()
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [_PROJECT, os.environ.get("PYTHONPATH")]))}
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "infra.vectors.edge.engine",
-            "--root",
-            str(self.layout.root),
-            "--build-points",
-            str(self._build_points),
-            *self._log_args,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            env=env,
-        )
+        try:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "infra.vectors.edge.engine",
+                "--root",
+                str(self.layout.root),
+                "--build-points",
+                str(self._build_points),
+                *self._log_args,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                env=env,
+            )
+        except OSError as exc:  # no process could be made (EAGAIN, ENOMEM): the next call tries again
+            raise VectorIndexUnavailableError(f"the vector engine could not be started: {exc}") from exc
         assert process.stdout is not None
         try:
             line = await asyncio.wait_for(process.stdout.readline(), START_TIMEOUT_SECONDS)
