@@ -16,7 +16,8 @@ REGISTRY = CollectorRegistry(auto_describe=True)
 
 JOB_OUTCOMES = Counter(
     "ams_jobs",
-    "Jobs settled by the processor, by type and outcome (succeeded, retried, dead_lettered, withdrawn, cancelled).",
+    "Jobs settled by the processor, by type and outcome (succeeded, retried, deferred: a redelivery waiting for a "
+    "run that lives on, dead_lettered, withdrawn, cancelled).",
     ["type", "outcome"],
     registry=REGISTRY,
 )

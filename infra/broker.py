@@ -92,6 +92,8 @@ REASON_HEADER = "x-ams-reason"
 ROUTING_KEY_HEADER = "x-ams-routing-key"
 FIRST_FAILURE_HEADER = "x-ams-first-failed-at"
 LAST_FAILURE_HEADER = "x-ams-last-failed-at"
+# what a redelivery deferred while its job's run lives on carries round the delay queue (processor/liveness.py)
+DEFERRAL_HEADER = "x-ams-deferral"
 # a piece of a streamed job's output on the reply queue: its AMQP type, and the header with its byte offset
 REPLY_PIECE = "reply.piece"
 OFFSET_HEADER = "x-ams-offset"

@@ -25,9 +25,10 @@ from infra.broker import Publisher, capability_of, declare_topology, topology_on
 from infra.storage import ObjectStore
 from models.errors import DeviceMemoryError
 from processor.announcer import Announcer
-from processor.deliveries import attempt, first_delivery, job_id, job_type, replayed
+from processor.deliveries import attempt, deferral, deferred, first_delivery, job_id, job_type, replayed, suspect
 from processor.handlers.base import Handler, Job, MakesOutputs
 from processor.interrupted_runs import INTERRUPTED, InterruptedRuns
+from processor.liveness import MAX_DEFERRED_SECONDS, Heartbeat, deferral_delay, new_processor_id
 from processor.outcomes import Failed, Outcome, SettledElsewhere, Settlement
 from processor.outputs import output_lost
 from processor.pieces import pieces_for
@@ -67,7 +68,11 @@ class Consumer:
         self._publisher = publisher
         self._store = store
         self._announcer = Announcer(publisher, store, events=announce)
-        self._settler = Settler(publisher, jobs, store, max_attempts, announcer=self._announcer)
+        self.processor = new_processor_id()
+        self._heartbeat = Heartbeat(store, self.processor)
+        self._settler = Settler(
+            publisher, jobs, store, max_attempts, announcer=self._announcer, processor=self.processor
+        )
         self._runs = InterruptedRuns(store, max_interrupted_runs)
         self._apart_types = frozenset(name for name, handler in self._handlers.items() if handler.apart)
         self._scheduler = self._new_scheduler(pipeline_depth, apart=False)
@@ -87,7 +92,7 @@ class Consumer:
             lanes=lanes,
             type_of=job_type,
             priority_of=lambda message: message.priority or 0,
-            suspect=lambda message: message.redelivered,
+            suspect=suspect,
             depth=depth,
             crashed=self._settler.hand_back,
         )
@@ -107,6 +112,7 @@ class Consumer:
         """Consume each capability's queue on a channel of its own, with a prefetch sized for its job types (so a
         full index prefetch never holds back an urgent generation), and the unrouted queue beside them."""
         await declare_topology(self._connection)
+        self._heartbeat.start()
         for scheduler in self._schedulers():
             scheduler.start()
         self._announcer.start()
@@ -119,7 +125,11 @@ class Consumer:
         queue = await self._queue_on_new_channel(1, None)
         prefetches[queue.name] = 1
         log.info(
-            "consumer_started", prefetch=prefetches, pipeline_depth=self._scheduler.depth, types=sorted(self._handlers)
+            "consumer_started",
+            processor=self.processor,
+            prefetch=prefetches,
+            pipeline_depth=self._scheduler.depth,
+            types=sorted(self._handlers),
         )
 
     async def _queue_on_new_channel(self, prefetch: int, capability: str | None) -> AbstractQueue:
@@ -139,6 +149,7 @@ class Consumer:
                 await queue.cancel(tag)
         self._consumers.clear()
         returned = sum(await asyncio.gather(*(scheduler.stop() for scheduler in self._schedulers())))
+        await self._heartbeat.stop()
         self._settler.forget_requeues()
         await self._announcer.stop()
         for channel in self._channels:
@@ -172,8 +183,10 @@ class Consumer:
         if not jobs:
             return
         handler = self._handlers[jobs[0][1].message_type]
-        structlog.contextvars.bind_contextvars(message_ids=[job.message_id for _, job in jobs])
         records: dict[str, Tracked] = {}
+        if await self._deferred(handler, jobs, records):
+            return
+        structlog.contextvars.bind_contextvars(message_ids=[job.message_id for _, job in jobs])
         started = asyncio.get_running_loop().time()
         interrupted = await self._interrupted(jobs)
         try:
@@ -184,9 +197,12 @@ class Consumer:
         finally:
             structlog.contextvars.unbind_contextvars("message_ids")
         elapsed = asyncio.get_running_loop().time() - started
-        for (message, job), outcome in zip(jobs, outcomes, strict=True):
-            settling = self._settler.settle(message, job, outcome, elapsed, records.get(job.message_id))
-            await self._settled(message, settling)
+        try:
+            for (message, job), outcome in zip(jobs, outcomes, strict=True):
+                settling = self._settler.settle(message, job, outcome, elapsed, records.get(job.message_id))
+                await self._settled(message, settling)
+        finally:
+            self._heartbeat.ended(tracked.mark for tracked in records.values())
         await asyncio.gather(
             *(self._ended(message, job.message_id, interrupted.get(job.message_id)) for message, job in jobs)
         )
@@ -209,18 +225,51 @@ class Consumer:
             if message.processed:
                 if interrupted is not None:
                     await self._runs.clear(message_id)
-            elif not message.redelivered:
+            elif not suspect(message):
                 await self._runs.finished(message_id, first=True)
             elif interrupted is not None and interrupted < self._runs.limit:
                 await self._runs.finished(message_id, first=False)
         except TRANSIENT_ERRORS as exc:
             log.warning("interrupted_runs_not_updated", message_id=message_id, error=str(exc))
 
+    async def _deferred(
+        self, handler: Handler, jobs: Sequence[tuple[AbstractIncomingMessage, Job]], records: dict[str, Tracked]
+    ) -> bool:
+        """Whether a suspect was deferred, before it is counted, as its job's run lives on (processor/liveness.py):
+        its record is not settled and lists the mark of a run whose processor lives, or has been looked at only once;
+        none past MAX_DEFERRED_SECONDS deferred in all. The record read for the look is left in `records` for the
+        run; a store that does not answer defers nothing (the run reads the record again, and fails as before)."""
+        message, job = jobs[0]
+        if len(jobs) != 1 or not suspect(message) or not _tracked(handler, message):
+            return False
+        earlier = deferral(message)
+        try:
+            tracked = await self._settler.tracker.load(job, replayed=replayed(message))
+            records[job.message_id] = tracked
+            if tracked.settled or (earlier is not None and earlier.seconds >= MAX_DEFERRED_SECONDS):
+                return False
+            look = await self._heartbeat.look(tracked.record.marks, earlier.seen if earlier is not None else {})
+        except TRANSIENT_ERRORS as exc:
+            log.warning("liveness_not_looked_at", message_id=job.message_id, error=str(exc))
+            return False
+        if not look.living:
+            return False
+        delay = deferral_delay()
+        log.info(
+            "delivered_again_while_running_elsewhere",
+            message_id=job.message_id,
+            running_on=list(look.living),
+            deferred_seconds=earlier.seconds if earlier is not None else 0.0,
+            delay_seconds=delay,
+        )
+        await self._settled(message, self._settler.defer(message, job, deferred(message, look.seen, delay), delay))
+        return True
+
     async def _interrupted(self, jobs: Sequence[tuple[AbstractIncomingMessage, Job]]) -> dict[str, int]:
         """A suspect's runs so far that no processor lived to finish (processor/interrupted_runs.py), this one
         counted unless it is not to run; {} for other deliveries (a suspect runs alone) or when the store is down."""
         message, job = jobs[0]
-        if len(jobs) != 1 or not message.redelivered:
+        if len(jobs) != 1 or not suspect(message):
             return {}
         try:
             interrupted = await self._runs.start(job.message_id)
@@ -253,13 +302,13 @@ class Consumer:
         for message, job in jobs:
             count = interrupted.get(job.message_id, 0)
             refusal = Failed(INTERRUPTED, self._runs.message(count)) if count >= self._runs.limit else None
-            if not (handler.always_record or (message.headers or {}).get(RECORD_HEADER)):
+            if not _tracked(handler, message):
                 if refusal is not None:
                     outcomes[job.message_id] = refusal
                 continue
             try:
                 carried = _carried(message, job)
-                tracked = carried or await tracker.load(job, replayed=replayed(message))
+                tracked = records.get(job.message_id) or carried or await tracker.load(job, replayed=replayed(message))
                 records[job.message_id] = tracked
                 if carried is not None and _waited(carried):
                     late.append(job.message_id)
@@ -275,6 +324,7 @@ class Consumer:
                     outcomes[job.message_id] = refusal
                 else:
                     marks[job.message_id] = tracker.mark_running(tracked, attempt(message))
+                    self._heartbeat.running(tracked.mark)
             except TRANSIENT_ERRORS as exc:
                 outcomes[job.message_id] = Failed("storage_unavailable", str(exc), transient=True)
         waiting = [message_id for message_id in late if message_id in marks]
@@ -334,6 +384,11 @@ class Consumer:
             pieces=pieces_for(message, self._publisher),
             attempt=attempt(message),
         )
+
+
+def _tracked(handler: Handler, message: AbstractIncomingMessage) -> bool:
+    """Whether the job has a record: its handler keeps one always, or its message asks for one."""
+    return handler.always_record or bool((message.headers or {}).get(RECORD_HEADER))
 
 
 def _outputs(handler: Handler, tracked: Tracked) -> tuple[str, ...]:

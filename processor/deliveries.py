@@ -1,12 +1,24 @@
-"""What a delivery says about its job: type, id, attempt number, whether an operator replayed it."""
+"""What a delivery says about its job: type, id, attempt number, whether an operator replayed it, whether it is a
+suspect (and a deferred one)."""
 
 from __future__ import annotations
 
+import msgspec
 from aio_pika.abc import AbstractIncomingMessage
 
 from contract.bucket_events import BUCKET_EVENT, event_message_id
-from infra.broker import ATTEMPTS_HEADER
+from infra.broker import ATTEMPTS_HEADER, DEFERRAL_HEADER
 from processor.ops.headers import REPLAYED_AT_HEADER
+
+
+class Deferral(msgspec.Struct):
+    """What a suspect deferred while its job's run lives on carries (processor/liveness.py): the attempt it was
+    deferred at, the seconds it has been deferred in all (the delay queues' times), and the heartbeat version it saw
+    of each processor its job's marks named."""
+
+    attempt: int
+    seconds: float
+    seen: dict[str, str] = msgspec.field(default_factory=dict)
 
 
 def attempt(message: AbstractIncomingMessage) -> int:
@@ -36,8 +48,34 @@ def job_id(message: AbstractIncomingMessage) -> str | None:
 
 
 def first_delivery(message: AbstractIncomingMessage) -> bool:
-    """Neither redelivered by the broker, nor a retry, nor an operator's replay: the message as it was published."""
-    return not message.redelivered and attempt(message) == 1 and not replayed(message)
+    """Neither a suspect, nor a retry, nor an operator's replay: the message as it was published."""
+    return not suspect(message) and attempt(message) == 1 and not replayed(message)
+
+
+def suspect(message: AbstractIncomingMessage) -> bool:
+    """Delivered again after an earlier delivery was not seen through (processor/interrupted_runs.py): redelivered by
+    the broker, or the deferred copy of such a delivery."""
+    return message.redelivered or deferral(message) is not None
+
+
+def deferral(message: AbstractIncomingMessage) -> Deferral | None:
+    """What a deferred copy of a suspect carries; None for any other delivery, including a retry or a dead letter of
+    one (its attempt moved on; a replay drops the header) and one whose header cannot be read."""
+    text = (message.headers or {}).get(DEFERRAL_HEADER)
+    if not isinstance(text, str):
+        return None
+    try:
+        found = msgspec.json.decode(text, type=Deferral)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    return found if found.attempt == attempt(message) else None
+
+
+def deferred(message: AbstractIncomingMessage, seen: dict[str, str], seconds: float) -> str:
+    """The deferral header of a copy of this delivery that waited `seconds` more and saw the heartbeats `seen`."""
+    earlier = deferral(message)
+    total = seconds + (earlier.seconds if earlier is not None else 0.0)
+    return msgspec.json.encode(Deferral(attempt(message), total, seen)).decode()
 
 
 def replayed(message: AbstractIncomingMessage) -> bool:

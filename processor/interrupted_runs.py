@@ -3,22 +3,28 @@ memory, a crash in native code, a fatal device error) is dead-lettered after MAX
 stopping every processor that takes it, one after the other, for ever.
 
 RabbitMQ marks a delivery `redelivered` when an earlier delivery of the message was not acknowledged: its processor
-died, lost its connection, or handed back what it had prefetched when it stopped. Such a delivery is a suspect: it
-runs alone, with nothing beside it (processor/scheduler.py), so that if it kills this processor too, nothing else
-goes down with it, and its count is raised in the object store before it runs (`processor/runs/<sha256 of the
-message id>.json`, so every processor of a fleet sees it). The first delivery is never counted (it may have died
-with the message, or only held it), so a suspect's interrupted runs are its stored count plus one, and one that
-reaches MAX_INTERRUPTED_RUNS is dead-lettered without running (code `interrupted`); an operator's replay
-(`ams-ops dlq replay`) runs it again once the cause is fixed.
+died, lost its connection, or handed back what it had prefetched when it stopped. Such a delivery is a suspect (as
+is the deferred copy of one, below): it runs alone, with nothing beside it (processor/scheduler.py), so that if it
+kills this processor too, nothing else goes down with it, and its count is raised in the object store before it
+runs (`processor/runs/<sha256 of the message id>.json`, so every processor of a fleet sees it). The first delivery
+is never counted (it may have died with the message, or only held it), so a suspect's interrupted runs are its
+stored count plus one, and one that reaches MAX_INTERRUPTED_RUNS is dead-lettered without running (code
+`interrupted`); an operator's replay (`ams-ops dlq replay`) runs it again once the cause is fixed.
 
 A run that ends on a processor that lives on was not interrupted, whether or not its acknowledgement reached RabbitMQ
 (a broker restart or a lost connection during a long job loses it, and the message comes again): once its message
 is acknowledged its count is removed; when it is not, the run takes its own part of the count back (`finished`): a
 suspect the run it added, a first delivery the one it is counted as without a write, down to -1 (then the next
-suspect counts none). A run still going on another processor (which lost its connection) has not ended, and nothing
-tells it from a dead one: a suspect counts it. Once MAX_INTERRUPTED_RUNS such runs go on at once the next delivery
-is refused, and its final failure takes their marks off (processor/tracking.py): the job ends failed `interrupted`,
-as the client is told everywhere, and a run that ends later finds it so and drops its output.
+suspect counts none). A run still going on a processor that lost its connection has not ended either, and its
+processor's heartbeat says so (processor/liveness.py): before it is counted, a suspect of a tracked job whose
+record lists the mark of a run that lives, or that it cannot tell yet, is deferred (sent round a delay queue, no
+attempt counted) and counts nothing, takes nothing back; it comes again until that run has ended (its record
+settled: acknowledged without running) or its processor is found dead (then counted and run). A deferred copy
+that is counted is a suspect like any other. What a heartbeat cannot tell still counts as before: an untracked job
+(no record, no marks), a run whose marks are of the earlier form, a processor whose heartbeat stalled for a round
+though it lives, a run deferred over MAX_DEFERRED_SECONDS. Should MAX_INTERRUPTED_RUNS such runs go on at once, the
+next delivery is refused, and its final failure takes their marks off (processor/tracking.py): the job ends failed
+`interrupted`, as the client is told everywhere, and a run that ends later finds it so and drops its output.
 
 A count can be left behind: a take-back lands after another delivery's acknowledgement removed the count (a first
 delivery's -1), or a removal the store did not take. Nothing reads it unless the message comes again, so the

@@ -28,6 +28,7 @@ from processor.handlers.image_index import ImageIndexHandler
 from processor.handlers.job_callback import CallbackHandler
 from processor.handlers.voice_generate import VoiceGenerateHandler
 from processor.interrupted_runs import InterruptedRuns
+from processor.liveness import sweep_heartbeats
 from processor.retrying import TRANSIENT_ERRORS
 from processor.runtime import Runtime
 
@@ -134,11 +135,11 @@ async def _expire_job_records(
     store: ObjectStore,
     uploads: str,
 ) -> None:
-    """Delete expired job records (JOB_RECORD_TTL_DAYS, `kept`), generated outputs past OUTPUT_TTL_DAYS, and counts of
-    interrupted runs left behind longer than `kept` (processor/interrupted_runs.py), and remove what writes under
-    `uploads` (the index backups' keys) left in the store when they never ended (ObjectStore.remove_abandoned_writes),
-    a minute after start and then once an hour; any processor may: deletes and aborts are idempotent and the records'
-    writes conditional."""
+    """Delete expired job records (JOB_RECORD_TTL_DAYS, `kept`), generated outputs past OUTPUT_TTL_DAYS, counts of
+    interrupted runs left behind longer than `kept` (processor/interrupted_runs.py) and heartbeats no longer written
+    (processor/liveness.py), and remove what writes under `uploads` (the index backups' keys) left in the store when
+    they never ended (ObjectStore.remove_abandoned_writes), a minute after start and then once an hour; any processor
+    may: deletes and aborts are idempotent and the records' writes conditional."""
     wait = SWEEP_FIRST_AFTER_SECONDS
     while True:
         await asyncio.sleep(wait)
@@ -147,6 +148,7 @@ async def _expire_job_records(
         try:
             swept = await jobs.sweep(output_ttl_days)
             counts = await runs.sweep(kept)
+            heartbeats = await sweep_heartbeats(store)
         except TRANSIENT_ERRORS as exc:
             log.warning("job_record_sweep_failed", error=str(exc))
             continue
@@ -159,6 +161,8 @@ async def _expire_job_records(
             log.info("job_outputs_expired", removed=swept.outputs)
         if counts:
             log.info("interrupted_runs_expired", removed=counts)
+        if heartbeats:
+            log.info("heartbeats_expired", removed=heartbeats)
 
 
 async def _remove_abandoned_writes(store: ObjectStore, prefix: str) -> None:

@@ -7,6 +7,8 @@
     failed, transient    -> record, copy to a delayed retry queue with attempts + 1 (confirmed; the queue waits at
                             least the failure's retry_after), ack;
                             after MAX_ATTEMPTS, dead-lettered instead
+    deferred             -> copy to a delay queue, no attempt counted (confirmed), ack: a redelivery whose job's run
+                            lives on elsewhere (processor/liveness.py)
     withdrawn            -> ack (the API withdrew the job: its record says so, and nobody waits for it)
     cancelled            -> reply (the job's error, to a requester still waiting), announce, ack (its client
                             cancelled it)
@@ -45,6 +47,7 @@ from contract.jobs import CANCELLED, RECORD_HEADER, JobRecord, JobStore, called_
 from contract.messages import JOB_TYPES, JSON, MSGPACK, JobReply, encode
 from infra.broker import (
     ATTEMPTS_HEADER,
+    DEFERRAL_HEADER,
     FIRST_FAILURE_HEADER,
     LAST_FAILURE_HEADER,
     REASON_CODE_HEADER,
@@ -93,11 +96,13 @@ class Settler:
         max_attempts: int,
         *,
         announcer: Announcer | None = None,
+        processor: str | None = None,
     ) -> None:
+        """`processor`: the id this processor's running marks name (processor/liveness.py)."""
         self._publisher = publisher
         self._announcer = announcer
         self._store = store
-        self.tracker = JobTracker(jobs)
+        self.tracker = JobTracker(jobs, processor)
         self._max_attempts = max_attempts
         self._requeues: dict[int, asyncio.TimerHandle] = {}
         self._nacks: set[asyncio.Task[None]] = set()
@@ -274,6 +279,25 @@ class Settler:
             attempt=number,
             delay_seconds=delay,
         )
+
+    async def defer(self, message: AbstractIncomingMessage, job: Job, deferral: str, delay: int) -> None:
+        """Send a suspect whose job's run lives on elsewhere round the delay queue of `delay` seconds, carrying
+        `deferral` (its deferral header: processor/liveness.py), with no attempt counted, then ack it. When the broker
+        does not take the copy, the delivery is handed back, and comes again."""
+        try:
+            await self._publisher.republish(
+                message,
+                to_dead_letters=False,
+                message_id=job.message_id,
+                message_type=job.message_type,
+                headers={DEFERRAL_HEADER: deferral, RETRY_DELAY_HEADER: str(delay)},
+            )
+        except BrokerUnavailableError:
+            log.warning("deferral_publish_failed", message_id=job.message_id)
+            self._requeue_later(message)
+            return
+        await self._ack(message)
+        metrics.job_settled(job.message_type, "deferred")
 
     async def dead_letter(self, message: AbstractIncomingMessage, code: str, text: str, attempts: int = 1) -> bool:
         """Move the message to the dead-letter queue (confirmed), tell a waiting requester, then ack it.

@@ -12,15 +12,18 @@ DELETE, conditional on the version it read, wins over the remake's, and the rema
 Two deliveries of a job may run at once (a resend, a redelivery after a lost channel): the record lists the running
 mark of each (`JobRecord.marks`, oldest first), and a failure takes only its own delivery's mark off. The job goes
 back to `queued` (or to `failed`) only when no other mark is left; else it stays `running`, and the delivery still
-running settles the record. Nothing tells a mark whose processor died from one whose delivery still runs, so a final
-failure also takes off the marks older than its own: their deliveries ended, or are taken for dead as RabbitMQ takes
-them (it delivered the message again), and a job is never left `running` for good by a processor that died. The
-price: a retry whose record still lists a dead processor's mark waits as `running`, not `queued`, until it runs; and
-a final failure of the newer of two deliveries running at once fails the job, whose other run's output is then
-dropped (processor/outputs.py, drop_unrecorded). A delivery taken for dead that was not (its mark taken off, its
-processor alive) records no failure of its own: the record is another run's by then (a newer delivery's, or that of
-a replay or of a request starting the job afresh with its Idempotency-Key), which its late failure must not fail or
-put back to `queued`.
+running settles the record. A mark names the processor that wrote it (`<processor id>.<uuid hex>`; one of the
+earlier form, a bare uuid, names none), whose heartbeat tells a redelivery whether that run lives
+(processor/liveness.py): one that does is waited for, not run beside it. The record itself is not told: a mark whose
+processor died stays listed, so a final failure also takes off the marks older than its own: their deliveries
+ended, or are taken for dead as RabbitMQ takes them (it delivered the message again, and its redelivery found them
+dead or waited past its bound), and a job is never left `running` for good by a processor that died. The price: a
+retry whose record still lists a dead processor's mark waits as `running`, not `queued`, until it runs; and a final
+failure of the newer of two deliveries running at once fails the job, whose other run's output is then dropped
+(processor/outputs.py, drop_unrecorded). A delivery taken for dead that was not (its mark taken off, its processor
+alive) records no failure of its own: the record is another run's by then (a newer delivery's, or that of a replay
+or of a request starting the job afresh with its Idempotency-Key), which its late failure must not fail or put back
+to `queued`.
 
 The running mark is written beside the work, not before it (`mark_running`): the model starts at once, and the
 job waits for the mark only before its first lasting side effect (an output stored, a point written), so a job
@@ -45,6 +48,7 @@ from contract.errors import ErrorInfo
 from contract.jobs import FINISHED, JobRecord, JobStore, called_off, now_iso, record_params
 from infra.storage import PreconditionFailedError, StorageUnavailableError
 from processor.handlers.base import Job
+from processor.liveness import new_processor_id
 from processor.outcomes import Failed, Succeeded
 from processor.retrying import retry_transient
 
@@ -76,8 +80,10 @@ class Tracked:
 
 
 class JobTracker:
-    def __init__(self, jobs: JobStore) -> None:
+    def __init__(self, jobs: JobStore, processor: str | None = None) -> None:
+        """`processor`: the id this processor's running marks name (processor/liveness.py; a new one when None)."""
         self._jobs = jobs
+        self.processor = processor or new_processor_id()
 
     async def load(self, job: Job, *, replayed: bool = False) -> Tracked:
         """The job's record, or a new one for a job that arrived without one (e.g. from an upstream system)."""
@@ -90,8 +96,9 @@ class JobTracker:
         """Start writing the running mark beside the work; the next write of this record waits for it, and so does
         the job before its first lasting side effect (Job.still_wanted). The task's result: True when written,
         False when the stored record turned out settled (withdrawn by the API, or finished by another delivery:
-        then `tracked` holds that and nothing was written). The mark is added to those the record lists."""
-        mark = tracked.mark = uuid.uuid4().hex
+        then `tracked` holds that and nothing was written). The mark, `<processor id>.<uuid hex>`, is added to those
+        the record lists."""
+        mark = tracked.mark = f"{self.processor}.{uuid.uuid4().hex}"
         tracked.marking = asyncio.create_task(
             self._mark(tracked, _running(attempt, mark)), name=f"running-{tracked.record.job_id}"
         )

@@ -1,16 +1,19 @@
 """A processor that loses its connection to RabbitMQ (closed by the broker here, as a broker restart closes it) lives
 on and finishes the run it had; only its acknowledgement is lost, and the message comes again marked redelivered.
 Such a run was not interrupted (processor/interrupted_runs.py): a job run across MAX_INTERRUPTED_RUNS lost
-connections is not dead-lettered as `interrupted`. The job is a callback to a receiver on loopback that holds each
-POST until the test lets it go: a slow job whose runs the test sees and ends one by one."""
+connections is not dead-lettered as `interrupted`. The slow jobs: a callback to a receiver on loopback that holds
+each POST until the test lets it go (an untracked job, which runs again), and a generation whose model call the test
+holds (a tracked job, whose redelivery waits for the living run: processor/liveness.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import json
 import os
 import threading
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -22,8 +25,10 @@ from contract.callbacks import JOB_CALLBACK, JobCallbackV1
 from contract.events import job_finished
 from contract.jobs import JobStore
 from contract.messages import IMAGE_GENERATE
+from contract.metrics import REGISTRY
 from infra.settings import Settings
 from infra.storage.local import LocalStore
+from processor import liveness
 from processor.consumer import Consumer
 from processor.interrupted_runs import InterruptedRuns, runs_key
 from processor.runtime import Runtime
@@ -32,6 +37,7 @@ from tests.support.amqp import drain, publish, wait_until
 from tests.support.rabbitmq import RabbitNode
 
 QUEUE = "ams.callback"
+DEFERRED = {"type": IMAGE_GENERATE, "outcome": "deferred"}
 
 
 class HeldReceiver:
@@ -107,9 +113,9 @@ def _holder(rabbit: RabbitNode, vhost: str) -> str | None:
     return None
 
 
-def _consumers(rabbit: RabbitNode, vhost: str) -> int:
+def _consumers(rabbit: RabbitNode, vhost: str, queue: str = QUEUE) -> int:
     out = rabbit.ctl("list_consumers", "-p", vhost, "queue_name").stdout
-    return sum(1 for line in out.splitlines() if line.strip() == QUEUE)
+    return sum(1 for line in out.splitlines() if line.strip() == queue)
 
 
 async def _lose_connection(rabbit: RabbitNode, vhost: str, lost: set[str]) -> None:
@@ -164,6 +170,131 @@ async def test_a_job_run_across_lost_connections_is_not_dead_lettered_as_interru
         state = await read_state(runtime.store, record.job_id)
         assert state is not None and state.state == "delivered"
         assert not await runtime.store.exists(runs_key(event.event_id))
+
+
+class HeldModel:
+    """Stands in front of each processor's image model: counts the generations asked of it, and holds each until
+    the test releases them all."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.calls = 0
+        self.released = threading.Event()
+
+    def hold(self, runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
+        generate = runtime.generator.generate
+
+        def held(*args: object, **kwargs: object) -> bytes:
+            with self._lock:
+                self.calls += 1
+            self.released.wait(60)
+            return generate(*args, **kwargs)
+
+        monkeypatch.setattr(runtime.generator, "generate", held)
+
+
+def _deferred() -> float:
+    return REGISTRY.get_sample_value("ams_jobs_total", DEFERRED) or 0
+
+
+async def test_a_redelivery_while_the_run_lives_is_deferred_not_run_again(make_env, rabbit, monkeypatch):
+    """MAX_INTERRUPTED_RUNS=2, two processors. The first runs a generation, held; its connection is lost, and the other
+    takes the message again: the first run lives (its heartbeat goes on), so the redelivery is neither run nor counted
+    but deferred, and deferred again when it comes back; nor does it run after every connection is lost once more (a
+    broker restart). Once the held run ends the job has succeeded once: one model call, one image, nothing
+    dead-lettered, no count of interrupted runs left."""
+    monkeypatch.setattr(liveness, "HEARTBEAT_SECONDS", 0.5)
+    env = make_env(
+        IMAGE_ENABLED="1",
+        IMAGE_SEARCH_ENABLED="0",
+        PROCESSOR_CAPABILITIES="image",
+        JOB_EVENTS_ENABLED="0",
+        MAX_INTERRUPTED_RUNS="2",
+    )
+    settings, vhost = Settings.from_env(env), env["VHOST"]
+    held = HeldModel()
+    async with processor(settings) as (runtime, first), processor(settings) as (other, second):
+        held.hold(runtime, monkeypatch)
+        held.hold(other, monkeypatch)
+        try:
+            job = await _held_across_lost_connections(rabbit, vhost, runtime, held)
+        finally:
+            held.released.set()
+        jobs = JobStore(runtime.store, 7)
+        await wait_until(lambda: _status_is(jobs, job, "succeeded"))
+        await wait_until(lambda: not any(sum(counts) for counts in rabbit.queue_counts(vhost).values()))
+        await wait_until(lambda: first.idle and second.idle)
+        assert held.calls == 1
+        assert await drain(settings.amqp_url, "ams.dead", 1.0) == []
+        record = await jobs.get(job)
+        assert record is not None and (record.status, record.marks) == ("succeeded", [])
+        assert await runtime.store.exists(f"images/generated/{job}.png")
+        assert not await runtime.store.exists(runs_key(job))
+
+
+async def _held_across_lost_connections(rabbit: RabbitNode, vhost: str, runtime: Runtime, held: HeldModel) -> str:
+    """Publish a generation and lose the connection of the processor running it (held), then every connection; the
+    job's id, once the redelivery is seen neither run again nor counted."""
+    before = _deferred()
+    job = await publish(runtime.settings.amqp_url, IMAGE_GENERATE, {"prompt": "held", "width": 64, "height": 64})
+    await wait_until(lambda: held.calls == 1 and rabbit.queue_counts(vhost)["ams.image"] == (0, 1))
+    holder = _holder(rabbit, vhost)
+    assert holder is not None
+    rabbit.ctl("close_connection", holder, "test: connection lost")
+    await wait_until(lambda: _deferred() - before >= 2 or held.calls > 1)  # looked at, then found alive
+    assert held.calls == 1
+    await wait_until(lambda: _consumers(rabbit, vhost, "ams.image") == 2, timeout=60)
+    deferred = _deferred()
+    for connection in rabbit.ctl("list_connections", "-p", vhost, "pid").stdout.split():
+        rabbit.ctl("close_connection", connection, "test: broker restart", check=False)
+    await wait_until(lambda: _consumers(rabbit, vhost, "ams.image") == 2, timeout=60)
+    # deferred again, or waiting behind the first's own run once it took it back
+    await wait_until(
+        lambda: _deferred() > deferred or rabbit.queue_counts(vhost)["ams.image"] == (0, 1) or held.calls > 1
+    )
+    assert held.calls == 1
+    assert not await runtime.store.exists(runs_key(job))  # nothing counted
+    return job
+
+
+async def _status_is(jobs: JobStore, job_id: str, status: str) -> bool:
+    record = await jobs.get(job_id)
+    return record is not None and record.status == status
+
+
+async def test_a_run_lives_while_its_heartbeat_changes_and_lists_its_mark(tmp_path, monkeypatch):
+    """The looks a suspect makes (processor/liveness.py): the first at a processor cannot tell; a heartbeat changed
+    since and listing the mark lives; one no longer listing it, unchanged, or missing does not. A mark of the looking
+    processor lives while its run is in hand there, with nothing read; a bare uuid (a mark of the earlier form) names
+    no processor."""
+    monkeypatch.setattr(liveness, "HEARTBEAT_SECONDS", 0.05)
+    store = LocalStore(tmp_path / "store")
+    there, here = liveness.Heartbeat(store, "a1"), liveness.Heartbeat(store, "b2")
+    there.start()
+    try:
+        there.running("a1.0")
+        there.running("a1.1")
+        await wait_until(lambda: store.exists(liveness.heartbeat_key("a1")))
+        first = await here.look(["a1.0", "a1.1"], {})
+        assert first.living == ("a1",)
+        await asyncio.sleep(0.2)
+        again = await here.look(["a1.0"], first.seen)
+        assert again.living == ("a1",) and again.seen != first.seen
+        there.ended(["a1.1"])
+        await asyncio.sleep(0.2)
+        assert (await here.look(["a1.1"], again.seen)).living == ()  # changed, but its run ended
+        there.ended(["a1.0"])
+        await asyncio.sleep(0.2)
+        idle = await here.look(["a1.0"], {})
+        await asyncio.sleep(0.2)
+        assert (await here.look(["a1.0"], idle.seen)).living == ()  # not written since
+    finally:
+        await there.stop()
+    assert (await here.look(["a1.0"], {})).living == ()  # deleted on stop
+    here.running("b2.0")
+    assert (await here.look(["b2.0", uuid.uuid4().hex], {})).living == ("b2",)
+    here.ended(["b2.0"])
+    assert (await here.look(["b2.0"], {})).living == ()
 
 
 async def test_a_run_that_ended_takes_its_own_count_back(tmp_path):

@@ -18,6 +18,7 @@ from infra.storage import ObjectStore, StoredObject, open_store
 from infra.storage.local import LocalStore
 from processor import service
 from processor.interrupted_runs import InterruptedRuns, runs_key
+from processor.liveness import heartbeat_key
 from processor.runtime import Runtime
 from processor.service import build_consumer
 from tests.support.amqp import drain, publish, wait_until
@@ -116,6 +117,8 @@ async def test_a_message_whose_processor_is_killed_each_time_is_dead_lettered_at
     survivor = await publish(env["AMQP_URL"], IMAGE_GENERATE, BODY)
     third = _start_processor(env, log_path)
     try:
+        # the message is dead-lettered once the third processor finds the second dead, after a deferral
+        await wait_until(lambda: rabbit.queue_counts(vhost)["ams.dead"][0] == 1, timeout=90)
         await wait_until(lambda: rabbit.queue_counts(vhost)["ams.image"] == (0, 0), timeout=90)
     finally:
         third.send_signal(signal.SIGTERM)
@@ -172,14 +175,21 @@ async def test_counts_left_behind_are_swept_once_past_the_job_record_ttl(tmp_pat
 
 
 async def test_a_processor_sweeps_the_counts_left_behind(make_env, monkeypatch):
+    """And the heartbeats of processors gone for over a day (processor/liveness.py), not a fresh one."""
     monkeypatch.setattr(service, "SWEEP_FIRST_AFTER_SECONDS", 0.5)
     env = make_env(JOB_RECORD_TTL_DAYS="7")
     settings = Settings.from_env(env)
+    written = LocalStore(settings.local_storage_dir)  # before the processor starts: its first sweep comes at once
+    await _left_behind(written, settings.local_storage_dir, "left-behind", 8)
+    for processor, days in (("gone", 2.0), ("fresh", 0.5)):
+        body = b'{"processor": "%s"}' % processor.encode()
+        await written.put(heartbeat_key(processor), body, "application/json")
+        written_days_ago(settings.local_storage_dir, heartbeat_key(processor), days)
     async with running_server(settings) as server:
         store = server.services.store
-        await _left_behind(store, settings.local_storage_dir, "left-behind", 8)
 
         async def swept() -> bool:
-            return not await store.exists(runs_key("left-behind"))
+            return not await store.exists(runs_key("left-behind")) and not await store.exists(heartbeat_key("gone"))
 
         await wait_until(swept, timeout=30)
+        assert await store.exists(heartbeat_key("fresh"))

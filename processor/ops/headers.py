@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from infra.broker import (
     ATTEMPTS_HEADER,
+    DEFERRAL_HEADER,
     FIRST_FAILURE_HEADER,
     LAST_FAILURE_HEADER,
     LEGACY_RETRY_DELAY_HEADER,
@@ -29,5 +30,6 @@ __all__ = [
 
 REPLAYED_AT_HEADER = "x-ams-replayed-at"
 
-# dropped from a replayed copy so the job starts over with its full number of attempts
-NOT_REPLAYED_HEADERS = frozenset({ATTEMPTS_HEADER, RETRY_DELAY_HEADER, LEGACY_RETRY_DELAY_HEADER})
+# dropped from a replayed copy so the job starts over with its full number of attempts, and not as a deferred
+# redelivery (processor/liveness.py)
+NOT_REPLAYED_HEADERS = frozenset({ATTEMPTS_HEADER, RETRY_DELAY_HEADER, LEGACY_RETRY_DELAY_HEADER, DEFERRAL_HEADER})
