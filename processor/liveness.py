@@ -43,7 +43,13 @@ import structlog
 
 from contract.jobs import SWEEP_LEEWAY, now_iso
 from infra.broker import retry_delay
-from infra.storage import ObjectNotFoundError, ObjectStore, PreconditionFailedError
+from infra.storage import (
+    ObjectNotFoundError,
+    ObjectStore,
+    PreconditionFailedError,
+    StorageError,
+    StorageUnavailableError,
+)
 from processor.retrying import TRANSIENT_ERRORS
 
 log = structlog.get_logger(__name__)
@@ -148,7 +154,7 @@ class Heartbeat:
                 durable=False,
                 background=True,
             )
-        except TRANSIENT_ERRORS as exc:
+        except (StorageError, *TRANSIENT_ERRORS) as exc:  # down, or refusing: it beats again, and says so each time
             log.warning("heartbeat_not_written", processor=self.processor, error=str(exc))
 
     async def look(self, marks: Sequence[str], seen: Mapping[str, str]) -> Look:
@@ -173,11 +179,16 @@ class Heartbeat:
         return Look(tuple(living), {processor: found[0] for processor, found in beats.items() if found is not None})
 
     async def _read(self, processor: str) -> tuple[str, Beat] | None:
-        """A processor's heartbeat and its version; None when there is none (or it cannot be read: a write cut short
-        on a local disk)."""
+        """A processor's heartbeat and its version; None when there is none, or it cannot be read (a write cut short
+        on a local disk, a store refusing the read)."""
         try:
             stored = await self._store.get(heartbeat_key(processor))
         except ObjectNotFoundError:
+            return None
+        except StorageUnavailableError:
+            raise
+        except StorageError as exc:  # refused for good: no run can be told alive, as before there were heartbeats
+            log.warning("heartbeat_not_read", processor=processor, error=str(exc))
             return None
         try:
             return stored.etag, msgspec.json.decode(stored.data, type=Beat)
