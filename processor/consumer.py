@@ -22,7 +22,7 @@ from contract.bucket_events import BUCKET_EVENT, parse_bucket_event
 from contract.jobs import RECORD_HEADER, JobStore, age_seconds, queued_record
 from contract.messages import ContractError, decode_job
 from infra.broker import Publisher, capability_of, declare_topology, topology_on
-from infra.storage import ObjectStore
+from infra.storage import ObjectStore, StorageError
 from models.errors import DeviceMemoryError
 from processor.announcer import Announcer
 from processor.deliveries import attempt, deferral, deferred, first_delivery, job_id, job_type, replayed, suspect
@@ -238,7 +238,8 @@ class Consumer:
         """Whether a suspect was deferred, before it is counted, as its job's run lives on (processor/liveness.py):
         its record is not settled and lists the mark of a run whose processor lives, or has been looked at only once;
         none past MAX_DEFERRED_SECONDS deferred in all. The record read for the look is left in `records` for the
-        run; a store that does not answer defers nothing (the run reads the record again, and fails as before)."""
+        run; a store that does not answer, or refuses, defers nothing (the run reads the record again, and fails as
+        before)."""
         message, job = jobs[0]
         if len(jobs) != 1 or not suspect(message) or not _tracked(handler, message):
             return False
@@ -249,7 +250,7 @@ class Consumer:
             if tracked.settled or (earlier is not None and earlier.seconds >= MAX_DEFERRED_SECONDS):
                 return False
             look = await self._heartbeat.look(tracked.record.marks, earlier.seen if earlier is not None else {})
-        except TRANSIENT_ERRORS as exc:
+        except (StorageError, *TRANSIENT_ERRORS) as exc:  # down or refusing: the run reads the record again
             log.warning("liveness_not_looked_at", message_id=job.message_id, error=str(exc))
             return False
         if not look.living:

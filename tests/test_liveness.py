@@ -1,16 +1,24 @@
 """Heartbeats on a store that refuses them for good (a token scoped to other prefixes, a bucket policy): the
-heartbeat keeps beating and says so, and a look that cannot read one finds no living run, as before processors
-had heartbeats (processor/liveness.py). The looks themselves: tests/test_connection_losses.py."""
+heartbeat keeps beating and says so, a look that cannot read one finds no living run, as before processors had
+heartbeats, and a redelivery whose record cannot be read is not deferred (processor/liveness.py). The looks
+themselves: tests/test_connection_losses.py."""
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 import structlog
 
+from contract.messages import IMAGE_GENERATE
+from infra.broker import DEFERRAL_HEADER
 from infra.storage import StorageError
 from infra.storage.local import LocalStore
 from processor import liveness
-from tests.support.amqp import wait_until
+from processor.deliveries import Deferral
+from processor.runtime import Runtime
+from processor.service import build_consumer
+from processor.tracking import JobTracker
+from tests.support.amqp import drain, publish, wait_until
 
 
 @pytest.fixture
@@ -58,3 +66,37 @@ async def test_a_heartbeat_that_cannot_be_read_is_no_living_run(store, monkeypat
     finally:
         monkeypatch.undo()
         await there.stop()
+
+
+async def test_a_suspect_whose_record_read_is_refused_fails_as_before_and_is_not_handed_back_for_ever(
+    make_settings, rabbit, monkeypatch
+):
+    """A deferred copy (a suspect) whose record the store refuses to read (not unavailable): its look is given up,
+    and the run that reads the record fails the job as it always did (dead-lettered `internal_error`, replayable),
+    rather than the delivery being handed back and coming again for ever."""
+
+    async def refused(self: JobTracker, job: object, *, replayed: bool = False) -> object:
+        raise StorageError("access denied to jobs/")
+
+    monkeypatch.setattr(JobTracker, "load", refused)
+    settings = make_settings(IMAGE_ENABLED="1", IMAGE_SEARCH_ENABLED="0", JOB_EVENTS_ENABLED="0")
+    deferral = msgspec.json.encode(Deferral(attempt=1, seconds=5.0)).decode()
+    runtime = await Runtime.open(settings)
+    consumer = build_consumer(runtime)
+    await consumer.start()
+    try:
+        with structlog.testing.capture_logs() as logs:
+            message_id = await publish(
+                settings.amqp_url,
+                IMAGE_GENERATE,
+                {"prompt": "refused", "width": 64, "height": 64, "steps": 1},
+                headers={DEFERRAL_HEADER: deferral},
+            )
+            dead = await drain(settings.amqp_url, "ams.dead", 20.0)
+        assert [(letter.message_id, letter.headers["x-ams-reason-code"]) for letter in dead] == [
+            (message_id, "internal_error")
+        ]
+        assert "liveness_not_looked_at" in [entry["event"] for entry in logs]
+    finally:
+        await consumer.stop()
+        await runtime.close()
