@@ -12,9 +12,10 @@ import base64
 import contextlib
 import json
 import os
+import subprocess
 import threading
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import msgspec
@@ -203,7 +204,7 @@ async def test_a_redelivery_while_the_run_lives_is_deferred_not_run_again(make_e
     but deferred, and deferred again when it comes back; nor does it run after every connection is lost once more (a
     broker restart). Once the held run ends the job has succeeded once: one model call, one image, nothing
     dead-lettered, no count of interrupted runs left."""
-    monkeypatch.setattr(liveness, "HEARTBEAT_SECONDS", 0.5)
+    monkeypatch.setattr(liveness, "HEARTBEAT_SECONDS", 0.2)  # five beats to a deferral (its delay queue: 1 s)
     env = make_env(
         IMAGE_ENABLED="1",
         IMAGE_SEARCH_ENABLED="0",
@@ -234,24 +235,40 @@ async def test_a_redelivery_while_the_run_lives_is_deferred_not_run_again(make_e
 
 async def _held_across_lost_connections(rabbit: RabbitNode, vhost: str, runtime: Runtime, held: HeldModel) -> str:
     """Publish a generation and lose the connection of the processor running it (held), then every connection; the
-    job's id, once the redelivery is seen neither run again nor counted."""
+    job's id, once the redelivery is seen neither run again nor counted. rabbitmqctl runs in a thread: the
+    processors share the test's event loop, and a loop held for a second would hold their heartbeats too."""
+
+    def ctl(*args: str, check: bool = True) -> Awaitable[subprocess.CompletedProcess[str]]:
+        return asyncio.to_thread(rabbit.ctl, *args, check=check)
+
+    async def image_queue() -> tuple[int, int]:
+        return (await asyncio.to_thread(rabbit.queue_counts, vhost))["ams.image"]
+
+    async def unacknowledged() -> bool:
+        return await image_queue() == (0, 1)
+
+    async def both_consuming() -> bool:
+        return await asyncio.to_thread(_consumers, rabbit, vhost, "ams.image") == 2
+
     before = _deferred()
     job = await publish(runtime.settings.amqp_url, IMAGE_GENERATE, {"prompt": "held", "width": 64, "height": 64})
-    await wait_until(lambda: held.calls == 1 and rabbit.queue_counts(vhost)["ams.image"] == (0, 1))
-    holder = _holder(rabbit, vhost)
+    await wait_until(lambda: held.calls == 1)
+    await wait_until(unacknowledged)
+    holder = await asyncio.to_thread(_holder, rabbit, vhost)
     assert holder is not None
-    rabbit.ctl("close_connection", holder, "test: connection lost")
+    await ctl("close_connection", holder, "test: connection lost")
     await wait_until(lambda: _deferred() - before >= 2 or held.calls > 1)  # looked at, then found alive
     assert held.calls == 1
-    await wait_until(lambda: _consumers(rabbit, vhost, "ams.image") == 2, timeout=60)
+    await wait_until(both_consuming, timeout=60)
     deferred = _deferred()
-    for connection in rabbit.ctl("list_connections", "-p", vhost, "pid").stdout.split():
-        rabbit.ctl("close_connection", connection, "test: broker restart", check=False)
-    await wait_until(lambda: _consumers(rabbit, vhost, "ams.image") == 2, timeout=60)
-    # deferred again, or waiting behind the first's own run once it took it back
-    await wait_until(
-        lambda: _deferred() > deferred or rabbit.queue_counts(vhost)["ams.image"] == (0, 1) or held.calls > 1
-    )
+    for connection in (await ctl("list_connections", "-p", vhost, "pid")).stdout.split():
+        await ctl("close_connection", connection, "test: broker restart", check=False)
+    await wait_until(both_consuming, timeout=60)
+
+    async def deferred_again() -> bool:  # or waiting behind the first's own run once it took it back
+        return _deferred() > deferred or held.calls > 1 or await unacknowledged()
+
+    await wait_until(deferred_again)
     assert held.calls == 1
     assert not await runtime.store.exists(runs_key(job))  # nothing counted
     return job
