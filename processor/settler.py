@@ -256,19 +256,9 @@ class Settler:
         self, message: AbstractIncomingMessage, job: Job, outcome: Failed, number: int, elapsed: float | None
     ) -> None:
         delay = retry_delay(number, outcome.retry_after or 0.0)
-        try:
-            await self._publisher.republish(
-                message,
-                to_dead_letters=False,
-                message_id=job.message_id,
-                message_type=job.message_type,
-                headers={**_failure_headers(message, outcome, number), RETRY_DELAY_HEADER: str(delay)},
-            )
-        except BrokerUnavailableError:
-            log.warning("retry_publish_failed", message_id=job.message_id, code=outcome.code)
-            self._requeue_later(message)
+        headers = {**_failure_headers(message, outcome, number), RETRY_DELAY_HEADER: str(delay)}
+        if not await self._delayed(message, job, headers, "retry_publish_failed", code=outcome.code):
             return
-        await self._ack(message)
         metrics.job_settled(job.message_type, "retried", elapsed)
         log.warning(
             "job_retry_scheduled",
@@ -284,20 +274,29 @@ class Settler:
         """Send a suspect whose job's run lives on elsewhere round the delay queue of `delay` seconds, carrying
         `deferral` (its deferral header: processor/liveness.py), with no attempt counted, then ack it. When the broker
         does not take the copy, the delivery is handed back, and comes again."""
+        headers = {DEFERRAL_HEADER: deferral, RETRY_DELAY_HEADER: str(delay)}
+        if await self._delayed(message, job, headers, "deferral_publish_failed"):
+            metrics.job_settled(job.message_type, "deferred")
+
+    async def _delayed(
+        self, message: AbstractIncomingMessage, job: Job, headers: dict[str, str | int], failed: str, **context: str
+    ) -> bool:
+        """Copy the message to the delay queue its RETRY_DELAY_HEADER names, with `headers`, then ack it; False when
+        the broker does not take the copy (logged as `failed`): the delivery is then handed back, and comes again."""
         try:
             await self._publisher.republish(
                 message,
                 to_dead_letters=False,
                 message_id=job.message_id,
                 message_type=job.message_type,
-                headers={DEFERRAL_HEADER: deferral, RETRY_DELAY_HEADER: str(delay)},
+                headers=headers,
             )
         except BrokerUnavailableError:
-            log.warning("deferral_publish_failed", message_id=job.message_id)
+            log.warning(failed, message_id=job.message_id, **context)
             self._requeue_later(message)
-            return
+            return False
         await self._ack(message)
-        metrics.job_settled(job.message_type, "deferred")
+        return True
 
     async def dead_letter(self, message: AbstractIncomingMessage, code: str, text: str, attempts: int = 1) -> bool:
         """Move the message to the dead-letter queue (confirmed), tell a waiting requester, then ack it.

@@ -4,6 +4,7 @@ graph builds that keep results consistent, and the one-time import of a qdrant-c
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import fcntl
 import os
@@ -208,12 +209,11 @@ async def _pre_version_engine(reader: asyncio.StreamReader, writer: asyncio.Stre
     does not know) ends the connection, without a reply."""
     decoder = msgspec.msgpack.Decoder(_PreVersionRequest)
     try:
-        while True:
-            (length,) = struct.unpack(">I", await reader.readexactly(4))
-            request = decoder.decode(await reader.readexactly(length))
-            writer.write(protocol.frame(protocol.Reply(request.id, result=0)))
-    except (asyncio.IncompleteReadError, msgspec.DecodeError):
-        pass
+        with contextlib.suppress(asyncio.IncompleteReadError, msgspec.DecodeError):
+            while True:
+                (length,) = struct.unpack(">I", await reader.readexactly(4))
+                request = decoder.decode(await reader.readexactly(length))
+                writer.write(protocol.frame(protocol.Reply(request.id, result=0)))
     finally:
         writer.close()
 
