@@ -21,8 +21,12 @@ that finds its job settled), or every run named dead (counted and run, as a susp
 Past MAX_DEFERRED_SECONDS deferred in all (the delay queues' times added up, not a clock), a run still
 heartbeating (hung) is taken for dead all the same.
 
+A heartbeat the store does not give at a look (a 503, a timeout) cannot be told dead: that round defers, and the next
+compares with the version seen before.
+
 The price: a redelivery whose run died runs one delay later (5 s); each round costs a record read, a heartbeat read
-per processor named and a publish; a processor writes its heartbeat every HEARTBEAT_SECONDS while it runs tracked
+per processor named and a publish, and, as a suspect runs alone, waits for the batch in hand on the processor it
+reaches; a processor writes its heartbeat every HEARTBEAT_SECONDS while it runs tracked
 jobs, and none while idle. A processor whose beats stop for a round though it lives (its event loop held that long,
 the store not taking its writes) is taken for dead, and the job runs again beside it, as before there were
 heartbeats. The processors' hourly sweep deletes heartbeats not written for HEARTBEAT_KEPT (a processor killed,
@@ -111,17 +115,24 @@ class Heartbeat:
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._beat(), name="processor-heartbeat")
+        self._task.add_done_callback(self._stopped)
+
+    def _stopped(self, task: asyncio.Task[None]) -> None:
+        """A heartbeat that ended other than by stop() (a bug) is logged: this processor's runs are then taken for
+        dead by the redeliveries that look at them, as before there were heartbeats."""
+        if not task.cancelled() and task is self._task:
+            log.error("heartbeat_stopped", processor=self.processor, error=repr(task.exception()))
 
     async def stop(self) -> None:
         """Stop beating and delete the heartbeat (the runs in hand have ended)."""
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+            task, self._task = self._task, None
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
         if self._beats:
             try:
                 await self._store.delete(heartbeat_key(self.processor))
-            except TRANSIENT_ERRORS as exc:
+            except (StorageError, *TRANSIENT_ERRORS) as exc:  # left to the hourly sweep
                 log.warning("heartbeat_not_deleted", processor=self.processor, error=str(exc))
 
     def running(self, mark: str) -> None:
@@ -137,9 +148,9 @@ class Heartbeat:
 
     async def _beat(self) -> None:
         while True:
+            self._wake.clear()  # before the write: a run starting during it wakes the next beat at once
             if self._running:
                 await self._write()
-            self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), HEARTBEAT_SECONDS)
 
@@ -160,23 +171,38 @@ class Heartbeat:
     async def look(self, marks: Sequence[str], seen: Mapping[str, str]) -> Look:
         """Look at the runs `marks` name, given the heartbeat versions an earlier look saw (`seen`, {} at the first):
         the processors whose runs live (their heartbeat changed since `seen` and lists the mark, or this processor
-        has the run in hand), or whose heartbeat was not seen before."""
+        has the run in hand), or whose heartbeat was not seen before, or could not be read this time (the store not
+        answering: looked at again next round, against the version seen before)."""
         named = {mark: processor_of(mark) for mark in marks}
         others = sorted({processor for processor in named.values() if processor not in (None, self.processor)})
-        beats = dict(zip(others, await asyncio.gather(*(self._read(processor) for processor in others)), strict=True))
+        reads = await asyncio.gather(*(self._read(processor) for processor in others), return_exceptions=True)
+        beats: dict[str, tuple[str, Beat] | None] = {}
+        unread: set[str] = set()
+        for processor, read in zip(others, reads, strict=True):
+            if isinstance(read, TRANSIENT_ERRORS):
+                log.warning("heartbeat_not_read", processor=processor, error=str(read))
+                unread.add(processor)
+            elif isinstance(read, BaseException):
+                raise read
+            else:
+                beats[processor] = read
         living: list[str] = []
         for mark, processor in named.items():
             if processor is None or processor in living:
                 continue
             if processor == self.processor:
                 alive = mark in self._running
+            elif processor in unread:
+                alive = True
             else:
                 found = beats[processor]
                 before = seen.get(processor)
                 alive = found is not None and (before is None or (before != found[0] and mark in found[1].marks))
             if alive:
                 living.append(processor)
-        return Look(tuple(living), {processor: found[0] for processor, found in beats.items() if found is not None})
+        versions = {processor: found[0] for processor, found in beats.items() if found is not None}
+        versions.update({processor: seen[processor] for processor in unread if processor in seen})
+        return Look(tuple(living), versions)
 
     async def _read(self, processor: str) -> tuple[str, Beat] | None:
         """A processor's heartbeat and its version; None when there is none, or it cannot be read (a write cut short

@@ -5,13 +5,15 @@ themselves: tests/test_connection_losses.py."""
 
 from __future__ import annotations
 
+import asyncio
+
 import msgspec
 import pytest
 import structlog
 
 from contract.messages import IMAGE_GENERATE
 from infra.broker import DEFERRAL_HEADER
-from infra.storage import StorageError
+from infra.storage import StorageError, StorageUnavailableError
 from infra.storage.local import LocalStore
 from processor import liveness
 from processor.deliveries import Deferral
@@ -100,3 +102,45 @@ async def test_a_suspect_whose_record_read_is_refused_fails_as_before_and_is_not
     finally:
         await consumer.stop()
         await runtime.close()
+
+
+async def test_a_heartbeat_the_store_does_not_answer_for_is_looked_at_again_not_taken_for_dead(store, monkeypatch):
+    """A 503 or a timeout on one heartbeat read: that run cannot be told dead this round, so the redelivery waits
+    another round, comparing then with the version seen before."""
+    there, here = liveness.Heartbeat(store, "a1"), liveness.Heartbeat(store, "b2")
+    there.start()
+    try:
+        there.running("a1.0")
+        await wait_until(lambda: store.exists(liveness.heartbeat_key("a1")), timeout=5)
+        first = await here.look(["a1.0"], {})
+        get = store.get
+
+        async def not_answering(key: str) -> object:
+            raise StorageUnavailableError("SlowDown")
+
+        monkeypatch.setattr(store, "get", not_answering)
+        with structlog.testing.capture_logs() as logs:
+            unread = await here.look(["a1.0"], first.seen)
+        assert (unread.living, unread.seen) == (("a1",), first.seen)
+        assert [entry["event"] for entry in logs] == ["heartbeat_not_read"]
+        monkeypatch.setattr(store, "get", get)
+        there.ended(["a1.0"])
+        await asyncio.sleep(0.2)
+        assert (await here.look(["a1.0"], unread.seen)).living == ()
+    finally:
+        await there.stop()
+
+
+async def test_a_refused_heartbeat_delete_does_not_stop_the_stop(store, monkeypatch):
+    heartbeat = liveness.Heartbeat(store, "a1")
+    heartbeat.start()
+    heartbeat.running("a1.0")
+    await wait_until(lambda: store.exists(liveness.heartbeat_key("a1")), timeout=5)
+
+    async def refused(key: str, **kwargs: object) -> bool:
+        raise StorageError("access denied to processor/alive/")
+
+    monkeypatch.setattr(store, "delete", refused)
+    with structlog.testing.capture_logs() as logs:
+        await heartbeat.stop()
+    assert [entry["event"] for entry in logs] == ["heartbeat_not_deleted"]
