@@ -21,10 +21,12 @@ record lists the mark of a run that lives, or that it cannot tell yet, is deferr
 attempt counted) and counts nothing, takes nothing back; it comes again until that run has ended (its record
 settled: acknowledged without running) or its processor is found dead (then counted and run). A deferred copy
 that is counted is a suspect like any other. What a heartbeat cannot tell still counts as before: an untracked job
-(no record, no marks), a run whose marks are of the earlier form, a processor whose heartbeat stalled for a round
-though it lives, a run deferred over MAX_DEFERRED_SECONDS. Should MAX_INTERRUPTED_RUNS such runs go on at once, the
-next delivery is refused, and its final failure takes their marks off (processor/tracking.py): the job ends failed
-`interrupted`, as the client is told everywhere, and a run that ends later finds it so and drops its output.
+(no record, no marks), a run whose marks are of the earlier form, a run whose mark or first heartbeat was not yet
+written when its connection went, a lost output's remake (it writes no mark), a processor whose heartbeat stalled
+for a round though it lives, a run deferred over MAX_DEFERRED_SECONDS. Should MAX_INTERRUPTED_RUNS such runs go on
+at once, the next delivery is refused, and its final failure takes their marks off (processor/tracking.py): the job
+ends failed `interrupted`, as the client is told everywhere, and a run that ends later finds it so and drops its
+output.
 
 A count can be left behind: a take-back lands after another delivery's acknowledgement removed the count (a first
 delivery's -1), or a removal the store did not take. Nothing reads it unless the message comes again, so the
