@@ -111,6 +111,7 @@ async def test_a_heartbeat_the_store_does_not_answer_for_is_looked_at_again_not_
     there.start()
     try:
         there.running("a1.0")
+        there.running("a1.1")  # runs on: the heartbeat goes on being written
         await wait_until(lambda: store.exists(liveness.heartbeat_key("a1")), timeout=5)
         first = await here.look(["a1.0"], {})
         get = store.get
@@ -126,7 +127,7 @@ async def test_a_heartbeat_the_store_does_not_answer_for_is_looked_at_again_not_
         monkeypatch.setattr(store, "get", get)
         there.ended(["a1.0"])
         await asyncio.sleep(0.2)
-        assert (await here.look(["a1.0"], unread.seen)).living == ()
+        assert (await here.look(["a1.0"], unread.seen)).living == ()  # changed since, and no longer listing it
     finally:
         await there.stop()
 
