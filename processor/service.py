@@ -149,7 +149,7 @@ async def _expire_job_records(
             swept = await jobs.sweep(output_ttl_days)
             counts = await runs.sweep(kept)
             heartbeats = await sweep_heartbeats(store)
-        except TRANSIENT_ERRORS as exc:
+        except (StorageError, *TRANSIENT_ERRORS) as exc:  # down, or refusing these credentials: tried again
             log.warning("job_record_sweep_failed", error=str(exc))
             continue
         except Exception:  # a bug must not stop expiry for good: logged, and the next sweep tries again

@@ -6,21 +6,24 @@ before."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import uuid
 from datetime import UTC, datetime, timedelta
 
 import msgspec
 import pytest
+import structlog
 
 from contract.jobs import JobRecord, JobStore, Swept, delete_job_output, job_id_for_idempotency_key, record_key
 from contract.messages import IMAGE_GENERATE, VOICE_GENERATE
 from contract.metrics import REGISTRY
 from infra.settings import Settings
-from infra.storage import StorageUnavailableError
+from infra.storage import StorageError, StorageUnavailableError
 from infra.storage.local import LocalStore
 from processor import service
 from processor.handlers.base import Job
+from processor.interrupted_runs import InterruptedRuns
 from processor.outcomes import Succeeded
 from processor.outputs import StoredOutput, store_output
 from processor.settler import Settler
@@ -352,3 +355,25 @@ async def test_a_duplicates_output_that_the_record_names_is_kept(tmp_path):
     await _settled(settler, second_job, second, made)
     assert (await jobs.get(job_id)).status == "succeeded"
     assert (await store.get(key)).data == b"the second delivery's mp3"
+
+
+async def test_a_store_refusing_the_hourly_sweep_is_a_warning_not_a_crash(tmp_path, monkeypatch):
+    """Credentials that may not list the bucket (a token scoped to other prefixes): each sweep logs one warning line
+    saying why, not a traceback as for a bug, and the next sweep tries again."""
+    store = LocalStore(tmp_path / "store")
+
+    async def refused(prefix: str = ""):
+        raise StorageError("access denied: ListObjectsV2")
+        yield
+
+    monkeypatch.setattr(store, "list", refused)
+    monkeypatch.setattr(service, "SWEEP_FIRST_AFTER_SECONDS", 0)
+    monkeypatch.setattr(service, "SWEEP_INTERVAL_SECONDS", 0.05)
+    jobs = JobStore(store, 7)
+    with structlog.testing.capture_logs() as logs:
+        sweeping = asyncio.create_task(
+            service._expire_job_records(jobs, None, InterruptedRuns(store, 3), timedelta(days=7), store, "index.")
+        )
+        await wait_until(lambda: sum(entry["event"] == "job_record_sweep_failed" for entry in logs) >= 2, timeout=5)
+        sweeping.cancel()
+    assert "job_record_sweep_crashed" not in [entry["event"] for entry in logs]
